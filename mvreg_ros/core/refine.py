@@ -1,0 +1,241 @@
+"""Test-time refinement of one rigid ``T_ref_from_ct`` against all views.
+
+The unknown is a twist ``x = (w, t)`` (radians, mm) acting about the anatomy centre ``c``
+in CT axes: ``T_ref_from_ct(x) = T0 @ Tc @ [exp(w) | t] @ Tc^-1``. Each level of a
+coarse-to-fine pyramid renders every view in one batched call at that level's resolution
+(from a volume pooled to match its pixel footprint), maximises the mean over views of a
+patch NCC + gradient NCC similarity with Adam, lowers the step on plateaus and stops once the
+pose no longer moves. At the end, the loss curvature gives a Laplace covariance of ``x``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .geometry import about_point, invert, make_T, so3_exp, skew, transform_points
+from .render import Renderer
+from .similarity import image_similarity
+from .views import ViewSet
+from .volume import Volume
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig:
+    """Refinement settings; one entry per pyramid level, coarse to fine."""
+
+    sizes: tuple[int, ...] = (32, 64, 128)  # working image size (longer side, px)
+    iterations: tuple[int, ...] = (120, 80, 40)  # at most, per level
+    n_samples: tuple[int, ...] = (64, 96, 128)  # samples along each ray
+    patches: tuple[int, ...] = (8, 8, 11)  # NCC patch size (px) per level
+    grad_weight: float = 0.5  # weight of gradient NCC against intensity NCC
+    lr_rot_deg: float = 1.5  # first step sizes (Adam)
+    lr_trans_mm: float = 3.0
+    level_lr_decay: float = 0.5  # step sizes shrink by this at each finer level
+    plateau_patience: int = 8
+    plateau_factor: float = 0.5
+    min_lr_fraction: float = 1 / 16  # a level ends when its step falls below this
+    tol_rot_deg: float = 0.01  # ... or when the pose moved less than this
+    tol_trans_mm: float = 0.02
+    tol_window: int = 6  # ... over this many iterations
+    voxel_per_pixel: float = 1.0  # volume pooled so a voxel is about this many pixels at the isocentre
+    uncertainty: bool = True
+    min_similarity: float = 0.2  # below: reported as failed
+    device: str = "cpu"
+
+    def __post_init__(self):
+        n = len(self.sizes)
+        for name in ("iterations", "n_samples", "patches"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} needs one entry per level ({n}), got {getattr(self, name)}")
+        if n == 0:
+            raise ValueError("at least one pyramid level is needed")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrationResult:
+    T_ref_from_ct: Float[Tensor, "4 4"]
+    success: bool
+    converged: bool
+    similarity: float  # mean over views at the finest level
+    view_similarity: tuple[float, ...]
+    iterations: int
+    time_s: float
+    reason: str = ""  # why it failed, '' when it succeeded
+    covariance: Tensor | None = None  # 6x6 over (w rad, t mm) about centre_ct, CT axes
+    uncertainty_mm: float = float("inf")  # RMS displacement of points 50 mm around the centre (1 sigma)
+    centre_ct: Tensor | None = None
+    level_iterations: tuple[int, ...] = ()
+
+    def covariance_ref(self) -> Tensor | None:
+        """Covariance over (origin position mm, rotation vector rad) of the ``ct`` frame in the
+        reference frame: the ROS PoseWithCovariance ordering (x, y, z, rx, ry, rz)."""
+        if self.covariance is None or self.centre_ct is None:
+            return None
+        T = self.T_ref_from_ct
+        R = T[:3, :3]
+        c_ref = transform_points(T, self.centre_ct.to(T)[None])[0]
+        J = torch.zeros(6, 6, dtype=T.dtype)
+        J[:3, :3] = -skew(T[:3, 3] - c_ref) @ R
+        J[:3, 3:] = R
+        J[3:, :3] = R
+        return J @ self.covariance.to(T) @ J.T
+
+
+def _pose(T0: Tensor, c: Tensor, w: Tensor, t: Tensor) -> Tensor:
+    return T0 @ about_point(make_T(so3_exp(w), t), c)
+
+
+def _uncertainty(cov: Tensor, radius_mm: float = 50.0) -> float:
+    # E|w x p + t|^2 for p uniform on a sphere of radius r: tr(S_t) + (2/3) r^2 tr(S_w)
+    return math.sqrt(max(float(cov[3:, 3:].trace() + (2 / 3) * radius_mm**2 * cov[:3, :3].trace()), 0.0))
+
+
+class Registrar:
+    """Multi-view refinement for one CT; builds and caches the pooled volumes once."""
+
+    def __init__(self, volume: Volume, config: RefineConfig = RefineConfig(), *, renderer_cls=Renderer,
+                 centre_ct: Tensor | None = None):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.volume = volume
+        self.centre_ct = (volume.bone_centre_ct() if centre_ct is None else centre_ct).to(torch.float64)
+        self._renderer_cls = renderer_cls
+        self._renderers: dict[int, Renderer] = {}
+
+    def renderer(self, factor: int):
+        if factor not in self._renderers:
+            self._renderers[factor] = self._renderer_cls(self.volume.resampled(factor), device=self.device)
+        return self._renderers[factor]
+
+    def refine(self, views: ViewSet, T_init_ref_from_ct: Float[Tensor, "4 4"]) -> RegistrationResult:
+        start = time.perf_counter()
+        try:
+            return self._refine(views, T_init_ref_from_ct.to(torch.float64).cpu(), start)
+        except (RuntimeError, ValueError) as e:  # failures are results, not exceptions
+            return RegistrationResult(
+                T_ref_from_ct=T_init_ref_from_ct.detach().to(torch.float64).cpu(), success=False, converged=False,
+                similarity=float("nan"), view_similarity=(), iterations=0, time_s=time.perf_counter() - start,
+                reason=f"refinement failed: {e}", centre_ct=self.centre_ct)
+
+    def _level_inputs(self, views: ViewSet, size: int, T: Tensor):
+        factor = max(1, math.ceil(max(views.height, views.width) / size))
+        v = views.downsampled(factor)
+        # voxel size to match a working pixel at the anatomy centre
+        c_ref = transform_points(T, self.centre_ct[None])[0]
+        T_cam_from_ref = invert(v.T_ref_from_cam)
+        depth = transform_points(T_cam_from_ref, c_ref[None].expand(len(v), 1, 3))[:, 0, 2].abs().mean()
+        pixel_at_anatomy = float(depth / v.K[:, 0, 0].mean())
+        vox = float(self.volume.spacing.min())
+        vfactor = max(1, int(self.config.voxel_per_pixel * pixel_at_anatomy / vox))
+        return v.to(self.device), self.renderer(vfactor)
+
+    def _refine(self, views: ViewSet, T0: Tensor, start: float) -> RegistrationResult:
+        cfg = self.config
+        c = self.centre_ct
+        total_it = 0
+        level_its = []
+        converged = False
+        lr_scale = 1.0
+        for size, max_it, n_samples, patch in zip(cfg.sizes, cfg.iterations, cfg.n_samples, cfg.patches):
+            v, renderer = self._level_inputs(views, size, T0)
+            T_cam_from_ref = invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)
+            T0_d, c_d = T0.to(self.device), c.to(self.device)
+            w = torch.zeros(3, dtype=torch.float64, device=self.device, requires_grad=True)
+            t = torch.zeros(3, dtype=torch.float64, device=self.device, requires_grad=True)
+            lr0 = torch.tensor([math.radians(cfg.lr_rot_deg), cfg.lr_trans_mm]) * lr_scale
+            opt = torch.optim.Adam([{"params": [w], "lr": float(lr0[0])}, {"params": [t], "lr": float(lr0[1])}])
+            best, best_x, since_best = -math.inf, (w.detach().clone(), t.detach().clone()), 0
+            history: list[tuple[Tensor, Tensor]] = []
+            it = 0
+            level_converged = False
+            for it in range(1, max_it + 1):
+                opt.zero_grad(set_to_none=True)
+                T = _pose(T0_d, c_d, w, t)
+                drr = renderer(T_cam_from_ref @ T, v.K, v.height, v.width, n_samples=n_samples)
+                s = image_similarity(drr, v.images, v.masks, patch=patch, grad_weight=cfg.grad_weight).mean()
+                if not torch.isfinite(s):
+                    raise RuntimeError(f"similarity became {float(s)} at level {size}px, iteration {it}")
+                (-s).backward()
+                if float(s.detach()) > best + 1e-5:
+                    best, best_x, since_best = float(s.detach()), (w.detach().clone(), t.detach().clone()), 0
+                else:
+                    since_best += 1
+                opt.step()
+                history.append((w.detach().clone(), t.detach().clone()))
+                if since_best >= cfg.plateau_patience:
+                    for gi, group in enumerate(opt.param_groups):
+                        group["lr"] *= cfg.plateau_factor
+                    since_best = 0
+                    if opt.param_groups[1]["lr"] < float(lr0[1]) * cfg.min_lr_fraction:
+                        level_converged = True
+                        break
+                if len(history) > cfg.tol_window:
+                    w_old, t_old = history[-1 - cfg.tol_window]
+                    if (math.degrees(float((w - w_old).norm())) < cfg.tol_rot_deg
+                            and float((t - t_old).norm()) < cfg.tol_trans_mm):
+                        level_converged = True
+                        break
+            # keep the best pose seen at this level
+            with torch.no_grad():
+                T0 = _pose(T0_d, c_d, *best_x).cpu()
+            total_it += it
+            level_its.append(it)
+            converged = level_converged
+            lr_scale *= cfg.level_lr_decay
+
+        # final similarity per view and curvature at the finest level
+        with torch.no_grad():
+            drr = renderer(T_cam_from_ref @ T0.to(self.device), v.K, v.height, v.width, n_samples=n_samples)
+            per_view = image_similarity(drr, v.images, v.masks, patch=patch, grad_weight=cfg.grad_weight).cpu()
+        cov, unc = None, float("inf")
+        reason = ""
+        if cfg.uncertainty:
+            cov = self._covariance(v, renderer, T_cam_from_ref, T0, n_samples, patch)
+            if cov is None:
+                reason = "loss curvature is not positive definite: the pose is not constrained by the views"
+            else:
+                unc = _uncertainty(cov)
+        sim = float(per_view.mean())
+        if not reason and sim < cfg.min_similarity:
+            reason = f"similarity {sim:.3f} below min_similarity {cfg.min_similarity}"
+        return RegistrationResult(
+            T_ref_from_ct=T0, success=not reason, converged=converged, similarity=sim,
+            view_similarity=tuple(float(x) for x in per_view), iterations=total_it,
+            time_s=time.perf_counter() - start, reason=reason, covariance=cov, uncertainty_mm=unc,
+            centre_ct=self.centre_ct, level_iterations=tuple(level_its))
+
+    def _covariance(self, v: ViewSet, renderer, T_cam_from_ref, T0, n_samples, patch) -> Tensor | None:
+        """Laplace approximation: Hessian of L = 1 - mean NCC by central differences of its
+        gradient; with N effective pixels the residual model gives cov = 2 L / N * H^-1."""
+        c = self.centre_ct.to(self.device)
+        T0d = T0.to(self.device)
+
+        def grad_at(x: Tensor) -> tuple[Tensor, float]:
+            x = x.clone().requires_grad_(True)
+            T = _pose(T0d, c, x[:3], x[3:])
+            drr = renderer(T_cam_from_ref @ T, v.K, v.height, v.width, n_samples=n_samples)
+            L = 1 - image_similarity(drr, v.images, v.masks, patch=patch, grad_weight=self.config.grad_weight).mean()
+            (g,) = torch.autograd.grad(L, x)
+            return g.detach(), float(L)
+
+        x0 = torch.zeros(6, dtype=torch.float64, device=self.device)
+        _, L0 = grad_at(x0)
+        h = torch.tensor([2e-3] * 3 + [0.2] * 3, dtype=torch.float64, device=self.device)
+        cols = []
+        for k in range(6):
+            e = torch.zeros(6, dtype=torch.float64, device=self.device)
+            e[k] = h[k]
+            cols.append((grad_at(x0 + e)[0] - grad_at(x0 - e)[0]) / (2 * h[k]))
+        H = torch.stack(cols, 1).cpu()
+        H = 0.5 * (H + H.T)
+        evals = torch.linalg.eigvalsh(H)
+        if float(evals.min()) <= 0:
+            return None
+        n_eff = float(v.masks.sum()) / 4.0  # neighbouring pixels are correlated
+        return 2 * max(L0, 1e-6) / n_eff * torch.linalg.inv(H)

