@@ -36,3 +36,26 @@ def pose_errors(T_est: Tensor, T_true: Tensor, centre_ct: Tensor) -> tuple[float
     c = centre_ct.to(T_est)[None]
     trans = float((transform_points(T_est, c) - transform_points(T_true, c)).norm())
     return rot, trans
+
+
+def structure_landmarks(volume, max_points: int = 40) -> Float[Tensor, "N 3"]:
+    """Deterministic target points in a CT (LPS mm): the centroid of each labelled structure of
+    the volume's segmentation (at most ``max_points``, largest first); without a mask, a fixed
+    subsample of bone voxels."""
+    from .volume import BONE_HU, hu_to_mu
+
+    A = volume.T_ct_from_index
+    if volume.mask is not None:
+        labels, counts = torch.unique(volume.mask[volume.mask > 0], return_counts=True)
+        order = torch.argsort(counts, descending=True)[:max_points]
+        pts = []
+        for lab in labels[order]:
+            ijk = (volume.mask == lab).nonzero().to(A.dtype).flip(-1).mean(0)
+            pts.append(A[:3, :3] @ ijk + A[:3, 3])
+        if pts:
+            return torch.stack(pts)
+    idx = (volume.data > hu_to_mu(torch.tensor(BONE_HU))).nonzero()
+    if len(idx) == 0:
+        raise ValueError("no bone voxels and no segmentation: cannot choose landmarks")
+    sel = idx[torch.linspace(0, len(idx) - 1, max_points).long()].to(A.dtype).flip(-1)
+    return sel @ A[:3, :3].T + A[:3, 3]

@@ -4,8 +4,8 @@ The unknown is a twist ``x = (w, t)`` (radians, mm) acting about the anatomy cen
 in CT axes: ``T_ref_from_ct(x) = T0 @ Tc @ [exp(w) | t] @ Tc^-1``. Each level of a
 coarse-to-fine pyramid renders every view in one batched call at that level's resolution
 (from a volume pooled to match its pixel footprint), maximises the mean over views of a
-patch NCC + gradient NCC similarity with Adam, lowers the step on plateaus and stops once the
-pose no longer moves. At the end, the loss curvature gives a Laplace covariance of ``x``.
+patch NCC + gradient NCC similarity with Adam under a cosine step decay, and stops early once
+the pose no longer moves. At the end, the loss curvature gives a Laplace covariance of ``x``.
 """
 
 from __future__ import annotations
@@ -29,21 +29,21 @@ from .volume import Volume
 class RefineConfig:
     """Refinement settings; one entry per pyramid level, coarse to fine."""
 
-    sizes: tuple[int, ...] = (32, 64, 128)  # working image size (longer side, px)
-    iterations: tuple[int, ...] = (120, 80, 40)  # at most, per level
-    n_samples: tuple[int, ...] = (64, 96, 128)  # samples along each ray
-    patches: tuple[int, ...] = (8, 8, 11)  # NCC patch size (px) per level
+    sizes: tuple[int, ...] = (32, 64)  # working image size (longer side, px)
+    iterations: tuple[int, ...] = (60, 40)  # at most, per level
+    n_samples: tuple[int, ...] = (64, 64)  # samples along each ray
+    patches: tuple[int, ...] = (8, 8)  # NCC patch size (px) per level
     grad_weight: float = 0.5  # weight of gradient NCC against intensity NCC
     lr_rot_deg: float = 1.5  # first step sizes (Adam)
     lr_trans_mm: float = 3.0
     level_lr_decay: float = 0.5  # step sizes shrink by this at each finer level
-    plateau_patience: int = 8
-    plateau_factor: float = 0.5
-    min_lr_fraction: float = 1 / 16  # a level ends when its step falls below this
-    tol_rot_deg: float = 0.01  # ... or when the pose moved less than this
+    final_lr_fraction: float = 0.05  # cosine decay of the step within each level down to this fraction
+    tol_rot_deg: float = 0.01  # a level ends early once the pose moved less than this
     tol_trans_mm: float = 0.02
     tol_window: int = 6  # ... over this many iterations
-    voxel_per_pixel: float = 1.0  # volume pooled so a voxel is about this many pixels at the isocentre
+    voxel_per_pixel: float = 1.0  # volume pooled so a voxel is about this many pixels at the anatomy
+    pool_volume: bool = True  # False: render the full-resolution volume at every level
+    render_backend: str = "compiled"  # "compiled" (fused torch.compile kernel) or "grid_sample" (reference)
     uncertainty: bool = True
     min_similarity: float = 0.2  # below: reported as failed
     device: str = "cpu"
@@ -110,7 +110,8 @@ class Registrar:
 
     def renderer(self, factor: int):
         if factor not in self._renderers:
-            self._renderers[factor] = self._renderer_cls(self.volume.resampled(factor), device=self.device)
+            kwargs = {"backend": self.config.render_backend} if self._renderer_cls is Renderer else {}
+            self._renderers[factor] = self._renderer_cls(self.volume.resampled(factor), device=self.device, **kwargs)
         return self._renderers[factor]
 
     def refine(self, views: ViewSet, T_init_ref_from_ct: Float[Tensor, "4 4"]) -> RegistrationResult:
@@ -132,7 +133,7 @@ class Registrar:
         depth = transform_points(T_cam_from_ref, c_ref[None].expand(len(v), 1, 3))[:, 0, 2].abs().mean()
         pixel_at_anatomy = float(depth / v.K[:, 0, 0].mean())
         vox = float(self.volume.spacing.min())
-        vfactor = max(1, int(self.config.voxel_per_pixel * pixel_at_anatomy / vox))
+        vfactor = max(1, int(self.config.voxel_per_pixel * pixel_at_anatomy / vox)) if self.config.pool_volume else 1
         return v.to(self.device), self.renderer(vfactor)
 
     def _refine(self, views: ViewSet, T0: Tensor, start: float) -> RegistrationResult:
@@ -150,11 +151,15 @@ class Registrar:
             t = torch.zeros(3, dtype=torch.float64, device=self.device, requires_grad=True)
             lr0 = torch.tensor([math.radians(cfg.lr_rot_deg), cfg.lr_trans_mm]) * lr_scale
             opt = torch.optim.Adam([{"params": [w], "lr": float(lr0[0])}, {"params": [t], "lr": float(lr0[1])}])
-            best, best_x, since_best = -math.inf, (w.detach().clone(), t.detach().clone()), 0
+            best, best_x = -math.inf, (w.detach().clone(), t.detach().clone())
             history: list[tuple[Tensor, Tensor]] = []
             it = 0
             level_converged = False
             for it in range(1, max_it + 1):
+                # cosine decay from lr0 to final_lr_fraction * lr0 over the level's budget
+                decay = cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(max_it - 1, 1)))
+                for group, lr in zip(opt.param_groups, lr0):
+                    group["lr"] = float(lr) * decay
                 opt.zero_grad(set_to_none=True)
                 T = _pose(T0_d, c_d, w, t)
                 drr = renderer(T_cam_from_ref @ T, v.K, v.height, v.width, n_samples=n_samples)
@@ -162,23 +167,14 @@ class Registrar:
                 if not torch.isfinite(s):
                     raise RuntimeError(f"similarity became {float(s)} at level {size}px, iteration {it}")
                 (-s).backward()
-                if float(s.detach()) > best + 1e-5:
-                    best, best_x, since_best = float(s.detach()), (w.detach().clone(), t.detach().clone()), 0
-                else:
-                    since_best += 1
+                if float(s.detach()) > best:
+                    best, best_x = float(s.detach()), (w.detach().clone(), t.detach().clone())
                 opt.step()
                 history.append((w.detach().clone(), t.detach().clone()))
-                if since_best >= cfg.plateau_patience:
-                    for gi, group in enumerate(opt.param_groups):
-                        group["lr"] *= cfg.plateau_factor
-                    since_best = 0
-                    if opt.param_groups[1]["lr"] < float(lr0[1]) * cfg.min_lr_fraction:
-                        level_converged = True
-                        break
                 if len(history) > cfg.tol_window:
                     w_old, t_old = history[-1 - cfg.tol_window]
-                    if (math.degrees(float((w - w_old).norm())) < cfg.tol_rot_deg
-                            and float((t - t_old).norm()) < cfg.tol_trans_mm):
+                    if (math.degrees(float((history[-1][0] - w_old).norm())) < cfg.tol_rot_deg
+                            and float((history[-1][1] - t_old).norm()) < cfg.tol_trans_mm):
                         level_converged = True
                         break
             # keep the best pose seen at this level
@@ -222,7 +218,7 @@ class Registrar:
             drr = renderer(T_cam_from_ref @ T, v.K, v.height, v.width, n_samples=n_samples)
             L = 1 - image_similarity(drr, v.images, v.masks, patch=patch, grad_weight=self.config.grad_weight).mean()
             (g,) = torch.autograd.grad(L, x)
-            return g.detach(), float(L)
+            return g.detach(), float(L.detach())
 
         x0 = torch.zeros(6, dtype=torch.float64, device=self.device)
         _, L0 = grad_at(x0)

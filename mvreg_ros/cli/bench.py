@@ -1,0 +1,49 @@
+"""``mvreg bench``: renderer throughput, refinement speed against the reference baseline,
+coarse-network inference time and peak memory, on the shipped CT."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--cases", type=int, default=5, help="2-view refinements with the engine")
+    p.add_argument("--reference-cases", type=int, default=2, help="... with the reference baseline (slow)")
+    p.add_argument("--reference-iterations", type=int, default=150)
+    p.add_argument("--model", default=None, help="coarse network checkpoint to time")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    import json
+
+    from mvreg_ros.core.benchmark import BenchConfig, run as bench
+    from mvreg_ros.core.volume import load_example_ct
+
+    cfg = BenchConfig(cases=args.cases, reference_cases=args.reference_cases,
+                      reference_iterations=args.reference_iterations, model_path=args.model, device=args.device,
+                      seed=args.seed)
+    r = bench(load_example_ct(), cfg)
+    rr = r["renderer"]
+    print(f"device {r['device']}, {r['torch_threads']} threads, torch {r['versions']['torch']}")
+    for name in ("engine", "reference"):
+        x = rr[name]
+        print(f"renderer {name:9s}: {x['forward_samples_per_s'] / 1e6:8.1f} M samples/s forward, "
+              f"{x['forward_backward_samples_per_s'] / 1e6:8.1f} M samples/s forward+backward "
+              f"({x['rays']} rays x {x['samples_per_ray']} samples)")
+    print(f"memory bandwidth {rr['memory_bandwidth_gbs']:.1f} GB/s -> bound {rr['bandwidth_bound_samples_per_s'] / 1e6:.0f} "
+          f"M trilinear samples/s (32 B each); engine forward at {rr['engine_forward_fraction_of_bound']:.2f} of the bound "
+          f"({1 / rr['engine_forward_fraction_of_bound']:.1f}x from it)")
+    e, ref = r["refine"], r["reference_refine"]
+    print(f"2-view refinement, engine   : median {e['time_s']:.2f} s, median mTRE {e['median_mtre_mm']:.3f} mm ({e['n']} cases)")
+    print(f"2-view refinement, reference: median {ref['time_s']:.2f} s, median mTRE {ref['median_mtre_mm']:.3f} mm ({ref['n']} cases)")
+    print(f"speed-up {r['refine_speedup']:.1f}x")
+    if r["coarse_ms_per_set"] is not None:
+        print(f"coarse network: {r['coarse_ms_per_set']:.1f} ms per 2-view set")
+    print(f"peak memory {r['peak_memory_mb']:.0f} MB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+    return 0

@@ -1,0 +1,158 @@
+"""Speed measurements behind ``mvreg bench``: renderer throughput against the memory-bandwidth
+bound, refinement against the reference-renderer baseline, coarse-network inference, memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from . import geometry
+from .metrics import mtre_mm, structure_landmarks
+from .refine import RefineConfig, Registrar
+from .render import Renderer
+from .render_reference import ReferenceRenderer
+from .simulate import acquire, make_scene
+from .views import ViewSet
+from .volume import Volume
+
+BYTES_PER_TRILINEAR_SAMPLE = 8 * 4  # eight float32 neighbours read per sample (no cache reuse assumed)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    cases: int = 5  # 2-view refinements with the engine
+    reference_cases: int = 2  # ... and with the reference baseline (slow)
+    reference_iterations: int = 150  # fixed-resolution reference schedule
+    reference_size: int = 64  # its image size (the engine's finest level)
+    render_size: int = 64
+    render_samples: int = 64
+    rot_deg: float = 10.0
+    trans_mm: float = 20.0
+    seed: int = 0
+    device: str = "cpu"
+    model_path: str | None = None
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timeit(fn, device, repeats: int = 5) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def memory_bandwidth_gbs(device, mb: int = 256) -> float:
+    """Copy bandwidth (read + write bytes per second) of a large buffer, GB/s."""
+    n = mb * 1024 * 1024 // 4
+    a = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    b = torch.empty_like(a)
+    s = _timeit(lambda: b.copy_(a), device)
+    return 2 * a.numel() * 4 / s / 1e9
+
+
+def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
+    """Ray-samples per second, forward and forward+backward, for both renderers."""
+    K = geometry.scale_intrinsics(scene.K, cfg.render_size / scene.width)
+    T = scene.T_cam_from_ct
+    out = {}
+    engine = Renderer(volume.resampled(4), device=cfg.device)
+    reference = ReferenceRenderer(volume, device=cfg.device)
+    V = len(T)
+    rays = V * cfg.render_size**2
+    for name, r, samples in (("engine", engine, cfg.render_samples), ("reference", reference, None)):
+        x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+
+        def fwd():
+            with torch.no_grad():
+                return r(T, K, cfg.render_size, cfg.render_size, n_samples=samples)
+
+        def fwd_bwd():
+            img = r(geometry.se3_exp(x) @ T.to(x), K, cfg.render_size, cfg.render_size, n_samples=samples)
+            img.sum().backward()
+
+        if samples is None:  # Siddon: one sample per voxel boundary crossed
+            samples = sum(volume.shape_ijk) + 3
+        repeats = 2 if name == "reference" else 5
+        tf = _timeit(fwd, cfg.device, repeats)
+        tb = _timeit(fwd_bwd, cfg.device, repeats)
+        out[name] = {"rays": rays, "samples_per_ray": samples, "forward_s": tf, "forward_backward_s": tb,
+                     "forward_samples_per_s": rays * samples / tf, "forward_backward_samples_per_s": rays * samples / tb}
+    bw = memory_bandwidth_gbs(cfg.device)
+    bound = bw * 1e9 / BYTES_PER_TRILINEAR_SAMPLE
+    out["memory_bandwidth_gbs"] = bw
+    out["bandwidth_bound_samples_per_s"] = bound
+    out["engine_forward_fraction_of_bound"] = out["engine"]["forward_samples_per_s"] / bound
+    return out
+
+
+def _cases(volume, n_views: int, cfg: BenchConfig, n: int):
+    scene = make_scene(volume.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0), (45.0, 20.0)][:n_views])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    raw = acquire(Renderer(volume.resampled(2), device=cfg.device), scene.T_cam_from_ct, scene.K, scene.height,
+                  scene.width, generator=gen)
+    views = ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+    inits = [geometry.perturb(scene.T_ref_from_ct, rot_deg=cfg.rot_deg, trans_mm=cfg.trans_mm,
+                              centre_ct=volume.centre_ct(), generator=gen) for _ in range(n)]
+    return scene, views, inits
+
+
+def refine_runs(registrar: Registrar, scene, views, inits, landmarks) -> dict:
+    errs, times = [], []
+    for T_init in inits:
+        t = time.perf_counter()
+        res = registrar.refine(views, T_init)
+        _sync(registrar.device)
+        times.append(time.perf_counter() - t)
+        errs.append(mtre_mm(res.T_ref_from_ct, scene.T_ref_from_ct, landmarks))
+    return {"n": len(inits), "time_s": statistics.median(times), "median_mtre_mm": statistics.median(errs),
+            "max_mtre_mm": max(errs), "times_s": times, "mtre_mm": errs}
+
+
+def peak_memory_mb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run(volume: Volume, cfg: BenchConfig, log=print) -> dict:
+    landmarks = structure_landmarks(volume)
+    scene, views, inits = _cases(volume, 2, cfg, max(cfg.cases, cfg.reference_cases))
+    result = {
+        "device": str(torch.cuda.get_device_name(0) if torch.device(cfg.device).type == "cuda" else platform.processor() or platform.machine()),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    log("renderer throughput ...")
+    result["renderer"] = renderer_throughput(volume, scene, cfg)
+    log("engine refinement (default settings) ...")
+    engine = Registrar(volume, RefineConfig(device=cfg.device))
+    result["refine"] = refine_runs(engine, scene, views, inits[: cfg.cases], landmarks)
+    log("reference refinement (DiffDRR Siddon, full-resolution volume, fixed resolution) ...")
+    ref_cfg = RefineConfig(sizes=(cfg.reference_size,), iterations=(cfg.reference_iterations,), n_samples=(0,),
+                           patches=(8,), pool_volume=False, tol_rot_deg=0.0, tol_trans_mm=0.0, uncertainty=False,
+                           device=cfg.device)
+    reference = Registrar(volume, ref_cfg, renderer_cls=ReferenceRenderer)
+    result["reference_refine"] = refine_runs(reference, scene, views, inits[: cfg.reference_cases], landmarks)
+    result["refine_speedup"] = result["reference_refine"]["time_s"] / result["refine"]["time_s"]
+    result["coarse_ms_per_set"] = None
+    if cfg.model_path:
+        from .coarse import CoarseModel
+
+        model = CoarseModel.load(cfg.model_path, volume=volume, device=cfg.device)
+        result["coarse_ms_per_set"] = 1000 * _timeit(lambda: model.predict(views), cfg.device, 20)
+    result["peak_memory_mb"] = peak_memory_mb(cfg.device)
+    return result
