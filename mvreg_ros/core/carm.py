@@ -9,7 +9,7 @@ right. The orbital joint (LAO/RAO, positive = LAO) turns the C about the table's
 x; the angular joint (cranial/caudal, positive = cranial) turns it about the axis y carried
 by the orbital rotation::
 
-    T_iso_from_cam = Rx(orbital) @ Ry(-angular) @ T_iso_from_cam0
+    T_iso_from_cam = Rx(orbital) @ Ry(angular) @ T_iso_from_cam0
     T_iso_from_cam0 = [x_cam = +y, y_cam = -x, z_cam = +z, source at (0, 0, -sid)]
 """
 
@@ -39,7 +39,7 @@ def T_iso_from_cam(orbital_rad: Tensor | float, angular_rad: Tensor | float, *, 
     orbital = torch.as_tensor(orbital_rad, dtype=dtype)
     angular = torch.as_tensor(angular_rad, dtype=dtype)
     orbital, angular = torch.broadcast_tensors(orbital, angular)
-    R = _axis_rot(0, orbital) @ _axis_rot(1, -angular) @ R_ISO_FROM_CAM0.to(dtype)
+    R = _axis_rot(0, orbital) @ _axis_rot(1, angular) @ R_ISO_FROM_CAM0.to(dtype)
     # the isocentre lies at +sid on the camera's z axis, so the source is at -sid * z_cam
     return make_T(R, -sid_mm * R[..., :, 2])
 

@@ -61,22 +61,23 @@ def so3_exp(w: Float[Tensor, "... 3"]) -> Float[Tensor, "... 3 3"]:
 
 
 def so3_log(R: Float[Tensor, "... 3 3"]) -> Float[Tensor, "... 3"]:
-    """Rotation vector of a rotation matrix; stable at 0 and at 180 degrees."""
+    """Rotation vector of a rotation matrix; stable at 0 and at 180 degrees, differentiable at 0."""
     tr = R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2]
-    cos = ((tr - 1) / 2).clamp(-1.0, 1.0)
-    theta = torch.arccos(cos)
+    cos = (tr - 1) / 2
     vee = torch.stack(
         [R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1
     )
+    # |vee| = 2 sin(theta): atan2 is accurate over the whole range (arccos is not near 0 and pi)
+    theta = torch.atan2(vee.norm(dim=-1) / 2, cos)
     sin = torch.sin(theta)
-    # generic and small-angle branch: w = theta / (2 sin theta) * vee
     small = theta < 1e-4
     factor = torch.where(small, 0.5 + theta**2 / 12, theta / (2 * sin.clamp_min(1e-12)))
     w = factor[..., None] * vee
-    # near pi: axis from the largest diagonal of (R + I) / 2 = a a^T
+    # near pi: the axis from the symmetric part, (R + R^T) / 2 - cos I = (1 - cos) a a^T
     near_pi = theta > math.pi - 1e-3
     if bool(near_pi.any()):
-        B = (R + torch.eye(3, dtype=R.dtype, device=R.device)) / 2
+        eye = torch.eye(3, dtype=R.dtype, device=R.device)
+        B = (R + R.transpose(-1, -2)) / 2 - cos[..., None, None] * eye
         diag = torch.diagonal(B, dim1=-2, dim2=-1).clamp_min(0)
         k = diag.argmax(-1)
         col = torch.gather(B, -1, k[..., None, None].expand(*B.shape[:-1], 1))[..., 0]

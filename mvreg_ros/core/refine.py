@@ -22,7 +22,7 @@ from .geometry import about_point, invert, make_T, so3_exp, skew, transform_poin
 from .render import Renderer
 from .similarity import image_similarity
 from .views import ViewSet
-from .volume import Volume
+from .volume import MU_WATER_PER_MM, Volume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,11 @@ class RefineConfig:
     tol_rot_deg: float = 0.01  # a level ends early once the pose moved less than this
     tol_trans_mm: float = 0.02
     tol_window: int = 6  # ... over this many iterations
-    voxel_per_pixel: float = 1.0  # volume pooled so a voxel is about this many pixels at the anatomy
+    settled_ratio: float = 0.5  # at the end of the budget: converged if net motion <= this * path length
+    newton_steps: int = 2  # second-order polish at the finest level (curvature by finite differences)
+    newton_max_rot_deg: float = 1.0  # trust region of one Newton step
+    newton_max_trans_mm: float = 2.0
+    voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy
     pool_volume: bool = True  # False: render the full-resolution volume at every level
     render_backend: str = "compiled"  # "compiled" (fused torch.compile kernel) or "grid_sample" (reference)
     uncertainty: bool = True
@@ -91,6 +95,20 @@ def _pose(T0: Tensor, c: Tensor, w: Tensor, t: Tensor) -> Tensor:
     return T0 @ about_point(make_T(so3_exp(w), t), c)
 
 
+def _moved(history: list[tuple[Tensor, Tensor]], window: int) -> tuple[float, float]:
+    """How far the pose moved over the last ``window`` iterations (degrees, mm)."""
+    (w_old, t_old), (w_new, t_new) = history[-1 - window], history[-1]
+    return math.degrees(float((w_new - w_old).norm())), float((t_new - t_old).norm())
+
+
+def _settled(history: list[tuple[Tensor, Tensor]], cfg: RefineConfig) -> bool:
+    scale = torch.tensor([math.radians(cfg.tol_rot_deg)] * 3 + [cfg.tol_trans_mm] * 3, dtype=torch.float64)
+    xs = torch.stack([torch.cat([w, t]).cpu() for w, t in history[-1 - cfg.tol_window:]]) / scale
+    net = float((xs[-1] - xs[0]).norm())
+    path = float((xs[1:] - xs[:-1]).norm(dim=-1).sum())
+    return net <= 1.0 or net <= cfg.settled_ratio * path
+
+
 def _uncertainty(cov: Tensor, radius_mm: float = 50.0) -> float:
     # E|w x p + t|^2 for p uniform on a sphere of radius r: tr(S_t) + (2/3) r^2 tr(S_w)
     return math.sqrt(max(float(cov[3:, 3:].trace() + (2 / 3) * radius_mm**2 * cov[:3, :3].trace()), 0.0))
@@ -103,8 +121,10 @@ class Registrar:
                  centre_ct: Tensor | None = None):
         self.config = config
         self.device = torch.device(config.device)
-        self.volume = volume
         self.centre_ct = (volume.bone_centre_ct() if centre_ct is None else centre_ct).to(torch.float64)
+        # crop away the air around the body once: shorter chords, denser samples for the same cost
+        body = volume.data > 0.2 * MU_WATER_PER_MM
+        self.volume = volume.cropped_to(0.2 * MU_WATER_PER_MM) if bool(body.any()) else volume
         self._renderer_cls = renderer_cls
         self._renderers: dict[int, Renderer] = {}
 
@@ -172,11 +192,14 @@ class Registrar:
                 opt.step()
                 history.append((w.detach().clone(), t.detach().clone()))
                 if len(history) > cfg.tol_window:
-                    w_old, t_old = history[-1 - cfg.tol_window]
-                    if (math.degrees(float((history[-1][0] - w_old).norm())) < cfg.tol_rot_deg
-                            and float((history[-1][1] - t_old).norm()) < cfg.tol_trans_mm):
+                    moved_deg, moved_mm = _moved(history, cfg.tol_window)
+                    if moved_deg < cfg.tol_rot_deg and moved_mm < cfg.tol_trans_mm:
                         level_converged = True
                         break
+            if not level_converged and len(history) > cfg.tol_window:
+                # the budget ran out: converged if the pose only oscillates (net motion over the last
+                # window well below the path length travelled), not if it is still drifting
+                level_converged = _settled(history, cfg)
             # keep the best pose seen at this level
             with torch.no_grad():
                 T0 = _pose(T0_d, c_d, *best_x).cpu()
@@ -185,19 +208,43 @@ class Registrar:
             converged = level_converged
             lr_scale *= cfg.level_lr_decay
 
-        # final similarity per view and curvature at the finest level
+        # Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
+        # gives a second-order step that finishes what first-order steps approach only slowly
+        newton = _Objective(self, v, renderer, T_cam_from_ref, n_samples, patch)
+        H = None
+        for _ in range(cfg.newton_steps):
+            g, H, L0 = newton.grad_hessian(T0)
+            if H is None:
+                break
+            dx = -torch.linalg.solve(H, g)
+            dx = dx * min(1.0, math.radians(cfg.newton_max_rot_deg) / max(float(dx[:3].norm()), 1e-12),
+                          cfg.newton_max_trans_mm / max(float(dx[3:].norm()), 1e-12))
+            T_new = _pose(T0, c, dx[:3], dx[3:])
+            if newton.loss(T_new) >= L0:
+                break  # no further improvement: at the optimum within the noise of the loss
+            T0 = T_new
+            if math.degrees(float(dx[:3].norm())) < cfg.tol_rot_deg and float(dx[3:].norm()) < cfg.tol_trans_mm:
+                converged = True
+                break
+        if cfg.newton_steps and H is not None and not converged:
+            converged = math.degrees(float(dx[:3].norm())) < cfg.tol_rot_deg * 5 and float(dx[3:].norm()) < cfg.tol_trans_mm * 5
+
         with torch.no_grad():
             drr = renderer(T_cam_from_ref @ T0.to(self.device), v.K, v.height, v.width, n_samples=n_samples)
             per_view = image_similarity(drr, v.images, v.masks, patch=patch, grad_weight=cfg.grad_weight).cpu()
         cov, unc = None, float("inf")
         reason = ""
         if cfg.uncertainty:
-            cov = self._covariance(v, renderer, T_cam_from_ref, T0, n_samples, patch)
-            if cov is None:
+            if H is None or cfg.newton_steps == 0:
+                _, H, _ = newton.grad_hessian(T0)
+            if H is None:
                 reason = "loss curvature is not positive definite: the pose is not constrained by the views"
             else:
+                cov = newton.covariance(H, T0)
                 unc = _uncertainty(cov)
         sim = float(per_view.mean())
+        if not reason and not converged:
+            reason = "did not converge within the iteration budget"
         if not reason and sim < cfg.min_similarity:
             reason = f"similarity {sim:.3f} below min_similarity {cfg.min_similarity}"
         return RegistrationResult(
@@ -206,32 +253,49 @@ class Registrar:
             time_s=time.perf_counter() - start, reason=reason, covariance=cov, uncertainty_mm=unc,
             centre_ct=self.centre_ct, level_iterations=tuple(level_its))
 
-    def _covariance(self, v: ViewSet, renderer, T_cam_from_ref, T0, n_samples, patch) -> Tensor | None:
-        """Laplace approximation: Hessian of L = 1 - mean NCC by central differences of its
-        gradient; with N effective pixels the residual model gives cov = 2 L / N * H^-1."""
-        c = self.centre_ct.to(self.device)
-        T0d = T0.to(self.device)
 
-        def grad_at(x: Tensor) -> tuple[Tensor, float]:
-            x = x.clone().requires_grad_(True)
-            T = _pose(T0d, c, x[:3], x[3:])
-            drr = renderer(T_cam_from_ref @ T, v.K, v.height, v.width, n_samples=n_samples)
-            L = 1 - image_similarity(drr, v.images, v.masks, patch=patch, grad_weight=self.config.grad_weight).mean()
-            (g,) = torch.autograd.grad(L, x)
-            return g.detach(), float(L.detach())
+class _Objective:
+    """L(x) = 1 - mean similarity at one pyramid level, as a function of the twist about the centre."""
 
+    def __init__(self, registrar: Registrar, v: ViewSet, renderer, T_cam_from_ref: Tensor, n_samples: int, patch: int):
+        self.c = registrar.centre_ct.to(registrar.device)
+        self.device = registrar.device
+        self.grad_weight = registrar.config.grad_weight
+        self.v, self.renderer, self.T_cam_from_ref = v, renderer, T_cam_from_ref
+        self.n_samples, self.patch = n_samples, patch
+
+    def _L(self, T: Tensor) -> Tensor:
+        drr = self.renderer(self.T_cam_from_ref @ T, self.v.K, self.v.height, self.v.width, n_samples=self.n_samples)
+        return 1 - image_similarity(drr, self.v.images, self.v.masks, patch=self.patch, grad_weight=self.grad_weight).mean()
+
+    def loss(self, T0: Tensor) -> float:
+        with torch.no_grad():
+            return float(self._L(T0.to(self.device)))
+
+    def grad(self, T0: Tensor, x: Tensor) -> tuple[Tensor, float]:
+        x = x.clone().requires_grad_(True)
+        L = self._L(_pose(T0.to(self.device), self.c, x[:3], x[3:]))
+        (g,) = torch.autograd.grad(L, x)
+        return g.detach().cpu(), float(L.detach())
+
+    def grad_hessian(self, T0: Tensor, h_rad: float = 2e-3, h_mm: float = 0.2) -> tuple[Tensor, Tensor | None, float]:
+        """Gradient, and Hessian by central differences of the gradient (None unless positive definite)."""
         x0 = torch.zeros(6, dtype=torch.float64, device=self.device)
-        _, L0 = grad_at(x0)
-        h = torch.tensor([2e-3] * 3 + [0.2] * 3, dtype=torch.float64, device=self.device)
+        g0, L0 = self.grad(T0, x0)
+        h = [h_rad] * 3 + [h_mm] * 3
         cols = []
         for k in range(6):
             e = torch.zeros(6, dtype=torch.float64, device=self.device)
             e[k] = h[k]
-            cols.append((grad_at(x0 + e)[0] - grad_at(x0 - e)[0]) / (2 * h[k]))
-        H = torch.stack(cols, 1).cpu()
+            cols.append((self.grad(T0, x0 + e)[0] - self.grad(T0, x0 - e)[0]) / (2 * h[k]))
+        H = torch.stack(cols, 1)
         H = 0.5 * (H + H.T)
-        evals = torch.linalg.eigvalsh(H)
-        if float(evals.min()) <= 0:
-            return None
-        n_eff = float(v.masks.sum()) / 4.0  # neighbouring pixels are correlated
-        return 2 * max(L0, 1e-6) / n_eff * torch.linalg.inv(H)
+        if float(torch.linalg.eigvalsh(H).min()) <= 0:
+            return g0, None, L0
+        return g0, H, L0
+
+    def covariance(self, H: Tensor, T0: Tensor) -> Tensor:
+        """Laplace approximation: for normalised images 1 - NCC = |x - y|^2 / 2N, so with N
+        effective pixels the Gaussian residual model gives cov = 2 L / N * H^-1."""
+        n_eff = float(self.v.masks.sum()) / 4.0  # neighbouring pixels are correlated
+        return 2 * max(self.loss(T0), 1e-6) / n_eff * torch.linalg.inv(H)

@@ -88,20 +88,21 @@ def integrate(data: Float[Tensor, "D H W"], rays: Rays, n_samples: int) -> Float
     # index -> grid_sample's normalised coordinates (align_corners=True: -1 and +1 are the end voxel centres)
     scale = torch.tensor([2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1), 2.0 / max(D - 1, 1)], dtype=dtype, device=data.device)
     grid = p * scale - 1
-    samples = F.grid_sample(data[None, None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)
+    # samples lie inside the box [-0.5, N - 0.5]: "border" gives the edge voxels their full half-width
+    samples = F.grid_sample(data[None, None], grid[None], mode="bilinear", padding_mode="border", align_corners=True)
     return samples[0, 0].sum(-1) * step / n_samples
 
 
 def pad_volume(data: Float[Tensor, "D H W"]) -> Float[Tensor, "N"]:
-    """The volume with a one-voxel zero border, flattened: the layout :func:`integrate_gather` reads."""
-    return F.pad(data, (1, 1, 1, 1, 1, 1)).reshape(-1)
+    """The volume with a one-voxel replicated border, flattened: the layout :func:`integrate_gather` reads."""
+    return F.pad(data[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0].reshape(-1)
 
 
 def integrate_gather(flat_padded: Float[Tensor, "N"], shape: tuple[int, int, int], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
     """Same integral as :func:`integrate`, written as explicit gathers and lerps so that
     ``torch.compile`` fuses sample generation, interpolation and the sum into one loop
-    (no (V, R, S, 3) grid in memory). Samples lie inside the box, so with the zero border
-    every neighbour index is valid and zero padding matches ``grid_sample``."""
+    (no (V, R, S, 3) grid in memory). Samples lie inside the box, so with the replicated
+    border every neighbour index is valid and matches ``grid_sample``'s border padding."""
     D, H, W = shape
     p, step = _sample_points(rays, n_samples, flat_padded.dtype)
     x = (p[..., 0] + 1).clamp(0, W + 1 - 1e-4)
@@ -164,7 +165,7 @@ class Renderer:
         if full:
             pixels = pixel_grid(height, width, dtype=torch.float64, device=self.device)
         rays = make_rays(self.T_index_from_ct, self.shape_ijk, T, K.to(self.device, torch.float64), pixels.to(self.device))
-        out = self._integrate(rays, n_samples or self.n_samples)
+        out = self._integrate(rays, self.n_samples if n_samples is None else n_samples)
         return out.reshape(len(T), height, width) if full else out
 
     def _integrate(self, rays: Rays, n_samples: int) -> Tensor:

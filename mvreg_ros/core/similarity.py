@@ -28,18 +28,33 @@ def _moments(x: Tensor, y: Tensor, w: Tensor, patch: int | None):
     return sw, sxx, syy, sxy
 
 
+def _standardise(x: Tensor, w: Tensor) -> Tensor:
+    """Masked z-score per view, so local moments are computed at unit scale (no float32 cancellation)."""
+    sw = w.sum((-2, -1), keepdim=True).clamp_min(_EPS)
+    m = (w * x).sum((-2, -1), keepdim=True) / sw
+    var = (w * (x - m) ** 2).sum((-2, -1), keepdim=True) / sw
+    return (x - m) / torch.sqrt(var + 1e-12)
+
+
+_VAR_FLOOR = 1e-4  # of a standardised image: a patch flatter than this carries no information
+
+
 def ncc(x: Float[Tensor, "V H W"], y: Float[Tensor, "V H W"], w: Float[Tensor, "V H W"] | None = None,
         *, patch: int | None = None) -> Float[Tensor, "V"]:
     """Normalised cross-correlation, global (``patch=None``) or the weighted mean over
-    non-overlapping ``patch x patch`` windows."""
+    non-overlapping ``patch x patch`` windows. Patches less than half inside the mask, or flat in
+    the target ``y``, do not count; each patch's correlation is bounded to [-1, 1]."""
     if x.shape != y.shape:
         raise ValueError(f"image shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
     w = torch.ones_like(x) if w is None else w.to(x)
+    x, y = _standardise(x, w), _standardise(y, w)
     x, y, w = x[:, None], y[:, None], w[:, None]
     sw, sxx, syy, sxy = _moments(x, y, w, patch)
-    # a patch without texture in the target carries no information: weight by its variance too
-    r = sxy / torch.sqrt(sxx * syy + _EPS * _EPS)
-    weight = sw * (syy > 1e-10)
+    r = (sxy / torch.sqrt((sxx + 1e-6) * (syy + 1e-6))).clamp(-1, 1)
+    informative = syy > _VAR_FLOOR
+    if patch is not None:
+        informative = informative & (sw >= 0.5 * patch * patch)
+    weight = sw * informative
     return (r * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp_min(_EPS)
 
 

@@ -91,13 +91,17 @@ class Volume:
             raise ValueError(f"factor must be a positive int, got {factor!r}")
         if factor == 1:
             return self
-        data = F.avg_pool3d(self.data[None, None], factor, ceil_mode=True, count_include_pad=False)[0, 0]
+        D, H, W = self.data.shape
+        # zero-pad to whole blocks: a partial block keeps its mass and its extent
+        padded = F.pad(self.data, (0, -W % factor, 0, -H % factor, 0, -D % factor))
+        data = F.avg_pool3d(padded[None, None], factor)[0, 0]
         S = torch.eye(4, dtype=self.T_ct_from_index.dtype, device=self.T_ct_from_index.device)
         S[:3, :3] *= factor
         S[:3, 3] = (factor - 1) / 2
         mask = None
         if self.mask is not None:
-            mask = F.max_pool3d(self.mask[None, None].float(), factor, ceil_mode=True)[0, 0].to(self.mask.dtype)
+            m = F.pad(self.mask.float(), (0, -W % factor, 0, -H % factor, 0, -D % factor))
+            mask = F.max_pool3d(m[None, None], factor)[0, 0].to(self.mask.dtype)
         return Volume(data=data, T_ct_from_index=self.T_ct_from_index @ S, mask=mask)
 
     def cropped_to(self, threshold: float, margin_vox: int = 2) -> "Volume":

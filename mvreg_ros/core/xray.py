@@ -38,7 +38,7 @@ def check_image(image: Tensor, name: str = "image") -> Tensor:
     return image
 
 
-def detect_fov(raw: Float[Tensor, "H W"], *, rel_threshold: float = 0.03, margin_px: float = 2.0) -> Float[Tensor, "H W"]:
+def detect_fov(raw: Float[Tensor, "H W"], *, rel_threshold: float = 0.03, margin_px: float = 5.0) -> Float[Tensor, "H W"]:
     """Mask of the detector's field of view in a raw (intensity) image.
 
     Pixels without signal (below ``rel_threshold`` of the 99th percentile) are outside. If

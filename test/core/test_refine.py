@@ -13,7 +13,7 @@ from mvreg_ros.core.simulate import AcquisitionConfig, DetectorConfig, acquire, 
 from mvreg_ros.core.views import ViewSet
 from mvreg_ros.core.volume import load_example_ct
 
-QUICK = RefineConfig(sizes=(32, 48), iterations=(40, 20), n_samples=(48, 64), patches=(8, 8), render_backend="grid_sample")
+QUICK = RefineConfig(sizes=(32, 48), iterations=(40, 40), n_samples=(48, 64), patches=(8, 8), render_backend="grid_sample")
 ONE_LEVEL = dict(sizes=(32,), n_samples=(48,), patches=(8,), render_backend="grid_sample")
 DETECTOR = DetectorConfig(height=96, width=96, pixel_mm=3.1)
 

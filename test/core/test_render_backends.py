@@ -36,7 +36,9 @@ def test_compiled_renderer_equals_grid_sample_renderer():
     x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     outs, grads = [], []
     for backend in ("grid_sample", "compiled"):
-        img = Renderer(ct, backend=backend)(geometry.se3_exp(x) @ T, K, 24, 20, n_samples=32)
+        renderer = Renderer(ct, backend=backend)
+        img = renderer(geometry.se3_exp(x) @ T, K, 24, 20, n_samples=32)
+        assert renderer.backend == backend  # no silent fallback from the compiled path
         (g,) = torch.autograd.grad(img.pow(2).sum(), x)
         outs.append(img.detach())
         grads.append(g)

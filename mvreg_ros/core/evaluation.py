@@ -1,0 +1,352 @@
+"""Registration benchmark on DeepFluoro-layout files.
+
+Each case is a set of projections of one specimen. The reference frame is the first view's
+camera, so the truth is ``T_ref_from_ct = T_cam0_from_ct`` and the other cameras are known
+relative to it (optionally corrupted by a geometry error). An :class:`Initialiser` gives the
+starting pose, :class:`~.refine.Registrar` refines it, and the case reports the 3D mTRE over
+the specimen's ``vol-landmarks``, the mean projection distance at the detector, the time,
+and the estimates as the first view's ``cam-to-pelvis-vol`` in the file's own convention, so
+any tool can recompute the errors from the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .deepfluoro import DeepFluoroFile, Projection, views_from_projections
+from .geometry import cam_to_pelvis_vol_from_T, perturb, transform_points
+from .metrics import mpd_mm, mtre_mm, pose_errors
+from .refine import Registrar, RefineConfig
+from .views import ViewSet
+from .volume import Volume
+
+INITIALISERS = ("perturb", "network")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate and how. ``view_sets=None``: every pair of consecutive projections;
+    ``max_sets`` caps the sets per specimen; ``specimens=None``: every specimen in the file."""
+
+    specimens: tuple[str, ...] | None = None
+    view_sets: tuple[tuple[int, ...], ...] | None = None
+    max_sets: int | None = None
+    init: str = "perturb"  # "perturb" (truth + exact error) or "network" (coarse model, later issue)
+    model: str | None = None  # the coarse network's checkpoint, for init="network"
+    perturb_rot_deg: float = 10.0
+    perturb_trans_mm: float = 20.0
+    seed: int = 0
+    geometry_noise_deg: float = 0.0  # error of each non-first camera pose, exact, random axis
+    geometry_noise_mm: float = 0.0  # ... and exact translation, random direction
+    success_mm: float = 2.0  # a case succeeds when its mTRE is at most this
+    i0: float | None = None  # unattenuated intensity; None: estimated per image
+    bone_only: bool = False
+    refine: RefineConfig = RefineConfig()
+
+    def __post_init__(self):
+        if self.init not in INITIALISERS:
+            raise ValueError(f"init must be one of {INITIALISERS}, got {self.init!r}")
+        for name in ("perturb_rot_deg", "perturb_trans_mm", "geometry_noise_deg", "geometry_noise_mm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.success_mm <= 0:
+            raise ValueError(f"success_mm must be positive, got {self.success_mm}")
+        if self.max_sets is not None and self.max_sets < 1:
+            raise ValueError(f"max_sets must be >= 1, got {self.max_sets}")
+        if self.view_sets is not None:
+            if len(self.view_sets) == 0:
+                raise ValueError("view_sets is empty")
+            for vs in self.view_sets:
+                if len(vs) == 0 or len(set(vs)) != len(vs) or any(not isinstance(i, int) or i < 0 for i in vs):
+                    raise ValueError(f"a view set must hold distinct non-negative projection indices, got {vs}")
+
+
+def parse_view_sets(text: str) -> tuple[tuple[int, ...], ...]:
+    """``"0,1;2,5,7"`` -> ``((0, 1), (2, 5, 7))``."""
+    sets = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            sets.append(tuple(int(x) for x in part.split(",")))
+        except ValueError:
+            raise ValueError(f"view sets look like '0,1;2,5,7', got {text!r}") from None
+    if not sets:
+        raise ValueError(f"no view set in {text!r}")
+    return tuple(sets)
+
+
+# ---------------------------------------------------------------------------------------
+# Initialisers: where refinement starts
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One view set of one specimen, as the initialiser sees it."""
+
+    specimen: str
+    indices: tuple[int, ...]
+    views: ViewSet
+    T_true_ref_from_ct: Float[Tensor, "4 4"]  # for simulated initialisers only
+    centre_ct: Float[Tensor, "3"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Initialisation:
+    T_ref_from_ct: Float[Tensor, "4 4"]  # where refinement starts
+    T_coarse_ref_from_ct: Tensor | None = None  # a coarse estimate to report, if any
+
+
+class Initialiser(Protocol):
+    name: str
+
+    def __call__(self, case: Case) -> Initialisation: ...
+
+
+class PerturbInitialiser:
+    """The truth moved by exactly ``rot_deg`` about a random axis through the CT centre, then
+    ``trans_mm`` in a random direction (:func:`.geometry.perturb`); cases draw in order from
+    one seeded generator."""
+
+    name = "perturb"
+
+    def __init__(self, *, rot_deg: float, trans_mm: float, seed: int):
+        self.rot_deg, self.trans_mm = rot_deg, trans_mm
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __call__(self, case: Case) -> Initialisation:
+        T = perturb(case.T_true_ref_from_ct, rot_deg=self.rot_deg, trans_mm=self.trans_mm, centre_ct=case.centre_ct,
+                    generator=self.generator)
+        return Initialisation(T_ref_from_ct=T)
+
+
+def make_initialiser(config: EvalConfig, volume: Volume) -> Initialiser:
+    """The initialiser named by ``config.init`` for one specimen's CT."""
+    if config.init == "perturb":
+        return PerturbInitialiser(rot_deg=config.perturb_rot_deg, trans_mm=config.perturb_trans_mm, seed=config.seed)
+    if config.init == "network":
+        # Hook for the patient-specific coarse network: it will load ``config.model`` (checked
+        # against ``volume.identity()``) and return an Initialisation whose
+        # T_coarse_ref_from_ct is the network's estimate.
+        if config.model is None:
+            raise ValueError("network initialisation needs --model PATH (a trained coarse pose network)")
+        if not Path(config.model).exists():
+            raise FileNotFoundError(f"coarse model not found: {config.model}")
+        raise NotImplementedError("network initialisation is not available yet: the coarse pose network "
+                                  "comes with a later release; use --init perturb")
+    raise ValueError(f"unknown initialiser {config.init!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------
+
+
+def perturb_cameras(T_ref_from_cam: Float[Tensor, "V 4 4"], T_ref_from_ct: Float[Tensor, "4 4"],
+                    centre_ct: Float[Tensor, "3"], *, rot_deg: float, trans_mm: float,
+                    generator: torch.Generator) -> Float[Tensor, "V 4 4"]:
+    """Known camera poses with a calibration error: every non-first camera is rotated by
+    exactly ``rot_deg`` about a random axis through the anatomy centre, then moved by exactly
+    ``trans_mm`` in a random direction. The first camera is the reference and stays exact."""
+    out = T_ref_from_cam.clone()
+    if rot_deg == 0 and trans_mm == 0:
+        return out
+    c_ref = transform_points(T_ref_from_ct, centre_ct.to(T_ref_from_ct)[None])[0]
+    for k in range(1, len(out)):
+        c_cam = transform_points(torch.linalg.inv(out[k]), c_ref[None])[0]
+        out[k] = perturb(out[k], rot_deg=rot_deg, trans_mm=trans_mm, centre_ct=c_cam, generator=generator)
+    return out
+
+
+def default_view_sets(n_projections: int) -> tuple[tuple[int, ...], ...]:
+    """Every pair of consecutive projections."""
+    if n_projections < 2:
+        return ((0,),) if n_projections == 1 else ()
+    return tuple((i, i + 1) for i in range(n_projections - 1))
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def _pose_list(T: Tensor) -> list[list[float]]:
+    return [[float(v) for v in row] for row in T.to(torch.float64).cpu()]
+
+
+def evaluate_case(registrar: Registrar, initialiser: Initialiser, projections: Sequence[Projection], *,
+                  extrinsic: Tensor, landmarks_ct: Tensor, centre_ct: Tensor, config: EvalConfig,
+                  noise_generator: torch.Generator) -> dict:
+    """Register one view set and measure it; returns the case's JSON record."""
+    views, T_true = views_from_projections(projections, i0=config.i0)
+    T_true_ref_from_cam = views.T_ref_from_cam
+    known = perturb_cameras(T_true_ref_from_cam, T_true, centre_ct, rot_deg=config.geometry_noise_deg,
+                            trans_mm=config.geometry_noise_mm, generator=noise_generator)
+    views = dataclasses.replace(views, T_ref_from_cam=known)
+    case = Case(specimen=projections[0].specimen, indices=tuple(p.index for p in projections), views=views,
+                T_true_ref_from_ct=T_true, centre_ct=centre_ct)
+    start = time.perf_counter()
+    init = initialiser(case)
+    result = registrar.refine(views, init.T_ref_from_ct)
+    elapsed = time.perf_counter() - start
+
+    T_est = result.T_ref_from_ct.to(torch.float64)
+    pixel_mm = torch.tensor([p.pixel_mm for p in projections], dtype=torch.float64)
+
+    def mpd(T: Tensor) -> float:  # at the true detectors
+        return mpd_mm(T, T_true, landmarks_ct, views.K, T_true_ref_from_cam, pixel_mm)
+
+    mtre = mtre_mm(T_est, T_true, landmarks_ct)
+    rot_err, trans_err = pose_errors(T_est, T_true, centre_ct)
+    record = {
+        "specimen": case.specimen,
+        "views": list(case.indices),
+        "mtre_mm": mtre,
+        "mpd_mm": mpd(T_est),
+        "success": bool(mtre <= config.success_mm),
+        "time_s": elapsed,
+        "init_mtre_mm": mtre_mm(init.T_ref_from_ct, T_true, landmarks_ct),
+        "init_mpd_mm": mpd(init.T_ref_from_ct),
+        "rot_err_deg": rot_err,
+        "trans_err_mm": trans_err,
+        "pose_true": _pose_list(projections[0].cam_to_pelvis_vol),
+        "pose_init": _pose_list(cam_to_pelvis_vol_from_T(extrinsic, init.T_ref_from_ct)),
+        "pose_est": _pose_list(cam_to_pelvis_vol_from_T(extrinsic, T_est)),
+        "registration_success": bool(result.success),
+        "reason": result.reason,
+        "converged": bool(result.converged),
+        "similarity": _finite(result.similarity),
+        "view_similarity": [_finite(s) for s in result.view_similarity],
+        "uncertainty_mm": _finite(result.uncertainty_mm),
+        "iterations": int(result.iterations),
+    }
+    if init.T_coarse_ref_from_ct is not None:
+        record["pose_coarse"] = _pose_list(cam_to_pelvis_vol_from_T(extrinsic, init.T_coarse_ref_from_ct))
+        record["coarse_mtre_mm"] = mtre_mm(init.T_coarse_ref_from_ct, T_true, landmarks_ct)
+    return record
+
+
+def _stats(values: Sequence[float]) -> dict:
+    a = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if len(a) == 0:
+        return {"mean": None, "median": None, "p95": None}
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "p95": float(np.percentile(a, 95))}
+
+
+def summarise(cases: Sequence[dict]) -> dict:
+    n = len(cases)
+    times = [c["time_s"] for c in cases]
+    return {
+        "n": n,
+        "mtre_mm": _stats([c["mtre_mm"] for c in cases]),
+        "mpd_mm": _stats([c["mpd_mm"] for c in cases]),
+        "init_mtre_mm": _stats([c["init_mtre_mm"] for c in cases]),
+        "success_rate": (sum(c["success"] for c in cases) / n) if n else None,
+        "time_s": {"median": float(np.median(times)) if n else None, "mean": float(np.mean(times)) if n else None},
+    }
+
+
+def run(path: str | Path, config: EvalConfig = EvalConfig(), *,
+        progress: Callable[[dict], None] | None = None) -> dict:
+    """Evaluate every selected view set of every selected specimen; returns
+    ``{"file", "config", "cases": [...], "summary": {...}}``."""
+    path = Path(path)
+    cases: list[dict] = []
+    with DeepFluoroFile(path) as f:
+        specimens = list(config.specimens) if config.specimens else f.specimens()
+        if not specimens:
+            raise ValueError(f"{path}: holds no specimen")
+        E = f.extrinsic
+        for specimen in specimens:
+            indices = f.projection_indices(specimen)
+            sets = config.view_sets if config.view_sets is not None else default_view_sets(len(indices))
+            known = set(indices)
+            for vs in sets:
+                missing = [i for i in vs if i not in known]
+                if missing:
+                    raise ValueError(f"{path}: specimen {specimen} has no projection {missing} "
+                                     f"(it has {len(indices)}: {indices[0]}..{indices[-1]})")
+            if config.max_sets is not None:
+                sets = sets[: config.max_sets]
+            if not sets:
+                continue
+            names, landmarks_ct = f.landmarks(specimen)
+            volume = f.volume(specimen, bone_only=config.bone_only, with_mask=False)
+            centre_ct = volume.centre_ct().to(torch.float64)
+            initialiser = make_initialiser(config, volume)
+            registrar = Registrar(volume, config.refine)
+            noise_generator = torch.Generator().manual_seed(int(config.seed) + 1)
+            for vs in sets:
+                record = evaluate_case(registrar, initialiser, [f.projection(specimen, i) for i in vs], extrinsic=E,
+                                       landmarks_ct=landmarks_ct, centre_ct=centre_ct, config=config,
+                                       noise_generator=noise_generator)
+                cases.append(record)
+                if progress is not None:
+                    progress(record)
+    return {"file": str(path), "config": config_dict(config), "cases": cases, "summary": summarise(cases)}
+
+
+def config_dict(config: EvalConfig) -> dict:
+    d = dataclasses.asdict(config)
+    d["refine"] = dataclasses.asdict(config.refine)
+    return d
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    """Strict JSON (non-finite numbers become null)."""
+
+    def clean(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    Path(path).write_text(json.dumps(clean(report), indent=1, allow_nan=False) + "\n")
+
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_case(c: dict) -> str:
+    views = ",".join(str(i) for i in c["views"])
+    ok = "yes" if c["success"] else "no"
+    return (f"{c['specimen']:>10} {views:>9} {_fmt(c['init_mtre_mm']):>9} {_fmt(c['mtre_mm']):>9} {_fmt(c['mpd_mm']):>8} "
+            f"{_fmt(c['similarity'], '.3f'):>6} {_fmt(c['uncertainty_mm']):>7} {_fmt(c['time_s'], '.1f'):>7} {ok:>4}"
+            + (f"  {c['reason']}" if c["reason"] else ""))
+
+
+TABLE_HEADER = (f"{'specimen':>10} {'views':>9} {'init mTRE':>9} {'mTRE mm':>9} {'mPD mm':>8} {'sim':>6} "
+                f"{'unc mm':>7} {'time s':>7} {'ok':>4}")
+
+
+def format_summary(summary: dict, success_mm: float = 2.0) -> str:
+    m, p, i = summary["mtre_mm"], summary["mpd_mm"], summary["init_mtre_mm"]
+    rate = summary["success_rate"]
+    return "\n".join([
+        f"cases: {summary['n']}",
+        f"mTRE mm   mean {_fmt(m['mean'])}  median {_fmt(m['median'])}  p95 {_fmt(m['p95'])}"
+        f"   (initial: mean {_fmt(i['mean'])}  median {_fmt(i['median'])})",
+        f"mPD mm    mean {_fmt(p['mean'])}  median {_fmt(p['median'])}  p95 {_fmt(p['p95'])}",
+        f"success (mTRE <= {success_mm:g} mm): {_fmt(None if rate is None else 100 * rate, '.1f')} %",
+        f"time s    median {_fmt(summary['time_s']['median'], '.1f')}  mean {_fmt(summary['time_s']['mean'], '.1f')}",
+    ])
+
+
+def format_table(report: dict) -> str:
+    lines = [TABLE_HEADER] + [format_case(c) for c in report["cases"]]
+    return "\n".join(lines) + "\n\n" + format_summary(report["summary"], report["config"]["success_mm"])
