@@ -110,7 +110,7 @@ def test_compiled_backend_matches_reference_backend(ct, scene_views):
     scene, views = scene_views
     T_init = geometry.perturb(scene.T_ref_from_ct, rot_deg=3, trans_mm=5, centre_ct=ct.centre_ct(),
                               generator=torch.Generator().manual_seed(1))
-    cfg = dict(sizes=(32,), iterations=(8,), n_samples=(32,), patches=(8,), uncertainty=False, tol_rot_deg=0.0,
+    cfg = dict(sizes=(32,), iterations=(8,), n_samples=(32,), patches=(8,), uncertainty=False, newton_steps=0, tol_rot_deg=0.0,
                tol_trans_mm=0.0)
     a = Registrar(ct, RefineConfig(**cfg, render_backend="grid_sample")).refine(views, T_init)
     b = Registrar(ct, RefineConfig(**cfg, render_backend="compiled")).refine(views, T_init)

@@ -1,0 +1,55 @@
+"""Start mvreg_ros's registration node.
+
+    ros2 launch mvreg_ros register.launch.py volume_path:=/data/patient_ct.nii.gz
+    ros2 launch mvreg_ros register.launch.py params_file:=/path/to/biplane.yaml volume_path:=... use_sim_time:=true
+
+Arguments: params_file (default: the package's config/register.yaml), volume_path (overrides
+the params file's value when not empty), use_sim_time, log_level.
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+
+def _truthy(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"use_sim_time must be true or false, got {text!r}")
+
+
+def _register_node(context):
+    params_file = LaunchConfiguration("params_file").perform(context)
+    overrides = {"use_sim_time": _truthy(LaunchConfiguration("use_sim_time").perform(context))}
+    volume_path = LaunchConfiguration("volume_path").perform(context)
+    if volume_path:
+        overrides["volume_path"] = volume_path
+    return [Node(
+        package="mvreg_ros",
+        executable="register_node",
+        name="register_node",
+        output="screen",
+        emulate_tty=True,
+        parameters=[params_file, overrides],
+        arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level").perform(context)],
+    )]
+
+
+def generate_launch_description() -> LaunchDescription:
+    return LaunchDescription([
+        DeclareLaunchArgument(
+            "params_file",
+            default_value=PathJoinSubstitution([FindPackageShare("mvreg_ros"), "config", "register.yaml"]),
+            description="Parameter file of the node (config/register.yaml, biplane.yaml, mobile_carm.yaml or yours)."),
+        DeclareLaunchArgument(
+            "volume_path", default_value="",
+            description="Patient CT (NIfTI, NRRD, MHA or DICOM folder, in HU); empty: the params file's volume_path."),
+        DeclareLaunchArgument("use_sim_time", default_value="false", description="Use /clock (bag replay)."),
+        DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error or fatal."),
+        OpaqueFunction(function=_register_node),
+    ])

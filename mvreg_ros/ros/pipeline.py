@@ -1,0 +1,136 @@
+"""From a set of frames to an accepted or rejected pose (plain Python/PyTorch, no ROS).
+
+frames -> ViewSet (checks, log, field of view) -> starting pose (initialisers) ->
+``Registrar.refine`` -> quality gates -> the tracker keeps the pose only if every gate passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..core.geometry import invert, transform_points
+from ..core.refine import Registrar, RegistrationResult
+from ..core.views import ViewSet
+from .initializer import AcceptedPose, Initializer, PoseTracker, initial_pose
+from .sync import Frame
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityGates:
+    """What a registration must reach to be published."""
+
+    max_uncertainty_mm: float = 5.0  # 1-sigma RMS displacement within 50 mm of the anatomy centre
+    min_similarity: float = 0.2  # every view's similarity (patch NCC + gradient NCC, 1 = identical)
+    require_converged: bool = False  # also demand that the finest level stopped before its budget
+
+    def __post_init__(self):
+        if not self.max_uncertainty_mm > 0:
+            raise ValueError(f"max_uncertainty_mm must be positive, got {self.max_uncertainty_mm}")
+        if not -1 <= self.min_similarity <= 1:
+            raise ValueError(f"min_similarity must be in [-1, 1], got {self.min_similarity}")
+
+
+def gate_reason(result: RegistrationResult, gates: QualityGates) -> str:
+    """'' when ``result`` passes every gate, else why not."""
+    if not result.success:
+        return result.reason or "registration failed"
+    if gates.require_converged and not result.converged:
+        return f"registration did not converge within {result.iterations} iterations"
+    if not result.view_similarity:
+        return "registration reported no per-view similarity"
+    bad = [s for s in result.view_similarity if not math.isfinite(s)]  # min() skips NaN: check first
+    worst = bad[0] if bad else min(result.view_similarity)
+    if bad or worst < gates.min_similarity:
+        return f"view similarity {worst:.3f} below min_similarity {gates.min_similarity}"
+    if not math.isfinite(result.uncertainty_mm) or result.uncertainty_mm > gates.max_uncertainty_mm:
+        return f"uncertainty {result.uncertainty_mm:.2f} mm above max_uncertainty_mm {gates.max_uncertainty_mm}"
+    if not torch.isfinite(result.T_ref_from_ct).all():
+        return "registration returned a non-finite pose"
+    return ""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Outcome:
+    accepted: bool
+    stamp_ns: int  # newest image stamp of the set
+    reason: str  # '' when accepted
+    init_source: str = ""
+    result: RegistrationResult | None = None
+    views: ViewSet | None = None
+    sources: tuple[int, ...] = ()
+
+
+class RegistrationPipeline:
+    def __init__(self, registrar: Registrar, *, initializers: Sequence[Initializer], gates: QualityGates,
+                 tracker: PoseTracker, i0: float | None = None, raw_is_line_integral: bool = False):
+        self.registrar = registrar
+        self.initializers = list(initializers)
+        self.gates = gates
+        self.tracker = tracker
+        self.i0 = i0
+        self.raw_is_line_integral = raw_is_line_integral
+
+    def views_from_frames(self, frames: Sequence[Frame]) -> ViewSet:
+        """ValueError when the frames cannot form one view set."""
+        if not frames:
+            raise ValueError("empty view set")
+        shapes = {f.shape for f in frames}
+        if len(shapes) != 1:
+            raise ValueError(f"views differ in size {sorted(shapes)}: all views of a set must share one image size")
+        return ViewSet.from_raw(torch.stack([f.raw for f in frames]), torch.stack([f.K for f in frames]),
+                                torch.stack([f.T_ref_from_cam for f in frames]), i0=self.i0,
+                                raw_is_line_integral=self.raw_is_line_integral)
+
+    def register(self, frames: Sequence[Frame]) -> Outcome:
+        stamp = max(f.stamp_ns for f in frames) if frames else 0
+        sources = tuple(f.source for f in frames)
+        try:
+            views = self.views_from_frames(frames)
+        except ValueError as e:
+            return Outcome(accepted=False, stamp_ns=stamp, reason=f"bad view set: {e}", sources=sources)
+        T0, source = initial_pose(self.initializers, views, stamp)
+        result = self.registrar.refine(views, T0)
+        reason = gate_reason(result, self.gates)
+        if not reason:
+            self.tracker.accept(AcceptedPose(T_ref_from_ct=result.T_ref_from_ct.detach().to(torch.float64).cpu(),
+                                             stamp_ns=stamp, covariance_ref=result.covariance_ref()))
+        return Outcome(accepted=not reason, stamp_ns=stamp, reason=reason, init_source=source, result=result,
+                       views=views, sources=sources)
+
+
+def overlay_rgb(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *,
+                max_size: int = 256) -> np.ndarray:
+    """Views side by side, (H, V*W, 3) uint8: the X-ray in magenta, the DRR at the pose in green
+    (grey where they agree)."""
+    factor = max(1, math.ceil(max(views.height, views.width) / max_size))
+    v = views.downsampled(factor)
+    T = T_ref_from_ct.to(torch.float64)
+    T_cam_from_ct = invert(v.T_ref_from_cam.to(torch.float64)) @ T
+    # pool the volume so a voxel is about a pixel at the anatomy
+    c_cam = transform_points(T_cam_from_ct, registrar.centre_ct.to(T)[None].expand(len(v), 1, 3))[:, 0]
+    pixel_mm = float((c_cam[:, 2].abs() / v.K[:, 0, 0]).mean())
+    vfactor = max(1, int(pixel_mm / float(registrar.volume.spacing.min())))
+    with torch.no_grad():
+        drr = registrar.renderer(vfactor)(T_cam_from_ct, v.K, v.height, v.width).float().cpu()
+
+    def normalise(x: Tensor, m: Tensor) -> Tensor:
+        inside = x[m > 0]
+        if inside.numel() == 0:
+            return torch.zeros_like(x)
+        lo, hi = torch.quantile(inside, 0.01), torch.quantile(inside, 0.99)
+        return ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1) * m
+
+    panels = []
+    for i in range(len(v)):
+        m = v.masks[i].float().cpu()
+        a = normalise(v.images[i].float().cpu(), m)
+        b = normalise(drr[i], m)
+        panels.append(torch.stack([a, b, a], -1))
+    return (torch.cat(panels, 1) * 255).round().to(torch.uint8).numpy()

@@ -1,0 +1,79 @@
+"""``mvreg simulate`` then ``mvreg eval``, end to end through the CLI entry point."""
+
+import json
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mvreg_ros.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def sim_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "sim.h5"
+    rc = main(["simulate", str(path), "--downsample", "8", "--size", "64", "--views", "3", "--seed", "2"])
+    assert rc == 0
+    return path
+
+
+def test_simulate_writes_a_deepfluoro_file(sim_file, capsys):
+    with h5py.File(sim_file, "r") as f:
+        assert sorted(f["sim-01/projections"].keys()) == ["000", "001", "002"]
+        assert f["sim-01/projections/001/image/pixels"].shape == (64, 64)
+        assert f["proj-params/pixel-col-spacing"][()] == pytest.approx(1.164 * 4)
+        assert "sternum" in f["sim-01/vol-landmarks"]  # landmarks from the shipped CT's labels
+        assert f["sim-01/vol/pixels"].shape == (17, 64, 64)
+
+
+def test_simulate_own_ct_and_explicit_angles(tmp_path, capsys):
+    """A user CT without labels: landmarks come from its bone."""
+    hu = np.full((40, 40, 30), -1000.0, dtype=np.float32)  # NIfTI order (i, j, k)
+    hu[8:32, 8:32, 6:24] = 0.0
+    hu[12:20, 18:22, 8:22] = 1200.0  # a "bone" bar
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.diag([3.0, 3.0, 4.0, 1.0])), str(ct))
+    out = tmp_path / "a.h5"
+    assert main(["simulate", str(out), "--ct", str(ct), "--size", "48", "--angles", "0,0;30,5",
+                 "--specimen", "spec-x"]) == 0
+    assert "2 views of 48x48 px" in capsys.readouterr().out
+    with h5py.File(out, "r") as f:
+        assert list(f["spec-x/projections"].keys()) == ["000", "001"]
+        assert f["spec-x/vol/pixels"].shape == (30, 40, 40)
+        assert "vol-seg" not in f["spec-x"]
+        assert any(k.startswith("bone-octant") for k in f["spec-x/vol-landmarks"])
+    assert main(["simulate", str(out), "--angles", "0;30"]) == 2
+    assert "--angles looks like" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["simulate", str(out), "--views", "3", "--angles", "0,0"])
+
+
+def test_eval_end_to_end(sim_file, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    rc = main(["eval", str(sim_file), "--specimen", "sim-01", "--views", "0,1;1,2", "--quick", "--perturb-rot-deg", "5",
+               "--perturb-trans-mm", "10", "--seed", "3", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "init mTRE" in text and "success (mTRE <= 2 mm)" in text and f"wrote {out}" in text
+    data = json.loads(out.read_text())
+    assert [c["views"] for c in data["cases"]] == [[0, 1], [1, 2]]
+    for c in data["cases"]:
+        assert {"mtre_mm", "mpd_mm", "success", "time_s", "init_mtre_mm", "pose_init", "pose_est", "reason",
+                "similarity", "uncertainty_mm"} <= set(c)
+        assert c["mtre_mm"] < c["init_mtre_mm"]
+    assert data["summary"]["n"] == 2 and set(data["summary"]["mtre_mm"]) == {"mean", "median", "p95"}
+    assert data["config"]["seed"] == 3 and data["config"]["refine"]["sizes"] == [32]
+
+
+def test_eval_errors_are_reported(sim_file, tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing.h5")]) == 2
+    assert "DeepFluoro file not found" in capsys.readouterr().err
+    assert main(["eval", str(sim_file), "--init", "network", "--max-sets", "1"]) == 2
+    assert "network initialisation needs --model" in capsys.readouterr().err
+    assert main(["eval", str(sim_file), "--views", "0,x"]) == 2
+    assert "view sets look like" in capsys.readouterr().err
+    assert main(["eval", str(sim_file), "--views", "0,9", "--quick"]) == 2
+    assert "has no projection [9]" in capsys.readouterr().err
+    assert main(["eval", str(sim_file), "--specimen", "nope", "--quick"]) == 2
+    assert "no specimen 'nope'" in capsys.readouterr().err

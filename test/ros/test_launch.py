@@ -1,0 +1,64 @@
+"""launch/register.launch.py: statically here; with the real launch packages when importable."""
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_FILE = REPO / "launch" / "register.launch.py"
+
+
+def calls(tree, name):
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == name]
+
+
+def keyword(call, name):
+    for k in call.keywords:
+        if k.arg == name:
+            return k.value
+    return None
+
+
+def test_launch_file_declares_the_arguments_and_starts_the_node():
+    tree = ast.parse(LAUNCH_FILE.read_text())
+    args = {c.args[0].value: c for c in calls(tree, "DeclareLaunchArgument")}
+    assert set(args) >= {"params_file", "volume_path", "use_sim_time"}
+    assert keyword(args["use_sim_time"], "default_value").value == "false"
+    nodes = calls(tree, "Node")
+    assert len(nodes) == 1
+    node = nodes[0]
+    assert keyword(node, "package").value == "mvreg_ros"
+    # the console script of setup.py and the node name the YAML files use
+    assert keyword(node, "executable").value == "register_node"
+    assert "register_node = mvreg_ros.ros.node:main" in (REPO / "setup.py").read_text()
+    assert keyword(node, "name").value == "register_node"
+    assert "register_node:" in (REPO / "config" / "register.yaml").read_text()
+    # the default params file is the package's config/register.yaml
+    default = ast.unparse(keyword(args["params_file"], "default_value"))
+    assert "FindPackageShare('mvreg_ros')" in default and "'config'" in default and "'register.yaml'" in default
+    assert (REPO / "config" / "register.yaml").is_file()
+
+
+def test_launch_file_with_the_launch_packages():
+    launch = pytest.importorskip("launch")
+    if not hasattr(launch, "LaunchDescription"):  # the repo's launch/ folder seen as a namespace package
+        pytest.skip("the launch package is not installed")
+    pytest.importorskip("launch_ros")
+    from launch import LaunchContext
+    from launch.actions import OpaqueFunction
+
+    spec = importlib.util.spec_from_file_location("register_launch", LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ld = module.generate_launch_description()
+    assert {a.name for a in ld.get_launch_arguments()} >= {"params_file", "volume_path", "use_sim_time"}
+    ctx = LaunchContext()
+    ctx.launch_configurations.update(params_file=str(REPO / "config" / "biplane.yaml"), volume_path="/ct.nii.gz",
+                                     use_sim_time="true", log_level="info")
+    opaque = [e for e in ld.entities if isinstance(e, OpaqueFunction)][0]
+    (node,) = opaque.execute(ctx)
+    assert node.node_package == "mvreg_ros" and node.node_executable == "register_node"
+    with pytest.raises(ValueError, match="use_sim_time"):
+        module._truthy("maybe")
