@@ -14,6 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo", help="folder for the overlay pictures")
     p.add_argument("--model", default=None, help="coarse network checkpoint: start from its estimate instead")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--downsample", type=int, default=1, help="average-pool the CT by this factor first (quick runs)")
 
 
 ANGLES = [(0.0, 0.0), (90.0, 0.0), (45.0, 20.0)]  # (orbital, angular) degrees: AP, lateral, oblique
@@ -35,7 +36,7 @@ def run(args) -> int:
     from mvreg_ros.core.volume import load_example_ct
 
     t0 = time.perf_counter()
-    volume = load_example_ct()
+    volume = load_example_ct(downsample=args.downsample)
     landmarks = _landmarks(volume)
     print(f"CT: {tuple(volume.data.shape)} voxels, spacing {[round(float(s), 3) for s in volume.spacing]} mm "
           f"({time.perf_counter() - t0:.1f} s to load); {len(landmarks)} landmarks")

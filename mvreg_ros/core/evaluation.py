@@ -132,20 +132,32 @@ class PerturbInitialiser:
         return Initialisation(T_ref_from_ct=T)
 
 
+class NetworkInitialiser:
+    """The patient-specific coarse network's fused estimate (no knowledge of the truth)."""
+
+    name = "network"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, case: Case) -> Initialisation:
+        T = self.model.predict(case.views).T_ref_from_ct
+        return Initialisation(T_ref_from_ct=T, T_coarse_ref_from_ct=T)
+
+
 def make_initialiser(config: EvalConfig, volume: Volume) -> Initialiser:
     """The initialiser named by ``config.init`` for one specimen's CT."""
     if config.init == "perturb":
         return PerturbInitialiser(rot_deg=config.perturb_rot_deg, trans_mm=config.perturb_trans_mm, seed=config.seed)
     if config.init == "network":
-        # Hook for the patient-specific coarse network: it will load ``config.model`` (checked
-        # against ``volume.identity()``) and return an Initialisation whose
-        # T_coarse_ref_from_ct is the network's estimate.
         if config.model is None:
             raise ValueError("network initialisation needs --model PATH (a trained coarse pose network)")
         if not Path(config.model).exists():
             raise FileNotFoundError(f"coarse model not found: {config.model}")
-        raise NotImplementedError("network initialisation is not available yet: the coarse pose network "
-                                  "comes with a later release; use --init perturb")
+        from .coarse import CoarseModel
+
+        # refuses a checkpoint trained for another CT
+        return NetworkInitialiser(CoarseModel.load(config.model, volume=volume, device=config.refine.device))
     raise ValueError(f"unknown initialiser {config.init!r}")
 
 
@@ -215,6 +227,7 @@ def evaluate_case(registrar: Registrar, initialiser: Initialiser, projections: S
         "mtre_mm": mtre,
         "mpd_mm": mpd(T_est),
         "success": bool(mtre <= config.success_mm),
+        "success_mm": config.success_mm,
         "time_s": elapsed,
         "init_mtre_mm": mtre_mm(init.T_ref_from_ct, T_true, landmarks_ct),
         "init_mpd_mm": mpd(init.T_ref_from_ct),
@@ -252,6 +265,9 @@ def summarise(cases: Sequence[dict]) -> dict:
         "mtre_mm": _stats([c["mtre_mm"] for c in cases]),
         "mpd_mm": _stats([c["mpd_mm"] for c in cases]),
         "init_mtre_mm": _stats([c["init_mtre_mm"] for c in cases]),
+        **({"coarse_mtre_mm": _stats([c["coarse_mtre_mm"] for c in cases]),
+            "coarse_success_rate": sum(c["coarse_mtre_mm"] <= c["success_mm"] for c in cases) / n}
+           if n and all("coarse_mtre_mm" in c for c in cases) else {}),
         "success_rate": (sum(c["success"] for c in cases) / n) if n else None,
         "time_s": {"median": float(np.median(times)) if n else None, "mean": float(np.mean(times)) if n else None},
     }
@@ -344,7 +360,9 @@ def format_summary(summary: dict, success_mm: float = 2.0) -> str:
         f"mPD mm    mean {_fmt(p['mean'])}  median {_fmt(p['median'])}  p95 {_fmt(p['p95'])}",
         f"success (mTRE <= {success_mm:g} mm): {_fmt(None if rate is None else 100 * rate, '.1f')} %",
         f"time s    median {_fmt(summary['time_s']['median'], '.1f')}  mean {_fmt(summary['time_s']['mean'], '.1f')}",
-    ])
+    ] + ([f"coarse network alone: mTRE mm mean {_fmt(summary['coarse_mtre_mm']['mean'])}  median "
+          f"{_fmt(summary['coarse_mtre_mm']['median'])}  p95 {_fmt(summary['coarse_mtre_mm']['p95'])}, "
+          f"success {_fmt(100 * summary['coarse_success_rate'], '.1f')} %"] if "coarse_mtre_mm" in summary else []))
 
 
 def format_table(report: dict) -> str:

@@ -42,6 +42,7 @@ class RefineConfig:
     tol_trans_mm: float = 0.02
     tol_window: int = 6  # ... over this many iterations
     settled_ratio: float = 0.5  # at the end of the budget: converged if net motion <= this * path length
+    settled_factor: float = 5.0  # ... or if a Newton step is within this many tolerances
     newton_steps: int = 2  # second-order polish at the finest level (curvature by finite differences)
     newton_max_rot_deg: float = 1.0  # trust region of one Newton step
     newton_max_trans_mm: float = 2.0
@@ -219,15 +220,16 @@ class Registrar:
             dx = -torch.linalg.solve(H, g)
             dx = dx * min(1.0, math.radians(cfg.newton_max_rot_deg) / max(float(dx[:3].norm()), 1e-12),
                           cfg.newton_max_trans_mm / max(float(dx[3:].norm()), 1e-12))
+            step_deg, step_mm = math.degrees(float(dx[:3].norm())), float(dx[3:].norm())
+            # converged when the second-order model puts the optimum within a few tolerances
+            converged = converged or (step_deg < cfg.settled_factor * cfg.tol_rot_deg
+                                      and step_mm < cfg.settled_factor * cfg.tol_trans_mm)
             T_new = _pose(T0, c, dx[:3], dx[3:])
             if newton.loss(T_new) >= L0:
-                break  # no further improvement: at the optimum within the noise of the loss
+                break  # no improvement along the Newton step: at the optimum within the loss's noise
             T0 = T_new
-            if math.degrees(float(dx[:3].norm())) < cfg.tol_rot_deg and float(dx[3:].norm()) < cfg.tol_trans_mm:
-                converged = True
+            if step_deg < cfg.tol_rot_deg and step_mm < cfg.tol_trans_mm:
                 break
-        if cfg.newton_steps and H is not None and not converged:
-            converged = math.degrees(float(dx[:3].norm())) < cfg.tol_rot_deg * 5 and float(dx[3:].norm()) < cfg.tol_trans_mm * 5
 
         with torch.no_grad():
             drr = renderer(T_cam_from_ref @ T0.to(self.device), v.K, v.height, v.width, n_samples=n_samples)
