@@ -12,7 +12,6 @@ candidates are scored by the NCC of their DRRs against all views and the best on
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -217,11 +216,3 @@ class CoarseModel:
         ms = (time.perf_counter() - start) * 1000
         return CoarseEstimate(T_ref_from_ct=T, T_cam_from_ct=T_cam, T_ref_from_ct_views=T_views, inliers=inliers, ms=ms,
                               scores=scores)
-
-
-def mean_rotation_error_deg(Ta: Tensor, Tb: Tensor) -> float:
-    return float(rotation_angle_deg(Ta[..., :3, :3].transpose(-1, -2) @ Tb[..., :3, :3]).mean())
-
-
-__all__ = ["CoarseModel", "CoarseEstimate", "FusionConfig", "fuse", "chordal_mean", "triangulate", "resize_views",
-]

@@ -487,8 +487,11 @@ def train(volume: Volume, config: TrainConfig, out: str | Path, *, device="cpu",
     last_val = time.perf_counter()
     bar = None
     if progress:
-        from tqdm import tqdm
-
+        try:
+            from tqdm import tqdm
+        except ImportError:  # no progress bar: log lines at each validation instead
+            progress = False
+    if progress:
         bar = tqdm(total=int(budget), unit="s", initial=int(elapsed0), desc="train", file=sys.stderr,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s {postfix}")
     val_text = "-"

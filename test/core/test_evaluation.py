@@ -131,7 +131,7 @@ def test_network_initialisation_is_a_clear_hook(tiny_file, tmp_path):
         ev.run(tiny_file, ev.EvalConfig(init="network", model=str(tmp_path / "none.pt"), refine=QUICK))
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"")
-    with pytest.raises(NotImplementedError, match="not available yet"):
+    with pytest.raises(ValueError, match="not a safetensors checkpoint"):  # refused with a clear message
         ev.run(tiny_file, ev.EvalConfig(init="network", model=str(model), refine=QUICK))
 
 
