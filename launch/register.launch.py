@@ -2,9 +2,10 @@
 
     ros2 launch mvreg_ros register.launch.py volume_path:=/data/patient_ct.nii.gz
     ros2 launch mvreg_ros register.launch.py params_file:=/path/to/biplane.yaml volume_path:=... use_sim_time:=true
+    ros2 launch mvreg_ros register.launch.py volume_path:=/data/ct.nii.gz model_path:=/data/ct_coarse.safetensors
 
-Arguments: params_file (default: the package's config/register.yaml), volume_path (overrides
-the params file's value when not empty), use_sim_time, log_level.
+Arguments: params_file (default: the package's config/register.yaml), volume_path and
+model_path (each overrides the params file's value when not empty), use_sim_time, log_level.
 """
 
 from launch import LaunchDescription
@@ -26,9 +27,10 @@ def _truthy(text: str) -> bool:
 def _register_node(context):
     params_file = LaunchConfiguration("params_file").perform(context)
     overrides = {"use_sim_time": _truthy(LaunchConfiguration("use_sim_time").perform(context))}
-    volume_path = LaunchConfiguration("volume_path").perform(context)
-    if volume_path:
-        overrides["volume_path"] = volume_path
+    for name in ("volume_path", "model_path"):  # empty: keep the params file's value
+        value = LaunchConfiguration(name, default="").perform(context)
+        if value:
+            overrides[name] = value
     return [Node(
         package="mvreg_ros",
         executable="register_node",
@@ -49,6 +51,10 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument(
             "volume_path", default_value="",
             description="Patient CT (NIfTI, NRRD, MHA or DICOM folder, in HU); empty: the params file's volume_path."),
+        DeclareLaunchArgument(
+            "model_path", default_value="",
+            description="Coarse network checkpoint from `mvreg train` for this CT; empty: the params file's model_path "
+                        "(none by default)."),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="Use /clock (bag replay)."),
         DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error or fatal."),
         OpaqueFunction(function=_register_node),

