@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mvreg_ros.core import deepfluoro
     from mvreg_ros.core.simulate import DetectorConfig
-    from mvreg_ros.core.volume import Volume, example_ct_path
+    from mvreg_ros.core.volume import Volume, example_ct_path, load_hu
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
             ct = example_ct_path()
             mask_path = mask_path or ct.with_name("mask.nii.gz")
             structures = structures or ct.with_name("structures.csv")
-        hu, T_ct_from_index = deepfluoro.load_hu(ct)
-        mask = deepfluoro.load_hu(mask_path)[0].round().to(torch.int16) if mask_path else None
+        hu, T_ct_from_index = load_hu(ct)
+        mask = load_hu(mask_path)[0].round().to(torch.int16) if mask_path else None
         if args.downsample > 1:
             pooled = Volume(data=hu, T_ct_from_index=T_ct_from_index, mask=mask).resampled(args.downsample)
             hu, T_ct_from_index, mask = pooled.data, pooled.T_ct_from_index, pooled.mask

@@ -40,7 +40,7 @@ from .geometry import (
 from .simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
 from .render import Renderer
 from .views import ViewSet
-from .volume import Volume, _from_itk_arrays, from_hu, load_itk, load_nifti
+from .volume import Volume, from_hu, from_itk_arrays
 from .xray import check_image
 
 PROJ_PARAMS = "proj-params"
@@ -229,7 +229,7 @@ class DeepFluoroFile:
         ``vol-seg`` label map as its mask when present and asked for."""
         s = self._specimen(specimen)
         pixels, spacing, origin, direction = self._image_group(f"{s}/vol", 3)
-        hu, T_ct_from_index = _from_itk_arrays(np.asarray(pixels, dtype=np.float32), spacing, origin, direction)
+        hu, T_ct_from_index = from_itk_arrays(np.asarray(pixels, dtype=np.float32), spacing, origin, direction)
         if not torch.isfinite(hu).all():
             raise DeepFluoroFormatError(f"{self.path}: '/{s}/vol/pixels' contains NaN or infinite values")
         mask = None
@@ -431,14 +431,6 @@ class SimulatedSpecimen:
     cam_to_pelvis_vol: Float[Tensor, "V 4 4"]
     landmark_names: tuple[str, ...]
     landmarks_ct: Float[Tensor, "N 3"]
-
-
-def load_hu(path: str | Path) -> tuple[Tensor, Tensor]:
-    """A CT in HU as ``(hu[k, j, i], T_ct_from_index)`` (NIfTI, NRRD, MHA, DICOM folder)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"CT volume not found: {path}")
-    return (load_nifti if path.name.lower().endswith((".nii", ".nii.gz")) else load_itk)(path)
 
 
 def _image_group(group, pixels: np.ndarray, spacing, origin, direction, *, compress: bool) -> None:

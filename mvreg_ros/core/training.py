@@ -347,7 +347,6 @@ def batch_loss(net: PoseNet, batch: dict, *, config: TrainConfig, geometry: Pose
         img, Ks = downsample(images[:m].to(dev), K[:m].to(dev), f)
         msk, _ = downsample(masks[:m].to(dev), K[:m].to(dev), f)
         msk = (msk > 0.999).float()
-        h = img.shape[-1]
         if config.w_image > 0:
             terms["image"] = image_loss(loss_renderer, T_pred[:m], Ks, img, msk, patches=config.image_patches,
                                         n_samples=config.image_samples).mean()
@@ -356,7 +355,6 @@ def batch_loss(net: PoseNet, batch: dict, *, config: TrainConfig, geometry: Pose
             terms["ximage"] = cross_view_image_loss(loss_renderer, T_pred[:m], T_rc[:m], Ks, img, msk,
                                                     patches=config.image_patches, n_samples=config.image_samples).mean()
             total = total + config.w_cross_image * terms["ximage"]
-        del h
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -497,7 +495,6 @@ def train(volume: Volume, config: TrainConfig, out: str | Path, *, device="cpu",
     val_text = "-"
 
     def checkpoint(val_stats: dict | None):
-        nonlocal history
         elapsed = time.perf_counter() - start
         rec = {"step": step, "time_s": round(elapsed, 1), "views_rendered": pool.rendered_views}
         if val_stats:

@@ -129,7 +129,7 @@ def hu_to_mu(hu: Tensor, *, bone_scale: float = 1.0) -> Tensor:
     return mu
 
 
-def _from_itk_arrays(array_kji: np.ndarray, spacing, origin, direction) -> tuple[Tensor, Tensor]:
+def from_itk_arrays(array_kji: np.ndarray, spacing, origin, direction) -> tuple[Tensor, Tensor]:
     """ITK-style (spacing, origin, direction; LPS) to our tensors."""
     D = np.asarray(direction, dtype=np.float64).reshape(3, 3)
     A = np.eye(4)
@@ -166,7 +166,7 @@ def load_itk(path: str | Path) -> tuple[Tensor, Tensor]:
         img = sitk.ReadImage(str(path))
     if img.GetDimension() != 3:
         raise ValueError(f"{path}: expected a 3D volume, got {img.GetDimension()}D")
-    return _from_itk_arrays(sitk.GetArrayFromImage(img).astype(np.float32), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+    return from_itk_arrays(sitk.GetArrayFromImage(img).astype(np.float32), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
 
 
 def from_hu(hu_kji: Tensor, T_ct_from_index: Tensor, *, mask: Tensor | None = None, bone_only: bool = False,
@@ -178,18 +178,18 @@ def from_hu(hu_kji: Tensor, T_ct_from_index: Tensor, *, mask: Tensor | None = No
     return Volume(data=mu, T_ct_from_index=T_ct_from_index, mask=mask)
 
 
-def load_volume(path: str | Path, *, bone_only: bool = False, mask_path: str | Path | None = None) -> Volume:
-    """Load a CT in HU (NIfTI, NRRD, MHA, DICOM folder) as an attenuation :class:`Volume`."""
+def load_hu(path: str | Path) -> tuple[Tensor, Tensor]:
+    """A CT in HU (NIfTI, NRRD, MHA, DICOM folder) as ``(hu[k, j, i], T_ct_from_index in LPS)``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CT volume not found: {path}")
-    name = path.name.lower()
-    loader = load_nifti if name.endswith((".nii", ".nii.gz")) else load_itk
-    hu, A = loader(path)
-    mask = None
-    if mask_path is not None:
-        m, _ = (load_nifti if str(mask_path).lower().endswith((".nii", ".nii.gz")) else load_itk)(mask_path)
-        mask = m.round().to(torch.int16)
+    return (load_nifti if path.name.lower().endswith((".nii", ".nii.gz")) else load_itk)(path)
+
+
+def load_volume(path: str | Path, *, bone_only: bool = False, mask_path: str | Path | None = None) -> Volume:
+    """Load a CT in HU (NIfTI, NRRD, MHA, DICOM folder) as an attenuation :class:`Volume`."""
+    hu, A = load_hu(path)
+    mask = None if mask_path is None else load_hu(mask_path)[0].round().to(torch.int16)
     return from_hu(hu, A, mask=mask, bone_only=bone_only)
 
 
