@@ -74,7 +74,7 @@ class RegistrationResult:
     time_s: float
     reason: str = ""  # why it failed, '' when it succeeded
     covariance: Tensor | None = None  # 6x6 over (w rad, t mm) about centre_ct, CT axes
-    uncertainty_mm: float = float("inf")  # RMS displacement of points 50 mm around the centre (1 sigma)
+    uncertainty_mm: float = float("inf")  # RMS displacement of points on a 50 mm sphere around the centre (1 sigma)
     centre_ct: Tensor | None = None
     level_iterations: tuple[int, ...] = ()
 
@@ -212,9 +212,10 @@ class Registrar:
         # Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
         # gives a second-order step that finishes what first-order steps approach only slowly
         newton = objective
-        H = None
+        H, H_at = None, None  # curvature, and the pose it was measured at
         for _ in range(cfg.newton_steps):
             g, H, L0 = newton.grad_hessian(T0)
+            H_at = T0
             if H is None:
                 break
             dx = -torch.linalg.solve(H, g)
@@ -240,7 +241,7 @@ class Registrar:
         cov, unc = None, float("inf")
         reason = ""
         if cfg.uncertainty:
-            if H is None or cfg.newton_steps == 0:
+            if H_at is not T0:  # no curvature yet, or measured before the last accepted Newton step
                 _, H, _ = newton.grad_hessian(T0)
             if H is None:
                 reason = "loss curvature is not positive definite: the pose is not constrained by the views"

@@ -146,6 +146,7 @@ class Renderer:
         self.backend = backend
         self.data = volume.data.to(device=device, dtype=dtype).contiguous()
         self.flat_padded = pad_volume(self.data) if backend == "compiled" else None
+        self._compiled_ok = False
         self.T_index_from_ct = torch.linalg.inv(volume.T_ct_from_index.to(device=device, dtype=torch.float64))
         self.shape_ijk = volume.shape_ijk
         self.n_samples = int(n_samples)
@@ -170,9 +171,13 @@ class Renderer:
 
     def _integrate(self, rays: Rays, n_samples: int) -> Tensor:
         if self.backend == "compiled":
-            try:
+            if self._compiled_ok:
                 return _compiled_gather()(self.flat_padded, tuple(self.data.shape), rays, n_samples)
-            except Exception as e:  # no C++ compiler / Triton: the reference path gives the same values
+            try:  # the first call compiles: only a failure there (no C++ compiler, no Triton) falls back
+                out = _compiled_gather()(self.flat_padded, tuple(self.data.shape), rays, n_samples)
+                self._compiled_ok = True
+                return out
+            except Exception as e:  # noqa: BLE001 - the reference path gives the same values
                 warnings.warn(f"torch.compile of the renderer failed ({type(e).__name__}: {e}); using grid_sample",
                               RuntimeWarning, stacklevel=3)
                 self.backend, self.flat_padded = "grid_sample", None

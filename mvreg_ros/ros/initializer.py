@@ -176,12 +176,19 @@ def default_initializers(*, configured: Float[Tensor, "4 4"], tracker: PoseTrack
 
 
 def initial_pose(initializers: Sequence[Initializer], views: ViewSet, stamp_ns: int) -> tuple[Tensor, str]:
-    """The first pose offered by ``initializers`` and the name of the one that gave it."""
+    """The first pose offered by ``initializers`` and the name of the one that gave it. An
+    initialiser that fails (e.g. the network gives a non-finite pose) defers to the next one."""
+    failures = []
     for init in initializers:
-        T = init.initial_pose(views, stamp_ns)
+        try:
+            T = init.initial_pose(views, stamp_ns)
+        except (ValueError, RuntimeError) as e:
+            failures.append(f"{init.name}: {e}")
+            continue
         if T is not None:
             return torch.as_tensor(T, dtype=torch.float64), init.name
-    raise RuntimeError("no initialiser gave a starting pose (the chain must end with a configured pose)")
+    raise RuntimeError("no initialiser gave a starting pose" + (f" ({'; '.join(failures)})" if failures else
+                       " (the chain must end with a configured pose)"))
 
 
 def status_values(initializers: Sequence[Initializer], name: str) -> dict[str, str]:

@@ -98,6 +98,10 @@ class RegisterNode(Node):
         self._last_joint_status_t = -1e9
         self._stale_reported_for: int | None = None
         self._closing = False
+        # stamps of view sets handed to the worker and not finished: the held pose is never
+        # republished with a stamp at or after one of them (a newer registration is pending)
+        self._pending_lock = threading.Lock()
+        self._pending_stamps: list[int] = []
 
         # publications
         self.tf, tf_kind = make_transform_broadcaster(self)
@@ -189,6 +193,11 @@ class RegisterNode(Node):
         self._last_image_ns[index] = stamp
         view_set = self.views.add(frame)
         if view_set is not None and not self._closing:
+            stamp_set = max(f.stamp_ns for f in view_set)
+            with self._pending_lock:
+                if self.worker.busy_with_waiting() and self._pending_stamps:
+                    self._pending_stamps.remove(max(self._pending_stamps))  # the waiting set is replaced
+                self._pending_stamps.append(stamp_set)
             if not self.worker.submit(view_set):
                 self.get_logger().warning(f"registration busy: dropped a waiting view set "
                                           f"({self.worker.dropped} dropped so far)", throttle_duration_sec=2.0)
@@ -217,8 +226,10 @@ class RegisterNode(Node):
         now = self.get_clock().now().nanoseconds
         age_s = (now - pose.stamp_ns) * 1e-9
         if age_s <= self.cfg.pose_hold_s:
-            if self.cfg.tf_republish_hz > 0:
-                self._send_tf(pose.T_ref_from_ct, now)
+            with self._pending_lock:
+                stamp = min([now] + [t - 1 for t in self._pending_stamps])
+            if self.cfg.tf_republish_hz > 0 and stamp > pose.stamp_ns:
+                self._send_tf(pose.T_ref_from_ct, stamp)
         elif self._stale_reported_for != pose.stamp_ns:
             self._stale_reported_for = pose.stamp_ns
             msg = (f"pose stale: last accepted pose is {age_s:.1f} s old (pose_hold_s {self.cfg.pose_hold_s}); "
@@ -228,6 +239,15 @@ class RegisterNode(Node):
 
     # ---------------------------------------------------------------------- the worker
     def _register(self, frames: list[Frame]) -> None:
+        try:
+            self._register_and_publish(frames)
+        finally:
+            stamp_set = max(f.stamp_ns for f in frames)
+            with self._pending_lock:
+                if stamp_set in self._pending_stamps:
+                    self._pending_stamps.remove(stamp_set)
+
+    def _register_and_publish(self, frames: list[Frame]) -> None:
         outcome = self.pipeline.register(frames)
         if self._closing:
             return
@@ -252,7 +272,11 @@ class RegisterNode(Node):
             self.get_logger().warning(f"registration rejected: {outcome.reason}")
             self._status(WARN, "registration_rejected", outcome.reason, info)
         if self.overlay_pub is not None and outcome.views is not None and outcome.result is not None:
-            rgb = overlay_rgb(self.registrar, outcome.views, outcome.result.T_ref_from_ct)
+            try:  # a picture for humans: its failure must not turn an accepted registration into a rejection
+                rgb = overlay_rgb(self.registrar, outcome.views, outcome.result.T_ref_from_ct)
+            except Exception as e:  # noqa: BLE001
+                self.get_logger().warning(f"overlay failed: {type(e).__name__}: {e}", throttle_duration_sec=5.0)
+                return
             self.overlay_pub.publish(rgb_to_image(rgb, stamp=ns_to_stamp(outcome.stamp_ns),
                                                   frame_id=self.cfg.reference_frame))
 

@@ -46,6 +46,7 @@ class ParamSpec:
 
 
 _REFINE = RefineConfig()
+_GATES = QualityGates()  # the gate defaults live in one place
 
 NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("volume_path", "string", "",
@@ -98,10 +99,10 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
               "4x4, translation in metres) or 7 (x y z in metres, qx qy qz qw). Empty: supine patient (head toward "
               "+x of the first plane's isocentre frame) with the CT's bone centre at that isocentre.",
               range=(-1e3, 1e3), lengths=(0, 7, 16)),
-    ParamSpec("max_uncertainty_mm", "double", 2.0,
-              "Quality gate: largest accepted 1-sigma uncertainty (RMS displacement of points within 50 mm of the "
-              "anatomy centre, mm).", range=(0.001, 1000.0)),
-    ParamSpec("min_similarity", "double", 0.5,
+    ParamSpec("max_uncertainty_mm", "double", _GATES.max_uncertainty_mm,
+              "Quality gate: largest accepted 1-sigma uncertainty (RMS displacement of points on a 50 mm sphere "
+              "around the anatomy centre, mm).", range=(0.001, 1000.0)),
+    ParamSpec("min_similarity", "double", _GATES.min_similarity,
               "Quality gate: smallest accepted similarity of every view (patch NCC + gradient NCC, 1 = identical).",
               range=(-1.0, 1.0)),
     ParamSpec("require_converged", "bool", False,

@@ -28,8 +28,8 @@ from .sync import Frame
 class QualityGates:
     """What a registration must reach to be published."""
 
-    max_uncertainty_mm: float = 5.0  # 1-sigma RMS displacement within 50 mm of the anatomy centre
-    min_similarity: float = 0.2  # every view's similarity (patch NCC + gradient NCC, 1 = identical)
+    max_uncertainty_mm: float = 2.0  # 1-sigma RMS displacement of points on a 50 mm sphere around the anatomy centre
+    min_similarity: float = 0.5  # every view's similarity (patch NCC + gradient NCC, 1 = identical)
     require_converged: bool = False  # also demand that the finest level stopped before its budget
 
     def __post_init__(self):

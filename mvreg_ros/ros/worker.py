@@ -31,6 +31,16 @@ class LatestJobWorker:
         with self._cv:
             return self._busy or self._has_pending
 
+    @property
+    def stopping(self) -> bool:
+        with self._cv:
+            return self._stop
+
+    def busy_with_waiting(self) -> bool:
+        """True when a job is waiting (the next submit replaces it)."""
+        with self._cv:
+            return self._has_pending
+
     def submit(self, job: Any) -> bool:
         """Queue ``job``; False when it replaced a waiting job (that one is dropped)."""
         with self._cv:

@@ -53,6 +53,20 @@ def test_a_view_set_without_an_accepted_pose_starts_from_the_network():
     assert status_values(inits, "configured") == {}
 
 
+def test_a_failing_network_defers_to_the_configured_pose():
+    bad = FakeModel(torch.full((4, 4), float("nan"), dtype=torch.float64))
+    inits, _ = chain(bad)
+    T, source = initial_pose(inits, views=None, stamp_ns=10 * S)
+    assert source == "configured" and bad.calls == 1
+    torch.testing.assert_close(T, pose(0))
+
+
+def test_no_initialiser_at_all_names_the_failures():
+    bad = CoarseNetworkPose(FakeModel(torch.full((4, 4), float("nan"), dtype=torch.float64)))
+    with pytest.raises(RuntimeError, match="coarse_network: the coarse network gave no finite"):
+        initial_pose([bad], views=None, stamp_ns=0)
+
+
 @pytest.mark.parametrize("age_s, source", [(0.0, "last_accepted"), (30.0, "last_accepted"), (60.0, "last_accepted"),
                                            (60.001, "coarse_network"), (3600.0, "coarse_network")])
 def test_a_recent_accepted_pose_wins_over_the_network_an_old_one_yields(age_s, source):

@@ -1,6 +1,7 @@
 """The registration worker: runs jobs off the caller's thread, never queues more than one."""
 
 import threading
+import time
 
 from mvreg_ros.ros.worker import LatestJobWorker
 
@@ -62,6 +63,14 @@ def test_stop_drops_the_waiting_job():
     w.submit(1)
     assert started.wait(10)
     w.submit(2)
+    # stop (which drops the waiting job) before the running one may finish and take it
+    result = []
+    stopper = threading.Thread(target=lambda: result.append(w.stop(timeout=10)))
+    stopper.start()
+    deadline = time.monotonic() + 10
+    while not w.stopping and time.monotonic() < deadline:
+        time.sleep(0.001)
     gate.set()
-    assert w.stop(timeout=10)
+    stopper.join(10)
+    assert result == [True]
     assert 2 not in done and w.dropped == 1
