@@ -27,7 +27,7 @@ def run(args) -> int:
     import torch
 
     from mvreg_ros.core import geometry
-    from mvreg_ros.core.metrics import mtre_mm
+    from mvreg_ros.core.metrics import mtre_mm, structure_landmarks
     from mvreg_ros.core.overlay import save_overlay
     from mvreg_ros.core.refine import RefineConfig, Registrar
     from mvreg_ros.core.render import Renderer
@@ -37,7 +37,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     volume = load_example_ct(downsample=args.downsample)
-    landmarks = _landmarks(volume)
+    landmarks = structure_landmarks(volume)
     print(f"CT: {tuple(volume.data.shape)} voxels, spacing {[round(float(s), 3) for s in volume.spacing]} mm "
           f"({time.perf_counter() - t0:.1f} s to load); {len(landmarks)} landmarks")
 
@@ -85,9 +85,3 @@ def run(args) -> int:
         print(f"saved {path} (target | DRR at the estimate | DRR edges on the target)")
     return 0 if result.success else 1
 
-
-def _landmarks(volume):
-    """Target points: centroids of the labelled bones when a mask exists, else bone voxels."""
-    from mvreg_ros.core.metrics import structure_landmarks
-
-    return structure_landmarks(volume)

@@ -38,21 +38,21 @@ def pose_errors(T_est: Tensor, T_true: Tensor, centre_ct: Tensor) -> tuple[float
     return rot, trans
 
 
-def structure_landmarks(volume, max_points: int = 40) -> Float[Tensor, "N 3"]:
+def structure_landmarks(volume, max_points: int = 40, *, min_voxels: int = 1, min_structures: int = 1) -> Float[Tensor, "N 3"]:
     """Deterministic target points in a CT (LPS mm): the centroid of each labelled structure of
-    the volume's segmentation (at most ``max_points``, largest first); without a mask, a fixed
-    subsample of bone voxels."""
+    the volume's segmentation with at least ``min_voxels`` voxels (at most ``max_points``, largest
+    first); without a mask (or with fewer than ``min_structures`` such structures), a fixed
+    subsample of the bone voxels."""
     from .volume import BONE_HU, hu_to_mu
 
-    A = volume.T_ct_from_index
+    A = volume.T_ct_from_index.to(torch.float64)
     if volume.mask is not None:
         labels, counts = torch.unique(volume.mask[volume.mask > 0], return_counts=True)
+        keep = counts >= min_voxels
+        labels, counts = labels[keep], counts[keep]
         order = torch.argsort(counts, descending=True)[:max_points]
-        pts = []
-        for lab in labels[order]:
-            ijk = (volume.mask == lab).nonzero().to(A.dtype).flip(-1).mean(0)
-            pts.append(A[:3, :3] @ ijk + A[:3, 3])
-        if pts:
+        pts = [A[:3, :3] @ (volume.mask == lab).nonzero().to(A.dtype).flip(-1).mean(0) + A[:3, 3] for lab in labels[order]]
+        if pts and len(pts) >= min_structures:
             return torch.stack(pts)
     idx = (volume.data > hu_to_mu(torch.tensor(BONE_HU))).nonzero()
     if len(idx) == 0:

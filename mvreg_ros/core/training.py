@@ -27,7 +27,7 @@ from torch import Tensor
 from .coarse import CoarseModel, FusionConfig
 from .geometry import invert, scale_intrinsics
 from .losses import cross_view_image_loss, cross_view_pose_loss, image_loss, pose_loss
-from .metrics import mtre_mm
+from .metrics import mtre_mm, structure_landmarks
 from .network import ArchConfig, PoseGeometry, PoseNet, load_checkpoint, read_metadata, save_checkpoint
 from .pose_sampling import PoseRange, canonical_rotation, sample_view_sets
 from .render import make_rays
@@ -290,28 +290,11 @@ def make_geometry(volume: Volume, config: TrainConfig) -> PoseGeometry:
                         sid_mm=config.sid_mm)
 
 
-def landmarks_ct(volume: Volume, *, max_points: int = 200, seed: int = 0) -> Float[Tensor, "N 3"]:
-    """Evaluation landmarks: centroids of the labelled structures of the CT's mask (e.g.
-    TotalSegmentator vertebrae, ribs, scapulae of the shipped CT); without a mask, up to
-    ``max_points`` random bone voxels."""
-    A = volume.T_ct_from_index.to(torch.float64)
-    if volume.mask is not None:
-        labels = [int(x) for x in volume.mask.unique() if int(x) > 0]
-        pts = []
-        for lab in labels:
-            idx = (volume.mask == lab).nonzero().to(torch.float64)
-            if len(idx) >= 5:
-                ijk = idx.flip(-1).mean(0)
-                pts.append(A[:3, :3] @ ijk + A[:3, 3])
-        if len(pts) >= 4:
-            return torch.stack(pts)
-    thr = float(hu_to_mu(torch.tensor(BONE_HU)))
-    idx = (volume.data > thr).nonzero().to(torch.float64)
-    if len(idx) == 0:
-        return volume.corners_ct().to(torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    sel = idx[torch.randperm(len(idx), generator=g)[:max_points]]
-    return sel.flip(-1) @ A[:3, :3].T + A[:3, 3]
+def landmarks_ct(volume: Volume, *, max_points: int = 200) -> Float[Tensor, "N 3"]:
+    """Evaluation landmarks: centroids of every labelled structure of the CT's mask (e.g.
+    TotalSegmentator vertebrae, ribs, scapulae of the shipped CT) with at least 5 voxels; with
+    fewer than 4 such structures, bone voxels."""
+    return structure_landmarks(volume, max_points=max_points, min_voxels=5, min_structures=4)
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,5 +21,5 @@ def test_help_lists_every_command(capsys):
     except SystemExit as e:
         assert e.code == 0
     out = capsys.readouterr().out
-    for cmd in ("demo", "eval", "simulate", "bench", "train"):
+    for cmd in ("demo", "eval", "simulate", "bench", "train", "bag"):
         assert cmd in out
