@@ -19,18 +19,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .geometry import make_T, so3_exp
+from .geometry import axis_rotation, make_T
 
 # columns: the camera axes expressed in the isocentre frame at zero angles
 R_ISO_FROM_CAM0 = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
 # a supine patient, head toward +x: LPS L -> -y, P -> -z, S -> +x
 R_ISO_FROM_CT_SUPINE = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
-
-
-def _axis_rot(axis: int, angle: Tensor) -> Tensor:
-    w = torch.zeros(*angle.shape, 3, dtype=angle.dtype, device=angle.device)
-    w[..., axis] = angle
-    return so3_exp(w)
 
 
 def T_iso_from_cam(orbital_rad: Tensor | float, angular_rad: Tensor | float, *, sid_mm: float,
@@ -39,7 +33,7 @@ def T_iso_from_cam(orbital_rad: Tensor | float, angular_rad: Tensor | float, *, 
     orbital = torch.as_tensor(orbital_rad, dtype=dtype)
     angular = torch.as_tensor(angular_rad, dtype=dtype)
     orbital, angular = torch.broadcast_tensors(orbital, angular)
-    R = _axis_rot(0, orbital) @ _axis_rot(1, angular) @ R_ISO_FROM_CAM0.to(dtype)
+    R = axis_rotation(0, orbital) @ axis_rotation(1, angular) @ R_ISO_FROM_CAM0.to(dtype)
     # the isocentre lies at +sid on the camera's z axis, so the source is at -sid * z_cam
     return make_T(R, -sid_mm * R[..., :, 2])
 

@@ -23,62 +23,20 @@ import dataclasses
 import math
 from typing import Mapping
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from . import carm
-from .geometry import make_T, so3_exp, translation
+from .geometry import axis_rotation, make_T, translation
 
 M_TO_MM = 1000.0
 
 
 def rotation_from_rpy(roll: float, pitch: float, yaw: float, *, dtype=torch.float64) -> Float[Tensor, "3 3"]:
     """URDF / REP 103 fixed-axis roll-pitch-yaw (radians): ``Rz(yaw) @ Ry(pitch) @ Rx(roll)``."""
-    axes = torch.eye(3, dtype=dtype)
-    return so3_exp(axes[2] * yaw) @ so3_exp(axes[1] * pitch) @ so3_exp(axes[0] * roll)
-
-
-def quaternion_from_matrix(R: Float[Tensor, "3 3"]) -> tuple[float, float, float, float]:
-    """(x, y, z, w) of a rotation matrix (Shepperd's method: stable at 180 degrees), w >= 0."""
-    m = torch.as_tensor(R, dtype=torch.float64).numpy()
-    if m.shape != (3, 3):
-        raise ValueError(f"R must be 3x3, got {m.shape}")
-    tr = m[0, 0] + m[1, 1] + m[2, 2]
-    candidates = [tr, m[0, 0], m[1, 1], m[2, 2]]
-    k = int(np.argmax(candidates))
-    if k == 0:
-        s = 2.0 * math.sqrt(max(1.0 + tr, 0.0))
-        q = (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s, s / 4
-    elif k == 1:
-        s = 2.0 * math.sqrt(max(1.0 + m[0, 0] - m[1, 1] - m[2, 2], 0.0))
-        q = s / 4, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s, (m[2, 1] - m[1, 2]) / s
-    elif k == 2:
-        s = 2.0 * math.sqrt(max(1.0 + m[1, 1] - m[0, 0] - m[2, 2], 0.0))
-        q = (m[0, 1] + m[1, 0]) / s, s / 4, (m[1, 2] + m[2, 1]) / s, (m[0, 2] - m[2, 0]) / s
-    else:
-        s = 2.0 * math.sqrt(max(1.0 + m[2, 2] - m[0, 0] - m[1, 1], 0.0))
-        q = (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, s / 4, (m[1, 0] - m[0, 1]) / s
-    n = math.sqrt(sum(v * v for v in q))
-    q = tuple(v / n for v in q)
-    if q[3] < 0:
-        q = tuple(-v for v in q)
-    return q  # type: ignore[return-value]
-
-
-def matrix_from_quaternion(x: float, y: float, z: float, w: float) -> Float[Tensor, "3 3"]:
-    """Rotation matrix of a (normalised here) quaternion; ValueError for a zero or non-finite one."""
-    q = np.array([x, y, z, w], dtype=np.float64)
-    n = float(np.linalg.norm(q))
-    if not math.isfinite(n) or n < 1e-9:
-        raise ValueError(f"invalid quaternion {tuple(q)}")
-    x, y, z, w = q / n
-    return torch.tensor([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ], dtype=torch.float64)
+    return (axis_rotation(2, torch.tensor(yaw, dtype=dtype)) @ axis_rotation(1, torch.tensor(pitch, dtype=dtype))
+            @ axis_rotation(0, torch.tensor(roll, dtype=dtype)))
 
 
 def T_from_xyz_rpy(xyz_m, rpy_rad, *, dtype=torch.float64) -> Float[Tensor, "4 4"]:

@@ -19,7 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import carm
-from .geometry import make_T, so3_exp
+from .geometry import axis_rotation, make_T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +72,8 @@ def _reflect(x: Tensor, lim: float) -> Tensor:
 
 def T_cam_from_inplane(angle_rad: Tensor) -> Float[Tensor, "... 4 4"]:
     """Rotation of the image about the principal axis (camera z)."""
-    w = torch.zeros(*angle_rad.shape, 3, dtype=torch.float64)
-    w[..., 2] = angle_rad
-    return make_T(so3_exp(w), torch.zeros(*angle_rad.shape, 3, dtype=torch.float64))
+    angle = torch.as_tensor(angle_rad, dtype=torch.float64)
+    return make_T(axis_rotation(2, angle), torch.zeros(*angle.shape, 3, dtype=torch.float64))
 
 
 def sample_view_sets(n: int, n_views: int, *, centre_ct: Float[Tensor, "3"], pose_range: PoseRange = PoseRange(),

@@ -17,7 +17,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from torch import Tensor
 
 from ..core.geometry import make_T
-from ..core.kinematics import matrix_from_quaternion, quaternion_from_matrix
+from ..core.geometry import matrix_from_quaternion, quaternion_from_matrix
 
 MM_PER_M = 1000.0
 

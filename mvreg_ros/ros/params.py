@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..core.geometry import make_T
-from ..core.kinematics import M_TO_MM, PlaneConfig, T_from_xyz_rpy, check_rigid, matrix_from_quaternion
+from ..core.geometry import matrix_from_quaternion
+from ..core.kinematics import M_TO_MM, PlaneConfig, T_from_xyz_rpy, check_rigid
 from ..core.refine import RefineConfig
 from .pipeline import QualityGates
 

@@ -395,3 +395,41 @@ def test_perturb_reproducible_and_seed_dependent():
     d = perturb(T, generator=torch.Generator().manual_seed(2), **kw)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert (a - d).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ quaternions and axis rotations
+
+@pytest.mark.parametrize("w", [[0.0, 0.0, 0.0], [0.3, -0.2, 0.1], [math.pi, 0.0, 0.0], [0.0, math.pi, 0.0],
+                               [0.0, 0.0, math.pi], [math.pi / math.sqrt(2), -math.pi / math.sqrt(2), 0.0],
+                               [1e-9, 0.0, -1e-9]])
+def test_quaternion_round_trip_including_180_degrees(w):
+    from mvreg_ros.core.geometry import matrix_from_quaternion, quaternion_from_matrix
+
+    R = so3_exp(torch.tensor(w, dtype=torch.float64))
+    q = quaternion_from_matrix(R)
+    assert q[3] >= 0 and math.isclose(sum(v * v for v in q), 1.0, rel_tol=1e-12)
+    torch.testing.assert_close(matrix_from_quaternion(*q), R, atol=1e-12, rtol=0)
+    # the quaternion's angle is the rotation's angle
+    assert math.isclose(2 * math.atan2(math.sqrt(sum(v * v for v in q[:3])), q[3]), float(torch.tensor(w, dtype=torch.float64).norm()),
+                        abs_tol=1e-9)
+
+
+def test_matrix_from_quaternion_rejects_zero():
+    from mvreg_ros.core.geometry import matrix_from_quaternion
+
+    with pytest.raises(ValueError, match="invalid quaternion"):
+        matrix_from_quaternion(0.0, 0.0, 0.0, 0.0)
+
+
+def test_axis_rotation_matches_right_hand_rule():
+    from mvreg_ros.core.geometry import axis_rotation
+
+    Rz = axis_rotation(2, torch.tensor(math.pi / 2, dtype=torch.float64))
+    torch.testing.assert_close(Rz @ torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+                               torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), atol=1e-15, rtol=0)
+    Rx = axis_rotation(0, torch.tensor([0.0, math.pi / 2], dtype=torch.float64))  # batched
+    assert Rx.shape == (2, 3, 3)
+    torch.testing.assert_close(Rx[1] @ torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64),
+                               torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-15, rtol=0)
+    with pytest.raises(ValueError, match="axis"):
+        axis_rotation(3, torch.tensor(0.0))

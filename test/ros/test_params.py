@@ -103,7 +103,7 @@ def test_bad_values_name_the_parameter(values, match):
 
 def test_pose_parameter_forms_agree():
     R = T_from_xyz_rpy([0.0, 0.0, 0.0], [0.3, -0.2, 1.0])[:3, :3]
-    from mvreg_ros.core.kinematics import quaternion_from_matrix
+    from mvreg_ros.core.geometry import quaternion_from_matrix
 
     T16 = torch.eye(4, dtype=torch.float64)
     T16[:3, :3] = R
