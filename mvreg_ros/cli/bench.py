@@ -33,9 +33,12 @@ def run(args) -> int:
         print(f"renderer {name:9s}: {x['forward_samples_per_s'] / 1e6:8.1f} M samples/s forward, "
               f"{x['forward_backward_samples_per_s'] / 1e6:8.1f} M samples/s forward+backward "
               f"({x['rays']} rays x {x['samples_per_ray']} samples)")
-    print(f"memory bandwidth {rr['memory_bandwidth_gbs']:.1f} GB/s -> bound {rr['bandwidth_bound_samples_per_s'] / 1e6:.0f} "
-          f"M trilinear samples/s (32 B each); engine forward at {rr['engine_forward_fraction_of_bound']:.2f} of the bound "
-          f"({1 / rr['engine_forward_fraction_of_bound']:.1f}x from it)")
+    print(f"memory bandwidth {rr['memory_bandwidth_gbs']:.1f} GB/s (copy, read + write) -> bound "
+          f"{rr['bandwidth_bound_samples_per_s'] / 1e6:.0f} M trilinear samples/s (32 B each); engine forward at "
+          f"{rr['engine_forward_fraction_of_bound']:.2f} of the bound ({1 / rr['engine_forward_fraction_of_bound']:.1f}x from it)")
+    print(f"read-only bandwidth {rr['memory_read_bandwidth_gbs']:.1f} GB/s -> bound "
+          f"{rr['read_bandwidth_bound_samples_per_s'] / 1e6:.0f} M samples/s; engine forward "
+          f"{1 / rr['engine_forward_fraction_of_read_bound']:.1f}x from it")
     e, ref = r["refine"], r["reference_refine"]
     print(f"2-view refinement, engine   : median {e['time_s']:.2f} s, median mTRE {e['median_mtre_mm']:.3f} mm ({e['n']} cases)")
     print(f"2-view refinement, reference: median {ref['time_s']:.2f} s, median mTRE {ref['median_mtre_mm']:.3f} mm ({ref['n']} cases)")

@@ -56,13 +56,18 @@ def _timeit(fn, device, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def memory_bandwidth_gbs(device, mb: int = 256) -> float:
-    """Copy bandwidth (read + write bytes per second) of a large buffer, GB/s."""
+def memory_bandwidth_gbs(device, mb: int = 256, repeats: int = 15) -> float:
+    """Copy bandwidth of a large buffer (bytes read + bytes written per second), GB/s, median."""
     n = mb * 1024 * 1024 // 4
     a = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     b = torch.empty_like(a)
-    s = _timeit(lambda: b.copy_(a), device)
-    return 2 * a.numel() * 4 / s / 1e9
+    return 2 * a.numel() * 4 / _timeit(lambda: b.copy_(a), device, repeats) / 1e9
+
+
+def read_bandwidth_gbs(device, mb: int = 256, repeats: int = 15) -> float:
+    """Read-only bandwidth of a large buffer (a sum over it), GB/s, median."""
+    a = torch.empty(mb * 1024 * 1024 // 4, dtype=torch.float32, device=device).uniform_()
+    return a.numel() * 4 / _timeit(lambda: a.sum(), device, repeats) / 1e9
 
 
 def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
@@ -88,7 +93,7 @@ def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
         if samples is None:  # Siddon: one sample per voxel boundary crossed
             samples = sum(volume.shape_ijk) + 3
         repeats = 2 if name == "reference" else 5
-        tf = _timeit(fwd, cfg.device, repeats)
+        tf = _timeit(fwd, cfg.device, repeats * 4)
         tb = _timeit(fwd_bwd, cfg.device, repeats)
         out[name] = {"rays": rays, "samples_per_ray": samples, "forward_s": tf, "forward_backward_s": tb,
                      "forward_samples_per_s": rays * samples / tf, "forward_backward_samples_per_s": rays * samples / tb}
@@ -97,6 +102,12 @@ def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
     out["memory_bandwidth_gbs"] = bw
     out["bandwidth_bound_samples_per_s"] = bound
     out["engine_forward_fraction_of_bound"] = out["engine"]["forward_samples_per_s"] / bound
+    # a sampler only reads: the read-only bandwidth gives a second, stricter bound
+    read_bw = read_bandwidth_gbs(cfg.device)
+    out["memory_read_bandwidth_gbs"] = read_bw
+    out["read_bandwidth_bound_samples_per_s"] = read_bw * 1e9 / BYTES_PER_TRILINEAR_SAMPLE
+    out["engine_forward_fraction_of_read_bound"] = (out["engine"]["forward_samples_per_s"]
+                                                    / out["read_bandwidth_bound_samples_per_s"])
     return out
 
 

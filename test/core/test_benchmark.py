@@ -23,6 +23,7 @@ def test_bench_run_on_tiny_ct(tiny_ct):
         assert rr[name]["rays"] == 2 * 16 * 16
     assert rr["engine"]["samples_per_ray"] == 16
     assert rr["bandwidth_bound_samples_per_s"] == pytest.approx(rr["memory_bandwidth_gbs"] * 1e9 / 32)
+    assert rr["read_bandwidth_bound_samples_per_s"] == pytest.approx(rr["memory_read_bandwidth_gbs"] * 1e9 / 32)
     assert r["refine"]["n"] == 1 and r["reference_refine"]["n"] == 1
     assert r["refine_speedup"] == pytest.approx(r["reference_refine"]["time_s"] / r["refine"]["time_s"])
     assert r["coarse_ms_per_set"] is None  # no model given
