@@ -122,12 +122,19 @@ def integrate_gather(flat_padded: Float[Tensor, "N"], shape: tuple[int, int, int
     return (c0 + (c1 - c0) * fz).sum(-1) * step / n_samples
 
 
+def render_gather(T_index_from_ct: Tensor, shape_ijk: tuple[int, int, int], T_cam_from_ct: Tensor, K: Tensor,
+                  pixels: Tensor, flat_padded: Tensor, shape: tuple[int, int, int], n_samples: int) -> Tensor:
+    """Ray set-up and gather integration in one function, so ``torch.compile`` fuses both."""
+    rays = make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels)
+    return integrate_gather(flat_padded, shape, rays, n_samples)
+
+
 _COMPILED = {}
 
 
-def _compiled_gather():
+def _compiled_render():
     if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(integrate_gather, dynamic=False)
+        _COMPILED["fn"] = torch.compile(render_gather, dynamic=False)
     return _COMPILED["fn"]
 
 
@@ -165,20 +172,27 @@ class Renderer:
         full = pixels is None
         if full:
             pixels = pixel_grid(height, width, dtype=torch.float64, device=self.device)
-        rays = make_rays(self.T_index_from_ct, self.shape_ijk, T, K.to(self.device, torch.float64), pixels.to(self.device))
-        out = self._integrate(rays, self.n_samples if n_samples is None else n_samples)
+        K = K.to(self.device, torch.float64)
+        pixels = pixels.to(self.device)
+        n = self.n_samples if n_samples is None else n_samples
+        out = self._render_compiled(T, K, pixels, n) if self.backend == "compiled" else None
+        if out is None:
+            out = integrate(self.data, make_rays(self.T_index_from_ct, self.shape_ijk, T, K, pixels), n)
         return out.reshape(len(T), height, width) if full else out
 
-    def _integrate(self, rays: Rays, n_samples: int) -> Tensor:
-        if self.backend == "compiled":
-            if self._compiled_ok:
-                return _compiled_gather()(self.flat_padded, tuple(self.data.shape), rays, n_samples)
-            try:  # the first call compiles: only a failure there (no C++ compiler, no Triton) falls back
-                out = _compiled_gather()(self.flat_padded, tuple(self.data.shape), rays, n_samples)
-                self._compiled_ok = True
-                return out
-            except Exception as e:  # noqa: BLE001 - the reference path gives the same values
-                warnings.warn(f"torch.compile of the renderer failed ({type(e).__name__}: {e}); using grid_sample",
-                              RuntimeWarning, stacklevel=3)
-                self.backend, self.flat_padded = "grid_sample", None
-        return integrate(self.data, rays, n_samples)
+    def _render_compiled(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor | None:
+        """The fused compiled path; None once it has failed to compile (then grid_sample is used)."""
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        args = (self.T_index_from_ct, self.shape_ijk, T, K, pixels, self.flat_padded, tuple(self.data.shape), n_samples)
+        if self._compiled_ok:
+            return _compiled_render()(*args)
+        try:  # the first call compiles: only a failure there (no C++ compiler, no Triton) falls back
+            out = _compiled_render()(*args)
+            self._compiled_ok = True
+            return out
+        except Exception as e:  # noqa: BLE001 - the reference path gives the same values
+            warnings.warn(f"torch.compile of the renderer failed ({type(e).__name__}: {e}); using grid_sample",
+                          RuntimeWarning, stacklevel=3)
+            self.backend, self.flat_padded = "grid_sample", None
+            return None
