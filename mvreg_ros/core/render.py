@@ -79,18 +79,22 @@ def _sample_points(rays: Rays, n_samples: int, dtype) -> tuple[Tensor, Tensor]:
     return p, step
 
 
-def integrate(data: Float[Tensor, "D H W"], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
+def integrate(data: Float[Tensor, "*C D H W"], rays: Rays, n_samples: int, *,
+              padding_mode: str = "border") -> Float[Tensor, "*C V R"]:
     """Midpoint rule with ``n_samples`` trilinear samples on each ray's chord through the box
-    (``grid_sample``; the reference for :func:`integrate_gather`)."""
+    (``grid_sample``; the reference for :func:`integrate_gather`). ``data`` may carry a leading
+    channel dimension, integrated channel by channel in the same pass."""
     dtype = data.dtype
-    D, H, W = data.shape
+    D, H, W = data.shape[-3:]
     p, step = _sample_points(rays, n_samples, dtype)
     # index -> grid_sample's normalised coordinates (align_corners=True: -1 and +1 are the end voxel centres)
     scale = torch.tensor([2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1), 2.0 / max(D - 1, 1)], dtype=dtype, device=data.device)
     grid = p * scale - 1
     # samples lie inside the box [-0.5, N - 0.5]: "border" gives the edge voxels their full half-width
-    samples = F.grid_sample(data[None, None], grid[None], mode="bilinear", padding_mode="border", align_corners=True)
-    return samples[0, 0].sum(-1) * step / n_samples
+    channels = data.reshape(1, -1, D, H, W)
+    samples = F.grid_sample(channels, grid[None], mode="bilinear", padding_mode=padding_mode, align_corners=True)[0]
+    out = samples.sum(-1) * step / n_samples  # (C, V, R)
+    return out.reshape(*data.shape[:-3], *out.shape[1:])
 
 
 def pad_volume(data: Float[Tensor, "D H W"]) -> Float[Tensor, "N"]:

@@ -30,7 +30,7 @@ from .losses import cross_view_image_loss, cross_view_pose_loss, image_loss, pos
 from .metrics import mtre_mm, structure_landmarks
 from .network import ArchConfig, PoseGeometry, PoseNet, load_checkpoint, read_metadata, save_checkpoint
 from .pose_sampling import PoseRange, canonical_rotation, sample_view_sets
-from .render import make_rays
+from .render import integrate, make_rays, pixel_grid
 from .simulate import DetectorConfig
 from .volume import BONE_HU, Volume, hu_to_mu
 from .xray import DEEPFLUORO_I0, downsample
@@ -175,21 +175,11 @@ class ChannelRenderer:
 
     @torch.no_grad()
     def __call__(self, T_cam_from_ct: Tensor, K: Tensor, height: int, width: int) -> Float[Tensor, "N 2 H W"]:
-        from .render import pixel_grid
-
         T = T_cam_from_ct.to(self.device, torch.float64)
         px = pixel_grid(height, width, dtype=torch.float64, device=self.device)
         rays = make_rays(self.T_index_from_ct, self.shape_ijk, T, K.to(self.device, torch.float64), px)
-        C, D, H, W = self.data.shape
-        frac = (torch.arange(self.n_samples, dtype=torch.float32, device=self.device) + 0.5) / self.n_samples
-        tn, tf = rays.t_near.float(), rays.t_far.float()
-        step = tf - tn
-        t = tn[..., None] + step[..., None] * frac
-        p = rays.origin.float()[..., None, :] + t[..., None] * rays.direction.float()[..., None, :]
-        scale = torch.tensor([2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1), 2.0 / max(D - 1, 1)], device=self.device)
-        grid = (p * scale - 1)[None]  # 1 V R S 3
-        s = F.grid_sample(self.data[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]  # C V R S
-        out = s.sum(-1) * step / self.n_samples  # C V R
+        C = self.data.shape[0]
+        out = integrate(self.data, rays, self.n_samples, padding_mode="zeros")  # C V R
         return out.permute(1, 0, 2).reshape(len(T), C, height, width)
 
 
