@@ -28,9 +28,13 @@ def run(args) -> int:
     r = bench(load_example_ct(), cfg)
     rr = r["renderer"]
     print(f"device {r['device']}, {r['torch_threads']} threads, torch {r['versions']['torch']}")
-    for name in ("engine", "reference"):
+    isa = f", {rr['engine_native_isa']}" if "engine_native_isa" in rr else ""
+    print(f"engine renderer backend: {rr['engine_backend']}{isa}")
+    for name in ("engine", "engine_compiled", "reference"):
+        if name not in rr:
+            continue
         x = rr[name]
-        print(f"renderer {name:9s}: {x['forward_samples_per_s'] / 1e6:8.1f} M samples/s forward, "
+        print(f"renderer {name:15s}: {x['forward_samples_per_s'] / 1e6:8.1f} M samples/s forward, "
               f"{x['forward_backward_samples_per_s'] / 1e6:8.1f} M samples/s forward+backward "
               f"({x['rays']} rays x {x['samples_per_ray']} samples)")
     print(f"memory bandwidth {rr['memory_bandwidth_gbs']:.1f} GB/s (copy, read + write) -> bound "
@@ -39,6 +43,9 @@ def run(args) -> int:
     print(f"read-only bandwidth {rr['memory_read_bandwidth_gbs']:.1f} GB/s -> bound "
           f"{rr['read_bandwidth_bound_samples_per_s'] / 1e6:.0f} M samples/s; engine forward "
           f"{1 / rr['engine_forward_fraction_of_read_bound']:.1f}x from it")
+    print(f"engine forward: {rr['engine_forward_times_from_bound']:.1f}x from the larger bound")
+    speed = rr["engine"]["forward_samples_per_s"] / rr["reference"]["forward_samples_per_s"]
+    print(f"engine renderer {speed:.0f}x the reference's samples/s forward")
     e, ref = r["refine"], r["reference_refine"]
     print(f"2-view refinement, engine   : median {e['time_s']:.2f} s, median mTRE {e['median_mtre_mm']:.3f} mm ({e['n']} cases)")
     print(f"2-view refinement, reference: median {ref['time_s']:.2f} s, median mTRE {ref['median_mtre_mm']:.3f} mm ({ref['n']} cases)")

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from . import geometry
+from . import geometry, render_native
 from .metrics import mtre_mm, structure_landmarks
 from .refine import RefineConfig, Registrar
 from .render import Renderer
@@ -71,15 +71,24 @@ def read_bandwidth_gbs(device, mb: int = 256, repeats: int = 15) -> float:
 
 
 def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
-    """Ray-samples per second, forward and forward+backward, for both renderers."""
+    """Ray-samples per second, forward and forward+backward, for the engine's renderer (its default
+    backend, and the compiled backend where that is not the default) and the reference renderer;
+    and the memory-bandwidth bound for the same number of trilinear samples."""
     K = geometry.scale_intrinsics(scene.K, cfg.render_size / scene.width)
     T = scene.T_cam_from_ct
     out = {}
     engine = Renderer(volume.resampled(4), device=cfg.device)
-    reference = ReferenceRenderer(volume, device=cfg.device)
+    out["engine_backend"] = engine.backend
+    if engine.backend == "native":
+        out["engine_native_isa"] = render_native.load().isa
+    renderers = [("engine", engine, cfg.render_samples)]
+    if engine.backend != "compiled":
+        renderers.append(("engine_compiled", Renderer(volume.resampled(4), device=cfg.device, backend="compiled"),
+                          cfg.render_samples))
+    renderers.append(("reference", ReferenceRenderer(volume, device=cfg.device), None))
     V = len(T)
     rays = V * cfg.render_size**2
-    for name, r, samples in (("engine", engine, cfg.render_samples), ("reference", reference, None)):
+    for name, r, samples in renderers:
         x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
 
         def fwd():
@@ -97,17 +106,19 @@ def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
         tb = _timeit(fwd_bwd, cfg.device, repeats)
         out[name] = {"rays": rays, "samples_per_ray": samples, "forward_s": tf, "forward_backward_s": tb,
                      "forward_samples_per_s": rays * samples / tf, "forward_backward_samples_per_s": rays * samples / tb}
+    engine_rate = out["engine"]["forward_samples_per_s"]
     bw = memory_bandwidth_gbs(cfg.device)
-    bound = bw * 1e9 / BYTES_PER_TRILINEAR_SAMPLE
     out["memory_bandwidth_gbs"] = bw
-    out["bandwidth_bound_samples_per_s"] = bound
-    out["engine_forward_fraction_of_bound"] = out["engine"]["forward_samples_per_s"] / bound
-    # a sampler only reads: the read-only bandwidth gives a second, stricter bound
+    out["bandwidth_bound_samples_per_s"] = bw * 1e9 / BYTES_PER_TRILINEAR_SAMPLE
+    out["engine_forward_fraction_of_bound"] = engine_rate / out["bandwidth_bound_samples_per_s"]
+    # a sampler only reads: the read-only bandwidth gives a second estimate of the bound
     read_bw = read_bandwidth_gbs(cfg.device)
     out["memory_read_bandwidth_gbs"] = read_bw
     out["read_bandwidth_bound_samples_per_s"] = read_bw * 1e9 / BYTES_PER_TRILINEAR_SAMPLE
-    out["engine_forward_fraction_of_read_bound"] = (out["engine"]["forward_samples_per_s"]
-                                                    / out["read_bandwidth_bound_samples_per_s"])
+    out["engine_forward_fraction_of_read_bound"] = engine_rate / out["read_bandwidth_bound_samples_per_s"]
+    # the bar is judged against the larger (stricter) of the two estimates
+    out["engine_forward_times_from_bound"] = max(out["bandwidth_bound_samples_per_s"],
+                                                 out["read_bandwidth_bound_samples_per_s"]) / engine_rate
     return out
 
 

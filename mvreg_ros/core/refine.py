@@ -19,7 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .geometry import about_point, invert, make_T, so3_exp, skew, transform_points
-from .render import Renderer
+from .render import BACKENDS, Renderer
 from .similarity import image_similarity
 from .views import ViewSet
 from .volume import MU_WATER_PER_MM, Volume
@@ -49,7 +49,7 @@ class RefineConfig:
     newton_max_trans_mm: float = 2.0
     voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy
     pool_volume: bool = True  # False: render the full-resolution volume at every level
-    render_backend: str = "compiled"  # "compiled" (fused torch.compile kernel) or "grid_sample" (reference)
+    render_backend: str = "auto"  # "auto", "native" (C++ CPU kernel), "compiled" (torch.compile) or "grid_sample"
     uncertainty: bool = True
     min_similarity: float = 0.5  # mean over views below this: reported as failed (a wrong optimum)
     device: str = "cpu"
@@ -61,6 +61,8 @@ class RefineConfig:
                 raise ValueError(f"{name} needs one entry per level ({n}), got {getattr(self, name)}")
         if n == 0:
             raise ValueError("at least one pyramid level is needed")
+        if self.render_backend not in BACKENDS:
+            raise ValueError(f"render_backend must be one of {BACKENDS}, got {self.render_backend!r}")
 
 
 @dataclasses.dataclass(frozen=True)

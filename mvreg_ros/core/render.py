@@ -2,8 +2,15 @@
 
 The engine's renderer samples the volume trilinearly at ``n_samples`` midpoints of each
 ray's chord through the volume's box (so no sample is spent in air outside the box), all
-views and all rays in one call: by default a ``torch.compile``-fused gather kernel
-(:func:`integrate_gather`), with ``grid_sample`` (:func:`integrate`) as its reference. The reference path
+views and all rays in one call. Backends, all computing the same integral:
+
+- ``native`` (default on a CPU): a C++ kernel with hardware gathers that also returns the
+  gradient sums in the forward pass (:mod:`mvreg_ros.core.render_native`);
+- ``compiled`` (default on a GPU, and the CPU fallback): a ``torch.compile``-fused gather kernel
+  (:func:`integrate_gather`);
+- ``grid_sample`` (:func:`integrate`): plain PyTorch, the reference of the two above.
+
+The ray set-up is compiled together with the ``native`` and ``compiled`` integrators. The reference path
 (:mod:`mvreg_ros.core.render_reference`) integrates the same rays with DiffDRR's exact
 Siddon ray tracer; tests check that they agree in values and gradients.
 
@@ -22,6 +29,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .geometry import invert
+from . import render_native as native
+from .render_native import integrate_native
 from .volume import Volume
 
 
@@ -50,12 +59,14 @@ def make_rays(
     dtype = T_cam_from_ct.dtype
     if pixels.ndim == 2:
         pixels = pixels.expand(len(K), -1, -1)
-    uv1 = torch.cat([pixels.to(dtype), torch.ones_like(pixels[..., :1], dtype=dtype)], -1)
-    d_cam = uv1 @ torch.linalg.inv(K.to(dtype)).transpose(-1, -2)  # (V, R, 3), z = 1
+    # written as broadcast products rather than matmuls so that torch.compile fuses the set-up into one loop
+    K_inv = _inverse_3x3(K.to(dtype))[:, None]  # (V, 1, 3, 3)
+    u, v = pixels[..., :1].to(dtype), pixels[..., 1:].to(dtype)
+    d_cam = u * K_inv[..., 0] + v * K_inv[..., 1] + K_inv[..., 2]  # K^-1 (u, v, 1): (V, R, 3), z = 1
     d_cam = d_cam / d_cam.norm(dim=-1, keepdim=True)
     T_index_from_cam = T_index_from_ct.to(dtype) @ invert(T_cam_from_ct)
     origin = T_index_from_cam[:, None, :3, 3]
-    direction = d_cam @ T_index_from_cam[:, :3, :3].transpose(-1, -2)
+    direction = (d_cam[..., None, :] * T_index_from_cam[:, None, :3, :3]).sum(-1)
     lo = torch.full((3,), -0.5, dtype=dtype, device=origin.device)
     hi = torch.tensor(shape_ijk, dtype=dtype, device=origin.device) - 0.5
     safe = torch.where(direction.abs() < 1e-12, torch.full_like(direction, 1e-12), direction)
@@ -65,6 +76,13 @@ def make_rays(
     t_far = torch.maximum(t0, t1).amin(-1)
     t_far = torch.maximum(t_far, t_near)  # rays that miss the box get an empty chord
     return Rays(origin=origin, direction=direction, t_near=t_near, t_far=t_far)
+
+
+def _inverse_3x3(M: Float[Tensor, "V 3 3"]) -> Float[Tensor, "V 3 3"]:
+    """Inverse by cross products of the columns (rows of the inverse), in pointwise operations."""
+    c0, c1, c2 = M[..., 0], M[..., 1], M[..., 2]
+    rows = torch.stack([torch.linalg.cross(c1, c2), torch.linalg.cross(c2, c0), torch.linalg.cross(c0, c1)], -2)
+    return rows / (c0 * rows[..., 0, :]).sum(-1)[..., None, None]
 
 
 def _sample_points(rays: Rays, n_samples: int, dtype) -> tuple[Tensor, Tensor]:
@@ -97,18 +115,19 @@ def integrate(data: Float[Tensor, "*C D H W"], rays: Rays, n_samples: int, *,
     return out.reshape(*data.shape[:-3], *out.shape[1:])
 
 
-def pad_volume(data: Float[Tensor, "D H W"]) -> Float[Tensor, "N"]:
-    """The volume with a one-voxel replicated border, flattened: the layout :func:`integrate_gather` reads."""
-    return F.pad(data[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0].reshape(-1)
+def pad_volume(data: Float[Tensor, "D H W"]) -> Float[Tensor, "D2 H2 W2"]:
+    """The volume with a one-voxel replicated border: the layout the gather backends read."""
+    return F.pad(data[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0].contiguous()
 
 
-def integrate_gather(flat_padded: Float[Tensor, "N"], shape: tuple[int, int, int], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
+def integrate_gather(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
     """Same integral as :func:`integrate`, written as explicit gathers and lerps so that
     ``torch.compile`` fuses sample generation, interpolation and the sum into one loop
     (no (V, R, S, 3) grid in memory). Samples lie inside the box, so with the replicated
     border every neighbour index is valid and matches ``grid_sample``'s border padding."""
-    D, H, W = shape
-    p, step = _sample_points(rays, n_samples, flat_padded.dtype)
+    D, H, W = (n - 2 for n in padded.shape)
+    flat_padded = padded.reshape(-1)
+    p, step = _sample_points(rays, n_samples, padded.dtype)
     x = (p[..., 0] + 1).clamp(0, W + 1 - 1e-4)
     y = (p[..., 1] + 1).clamp(0, H + 1 - 1e-4)
     z = (p[..., 2] + 1).clamp(0, D + 1 - 1e-4)
@@ -126,37 +145,62 @@ def integrate_gather(flat_padded: Float[Tensor, "N"], shape: tuple[int, int, int
     return (c0 + (c1 - c0) * fz).sum(-1) * step / n_samples
 
 
+def render_native(T_index_from_ct: Tensor, shape_ijk: tuple[int, int, int], T_cam_from_ct: Tensor, K: Tensor,
+                  pixels: Tensor, padded: Tensor, n_samples: int) -> Tensor:
+    """Ray set-up and the native integrator in one function, so ``torch.compile`` fuses the set-up."""
+    return integrate_native(padded, make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels), n_samples)
+
+
 def render_gather(T_index_from_ct: Tensor, shape_ijk: tuple[int, int, int], T_cam_from_ct: Tensor, K: Tensor,
-                  pixels: Tensor, flat_padded: Tensor, shape: tuple[int, int, int], n_samples: int) -> Tensor:
+                  pixels: Tensor, padded: Tensor, n_samples: int) -> Tensor:
     """Ray set-up and gather integration in one function, so ``torch.compile`` fuses both."""
-    rays = make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels)
-    return integrate_gather(flat_padded, shape, rays, n_samples)
+    return integrate_gather(padded, make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels), n_samples)
 
 
 _COMPILED = {}
 
 
-def _compiled_render():
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(render_gather, dynamic=False)
-    return _COMPILED["fn"]
+RECOMPILE_LIMIT = 64  # compiled shape variants per backend (image size x views x samples x volume)
 
 
-BACKENDS = ("compiled", "grid_sample")
+def _compiled_render(backend: str):
+    """The backend's render function under ``torch.compile`` with static shapes (the fastest
+    kernels; a new image size, view count, sample count or volume compiles once more).
+    Dynamo's default recompile limit (8 per function) is below the variants one long-running
+    process meets (pyramid levels, view counts, overlay and scorer renderers); past it Dynamo
+    would run the function uncompiled, so the process-wide limit is raised to at least
+    ``RECOMPILE_LIMIT`` (a per-call ``config.patch`` would cost about 40 us per render)."""
+    if backend not in _COMPILED:
+        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        _COMPILED[backend] = torch.compile(render_native if backend == "native" else render_gather, dynamic=False)
+    return _COMPILED[backend]
+
+
+BACKENDS = ("auto", "native", "compiled", "grid_sample")
+
+
+def resolve_backend(backend: str, device, dtype) -> str:
+    """``auto`` is the native kernel on a CPU (float32, when it builds), else the compiled kernel;
+    ``native`` falls back to ``compiled`` where it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("auto", "native"):
+        cpu = torch.device(device).type == "cpu"
+        return "native" if cpu and dtype == torch.float32 and native.load() is not None else "compiled"
+    return backend
 
 
 class Renderer:
     """Fast DRR renderer for one volume. Build once; render many poses and views."""
 
     def __init__(self, volume: Volume, *, n_samples: int = 128, device=None, dtype=torch.float32,
-                 backend: str = "compiled"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+                 backend: str = "auto"):
         device = volume.data.device if device is None else torch.device(device)
+        self.backend = resolve_backend(backend, device, dtype)
         self.volume = volume
-        self.backend = backend
         self.data = volume.data.to(device=device, dtype=dtype).contiguous()
-        self.flat_padded = pad_volume(self.data) if backend == "compiled" else None
+        self.padded = pad_volume(self.data) if self.backend != "grid_sample" else None
         self._compiled_ok = False
         self.T_index_from_ct = torch.linalg.inv(volume.T_ct_from_index.to(device=device, dtype=torch.float64))
         self.shape_ijk = volume.shape_ijk
@@ -179,24 +223,24 @@ class Renderer:
         K = K.to(self.device, torch.float64)
         pixels = pixels.to(self.device)
         n = self.n_samples if n_samples is None else n_samples
-        out = self._render_compiled(T, K, pixels, n) if self.backend == "compiled" else None
+        if n < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n}")
+        out = self._render_compiled(T, K, pixels, n) if self.backend != "grid_sample" else None
         if out is None:
             out = integrate(self.data, make_rays(self.T_index_from_ct, self.shape_ijk, T, K, pixels), n)
         return out.reshape(len(T), height, width) if full else out
 
     def _render_compiled(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor | None:
         """The fused compiled path; None once it has failed to compile (then grid_sample is used)."""
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        args = (self.T_index_from_ct, self.shape_ijk, T, K, pixels, self.flat_padded, tuple(self.data.shape), n_samples)
+        args = (self.T_index_from_ct, self.shape_ijk, T, K, pixels, self.padded, n_samples)
         if self._compiled_ok:
-            return _compiled_render()(*args)
+            return _compiled_render(self.backend)(*args)
         try:  # the first call compiles: only a failure there (no C++ compiler, no Triton) falls back
-            out = _compiled_render()(*args)
+            out = _compiled_render(self.backend)(*args)
             self._compiled_ok = True
             return out
         except Exception as e:  # noqa: BLE001 - the reference path gives the same values
-            warnings.warn(f"torch.compile of the renderer failed ({type(e).__name__}: {e}); using grid_sample",
-                          RuntimeWarning, stacklevel=3)
-            self.backend, self.flat_padded = "grid_sample", None
+            warnings.warn(f"torch.compile of the {self.backend} renderer failed ({type(e).__name__}: {e}); "
+                          "using grid_sample", RuntimeWarning, stacklevel=3)
+            self.backend, self.padded = "grid_sample", None
             return None

@@ -25,6 +25,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, JointState
 
+from ..core.overlay import fusion_rgb
 from ..core.refine import Registrar
 from ..core.xray import check_image
 from .conversions import (camera_info_to_K, image_to_tensor, ns_to_stamp, pose_with_covariance_from_T, rgb_to_image,
@@ -32,7 +33,7 @@ from .conversions import (camera_info_to_K, image_to_tensor, ns_to_stamp, pose_w
 from .initializer import ModelError, PoseTracker, default_initializers, load_coarse_model, supine_at_isocentre
 from .joint_buffer import JointStateBuffer, JointStateError
 from .params import ConfigError, declare_and_read
-from .pipeline import Outcome, RegistrationPipeline, overlay_rgb
+from .pipeline import Outcome, RegistrationPipeline
 from .sync import ApproximateTimeSync, Frame, SequentialViewBuffer
 from .tf_publisher import make_transform_broadcaster
 from .volume_source import VolumeError, load_ct
@@ -273,7 +274,7 @@ class RegisterNode(Node):
             self._status(WARN, "registration_rejected", outcome.reason, info)
         if self.overlay_pub is not None and outcome.views is not None and outcome.result is not None:
             try:  # a picture for humans: its failure must not turn an accepted registration into a rejection
-                rgb = overlay_rgb(self.registrar, outcome.views, outcome.result.T_ref_from_ct)
+                rgb = fusion_rgb(self.registrar, outcome.views, outcome.result.T_ref_from_ct)
             except Exception as e:  # noqa: BLE001
                 self.get_logger().warning(f"overlay failed: {type(e).__name__}: {e}", throttle_duration_sec=5.0)
                 return

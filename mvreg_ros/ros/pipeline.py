@@ -12,12 +12,8 @@ import dataclasses
 import math
 from typing import Sequence
 
-import numpy as np
 import torch
-from jaxtyping import Float
-from torch import Tensor
 
-from ..core.geometry import invert, transform_points
 from ..core.refine import Registrar, RegistrationResult
 from ..core.views import ViewSet
 from .initializer import AcceptedPose, Initializer, PoseTracker, initial_pose, status_values
@@ -107,34 +103,3 @@ class RegistrationPipeline:
                                              stamp_ns=stamp, covariance_ref=result.covariance_ref()))
         return Outcome(accepted=not reason, stamp_ns=stamp, reason=reason, init_source=source, result=result,
                        views=views, sources=sources, init_values=init_values)
-
-
-def overlay_rgb(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *,
-                max_size: int = 256) -> np.ndarray:
-    """Views side by side, (H, V*W, 3) uint8: the X-ray in magenta, the DRR at the pose in green
-    (grey where they agree)."""
-    factor = max(1, math.ceil(max(views.height, views.width) / max_size))
-    v = views.downsampled(factor)
-    T = T_ref_from_ct.to(torch.float64)
-    T_cam_from_ct = invert(v.T_ref_from_cam.to(torch.float64)) @ T
-    # pool the volume so a voxel is about a pixel at the anatomy
-    c_cam = transform_points(T_cam_from_ct, registrar.centre_ct.to(T)[None].expand(len(v), 1, 3))[:, 0]
-    pixel_mm = float((c_cam[:, 2].abs() / v.K[:, 0, 0]).mean())
-    vfactor = max(1, int(pixel_mm / float(registrar.volume.spacing.min())))
-    with torch.no_grad():
-        drr = registrar.renderer(vfactor)(T_cam_from_ct, v.K, v.height, v.width).float().cpu()
-
-    def normalise(x: Tensor, m: Tensor) -> Tensor:
-        inside = x[m > 0]
-        if inside.numel() == 0:
-            return torch.zeros_like(x)
-        lo, hi = torch.quantile(inside, 0.01), torch.quantile(inside, 0.99)
-        return ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1) * m
-
-    panels = []
-    for i in range(len(v)):
-        m = v.masks[i].float().cpu()
-        a = normalise(v.images[i].float().cpu(), m)
-        b = normalise(drr[i], m)
-        panels.append(torch.stack([a, b, a], -1))
-    return (torch.cat(panels, 1) * 255).round().to(torch.uint8).numpy()

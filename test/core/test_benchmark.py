@@ -22,6 +22,12 @@ def test_bench_run_on_tiny_ct(tiny_ct):
         assert rr[name]["forward_samples_per_s"] > 0 and rr[name]["forward_backward_samples_per_s"] > 0
         assert rr[name]["rays"] == 2 * 16 * 16
     assert rr["engine"]["samples_per_ray"] == 16
+    assert rr["engine_backend"] in ("native", "compiled")
+    if rr["engine_backend"] == "native":  # the compiled backend is measured beside it
+        assert rr["engine_compiled"]["rays"] == rr["engine"]["rays"]
+        assert rr["engine_native_isa"] in ("avx512", "avx2", "scalar")
+    bounds = (rr["bandwidth_bound_samples_per_s"], rr["read_bandwidth_bound_samples_per_s"])
+    assert rr["engine_forward_times_from_bound"] == pytest.approx(max(bounds) / rr["engine"]["forward_samples_per_s"])
     assert rr["bandwidth_bound_samples_per_s"] == pytest.approx(rr["memory_bandwidth_gbs"] * 1e9 / 32)
     assert rr["read_bandwidth_bound_samples_per_s"] == pytest.approx(rr["memory_read_bandwidth_gbs"] * 1e9 / 32)
     assert r["refine"]["n"] == 1 and r["reference_refine"]["n"] == 1

@@ -103,19 +103,22 @@ def test_failure_is_a_result_not_an_exception(ct, scene_views):
 def test_config_validation():
     with pytest.raises(ValueError, match="iterations"):
         RefineConfig(sizes=(32, 64), iterations=(10,), n_samples=(32, 32), patches=(8, 8))
+    with pytest.raises(ValueError, match="render_backend"):
+        RefineConfig(render_backend="gpu-please")
 
 
-def test_compiled_backend_matches_reference_backend(ct, scene_views):
-    """The default (compiled) renderer path reaches the same pose as the grid_sample path."""
+def test_fast_backends_match_reference_backend(ct, scene_views):
+    """The fast renderer paths (native, compiled) reach the same pose as the grid_sample path."""
     scene, views = scene_views
     T_init = geometry.perturb(scene.T_ref_from_ct, rot_deg=3, trans_mm=5, centre_ct=ct.centre_ct(),
                               generator=torch.Generator().manual_seed(1))
     cfg = dict(sizes=(32,), iterations=(8,), n_samples=(32,), patches=(8,), uncertainty=False, newton_steps=0, tol_rot_deg=0.0,
                tol_trans_mm=0.0)
     a = Registrar(ct, RefineConfig(**cfg, render_backend="grid_sample")).refine(views, T_init)
-    b = Registrar(ct, RefineConfig(**cfg, render_backend="compiled")).refine(views, T_init)
-    rot, trans = _errors(a.T_ref_from_ct, b.T_ref_from_ct, ct.centre_ct())
-    assert rot < 0.05 and trans < 0.1, (rot, trans)
+    for backend in ("compiled", "native"):
+        b = Registrar(ct, RefineConfig(**cfg, render_backend=backend)).refine(views, T_init)
+        rot, trans = _errors(a.T_ref_from_ct, b.T_ref_from_ct, ct.centre_ct())
+        assert rot < 0.05 and trans < 0.1, (backend, rot, trans)
 
 
 def _errors(T_a, T_b, centre):

@@ -1,10 +1,16 @@
-"""The compiled gather renderer (default fast path) against grid_sample (its reference): values and gradients."""
+"""The fast renderer backends (native C++ kernel, compiled gather kernel) against grid_sample,
+their reference: values and gradients, at the integrator level and through ``Renderer``."""
 
+import pytest
 import torch
 
-from mvreg_ros.core import geometry
-from mvreg_ros.core.render import Renderer, integrate, integrate_gather, make_rays, pad_volume, pixel_grid
+from mvreg_ros.core import geometry, render_native
+from mvreg_ros.core.render import (Renderer, integrate, integrate_gather, make_rays, pad_volume, pixel_grid,
+                                   resolve_backend)
+from mvreg_ros.core.render_native import integrate_native, sample_sums
 from mvreg_ros.core.volume import load_example_ct
+
+needs_native = pytest.mark.skipif(render_native.load() is None, reason="the native kernel cannot be built here")
 
 
 def _setup():
@@ -16,31 +22,111 @@ def _setup():
     return ct, K, T
 
 
-def test_gather_equals_grid_sample_values_and_gradients():
+@pytest.mark.parametrize("integrator", [integrate_gather, pytest.param(integrate_native, marks=needs_native)])
+@pytest.mark.parametrize("n_samples", [40, 37, 1])  # 37 and 1: partial SIMD blocks
+def test_integrator_equals_grid_sample_values_and_gradients(integrator, n_samples):
     ct, K, T = _setup()
     r = Renderer(ct, backend="grid_sample")
     x = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
     rays = make_rays(r.T_index_from_ct, r.shape_ijk, geometry.se3_exp(x) @ T, K, pixel_grid(24, 20, dtype=torch.float64))
-    a = integrate(r.data, rays, 40)
-    b = integrate_gather(pad_volume(r.data), tuple(r.data.shape), rays, 40)
+    a = integrate(r.data, rays, n_samples)
+    b = integrator(pad_volume(r.data), rays, n_samples)
     assert a.abs().max() > 0.5
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # float32 sample positions
     w = torch.randn(a.shape, generator=torch.Generator().manual_seed(0), dtype=a.dtype)
     (ga,) = torch.autograd.grad((a * w).sum(), x, retain_graph=True)
     (gb,) = torch.autograd.grad((b * w).sum(), x)
     torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-4)
 
 
-def test_compiled_renderer_equals_grid_sample_renderer():
+@pytest.mark.parametrize("backend", ["compiled", pytest.param("native", marks=needs_native)])
+def test_fast_renderer_equals_grid_sample_renderer(backend):
     ct, K, T = _setup()
     x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     outs, grads = [], []
-    for backend in ("grid_sample", "compiled"):
-        renderer = Renderer(ct, backend=backend)
+    for b in ("grid_sample", backend):
+        renderer = Renderer(ct, backend=b)
         img = renderer(geometry.se3_exp(x) @ T, K, 24, 20, n_samples=32)
-        assert renderer.backend == backend  # no silent fallback from the compiled path
+        assert renderer.backend == b  # no silent fallback from the fast path
         (g,) = torch.autograd.grad(img.pow(2).sum(), x)
         outs.append(img.detach())
         grads.append(g)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-3)
+
+
+@needs_native
+def test_native_sums_analytic_on_a_linear_volume():
+    """f(x, y, z) = 2x + 3y - z is reproduced exactly by trilinear interpolation: the sum and
+    both gradient sums have closed forms."""
+    z, y, x = torch.meshgrid(torch.arange(6.0), torch.arange(7.0), torch.arange(8.0), indexing="ij")
+    vol = (2 * x + 3 * y - z).contiguous()
+    p0 = torch.tensor([[1.2, 1.5, 1.1], [6.4, 5.0, 4.2]], requires_grad=True)
+    q = torch.tensor([[0.05, 0.08, 0.06], [-0.1, -0.07, -0.05]], requires_grad=True)
+    S = 37
+    k = torch.arange(S, dtype=torch.float32)
+    pts = p0.detach()[:, None] + k[:, None] * q.detach()[:, None]
+    expected = (2 * pts[..., 0] + 3 * pts[..., 1] - pts[..., 2]).sum(-1)
+    f = sample_sums(vol, p0, q, S)
+    torch.testing.assert_close(f, expected, rtol=1e-5, atol=1e-3)
+    gp, gq = torch.autograd.grad(f.sum(), (p0, q))
+    grad_f = torch.tensor([2.0, 3.0, -1.0])
+    torch.testing.assert_close(gp, (S * grad_f).expand(2, 3))
+    torch.testing.assert_close(gq, (k.sum() * grad_f).expand(2, 3))
+
+
+@needs_native
+def test_native_clamps_like_border_padding_with_zero_gradient_outside():
+    vol = torch.arange(27.0).reshape(3, 3, 3)
+    p0 = torch.tensor([[-5.0, 1.0, 1.0]], requires_grad=True)  # x below the box: clamped to x = 0
+    q = torch.zeros(1, 3, requires_grad=True)
+    f = sample_sums(vol, p0, q, 4)
+    torch.testing.assert_close(f, 4 * torch.tensor([vol[1, 1, 0]]))
+    (gp,) = torch.autograd.grad(f.sum(), p0)
+    assert gp[0, 0] == 0 and gp[0, 1] == 4 * 3.0 and gp[0, 2] == 4 * 9.0
+
+
+@needs_native
+def test_native_rejects_bad_inputs():
+    vol = torch.zeros(4, 4, 4)
+    p = torch.zeros(5, 3)
+    with pytest.raises(ValueError, match="float32"):
+        sample_sums(vol.double(), p, p, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        sample_sums(vol, p, torch.zeros(4, 3), 8)
+    with pytest.raises(ValueError, match="n_samples"):
+        sample_sums(vol, p, p, 0)
+
+
+def test_auto_backend_choice():
+    native = render_native.load() is not None
+    assert resolve_backend("auto", "cpu", torch.float32) == ("native" if native else "compiled")
+    assert resolve_backend("native", "cpu", torch.float64) == "compiled"  # the kernel is float32
+    assert resolve_backend("native", "meta", torch.float32) == "compiled"  # CPU only
+    assert resolve_backend("grid_sample", "cpu", torch.float32) == "grid_sample"
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("warp-drive", "cpu", torch.float32)
+
+
+def test_native_build_failure_falls_back_to_compiled(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert render_native._build() is None
+    monkeypatch.setitem(render_native._STATE, "module", None)
+    assert resolve_backend("auto", "cpu", torch.float32) == "compiled"
+    assert Renderer(load_example_ct(downsample=8)).backend == "compiled"
+
+
+def test_compiled_renderers_raise_dynamos_recompile_limit():
+    """Long-running processes render many shape variants; past Dynamo's default limit (8) they
+    would silently run uncompiled."""
+    from mvreg_ros.core.render import RECOMPILE_LIMIT
+
+    ct, K, T = _setup()
+    Renderer(ct, backend="compiled")(T, K, 24, 20, n_samples=8)
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT >= 32

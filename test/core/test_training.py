@@ -161,12 +161,14 @@ def test_tiny_training_run_lowers_the_loss_and_resumes(volume, tmp_path):
     pool.add(16)
     fixed = pool.batch(16, 2)
     torch.manual_seed(cfg.seed)
-    before, _ = batch_loss(PoseNet(cfg.arch).eval(), fixed, config=cfg, geometry=geom, image_terms=False)
+    with torch.no_grad():
+        before, _ = batch_loss(PoseNet(cfg.arch).eval(), fixed, config=cfg, geometry=geom, image_terms=False)
     out = tmp_path / "tiny.safetensors"
     result = train(volume, cfg, out, progress=False, log=lambda s: None)
     assert result.steps == 40 and out.exists() and out.with_suffix(".json").exists()
     model = CoarseModel.load(out, volume)
-    after, _ = batch_loss(model.net, fixed, config=cfg, geometry=geom, image_terms=False)
+    with torch.no_grad():
+        after, _ = batch_loss(model.net, fixed, config=cfg, geometry=geom, image_terms=False)
     assert float(after) < 0.8 * float(before), (float(before), float(after))
     # resume: continues the step count from the checkpoint
     more = train(volume, cfg.replace(max_steps=45), out, progress=False, resume=True, log=lambda s: None)
