@@ -53,15 +53,19 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def build(name: str, march: str = "native"):
+    """Compile (or load the cached build of) the kernel for ``-march=march``; raises on failure.
+    The default build targets this CPU; tests build the other instruction sets with it."""
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"], verbose=False)
+
+
 def _build():
     try:
-        from torch.utils import cpp_extension
-
-        _ninja_on_path()
-
-        return cpp_extension.load(name=extension_name(), sources=[str(SOURCE)],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                                  verbose=False)
+        return build(extension_name())
     except Exception as e:  # noqa: BLE001 - no compiler or ninja: the other backends give the same values
         warnings.warn(f"the native CPU renderer could not be built ({type(e).__name__}: {e}); "
                       "using the torch.compile backend", RuntimeWarning, stacklevel=3)

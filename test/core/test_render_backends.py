@@ -1,6 +1,8 @@
 """The fast renderer backends (native C++ kernel, compiled gather kernel) against grid_sample,
 their reference: values and gradients, at the integrator level and through ``Renderer``."""
 
+import platform
+
 import pytest
 import torch
 
@@ -130,3 +132,23 @@ def test_compiled_renderers_raise_dynamos_recompile_limit():
     ct, K, T = _setup()
     Renderer(ct, backend="compiled")(T, K, 24, 20, n_samples=8)
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT >= 32
+
+
+@needs_native
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+@pytest.mark.parametrize("march,isa", [("x86-64-v3", "avx2"), ("x86-64", "scalar")])
+def test_every_instruction_set_build_gives_the_same_sums(march, isa):
+    """The AVX2 and scalar builds (other CPUs) against this CPU's build: sums and gradient sums."""
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    other = render_native.build(f"mvreg_trilinear_sums_test_{isa}", march)
+    assert other.isa == isa
+    gen = torch.Generator().manual_seed(5)
+    vol = torch.rand(9, 11, 13, generator=gen)
+    p0 = (torch.rand(50, 3, generator=gen) * torch.tensor([13.0, 11.0, 9.0]) - 1).contiguous()  # some outside the box
+    q = (torch.randn(50, 3, generator=gen) * 0.2).contiguous()
+    for n in (1, 19, 64):
+        want = render_native.load().sample_sums(vol, p0, q, n, True)
+        got = other.sample_sums(vol, p0, q, n, True)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)

@@ -31,9 +31,9 @@ inline I set1i(int x) { return _mm512_set1_epi32(x); }
 inline F add(F a, F b) { return _mm512_add_ps(a, b); }
 inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
 inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+inline F madd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
 inline F clamp(F x, F lo, F hi) { return _mm512_min_ps(_mm512_max_ps(x, lo), hi); }
-inline I trunc(F x) { return _mm512_cvttps_epi32(x); }
+inline I to_index(F x) { return _mm512_cvttps_epi32(x); }
 inline F to_float(I x) { return _mm512_cvtepi32_ps(x); }
 inline I addi(I a, I b) { return _mm512_add_epi32(a, b); }
 inline I muli(I a, I b) { return _mm512_mullo_epi32(a, b); }
@@ -63,9 +63,9 @@ inline I set1i(int x) { return _mm256_set1_epi32(x); }
 inline F add(F a, F b) { return _mm256_add_ps(a, b); }
 inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
 inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+inline F madd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 inline F clamp(F x, F lo, F hi) { return _mm256_min_ps(_mm256_max_ps(x, lo), hi); }
-inline I trunc(F x) { return _mm256_cvttps_epi32(x); }
+inline I to_index(F x) { return _mm256_cvttps_epi32(x); }
 inline F to_float(I x) { return _mm256_cvtepi32_ps(x); }
 inline I addi(I a, I b) { return _mm256_add_epi32(a, b); }
 inline I muli(I a, I b) { return _mm256_mullo_epi32(a, b); }
@@ -93,9 +93,9 @@ inline I set1i(int x) { return x; }
 inline F add(F a, F b) { return a + b; }
 inline F sub(F a, F b) { return a - b; }
 inline F mul(F a, F b) { return a * b; }
-inline F fma(F a, F b, F c) { return a * b + c; }
+inline F madd(F a, F b, F c) { return a * b + c; }
 inline F clamp(F x, F lo, F hi) { return x < lo ? lo : (x > hi ? hi : x); }
-inline I trunc(F x) { return static_cast<I>(x); }
+inline I to_index(F x) { return static_cast<I>(x); }
 inline F to_float(I x) { return static_cast<F>(x); }
 inline I addi(I a, I b) { return a + b; }
 inline I muli(I a, I b) { return a * b; }
@@ -113,7 +113,7 @@ namespace {
 
 using namespace simd;
 
-inline F lerp(F a, F b, F t) { return fma(sub(b, a), t, a); }
+inline F lerp(F a, F b, F t) { return madd(sub(b, a), t, a); }
 
 struct Volume {
   const float* data;
@@ -132,9 +132,9 @@ void ray_sums(const Volume& vol, const float* p0, const float* q, int S, float* 
   for (int s = 0; s < S; s += kWidth) {
     const F k = add(ramp(), set1(static_cast<float>(s)));
     const F w = inside(k, zero, last);  // tail lanes beyond the last sample weigh nothing
-    const F rx = fma(k, qx, ox), ry = fma(k, qy, oy), rz = fma(k, qz, oz);
+    const F rx = madd(k, qx, ox), ry = madd(k, qy, oy), rz = madd(k, qz, oz);
     const F x = clamp(rx, zero, max_x), y = clamp(ry, zero, max_y), z = clamp(rz, zero, max_z);
-    const I xi = trunc(x), yi = trunc(y), zi = trunc(z);  // floor: coordinates are >= 0
+    const I xi = to_index(x), yi = to_index(y), zi = to_index(z);  // floor: coordinates are >= 0
     const F fx = sub(x, to_float(xi)), fy = sub(y, to_float(yi)), fz = sub(z, to_float(zi));
     const I i000 = addi(addi(muli(zi, sz), muli(yi, sy)), xi);
     const I i010 = addi(i000, sy), i100 = addi(i000, sz), i110 = addi(i100, sy);
@@ -146,14 +146,14 @@ void ray_sums(const Volume& vol, const float* p0, const float* q, int S, float* 
     const F e00 = lerp(a000, a001, fx), e01 = lerp(a010, a011, fx);  // along x, at (z, y) = (0,0), (0,1)
     const F e10 = lerp(a100, a101, fx), e11 = lerp(a110, a111, fx);
     const F c0 = lerp(e00, e01, fy), c1 = lerp(e10, e11, fy);
-    acc = fma(lerp(c0, c1, fz), w, acc);
+    acc = madd(lerp(c0, c1, fz), w, acc);
     if constexpr (kGrad) {
       const F dx0 = lerp(sub(a001, a000), sub(a011, a010), fy), dx1 = lerp(sub(a101, a100), sub(a111, a110), fy);
       const F dfx = mul(mul(lerp(dx0, dx1, fz), inside(rx, zero, max_x)), w);
       const F dfy = mul(mul(lerp(sub(e01, e00), sub(e11, e10), fz), inside(ry, zero, max_y)), w);
       const F dfz = mul(mul(sub(c1, c0), inside(rz, zero, max_z)), w);
       gx = add(gx, dfx), gy = add(gy, dfy), gz = add(gz, dfz);
-      hx = fma(dfx, k, hx), hy = fma(dfy, k, hy), hz = fma(dfz, k, hz);
+      hx = madd(dfx, k, hx), hy = madd(dfy, k, hy), hz = madd(dfz, k, hz);
     }
   }
   *out_f = total(acc);
