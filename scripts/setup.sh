@@ -23,4 +23,8 @@ fi
 if ! "$VENV/bin/python" -c "import mvreg_ros" 2>/dev/null || [[ ! -x "$VENV/bin/mvreg" ]]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 fi
+# the native CPU renderer kernel: compiled for this CPU once (about 15 s, cached by torch under
+# ~/.cache/torch_extensions); without a C++ compiler the renderer falls back to torch.compile or grid_sample
+"$VENV/bin/python" -c "from mvreg_ros.core import render_native as n; m = n.load(); \
+print('[setup] native renderer kernel:', m.isa if m else 'not built (fallback backend in use)')"
 echo "[setup] ready: $VENV"

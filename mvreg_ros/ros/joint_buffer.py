@@ -30,15 +30,25 @@ class JointStateBuffer:
     stamp before the oldest sample is outside the buffer (an error). A stamp after the
     newest sample holds the newest value if it is at most ``tolerance_s`` newer (joint states
     of a still C-arm come at a finite rate), otherwise the joint states are stale (an error).
+    Between two samples more than ``max_gap_s`` apart the joint's path is unknown: if the joint
+    moved between them the stamp cannot be interpolated (an error); if it did not (equal values
+    within ``still_tolerance``), its position is that value.
     """
 
-    def __init__(self, *, window_s: float = 10.0, tolerance_s: float = 0.1, joints: Iterable[str] | None = None):
+    def __init__(self, *, window_s: float = 10.0, tolerance_s: float = 0.1, max_gap_s: float = 0.5,
+                 still_tolerance: float = 1e-6, joints: Iterable[str] | None = None):
         if not (window_s > 0 and math.isfinite(window_s)):
             raise ValueError(f"window_s must be positive, got {window_s}")
         if not (tolerance_s >= 0 and math.isfinite(tolerance_s)):
             raise ValueError(f"tolerance_s must be >= 0, got {tolerance_s}")
+        if not (max_gap_s > 0 and math.isfinite(max_gap_s)):
+            raise ValueError(f"max_gap_s must be positive, got {max_gap_s}")
+        if not (still_tolerance >= 0 and math.isfinite(still_tolerance)):
+            raise ValueError(f"still_tolerance must be >= 0, got {still_tolerance}")
         self.window_ns = int(window_s * 1e9)
         self.tolerance_ns = int(tolerance_s * 1e9)
+        self.max_gap_ns = int(max_gap_s * 1e9)
+        self.still_tolerance = float(still_tolerance)
         self.joints = None if joints is None else frozenset(joints)
         self._series: dict[str, _Series] = {}
         self._lock = threading.Lock()
@@ -100,6 +110,11 @@ class JointStateBuffer:
                     out[n] = v[-1]
                     continue
                 i = bisect.bisect_right(t, stamp_ns)  # t[i-1] <= stamp < t[i]
+                gap = t[i] - t[i - 1]
+                if gap > self.max_gap_ns and abs(v[i] - v[i - 1]) > self.still_tolerance:
+                    raise JointStateError(
+                        f"joint-state gap: {n!r} moved from {v[i - 1]:.6g} to {v[i]:.6g} between samples "
+                        f"{gap * 1e-9:.3f} s apart around the stamp (max gap {self.max_gap_ns * 1e-9:.3f} s)")
                 a = (stamp_ns - t[i - 1]) / (t[i] - t[i - 1])
                 out[n] = v[i - 1] + a * (v[i] - v[i - 1])
         return out

@@ -83,7 +83,7 @@ class RegisterNode(Node):
             self.registrar, initializers=initializers, gates=cfg.gates, tracker=self.tracker, i0=cfg.i0,
             raw_is_line_integral=cfg.images_are_line_integrals)
         self.joints = JointStateBuffer(window_s=cfg.joint_state_window_s, tolerance_s=cfg.joint_state_tolerance_s,
-                                       joints=cfg.joint_names)
+                                       max_gap_s=cfg.joint_state_max_gap_s, joints=cfg.joint_names)
         if cfg.acquisition_mode == "synchronized":
             self.views = ApproximateTimeSync(len(cfg.image_topics), slop_ns=int(cfg.sync_slop_s * 1e9),
                                              queue_size=cfg.sync_queue_size)

@@ -89,6 +89,9 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("joint_state_tolerance_s", "double", 0.1,
               "An image newer than the newest joint state by at most this uses that state; beyond, the joint "
               "states are stale and the image is rejected (s).", range=(0.0, 10.0)),
+    ParamSpec("joint_state_max_gap_s", "double", 0.5,
+              "Joint states around an image's stamp further apart than this, with the joint moving between "
+              "them, cannot be interpolated and the image is rejected (s).", range=(0.001, 60.0)),
     ParamSpec("camera_info_wait_s", "double", 0.25,
               "An image whose CameraInfo (same stamp) has not arrived yet waits this long for it, then uses the "
               "latest CameraInfo of its topic (s).", range=(0.0, 5.0)),
@@ -227,6 +230,7 @@ class NodeConfig:
     max_view_age_s: float
     joint_state_window_s: float
     joint_state_tolerance_s: float
+    joint_state_max_gap_s: float
     camera_info_wait_s: float
     image_qos: str
     initial_T_ref_from_ct: Tensor | None  # mm; None: supine at the first plane's isocentre
@@ -339,7 +343,8 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
         acquisition_mode=v["acquisition_mode"], sync_slop_s=v["sync_slop_s"], sync_queue_size=v["sync_queue_size"],
         num_views=v["num_views"], min_view_separation_deg=v["min_view_separation_deg"],
         max_view_age_s=v["max_view_age_s"], joint_state_window_s=v["joint_state_window_s"],
-        joint_state_tolerance_s=v["joint_state_tolerance_s"], camera_info_wait_s=v["camera_info_wait_s"],
+        joint_state_tolerance_s=v["joint_state_tolerance_s"], joint_state_max_gap_s=v["joint_state_max_gap_s"],
+        camera_info_wait_s=v["camera_info_wait_s"],
         image_qos=v["image_qos"],
         initial_T_ref_from_ct=T_from_param(v["initial_T_ref_from_ct"], "initial_T_ref_from_ct"), gates=gates,
         refine=refine, i0=v["i0"] if v["i0"] > 0 else None, images_are_line_integrals=v["images_are_line_integrals"],

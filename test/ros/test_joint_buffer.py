@@ -10,7 +10,7 @@ S = 1_000_000_000
 
 
 def test_linear_interpolation_at_the_stamp():
-    b = JointStateBuffer(window_s=10, tolerance_s=0.0)
+    b = JointStateBuffer(window_s=10, tolerance_s=0.0, max_gap_s=5.0)
     b.add(1 * S, ["a", "b"], [0.0, 1.0])
     b.add(2 * S, ["a", "b"], [1.0, 3.0])
     b.add(4 * S, ["a", "b"], [1.0, -1.0])
@@ -21,7 +21,7 @@ def test_linear_interpolation_at_the_stamp():
 
 
 def test_outside_the_buffer():
-    b = JointStateBuffer(window_s=10, tolerance_s=0.1)
+    b = JointStateBuffer(window_s=10, tolerance_s=0.1, max_gap_s=5.0)
     with pytest.raises(JointStateError, match="no joint state received for joint 'a'"):
         b.positions_at(S, ["a"])
     b.add(1 * S, ["a"], [0.5])
@@ -36,8 +36,26 @@ def test_outside_the_buffer():
         b.positions_at(S, ["a", "zz"])
 
 
+def test_gap_limit_applies_only_to_a_moving_joint():
+    b = JointStateBuffer(window_s=10, tolerance_s=0.0, max_gap_s=0.5)
+    b.add(0, ["moving", "still"], [0.0, 2.0])
+    b.add(S // 4, ["moving", "still"], [0.1, 2.0])
+    b.add(2 * S, ["moving", "still"], [0.9, 2.0])  # 1.75 s without a message
+    assert b.positions_at(S // 8, ["moving"]) == pytest.approx({"moving": 0.05})  # within 0.25 s: interpolated
+    assert b.positions_at(S, ["still"]) == {"still": 2.0}  # long gap, but the joint did not move
+    with pytest.raises(JointStateError, match="joint-state gap: 'moving' moved from 0.1 to 0.9 between samples 1.750 s"):
+        b.positions_at(S, ["moving"])
+    assert b.positions_at(2 * S, ["moving"]) == {"moving": 0.9}  # at a sample: no interpolation
+
+
+@pytest.mark.parametrize("kwargs", [{"max_gap_s": 0.0}, {"max_gap_s": float("inf")}, {"still_tolerance": -1.0}])
+def test_gap_settings_are_checked(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        JointStateBuffer(**kwargs)
+
+
 def test_out_of_order_rejection():
-    b = JointStateBuffer()
+    b = JointStateBuffer(max_gap_s=5.0)
     b.add(2 * S, ["a", "b"], [1.0, 2.0])
     with pytest.raises(JointStateError, match="out-of-order"):
         b.add(2 * S, ["a"], [5.0])
@@ -57,7 +75,7 @@ def test_out_of_order_rejection():
 
 
 def test_only_listed_joints_are_kept_and_window_trims():
-    b = JointStateBuffer(window_s=2.0, joints=["a"])
+    b = JointStateBuffer(window_s=2.0, max_gap_s=5.0, joints=["a"])
     b.add(1 * S, ["robot_joint", "a"], [9.0, 0.0])
     assert b.newest_ns("robot_joint") is None
     for k in range(2, 11):
