@@ -29,8 +29,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .geometry import invert
+from . import render_gather as gather
 from . import render_native as native
-from .render_native import integrate_native
 from .volume import Volume
 
 
@@ -120,29 +120,31 @@ def pad_volume(data: Float[Tensor, "D H W"]) -> Float[Tensor, "D2 H2 W2"]:
     return F.pad(data[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0].contiguous()
 
 
+def _first_sample_and_step(rays: Rays, n_samples: int, dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The midpoint samples of :func:`integrate` as ``p0 + k q`` (k = 0..n-1) in the coordinates
+    of the padded volume (:func:`pad_volume`), and the sample spacing ``h`` (mm)."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    h = (rays.t_far - rays.t_near) / n_samples
+    p0 = rays.origin + (rays.t_near + 0.5 * h)[..., None] * rays.direction + 1  # +1: the padding voxel
+    q = h[..., None] * rays.direction
+    return p0.to(dtype), q.to(dtype), h
+
+
 def integrate_gather(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
-    """Same integral as :func:`integrate`, written as explicit gathers and lerps so that
-    ``torch.compile`` fuses sample generation, interpolation and the sum into one loop
-    (no (V, R, S, 3) grid in memory). Samples lie inside the box, so with the replicated
-    border every neighbour index is valid and matches ``grid_sample``'s border padding."""
-    D, H, W = (n - 2 for n in padded.shape)
-    flat_padded = padded.reshape(-1)
-    p, step = _sample_points(rays, n_samples, padded.dtype)
-    x = (p[..., 0] + 1).clamp(0, W + 1 - 1e-4)
-    y = (p[..., 1] + 1).clamp(0, H + 1 - 1e-4)
-    z = (p[..., 2] + 1).clamp(0, D + 1 - 1e-4)
-    x0, y0, z0 = x.floor(), y.floor(), z.floor()
-    fx, fy, fz = x - x0, y - y0, z - z0
-    sy, sz = W + 2, (W + 2) * (H + 2)
-    base = z0.long() * sz + y0.long() * sy + x0.long()
+    """Same integral as :func:`integrate` for the volume padded by one replicated voxel, with the
+    gather sums of :mod:`mvreg_ros.core.render_gather` (the ``compiled`` backend)."""
+    p0, q, h = _first_sample_and_step(rays, n_samples, padded.dtype)
+    f = gather.sample_sums(padded, p0, q, n_samples)
+    return f * h.to(f.dtype)
 
-    def lerp_x(offset):
-        a = flat_padded[base + offset]
-        return a + (flat_padded[base + offset + 1] - a) * fx
 
-    c0 = lerp_x(0) + (lerp_x(sy) - lerp_x(0)) * fy
-    c1 = lerp_x(sz) + (lerp_x(sz + sy) - lerp_x(sz)) * fy
-    return (c0 + (c1 - c0) * fz).sum(-1) * step / n_samples
+def integrate_native(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
+    """Same integral as :func:`integrate_gather` with the C++ kernel of
+    :mod:`mvreg_ros.core.render_native` (the ``native`` backend; CPU, float32)."""
+    p0, q, h = _first_sample_and_step(rays, n_samples, padded.dtype)
+    f = native.sample_sums(padded, p0, q, n_samples)
+    return f * h.to(f.dtype)
 
 
 def render_native(T_index_from_ct: Tensor, shape_ijk: tuple[int, int, int], T_cam_from_ct: Tensor, K: Tensor,
@@ -158,8 +160,6 @@ def render_gather(T_index_from_ct: Tensor, shape_ijk: tuple[int, int, int], T_ca
 
 
 _COMPILED = {}
-
-
 RECOMPILE_LIMIT = 64  # compiled shape variants per backend (image size x views x samples x volume)
 
 

@@ -111,18 +111,8 @@ def sample_sums(padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Fl
     """``sum_k f(p0 + k q)``, k = 0..n_samples-1, f the trilinear interpolation of ``padded``
     (index coordinates, x fastest, clamped to the box as grid_sample's border padding);
     differentiable in ``p0`` and ``q``. Requires :func:`load` to have succeeded."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if torch.is_grad_enabled() and (p0.requires_grad or q.requires_grad):
         return _sums_with_grad(padded, p0, q, int(n_samples))[0]
     return _sums(padded, p0, q, int(n_samples))
-
-
-def integrate_native(padded: Float[Tensor, "D2 H2 W2"], rays, n_samples: int) -> Float[Tensor, "V R"]:
-    """Same integral as :func:`mvreg_ros.core.render.integrate` (midpoint rule on each ray's chord)
-    for a volume padded by one replicated voxel (:func:`mvreg_ros.core.render.pad_volume`)."""
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    h = (rays.t_far - rays.t_near) / n_samples  # mm per sample
-    p0 = rays.origin + (rays.t_near + 0.5 * h)[..., None] * rays.direction + 1  # +1: the padding voxel
-    q = h[..., None] * rays.direction
-    f = sample_sums(padded, p0.to(padded.dtype), q.to(padded.dtype), n_samples)
-    return f * h.to(f.dtype)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from mvreg_ros.core import geometry, render_native
-from mvreg_ros.core.render import (Renderer, integrate, integrate_gather, make_rays, pad_volume, pixel_grid,
-                                   resolve_backend)
-from mvreg_ros.core.render_native import integrate_native, sample_sums
+from mvreg_ros.core.render import (Renderer, integrate, integrate_gather, integrate_native, make_rays, pad_volume,
+                                   pixel_grid, resolve_backend)
+from mvreg_ros.core import render_gather
+from mvreg_ros.core.render_native import sample_sums
 from mvreg_ros.core.volume import load_example_ct
 
 needs_native = pytest.mark.skipif(render_native.load() is None, reason="the native kernel cannot be built here")
@@ -57,8 +58,11 @@ def test_fast_renderer_equals_grid_sample_renderer(backend):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-3)
 
 
-@needs_native
-def test_native_sums_analytic_on_a_linear_volume():
+SUMS = [render_gather.sample_sums, pytest.param(sample_sums, marks=needs_native)]
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_sums_analytic_on_a_linear_volume(sums):
     """f(x, y, z) = 2x + 3y - z is reproduced exactly by trilinear interpolation: the sum and
     both gradient sums have closed forms."""
     z, y, x = torch.meshgrid(torch.arange(6.0), torch.arange(7.0), torch.arange(8.0), indexing="ij")
@@ -69,7 +73,7 @@ def test_native_sums_analytic_on_a_linear_volume():
     k = torch.arange(S, dtype=torch.float32)
     pts = p0.detach()[:, None] + k[:, None] * q.detach()[:, None]
     expected = (2 * pts[..., 0] + 3 * pts[..., 1] - pts[..., 2]).sum(-1)
-    f = sample_sums(vol, p0, q, S)
+    f = sums(vol, p0, q, S)
     torch.testing.assert_close(f, expected, rtol=1e-5, atol=1e-3)
     gp, gq = torch.autograd.grad(f.sum(), (p0, q))
     grad_f = torch.tensor([2.0, 3.0, -1.0])
@@ -77,15 +81,28 @@ def test_native_sums_analytic_on_a_linear_volume():
     torch.testing.assert_close(gq, (k.sum() * grad_f).expand(2, 3))
 
 
-@needs_native
-def test_native_clamps_like_border_padding_with_zero_gradient_outside():
+@pytest.mark.parametrize("sums", SUMS)
+def test_sums_clamp_like_border_padding_with_zero_gradient_outside(sums):
     vol = torch.arange(27.0).reshape(3, 3, 3)
     p0 = torch.tensor([[-5.0, 1.0, 1.0]], requires_grad=True)  # x below the box: clamped to x = 0
     q = torch.zeros(1, 3, requires_grad=True)
-    f = sample_sums(vol, p0, q, 4)
+    f = sums(vol, p0, q, 4)
     torch.testing.assert_close(f, 4 * torch.tensor([vol[1, 1, 0]]))
     (gp,) = torch.autograd.grad(f.sum(), p0)
     assert gp[0, 0] == 0 and gp[0, 1] == 4 * 3.0 and gp[0, 2] == 4 * 9.0
+
+
+@needs_native
+def test_native_and_gather_sums_agree_with_their_gradient_sums():
+    gen = torch.Generator().manual_seed(2)
+    vol = torch.rand(7, 9, 12, generator=gen)
+    p0 = torch.rand(40, 3, generator=gen) * torch.tensor([12.0, 9.0, 7.0]) - 0.5
+    q = torch.randn(40, 3, generator=gen) * 0.15
+    for n in (1, 23):
+        want = render_gather.gather_sums(vol, p0, q, n, True)
+        got = render_native.load().sample_sums(vol, p0, q, n, True)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
 @needs_native
