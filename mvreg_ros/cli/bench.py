@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-iterations", type=int, default=150)
     p.add_argument("--model", default=None, help="coarse network checkpoint to time")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto", choices=("auto", "native", "compiled", "grid_sample"),
+                   help="the engine's renderer backend (default: native on a CPU, compiled on a GPU)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -20,11 +22,12 @@ def run(args) -> int:
     import json
 
     from mvreg_ros.core.benchmark import BenchConfig, run as bench
+    from mvreg_ros.core.refine import RefineConfig
     from mvreg_ros.core.volume import load_example_ct
 
     cfg = BenchConfig(cases=args.cases, reference_cases=args.reference_cases,
                       reference_iterations=args.reference_iterations, model_path=args.model, device=args.device,
-                      seed=args.seed)
+                      seed=args.seed, refine=RefineConfig(render_backend=args.backend))
     r = bench(load_example_ct(), cfg)
     rr = r["renderer"]
     print(f"device {r['device']}, {r['torch_threads']} threads, torch {r['versions']['torch']}")

@@ -71,18 +71,18 @@ def read_bandwidth_gbs(device, mb: int = 256, repeats: int = 15) -> float:
 
 
 def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
-    """Ray-samples per second, forward and forward+backward, for the engine's renderer (its default
-    backend, and the compiled backend where that is not the default) and the reference renderer;
+    """Ray-samples per second, forward and forward+backward, for the engine's renderer (the
+    configured backend, and the compiled backend beside the native one) and the reference renderer;
     and the memory-bandwidth bound for the same number of trilinear samples."""
     K = geometry.scale_intrinsics(scene.K, cfg.render_size / scene.width)
     T = scene.T_cam_from_ct
     out = {}
-    engine = Renderer(volume.resampled(4), device=cfg.device)
+    engine = Renderer(volume.resampled(4), device=cfg.device, backend=cfg.refine.render_backend)
     out["engine_backend"] = engine.backend
     if engine.backend == "native":
         out["engine_native_isa"] = render_native.load().isa
     renderers = [("engine", engine, cfg.render_samples)]
-    if engine.backend != "compiled":
+    if engine.backend == "native":  # the GPU's backend, measured beside it
         renderers.append(("engine_compiled", Renderer(volume.resampled(4), device=cfg.device, backend="compiled"),
                           cfg.render_samples))
     renderers.append(("reference", ReferenceRenderer(volume, device=cfg.device), None))
