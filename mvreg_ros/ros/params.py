@@ -20,6 +20,7 @@ from ..core.geometry import make_T
 from ..core.geometry import matrix_from_quaternion
 from ..core.kinematics import M_TO_MM, PlaneConfig, T_from_xyz_rpy, check_rigid
 from ..core.refine import RefineConfig
+from ..core.render import BACKENDS
 from .pipeline import QualityGates
 
 
@@ -113,6 +114,10 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
               "Quality gate: also reject a registration whose finest level used its whole iteration budget."),
     ParamSpec("device", "string", "auto", "Torch device of the engine: 'cpu', 'cuda' or 'auto' (cuda when available).",
               choices=("cpu", "cuda", "auto")),
+    ParamSpec("render_backend", "string", _REFINE.render_backend,
+              "Renderer of the refinement: 'auto' (native on a CPU, compiled on a GPU), 'native' (C++ CPU kernel), "
+              "'compiled' (torch.compile) or 'grid_sample' (plain PyTorch reference, no compilation).",
+              choices=BACKENDS),
     ParamSpec("refine_sizes", "integer_array", list(_REFINE.sizes),
               "Refinement pyramid: working image size per level, coarse to fine (px, 8..4096).", range=(8, 4096)),
     ParamSpec("refine_iterations", "integer_array", list(_REFINE.iterations),
@@ -331,7 +336,8 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
                          require_converged=v["require_converged"])
     refine = dataclasses.replace(_REFINE, sizes=tuple(v["refine_sizes"]), iterations=tuple(v["refine_iterations"]),
                                  n_samples=tuple(v["refine_samples"]), patches=tuple(v["refine_patches"]),
-                                 min_similarity=v["min_similarity"], uncertainty=True, device=device)
+                                 min_similarity=v["min_similarity"], uncertainty=True, device=device,
+                                 render_backend=v["render_backend"])
     if v["reference_frame"] == v["anatomy_frame"] or not v["reference_frame"] or not v["anatomy_frame"]:
         raise ConfigError(f"reference_frame {v['reference_frame']!r} and anatomy_frame {v['anatomy_frame']!r} "
                           f"must be two different non-empty frame names")

@@ -71,6 +71,11 @@ def test_defaults_validate():
         validate(spec, spec.default)
 
 
+def test_render_backend_reaches_the_refine_config():
+    assert build_config(dict(BASE), resolve=False).refine.render_backend == "auto"
+    assert build_config({**BASE, "render_backend": "grid_sample"}, resolve=False).refine.render_backend == "grid_sample"
+
+
 BASE = {"volume_path": "example:8"}
 
 
@@ -79,6 +84,7 @@ BASE = {"volume_path": "example:8"}
     ({"max_uncertainty_mm": 5}, "must be double"),
     ({"max_uncertainty_mm": -1.0}, "must lie in"),
     ({"acquisition_mode": "burst"}, "must be one of"),
+    ({"render_backend": "opencl"}, "render_backend"),
     ({"image_topics": ["/a", "/b"], "camera_info_topics": ["/a_info"], "acquisition_mode": "synchronized"},
      "camera_info_topics"),
     ({"image_topics": ["/a", "/b"], "camera_info_topics": ["/ai", "/bi"]}, "sequential"),
