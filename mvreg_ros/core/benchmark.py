@@ -78,9 +78,6 @@ def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
     T = scene.T_cam_from_ct
     out = {}
     engine = Renderer(volume.resampled(4), device=cfg.device, backend=cfg.refine.render_backend)
-    out["engine_backend"] = engine.backend
-    if engine.backend == "native":
-        out["engine_native_isa"] = render_native.load().isa
     renderers = [("engine", engine, cfg.render_samples)]
     if engine.backend == "native":  # the GPU's backend, measured beside it
         renderers.append(("engine_compiled", Renderer(volume.resampled(4), device=cfg.device, backend="compiled"),
@@ -106,6 +103,9 @@ def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
         tb = _timeit(fwd_bwd, cfg.device, repeats)
         out[name] = {"rays": rays, "samples_per_ray": samples, "forward_s": tf, "forward_backward_s": tb,
                      "forward_samples_per_s": rays * samples / tf, "forward_backward_samples_per_s": rays * samples / tb}
+    out["engine_backend"] = engine.backend  # after the calls: a backend that failed to compile has fallen back
+    if engine.backend == "native":
+        out["engine_native_isa"] = render_native.load().isa
     engine_rate = out["engine"]["forward_samples_per_s"]
     bw = memory_bandwidth_gbs(cfg.device)
     out["memory_bandwidth_gbs"] = bw

@@ -276,9 +276,10 @@ def summarise(cases: Sequence[dict]) -> dict:
 def run(path: str | Path, config: EvalConfig = EvalConfig(), *,
         progress: Callable[[dict], None] | None = None) -> dict:
     """Evaluate every selected view set of every selected specimen; returns
-    ``{"file", "config", "cases": [...], "summary": {...}}``."""
+    ``{"file", "config", "render_backends", "cases": [...], "summary": {...}}``."""
     path = Path(path)
     cases: list[dict] = []
+    backends: set[str] = set()
     with DeepFluoroFile(path) as f:
         specimens = list(config.specimens) if config.specimens else f.specimens()
         if not specimens:
@@ -310,7 +311,9 @@ def run(path: str | Path, config: EvalConfig = EvalConfig(), *,
                 cases.append(record)
                 if progress is not None:
                     progress(record)
-    return {"file": str(path), "config": config_dict(config), "cases": cases, "summary": summarise(cases)}
+            backends.update(registrar.render_backends)
+    return {"file": str(path), "config": config_dict(config), "render_backends": sorted(backends), "cases": cases,
+            "summary": summarise(cases)}
 
 
 def config_dict(config: EvalConfig) -> dict:

@@ -138,6 +138,11 @@ class Registrar:
             self._renderers[factor] = self._renderer_cls(self.volume.resampled(factor), device=self.device, **kwargs)
         return self._renderers[factor]
 
+    @property
+    def render_backends(self) -> tuple[str, ...]:
+        """The backends the renderers built so far actually use (after any fallback)."""
+        return tuple(sorted({getattr(r, "backend", type(r).__name__) for r in self._renderers.values()}))
+
     def refine(self, views: ViewSet, T_init_ref_from_ct: Float[Tensor, "4 4"]) -> RegistrationResult:
         start = time.perf_counter()
         try:

@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .render_native import check_sums_inputs
 
 
 def _lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
@@ -25,16 +28,18 @@ def gather_sums(padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Fl
                 with_grad: bool) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``F = sum_k f(p0 + k q)`` (and ``G``, ``H`` with ``with_grad``) for the trilinear
     interpolation f of ``padded`` in index coordinates (x fastest), positions clamped to
-    ``[0, N - 1 - 1e-4]`` per axis (grid_sample's border padding for a volume padded by one
-    replicated voxel), a clamped coordinate having zero gradient. Not differentiable itself."""
+    ``[0, N - 1]`` per axis (grid_sample's border padding for a volume padded by one replicated
+    voxel; NaN to 0), a clamped coordinate having zero gradient. Not differentiable itself."""
     D, H, W = padded.shape
     flat = padded.reshape(-1)
     k = torch.arange(n_samples, dtype=p0.dtype, device=p0.device)
     p = p0[..., None, :] + k[:, None] * q[..., None, :]  # (*B, S, 3), fused away by torch.compile
     rx, ry, rz = p[..., 0], p[..., 1], p[..., 2]
-    hx, hy, hz = W - 1 - 1e-4, H - 1 - 1e-4, D - 1 - 1e-4
-    x, y, z = rx.clamp(0, hx), ry.clamp(0, hy), rz.clamp(0, hz)
-    x0, y0, z0 = x.floor(), y.floor(), z.floor()
+    hx, hy, hz = W - 1, H - 1, D - 1
+    # clamp (NaN -> 0, as the native kernel), then the cell index at most N - 2 (at x = N - 1, fx = 1),
+    # so every neighbour read lies inside the volume
+    x, y, z = (torch.where(r >= 0, r, 0.0).clamp(max=m) for r, m in ((rx, hx), (ry, hy), (rz, hz)))
+    x0, y0, z0 = x.floor().clamp(max=W - 2), y.floor().clamp(max=H - 2), z.floor().clamp(max=D - 2)
     fx, fy, fz = x - x0, y - y0, z - z0
     sy, sz = W, W * H
     i = z0.long() * sz + y0.long() * sy + x0.long()
@@ -63,6 +68,7 @@ class _GatherSums(torch.autograd.Function):
         return F
 
     @staticmethod
+    @once_differentiable  # G and H are not differentiable: a second derivative raises instead of being wrong
     def backward(ctx, grad_f: Tensor):
         G, H = ctx.saved_tensors  # dF/dp0 and dF/dq, from the forward pass
         return None, grad_f[..., None] * G, grad_f[..., None] * H, None
@@ -72,8 +78,7 @@ def sample_sums(padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Fl
                 n_samples: int) -> Float[Tensor, "*B"]:
     """``sum_k f(p0 + k q)``, k = 0..n_samples-1 (see :func:`gather_sums`); differentiable in
     ``p0`` and ``q``. Same contract as :func:`mvreg_ros.core.render_native.sample_sums`."""
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    check_sums_inputs(padded, n_samples)
     if torch.is_grad_enabled() and (p0.requires_grad or q.requires_grad):
         return _GatherSums.apply(padded, p0, q, int(n_samples))
     return gather_sums(padded, p0, q, int(n_samples), False)

@@ -5,33 +5,50 @@ backward pass is then a few multiplications per ray, with no per-sample memory.
 
 The kernel is compiled for this CPU on first use with ``torch.utils.cpp_extension`` (a C++
 compiler and ninja are needed; about 15 s once, then cached under ``TORCH_EXTENSIONS_DIR``, by
-default ``~/.cache/torch_extensions``). :func:`load` returns None when it cannot be built, and the
-renderer then falls back to its compiled (Inductor) backend.
+default ``~/.cache/torch_extensions``, one build per CPU model, torch and Python version).
+:func:`load` returns None when it cannot be built, and the renderer then falls back to its
+compiled (Inductor) backend.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).parent / "csrc" / "trilinear_sums.cpp"
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
 
 _LOCK = threading.Lock()
 _STATE: dict = {}
 
 
+def _cpu_signature() -> str:
+    """What a -march=native binary depends on: the CPU's model and flags (Linux), else the platform."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
 def extension_name() -> str:
-    """Cache key of the build: the kernel is compiled with -march=native, so one build per CPU kind."""
-    capability = torch.backends.cpu.get_cpu_capability().lower()
-    return f"mvreg_trilinear_sums_{platform.machine().lower()}_{capability}"
+    """Cache key of the build: compiled with -march=native against this torch and Python, so one
+    build per CPU model and flags, torch version and Python version."""
+    key = "|".join([_cpu_signature(), torch.__version__, platform.python_version(), SOURCE.name])
+    return f"mvreg_trilinear_sums_{platform.machine().lower()}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
 def load():
@@ -53,33 +70,65 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def build_directory(name: str) -> Path:
+    from torch.utils import cpp_extension
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+
+
+def _clear_stale_lock(directory: Path) -> None:
+    """torch waits without limit for another build's lock: one left by a killed build (a node
+    stopped during its first start) would block every later start."""
+    lock = directory / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            warnings.warn(f"removed a stale build lock {lock}", RuntimeWarning, stacklevel=2)
+    except FileNotFoundError:
+        pass
+
+
 def build(name: str, march: str = "native"):
     """Compile (or load the cached build of) the kernel for ``-march=march``; raises on failure.
     The default build targets this CPU; tests build the other instruction sets with it."""
     from torch.utils import cpp_extension
 
     _ninja_on_path()
+    directory = build_directory(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(directory)
+    if not any(directory.glob("*.so")):
+        print(f"mvreg_ros: compiling the native renderer kernel for this CPU (once, about 15 s) in {directory}",
+              file=sys.stderr, flush=True)
     return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"], verbose=False)
+                              extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
 
 
 def _build():
     try:
         return build(extension_name())
     except Exception as e:  # noqa: BLE001 - no compiler or ninja: the other backends give the same values
-        warnings.warn(f"the native CPU renderer could not be built ({type(e).__name__}: {e}); "
-                      "using the torch.compile backend", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"the native CPU renderer could not be built ({type(e).__name__}: {e}); the renderer uses "
+                      "the torch.compile backend (or grid_sample where that cannot compile either)",
+                      RuntimeWarning, stacklevel=3)
         return None
+
+
+def _module():
+    module = load()
+    if module is None:
+        raise RuntimeError("the native CPU renderer is not available on this machine (see the build warning)")
+    return module
 
 
 @torch.library.custom_op("mvreg::trilinear_sums", mutates_args=())
 def _sums(padded: Tensor, p0: Tensor, q: Tensor, n_samples: int) -> Tensor:
-    return load().sample_sums(padded, p0.contiguous(), q.contiguous(), n_samples, False)[0]
+    return _module().sample_sums(padded, p0.contiguous(), q.contiguous(), n_samples, False)[0]
 
 
 @torch.library.custom_op("mvreg::trilinear_sums_with_grad", mutates_args=())
 def _sums_with_grad(padded: Tensor, p0: Tensor, q: Tensor, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
-    f, g, h = load().sample_sums(padded, p0.contiguous(), q.contiguous(), n_samples, True)
+    f, g, h = _module().sample_sums(padded, p0.contiguous(), q.contiguous(), n_samples, True)
     return f, g, h
 
 
@@ -89,8 +138,8 @@ def _(padded, p0, q, n_samples):
 
 
 @_sums_with_grad.register_fake
-def _(padded, p0, q, n_samples):
-    return p0.new_empty(p0.shape[:-1]), torch.empty_like(p0), torch.empty_like(p0)
+def _(padded, p0, q, n_samples):  # the kernel returns contiguous tensors
+    return p0.new_empty(p0.shape[:-1]), p0.new_empty(p0.shape), p0.new_empty(p0.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -98,6 +147,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
 
 
+@once_differentiable  # G and H are not differentiable: a second derivative raises instead of being wrong
 def _backward(ctx, grad_f, grad_g, grad_h):
     G, H = ctx.saved_tensors  # dF/dp0 and dF/dq, from the forward pass
     return None, grad_f[..., None] * G, grad_f[..., None] * H, None
@@ -106,13 +156,22 @@ def _backward(ctx, grad_f, grad_g, grad_h):
 _sums_with_grad.register_autograd(_backward, setup_context=_setup_context)
 
 
+def check_sums_inputs(padded: Tensor, n_samples: int) -> None:
+    """The checks both backends' ``sample_sums`` share (the kernel checks the rest)."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if padded.ndim != 3 or min(padded.shape) < 2:
+        raise ValueError(f"padded must be (D, H, W) with at least 2 voxels per axis, got {tuple(padded.shape)}")
+    if padded.requires_grad:
+        raise ValueError("gradients with respect to the volume are not computed: pass padded without requires_grad")
+
+
 def sample_sums(padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Float[Tensor, "*B 3"],
                 n_samples: int) -> Float[Tensor, "*B"]:
     """``sum_k f(p0 + k q)``, k = 0..n_samples-1, f the trilinear interpolation of ``padded``
     (index coordinates, x fastest, clamped to the box as grid_sample's border padding);
-    differentiable in ``p0`` and ``q``. Requires :func:`load` to have succeeded."""
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    differentiable once in ``p0`` and ``q``. Requires :func:`load` to have succeeded."""
+    check_sums_inputs(padded, n_samples)  # (no load() here: its lock would break torch.compile's graph)
     if torch.is_grad_enabled() and (p0.requires_grad or q.requires_grad):
         return _sums_with_grad(padded, p0, q, int(n_samples))[0]
     return _sums(padded, p0, q, int(n_samples))

@@ -110,6 +110,9 @@ class JointStateBuffer:
                     out[n] = v[-1]
                     continue
                 i = bisect.bisect_right(t, stamp_ns)  # t[i-1] <= stamp < t[i]
+                if stamp_ns == t[i - 1]:  # on a sample: no interpolation, whatever the gap after it
+                    out[n] = v[i - 1]
+                    continue
                 gap = t[i] - t[i - 1]
                 if gap > self.max_gap_ns and abs(v[i] - v[i - 1]) > self.still_tolerance:
                     raise JointStateError(

@@ -23,3 +23,14 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("demo", "eval", "simulate", "bench", "train", "bag"):
         assert cmd in out
+
+
+def test_bench_backend_choices_are_the_renderers():
+    import argparse
+
+    from mvreg_ros.cli import bench
+    from mvreg_ros.core.render import BACKENDS
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert tuple(next(a for a in p._actions if a.dest == "backend").choices) == BACKENDS

@@ -11,6 +11,7 @@ from mvreg_ros.core import deepfluoro as df
 from mvreg_ros.core import evaluation as ev
 from mvreg_ros.core.geometry import invert, make_T, rotation_angle_deg, transform_points
 from mvreg_ros.core.metrics import pose_errors
+from mvreg_ros.core.render import resolve_backend
 from mvreg_ros.core.refine import RefineConfig
 from mvreg_ros.core.simulate import DetectorConfig
 from mvreg_ros.core.volume import MU_WATER_PER_MM
@@ -37,6 +38,8 @@ def report(tiny_file):
 
 
 def test_refinement_recovers_the_pose(report):
+    # the backend actually used (auto resolved) is recorded
+    assert report["render_backends"] == [resolve_backend(QUICK.render_backend, "cpu", torch.float32)]
     cases = report["cases"]
     assert [c["views"] for c in cases] == [[0, 1], [1, 2]]  # default: consecutive pairs
     for c in cases:

@@ -105,6 +105,41 @@ def test_native_and_gather_sums_agree_with_their_gradient_sums():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("sums", SUMS)
+def test_sums_never_read_past_the_volume(sums):
+    """Float32 cannot hold N - 1 - eps for N > 2048: the cell index itself is clamped. The volume is
+    a view followed by NaN memory, so a read past its end would show."""
+    storage = torch.full((2100 * 9 + 64,), float("nan"))
+    vol = storage[: 2100 * 9].view(2100, 3, 3)
+    vol.copy_(torch.rand(2100, 3, 3, generator=torch.Generator().manual_seed(0)))
+    p0 = torch.tensor([[1.0, 1.0, 5000.0], [2.0, 2.0, 2099.0], [0.5, 0.5, float("nan")]], requires_grad=True)
+    q = torch.zeros(3, 3)
+    f = sums(vol, p0, q, 4)
+    torch.testing.assert_close(f.detach(), 4 * torch.stack([vol[2099, 1, 1], vol[2099, 2, 2], vol[0, 0:2, 0:2].mean()]))
+    (g,) = torch.autograd.grad(f.sum(), p0)
+    assert bool(torch.isfinite(g).all())
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_sums_refuse_volume_gradients_and_second_derivatives(sums):
+    vol = torch.rand(4, 4, 4)
+    p0 = torch.rand(3, 3, requires_grad=True)
+    q = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="volume"):
+        sums(vol.requires_grad_(), p0, q, 4)
+    (g,) = torch.autograd.grad(sums(vol.detach(), p0, q, 4).sum(), p0, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), p0)
+
+
+@needs_native
+def test_native_custom_ops_pass_opcheck():
+    vol = torch.rand(5, 6, 7)
+    p0, q = torch.rand(2, 4, 3) * 4, torch.rand(2, 4, 3) * 0.1
+    torch.library.opcheck(torch.ops.mvreg.trilinear_sums.default, (vol, p0, q, 5))
+    torch.library.opcheck(torch.ops.mvreg.trilinear_sums_with_grad.default, (vol, p0.requires_grad_(), q, 5))
+
+
 @needs_native
 def test_native_rejects_bad_inputs():
     vol = torch.zeros(4, 4, 4)
@@ -141,14 +176,22 @@ def test_native_build_failure_falls_back_to_compiled(monkeypatch):
     assert Renderer(load_example_ct(downsample=8)).backend == "compiled"
 
 
-def test_compiled_renderers_raise_dynamos_recompile_limit():
-    """Long-running processes render many shape variants; past Dynamo's default limit (8) they
-    would silently run uncompiled."""
+def test_more_shape_variants_than_dynamos_default_limit_all_compile():
+    """A long-running process renders many shape variants; past Dynamo's default recompile limit
+    (8) they would silently run uncompiled. Nine variants: nine compiled graphs, none left eager."""
+    from torch._dynamo.utils import counters
+
     from mvreg_ros.core.render import RECOMPILE_LIMIT
 
     ct, K, T = _setup()
-    Renderer(ct, backend="compiled")(T, K, 24, 20, n_samples=8)
-    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT >= 32
+    r = Renderer(ct)
+    before = counters["stats"]["unique_graphs"]
+    for n in range(9):
+        with torch.no_grad():
+            img = r(T[:1], K[:1], 6 + n, 5, n_samples=4)
+        assert img.shape == (1, 6 + n, 5)
+    assert counters["stats"]["unique_graphs"] - before == 9
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
 
 
 @needs_native
@@ -163,6 +206,8 @@ def test_every_instruction_set_build_gives_the_same_sums(march, isa):
     gen = torch.Generator().manual_seed(5)
     vol = torch.rand(9, 11, 13, generator=gen)
     p0 = (torch.rand(50, 3, generator=gen) * torch.tensor([13.0, 11.0, 9.0]) - 1).contiguous()  # some outside the box
+    p0[0, 1] = float("nan")  # NaN coordinates clamp to 0 in every build (undefined behaviour if not handled)
+    p0[1] = torch.tensor([1e6, -1e6, 1e9])
     q = (torch.randn(50, 3, generator=gen) * 0.2).contiguous()
     for n in (1, 19, 64):
         want = render_native.load().sample_sums(vol, p0, q, n, True)

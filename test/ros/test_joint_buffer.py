@@ -46,6 +46,7 @@ def test_gap_limit_applies_only_to_a_moving_joint():
     with pytest.raises(JointStateError, match="joint-state gap: 'moving' moved from 0.1 to 0.9 between samples 1.750 s"):
         b.positions_at(S, ["moving"])
     assert b.positions_at(2 * S, ["moving"]) == {"moving": 0.9}  # at a sample: no interpolation
+    assert b.positions_at(S // 4, ["moving"]) == {"moving": 0.1}  # on the sample before the gap
 
 
 @pytest.mark.parametrize("kwargs", [{"max_gap_s": 0.0}, {"max_gap_s": float("inf")}, {"still_tolerance": -1.0}])

@@ -6,8 +6,9 @@
 // and, when asked, in the same pass over the samples
 //   G[r] = sum_k grad f(p_k),   H[r] = sum_k k grad f(p_k)
 // so that dF/dp0 = G and dF/dq = H: the backward pass needs no per-sample memory.
-// Positions are clamped to [0, N - 1 - 1e-4] per axis (the padded volume replicates its border,
-// so this is grid_sample's "border" padding); a clamped coordinate has zero gradient.
+// Positions are clamped to [0, N - 1] per axis (the padded volume replicates its border, so this
+// is grid_sample's "border" padding; NaN goes to 0); a clamped coordinate has zero gradient. The
+// cell index is at most N - 2, so every neighbour read lies inside the volume.
 // The lanes of one SIMD vector are consecutive samples of one ray; volume reads are hardware
 // gathers (AVX-512: one 64-bit load per pair of x-neighbours; AVX2), with a scalar build for other CPUs. Rays run in parallel on
 // ATen's intra-op threads (torch.set_num_threads applies).
@@ -32,8 +33,9 @@ inline F add(F a, F b) { return _mm512_add_ps(a, b); }
 inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
 inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
 inline F madd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-inline F clamp(F x, F lo, F hi) { return _mm512_min_ps(_mm512_max_ps(x, lo), hi); }
+inline F clamp(F x, F lo, F hi) { return _mm512_min_ps(_mm512_max_ps(x, lo), hi); }  // max_ps(NaN, lo) = lo
 inline I to_index(F x) { return _mm512_cvttps_epi32(x); }
+inline I mini(I a, I b) { return _mm512_min_epi32(a, b); }
 inline F to_float(I x) { return _mm512_cvtepi32_ps(x); }
 inline I addi(I a, I b) { return _mm512_add_epi32(a, b); }
 inline I muli(I a, I b) { return _mm512_mullo_epi32(a, b); }
@@ -64,8 +66,9 @@ inline F add(F a, F b) { return _mm256_add_ps(a, b); }
 inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
 inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
 inline F madd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-inline F clamp(F x, F lo, F hi) { return _mm256_min_ps(_mm256_max_ps(x, lo), hi); }
+inline F clamp(F x, F lo, F hi) { return _mm256_min_ps(_mm256_max_ps(x, lo), hi); }  // max_ps(NaN, lo) = lo
 inline I to_index(F x) { return _mm256_cvttps_epi32(x); }
+inline I mini(I a, I b) { return _mm256_min_epi32(a, b); }
 inline F to_float(I x) { return _mm256_cvtepi32_ps(x); }
 inline I addi(I a, I b) { return _mm256_add_epi32(a, b); }
 inline I muli(I a, I b) { return _mm256_mullo_epi32(a, b); }
@@ -94,8 +97,9 @@ inline F add(F a, F b) { return a + b; }
 inline F sub(F a, F b) { return a - b; }
 inline F mul(F a, F b) { return a * b; }
 inline F madd(F a, F b, F c) { return a * b + c; }
-inline F clamp(F x, F lo, F hi) { return x < lo ? lo : (x > hi ? hi : x); }
+inline F clamp(F x, F lo, F hi) { return !(x >= lo) ? lo : (x > hi ? hi : x); }  // NaN -> lo
 inline I to_index(F x) { return static_cast<I>(x); }
+inline I mini(I a, I b) { return a < b ? a : b; }
 inline F to_float(I x) { return static_cast<F>(x); }
 inline I addi(I a, I b) { return a + b; }
 inline I muli(I a, I b) { return a * b; }
@@ -118,7 +122,8 @@ inline F lerp(F a, F b, F t) { return madd(sub(b, a), t, a); }
 struct Volume {
   const float* data;
   int stride_y, stride_z;
-  float max_x, max_y, max_z;  // largest coordinate with a full interpolation cell inside
+  float max_x, max_y, max_z;  // largest coordinate: N - 1
+  int cell_x, cell_y, cell_z;  // largest cell index: N - 2
 };
 
 template <bool kGrad>
@@ -126,6 +131,7 @@ void ray_sums(const Volume& vol, const float* p0, const float* q, int S, float* 
   const F zero = set1(0.0f), last = set1(static_cast<float>(S - 1));
   const F max_x = set1(vol.max_x), max_y = set1(vol.max_y), max_z = set1(vol.max_z);
   const I sy = set1i(vol.stride_y), sz = set1i(vol.stride_z);
+  const I cell_x = set1i(vol.cell_x), cell_y = set1i(vol.cell_y), cell_z = set1i(vol.cell_z);
   const F ox = set1(p0[0]), oy = set1(p0[1]), oz = set1(p0[2]);
   const F qx = set1(q[0]), qy = set1(q[1]), qz = set1(q[2]);
   F acc = zero, gx = zero, gy = zero, gz = zero, hx = zero, hy = zero, hz = zero;
@@ -134,7 +140,8 @@ void ray_sums(const Volume& vol, const float* p0, const float* q, int S, float* 
     const F w = inside(k, zero, last);  // tail lanes beyond the last sample weigh nothing
     const F rx = madd(k, qx, ox), ry = madd(k, qy, oy), rz = madd(k, qz, oz);
     const F x = clamp(rx, zero, max_x), y = clamp(ry, zero, max_y), z = clamp(rz, zero, max_z);
-    const I xi = to_index(x), yi = to_index(y), zi = to_index(z);  // floor: coordinates are >= 0
+    // floor (coordinates are >= 0), at most the last cell: at x = N - 1, fx = 1
+    const I xi = mini(to_index(x), cell_x), yi = mini(to_index(y), cell_y), zi = mini(to_index(z), cell_z);
     const F fx = sub(x, to_float(xi)), fy = sub(y, to_float(yi)), fz = sub(z, to_float(zi));
     const I i000 = addi(addi(muli(zi, sz), muli(yi, sy)), xi);
     const I i010 = addi(i000, sy), i100 = addi(i000, sz), i110 = addi(i100, sy);
@@ -195,9 +202,10 @@ std::vector<torch::Tensor> sample_sums(torch::Tensor padded, torch::Tensor p0, t
     g = torch::empty_like(p0);
     h = torch::empty_like(p0);
   }
-  const Volume vol{padded.data_ptr<float>(), static_cast<int>(padded.size(2)),
-                   static_cast<int>(padded.size(1) * padded.size(2)), static_cast<float>(padded.size(2) - 1 - 1e-4),
-                   static_cast<float>(padded.size(1) - 1 - 1e-4), static_cast<float>(padded.size(0) - 1 - 1e-4)};
+  const int D = static_cast<int>(padded.size(0)), H = static_cast<int>(padded.size(1)),
+            W = static_cast<int>(padded.size(2));
+  const Volume vol{padded.data_ptr<float>(), W, W * H, static_cast<float>(W - 1), static_cast<float>(H - 1),
+                   static_cast<float>(D - 1), W - 2, H - 2, D - 2};
   const float* pp = p0.data_ptr<float>();
   const float* qq = q.data_ptr<float>();
   float* ff = f.data_ptr<float>();
