@@ -120,31 +120,26 @@ def pad_volume(data: Float[Tensor, "D H W"]) -> Float[Tensor, "D2 H2 W2"]:
     return F.pad(data[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0].contiguous()
 
 
-def _first_sample_and_step(rays: Rays, n_samples: int, dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """The midpoint samples of :func:`integrate` as ``p0 + k q`` (k = 0..n-1) in the coordinates
-    of the padded volume (:func:`pad_volume`), and the sample spacing ``h`` (mm)."""
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    h = (rays.t_far - rays.t_near) / n_samples
+def _integrate_sums(sample_sums, padded: Tensor, rays: Rays, n_samples: int) -> Tensor:
+    """The midpoint rule of :func:`integrate` as ``h * sum_k f(p0 + k q)``, k = 0..n-1, in the
+    coordinates of the padded volume (:func:`pad_volume`), h the sample spacing (mm)."""
+    h = (rays.t_far - rays.t_near) / max(n_samples, 1)  # sample_sums rejects n_samples < 1
     p0 = rays.origin + (rays.t_near + 0.5 * h)[..., None] * rays.direction + 1  # +1: the padding voxel
     q = h[..., None] * rays.direction
-    return p0.to(dtype), q.to(dtype), h
+    f = sample_sums(padded, p0.to(padded.dtype), q.to(padded.dtype), n_samples)
+    return f * h.to(f.dtype)
 
 
 def integrate_gather(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
     """Same integral as :func:`integrate` for the volume padded by one replicated voxel, with the
     gather sums of :mod:`mvreg_ros.core.render_gather` (the ``compiled`` backend)."""
-    p0, q, h = _first_sample_and_step(rays, n_samples, padded.dtype)
-    f = gather.sample_sums(padded, p0, q, n_samples)
-    return f * h.to(f.dtype)
+    return _integrate_sums(gather.sample_sums, padded, rays, n_samples)
 
 
 def integrate_native(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
     """Same integral as :func:`integrate_gather` with the C++ kernel of
     :mod:`mvreg_ros.core.render_native` (the ``native`` backend; CPU, float32)."""
-    p0, q, h = _first_sample_and_step(rays, n_samples, padded.dtype)
-    f = native.sample_sums(padded, p0, q, n_samples)
-    return f * h.to(f.dtype)
+    return _integrate_sums(native.sample_sums, padded, rays, n_samples)
 
 
 def render_native(T_index_from_ct: Tensor, shape_ijk: tuple[int, int, int], T_cam_from_ct: Tensor, K: Tensor,

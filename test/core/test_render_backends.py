@@ -214,3 +214,12 @@ def test_every_instruction_set_build_gives_the_same_sums(march, isa):
         got = other.sample_sums(vol, p0, q, n, True)
         for a, b in zip(want, got):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("integrator", [integrate_gather, pytest.param(integrate_native, marks=needs_native)])
+def test_integrators_reject_no_samples(integrator):
+    ct, K, T = _setup()
+    r = Renderer(ct, backend="grid_sample")
+    rays = make_rays(r.T_index_from_ct, r.shape_ijk, T, K, pixel_grid(4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n_samples"):
+        integrator(pad_volume(r.data), rays, 0)
