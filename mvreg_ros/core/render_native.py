@@ -46,8 +46,10 @@ def _cpu_signature() -> str:
 
 def extension_name() -> str:
     """Cache key of the build: compiled with -march=native against this torch and Python, so one
-    build per CPU model and flags, torch version and Python version."""
-    key = "|".join([_cpu_signature(), torch.__version__, platform.python_version(), SOURCE.name])
+    build per CPU model and flags, torch version, Python version and kernel source (its path too:
+    ninja rebuilds when the path changes, so two checkouts sharing one key would rebuild in turn)."""
+    key = "|".join([_cpu_signature(), torch.__version__, platform.python_version(), str(SOURCE.resolve()),
+                    hashlib.sha1(SOURCE.read_bytes()).hexdigest()])
     return f"mvreg_trilinear_sums_{platform.machine().lower()}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 

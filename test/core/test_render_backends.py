@@ -201,7 +201,7 @@ def test_every_instruction_set_build_gives_the_same_sums(march, isa):
     """The AVX2 and scalar builds (other CPUs) against this CPU's build: sums and gradient sums."""
     if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("this CPU has no AVX2")
-    other = render_native.build(f"mvreg_trilinear_sums_test_{isa}", march)
+    other = render_native.build(f"{render_native.extension_name()}_test_{isa}", march)
     assert other.isa == isa
     gen = torch.Generator().manual_seed(5)
     vol = torch.rand(9, 11, 13, generator=gen)
