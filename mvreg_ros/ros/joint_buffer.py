@@ -12,6 +12,9 @@ import math
 import threading
 from typing import Iterable, Sequence
 
+TOLERANCE_S = 0.1  # an image at most this newer than the newest joint state uses that state
+MAX_GAP_S = 0.5  # joint states further apart than this, the joint moving, are not interpolated
+
 
 class JointStateError(LookupError):
     """Why joint values cannot be given for a stamp (the message is the reason)."""
@@ -35,7 +38,7 @@ class JointStateBuffer:
     within ``still_tolerance``), its position is that value.
     """
 
-    def __init__(self, *, window_s: float = 10.0, tolerance_s: float = 0.1, max_gap_s: float = 0.5,
+    def __init__(self, *, window_s: float = 10.0, tolerance_s: float = TOLERANCE_S, max_gap_s: float = MAX_GAP_S,
                  still_tolerance: float = 1e-6, joints: Iterable[str] | None = None):
         if not (window_s > 0 and math.isfinite(window_s)):
             raise ValueError(f"window_s must be positive, got {window_s}")

@@ -21,6 +21,7 @@ from ..core.geometry import matrix_from_quaternion
 from ..core.kinematics import M_TO_MM, PlaneConfig, T_from_xyz_rpy, check_rigid
 from ..core.refine import RefineConfig
 from ..core.render import BACKENDS
+from .joint_buffer import MAX_GAP_S, TOLERANCE_S
 from .pipeline import QualityGates
 
 
@@ -87,10 +88,10 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("max_view_age_s", "double", 120.0,
               "sequential mode: views older than this before the newest image are forgotten (s).", range=(0.001, 86400.0)),
     ParamSpec("joint_state_window_s", "double", 30.0, "How much joint-state history is kept (s).", range=(0.1, 3600.0)),
-    ParamSpec("joint_state_tolerance_s", "double", 0.1,
+    ParamSpec("joint_state_tolerance_s", "double", TOLERANCE_S,
               "An image newer than the newest joint state by at most this uses that state; beyond, the joint "
               "states are stale and the image is rejected (s).", range=(0.0, 10.0)),
-    ParamSpec("joint_state_max_gap_s", "double", 0.5,
+    ParamSpec("joint_state_max_gap_s", "double", MAX_GAP_S,
               "Joint states around an image's stamp further apart than this, with the joint moving between "
               "them, cannot be interpolated and the image is rejected (s).", range=(0.001, 60.0)),
     ParamSpec("camera_info_wait_s", "double", 0.25,
