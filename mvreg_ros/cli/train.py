@@ -49,11 +49,10 @@ def load_training_volume(source: str, specimen: str | None):
             volume = f.volume(name)
             pp = f.proj_params()
         rows, cols = pp["num_rows"], pp["num_cols"]
-        if rows != cols:
-            raise ValueError(f"{path}: only square detectors are supported for training, got {rows}x{cols}")
         pixel = float(pp["pixel_spacing_mm"][1])
         sdd = abs(float(pp["K_df"][0, 0])) * pixel
-        return volume, {"sdd_mm": sdd, "pixel_mm": pixel, "detector_px": int(cols)}
+        # any detector shape: a rectangular one is letterboxed into the square working size
+        return volume, {"sdd_mm": sdd, "pixel_mm": pixel, "detector_px": int(cols), "detector_rows": int(rows)}
     return load_volume(path), {}
 
 

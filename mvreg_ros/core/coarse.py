@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from .geometry import invert, make_T, rotation_angle_deg, transform_points
+from .geometry import invert, make_T, rotation_angle_deg, scale_intrinsics, transform_points
 from .network import ArchConfig, PoseGeometry, PoseNet, decode, load_checkpoint
 from .render import Renderer
 from .similarity import multiscale_ncc
@@ -138,32 +138,117 @@ def fuse(T_ref_from_ct_views: Float[Tensor, "V 4 4"], T_ref_from_cam: Float[Tens
     return candidates[k][1], inl, scores
 
 
-def resize_views(views: ViewSet, size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Images, masks and K of the views at ``size x size`` (integer pooling, then resampling)."""
-    factor = max(1, min(views.height, views.width) // size)
-    images, K = downsample(views.images.float(), views.K.to(torch.float64), factor)
-    masks, _ = downsample(views.masks.float(), views.K.to(torch.float64), factor)
+ASPECT_TOLERANCE = 0.02  # relative difference of aspect ratios (rows / columns) accepted by predict
+
+
+def to_working_size(images: Float[Tensor, "V H W"], masks: Float[Tensor, "V H W"], K: Float[Tensor, "V 3 3"],
+                    size: int) -> tuple[Float[Tensor, "V S S"], Float[Tensor, "V S S"], Float[Tensor, "V 3 3"]]:
+    """The network input (``size x size``) and its intrinsics ``K_work`` of views of any shape.
+
+    The one preprocessing of the coarse network, used by training (working intrinsics and
+    detector mask of the training renders) and by :meth:`CoarseModel.predict`. Letterbox
+    convention, one isotropic scale (the anatomy keeps its proportions):
+
+    1. average-pool by the integer factor ``f = max(1, max(H, W) // size)`` (the last
+       ``H % f`` rows and ``W % f`` columns are dropped);
+    2. zero-pad the shorter side of the pooled ``h x w`` image to a square of side
+       ``m = max(h, w)``, ``(m - h) // 2`` rows before and the rest after (columns alike);
+       the mask is 0 in the padding;
+    3. resample bilinearly to ``size x size`` (scale ``size / m``, pixel centres kept).
+
+    ``K`` follows every step (:func:`geometry.scale_intrinsics`, a shift of the principal point
+    by the padding), so a 3D point projects through ``K_work`` to where it lies in the network
+    input. Masks are kept where fully inside (> 0.999 after resampling). For square images
+    nothing is padded: integer pooling, then resampling to the working size."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise TypeError(f"size must be a positive int, got {size!r}")
+    if images.ndim != 3 or masks.shape != images.shape:
+        raise ValueError(f"images and masks must be (V, H, W) of one shape, got {tuple(images.shape)} and "
+                         f"{tuple(masks.shape)}")
+    if K.shape != (images.shape[0], 3, 3):
+        raise ValueError(f"K must be ({images.shape[0]}, 3, 3), got {tuple(K.shape)}")
     H, W = images.shape[-2:]
-    if (H, W) != (size, size):
+    factor = max(1, max(H, W) // size)
+    Kd = K.to(torch.float64)
+    images, K_work = downsample(images.float(), Kd, factor)
+    masks, _ = downsample(masks.float(), Kd, factor)
+    h, w = images.shape[-2:]
+    m = max(h, w)
+    if (h, w) != (m, m):
+        top, left = (m - h) // 2, (m - w) // 2
+        pad = (left, m - w - left, top, m - h - top)
+        images, masks = F.pad(images, pad), F.pad(masks, pad)
+        shift = torch.eye(3, dtype=K_work.dtype, device=K_work.device)
+        shift[0, 2], shift[1, 2] = float(left), float(top)
+        K_work = shift @ K_work
+    if m != size:
         images = F.interpolate(images[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         masks = F.interpolate(masks[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        sx, sy = size / W, size / H
-        S = torch.tensor([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], dtype=K.dtype)
-        K = S @ K
-    return images, (masks > 0.999).float(), K
+        K_work = scale_intrinsics(K_work, size / m)
+    return images, (masks > 0.999).float(), K_work
+
+
+def working_geometry(K: Float[Tensor, "3 3"], height: int, width: int,
+                     size: int) -> tuple[Float[Tensor, "3 3"], Float[Tensor, "S S"]]:
+    """``K_work`` and the detector's area (mask) in the network input of a ``height x width``
+    detector with intrinsics ``K`` (:func:`to_working_size` of a blank detector image)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"detector height and width must be positive, got {height}x{width}")
+    ones = torch.ones(1, int(height), int(width), device=K.device)
+    _, mask, K_work = to_working_size(ones, ones, K[None], size)
+    return K_work[0], mask[0]
+
+
+def check_aspect(trained_shape: tuple[int, int], shape: tuple[int, int], *, what: str = "the views") -> None:
+    """Raise a ValueError when ``shape`` (rows, columns) has another aspect ratio than the
+    detector ``trained_shape`` the network was trained for (beyond :data:`ASPECT_TOLERANCE`):
+    by the letterbox convention the anatomy would then sit in another part of the input."""
+    H0, W0 = (int(x) for x in trained_shape)
+    H, W = (int(x) for x in shape)
+    if abs((H / W) / (H0 / W0) - 1.0) > ASPECT_TOLERANCE:
+        raise ValueError(f"{what} are {H}x{W} px (rows x columns), but the coarse network was trained for a "
+                         f"{H0}x{W0} detector (aspect ratio {H / W:.3f} vs {H0 / W0:.3f}); train a model for this "
+                         f"detector shape (TrainConfig detector_rows/detector_px, or `mvreg train` on its file)")
+
+
+def trained_detector_shape(metadata: dict) -> tuple[int, int] | None:
+    """The detector shape (rows, columns) a checkpoint's network was trained for: recorded in
+    its metadata, or (older checkpoints, square detectors only) its training config."""
+    shape = metadata.get("detector_shape")
+    if shape is not None:
+        return int(shape[0]), int(shape[1])
+    config = metadata.get("config") or {}
+    if config.get("detector_px"):
+        cols = int(config["detector_px"])
+        return int(config.get("detector_rows") or cols), cols
+    return None
+
+
+def resize_views(views: ViewSet, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Images, masks and K of the views at ``size x size`` (:func:`to_working_size`)."""
+    return to_working_size(views.images, views.masks, views.K, size)
 
 
 class CoarseModel:
     """A trained coarse network for one CT. ``predict(views)`` gives the fused pose."""
 
     def __init__(self, net: PoseNet, geometry: PoseGeometry, *, volume: Volume | None = None, device="cpu",
-                 fusion: FusionConfig = FusionConfig(), metadata: dict | None = None):
+                 fusion: FusionConfig = FusionConfig(), metadata: dict | None = None,
+                 detector_shape: tuple[int, int] | None = None):
+        """``detector_shape`` (rows, columns): the detector the network was trained for; views
+        of another aspect ratio are refused by :meth:`predict` (None: not checked; taken from
+        the checkpoint by :meth:`load`)."""
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.arch: ArchConfig = net.arch
         self.geometry = geometry
         self.fusion = fusion
         self.metadata = metadata or {}
+        if detector_shape is not None:
+            if len(detector_shape) != 2 or min(int(x) for x in detector_shape) < 1:
+                raise ValueError(f"detector_shape must be (rows, columns) > 0, got {detector_shape}")
+            detector_shape = (int(detector_shape[0]), int(detector_shape[1]))
+        self.detector_shape = detector_shape
         self.centre_ct = torch.tensor(geometry.centre_ct, dtype=torch.float64)
         self._scorer_renderer = None
         if volume is not None and fusion.score_size > 0:
@@ -175,7 +260,8 @@ class CoarseModel:
     def load(cls, path: str | Path, volume: Volume, device="cpu", *, fusion: FusionConfig = FusionConfig()) -> "CoarseModel":
         """Load a checkpoint trained for ``volume``; refuses one made for another CT."""
         net, geometry, meta = load_checkpoint(path, volume_identity=volume.identity(), device=device)
-        return cls(net, geometry, volume=volume, device=device, fusion=fusion, metadata=meta)
+        return cls(net, geometry, volume=volume, device=device, fusion=fusion, metadata=meta,
+                   detector_shape=trained_detector_shape(meta))
 
     @torch.no_grad()
     def predict_views(self, images: Tensor, masks: Tensor, K: Tensor) -> Float[Tensor, "V 4 4"]:
@@ -207,6 +293,8 @@ class CoarseModel:
 
     def predict(self, views: ViewSet) -> CoarseEstimate:
         start = time.perf_counter()
+        if self.detector_shape is not None:
+            check_aspect(self.detector_shape, (views.height, views.width))
         small = resize_views(views, self.arch.size)
         T_cam = self.predict_views(*small)
         T_ref_from_cam = views.T_ref_from_cam.to(torch.float64).cpu()

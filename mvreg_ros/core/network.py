@@ -11,7 +11,8 @@ and regresses the anatomy pose in that view's camera frame ``T_cam_from_ct``:
   distance). The pixel becomes a ray through the actual intrinsics at decoding time.
 
 Checkpoints are safetensors files (no pickle) whose metadata holds a JSON document with the
-architecture, the geometry, the training config and the CT's identity; a ``.json`` sidecar
+architecture, the geometry, the training config, the detector shape it was trained for
+and the CT's identity; a ``.json`` sidecar
 with the same document is written for people.
 """
 
@@ -36,7 +37,7 @@ FORMAT = "mvreg_ros.coarse/1"
 class ArchConfig:
     """Architecture of :class:`PoseNet` (stored in checkpoints; loading checks it)."""
 
-    size: int = 64  # working image size (square, px)
+    size: int = 64  # working image size (square, px; other detectors are letterboxed, see coarse.to_working_size)
     width: int = 32  # channels of the first stage; doubled at each of the next three
     fc: int = 256  # hidden units of the pose head
     rot_scale: float = 1.0  # output scaling of the 6D rotation residual
@@ -177,11 +178,15 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, model: PoseNet, *, geometry: PoseGeometry, volume_identity: dict,
-                    config: dict | None = None, extra: dict | None = None) -> Path:
-    """Weights (and BatchNorm statistics) as safetensors, metadata as JSON inside and beside it."""
+                    config: dict | None = None, extra: dict | None = None,
+                    detector_shape: tuple[int, int] | None = None) -> Path:
+    """Weights (and BatchNorm statistics) as safetensors, metadata as JSON inside and beside it.
+    ``detector_shape`` (rows, columns): the detector the network was trained for."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    if detector_shape is not None and (len(detector_shape) != 2 or min(int(x) for x in detector_shape) < 1):
+        raise ValueError(f"detector_shape must be (rows, columns) > 0, got {detector_shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
@@ -191,6 +196,8 @@ def save_checkpoint(path: str | Path, model: PoseNet, *, geometry: PoseGeometry,
         "config": config or {},
         "extra": extra or {},
     }
+    if detector_shape is not None:
+        meta["detector_shape"] = [int(detector_shape[0]), int(detector_shape[1])]
     text = json.dumps(meta, indent=1)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
@@ -240,6 +247,10 @@ def load_checkpoint(path: str | Path, *, volume_identity: dict | None = None, ar
         raise CheckpointError(f"{path}: unknown architecture fields {doc['architecture']}") from e
     if arch is not None and arch != stored_arch:
         raise CheckpointError(f"{path} has architecture {stored_arch}, but {arch} was requested")
+    shape = doc.get("detector_shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 2
+                                  and all(isinstance(x, int) and x > 0 for x in shape)):
+        raise CheckpointError(f"{path}: detector_shape must be [rows, columns] > 0, got {shape!r}")
     model = PoseNet(stored_arch)
     state = load_file(str(path), device="cpu")
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())

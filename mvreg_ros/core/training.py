@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from .coarse import CoarseModel, FusionConfig
-from .geometry import invert, scale_intrinsics
+from .coarse import CoarseModel, FusionConfig, check_aspect, trained_detector_shape, working_geometry
+from .geometry import invert
 from .losses import cross_view_image_loss, cross_view_pose_loss, image_loss, pose_loss
 from .metrics import mtre_mm, structure_landmarks
 from .network import ArchConfig, PoseGeometry, PoseNet, load_checkpoint, read_metadata, save_checkpoint
@@ -49,7 +49,8 @@ class TrainConfig:
     step_angular_deg: float = 20.0
     sdd_mm: float = 1020.0
     sid_mm: float = 700.0
-    detector_px: int = 256  # detector rows = columns
+    detector_px: int = 256  # detector columns (and rows unless detector_rows is set)
+    detector_rows: int = 0  # detector rows; 0 = detector_px (square)
     pixel_mm: float = 1.164
     # data
     size: int = 64  # working image size
@@ -94,6 +95,9 @@ class TrainConfig:
     threads: int = 0  # torch threads (0 = leave as is)
 
     def __post_init__(self):
+        if self.detector_px < 1 or self.detector_rows < 0:
+            raise ValueError(f"detector_px must be >= 1 and detector_rows >= 0 (0 = square), got "
+                             f"{self.detector_px} and {self.detector_rows}")
         if self.size % 16 or self.image_size < 8 or self.size % self.image_size:
             raise ValueError(f"size ({self.size}) must be a multiple of 16 and of image_size ({self.image_size})")
         for name in ("w_pose", "w_image", "w_cross_pose", "w_cross_image", "minutes"):
@@ -111,16 +115,32 @@ class TrainConfig:
                          step_angular_deg=self.step_angular_deg, sid_mm=self.sid_mm)
 
     @property
+    def detector_shape(self) -> tuple[int, int]:
+        """Detector (rows, columns)."""
+        return (self.detector_rows or self.detector_px, self.detector_px)
+
+    @property
     def detector(self) -> DetectorConfig:
-        return DetectorConfig(sdd_mm=self.sdd_mm, sid_mm=self.sid_mm, height=self.detector_px, width=self.detector_px,
-                              pixel_mm=self.pixel_mm)
+        rows, cols = self.detector_shape
+        return DetectorConfig(sdd_mm=self.sdd_mm, sid_mm=self.sid_mm, height=rows, width=cols, pixel_mm=self.pixel_mm)
+
+    @property
+    def detector_px_per_pixel(self) -> float:
+        """Detector pixels per working pixel (along each axis; the letterbox scale is isotropic)."""
+        return max(self.detector_shape) / self.size
 
     @property
     def arch(self) -> ArchConfig:
         return ArchConfig(size=self.size, width=self.width, fc=self.fc)
 
+    def working_geometry(self) -> tuple[Float[Tensor, "3 3"], Float[Tensor, "S S"]]:
+        """``K_work`` and the detector's area in the ``size x size`` network input, by the one
+        preprocessing of training and inference (:func:`coarse.to_working_size`, letterbox)."""
+        rows, cols = self.detector_shape
+        return working_geometry(self.detector.K(), rows, cols, self.size)
+
     def K_work(self) -> Float[Tensor, "3 3"]:
-        return scale_intrinsics(self.detector.K(), self.size / self.detector_px)
+        return self.working_geometry()[0]
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -184,10 +204,12 @@ class ChannelRenderer:
 
 
 def degrade(channels: Float[Tensor, "N 2 H W"], *, config: TrainConfig, generator: torch.Generator,
-            detector_px_per_pixel: float) -> tuple[Tensor, Tensor]:
+            detector_px_per_pixel: float, detector_mask: Float[Tensor, "H W"] | None = None) -> tuple[Tensor, Tensor]:
     """Random contrast, scatter, noise and field of view, then the log and mask of ``xray``.
 
-    Returns line-integral images and field-of-view masks ``(N, H, W)``."""
+    Returns line-integral images and field-of-view masks ``(N, H, W)``; ``detector_mask``
+    (the detector's area in a letterboxed input, :meth:`TrainConfig.working_geometry`) is
+    multiplied into the masks."""
     g = generator
     N, _, H, W = channels.shape
     ch = channels.float()
@@ -216,6 +238,10 @@ def degrade(channels: Float[Tensor, "N 2 H W"], *, config: TrainConfig, generato
     inside = torch.where(has_fov, torch.sigmoid((radius - r) / 0.5), torch.ones_like(r))
     noisy = noisy * inside
     mask = torch.where(has_fov, (r <= radius - 1.0).float(), torch.ones_like(r))
+    if detector_mask is not None:
+        if detector_mask.shape != (H, W):
+            raise ValueError(f"detector_mask must be ({H}, {W}), got {tuple(detector_mask.shape)}")
+        mask = mask * detector_mask.to(mask)
     images = (math.log(i0) - torch.log(noisy.clamp_min(1.0))) * mask
     return images, mask
 
@@ -236,7 +262,7 @@ class ViewPool:
         self.T_ref_from_ct = torch.zeros(n, 4, 4, dtype=torch.float64)
         self.filled = 0
         self.next = 0
-        self.K = config.K_work()
+        self.K, self.detector_mask = config.working_geometry()
         self.rendered_views = 0
         self.render_s = 0.0
 
@@ -263,7 +289,7 @@ class ViewPool:
         idx = torch.randint(0, self.filled, (n_sets,), generator=self.g)
         ch = self.channels[idx, :n_views].float().reshape(n_sets * n_views, 2, self.config.size, self.config.size)
         images, masks = degrade(ch, config=self.config, generator=self.g,
-                                detector_px_per_pixel=self.config.detector_px / self.config.size)
+                                detector_px_per_pixel=self.config.detector_px_per_pixel, detector_mask=self.detector_mask)
         s = self.config.size
         T_ref_from_cam = self.T_ref_from_cam[idx, :n_views]
         T_ref_from_ct = self.T_ref_from_ct[idx]
@@ -383,7 +409,8 @@ def validation_sets(volume: Volume, config: TrainConfig, geometry: PoseGeometry,
     out = []
     for b in range(n_sets):
         ch = pool.channels[b, :n_views].float()
-        images, masks = degrade(ch, config=config, generator=g, detector_px_per_pixel=config.detector_px / config.size)
+        images, masks = degrade(ch, config=config, generator=g, detector_px_per_pixel=config.detector_px_per_pixel,
+                                detector_mask=pool.detector_mask)
         out.append({"images": images, "masks": masks, "K": pool.K.expand(n_views, 3, 3).clone(),
                     "T_ref_from_cam": pool.T_ref_from_cam[b, :n_views], "T_ref_from_ct": pool.T_ref_from_ct[b]})
     return out
@@ -432,6 +459,8 @@ def train(volume: Volume, config: TrainConfig, out: str | Path, *, device="cpu",
         meta = read_metadata(out)
         if TrainConfig.from_dict(meta["config"]).arch != config.arch:
             raise ValueError(f"cannot resume {out}: its architecture differs from the config's")
+        stored_shape = trained_detector_shape(meta) or TrainConfig.from_dict(meta["config"]).detector_shape
+        check_aspect(stored_shape, config.detector_shape, what=f"cannot resume {out}: the config's detector images")
         net, _, meta = load_checkpoint(out, volume_identity=identity, arch=config.arch, device=device)
         net.train()
         opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -475,13 +504,14 @@ def train(volume: Volume, config: TrainConfig, out: str | Path, *, device="cpu",
         history.append(rec)
         net.eval()
         save_checkpoint(out, net, geometry=geometry, volume_identity=identity, config=config.to_dict(),
-                        extra={"step": step, "seconds": elapsed, "history": history})
+                        extra={"step": step, "seconds": elapsed, "history": history},
+                        detector_shape=config.detector_shape)
         _save_optimizer(optim_path, opt)
         net.train()
 
     def run_validation() -> dict:
         net.eval()
-        model = CoarseModel(net, geometry, volume=None, device=device, fusion=scorer_fusion)
+        model = CoarseModel(net, geometry, volume=None, device=device, fusion=scorer_fusion)  # views at working size
         stats = validate(model, val, landmarks)
         net.train()
         return stats

@@ -64,3 +64,31 @@ def test_bad_inputs_are_reported(ct_files, tmp_path, capsys):
     assert "no_such_setting" in capsys.readouterr().err
     assert cli.main(["train", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_train_on_a_rectangular_deepfluoro_file(ct_files, tmp_path, capsys):
+    """A DeepFluoro-layout file with a 48 x 64 detector: trained (letterboxed input), the
+    checkpoint records the shape, and --eval-only runs on rectangular held-out views."""
+    from mvreg_ros.core.deepfluoro import write_simulated
+    from mvreg_ros.core.simulate import DetectorConfig
+    from mvreg_ros.core.volume import load_hu
+
+    (ct, _), cfg = ct_files
+    hu, T_ct_from_index = load_hu(ct)
+    h5 = tmp_path / "rect.h5"
+    write_simulated(h5, hu, T_ct_from_index, angles_deg=[(0.0, 0.0)], detector=DetectorConfig(height=48, width=64, pixel_mm=5.0))
+    out = tmp_path / "rect.safetensors"
+    assert cli.main(["train", str(h5), "--out", str(out), "--config", str(cfg), "--steps", "2", "--quiet"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["detector_shape"] == [48, 64]
+    assert meta["config"]["detector_rows"] == 48 and meta["config"]["detector_px"] == 64
+    assert meta["config"]["pixel_mm"] == pytest.approx(5.0)
+    capsys.readouterr()
+    assert cli.main(["train", str(h5), "--out", str(out), "--eval-only", "1", "--no-refine", "--json",
+                     str(tmp_path / "e.json")]) == 0
+    summary = json.loads((tmp_path / "e.json").read_text())["summary"]
+    assert summary["n_sets"] == 1 and summary["coarse_median_mtre_mm"] > 0
+    # resuming with a detector of another aspect ratio is refused, naming both shapes
+    assert cli.main(["train", str(ct), "--out", str(out), "--config", str(cfg), "--steps", "3", "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "128x128" in err and "48x64" in err

@@ -102,3 +102,16 @@ def test_parameter_count_of_default_architecture_is_small():
     n = count_parameters(PoseNet(ArchConfig()))
     assert 0.5e6 < n < 3e6, n
     assert not math.isnan(n)
+
+
+def test_checkpoint_records_the_detector_shape(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", _trained_looking_net(), geometry=GEOM, volume_identity=IDENTITY,
+                           detector_shape=(48, 64))
+    _, _, meta = load_checkpoint(path)
+    assert meta["detector_shape"] == [48, 64] and read_metadata(path)["detector_shape"] == [48, 64]
+    with pytest.raises(ValueError, match=r"\(0, 64\)"):
+        save_checkpoint(tmp_path / "bad.safetensors", _trained_looking_net(), geometry=GEOM, volume_identity=IDENTITY,
+                        detector_shape=(0, 64))
+    # without a shape (older checkpoints) the key is absent
+    old = save_checkpoint(tmp_path / "old.safetensors", _trained_looking_net(), geometry=GEOM, volume_identity=IDENTITY)
+    assert "detector_shape" not in read_metadata(old)

@@ -5,7 +5,7 @@ import torch
 
 from mvreg_ros.core import carm
 from mvreg_ros.core.coarse import CoarseModel, FusionConfig, chordal_mean, fuse, resize_views, triangulate
-from mvreg_ros.core.geometry import invert, rotation_angle_deg, se3_exp, so3_exp, transform_points
+from mvreg_ros.core.geometry import invert, rotation_angle_deg, scale_intrinsics, se3_exp, so3_exp, transform_points
 from mvreg_ros.core.network import CheckpointError, PoseNet
 from mvreg_ros.core.pose_sampling import PoseRange, canonical_rotation, sample_view_sets
 from mvreg_ros.core.training import (TrainConfig, ViewPool, batch_loss, degrade, landmarks_ct, make_geometry, train)
@@ -134,6 +134,7 @@ def test_coarse_model_survives_a_corrupted_image(volume, tmp_path):
 
 
 def test_resize_views_keeps_the_projection_of_points():
+    """Rectangular views are letterboxed (one isotropic scale, padding), not stretched."""
     K = torch.tensor([[300.0, 0, 99.5], [0, 300.0, 79.5], [0, 0, 1]], dtype=torch.float64)
     views = ViewSet(images=torch.rand(1, 160, 200), masks=torch.ones(1, 160, 200), K=K[None],
                     T_ref_from_cam=torch.eye(4, dtype=torch.float64)[None])
@@ -142,8 +143,41 @@ def test_resize_views_keeps_the_projection_of_points():
     p = torch.tensor([10.0, -5.0, 500.0], dtype=torch.float64)
     uv = (K @ p)[:2] / p[2]
     uv2 = (K2[0] @ p)[:2] / p[2]
-    # a pixel centre u maps to (u + 0.5) * s - 0.5 with s = new / old size per axis
-    assert torch.allclose(uv2, (uv + 0.5) * torch.tensor([32 / 200, 32 / 160], dtype=torch.float64) - 0.5, atol=1e-9)
+    # pooled by 6 (26 x 33 px), padded to 33 x 33 (3 rows above), resampled by 32 / 33
+    pooled = (uv + 0.5) / 6 - 0.5 + torch.tensor([0.0, 3.0], dtype=torch.float64)
+    assert torch.allclose(uv2, (pooled + 0.5) * 32 / 33 - 0.5, atol=1e-9)
+    assert float(msk[0, :2].sum()) == 0 and float(msk[0, -2:].sum()) == 0 and bool(msk[0, 5:27].all())
+
+
+def test_rectangular_detector_training_data(volume):
+    """A 96 x 128 detector: K_work and the detector band of the letterboxed working input are
+    those of predict's preprocessing; rendered views are blank outside the band."""
+    from mvreg_ros.core.coarse import to_working_size
+
+    cfg = TrainConfig(**dict(TINY, detector_px=128, detector_rows=96, pixel_mm=2.328))
+    assert cfg.detector_shape == (96, 128) and (cfg.detector.height, cfg.detector.width) == (96, 128)
+    assert cfg.detector_px_per_pixel == 4.0
+    ones = torch.ones(1, 96, 128)
+    _, band, K_ref = to_working_size(ones, ones, cfg.detector.K()[None], cfg.size)
+    K_work, det_mask = cfg.working_geometry()
+    assert torch.equal(K_work, K_ref[0]) and torch.equal(det_mask, band[0]) and torch.equal(cfg.K_work(), K_work)
+    assert det_mask[:4].sum() == 0 and det_mask[-4:].sum() == 0 and bool(det_mask[4:28].all())
+    geom = make_geometry(volume, cfg)
+    pool = ViewPool(volume, cfg, centre_ct=torch.tensor(geom.centre_ct), generator=torch.Generator().manual_seed(1))
+    pool.add(4)
+    b = pool.batch(4, 2)
+    assert b["images"].shape == (4, 2, 32, 32)
+    assert bool((b["masks"] <= det_mask).all()) and bool((b["images"][..., :4, :] == 0).all())
+    assert float(b["images"].abs().sum()) > 0
+    loss, terms = batch_loss(PoseNet(cfg.arch), b, config=cfg, geometry=geom, image_terms=False)
+    assert torch.isfinite(loss) and "pose" in terms
+    with pytest.raises(ValueError, match="detector_rows"):
+        TrainConfig(detector_rows=-1)
+    # a square config keeps the plain scaling of K
+    sq = TrainConfig(**TINY)
+    assert sq.detector_shape == (128, 128)
+    assert torch.equal(sq.K_work(), scale_intrinsics(sq.detector.K(), sq.size / sq.detector_px))
+    assert bool(sq.working_geometry()[1].all())
 
 
 def test_landmarks_from_mask_labels(volume):
