@@ -59,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mvreg_ros.cli.options import options_ok
+    if not options_ok(f"bag {args.action}", args, at_least={"sets": 1, "size": 8, "offset_deg": 0, "offset_mm": 0,
+                      "wait_s": 0}, above={"period_s": 0, "rate": 0, "match_timeout_s": 0}):
+        return 2
     try:
         if args.action == "simulate":
             return _simulate(args)

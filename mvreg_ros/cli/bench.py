@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from mvreg_ros.cli.options import options_ok
+    if not options_ok("bench", args, at_least={"cases": 1, "reference_cases": 1, "reference_iterations": 1}):
+        return 2
     import json
 
     from mvreg_ros.core.benchmark import BenchConfig, run as bench

@@ -21,6 +21,9 @@ ANGLES = [(0.0, 0.0), (90.0, 0.0), (45.0, 20.0)]  # (orbital, angular) degrees: 
 
 
 def run(args) -> int:
+    from mvreg_ros.cli.options import options_ok
+    if not options_ok("demo", args, at_least={"downsample": 1, "perturb_rot_deg": 0, "perturb_trans_mm": 0}):
+        return 2
     import time
     from pathlib import Path
 

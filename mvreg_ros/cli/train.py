@@ -57,6 +57,9 @@ def load_training_volume(source: str, specimen: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    from mvreg_ros.cli.options import options_ok
+    if not options_ok("train", args, at_least={"steps": 1, "eval_only": 1}, above={"minutes": 0}):
+        return 2
     import torch
 
     from mvreg_ros.core import training

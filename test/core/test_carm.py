@@ -47,11 +47,24 @@ def test_positive_angular_is_cranial():
     assert float(_source(T)[0]) < 0  # the source toward the feet
 
 
-def test_angular_90_rotates_about_the_patient_right_axis():
+def test_angular_90_is_cranial_lateral_and_minus_90_caudal():
+    # README "C-arm kinematic model": CRAN + puts the detector toward the head (+x_iso), the source toward the
+    # feet; the C turns about the patient-right axis, so the source never leaves the y = 0 plane
     T = T_iso_from_cam(0.0, math.pi / 2, sid_mm=SID)
-    # whatever the sign convention, the C turns in the x-z plane: the source leaves the y = 0 plane never
-    assert abs(float(_source(T)[1])) < 1e-9
-    assert abs(float(_source(T)[0])) == pytest.approx(SID)
+    torch.testing.assert_close(_source(T), torch.tensor([-SID, 0.0, 0.0], dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(_z_cam(T), torch.tensor([1.0, 0.0, 0.0], dtype=F64), atol=1e-12, rtol=0)
+    # the image columns still run toward the patient's right (the tilt axis)
+    torch.testing.assert_close(T[:3, 0], torch.tensor([0.0, 1.0, 0.0], dtype=F64), atol=1e-12, rtol=0)
+    T_caud = T_iso_from_cam(0.0, -math.pi / 2, sid_mm=SID)
+    torch.testing.assert_close(_source(T_caud), torch.tensor([SID, 0.0, 0.0], dtype=F64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(_z_cam(T_caud), torch.tensor([-1.0, 0.0, 0.0], dtype=F64), atol=1e-12, rtol=0)
+    # after LAO 90 (source on the patient's right, detector on the left) CRAN 30 still tilts the detector
+    # toward the head, and the beam stays in the plane of x_iso and the orbital beam direction (-y)
+    T_lao_cran = T_iso_from_cam(math.pi / 2, math.radians(30.0), sid_mm=SID)
+    s, c = math.sin(math.radians(30.0)), math.cos(math.radians(30.0))
+    torch.testing.assert_close(_z_cam(T_lao_cran), torch.tensor([s, -c, 0.0], dtype=F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(_source(T_lao_cran), torch.tensor([-SID * s, SID * c, 0.0], dtype=F64),
+                               atol=1e-9, rtol=0)
 
 
 def test_rotations_are_proper_for_any_angles():
