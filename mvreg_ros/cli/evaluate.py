@@ -25,6 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="translation error of each non-first known camera pose, mm (default: %(default)s)")
     p.add_argument("--success-mm", type=float, default=2.0, help="success threshold on mTRE, mm (default: %(default)s)")
     p.add_argument("--json", metavar="OUT", help="write the per-case results and the summary as JSON")
+    p.add_argument("--capture-range", action="store_true",
+                   help="evaluate from every starting offset 5/10, 10/20, 15/30, 20/40, 30/60 deg/mm (perturbed truth): "
+                        "success and false acceptances against the offset, a table, and a plot with --plot")
+    p.add_argument("--plot", metavar="PNG", help="with --capture-range: write the success/false-acceptance plot")
+    p.add_argument("--no-global", action="store_true",
+                   help="local refinement only, no global stage (the acceptance test still runs)")
     p.add_argument("--quick", action="store_true",
                    help="one short 32 px refinement level (smoke tests; not for reported figures)")
     p.add_argument("--device", default="cpu", help="torch device for refinement (default: %(default)s)")
@@ -32,10 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mvreg_ros.cli.options import options_ok
+    if not options_ok("eval", args, at_least={"max_sets": 1, "perturb_rot_deg": 0, "perturb_trans_mm": 0,
+                      "geometry_noise_deg": 0, "geometry_noise_mm": 0}, above={"success_mm": 0}):
+        return 2
     import torch
 
     from mvreg_ros.core import evaluation
     from mvreg_ros.core.refine import RefineConfig
+    from mvreg_ros.core.registration.global_search import GlobalConfig
+    from mvreg_ros.core.registration.pipeline import PipelineConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,13 +60,29 @@ def run(args: argparse.Namespace) -> int:
             view_sets=evaluation.parse_view_sets(args.views) if args.views else None,
             max_sets=args.max_sets, init=args.init, model=args.model, perturb_rot_deg=args.perturb_rot_deg,
             perturb_trans_mm=args.perturb_trans_mm, seed=args.seed, geometry_noise_deg=args.geometry_noise_deg,
-            geometry_noise_mm=args.geometry_noise_mm, success_mm=args.success_mm, refine=refine)
+            geometry_noise_mm=args.geometry_noise_mm, success_mm=args.success_mm, refine=refine,
+            pipeline=PipelineConfig(global_search=GlobalConfig(enabled=not args.no_global)))
+        if args.plot and not args.capture_range:
+            raise ValueError("--plot goes with --capture-range")
         print(evaluation.TABLE_HEADER, flush=True)
-        report = evaluation.run(args.file, config, progress=lambda c: print(evaluation.format_case(c), flush=True))
+        progress = lambda c: print(evaluation.format_case(c), flush=True)  # noqa: E731
+        if args.capture_range:
+            capture = evaluation.capture_range(args.file, config, progress=progress)
+        else:
+            report = evaluation.run(args.file, config, progress=progress)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mvreg eval: error: {e}", file=sys.stderr)
         return 2
     print()
+    if args.capture_range:
+        print(evaluation.format_capture_range(capture))
+        if args.json:
+            evaluation.write_json(capture, args.json)
+            print(f"wrote {args.json}")
+        if args.plot:
+            evaluation.plot_capture_range(capture, args.plot)
+            print(f"wrote {args.plot}")
+        return 0
     print(evaluation.format_summary(report["summary"], config.success_mm))
     if args.json:
         evaluation.write_json(report, args.json)

@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,7 +26,8 @@ from .deepfluoro import DeepFluoroFile, Projection, views_from_projections
 from .geometry import cam_to_pelvis_vol_from_T, perturb, transform_points
 from .metrics import mpd_mm, mtre_mm, pose_errors
 from .refine import Registrar, RefineConfig
-from .views import ViewSet
+from .registration.initialisers import CoarseNetworkPose, Initialiser, PerturbedTruth
+from .registration.pipeline import PipelineConfig, RegistrationPipeline
 from .volume import Volume
 
 INITIALISERS = ("perturb", "network")
@@ -52,6 +52,7 @@ class EvalConfig:
     i0: float | None = None  # unattenuated intensity; None: estimated per image
     bone_only: bool = False
     refine: RefineConfig = RefineConfig()
+    pipeline: PipelineConfig = PipelineConfig()  # global stage and acceptance test
 
     def __post_init__(self):
         if self.init not in INITIALISERS:
@@ -87,68 +88,11 @@ def parse_view_sets(text: str) -> tuple[tuple[int, ...], ...]:
     return tuple(sets)
 
 
-# ---------------------------------------------------------------------------------------
-# Initialisers: where refinement starts
-# ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One view set of one specimen, as the initialiser sees it."""
-
-    specimen: str
-    indices: tuple[int, ...]
-    views: ViewSet
-    T_true_ref_from_ct: Float[Tensor, "4 4"]  # for simulated initialisers only
-    centre_ct: Float[Tensor, "3"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Initialisation:
-    T_ref_from_ct: Float[Tensor, "4 4"]  # where refinement starts
-    T_coarse_ref_from_ct: Tensor | None = None  # a coarse estimate to report, if any
-
-
-class Initialiser(Protocol):
-    name: str
-
-    def __call__(self, case: Case) -> Initialisation: ...
-
-
-class PerturbInitialiser:
-    """The truth moved by exactly ``rot_deg`` about a random axis through the CT centre, then
-    ``trans_mm`` in a random direction (:func:`.geometry.perturb`); cases draw in order from
-    one seeded generator."""
-
-    name = "perturb"
-
-    def __init__(self, *, rot_deg: float, trans_mm: float, seed: int):
-        self.rot_deg, self.trans_mm = rot_deg, trans_mm
-        self.generator = torch.Generator().manual_seed(int(seed))
-
-    def __call__(self, case: Case) -> Initialisation:
-        T = perturb(case.T_true_ref_from_ct, rot_deg=self.rot_deg, trans_mm=self.trans_mm, centre_ct=case.centre_ct,
-                    generator=self.generator)
-        return Initialisation(T_ref_from_ct=T)
-
-
-class NetworkInitialiser:
-    """The patient-specific coarse network's fused estimate (no knowledge of the truth)."""
-
-    name = "network"
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, case: Case) -> Initialisation:
-        T = self.model.predict(case.views).T_ref_from_ct
-        return Initialisation(T_ref_from_ct=T, T_coarse_ref_from_ct=T)
-
-
 def make_initialiser(config: EvalConfig, volume: Volume) -> Initialiser:
-    """The initialiser named by ``config.init`` for one specimen's CT."""
+    """The initialiser named by ``config.init`` for one specimen's CT (the engine's own
+    initialisers: :mod:`.registration.initialisers`)."""
     if config.init == "perturb":
-        return PerturbInitialiser(rot_deg=config.perturb_rot_deg, trans_mm=config.perturb_trans_mm, seed=config.seed)
+        return PerturbedTruth(rot_deg=config.perturb_rot_deg, trans_mm=config.perturb_trans_mm, seed=config.seed)
     if config.init == "network":
         if config.model is None:
             raise ValueError("network initialisation needs --model PATH (a trained coarse pose network)")
@@ -157,7 +101,7 @@ def make_initialiser(config: EvalConfig, volume: Volume) -> Initialiser:
         from .coarse import CoarseModel
 
         # refuses a checkpoint trained for another CT
-        return NetworkInitialiser(CoarseModel.load(config.model, volume=volume, device=config.refine.device))
+        return CoarseNetworkPose(CoarseModel.load(config.model, volume=volume, device=config.refine.device))
     raise ValueError(f"unknown initialiser {config.init!r}")
 
 
@@ -197,22 +141,19 @@ def _pose_list(T: Tensor) -> list[list[float]]:
     return [[float(v) for v in row] for row in T.to(torch.float64).cpu()]
 
 
-def evaluate_case(registrar: Registrar, initialiser: Initialiser, projections: Sequence[Projection], *,
-                  extrinsic: Tensor, landmarks_ct: Tensor, centre_ct: Tensor, config: EvalConfig,
+def evaluate_case(pipeline: RegistrationPipeline, projections: Sequence[Projection], *, extrinsic: Tensor,
+                  landmarks_ct: Tensor, centre_ct: Tensor, config: EvalConfig,
                   noise_generator: torch.Generator) -> dict:
-    """Register one view set and measure it; returns the case's JSON record."""
+    """Register one view set through the engine's pipeline (start, global stage, refinement,
+    acceptance test) and measure it; returns the case's JSON record."""
     views, T_true = views_from_projections(projections, i0=config.i0)
     T_true_ref_from_cam = views.T_ref_from_cam
     known = perturb_cameras(T_true_ref_from_cam, T_true, centre_ct, rot_deg=config.geometry_noise_deg,
                             trans_mm=config.geometry_noise_mm, generator=noise_generator)
     views = dataclasses.replace(views, T_ref_from_cam=known)
-    case = Case(specimen=projections[0].specimen, indices=tuple(p.index for p in projections), views=views,
-                T_true_ref_from_ct=T_true, centre_ct=centre_ct)
-    start = time.perf_counter()
-    init = initialiser(case)
-    result = registrar.refine(views, init.T_ref_from_ct)
-    elapsed = time.perf_counter() - start
-
+    specimen, indices = projections[0].specimen, tuple(p.index for p in projections)
+    outcome = pipeline.register(views, T_true_ref_from_ct=T_true)
+    result, start, verdict = outcome.result, outcome.start, outcome.verdict
     T_est = result.T_ref_from_ct.to(torch.float64)
     pixel_mm = torch.tensor([p.pixel_mm for p in projections], dtype=torch.float64)
 
@@ -221,32 +162,42 @@ def evaluate_case(registrar: Registrar, initialiser: Initialiser, projections: S
 
     mtre = mtre_mm(T_est, T_true, landmarks_ct)
     rot_err, trans_err = pose_errors(T_est, T_true, centre_ct)
+    success = bool(mtre <= config.success_mm)
     record = {
-        "specimen": case.specimen,
-        "views": list(case.indices),
+        "specimen": specimen,
+        "views": list(indices),
         "mtre_mm": mtre,
         "mpd_mm": mpd(T_est),
-        "success": bool(mtre <= config.success_mm),
+        "success": success,
         "success_mm": config.success_mm,
-        "time_s": elapsed,
-        "init_mtre_mm": mtre_mm(init.T_ref_from_ct, T_true, landmarks_ct),
-        "init_mpd_mm": mpd(init.T_ref_from_ct),
+        "accepted": bool(outcome.accepted),
+        "false_acceptance": bool(outcome.accepted and not success),
+        "time_s": outcome.time_s,
+        "stages": list(outcome.stages),
+        "init_mtre_mm": mtre_mm(start.T_ref_from_ct, T_true, landmarks_ct),
+        "init_mpd_mm": mpd(start.T_ref_from_ct),
         "rot_err_deg": rot_err,
         "trans_err_mm": trans_err,
         "pose_true": _pose_list(projections[0].cam_to_pelvis_vol),
-        "pose_init": _pose_list(cam_to_pelvis_vol_from_T(extrinsic, init.T_ref_from_ct)),
+        "pose_init": _pose_list(cam_to_pelvis_vol_from_T(extrinsic, start.T_ref_from_ct)),
         "pose_est": _pose_list(cam_to_pelvis_vol_from_T(extrinsic, T_est)),
         "registration_success": bool(result.success),
-        "reason": result.reason,
+        "reason": outcome.reason,
         "converged": bool(result.converged),
         "similarity": _finite(result.similarity),
         "view_similarity": [_finite(s) for s in result.view_similarity],
         "uncertainty_mm": _finite(result.uncertainty_mm),
+        "view_shift_mm": [_finite(s) for s in verdict.view_shift_mm],
+        "view_gain": [_finite(s) for s in verdict.view_gain],
+        "margin": None if verdict.margin is None else _finite(verdict.margin),
         "iterations": int(result.iterations),
     }
-    if init.T_coarse_ref_from_ct is not None:
-        record["pose_coarse"] = _pose_list(cam_to_pelvis_vol_from_T(extrinsic, init.T_coarse_ref_from_ct))
-        record["coarse_mtre_mm"] = mtre_mm(init.T_coarse_ref_from_ct, T_true, landmarks_ct)
+    if outcome.global_result is not None:
+        record["global_mtre_mm"] = mtre_mm(outcome.global_result.best, T_true, landmarks_ct)
+        record["global_time_s"] = outcome.global_result.time_s
+    if start.T_coarse_ref_from_ct is not None:
+        record["pose_coarse"] = _pose_list(cam_to_pelvis_vol_from_T(extrinsic, start.T_coarse_ref_from_ct))
+        record["coarse_mtre_mm"] = mtre_mm(start.T_coarse_ref_from_ct, T_true, landmarks_ct)
     return record
 
 
@@ -255,6 +206,20 @@ def _stats(values: Sequence[float]) -> dict:
     if len(a) == 0:
         return {"mean": None, "median": None, "p95": None}
     return {"mean": float(a.mean()), "median": float(np.median(a)), "p95": float(np.percentile(a, 95))}
+
+
+def acceptance_counts(cases: Sequence[dict]) -> dict:
+    """How the acceptance test did: ``false_acceptances`` (accepted, yet mTRE above the success
+    threshold: the count that must be 0), ``false_rejections`` (rejected successes), and the
+    true acceptance rate among the successes."""
+    ok = [c for c in cases if c["success"]]
+    accepted = sum(c["accepted"] for c in cases)
+    return {
+        "accepted": accepted,
+        "false_acceptances": sum(c["accepted"] and not c["success"] for c in cases),
+        "false_rejections": sum(c["success"] and not c["accepted"] for c in cases),
+        "true_acceptance_rate": (sum(c["accepted"] for c in ok) / len(ok)) if ok else None,
+    }
 
 
 def summarise(cases: Sequence[dict]) -> dict:
@@ -269,6 +234,7 @@ def summarise(cases: Sequence[dict]) -> dict:
             "coarse_success_rate": sum(c["coarse_mtre_mm"] <= c["success_mm"] for c in cases) / n}
            if n and all("coarse_mtre_mm" in c for c in cases) else {}),
         "success_rate": (sum(c["success"] for c in cases) / n) if n else None,
+        **acceptance_counts(cases),
         "time_s": {"median": float(np.median(times)) if n else None, "mean": float(np.mean(times)) if n else None},
     }
 
@@ -301,11 +267,12 @@ def run(path: str | Path, config: EvalConfig = EvalConfig(), *,
             names, landmarks_ct = f.landmarks(specimen)
             volume = f.volume(specimen, bone_only=config.bone_only, with_mask=False)
             centre_ct = volume.centre_ct().to(torch.float64)
-            initialiser = make_initialiser(config, volume)
             registrar = Registrar(volume, config.refine)
+            pipeline = RegistrationPipeline(registrar, initialisers=[make_initialiser(config, volume)],
+                                            config=config.pipeline)
             noise_generator = torch.Generator().manual_seed(int(config.seed) + 1)
             for vs in sets:
-                record = evaluate_case(registrar, initialiser, [f.projection(specimen, i) for i in vs], extrinsic=E,
+                record = evaluate_case(pipeline, [f.projection(specimen, i) for i in vs], extrinsic=E,
                                        landmarks_ct=landmarks_ct, centre_ct=centre_ct, config=config,
                                        noise_generator=noise_generator)
                 cases.append(record)
@@ -319,6 +286,7 @@ def run(path: str | Path, config: EvalConfig = EvalConfig(), *,
 def config_dict(config: EvalConfig) -> dict:
     d = dataclasses.asdict(config)
     d["refine"] = dataclasses.asdict(config.refine)
+    d["pipeline"] = dataclasses.asdict(config.pipeline)
     return d
 
 
@@ -344,13 +312,14 @@ def _fmt(x, spec: str = ".2f") -> str:
 def format_case(c: dict) -> str:
     views = ",".join(str(i) for i in c["views"])
     ok = "yes" if c["success"] else "no"
+    acc = ("FALSE" if c["false_acceptance"] else "yes") if c["accepted"] else "no"
     return (f"{c['specimen']:>10} {views:>9} {_fmt(c['init_mtre_mm']):>9} {_fmt(c['mtre_mm']):>9} {_fmt(c['mpd_mm']):>8} "
-            f"{_fmt(c['similarity'], '.3f'):>6} {_fmt(c['uncertainty_mm']):>7} {_fmt(c['time_s'], '.1f'):>7} {ok:>4}"
+            f"{_fmt(c['similarity'], '.3f'):>6} {_fmt(c['uncertainty_mm']):>7} {_fmt(c['time_s'], '.1f'):>7} {ok:>4} {acc:>5}"
             + (f"  {c['reason']}" if c["reason"] else ""))
 
 
 TABLE_HEADER = (f"{'specimen':>10} {'views':>9} {'init mTRE':>9} {'mTRE mm':>9} {'mPD mm':>8} {'sim':>6} "
-                f"{'unc mm':>7} {'time s':>7} {'ok':>4}")
+                f"{'unc mm':>7} {'time s':>7} {'ok':>4} {'acc':>5}")
 
 
 def format_summary(summary: dict, success_mm: float = 2.0) -> str:
@@ -362,6 +331,9 @@ def format_summary(summary: dict, success_mm: float = 2.0) -> str:
         f"   (initial: mean {_fmt(i['mean'])}  median {_fmt(i['median'])})",
         f"mPD mm    mean {_fmt(p['mean'])}  median {_fmt(p['median'])}  p95 {_fmt(p['p95'])}",
         f"success (mTRE <= {success_mm:g} mm): {_fmt(None if rate is None else 100 * rate, '.1f')} %",
+        f"accepted {summary['accepted']}/{summary['n']}: false acceptances (accepted, mTRE > {success_mm:g} mm) "
+        f"{summary['false_acceptances']}, false rejections {summary['false_rejections']}, true acceptance "
+        f"{_fmt(None if summary['true_acceptance_rate'] is None else 100 * summary['true_acceptance_rate'], '.1f')} %",
         f"time s    median {_fmt(summary['time_s']['median'], '.1f')}  mean {_fmt(summary['time_s']['mean'], '.1f')}",
     ] + ([f"coarse network alone: mTRE mm mean {_fmt(summary['coarse_mtre_mm']['mean'])}  median "
           f"{_fmt(summary['coarse_mtre_mm']['median'])}  p95 {_fmt(summary['coarse_mtre_mm']['p95'])}, "
@@ -371,3 +343,59 @@ def format_summary(summary: dict, success_mm: float = 2.0) -> str:
 def format_table(report: dict) -> str:
     lines = [TABLE_HEADER] + [format_case(c) for c in report["cases"]]
     return "\n".join(lines) + "\n\n" + format_summary(report["summary"], report["config"]["success_mm"])
+
+
+CAPTURE_OFFSETS = ((5.0, 10.0), (10.0, 20.0), (15.0, 30.0), (20.0, 40.0), (30.0, 60.0))
+
+
+def capture_range(path: str | Path, config: EvalConfig = EvalConfig(), *,
+                  offsets: Sequence[tuple[float, float]] = CAPTURE_OFFSETS,
+                  progress: Callable[[dict], None] | None = None) -> dict:
+    """Success and false acceptances against the starting offset: one :func:`run` per
+    (degrees, mm) offset, same view sets and seed. Returns ``{"offsets": [{"rot_deg",
+    "trans_mm", "summary"}, ...], "reports": [...]}``."""
+    rows, reports = [], []
+    for rot, trans in offsets:
+        cfg = dataclasses.replace(config, init="perturb", perturb_rot_deg=float(rot), perturb_trans_mm=float(trans))
+        report = run(path, cfg, progress=progress)
+        reports.append(report)
+        rows.append({"rot_deg": float(rot), "trans_mm": float(trans), "summary": report["summary"]})
+    return {"file": str(path), "offsets": rows, "reports": reports}
+
+
+def format_capture_range(capture: dict) -> str:
+    lines = [f"{'start offset':>16} {'n':>4} {'success':>8} {'median mTRE':>12} {'accepted':>9} {'false acc':>10} "
+             f"{'false rej':>10} {'median s':>9}"]
+    for row in capture["offsets"]:
+        s = row["summary"]
+        lines.append(f"{row['rot_deg']:>6g} deg/{row['trans_mm']:>4g} mm {s['n']:>4} "
+                     f"{_fmt(None if s['success_rate'] is None else 100 * s['success_rate'], '.1f'):>7}% "
+                     f"{_fmt(s['mtre_mm']['median']):>9} mm {s['accepted']:>9} {s['false_acceptances']:>10} "
+                     f"{s['false_rejections']:>10} {_fmt(s['time_s']['median']):>9}")
+    return "\n".join(lines)
+
+
+def plot_capture_range(capture: dict, path: str | Path) -> None:
+    """Success rate and false acceptances against the starting offset (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = capture["offsets"]
+    x = list(range(len(rows)))
+    labels = [f"{r['rot_deg']:g}/{r['trans_mm']:g}" for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(x, [100 * (r["summary"]["success_rate"] or 0) for r in rows], "o-", label="success (mTRE <= 2 mm)")
+    ax.plot(x, [100 * r["summary"]["accepted"] / max(r["summary"]["n"], 1) for r in rows], "s--", label="accepted")
+    ax.bar(x, [100 * r["summary"]["false_acceptances"] / max(r["summary"]["n"], 1) for r in rows], color="red",
+           alpha=0.6, label="false acceptances")
+    ax.set_xticks(x, labels)
+    ax.set_xlabel("starting offset (deg / mm)")
+    ax.set_ylabel("% of view sets")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title(Path(capture["file"]).name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

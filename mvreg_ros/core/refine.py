@@ -54,6 +54,10 @@ class RefineConfig:
     min_similarity: float = 0.5  # mean over views below this: reported as failed (a wrong optimum)
     device: str = "cpu"
 
+    def levels(self) -> tuple["LevelSpec", ...]:
+        return tuple(LevelSpec(size=s, iterations=i, n_samples=n, patch=p)
+                     for s, i, n, p in zip(self.sizes, self.iterations, self.n_samples, self.patches))
+
     def __post_init__(self):
         n = len(self.sizes)
         for name in ("iterations", "n_samples", "patches"):
@@ -95,22 +99,47 @@ class RegistrationResult:
         return J @ self.covariance.to(T) @ J.T
 
 
-def _pose(T0: Tensor, c: Tensor, w: Tensor, t: Tensor) -> Tensor:
+def pose_about(T0: Float[Tensor, "*K 4 4"], c: Float[Tensor, "3"], w: Float[Tensor, "*K 3"],
+               t: Float[Tensor, "*K 3"]) -> Float[Tensor, "*K 4 4"]:
+    """The refinement's parametrisation: ``T0 @ Tc @ [exp(w) | t] @ Tc^-1`` (twist about the
+    anatomy centre ``c`` in CT axes; radians, mm)."""
     return T0 @ about_point(make_T(so3_exp(w), t), c)
 
 
+@dataclasses.dataclass(frozen=True)
+class LevelSpec:
+    """One pyramid level: working image size (longer side, px), iteration budget, samples
+    along each ray, NCC patch size (px)."""
+
+    size: int
+    iterations: int
+    n_samples: int
+    patch: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LevelRun:
+    T_ref_from_ct: Float[Tensor, "K 4 4"]  # each start's best pose
+    similarity: Float[Tensor, "K"]  # its similarity (mean over views) at this level
+    iterations: int
+    converged: bool
+    objective: "Objective"
+
+
 def _moved(history: list[tuple[Tensor, Tensor]], window: int) -> tuple[float, float]:
-    """How far the pose moved over the last ``window`` iterations (degrees, mm)."""
+    """How far the poses moved over the last ``window`` iterations (degrees, mm; the largest
+    over a batch of poses)."""
     (w_old, t_old), (w_new, t_new) = history[-1 - window], history[-1]
-    return math.degrees(float((w_new - w_old).norm())), float((t_new - t_old).norm())
+    return (math.degrees(float((w_new - w_old).norm(dim=-1).max())), float((t_new - t_old).norm(dim=-1).max()))
 
 
 def _settled(history: list[tuple[Tensor, Tensor]], cfg: RefineConfig) -> bool:
     scale = torch.tensor([math.radians(cfg.tol_rot_deg)] * 3 + [cfg.tol_trans_mm] * 3, dtype=torch.float64)
-    xs = torch.stack([torch.cat([w, t]).cpu() for w, t in history[-1 - cfg.tol_window:]]) / scale
-    net = float((xs[-1] - xs[0]).norm())
-    path = float((xs[1:] - xs[:-1]).norm(dim=-1).sum())
-    return net <= 1.0 or net <= cfg.settled_ratio * path
+    # (steps, K, 6) in units of the tolerances; every pose of a batch must have settled
+    xs = torch.stack([torch.cat([w, t], -1).cpu() for w, t in history[-1 - cfg.tol_window:]]) / scale
+    net = (xs[-1] - xs[0]).norm(dim=-1)
+    path = (xs[1:] - xs[:-1]).norm(dim=-1).sum(0)
+    return bool(((net <= 1.0) | (net <= cfg.settled_ratio * path)).all())
 
 
 def _uncertainty(cov: Tensor, radius_mm: float = 50.0) -> float:
@@ -153,7 +182,10 @@ class Registrar:
                 similarity=float("nan"), view_similarity=(), iterations=0, time_s=time.perf_counter() - start,
                 reason=f"refinement failed: {e}", centre_ct=self.centre_ct)
 
-    def _level_inputs(self, views: ViewSet, size: int, T: Tensor):
+    def level_inputs(self, views: ViewSet, size: int, T: Float[Tensor, "4 4"]):
+        """The views downsampled so their longer side is at most ``size`` px, on the engine's
+        device, and the renderer of the volume pooled to match a working pixel at the anatomy
+        (seen from the pose ``T``)."""
         factor = max(1, math.ceil(max(views.height, views.width) / size))
         v = views.downsampled(factor)
         # voxel size to match a working pixel at the anatomy centre
@@ -165,6 +197,68 @@ class Registrar:
         vfactor = max(1, int(self.config.voxel_per_pixel * pixel_at_anatomy / vox)) if self.config.pool_volume else 1
         return v.to(self.device), self.renderer(vfactor)
 
+    def objective(self, views: ViewSet, size: int, T: Float[Tensor, "4 4"], *, n_samples: int,
+                  patch: int) -> "Objective":
+        """The loss at one pyramid level (views at ``size`` px), as a function of the pose."""
+        v, renderer = self.level_inputs(views, size, T)
+        T_cam_from_ref = invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)
+        return Objective(self, v, renderer, T_cam_from_ref, n_samples, patch)
+
+    def refine_level(self, views: ViewSet, T0: Float[Tensor, "K 4 4"], *, level: LevelSpec,
+                     lr_scale: float = 1.0, early_stop: bool = True) -> LevelRun:
+        """Adam with a cosine step decay at one pyramid level, from each of the K starting poses
+        at once (one batched render per iteration; the poses do not interact). Keeps each
+        pose's best iterate. ``early_stop``: stop once every pose moved less than the tolerances
+        over the last ``tol_window`` iterations."""
+        cfg = self.config
+        T0 = T0.to(torch.float64).cpu()
+        if T0.ndim == 2:
+            T0 = T0[None]
+        if T0.ndim != 3 or T0.shape[1:] != (4, 4):
+            raise ValueError(f"starting poses must be (K, 4, 4), got {tuple(T0.shape)}")
+        K = len(T0)
+        objective = self.objective(views, level.size, T0[0], n_samples=level.n_samples, patch=level.patch)
+        T0_d, c_d = T0.to(self.device), self.centre_ct.to(self.device)
+        w = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
+        t = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
+        lr0 = torch.tensor([math.radians(cfg.lr_rot_deg), cfg.lr_trans_mm]) * lr_scale
+        opt = torch.optim.Adam([{"params": [w], "lr": float(lr0[0])}, {"params": [t], "lr": float(lr0[1])}])
+        best = torch.full((K,), -math.inf, dtype=torch.float64)
+        best_w, best_t = w.detach().clone(), t.detach().clone()
+        history: list[tuple[Tensor, Tensor]] = []
+        it = 0
+        converged = False
+        max_it = level.iterations
+        for it in range(1, max_it + 1):
+            # cosine decay from lr0 to final_lr_fraction * lr0 over the level's budget
+            decay = cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(max_it - 1, 1)))
+            for group, lr in zip(opt.param_groups, lr0):
+                group["lr"] = float(lr) * decay
+            opt.zero_grad(set_to_none=True)
+            s = objective.similarity(pose_about(T0_d, c_d, w, t)).mean(-1)  # (K,)
+            if not bool(torch.isfinite(s).all()):
+                raise RuntimeError(f"similarity became {s.tolist()} at level {level.size}px, iteration {it}")
+            (-s.sum()).backward()
+            s = s.detach().cpu()
+            better = s > best
+            best = torch.where(better, s, best)
+            best_w[better.to(self.device)] = w.detach()[better.to(self.device)]
+            best_t[better.to(self.device)] = t.detach()[better.to(self.device)]
+            opt.step()
+            history.append((w.detach().clone(), t.detach().clone()))
+            if early_stop and len(history) > cfg.tol_window:
+                moved_deg, moved_mm = _moved(history, cfg.tol_window)
+                if moved_deg < cfg.tol_rot_deg and moved_mm < cfg.tol_trans_mm:
+                    converged = True
+                    break
+        if not converged and len(history) > cfg.tol_window:
+            # the budget ran out: converged if the pose only oscillates (net motion over the last
+            # window well below the path length travelled), not if it is still drifting
+            converged = _settled(history, cfg)
+        with torch.no_grad():
+            T = pose_about(T0_d, c_d, best_w, best_t).cpu()
+        return LevelRun(T_ref_from_ct=T, similarity=best, iterations=it, converged=converged, objective=objective)
+
     def _refine(self, views: ViewSet, T0: Tensor, start: float) -> RegistrationResult:
         cfg = self.config
         c = self.centre_ct
@@ -172,48 +266,13 @@ class Registrar:
         level_its = []
         converged = False
         lr_scale = 1.0
-        for size, max_it, n_samples, patch in zip(cfg.sizes, cfg.iterations, cfg.n_samples, cfg.patches):
-            v, renderer = self._level_inputs(views, size, T0)
-            T_cam_from_ref = invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)
-            objective = _Objective(self, v, renderer, T_cam_from_ref, n_samples, patch)
-            T0_d, c_d = T0.to(self.device), c.to(self.device)
-            w = torch.zeros(3, dtype=torch.float64, device=self.device, requires_grad=True)
-            t = torch.zeros(3, dtype=torch.float64, device=self.device, requires_grad=True)
-            lr0 = torch.tensor([math.radians(cfg.lr_rot_deg), cfg.lr_trans_mm]) * lr_scale
-            opt = torch.optim.Adam([{"params": [w], "lr": float(lr0[0])}, {"params": [t], "lr": float(lr0[1])}])
-            best, best_x = -math.inf, (w.detach().clone(), t.detach().clone())
-            history: list[tuple[Tensor, Tensor]] = []
-            it = 0
-            level_converged = False
-            for it in range(1, max_it + 1):
-                # cosine decay from lr0 to final_lr_fraction * lr0 over the level's budget
-                decay = cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(max_it - 1, 1)))
-                for group, lr in zip(opt.param_groups, lr0):
-                    group["lr"] = float(lr) * decay
-                opt.zero_grad(set_to_none=True)
-                s = 1 - objective.value(_pose(T0_d, c_d, w, t))
-                if not torch.isfinite(s):
-                    raise RuntimeError(f"similarity became {float(s)} at level {size}px, iteration {it}")
-                (-s).backward()
-                if float(s.detach()) > best:
-                    best, best_x = float(s.detach()), (w.detach().clone(), t.detach().clone())
-                opt.step()
-                history.append((w.detach().clone(), t.detach().clone()))
-                if len(history) > cfg.tol_window:
-                    moved_deg, moved_mm = _moved(history, cfg.tol_window)
-                    if moved_deg < cfg.tol_rot_deg and moved_mm < cfg.tol_trans_mm:
-                        level_converged = True
-                        break
-            if not level_converged and len(history) > cfg.tol_window:
-                # the budget ran out: converged if the pose only oscillates (net motion over the last
-                # window well below the path length travelled), not if it is still drifting
-                level_converged = _settled(history, cfg)
-            # keep the best pose seen at this level
-            with torch.no_grad():
-                T0 = _pose(T0_d, c_d, *best_x).cpu()
-            total_it += it
-            level_its.append(it)
-            converged = level_converged
+        for level in cfg.levels():
+            run = self.refine_level(views, T0, level=level, lr_scale=lr_scale)
+            T0 = run.T_ref_from_ct[0]
+            objective = run.objective
+            total_it += run.iterations
+            level_its.append(run.iterations)
+            converged = run.converged
             lr_scale *= cfg.level_lr_decay
 
         # Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
@@ -235,7 +294,7 @@ class Registrar:
             converged = converged or predicted_decrease < cfg.tol_loss or (
                 step_deg < cfg.settled_factor * cfg.tol_rot_deg and step_mm < cfg.settled_factor * cfg.tol_trans_mm)
             for fraction in (1.0, 0.5):  # Newton step, then half of it
-                T_new = _pose(T0, c, fraction * dx[:3], fraction * dx[3:])
+                T_new = pose_about(T0, c, fraction * dx[:3], fraction * dx[3:])
                 if newton.loss(T_new) < L0:
                     break
             else:
@@ -265,8 +324,9 @@ class Registrar:
             centre_ct=self.centre_ct, level_iterations=tuple(level_its))
 
 
-class _Objective:
-    """L(x) = 1 - mean similarity at one pyramid level, as a function of the twist about the centre."""
+class Objective:
+    """L(x) = 1 - mean similarity at one pyramid level, as a function of the twist about the
+    centre; :meth:`similarity` takes a batch of K poses at once."""
 
     def __init__(self, registrar: Registrar, v: ViewSet, renderer, T_cam_from_ref: Tensor, n_samples: int, patch: int):
         self.c = registrar.centre_ct.to(registrar.device)
@@ -275,9 +335,21 @@ class _Objective:
         self.v, self.renderer, self.T_cam_from_ref = v, renderer, T_cam_from_ref
         self.n_samples, self.patch = n_samples, patch
 
+    def similarity(self, T: Float[Tensor, "*K 4 4"]) -> Float[Tensor, "*K V"]:
+        """Per-view similarity at each of the poses ``T_ref_from_ct`` (one batched render)."""
+        lead = T.shape[:-2]
+        Tk = T.reshape(-1, 4, 4)
+        n, V = len(Tk), len(self.v)
+        T_cam_from_ct = (self.T_cam_from_ref[None] @ Tk[:, None]).reshape(n * V, 4, 4)
+        K = self.v.K if n == 1 else self.v.K.repeat(n, 1, 1)
+        drr = self.renderer(T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples)
+        images, masks = (self.v.images, self.v.masks) if n == 1 else (self.v.images.repeat(n, 1, 1),
+                                                                      self.v.masks.repeat(n, 1, 1))
+        s = image_similarity(drr, images, masks, patch=self.patch, grad_weight=self.grad_weight)
+        return s.reshape(*lead, V)
+
     def _similarities(self, T: Tensor) -> Tensor:
-        drr = self.renderer(self.T_cam_from_ref @ T, self.v.K, self.v.height, self.v.width, n_samples=self.n_samples)
-        return image_similarity(drr, self.v.images, self.v.masks, patch=self.patch, grad_weight=self.grad_weight)
+        return self.similarity(T)
 
     def value(self, T: Tensor) -> Tensor:
         return 1 - self._similarities(T).mean()
@@ -292,7 +364,7 @@ class _Objective:
 
     def grad(self, T0: Tensor, x: Tensor) -> tuple[Tensor, float]:
         x = x.clone().requires_grad_(True)
-        L = self.value(_pose(T0.to(self.device), self.c, x[:3], x[3:]))
+        L = self.value(pose_about(T0.to(self.device), self.c, x[:3], x[3:]))
         (g,) = torch.autograd.grad(L, x)
         return g.detach().cpu(), float(L.detach())
 

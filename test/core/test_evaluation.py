@@ -10,7 +10,6 @@ import torch
 from mvreg_ros.core import deepfluoro as df
 from mvreg_ros.core import evaluation as ev
 from mvreg_ros.core.geometry import invert, make_T, rotation_angle_deg, transform_points
-from mvreg_ros.core.metrics import pose_errors
 from mvreg_ros.core.render import resolve_backend
 from mvreg_ros.core.refine import RefineConfig
 from mvreg_ros.core.simulate import DetectorConfig
@@ -82,21 +81,6 @@ def test_errors_can_be_recomputed_from_the_file(report, tiny_file):
                 assert np.linalg.norm(d, axis=1).mean() == pytest.approx(c[err], rel=1e-6, abs=1e-9)
 
 
-def test_perturb_initialiser_gives_the_exact_error(tiny_ct):
-    T_true = make_T(torch.eye(3, dtype=torch.float64), torch.tensor([1.0, 2.0, 700.0], dtype=torch.float64))
-    centre = tiny_ct.centre_ct()
-    init = ev.PerturbInitialiser(rot_deg=10.0, trans_mm=20.0, seed=0)
-    case = ev.Case(specimen=SPEC, indices=(0, 1), views=None, T_true_ref_from_ct=T_true, centre_ct=centre)
-    a, b = init(case), init(case)
-    for x in (a, b):
-        rot, trans = pose_errors(x.T_ref_from_ct, T_true, centre)
-        assert rot == pytest.approx(10.0, abs=1e-9) and trans == pytest.approx(20.0, abs=1e-9)
-        assert x.T_coarse_ref_from_ct is None
-    assert not torch.allclose(a.T_ref_from_ct, b.T_ref_from_ct)  # fresh draws per case
-    again = ev.PerturbInitialiser(rot_deg=10.0, trans_mm=20.0, seed=0)(case)
-    torch.testing.assert_close(again.T_ref_from_ct, a.T_ref_from_ct)  # reproducible
-
-
 def test_perturb_cameras_exact_errors_first_camera_kept():
     g = torch.Generator().manual_seed(0)
     T_ref_from_cam = torch.stack([torch.eye(4, dtype=torch.float64)] * 3)
@@ -163,10 +147,13 @@ def test_parse_view_sets_and_defaults():
 
 
 def test_summary_statistics():
-    cases = [{"mtre_mm": m, "mpd_mm": m / 2, "init_mtre_mm": 20.0, "success": m <= 2, "time_s": t}
-             for m, t in ((1.0, 3.0), (3.0, 5.0), (0.5, 4.0), (40.0, 6.0))]
+    cases = [{"mtre_mm": m, "mpd_mm": m / 2, "init_mtre_mm": 20.0, "success": m <= 2, "time_s": t, "accepted": a}
+             for m, t, a in ((1.0, 3.0, True), (3.0, 5.0, True), (0.5, 4.0, False), (40.0, 6.0, False))]
     s = ev.summarise(cases)
     assert s["n"] == 4 and s["success_rate"] == 0.5
+    # accepted 3.0 mm: a false acceptance; rejected 0.5 mm: a false rejection; 1 of 2 successes accepted
+    assert (s["accepted"], s["false_acceptances"], s["false_rejections"]) == (2, 1, 1)
+    assert s["true_acceptance_rate"] == 0.5
     assert s["time_s"]["median"] == 4.5
     finite = ev.summarise(cases[:3])["mtre_mm"]
     assert finite["mean"] == pytest.approx(1.5) and finite["median"] == 1.0

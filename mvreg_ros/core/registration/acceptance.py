@@ -1,0 +1,147 @@
+"""The acceptance test: may this registration be used?
+
+A wrong pose that is accepted is worse than no pose, so a result is accepted only when every
+check passes:
+
+1. the refinement itself succeeded (finite pose, positive-definite curvature);
+2. every view's similarity at the result reaches ``min_view_similarity`` (the level correct
+   registrations reach; calibrated on simulated successes and failures, docs/acceptance.md);
+3. the Laplace uncertainty is at most ``max_uncertainty_mm``;
+4. per-view agreement: each view, refined alone from the joint result for a few iterations,
+   stays put: its anatomy points move at most ``max_view_shift_mm`` in that view's image plane
+   (scaled to the anatomy) and it gains at most ``max_view_gain`` similarity. A view that
+   wants to go elsewhere contradicts the others (a compromise between views, or anatomy that
+   moved between shots);
+5. no ambiguity: no distinct candidate of the global stage came within ``min_margin`` of the
+   winner's similarity.
+
+One implementation, used by the node, ``mvreg eval``, ``mvreg bench`` and ``mvreg register``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..geometry import invert, project, transform_points
+from ..refine import LevelSpec, Registrar, RegistrationResult
+from ..views import ViewSet
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceptanceConfig:
+    min_view_similarity: float = 0.75
+    max_uncertainty_mm: float = 2.0  # 1-sigma RMS displacement of points on a 50 mm sphere around the anatomy centre
+    view_agreement: bool = True
+    agreement_iterations: int = 15  # single-view refinement from the joint result, at the finest level
+    max_view_shift_mm: float = 2.0  # how far a view alone may move the anatomy in its image plane (at the anatomy)
+    max_view_gain: float = 0.02  # ... and how much similarity it may gain by doing so
+    min_margin: float = 0.0  # winner's similarity minus a distinct runner-up's at the global level (0: off)
+    require_converged: bool = False
+
+    def __post_init__(self):
+        if not -1 <= self.min_view_similarity <= 1:
+            raise ValueError(f"min_view_similarity must be in [-1, 1], got {self.min_view_similarity}")
+        if not self.max_uncertainty_mm > 0:
+            raise ValueError(f"max_uncertainty_mm must be positive, got {self.max_uncertainty_mm}")
+        if self.agreement_iterations < 1:
+            raise ValueError(f"agreement_iterations must be >= 1, got {self.agreement_iterations}")
+        for name in ("max_view_shift_mm", "max_view_gain", "min_margin"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    reason: str  # '' when accepted, else the first check that failed
+    view_similarity: tuple[float, ...] = ()
+    view_shift_mm: tuple[float, ...] = ()  # per view, alone vs joint
+    view_gain: tuple[float, ...] = ()
+    disagreeing_views: tuple[int, ...] = ()
+    margin: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sphere_points(centre: Tensor, radius_mm: float = 30.0) -> Tensor:
+    e = torch.eye(3, dtype=torch.float64)
+    return torch.cat([centre[None], centre + radius_mm * e, centre - radius_mm * e])
+
+
+def view_agreement(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *,
+                   iterations: int) -> tuple[list[float], list[float]]:
+    """Per view: refined alone from ``T_ref_from_ct`` at the finest level for ``iterations``
+    steps, how far its anatomy points move in its own image (mm at the anatomy centre's depth)
+    and how much similarity it gains."""
+    cfg = registrar.config
+    fine = cfg.levels()[-1]
+    level = LevelSpec(size=fine.size, iterations=iterations, n_samples=fine.n_samples, patch=fine.patch)
+    lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)
+    T = T_ref_from_ct.to(torch.float64).cpu()
+    pts = _sphere_points(registrar.centre_ct.to(torch.float64))
+    shifts, gains = [], []
+    for i in range(len(views)):
+        one = views.select([i])
+        objective = registrar.objective(one, level.size, T, n_samples=level.n_samples, patch=level.patch)
+        with torch.no_grad():
+            s0 = float(objective.similarity(T.to(registrar.device)).mean())
+        run = registrar.refine_level(one, T, level=level, lr_scale=lr_scale, early_stop=True)
+        T_i = run.T_ref_from_ct[0]
+        T_cam_from_ref = invert(one.T_ref_from_cam[0].to(torch.float64))
+        K = one.K[0].to(torch.float64)
+        uv0 = project(K, T_cam_from_ref @ T, pts)
+        uv1 = project(K, T_cam_from_ref @ T_i, pts)
+        depth = float(transform_points(T_cam_from_ref @ T, pts[:1])[0, 2])
+        mm_per_px = abs(depth) / float(K[0, 0])
+        shifts.append(float((uv1 - uv0).norm(dim=-1).mean()) * mm_per_px)
+        gains.append(float(run.similarity[0]) - s0)
+    return shifts, gains
+
+
+def acceptance_test(result: RegistrationResult, *, registrar: Registrar | None = None, views: ViewSet | None = None,
+                    config: AcceptanceConfig = AcceptanceConfig(), margin: float | None = None) -> Verdict:
+    """The verdict on ``result``. Per-view agreement needs the ``registrar`` and ``views`` it
+    came from (with ``config.view_agreement``); ``margin`` is the global stage's similarity
+    margin between the winner and a distinct runner-up, when there was one."""
+    sims = tuple(float(s) for s in result.view_similarity)
+
+    def verdict(reason: str, **kw) -> Verdict:
+        return Verdict(accepted=not reason, reason=reason, view_similarity=sims, margin=margin, **kw)
+
+    if not result.success:
+        return verdict(result.reason or "registration failed")
+    if not torch.isfinite(result.T_ref_from_ct).all():
+        return verdict("registration returned a non-finite pose")
+    if config.require_converged and not result.converged:
+        return verdict(f"registration did not converge within {result.iterations} iterations")
+    if not sims:
+        return verdict("registration reported no per-view similarity")
+    bad = [s for s in sims if not math.isfinite(s)]  # min() skips NaN: check first
+    worst = bad[0] if bad else min(sims)
+    if bad or worst < config.min_view_similarity:
+        return verdict(f"view similarity {worst:.3f} below min_view_similarity {config.min_view_similarity}")
+    if not math.isfinite(result.uncertainty_mm) or result.uncertainty_mm > config.max_uncertainty_mm:
+        return verdict(f"uncertainty {result.uncertainty_mm:.2f} mm above max_uncertainty_mm {config.max_uncertainty_mm}")
+    if margin is not None and config.min_margin > 0 and margin < config.min_margin:
+        return verdict(f"ambiguous: a distinct pose came within {margin:.3f} of the best similarity (min_margin "
+                       f"{config.min_margin})")
+    if not config.view_agreement:
+        return verdict("")
+    if registrar is None or views is None:
+        raise ValueError("per-view agreement needs the registrar and the views (or view_agreement=False)")
+    shifts, gains = view_agreement(registrar, views, result.T_ref_from_ct, iterations=config.agreement_iterations)
+    bad_views = tuple(i for i, (s, g) in enumerate(zip(shifts, gains))
+                      if s > config.max_view_shift_mm and g > config.max_view_gain)
+    kw = dict(view_shift_mm=tuple(shifts), view_gain=tuple(gains), disagreeing_views=bad_views)
+    if bad_views:
+        i = bad_views[0]
+        return verdict(f"views disagree: view {i} alone moves the anatomy {shifts[i]:.1f} mm and gains "
+                       f"{gains[i]:.3f} similarity (the anatomy may have moved between shots)", **kw)
+    return verdict("", **kw)

@@ -1,0 +1,103 @@
+"""From a view set to an accepted or rejected pose: start, global stage, local refinement,
+acceptance test.
+
+- a tracking start (the last accepted pose) is refined locally first; the global stage runs
+  only when that result fails the acceptance test;
+- any other start (configured, coarse network, perturbed truth) goes through the global stage
+  (around the start and the network's hypotheses), then the local refinement from its best
+  candidate.
+
+Only a result that passes the acceptance test reaches the tracker (and so the node's TF).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..refine import Registrar, RegistrationResult
+from ..views import ViewSet
+from .acceptance import AcceptanceConfig, Verdict, acceptance_test
+from .global_search import GlobalConfig, GlobalResult, global_search, pose_distance
+from .initialisers import AcceptedPose, Initialiser, PoseTracker, Start, StartRequest, first_start
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    global_search: GlobalConfig = GlobalConfig()
+    acceptance: AcceptanceConfig = AcceptanceConfig()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Outcome:
+    accepted: bool
+    reason: str  # '' when accepted
+    start: Start | None = None
+    result: RegistrationResult | None = None
+    verdict: Verdict | None = None
+    global_result: GlobalResult | None = None
+    stages: tuple[str, ...] = ()  # what ran: "local", "global"
+    time_s: float = 0.0
+    stamp_ns: int = 0
+
+    @property
+    def init_source(self) -> str:
+        return self.start.source if self.start is not None else ""
+
+
+def _margin(g: GlobalResult, centre_ct: Tensor, cfg: GlobalConfig) -> float | None:
+    """The winner's similarity minus that of the best candidate that is a distinct pose."""
+    if len(g.similarity) < 2:
+        return None
+    deg, mm = pose_distance(g.T_ref_from_ct[1:], g.best.expand(len(g.similarity) - 1, 4, 4), centre_ct)
+    distinct = (deg >= cfg.distinct_deg) | (mm >= cfg.distinct_mm)
+    if not bool(distinct.any()):
+        return None
+    return float(g.similarity[0] - g.similarity[1:][distinct].max())
+
+
+class RegistrationPipeline:
+    def __init__(self, registrar: Registrar, *, initialisers: Sequence[Initialiser],
+                 config: PipelineConfig = PipelineConfig(), tracker: PoseTracker | None = None):
+        self.registrar = registrar
+        self.initialisers = list(initialisers)
+        self.config = config
+        self.tracker = tracker
+
+    def _judge(self, views: ViewSet, result: RegistrationResult, margin: float | None) -> Verdict:
+        return acceptance_test(result, registrar=self.registrar, views=views, config=self.config.acceptance,
+                               margin=margin)
+
+    def register_from(self, views: ViewSet, start: Start, *, stamp_ns: int = 0) -> Outcome:
+        t0 = time.perf_counter()
+        stages: list[str] = []
+        if start.tracking or not self.config.global_search.enabled:
+            result = self.registrar.refine(views, start.T_ref_from_ct)
+            stages.append("local")
+            verdict = self._judge(views, result, None)
+            if verdict.accepted or not self.config.global_search.enabled:
+                return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns)
+        g = global_search(self.registrar, views, start.T_ref_from_ct, hypotheses=start.hypotheses,
+                          config=self.config.global_search)
+        stages.append("global")
+        result = self.registrar.refine(views, g.best)
+        stages.append("local")
+        verdict = self._judge(views, result, _margin(g, self.registrar.centre_ct, self.config.global_search))
+        return self._finish(views, start, result, verdict, g, stages, t0, stamp_ns)
+
+    def _finish(self, views, start, result, verdict, g, stages, t0, stamp_ns) -> Outcome:
+        if verdict.accepted and self.tracker is not None:
+            self.tracker.accept(AcceptedPose(T_ref_from_ct=result.T_ref_from_ct.detach().to(torch.float64).cpu(),
+                                             stamp_ns=stamp_ns, covariance_ref=result.covariance_ref()))
+        return Outcome(accepted=verdict.accepted, reason=verdict.reason, start=start, result=result, verdict=verdict,
+                       global_result=g, stages=tuple(stages), time_s=time.perf_counter() - t0, stamp_ns=stamp_ns)
+
+    def register(self, views: ViewSet, *, stamp_ns: int = 0, T_true_ref_from_ct: Tensor | None = None) -> Outcome:
+        """Start from the first initialiser that gives a pose, then :meth:`register_from`."""
+        request = StartRequest(views=views, stamp_ns=stamp_ns, T_true_ref_from_ct=T_true_ref_from_ct,
+                               centre_ct=self.registrar.centre_ct)
+        return self.register_from(views, first_start(self.initialisers, request), stamp_ns=stamp_ns)

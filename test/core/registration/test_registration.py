@@ -1,0 +1,184 @@
+"""The engine's registration policy: global stage, acceptance test, pipeline, initialisers."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mvreg_ros.core import geometry
+from mvreg_ros.core.metrics import mtre_mm, pose_errors, structure_landmarks
+from mvreg_ros.core.refine import LevelSpec, RefineConfig, Registrar
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig, acceptance_test
+from mvreg_ros.core.registration.global_search import GlobalConfig, global_search, pose_distance, random_poses
+from mvreg_ros.core.registration.initialisers import (AcceptedPose, ConfiguredPose, LastAcceptedPose,
+                                                       PerturbedTruth, PoseTracker, StartRequest, first_start)
+from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
+from mvreg_ros.core.render import Renderer
+from mvreg_ros.core.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.views import ViewSet
+from mvreg_ros.core.volume import load_example_ct
+
+REFINE = RefineConfig(sizes=(32, 48), iterations=(40, 30), n_samples=(48, 64), patches=(8, 8))
+DETECTOR = DetectorConfig(height=96, width=96, pixel_mm=3.1)
+GLOBAL = GlobalConfig(candidates=64, keep=6, iterations=40)
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return load_example_ct(downsample=4)
+
+
+@pytest.fixture(scope="module")
+def registrar(ct):
+    return Registrar(ct, REFINE)
+
+
+def _views(ct, angles, seed=3, T_ref_from_ct=None):
+    scene = make_scene(ct.bone_centre_ct(), angles, detector=DETECTOR)
+    T_truth = scene.T_ref_from_ct if T_ref_from_ct is None else T_ref_from_ct
+    T_cam_from_ct = geometry.invert(scene.T_ref_from_cam) @ T_truth
+    raw = acquire(Renderer(ct), T_cam_from_ct, scene.K, scene.height, scene.width,
+                  config=AcquisitionConfig(n_samples=128), generator=torch.Generator().manual_seed(seed))
+    return T_truth, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+
+
+@pytest.fixture(scope="module")
+def biplane(ct):
+    return _views(ct, [(0.0, 0.0), (70.0, 10.0)])
+
+
+def test_random_poses_stay_within_the_range(ct):
+    T0 = geometry.make_T(torch.eye(3, dtype=torch.float64), torch.tensor([0.0, 0.0, 700.0], dtype=torch.float64))
+    c = ct.centre_ct().to(torch.float64)
+    P = random_poses(T0, c, 200, rot_range_deg=25.0, trans_range_mm=50.0, generator=torch.Generator().manual_seed(0))
+    deg, mm = pose_distance(T0.expand(200, 4, 4), P, c)
+    assert float(deg.max()) <= 25.0 + 1e-9 and float(mm.max()) <= 50.0 + 1e-6
+    assert float(deg.max()) > 15 and float(mm.max()) > 35  # the range is explored, not just its centre
+
+
+def test_pose_distance_zero_and_180_degrees(ct):
+    c = ct.centre_ct().to(torch.float64)
+    T = geometry.make_T(geometry.so3_exp(torch.tensor([0.2, -0.1, 0.3], dtype=torch.float64)),
+                        torch.tensor([5.0, 6.0, 700.0], dtype=torch.float64))
+    deg, mm = pose_distance(T, T, c)
+    assert float(deg) == pytest.approx(0, abs=1e-6) and float(mm) == pytest.approx(0, abs=1e-9)
+    flip = geometry.about_point(geometry.make_T(geometry.axis_rotation(2, torch.tensor(torch.pi, dtype=torch.float64)),
+                                                torch.zeros(3, dtype=torch.float64)), c)
+    deg, mm = pose_distance(T, T @ flip, c)
+    assert float(deg) == pytest.approx(180, abs=1e-4) and float(mm) == pytest.approx(0, abs=1e-6)
+
+
+def test_batched_level_matches_single_pose_runs(registrar, biplane):
+    """K starts refined together give each start's own result (the poses do not interact)."""
+    T_true, views = biplane
+    c = registrar.centre_ct
+    starts = random_poses(T_true, c, 2, rot_range_deg=5, trans_range_mm=8, generator=torch.Generator().manual_seed(1))
+    level = LevelSpec(size=32, iterations=10, n_samples=48, patch=8)
+    together = registrar.refine_level(views, starts, level=level, early_stop=False)
+    for k in range(2):
+        alone = registrar.refine_level(views, starts[k], level=level, early_stop=False)
+        torch.testing.assert_close(together.T_ref_from_ct[k], alone.T_ref_from_ct[0], atol=1e-3, rtol=0)
+        assert float(together.similarity[k]) == pytest.approx(float(alone.similarity[0]), abs=1e-4)
+
+
+def test_global_stage_recovers_a_start_30_degrees_off(ct, registrar, biplane):
+    T_true, views = biplane
+    lm = structure_landmarks(ct)
+    c = registrar.centre_ct
+    # seed 4: a start from which the local refinement alone ends 59 mm off
+    T_start = geometry.perturb(T_true, rot_deg=30, trans_mm=30, centre_ct=c, generator=torch.Generator().manual_seed(4))
+    local = registrar.refine(views, T_start)
+    g = global_search(registrar, views, T_start, config=dataclasses.replace(GLOBAL, rot_range_deg=35.0,
+                                                                             trans_range_mm=40.0, candidates=128))
+    refined = registrar.refine(views, g.best)
+    assert mtre_mm(T_start, T_true, lm) > 30
+    assert mtre_mm(local.T_ref_from_ct, T_true, lm) > 5  # beyond the local refinement's basin
+    assert mtre_mm(refined.T_ref_from_ct, T_true, lm) < 2.0
+    assert list(g.similarity) == sorted(g.similarity.tolist(), reverse=True)
+
+
+def test_acceptance_accepts_the_truth_and_rejects_a_wrong_optimum(ct, registrar, biplane):
+    T_true, views = biplane
+    lm = structure_landmarks(ct)
+    good = registrar.refine(views, T_true)
+    verdict = acceptance_test(good, registrar=registrar, views=views)
+    assert mtre_mm(good.T_ref_from_ct, T_true, lm) < 1.0
+    assert verdict.accepted, verdict
+    # a wrong optimum: the local refinement from far away converges somewhere else
+    T_far = geometry.perturb(T_true, rot_deg=30, trans_mm=30, centre_ct=registrar.centre_ct,
+                             generator=torch.Generator().manual_seed(4))
+    wrong = registrar.refine(views, T_far)
+    assert mtre_mm(wrong.T_ref_from_ct, T_true, lm) > 5
+    bad = acceptance_test(wrong, registrar=registrar, views=views)
+    assert not bad.accepted and bad.reason
+
+
+def test_views_that_disagree_are_caught(ct, registrar):
+    """The anatomy moved between two shots: each view alone wants a different pose; the joint
+    result is a compromise that one view contradicts."""
+    scene = make_scene(ct.bone_centre_ct(), [(0.0, 0.0), (80.0, 0.0)], detector=DETECTOR)
+    T0 = scene.T_ref_from_ct
+    T1 = geometry.perturb(T0, rot_deg=5, trans_mm=10, centre_ct=registrar.centre_ct,
+                          generator=torch.Generator().manual_seed(7))
+    raws = []
+    for i, T in enumerate((T0, T1)):
+        T_cam_from_ct = geometry.invert(scene.T_ref_from_cam[i:i + 1]) @ T
+        raws.append(acquire(Renderer(ct), T_cam_from_ct, scene.K[i:i + 1], scene.height, scene.width,
+                            config=AcquisitionConfig(n_samples=128), generator=torch.Generator().manual_seed(i)))
+    views = ViewSet.from_raw(torch.cat(raws), scene.K, scene.T_ref_from_cam)
+    result = registrar.refine(views, T0)
+    verdict = acceptance_test(result, registrar=registrar, views=views,
+                              config=AcceptanceConfig(min_view_similarity=-1, max_uncertainty_mm=100))
+    assert not verdict.accepted
+    assert "disagree" in verdict.reason and verdict.disagreeing_views
+
+
+def test_acceptance_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="min_view_similarity"):
+        AcceptanceConfig(min_view_similarity=2)
+    with pytest.raises(ValueError, match="max_view_shift_mm"):
+        AcceptanceConfig(max_view_shift_mm=-1)
+    with pytest.raises(ValueError, match="candidates"):
+        GlobalConfig(candidates=-1)
+
+
+def test_pipeline_tracking_runs_local_first_and_only_accepted_poses_are_tracked(ct, registrar, biplane):
+    T_true, views = biplane
+    tracker = PoseTracker()
+    tracker.accept(AcceptedPose(T_ref_from_ct=geometry.perturb(T_true, rot_deg=1, trans_mm=2,
+                                                               centre_ct=registrar.centre_ct,
+                                                               generator=torch.Generator().manual_seed(0)),
+                                stamp_ns=1))
+    pipe = RegistrationPipeline(registrar, initialisers=[LastAcceptedPose(tracker), ConfiguredPose(T_true)],
+                                config=PipelineConfig(global_search=GLOBAL), tracker=tracker)
+    out = pipe.register(views, stamp_ns=5)
+    assert out.accepted and out.stages == ("local",) and out.init_source == "last_accepted"
+    assert tracker.latest().stamp_ns == 5
+    # a configured start goes through the global stage first
+    pipe2 = RegistrationPipeline(registrar, initialisers=[ConfiguredPose(T_true)], config=PipelineConfig(global_search=GLOBAL))
+    out2 = pipe2.register(views)
+    assert out2.stages == ("global", "local") and out2.accepted
+    # a rejected result never reaches the tracker
+    strict = PipelineConfig(global_search=GLOBAL, acceptance=AcceptanceConfig(min_view_similarity=0.999))
+    before = tracker.latest()
+    out3 = RegistrationPipeline(registrar, initialisers=[ConfiguredPose(T_true)], config=strict,
+                                tracker=tracker).register(views, stamp_ns=9)
+    assert not out3.accepted and "min_view_similarity" in out3.reason
+    assert tracker.latest() is before
+
+
+def test_perturbed_truth_gives_the_exact_error(ct):
+    T_true = geometry.make_T(torch.eye(3, dtype=torch.float64), torch.tensor([1.0, 2.0, 700.0], dtype=torch.float64))
+    centre = ct.centre_ct()
+    init = PerturbedTruth(rot_deg=10.0, trans_mm=20.0, seed=0)
+    req = StartRequest(views=None, T_true_ref_from_ct=T_true, centre_ct=centre)
+    a, b = init.start(req), init.start(req)
+    for x in (a, b):
+        rot, trans = pose_errors(x.T_ref_from_ct, T_true, centre)
+        assert rot == pytest.approx(10.0, abs=1e-9) and trans == pytest.approx(20.0, abs=1e-9)
+        assert x.T_coarse_ref_from_ct is None and x.source == "perturb"
+    assert not torch.allclose(a.T_ref_from_ct, b.T_ref_from_ct)  # fresh draws per case
+    again = PerturbedTruth(rot_deg=10.0, trans_mm=20.0, seed=0).start(req)
+    torch.testing.assert_close(again.T_ref_from_ct, a.T_ref_from_ct)  # reproducible
+    with pytest.raises(RuntimeError, match="perturb"):
+        first_start([init], StartRequest(views=None))  # no truth: defers, and nothing follows
