@@ -28,7 +28,7 @@ from ..core.render import Renderer
 from ..core.volume import Volume
 from .conversions import K_to_camera_info, T_from_transform, ns_to_stamp, stamp_to_ns, tensor_to_image, \
     transform_stamped_from_T
-from .initializer import supine_at_isocentre
+from ..core.registration.initialisers import supine_at_isocentre
 from .params import NodeConfig
 
 GROUND_TRUTH_TOPIC = "/ground_truth/tf"

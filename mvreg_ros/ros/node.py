@@ -9,7 +9,6 @@ Interfaces, frames and parameters: docs/node.md.
 
 from __future__ import annotations
 
-import collections
 import functools
 import sys
 import threading
@@ -27,13 +26,17 @@ from sensor_msgs.msg import CameraInfo, Image, JointState
 
 from ..core.overlay import fusion_rgb
 from ..core.refine import Registrar
+from ..core.registration.initialisers import (ModelError, PoseTracker, default_initialisers, load_coarse_model,
+                                               supine_at_isocentre)
+from ..core.registration.pipeline import RegistrationPipeline
 from ..core.xray import check_image
+from .camera_info_pairing import CameraInfoPairing
 from .conversions import (camera_info_to_K, image_to_tensor, ns_to_stamp, pose_with_covariance_from_T, rgb_to_image,
                           stamp_to_ns, transform_stamped_from_T)
-from .initializer import ModelError, PoseTracker, default_initializers, load_coarse_model, supine_at_isocentre
 from .joint_buffer import JointStateBuffer, JointStateError
 from .params import ConfigError, declare_and_read
-from .pipeline import Outcome, RegistrationPipeline
+from .pending import PendingStamps
+from .pipeline import SetOutcome, register_frames
 from .sync import ApproximateTimeSync, Frame, SequentialViewBuffer
 from .tf_publisher import make_transform_broadcaster
 from .volume_source import VolumeError, load_ct
@@ -77,11 +80,10 @@ class RegisterNode(Node):
         if configured is None:
             configured = supine_at_isocentre(cfg.planes[0], self.registrar.centre_ct)
         self.tracker = PoseTracker()
-        initializers = default_initializers(configured=configured, tracker=self.tracker, model=self.model,
+        initialisers = default_initialisers(configured=configured, tracker=self.tracker, model=self.model,
                                             tracking_max_age_s=cfg.tracking_max_age_s)
-        self.pipeline = RegistrationPipeline(
-            self.registrar, initializers=initializers, gates=cfg.gates, tracker=self.tracker, i0=cfg.i0,
-            raw_is_line_integral=cfg.images_are_line_integrals)
+        self.pipeline = RegistrationPipeline(self.registrar, initialisers=initialisers, config=cfg.pipeline,
+                                             tracker=self.tracker)
         self.joints = JointStateBuffer(window_s=cfg.joint_state_window_s, tolerance_s=cfg.joint_state_tolerance_s,
                                        max_gap_s=cfg.joint_state_max_gap_s, joints=cfg.joint_names)
         if cfg.acquisition_mode == "synchronized":
@@ -91,8 +93,7 @@ class RegisterNode(Node):
             self.views = SequentialViewBuffer(num_views=cfg.num_views, min_separation_deg=cfg.min_view_separation_deg,
                                               max_age_ns=int(cfg.max_view_age_s * 1e9))
         # recent CameraInfo of each image topic by stamp, and an image waiting for its CameraInfo
-        self._infos = [collections.deque(maxlen=20) for _ in cfg.image_topics]
-        self._waiting: list[tuple[Image, int, float] | None] = [None] * len(cfg.image_topics)
+        self._pairing = CameraInfoPairing(len(cfg.image_topics), wait_s=cfg.camera_info_wait_s)
         self._last_image_ns: list[int | None] = [None] * len(cfg.image_topics)
         self._status_lock = threading.Lock()
         self._counts = dict(images=0, inputs_rejected=0, registrations_accepted=0, registrations_rejected=0)
@@ -101,8 +102,7 @@ class RegisterNode(Node):
         self._closing = False
         # stamps of view sets handed to the worker and not finished: the held pose is never
         # republished with a stamp at or after one of them (a newer registration is pending)
-        self._pending_lock = threading.Lock()
-        self._pending_stamps: list[int] = []
+        self._pending = PendingStamps()
 
         # publications
         self.tf, tf_kind = make_transform_broadcaster(self)
@@ -138,12 +138,8 @@ class RegisterNode(Node):
 
     # ------------------------------------------------------------------------ callbacks
     def _on_camera_info(self, msg: CameraInfo, index: int) -> None:
-        stamp = stamp_to_ns(msg.header.stamp)
-        self._infos[index].append((stamp, msg))
-        waiting = self._waiting[index]
-        if waiting is not None and waiting[1] == stamp:
-            self._waiting[index] = None
-            self._use_image(waiting[0], index, waiting[1], msg)
+        for p in self._pairing.add_info(index, stamp_to_ns(msg.header.stamp), msg):
+            self._use_image(p.image, p.index, p.stamp_ns, p.info)
 
     def _on_joint_state(self, msg: JointState) -> None:
         stamp = stamp_to_ns(msg.header.stamp)
@@ -158,28 +154,12 @@ class RegisterNode(Node):
         """Use the image with the CameraInfo of the same stamp; the two topics are not ordered, so
         without one it waits up to camera_info_wait_s, then takes the latest CameraInfo."""
         self._count("images")
-        stamp = stamp_to_ns(msg.header.stamp)
-        info = next((m for s, m in reversed(self._infos[index]) if s == stamp), None)
-        if info is not None:
-            self._use_image(msg, index, stamp, info)
-            return
-        if self._waiting[index] is not None:  # keep the order: the older image goes first
-            self._flush_waiting(index)
-        self._waiting[index] = (msg, stamp, time.monotonic())
-        if self.cfg.camera_info_wait_s == 0:
-            self._flush_waiting(index)
-
-    def _flush_waiting(self, index: int) -> None:
-        msg, stamp, _ = self._waiting[index]
-        self._waiting[index] = None
-        latest = self._infos[index][-1][1] if self._infos[index] else None
-        self._use_image(msg, index, stamp, latest)
+        for p in self._pairing.add_image(index, msg, stamp_to_ns(msg.header.stamp)):
+            self._use_image(p.image, p.index, p.stamp_ns, p.info)
 
     def _flush_waiting_images(self) -> None:
-        now = time.monotonic()
-        for index, waiting in enumerate(self._waiting):
-            if waiting is not None and now - waiting[2] >= self.cfg.camera_info_wait_s:
-                self._flush_waiting(index)
+        for p in self._pairing.flush_due():
+            self._use_image(p.image, p.index, p.stamp_ns, p.info)
 
     def _use_image(self, msg: Image, index: int, stamp: int, info: CameraInfo | None) -> None:
         topic = self.cfg.image_topics[index]
@@ -195,11 +175,7 @@ class RegisterNode(Node):
         view_set = self.views.add(frame)
         if view_set is not None and not self._closing:
             stamp_set = max(f.stamp_ns for f in view_set)
-            with self._pending_lock:
-                if self.worker.busy_with_waiting() and self._pending_stamps:
-                    self._pending_stamps.remove(max(self._pending_stamps))  # the waiting set is replaced
-                self._pending_stamps.append(stamp_set)
-            if not self.worker.submit(view_set):
+            if not self._pending.submit(self.worker, view_set, stamp_set):  # hand-off and bookkeeping in one step
                 self.get_logger().warning(f"registration busy: dropped a waiting view set "
                                           f"({self.worker.dropped} dropped so far)", throttle_duration_sec=2.0)
 
@@ -227,9 +203,8 @@ class RegisterNode(Node):
         now = self.get_clock().now().nanoseconds
         age_s = (now - pose.stamp_ns) * 1e-9
         if age_s <= self.cfg.pose_hold_s:
-            with self._pending_lock:
-                stamp = min([now] + [t - 1 for t in self._pending_stamps])
-            if self.cfg.tf_republish_hz > 0 and stamp > pose.stamp_ns:
+            stamp = self._pending.republish_stamp(now, pose.stamp_ns)  # never at or after a pending set's
+            if self.cfg.tf_republish_hz > 0 and stamp is not None:
                 self._send_tf(pose.T_ref_from_ct, stamp)
         elif self._stale_reported_for != pose.stamp_ns:
             self._stale_reported_for = pose.stamp_ns
@@ -243,13 +218,11 @@ class RegisterNode(Node):
         try:
             self._register_and_publish(frames)
         finally:
-            stamp_set = max(f.stamp_ns for f in frames)
-            with self._pending_lock:
-                if stamp_set in self._pending_stamps:
-                    self._pending_stamps.remove(stamp_set)
+            self._pending.finish(max(f.stamp_ns for f in frames))
 
     def _register_and_publish(self, frames: list[Frame]) -> None:
-        outcome = self.pipeline.register(frames)
+        outcome = register_frames(self.pipeline, frames, i0=self.cfg.i0,
+                                  raw_is_line_integral=self.cfg.images_are_line_integrals)
         if self._closing:
             return
         info = self._outcome_values(outcome)
@@ -260,10 +233,9 @@ class RegisterNode(Node):
             self.pose_pub.publish(pose_with_covariance_from_T(
                 pose.T_ref_from_ct, pose.covariance_ref, frame_id=self.cfg.reference_frame,
                 stamp=ns_to_stamp(outcome.stamp_ns)))
-            r = outcome.result
-            self.get_logger().info(f"registered {len(frames)} views (from {outcome.init_source} pose) in "
-                                   f"{r.time_s:.2f} s: similarity {info['view_similarity']}, uncertainty "
-                                   f"{r.uncertainty_mm:.2f} mm")
+            self.get_logger().info(f"registered {len(frames)} views (from {outcome.init_source} pose; "
+                                   f"{'+'.join(outcome.outcome.stages)}) in {outcome.outcome.time_s:.2f} s: similarity {info['view_similarity']}, uncertainty "
+                                   f"{outcome.result.uncertainty_mm:.2f} mm")
             self._status(OK, "registered", "registration accepted", info)
             self._stale_reported_for = None
             if self.cfg.tf_republish_hz > 0:  # make 'latest' lookups see the new pose right away
@@ -295,7 +267,7 @@ class RegisterNode(Node):
             T_ref_from_ct, parent_frame=self.cfg.reference_frame, child_frame=self.cfg.anatomy_frame,
             stamp=ns_to_stamp(stamp_ns)))
 
-    def _outcome_values(self, outcome: Outcome) -> dict:
+    def _outcome_values(self, outcome: SetOutcome) -> dict:
         r = outcome.result
         values = {"stamp": f"{outcome.stamp_ns * 1e-9:.9f}",
                   "views": ",".join(self.cfg.image_topics[s] for s in outcome.sources),
@@ -303,7 +275,11 @@ class RegisterNode(Node):
         if r is not None:
             values.update(view_similarity=",".join(f"{s:.4f}" for s in r.view_similarity),
                           similarity=f"{r.similarity:.4f}", uncertainty_mm=f"{r.uncertainty_mm:.3f}",
-                          iterations=str(r.iterations), converged=str(r.converged), time_s=f"{r.time_s:.3f}")
+                          iterations=str(r.iterations), converged=str(r.converged),
+                          time_s=f"{outcome.outcome.time_s:.3f}", stages="+".join(outcome.outcome.stages))
+            v = outcome.outcome.verdict
+            if v is not None and v.view_shift_mm:
+                values.update(view_shift_mm=",".join(f"{x:.2f}" for x in v.view_shift_mm))
         return values
 
     def _count(self, key: str) -> None:

@@ -22,7 +22,9 @@ from ..core.kinematics import M_TO_MM, PlaneConfig, T_from_xyz_rpy, check_rigid
 from ..core.refine import RefineConfig
 from ..core.render import BACKENDS
 from .joint_buffer import MAX_GAP_S, TOLERANCE_S
-from .pipeline import QualityGates
+from ..core.registration.acceptance import AcceptanceConfig
+from ..core.registration.global_search import GlobalConfig
+from ..core.registration.pipeline import PipelineConfig
 
 
 class ConfigError(ValueError):
@@ -49,7 +51,8 @@ class ParamSpec:
 
 
 _REFINE = RefineConfig()
-_GATES = QualityGates()  # the gate defaults live in one place
+_GATES = AcceptanceConfig()  # the acceptance test's defaults live in the engine
+_GLOBAL = GlobalConfig()
 
 NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("volume_path", "string", "",
@@ -106,13 +109,25 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
               "+x of the first plane's isocentre frame) with the CT's bone centre at that isocentre.",
               range=(-1e3, 1e3), lengths=(0, 7, 16)),
     ParamSpec("max_uncertainty_mm", "double", _GATES.max_uncertainty_mm,
-              "Quality gate: largest accepted 1-sigma uncertainty (RMS displacement of points on a 50 mm sphere "
+              "Acceptance test: largest accepted 1-sigma uncertainty (RMS displacement of points on a 50 mm sphere "
               "around the anatomy centre, mm).", range=(0.001, 1000.0)),
-    ParamSpec("min_similarity", "double", _GATES.min_similarity,
-              "Quality gate: smallest accepted similarity of every view (patch NCC + gradient NCC, 1 = identical).",
+    ParamSpec("min_similarity", "double", _GATES.min_view_similarity,
+              "Acceptance test: smallest accepted similarity of every view (patch NCC + gradient NCC, 1 = "
+              "identical; the default is calibrated so that no simulated wrong pose passes, docs/acceptance.md).",
               range=(-1.0, 1.0)),
-    ParamSpec("require_converged", "bool", False,
-              "Quality gate: also reject a registration whose finest level used its whole iteration budget."),
+    ParamSpec("require_converged", "bool", _GATES.require_converged,
+              "Acceptance test: also reject a registration whose finest level used its whole iteration budget."),
+    ParamSpec("view_agreement", "bool", _GATES.view_agreement,
+              "Acceptance test: refine each view alone from the joint result and reject the set when a view wants "
+              "to move the anatomy elsewhere (views that contradict each other, e.g. the anatomy moved between shots)."),
+    ParamSpec("global_search", "bool", _GLOBAL.enabled,
+              "Run the global stage (candidate poses around the start, scored and refined at a coarse level) before "
+              "the refinement of a start that is not a recent accepted pose, and after a tracking update that fails "
+              "the acceptance test."),
+    ParamSpec("global_rot_range_deg", "double", _GLOBAL.rot_range_deg,
+              "Global stage: largest rotation of its candidate poses from the start, degrees.", range=(0.0, 180.0)),
+    ParamSpec("global_trans_range_mm", "double", _GLOBAL.trans_range_mm,
+              "Global stage: largest translation of its candidate poses from the start, mm.", range=(0.0, 1000.0)),
     ParamSpec("device", "string", "auto", "Torch device of the engine: 'cpu', 'cuda' or 'auto' (cuda when available).",
               choices=("cpu", "cuda", "auto")),
     ParamSpec("render_backend", "string", _REFINE.render_backend,
@@ -240,7 +255,7 @@ class NodeConfig:
     camera_info_wait_s: float
     image_qos: str
     initial_T_ref_from_ct: Tensor | None  # mm; None: supine at the first plane's isocentre
-    gates: QualityGates
+    pipeline: PipelineConfig  # global stage and acceptance test
     refine: RefineConfig
     i0: float | None
     images_are_line_integrals: bool
@@ -333,8 +348,12 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
     if levels == 0:
         raise ConfigError("parameter 'refine_sizes' needs at least one level")
     device = resolve_device(v["device"]) if resolve else v["device"]
-    gates = QualityGates(max_uncertainty_mm=v["max_uncertainty_mm"], min_similarity=v["min_similarity"],
-                         require_converged=v["require_converged"])
+    pipeline = PipelineConfig(
+        acceptance=dataclasses.replace(_GATES, max_uncertainty_mm=v["max_uncertainty_mm"],
+                                       min_view_similarity=v["min_similarity"],
+                                       require_converged=v["require_converged"], view_agreement=v["view_agreement"]),
+        global_search=dataclasses.replace(_GLOBAL, enabled=v["global_search"], rot_range_deg=v["global_rot_range_deg"],
+                                          trans_range_mm=v["global_trans_range_mm"]))
     refine = dataclasses.replace(_REFINE, sizes=tuple(v["refine_sizes"]), iterations=tuple(v["refine_iterations"]),
                                  n_samples=tuple(v["refine_samples"]), patches=tuple(v["refine_patches"]),
                                  min_similarity=v["min_similarity"], uncertainty=True, device=device,
@@ -353,7 +372,7 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
         joint_state_tolerance_s=v["joint_state_tolerance_s"], joint_state_max_gap_s=v["joint_state_max_gap_s"],
         camera_info_wait_s=v["camera_info_wait_s"],
         image_qos=v["image_qos"],
-        initial_T_ref_from_ct=T_from_param(v["initial_T_ref_from_ct"], "initial_T_ref_from_ct"), gates=gates,
+        initial_T_ref_from_ct=T_from_param(v["initial_T_ref_from_ct"], "initial_T_ref_from_ct"), pipeline=pipeline,
         refine=refine, i0=v["i0"] if v["i0"] > 0 else None, images_are_line_integrals=v["images_are_line_integrals"],
         pose_hold_s=v["pose_hold_s"], tf_republish_hz=v["tf_republish_hz"], publish_overlay=v["publish_overlay"],
         publish_diagnostics=v["publish_diagnostics"])

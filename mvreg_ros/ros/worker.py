@@ -37,7 +37,9 @@ class LatestJobWorker:
             return self._stop
 
     def busy_with_waiting(self) -> bool:
-        """True when a job is waiting (the next submit replaces it)."""
+        """True when a job is waiting (the next submit replaces it). Only a snapshot: the thread may
+        take the waiting job right after; to act on whether a submit replaced a job, use
+        :meth:`submit`'s answer (``PendingStamps.submit`` in pending.py does)."""
         with self._cv:
             return self._has_pending
 

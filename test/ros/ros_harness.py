@@ -1,5 +1,12 @@
 """Helpers of the ROS tests (processes, waiting, the loopback-only DDS profile); the fixtures
-that use them live in conftest.py."""
+that use them live in conftest.py.
+
+Deadlines: every wait is on a condition and returns as soon as it holds, so the deadlines are
+generous (30 s for a DDS round trip, a minute or more for a registration) and cost nothing when
+the machine is quiet. All of them are multiplied by ``MVREG_TEST_TIMEOUT_SCALE`` (default 1;
+e.g. 3 on a slow or crowded machine): :func:`wait_until` applies it itself, other deadlines
+(subprocess timeouts, helper arguments) go through :func:`deadline`.
+"""
 
 from __future__ import annotations
 
@@ -32,16 +39,38 @@ FASTDDS_LOOPBACK_XML = """<?xml version="1.0" encoding="UTF-8" ?>
 """
 
 
+def _timeout_scale() -> float:
+    text = os.environ.get("MVREG_TEST_TIMEOUT_SCALE", "1")
+    try:
+        scale = float(text)
+    except ValueError:
+        raise ValueError(f"MVREG_TEST_TIMEOUT_SCALE must be a number > 0, got {text!r}") from None
+    if not scale > 0 or scale == float("inf"):
+        raise ValueError(f"MVREG_TEST_TIMEOUT_SCALE must be a finite number > 0, got {text!r}")
+    return scale
+
+
+TIMEOUT_SCALE = _timeout_scale()
+
+
+def deadline(base_s: float) -> float:
+    """``base_s`` seconds scaled by MVREG_TEST_TIMEOUT_SCALE (for waits that are not wait_until's)."""
+    return base_s * TIMEOUT_SCALE
+
+
 def wait_until(condition, timeout: float, *, step: float = 0.02, spin=None, what: str = "condition"):
     """Poll ``condition()`` (spinning ``spin(step)`` or sleeping ``step`` in between) until it
-    returns something truthy; AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    returns something truthy; AssertionError after ``timeout`` seconds times
+    MVREG_TEST_TIMEOUT_SCALE. The condition is checked once more at the deadline."""
+    limit = deadline(timeout)
+    end = time.monotonic() + limit
     while True:
+        late = time.monotonic() > end
         value = condition()
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        if late:
+            raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}")
         if spin is not None:
             spin(step)
         else:
@@ -74,8 +103,9 @@ class RosProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def interrupt(self, timeout: float = 15.0) -> int:
-        """Ctrl-C (SIGINT) and wait; kills and fails the wait after ``timeout``."""
+    def interrupt(self, timeout: float = 30.0) -> int:
+        """Ctrl-C (SIGINT) and wait; kills and fails the wait after ``timeout`` (scaled) seconds."""
+        timeout = deadline(timeout)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:

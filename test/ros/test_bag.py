@@ -10,7 +10,7 @@ pytest.importorskip("rclpy")
 pytest.importorskip("tf2_msgs.msg")
 pytest.importorskip("rosbags")
 
-from ros_harness import node_args  # noqa: E402
+from ros_harness import deadline, node_args  # noqa: E402
 from ros_scenario import CONFIG, DETECTOR, QUICK, write_params  # noqa: E402
 
 from mvreg_ros.core.geometry import perturb  # noqa: E402
@@ -121,7 +121,7 @@ def test_replay_to_node_end_to_end(spawn, tmp_path, ros_context):
     played = bag_io.read_bag(bag)
     evaluator = evaluator_for_bag(played, landmarks)
     start_error = mtre_mm(truth, _default_start(cfg), landmarks)
-    replay(played, evaluator, context=ros_context, rate=1.0, match_timeout_s=60.0, wait_s=60.0)
+    replay(played, evaluator, context=ros_context, rate=1.0, match_timeout_s=deadline(120), wait_s=deadline(120))
     summary = evaluator.summary()
     alive = node.alive()
     print(f"start {start_error:.1f} mm; summary {summary}")
@@ -136,7 +136,7 @@ def test_replay_to_node_end_to_end(spawn, tmp_path, ros_context):
 
 
 def _default_start(cfg):
-    from mvreg_ros.ros.initializer import supine_at_isocentre
+    from mvreg_ros.core.registration.initialisers import supine_at_isocentre
 
     return supine_at_isocentre(cfg.planes[0], load_ct("example:8").bone_centre_ct().to(torch.float64))
 

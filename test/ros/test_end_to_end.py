@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("rclpy")
 pytest.importorskip("tf2_msgs.msg")
 
-from ros_harness import HELPERS, node_args, wait_until  # noqa: E402
+from ros_harness import HELPERS, deadline, node_args, wait_until  # noqa: E402
 from ros_scenario import CONFIG, T_from_tf_json, make_scenario, mtre_mm, write_params, write_publisher_inputs  # noqa: E402
 
 
@@ -19,9 +19,10 @@ def run_end_to_end(spawn, tmp_path, scenario, config_name, shots, *, rounds, sta
     overrides = write_params(tmp_path / "overrides.yaml", scenario.overrides)
     t0 = time.monotonic()
     node = spawn("node", node_args(CONFIG / config_name, overrides))
-    controller = spawn("controller", [str(HELPERS / "tf_controller.py"), "--timeout", "150"])
-    wait_until(lambda: any(e.get("event") == "listening" for e in controller.json_lines()), 30, what="the controller")
-    publisher = spawn("publisher", [str(HELPERS / "sim_carm_publisher.py"), "--spec", str(spec), "--data", str(data)])
+    controller = spawn("controller", [str(HELPERS / "tf_controller.py"), "--timeout", str(deadline(600))])
+    wait_until(lambda: any(e.get("event") == "listening" for e in controller.json_lines()), 60, what="the controller")
+    publisher = spawn("publisher", [str(HELPERS / "sim_carm_publisher.py"), "--spec", str(spec), "--data", str(data),
+                                    "--match-timeout", str(deadline(120))])
 
     def registered():
         if not node.alive():
@@ -30,7 +31,7 @@ def run_end_to_end(spawn, tmp_path, scenario, config_name, shots, *, rounds, sta
         hits = [tf for tf in controller.json_lines() if tf.get("stamp_ns") in set_stamps]
         return hits if len(hits) >= registrations else None
 
-    hits = wait_until(registered, 100, step=0.1,
+    hits = wait_until(registered, 180, step=0.1,
                       what=f"{registrations} registration TF(s) at an image stamp; node log:\n{node.tail()}")
     elapsed = time.monotonic() - t0
     errors = [mtre_mm(T_from_tf_json(tf), scenario.truth) for tf in hits]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mvreg_ros.ros.volume_source import VolumeError, load_ct
+from ros_harness import deadline
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -56,7 +57,7 @@ def test_node_exits_with_a_clear_error(ros_env, tmp_path, case):
         path.write_text("not a volume")
     cmd = (node_command() if case == "missing" else [sys.executable, "-m", "mvreg_ros.ros.node"])
     out = subprocess.run([*cmd, "--ros-args", "-p", f"volume_path:={path}"], env=ros_env, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=deadline(120))
     text = out.stdout + out.stderr
     assert out.returncode == 2, text
     assert "FATAL" in text and str(path) in text

@@ -143,7 +143,7 @@ def test_rclpy_reads_the_yaml_like_the_spec_table(ros_context, path):
     ref = build_config(dict(read_params(path), volume_path="example:8"), resolve=False)
     assert cfg.image_topics == ref.image_topics and cfg.camera_info_topics == ref.camera_info_topics
     assert cfg.acquisition_mode == ref.acquisition_mode and cfg.joint_names == ref.joint_names
-    assert cfg.refine == ref.refine and cfg.gates == ref.gates and cfg.pose_hold_s == ref.pose_hold_s
+    assert cfg.refine == ref.refine and cfg.pipeline == ref.pipeline and cfg.pose_hold_s == ref.pose_hold_s
     for a, b in zip(cfg.planes, ref.planes):
         assert (a.name, a.joint_names, a.sid_mm, a.prismatic_axes) == (b.name, b.joint_names, b.sid_mm, b.prismatic_axes)
         torch.testing.assert_close(a.T_ref_from_iso, b.T_ref_from_iso)

@@ -62,14 +62,14 @@ def test_publishes_on_tf_to_a_listener(ros_context):
             q = b.pub_tf.qos_profile
             assert (q.depth, q.reliability, q.durability) == (100, ReliabilityPolicy.RELIABLE, DurabilityPolicy.VOLATILE)
         assert b.pub_tf.topic_name == "/tf"
-        wait_until(lambda: b.pub_tf.get_subscription_count() > 0, 20, spin=lambda s: ex.spin_once(timeout_sec=s),
+        wait_until(lambda: b.pub_tf.get_subscription_count() > 0, 30, spin=lambda s: ex.spin_once(timeout_sec=s),
                    what="the /tf subscriber")
         T = make_T(so3_exp(torch.tensor([3.14159, 0.0, 0.0], dtype=torch.float64)),
                    torch.tensor([10.0, -20.0, 1000.0], dtype=torch.float64))
         one = transform_stamped_from_T(T, parent_frame="carm_base", child_frame="anatomy", stamp=ns_to_stamp(42))
         b.sendTransform(one)  # a single transform ...
         b.sendTransform([one, one])  # ... or a list, like tf2_ros
-        wait_until(lambda: len(received) >= 3, 20, spin=lambda s: ex.spin_once(timeout_sec=s), what="3 transforms")
+        wait_until(lambda: len(received) >= 3, 30, spin=lambda s: ex.spin_once(timeout_sec=s), what="3 transforms")
         assert received[0].header.frame_id == "carm_base" and received[0].child_frame_id == "anatomy"
         assert received[0].header.stamp.nanosec == 42
         torch.testing.assert_close(T_from_transform(received[0].transform), T, atol=1e-9, rtol=0)

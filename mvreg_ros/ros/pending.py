@@ -1,0 +1,63 @@
+"""Stamps of view sets handed to the registration worker and not finished (plain Python).
+
+While a newer view set is pending, the held pose must not be republished with a stamp at or
+after that set's stamp: a TF listener would take the old pose for the time of the new images.
+:meth:`PendingStamps.submit` hands a set to the worker and records its stamp in one step under
+one lock, using the worker's own answer (did the set replace a waiting one?), so the worker
+taking its waiting set in between cannot make the bookkeeping drop a set that is running.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+
+class Worker(Protocol):
+    def submit(self, job: Any) -> bool:
+        """Queue ``job``; False when it replaced the waiting job (that one is dropped)."""
+
+
+class PendingStamps:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stamps: list[int] = []
+        self._last_submitted: int | None = None
+
+    @staticmethod
+    def _check_stamp(stamp_ns: int) -> None:
+        if isinstance(stamp_ns, bool) or not isinstance(stamp_ns, int) or stamp_ns <= 0:
+            raise ValueError(f"stamp_ns must be a positive integer (ns), got {stamp_ns!r}")
+
+    def submit(self, worker: Worker, job: Any, stamp_ns: int) -> bool:
+        """Hand ``job`` (the view set stamped ``stamp_ns``) to ``worker`` and mark the stamp pending.
+
+        Returns the worker's answer: False when the set replaced the one waiting (the last one
+        submitted; its stamp is no longer pending). If ``worker.submit`` raises, nothing changes.
+        """
+        self._check_stamp(stamp_ns)
+        with self._lock:  # the hand-off and the bookkeeping as one step
+            took_slot = worker.submit(job)
+            if not took_slot and self._last_submitted in self._stamps:
+                self._stamps.remove(self._last_submitted)  # that set was dropped unregistered
+            self._stamps.append(stamp_ns)
+            self._last_submitted = stamp_ns
+            return took_slot
+
+    def finish(self, stamp_ns: int) -> None:
+        """The set stamped ``stamp_ns`` is done (registered, rejected or failed)."""
+        with self._lock:
+            if stamp_ns in self._stamps:
+                self._stamps.remove(stamp_ns)
+
+    def stamps(self) -> list[int]:
+        with self._lock:
+            return sorted(self._stamps)
+
+    def republish_stamp(self, now_ns: int, pose_stamp_ns: int) -> int | None:
+        """The stamp to republish the held pose with at ``now_ns``: ``now_ns``, but never at or after
+        a pending set's stamp (1 ns before the oldest instead); None when that is not after the
+        pose's own stamp (nothing newer to say)."""
+        with self._lock:
+            stamp = min([now_ns] + [t - 1 for t in self._stamps])
+        return stamp if stamp > pose_stamp_ns else None
