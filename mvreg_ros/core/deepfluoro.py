@@ -448,6 +448,20 @@ def _itk_parts(T_ct_from_index: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndar
     return spacing, A[:3, 3], A[:3, :3] / spacing
 
 
+def _landmark_arrays(landmarks: tuple[Sequence[str], Tensor] | Mapping[str, Sequence[float]]) -> tuple[list[str], Tensor]:
+    """Landmarks given as ``(names, (N, 3) points)`` or ``{name: point}``, checked."""
+    if isinstance(landmarks, Mapping):
+        lm_names = list(landmarks.keys())
+        lm = torch.tensor([list(map(float, landmarks[n])) for n in lm_names], dtype=torch.float64)
+    else:
+        lm_names, lm = list(landmarks[0]), torch.as_tensor(landmarks[1], dtype=torch.float64)
+    if lm.ndim != 2 or lm.shape != (len(lm_names), 3) or len(lm_names) == 0:
+        raise ValueError(f"landmarks must be N names and an (N, 3) array, got {len(lm_names)} names and {tuple(lm.shape)}")
+    if len(set(lm_names)) != len(lm_names) or any("/" in n for n in lm_names):
+        raise ValueError(f"landmark names must be unique and contain no '/': {lm_names}")
+    return lm_names, lm
+
+
 def write_simulated(
     path: str | Path, volume_hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 4"], *,
     specimen: str = "sim-01", angles_deg: Sequence[tuple[float, float]],
@@ -458,15 +472,13 @@ def write_simulated(
     rot_180_for_up: bool = False, seed: int = 0, device: str = "cpu", append: bool = False,
 ) -> SimulatedSpecimen:
     """Simulate C-arm acquisitions of a CT (HU) at ``angles_deg`` = [(orbital, angular), ...]
-    and write them as specimen ``specimen`` of a DeepFluoro-layout file.
+    with the engine's renderer and write them as specimen ``specimen`` of a DeepFluoro-layout
+    file (:func:`write_specimen`).
 
     The bone centre sits at the isocentre (+ ``offset_mm``, isocentre frame). Without
     ``landmarks``, they come from the ``mask`` structures (when ``label_names`` are given)
     or from the bone (:func:`bone_landmarks`). With ``append``, the specimen is added to an
     existing file whose ``proj-params`` must match."""
-    import h5py
-
-    path = Path(path)
     if len(angles_deg) == 0:
         raise ValueError("angles_deg needs at least one (orbital, angular) pair")
     if volume_hu_kji.ndim != 3:
@@ -483,15 +495,7 @@ def write_simulated(
             landmarks = structure_landmarks(mask, T_ct_from_index, label_names)
         else:
             landmarks = bone_landmarks(vol)
-    if isinstance(landmarks, Mapping):
-        lm_names = list(landmarks.keys())
-        lm = torch.tensor([list(map(float, landmarks[n])) for n in lm_names], dtype=torch.float64)
-    else:
-        lm_names, lm = list(landmarks[0]), torch.as_tensor(landmarks[1], dtype=torch.float64)
-    if lm.ndim != 2 or lm.shape != (len(lm_names), 3) or len(lm_names) == 0:
-        raise ValueError(f"landmarks must be N names and an (N, 3) array, got {len(lm_names)} names and {tuple(lm.shape)}")
-    if len(set(lm_names)) != len(lm_names) or any("/" in n for n in lm_names):
-        raise ValueError(f"landmark names must be unique and contain no '/': {lm_names}")
+    landmarks = _landmark_arrays(landmarks)
 
     scene = make_scene(vol.bone_centre_ct(), list(angles_deg), detector=detector, offset_mm=offset_mm)
     T_cam_from_ct = scene.T_cam_from_ct
@@ -500,18 +504,63 @@ def write_simulated(
     g = torch.Generator().manual_seed(int(seed))
     raw = acquire(Renderer(vol, device=device), T_cam_from_ct, K.expand(len(angles_deg), 3, 3), H, W,
                   config=acquisition, generator=g)
+    return write_specimen(path, volume_hu_kji, T_ct_from_index, raw_images=raw, T_cam_from_ct=T_cam_from_ct, K=K,
+                          pixel_mm=detector.pixel_mm, landmarks=landmarks, specimen=specimen, mask=mask,
+                          label_names=label_names, extrinsic=extrinsic, rot_180_for_up=rot_180_for_up, append=append)
+
+
+def write_specimen(
+    path: str | Path, volume_hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 4"], *,
+    raw_images: Float[Tensor, "V H W"], T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "3 3"],
+    pixel_mm: float | tuple[float, float], landmarks: tuple[Sequence[str], Tensor] | Mapping[str, Sequence[float]],
+    specimen: str = "sim-01", mask: Tensor | None = None, label_names: Mapping[int, str] | None = None,
+    extrinsic: Float[Tensor, "4 4"] | None = None, rot_180_for_up: bool = False, append: bool = False,
+) -> SimulatedSpecimen:
+    """Write acquisitions made by the caller as specimen ``specimen`` of a DeepFluoro-layout file.
+
+    ``raw_images`` are raw detector intensities (bone dark) in the engine's camera convention
+    (they are stored flipped left-right), taken at ``T_cam_from_ct`` with the intrinsics ``K``
+    (cam convention, one detector for all views) and pixels of ``pixel_mm`` (row, column) at
+    the detector; the images may be rectangular (``num-rows`` = H, ``num-cols`` = W). The
+    volume (HU), its ``mask`` and ``landmarks`` (LPS mm) are stored as given. With ``append``,
+    the specimen is added to an existing file whose ``proj-params`` must match."""
+    import h5py
+
+    path = Path(path)
+    if volume_hu_kji.ndim != 3:
+        raise ValueError(f"volume_hu_kji must be 3D (slices, rows, columns), got shape {tuple(volume_hu_kji.shape)}")
+    if mask is not None and mask.shape != volume_hu_kji.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from the volume's {tuple(volume_hu_kji.shape)}")
+    if specimen == PROJ_PARAMS or not specimen or "/" in specimen:
+        raise ValueError(f"invalid specimen name {specimen!r}")
+    raw = torch.as_tensor(raw_images).detach().to("cpu", torch.float32)
+    if raw.ndim != 3 or len(raw) == 0:
+        raise ValueError(f"raw_images must be (V, H, W) with V >= 1, got shape {tuple(raw.shape)}")
+    V, H, W = raw.shape
+    T_cam_from_ct = torch.as_tensor(T_cam_from_ct).to("cpu", torch.float64)
+    if T_cam_from_ct.shape != (V, 4, 4):
+        raise ValueError(f"T_cam_from_ct must be ({V}, 4, 4) for {V} images, got {tuple(T_cam_from_ct.shape)}")
+    K = torch.as_tensor(K).to("cpu", torch.float64)
+    if K.shape != (3, 3):
+        raise ValueError(f"K must be 3x3 (one detector for all views), got {tuple(K.shape)}")
+    sr, sc = (float(pixel_mm), float(pixel_mm)) if isinstance(pixel_mm, (int, float)) else map(float, pixel_mm)
+    if not (sr > 0 and sc > 0):
+        raise ValueError(f"pixel_mm must be positive, got {pixel_mm}")
+    if not torch.isfinite(raw).all() or float(raw.min()) < 0 or float(raw.max()) > 65535:
+        raise ValueError("raw_images must be finite detector intensities within 0..65535")
     if float((raw > 0).float().mean()) < 0.05:
         raise ValueError("the simulated views are empty: check the detector and the CT placement")
+    lm_names, lm = _landmark_arrays(landmarks)
+    T_ct_from_index = T_ct_from_index.to(torch.float64)
 
     E = (DEFAULT_EXTRINSIC if extrinsic is None else torch.as_tensor(extrinsic)).to(torch.float64)
-    K_df = K_to_deepfluoro(K, W)
+    K_df = K_to_deepfluoro(K, W)  # the column flip uses the width
     G = torch.stack([cam_to_pelvis_vol_from_T(E, T) for T in T_cam_from_ct])
     # gt-landmarks with the file's own formula: pixel ~ K_df @ (E @ inv(G) @ p)
     p_h = torch.cat([lm, torch.ones(len(lm), 1, dtype=torch.float64)], 1)
     uvw = torch.einsum("ij,vjk,nk->vni", K_df, (E @ torch.linalg.inv(G))[:, :3, :], p_h)
     uv_df = uvw[..., :2] / uvw[..., 2:3]
 
-    sr = sc = float(detector.pixel_mm)
     mode = "a" if append else "w"
     with h5py.File(path, mode) as f:
         if PROJ_PARAMS in f:
@@ -548,7 +597,7 @@ def write_simulated(
             lg.create_dataset(n, data=p.numpy().reshape(3, 1))
         projs = s.create_group("projections")
         stored = flip_columns(raw).numpy().astype(np.float32)  # file convention
-        for v in range(len(angles_deg)):
+        for v in range(V):
             pg = projs.create_group(f"{v:03d}")
             _image_group(pg.create_group("image"), stored[v], (sc, sr), (0.0, 0.0), np.eye(2), compress=False)
             gl = pg.create_group("gt-landmarks")

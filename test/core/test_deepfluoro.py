@@ -364,3 +364,72 @@ def test_append_adds_a_specimen(written, tmp_path, tiny_ct):
     with pytest.raises(ValueError, match="proj-params differ"):
         df.write_simulated(dst, hu_of(tiny_ct), tiny_ct.T_ct_from_index, specimen="sim-03", angles_deg=[(0, 0)],
                            detector=DET, append=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Rectangular detectors and images supplied by the caller
+# ---------------------------------------------------------------------------------------
+
+
+def test_rectangular_detector_round_trip(tmp_path):
+    """num-rows != num-cols: the column flip of K and of the image uses the width; a bead
+    appears (dark) at its stored gt-landmark, and the reader's K and pose project the
+    landmarks onto the flipped gt-landmarks."""
+    n, s = 40, 4.0
+    hu = torch.full((n, n, n), -1000.0)
+    hu[8:32, 8:32, 8:32] = 0.0
+    k, j, i = (20, 17, 29)
+    hu[k - 1:k + 2, j - 1:j + 2, i - 1:i + 2] = 3000.0
+    A = make_T(so3_exp(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)) * s, torch.tensor([-80.0, 30.0, -60.0], dtype=torch.float64))
+    bead_ct = (A @ torch.tensor([i, j, k, 1.0], dtype=torch.float64))[:3]
+    other = (A @ torch.tensor([12.0, 25.0, 14.0, 1.0], dtype=torch.float64))[:3]
+    det = DetectorConfig(height=72, width=112, pixel_mm=1.164 * 256 / 112)
+    path = tmp_path / "rect.h5"
+    rec = df.write_simulated(path, hu, A, angles_deg=[(20.0, 5.0), (-35.0, 10.0)], detector=det,
+                             landmarks=(["bead", "other"], torch.stack([bead_ct, other])), offset_mm=[0.0, 40.0, 0.0],
+                             acquisition=AcquisitionConfig(fov_radius=None, scatter_fraction=0.0, photons_per_count=100.0))
+    with h5py.File(path, "r") as f:
+        assert (int(f["proj-params/num-rows"][()]), int(f["proj-params/num-cols"][()])) == (72, 112)
+        assert f["proj-params/intrinsic"][0, 2] == pytest.approx(111 - det.K()[0, 2].item())
+        img = f[f"{SPEC}/projections/000/image/pixels"][()].astype(np.float64)
+        uv = f[f"{SPEC}/projections/000/gt-landmarks/bead"][()][:, 0]
+    assert img.shape == (72, 112)
+    box = torch.nn.functional.avg_pool2d(torch.as_tensor(img)[None, None], 3, stride=1, padding=1)[0, 0]
+    vmin, umin = np.unravel_index(int(box.argmin()), box.shape)
+    assert math.hypot(umin - uv[0], vmin - uv[1]) <= 1.0 and abs(uv[0] - (111 - uv[0])) > 10
+    with df.DeepFluoroFile(path) as f:
+        names, lm = f.landmarks(SPEC)
+        for v in range(2):
+            p = f.projection(SPEC, v)
+            assert p.image.shape == (72, 112)
+            torch.testing.assert_close(p.K, det.K())
+            torch.testing.assert_close(p.T_cam_from_ct, rec.T_cam_from_ct[v], atol=1e-9, rtol=0)
+            np.testing.assert_allclose(project(p.K, p.T_cam_from_ct, lm).numpy(), p.landmarks_uv.numpy(), atol=1e-8)
+            K, E, G, _, raw_lm, gt, _ = raw_values(path, f"{v:03d}")
+            np.testing.assert_allclose(p.landmarks_uv[:, 0].numpy(), 111 - gt[:, 0, 0], atol=1e-12)
+            np.testing.assert_allclose(deepfluoro_formula(K, E, G, raw_lm), gt[:, :, 0], atol=1e-8)
+        views, _ = df.views_from_projections([f.projection(SPEC, 0), f.projection(SPEC, 1)])
+        assert views.images.shape == (2, 72, 112)
+
+
+def test_write_specimen_takes_the_callers_images(tmp_path, tiny_ct):
+    rng = torch.Generator().manual_seed(0)
+    raw = (torch.rand(2, 20, 30, generator=rng) * 60000).round()
+    T = torch.stack([torch.eye(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64)])
+    T[:, 2, 3] = 700.0
+    K = DetectorConfig(height=20, width=30).K()
+    path = tmp_path / "given.h5"
+    rec = df.write_specimen(path, hu_of(tiny_ct), tiny_ct.T_ct_from_index, raw_images=raw, T_cam_from_ct=T, K=K,
+                            pixel_mm=(1.5, 1.25), landmarks={"a": [1.0, 2.0, 3.0]}, mask=tiny_ct.mask, label_names={32: "x"})
+    assert rec.landmark_names == ("a",)
+    with df.DeepFluoroFile(path) as f:
+        p = f.projection(SPEC, 1)
+        torch.testing.assert_close(p.image, raw[1])
+        assert p.pixel_spacing_mm == (1.5, 1.25)
+        assert f.label_names(SPEC)[32] == "x"
+    with pytest.raises(ValueError, match=r"T_cam_from_ct must be \(2, 4, 4\)"):
+        df.write_specimen(path, hu_of(tiny_ct), tiny_ct.T_ct_from_index, raw_images=raw, T_cam_from_ct=T[:1], K=K,
+                          pixel_mm=1.0, landmarks={"a": [0.0, 0.0, 0.0]})
+    with pytest.raises(ValueError, match="0..65535"):
+        df.write_specimen(path, hu_of(tiny_ct), tiny_ct.T_ct_from_index, raw_images=raw * 2, T_cam_from_ct=T, K=K,
+                          pixel_mm=1.0, landmarks={"a": [0.0, 0.0, 0.0]})
