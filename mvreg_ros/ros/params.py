@@ -5,13 +5,21 @@ The table and :func:`build_config` are plain Python (tests check the YAML files 
 against them without DDS); only :func:`declare_and_read` touches rclpy. Parameters are
 read-only: they are read once at start-up. ROS units outside (metres, radians, seconds),
 mm inside.
+
+Each parameter is named once, in :data:`NODE_PARAMETERS`. A parameter whose spec has no
+``into`` is passed through: :class:`NodeConfig` gets a field of the same name, generated from the
+table (arrays as tuples, ``clean`` applied). A parameter with ``into`` is turned into an engine
+object by :func:`build_config` and reaches :class:`NodeConfig` through the derived fields it
+names (:class:`DerivedConfig`). Adding a plain parameter means adding its spec; adding one that
+feeds an engine object means adding its spec (``into=...``) and the line of :func:`build_config`
+that uses it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -44,10 +52,26 @@ class ParamSpec:
     choices: tuple[str, ...] = ()
     lengths: tuple[int, ...] | None = None  # allowed array lengths (None: any)
     step: float = 0.0  # range step (0: continuous)
+    # the derived NodeConfig fields (DerivedConfig) that build_config makes from this value; a str is
+    # one field; () = passed through: NodeConfig has a field of this name holding the checked value
+    into: tuple[str, ...] = ()
+    clean: Callable[[Any], Any] | None = None  # pass-through only: applied to the checked value (arrays: tuples)
 
     def __post_init__(self):
         if self.type not in TYPES:
             raise ValueError(f"{self.name}: unknown type {self.type!r}")
+        into = (self.into,) if isinstance(self.into, str) else self.into
+        if not isinstance(into, tuple) or not all(isinstance(f, str) and f for f in into):
+            raise TypeError(f"{self.name}: 'into' must be a field name or a tuple of field names, got {self.into!r}")
+        object.__setattr__(self, "into", into)
+        if into and self.clean is not None:
+            raise ValueError(f"{self.name}: 'clean' applies to pass-through parameters only, not with into={into!r}")
+        if self.clean is not None and not callable(self.clean):
+            raise TypeError(f"{self.name}: 'clean' must be callable, got {self.clean!r}")
+
+
+def _frame_name(name: str) -> str:
+    return name.lstrip("/")
 
 
 _REFINE = RefineConfig()
@@ -61,21 +85,22 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("model_path", "string", "",
               "Patient-specific coarse network: a checkpoint written by `mvreg train` for this patient's CT. A view "
               "set without a recent accepted pose then starts from the network's estimate. Empty: no network. A "
-              "missing file or a model made for another CT ends the node at start-up."),
+              "missing file or a model made for another CT ends the node at start-up.", clean=str.strip),
     ParamSpec("tracking_max_age_s", "double", 60.0,
               "With model_path: the last accepted pose is the starting point only while its stamp is at most this "
               "much older than the new view set; an older one yields to the network (s). Without a model the last "
               "accepted pose is always used.", range=(0.0, 86400.0)),
     ParamSpec("reference_frame", "string", "carm_base", "Parent frame of the published TF: where the C-arm kinematics "
-              "place the cameras (the planes' mounting transforms are given in it)."),
-    ParamSpec("anatomy_frame", "string", "anatomy", "Child frame of the published TF: the CT's physical LPS frame, metres."),
+              "place the cameras (the planes' mounting transforms are given in it).", clean=_frame_name),
+    ParamSpec("anatomy_frame", "string", "anatomy", "Child frame of the published TF: the CT's physical LPS frame, metres.",
+              clean=_frame_name),
     ParamSpec("image_topics", "string_array", ["/carm/image_raw"],
               "sensor_msgs/Image topics of raw detector images (mono8, mono16/16UC1 or 32FC1)."),
     ParamSpec("camera_info_topics", "string_array", ["/carm/camera_info"],
               "sensor_msgs/CameraInfo topic of each image topic (same order); K in pixels, z toward the detector."),
     ParamSpec("planes", "string_array", ["main"],
               "C-arm plane of each image topic (one name per topic, or one name for all); each plane NAME is "
-              "configured by the parameters plane.NAME.*"),
+              "configured by the parameters plane.NAME.*", into="planes"),
     ParamSpec("joint_states_topic", "string", "/joint_states", "sensor_msgs/JointState topic with the C-arm joints."),
     ParamSpec("acquisition_mode", "string", "sequential",
               "'synchronized': one image per topic, stamps within sync_slop_s (biplane, several detectors); "
@@ -107,43 +132,48 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
               "Starting pose of the CT in reference_frame until a registration is accepted: 16 values (row-major "
               "4x4, translation in metres) or 7 (x y z in metres, qx qy qz qw). Empty: supine patient (head toward "
               "+x of the first plane's isocentre frame) with the CT's bone centre at that isocentre.",
-              range=(-1e3, 1e3), lengths=(0, 7, 16)),
+              range=(-1e3, 1e3), lengths=(0, 7, 16), into="initial_T_ref_from_ct"),
     ParamSpec("max_uncertainty_mm", "double", _GATES.max_uncertainty_mm,
               "Acceptance test: largest accepted 1-sigma uncertainty (RMS displacement of points on a 50 mm sphere "
-              "around the anatomy centre, mm).", range=(0.001, 1000.0)),
+              "around the anatomy centre, mm).", range=(0.001, 1000.0), into="pipeline"),
     ParamSpec("min_similarity", "double", _GATES.min_view_similarity,
               "Acceptance test: smallest accepted similarity of every view (patch NCC + gradient NCC, 1 = "
               "identical; the default is calibrated so that no simulated wrong pose passes, docs/acceptance.md).",
-              range=(-1.0, 1.0)),
+              range=(-1.0, 1.0), into=("pipeline", "refine")),
     ParamSpec("require_converged", "bool", _GATES.require_converged,
-              "Acceptance test: also reject a registration whose finest level used its whole iteration budget."),
+              "Acceptance test: also reject a registration whose finest level used its whole iteration budget.",
+              into="pipeline"),
     ParamSpec("view_agreement", "bool", _GATES.view_agreement,
               "Acceptance test: refine each view alone from the joint result and reject the set when a view wants "
-              "to move the anatomy elsewhere (views that contradict each other, e.g. the anatomy moved between shots)."),
+              "to move the anatomy elsewhere (views that contradict each other, e.g. the anatomy moved between shots).",
+              into="pipeline"),
     ParamSpec("global_search", "bool", _GLOBAL.enabled,
               "Run the global stage (candidate poses around the start, scored and refined at a coarse level) before "
               "the refinement of a start that is not a recent accepted pose, and after a tracking update that fails "
-              "the acceptance test."),
+              "the acceptance test.", into="pipeline"),
     ParamSpec("global_rot_range_deg", "double", _GLOBAL.rot_range_deg,
-              "Global stage: largest rotation of its candidate poses from the start, degrees.", range=(0.0, 180.0)),
+              "Global stage: largest rotation of its candidate poses from the start, degrees.", range=(0.0, 180.0),
+              into="pipeline"),
     ParamSpec("global_trans_range_mm", "double", _GLOBAL.trans_range_mm,
-              "Global stage: largest translation of its candidate poses from the start, mm.", range=(0.0, 1000.0)),
+              "Global stage: largest translation of its candidate poses from the start, mm.", range=(0.0, 1000.0),
+              into="pipeline"),
     ParamSpec("device", "string", "auto", "Torch device of the engine: 'cpu', 'cuda' or 'auto' (cuda when available).",
-              choices=("cpu", "cuda", "auto")),
+              choices=("cpu", "cuda", "auto"), into="refine"),
     ParamSpec("render_backend", "string", _REFINE.render_backend,
               "Renderer of the refinement: 'auto' (native on a CPU, compiled on a GPU), 'native' (C++ CPU kernel), "
               "'compiled' (torch.compile) or 'grid_sample' (plain PyTorch reference, no compilation).",
-              choices=BACKENDS),
+              choices=BACKENDS, into="refine"),
     ParamSpec("refine_sizes", "integer_array", list(_REFINE.sizes),
-              "Refinement pyramid: working image size per level, coarse to fine (px, 8..4096).", range=(8, 4096)),
+              "Refinement pyramid: working image size per level, coarse to fine (px, 8..4096).", range=(8, 4096), into="refine"),
     ParamSpec("refine_iterations", "integer_array", list(_REFINE.iterations),
-              "Refinement pyramid: most iterations per level (1..100000).", range=(1, 100000)),
+              "Refinement pyramid: most iterations per level (1..100000).", range=(1, 100000), into="refine"),
     ParamSpec("refine_samples", "integer_array", list(_REFINE.n_samples),
-              "Refinement pyramid: samples along each ray per level (1..4096).", range=(1, 4096)),
+              "Refinement pyramid: samples along each ray per level (1..4096).", range=(1, 4096), into="refine"),
     ParamSpec("refine_patches", "integer_array", list(_REFINE.patches),
-              "Refinement pyramid: NCC patch size per level (px, 1..1024).", range=(1, 1024)),
+              "Refinement pyramid: NCC patch size per level (px, 1..1024).", range=(1, 1024), into="refine"),
     ParamSpec("i0", "double", 0.0,
-              "Unattenuated detector intensity for log-linearisation; 0: estimated from each image.", range=(0.0, 1e12)),
+              "Unattenuated detector intensity for log-linearisation; 0: estimated from each image.", range=(0.0, 1e12),
+              into="i0"),
     ParamSpec("images_are_line_integrals", "bool", False,
               "The images already hold line integrals log(I0/I) (bone bright) instead of raw intensities."),
     ParamSpec("pose_hold_s", "double", 30.0,
@@ -232,37 +262,21 @@ def validate(spec: ParamSpec, value: Any, name: str | None = None) -> Any:
     return list(value) if is_array else value
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class NodeConfig:
-    volume_path: str
-    model_path: str  # '' = no coarse network
-    tracking_max_age_s: float
-    reference_frame: str
-    anatomy_frame: str
-    image_topics: tuple[str, ...]
-    camera_info_topics: tuple[str, ...]
-    planes: tuple[PlaneConfig, ...]  # the plane of each image topic
-    joint_states_topic: str
-    acquisition_mode: str
-    sync_slop_s: float
-    sync_queue_size: int
-    num_views: int
-    min_view_separation_deg: float
-    max_view_age_s: float
-    joint_state_window_s: float
-    joint_state_tolerance_s: float
-    joint_state_max_gap_s: float
-    camera_info_wait_s: float
-    image_qos: str
-    initial_T_ref_from_ct: Tensor | None  # mm; None: supine at the first plane's isocentre
-    pipeline: PipelineConfig  # global stage and acceptance test
-    refine: RefineConfig
-    i0: float | None
-    images_are_line_integrals: bool
-    pose_hold_s: float
-    tf_republish_hz: float
-    publish_overlay: bool
-    publish_diagnostics: bool
+def _derived(doc: str) -> Any:
+    return dataclasses.field(metadata={"doc": doc})
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class DerivedConfig:
+    """The fields of :class:`NodeConfig` that :func:`build_config` computes from parameters (the
+    specs whose ``into`` names them) rather than passing a value through."""
+
+    planes: tuple[PlaneConfig, ...] = _derived("the plane of each image topic, from 'planes' and plane.NAME.*")
+    initial_T_ref_from_ct: Tensor | None = _derived(
+        "from 'initial_T_ref_from_ct': 4x4 in mm; None: supine at the first plane's isocentre")
+    pipeline: PipelineConfig = _derived("global stage and acceptance test, from the gate and global_* parameters")
+    refine: RefineConfig = _derived("the refinement, from refine_*, min_similarity, device and render_backend")
+    i0: float | None = _derived("from 'i0'; None (estimated from each image) for 0")
 
     @property
     def joint_names(self) -> tuple[str, ...]:
@@ -270,6 +284,43 @@ class NodeConfig:
         for p in self.planes:
             names += [j for j in p.joint_names if j not in names]
         return tuple(names)
+
+
+DERIVED_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DerivedConfig))
+PASS_THROUGH: tuple[ParamSpec, ...] = tuple(s for s in NODE_PARAMETERS if not s.into)
+
+
+def _check_table() -> None:
+    """The table and the derived fields fit together (checked at import)."""
+    for spec in NODE_PARAMETERS:
+        if spec.into and not set(spec.into) <= set(DERIVED_FIELDS):
+            raise ValueError(f"parameter {spec.name!r}: into={spec.into!r} names a field that is not in DerivedConfig")
+        if not spec.into and spec.name in DERIVED_FIELDS:
+            raise ValueError(f"parameter {spec.name!r} is passed through but DerivedConfig derives a field of that name")
+
+
+_check_table()
+
+_PY_TYPES = {"string": str, "double": float, "integer": int, "bool": bool}
+
+
+def _field_type(spec: ParamSpec) -> Any:
+    base = _PY_TYPES[spec.type.removesuffix("_array")]
+    return tuple[base, ...] if spec.type.endswith("_array") else base
+
+
+def _pass_through(spec: ParamSpec, value: Any) -> Any:
+    value = tuple(value) if spec.type.endswith("_array") else value
+    return spec.clean(value) if spec.clean is not None else value
+
+
+NodeConfig = dataclasses.make_dataclass(
+    "NodeConfig",
+    [(s.name, _field_type(s), dataclasses.field(kw_only=True, metadata={"doc": s.description})) for s in PASS_THROUGH],
+    bases=(DerivedConfig,), frozen=True, eq=False,
+    namespace={"__module__": __name__, "__doc__": (
+        "The node's configuration: one field per pass-through parameter of NODE_PARAMETERS (arrays as "
+        "tuples), generated from the table, plus the derived fields of DerivedConfig.")})
 
 
 def resolve_device(name: str) -> str:
@@ -362,20 +413,9 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
         raise ConfigError(f"reference_frame {v['reference_frame']!r} and anatomy_frame {v['anatomy_frame']!r} "
                           f"must be two different non-empty frame names")
     return NodeConfig(
-        volume_path=v["volume_path"], model_path=v["model_path"].strip(), tracking_max_age_s=v["tracking_max_age_s"],
-        reference_frame=v["reference_frame"].lstrip("/"),
-        anatomy_frame=v["anatomy_frame"].lstrip("/"), image_topics=tuple(v["image_topics"]),
-        camera_info_topics=tuple(v["camera_info_topics"]), planes=planes, joint_states_topic=v["joint_states_topic"],
-        acquisition_mode=v["acquisition_mode"], sync_slop_s=v["sync_slop_s"], sync_queue_size=v["sync_queue_size"],
-        num_views=v["num_views"], min_view_separation_deg=v["min_view_separation_deg"],
-        max_view_age_s=v["max_view_age_s"], joint_state_window_s=v["joint_state_window_s"],
-        joint_state_tolerance_s=v["joint_state_tolerance_s"], joint_state_max_gap_s=v["joint_state_max_gap_s"],
-        camera_info_wait_s=v["camera_info_wait_s"],
-        image_qos=v["image_qos"],
-        initial_T_ref_from_ct=T_from_param(v["initial_T_ref_from_ct"], "initial_T_ref_from_ct"), pipeline=pipeline,
-        refine=refine, i0=v["i0"] if v["i0"] > 0 else None, images_are_line_integrals=v["images_are_line_integrals"],
-        pose_hold_s=v["pose_hold_s"], tf_republish_hz=v["tf_republish_hz"], publish_overlay=v["publish_overlay"],
-        publish_diagnostics=v["publish_diagnostics"])
+        **{spec.name: _pass_through(spec, v[spec.name]) for spec in PASS_THROUGH},
+        planes=planes, initial_T_ref_from_ct=T_from_param(v["initial_T_ref_from_ct"], "initial_T_ref_from_ct"),
+        pipeline=pipeline, refine=refine, i0=v["i0"] if v["i0"] > 0 else None)
 
 
 # ------------------------------------------------------------------------------ rclpy side

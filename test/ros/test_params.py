@@ -1,16 +1,18 @@
 """Parameters: the shipped YAML files against the declared specs, the real rclpy declaration,
 and the errors a bad value gives."""
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
 import yaml
 
 from mvreg_ros.core.kinematics import T_from_xyz_rpy
-from mvreg_ros.ros.params import (NODE_PARAMETERS, NODE_SPECS, PLANE_PARAMETERS, ConfigError, T_from_param,
-                                  build_config, spec_for, validate)
-from ros_scenario import CONFIG, read_params
+from mvreg_ros.ros.params import (DERIVED_FIELDS, NODE_PARAMETERS, NODE_SPECS, PLANE_PARAMETERS, PLANE_SPECS,
+                                  ConfigError, NodeConfig, T_from_param, build_config, spec_for, validate)
+from ros_scenario import CONFIG, REPO, read_params
 
 # node parameter files (config/ also holds other tools' YAML files)
 CONFIGS = sorted(p for p in CONFIG.glob("*.yaml") if "register_node" in (yaml.safe_load(p.read_text()) or {}))
@@ -77,6 +79,123 @@ def test_render_backend_reaches_the_refine_config():
 
 
 BASE = {"volume_path": "example:8"}
+
+
+# ---------------------------------------------------------------- one table: every parameter reaches NodeConfig
+
+def _plain(x):
+    """A comparable form of a config value: tensors as lists, dataclasses field by field."""
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if dataclasses.is_dataclass(x):
+        return tuple((f.name, _plain(getattr(x, f.name))) for f in dataclasses.fields(x))
+    if isinstance(x, (tuple, list)):
+        return tuple(_plain(v) for v in x)
+    return x
+
+
+OTHER = {"initial_T_ref_from_ct": [0.1, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]}  # an empty default has no element to change
+
+
+def _other_scalar(spec, v):
+    """A valid value of one element of ``spec`` that differs from ``v``."""
+    if spec.choices:
+        return next(c for c in spec.choices if c != v)
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, str):
+        return v + "_x" if v else "x"
+    lo, hi = spec.range if spec.range is not None else (-math.inf, math.inf)
+    if isinstance(v, int):
+        return v + 1 if v + 1 <= hi else v - 1
+    return (v + hi) / 2 if math.isfinite(hi) and hi > v else (lo + v) / 2 if math.isfinite(lo) else v + 1.0
+
+
+def _other(spec, value):
+    if spec.name in OTHER:
+        return OTHER[spec.name]
+    if spec.type.endswith("_array"):
+        return [_other_scalar(spec, value[0]), *value[1:]]
+    return _other_scalar(spec, value)
+
+
+def _config_fields(cfg) -> dict:
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+@pytest.mark.parametrize("spec", NODE_PARAMETERS, ids=lambda s: s.name)
+def test_every_parameter_reaches_the_config(spec):
+    """Changing any one parameter changes exactly the NodeConfig fields it is declared to reach:
+    its own field (pass-through) or the derived fields its spec names in ``into``; none is dropped."""
+    value = validate(spec, BASE.get(spec.name, spec.default))
+    other = validate(spec, _other(spec, value))
+    assert other != value
+    ref = build_config(BASE, resolve=False)
+    cfg = build_config({**BASE, spec.name: other}, resolve=False)
+    before, after = _config_fields(ref), _config_fields(cfg)
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == set(spec.into or (spec.name,)), f"{spec.name}: {other!r} changed {sorted(changed)}"
+    if not spec.into:  # passed through: the checked value, arrays as tuples, cleaned
+        expected = tuple(other) if spec.type.endswith("_array") else other
+        expected = spec.clean(expected) if spec.clean is not None else expected
+        assert getattr(cfg, spec.name) == expected and type(getattr(cfg, spec.name)) is type(expected)
+
+
+def test_node_config_fields_are_the_parameters_and_the_documented_derived_fields():
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    passed = {s.name for s in NODE_PARAMETERS if not s.into}
+    targets = {name for s in NODE_PARAMETERS for name in s.into}
+    assert passed <= set(fields), f"parameters without a NodeConfig field: {sorted(passed - set(fields))}"
+    assert targets <= set(DERIVED_FIELDS), f"'into' names no derived field: {sorted(targets - set(DERIVED_FIELDS))}"
+    extra = set(fields) - passed - set(DERIVED_FIELDS)
+    assert not extra, f"NodeConfig fields that are neither a parameter nor a derived field: {sorted(extra)}"
+    assert not passed & set(DERIVED_FIELDS)
+    for name in DERIVED_FIELDS:
+        assert fields[name].metadata.get("doc"), f"derived field {name!r} has no doc"
+        assert name in targets, f"derived field {name!r} is built from no parameter"
+    for s in NODE_PARAMETERS:
+        if not s.into:
+            assert fields[s.name].metadata.get("doc") == s.description
+    cfg = build_config(BASE, resolve=False)
+    assert isinstance(cfg.image_topics, tuple) and isinstance(cfg.sync_slop_s, float) and cfg.i0 is None
+    assert build_config({**BASE, "reference_frame": "/world"}, resolve=False).reference_frame == "world"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sync_slop_s = 1.0
+
+
+def test_bad_spec_declarations_fail():
+    from mvreg_ros.ros.params import ParamSpec
+
+    assert ParamSpec("p", "double", 0.0, "d", into="refine").into == ("refine",)
+    with pytest.raises(TypeError, match="into"):
+        ParamSpec("p", "double", 0.0, "d", into=["refine"])
+    with pytest.raises(ValueError, match="clean"):
+        ParamSpec("p", "string", "", "d", into="refine", clean=str.strip)
+    with pytest.raises(TypeError, match="clean"):
+        ParamSpec("p", "string", "", "d", clean="strip")
+
+
+def _doc_rows(part: str) -> list[list[str]]:
+    """The rows ``| `name` | type | default | meaning |`` of a markdown table, as cells."""
+    return [[c.strip() for c in line.strip().strip("|").split(" | ")]
+            for line in part.splitlines() if re.match(r"\| `[^`]+` \|", line)]
+
+
+def test_every_parameter_has_a_row_in_docs_node_md():
+    text = (REPO / "docs" / "node.md").read_text()
+    section = text.split("\n## Parameters\n", 1)[1].split("\n## ", 1)[0]
+    node_part, plane_part = section.split("For each plane", 1)
+    for part, specs in ((node_part, NODE_SPECS), (plane_part, PLANE_SPECS)):
+        rows = _doc_rows(part)
+        names = [row[0].strip("`") for row in rows]
+        assert len(names) == len(set(names)), f"docs/node.md lists a parameter twice: {names}"
+        assert not set(specs) - set(names), f"docs/node.md lacks rows for {sorted(set(specs) - set(names))}"
+        assert not set(names) - set(specs), f"docs/node.md documents unknown parameters {sorted(set(names) - set(specs))}"
+        for name, row in zip(names, rows):
+            spec = specs[name]
+            assert row[1] == spec.type.replace("_", " "), f"docs/node.md: {name} is a {spec.type}, not {row[1]}"
+            if re.fullmatch(r"`[^`]*`", row[2]):  # a literal default (not '(required)' or the engine's)
+                assert yaml.safe_load(row[2].strip("`")) == spec.default, f"docs/node.md: default of {name}"
 
 
 @pytest.mark.parametrize("values, match", [
