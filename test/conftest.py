@@ -1,7 +1,36 @@
-"""Shared pytest fixtures for the mvreg_ros test suite."""
+"""Shared pytest fixtures for the mvreg_ros test suite.
+
+setup.cfg's ``--jaxtyping-packages`` instruments every mvreg_ros module imported in the tests with
+jaxtyping + beartype, so the shape annotations are checked at run time (the plugin installs the
+import hook before this file is loaded).
+"""
+
+import functools
+import importlib
 
 import pytest
 import torch
+
+
+def _reload_with_fresh_type_checks(reload):
+    """beartype caches the classes that string annotations resolve to; after ``importlib.reload``
+    a module's classes are new objects, so its caches must be cleared first (beartype issue #49)."""
+    @functools.wraps(reload)
+    def wrapper(module):
+        from beartype._cache.cacheclear import clear_caches
+
+        clear_caches()
+        return reload(module)
+
+    return wrapper
+
+
+try:
+    import beartype  # noqa: F401 - the type checker of the jaxtyping import hook
+except ImportError:
+    pass
+else:
+    importlib.reload = _reload_with_fresh_type_checks(importlib.reload)
 
 # The test machines are small and shared: keep each test process to two threads.
 torch.set_num_threads(2)

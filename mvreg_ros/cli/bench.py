@@ -56,6 +56,11 @@ def run(args) -> int:
     print(f"2-view refinement, engine   : median {e['time_s']:.2f} s, median mTRE {e['median_mtre_mm']:.3f} mm ({e['n']} cases)")
     print(f"2-view refinement, reference: median {ref['time_s']:.2f} s, median mTRE {ref['median_mtre_mm']:.3f} mm ({ref['n']} cases)")
     print(f"speed-up {r['refine_speedup']:.1f}x")
+    g = r["pipeline"]
+    print(f"full 2-view registration (global stage + refinement + acceptance test) from "
+          f"{cfg.global_rot_deg:g} deg / {cfg.global_trans_mm:g} mm: median {g['time_s']:.2f} s, median mTRE "
+          f"{g['median_mtre_mm']:.3f} mm, success {100 * g['success_rate']:.0f} %, accepted {g['accepted']}/{g['n']}, "
+          f"false acceptances {g['false_acceptances']}, false rejections {g['false_rejections']}")
     if r["coarse_ms_per_set"] is not None:
         print(f"coarse network: {r['coarse_ms_per_set']:.1f} ms per 2-view set")
     print(f"peak memory {r['peak_memory_mb']:.0f} MB")

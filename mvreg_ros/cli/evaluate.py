@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate from every starting offset 5/10, 10/20, 15/30, 20/40, 30/60 deg/mm (perturbed truth): "
                         "success and false acceptances against the offset, a table, and a plot with --plot")
     p.add_argument("--plot", metavar="PNG", help="with --capture-range: write the success/false-acceptance plot")
+    p.add_argument("--target", metavar="PREFIX",
+                   help="register the rigid target: the vol-seg structures whose names start with PREFIX (e.g. "
+                        "'vertebrae'); the similarity weights their projection (default: the whole CT)")
     p.add_argument("--no-global", action="store_true",
                    help="local refinement only, no global stage (the acceptance test still runs)")
     p.add_argument("--quick", action="store_true",
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             max_sets=args.max_sets, init=args.init, model=args.model, perturb_rot_deg=args.perturb_rot_deg,
             perturb_trans_mm=args.perturb_trans_mm, seed=args.seed, geometry_noise_deg=args.geometry_noise_deg,
             geometry_noise_mm=args.geometry_noise_mm, success_mm=args.success_mm, refine=refine,
-            pipeline=PipelineConfig(global_search=GlobalConfig(enabled=not args.no_global)))
+            pipeline=PipelineConfig(global_search=GlobalConfig(enabled=not args.no_global)), target=args.target)
         if args.plot and not args.capture_range:
             raise ValueError("--plot goes with --capture-range")
         print(evaluation.TABLE_HEADER, flush=True)

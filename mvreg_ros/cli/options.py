@@ -8,6 +8,7 @@ import argparse
 import math
 import re
 import sys
+import typing
 from collections.abc import Mapping
 
 DEVICE_FORMS = "'cpu', 'cuda', 'cuda:N' or 'auto'"
@@ -19,6 +20,7 @@ def _available_devices() -> list[str]:
     return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
 
 
+@typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 def check_device(text: str, option: str = "--device") -> str:
     """The torch device named by ``text``, checked against this machine: ``cpu``, ``cuda``,
     ``cuda:N`` (only where that CUDA device exists) or ``auto`` (``cuda`` where there is one,

@@ -14,6 +14,8 @@ import torch
 from . import geometry, render_native
 from .metrics import mtre_mm, structure_landmarks
 from .refine import RefineConfig, Registrar
+from .registration.initialisers import Start
+from .registration.pipeline import RegistrationPipeline
 from .render import Renderer
 from .render_reference import ReferenceRenderer
 from .simulate import acquire, make_scene
@@ -33,6 +35,8 @@ class BenchConfig:
     render_samples: int = 64
     rot_deg: float = 10.0
     trans_mm: float = 20.0
+    global_rot_deg: float = 15.0  # full registrations (global stage + refinement + acceptance) start this far off
+    global_trans_mm: float = 30.0
     seed: int = 0
     device: str = "cpu"
     model_path: str | None = None
@@ -145,6 +149,25 @@ def refine_runs(registrar: Registrar, scene, views, inits, landmarks) -> dict:
             "max_mtre_mm": max(errs), "times_s": times, "mtre_mm": errs}
 
 
+def pipeline_runs(registrar: Registrar, scene, views, inits, landmarks, *, success_mm: float = 2.0) -> dict:
+    """Full registrations through the engine's pipeline (global stage, refinement, acceptance
+    test) from each start: time, error and the acceptance counts."""
+    pipeline = RegistrationPipeline(registrar, initialisers=[])
+    errs, times, accepted = [], [], []
+    for T_init in inits:
+        t = time.perf_counter()
+        out = pipeline.register_from(views, Start(T_ref_from_ct=T_init, source="perturb"))
+        _sync(registrar.device)
+        times.append(time.perf_counter() - t)
+        errs.append(mtre_mm(out.result.T_ref_from_ct, scene.T_ref_from_ct, landmarks))
+        accepted.append(bool(out.accepted))
+    ok = [e <= success_mm for e in errs]
+    return {"n": len(inits), "time_s": statistics.median(times), "median_mtre_mm": statistics.median(errs),
+            "max_mtre_mm": max(errs), "success_rate": sum(ok) / len(ok),
+            "accepted": sum(accepted), "false_acceptances": sum(a and not o for a, o in zip(accepted, ok)),
+            "false_rejections": sum(o and not a for a, o in zip(accepted, ok)), "times_s": times, "mtre_mm": errs}
+
+
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
@@ -186,6 +209,12 @@ def run(volume: Volume, cfg: BenchConfig, log=print) -> dict:
     reference = Registrar(volume, ref_cfg, renderer_cls=ReferenceRenderer)
     result["reference_refine"] = refine_runs(reference, scene, views, inits[: cfg.reference_cases], landmarks)
     result["refine_speedup"] = result["reference_refine"]["time_s"] / result["refine"]["time_s"]
+    log(f"full registration (global stage, refinement, acceptance test) from {cfg.global_rot_deg:g} deg / "
+        f"{cfg.global_trans_mm:g} mm ...")
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    far = [geometry.perturb(scene.T_ref_from_ct, rot_deg=cfg.global_rot_deg, trans_mm=cfg.global_trans_mm,
+                            centre_ct=volume.centre_ct(), generator=gen) for _ in range(cfg.cases)]
+    result["pipeline"] = pipeline_runs(engine, scene, views, far, landmarks)
     result["coarse_ms_per_set"] = None
     if cfg.model_path:
         from .coarse import CoarseModel

@@ -15,6 +15,8 @@ by the orbital rotation::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -38,7 +40,8 @@ def T_iso_from_cam(orbital_rad: Tensor | float, angular_rad: Tensor | float, *, 
     return make_T(R, -sid_mm * R[..., :, 2])
 
 
-def T_iso_from_ct_supine(centre_ct: Float[Tensor, "3"], offset_mm: Tensor | None = None) -> Float[Tensor, "4 4"]:
+def T_iso_from_ct_supine(centre_ct: Float[Tensor, "3"], offset_mm: Float[Tensor, "3"] | Sequence[float] | None = None
+                         ) -> Float[Tensor, "4 4"]:
     """A supine patient whose CT point ``centre_ct`` sits at the isocentre (+ ``offset_mm``)."""
     R = R_ISO_FROM_CT_SUPINE.to(centre_ct)
     t = -R @ centre_ct

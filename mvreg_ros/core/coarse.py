@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 from pathlib import Path
 from typing import Callable
 
@@ -141,6 +142,7 @@ def fuse(T_ref_from_ct_views: Float[Tensor, "V 4 4"], T_ref_from_cam: Float[Tens
 ASPECT_TOLERANCE = 0.02  # relative difference of aspect ratios (rows / columns) accepted by predict
 
 
+@typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 def to_working_size(images: Float[Tensor, "V H W"], masks: Float[Tensor, "V H W"], K: Float[Tensor, "V 3 3"],
                     size: int) -> tuple[Float[Tensor, "V S S"], Float[Tensor, "V S S"], Float[Tensor, "V 3 3"]]:
     """The network input (``size x size``) and its intrinsics ``K_work`` of views of any shape.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -367,7 +368,7 @@ def structure_landmarks(mask_kji: Tensor, T_ct_from_index: Float[Tensor, "4 4"],
     return names, torch.stack(pts)
 
 
-def bone_landmarks(volume: Volume) -> tuple[list[str], Float[Tensor, "8 3"]]:
+def bone_landmarks(volume: Volume) -> tuple[list[str], Float[Tensor, "N 3"]]:  # N <= 8
     """Eight landmarks for a CT without labels: the bone centroid of each octant of the
     bone's bounding box (octants without bone are skipped)."""
     from .volume import BONE_HU, hu_to_mu
@@ -509,6 +510,7 @@ def write_simulated(
                           label_names=label_names, extrinsic=extrinsic, rot_180_for_up=rot_180_for_up, append=append)
 
 
+@typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 def write_specimen(
     path: str | Path, volume_hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 4"], *,
     raw_images: Float[Tensor, "V H W"], T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "3 3"],

@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .deepfluoro import DeepFluoroFile, Projection, views_from_projections
+from .footprint import target_labels
 from .geometry import cam_to_pelvis_vol_from_T, perturb, transform_points
 from .metrics import mpd_mm, mtre_mm, pose_errors
 from .refine import Registrar, RefineConfig
@@ -53,6 +54,7 @@ class EvalConfig:
     bone_only: bool = False
     refine: RefineConfig = RefineConfig()
     pipeline: PipelineConfig = PipelineConfig()  # global stage and acceptance test
+    target: str | None = None  # register the structures of vol-seg whose names start with this (None: the whole CT)
 
     def __post_init__(self):
         if self.init not in INITIALISERS:
@@ -265,9 +267,16 @@ def run(path: str | Path, config: EvalConfig = EvalConfig(), *,
             if not sets:
                 continue
             names, landmarks_ct = f.landmarks(specimen)
-            volume = f.volume(specimen, bone_only=config.bone_only, with_mask=False)
+            volume = f.volume(specimen, bone_only=config.bone_only, with_mask=config.target is not None)
             centre_ct = volume.centre_ct().to(torch.float64)
-            registrar = Registrar(volume, config.refine)
+            refine = config.refine
+            if config.target is not None:
+                try:
+                    labels = target_labels(f.label_names(specimen), config.target, mask=volume.mask)
+                except ValueError as e:
+                    raise ValueError(f"{path}: specimen {specimen}: --target: {e}") from None
+                refine = dataclasses.replace(refine, target_labels=labels)
+            registrar = Registrar(volume, refine)
             pipeline = RegistrationPipeline(registrar, initialisers=[make_initialiser(config, volume)],
                                             config=config.pipeline)
             noise_generator = torch.Generator().manual_seed(int(config.seed) + 1)

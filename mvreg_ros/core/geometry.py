@@ -19,6 +19,7 @@ Poses are float 4x4 homogeneous matrices, batched as ``(..., 4, 4)``.
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from torch import Tensor
 _SMALL = 1e-6
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def _check_hom(T: Tensor, name: str) -> None:
     if not isinstance(T, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(T).__name__}")
@@ -143,6 +145,7 @@ def matrix_from_quaternion(x: float, y: float, z: float, w: float) -> Float[Tens
     ], dtype=torch.float64)
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def make_T(R: Float[Tensor, "... 3 3"], t: Float[Tensor, "... 3"]) -> Float[Tensor, "... 4 4"]:
     """Homogeneous transform from a rotation and a translation."""
     T = torch.zeros(*R.shape[:-2], 4, 4, dtype=R.dtype, device=R.device)
@@ -152,6 +155,7 @@ def make_T(R: Float[Tensor, "... 3 3"], t: Float[Tensor, "... 3"]) -> Float[Tens
     return T
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def invert(T: Float[Tensor, "... 4 4"]) -> Float[Tensor, "... 4 4"]:
     """Inverse of a rigid transform (uses R^T, not a general matrix inverse)."""
     _check_hom(T, "T")
@@ -264,6 +268,7 @@ def T_cam_from_dfcam(dtype=torch.float64, device="cpu") -> Float[Tensor, "4 4"]:
     return torch.diag(torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=dtype, device=device))
 
 
+@typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 def K_from_deepfluoro(K_df: Float[Tensor, "3 3"], width: int) -> Float[Tensor, "3 3"]:
     """Positive-focal K of the left-right flipped image from DeepFluoro's negative-focal K."""
     K_df = torch.as_tensor(K_df)

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .footprint import complete_rays, target_footprint, target_volume, truncated_faces
 from .geometry import about_point, invert, make_T, so3_exp, skew, transform_points
 from .render import BACKENDS, Renderer
 from .similarity import image_similarity
@@ -50,6 +51,11 @@ class RefineConfig:
     voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy
     pool_volume: bool = True  # False: render the full-resolution volume at every level
     render_backend: str = "auto"  # "auto", "native" (C++ CPU kernel), "compiled" (torch.compile) or "grid_sample"
+    mask_truncated: str = "footprint"  # a CT cut short through the body: "complete" keeps only the rays that
+    # cross it entirely, "footprint" those that cross it at all, "off" every ray in the field of view
+    target_labels: tuple[int, ...] = ()  # the rigid target in the CT's label map (empty: the whole CT)
+    target_weight: float = 0.5  # similarity = (1 - w) * whole image + w * target's footprint
+    target_dilate_mm: float = 10.0  # the target's footprint grown by this (at the anatomy)
     uncertainty: bool = True
     min_similarity: float = 0.5  # mean over views below this: reported as failed (a wrong optimum)
     device: str = "cpu"
@@ -65,6 +71,10 @@ class RefineConfig:
                 raise ValueError(f"{name} needs one entry per level ({n}), got {getattr(self, name)}")
         if n == 0:
             raise ValueError("at least one pyramid level is needed")
+        if self.mask_truncated not in ("complete", "footprint", "off"):
+            raise ValueError(f"mask_truncated must be 'complete', 'footprint' or 'off', got {self.mask_truncated!r}")
+        if not 0 <= self.target_weight <= 1:
+            raise ValueError(f"target_weight must be in [0, 1], got {self.target_weight}")
         if self.render_backend not in BACKENDS:
             raise ValueError(f"render_backend must be one of {BACKENDS}, got {self.render_backend!r}")
 
@@ -99,8 +109,8 @@ class RegistrationResult:
         return J @ self.covariance.to(T) @ J.T
 
 
-def pose_about(T0: Float[Tensor, "*K 4 4"], c: Float[Tensor, "3"], w: Float[Tensor, "*K 3"],
-               t: Float[Tensor, "*K 3"]) -> Float[Tensor, "*K 4 4"]:
+def pose_about(T0: Float[Tensor, "*#K 4 4"], c: Float[Tensor, "3"], w: Float[Tensor, "*#K 3"],
+               t: Float[Tensor, "*#K 3"]) -> Float[Tensor, "*#K 4 4"]:
     """The refinement's parametrisation: ``T0 @ Tc @ [exp(w) | t] @ Tc^-1`` (twist about the
     anatomy centre ``c`` in CT axes; radians, mm)."""
     return T0 @ about_point(make_T(so3_exp(w), t), c)
@@ -160,12 +170,40 @@ class Registrar:
         self.volume = volume.cropped_to(0.2 * MU_WATER_PER_MM) if bool(body.any()) else volume
         self._renderer_cls = renderer_cls
         self._renderers: dict[int, Renderer] = {}
+        self.truncated_faces = truncated_faces(self.volume) if config.mask_truncated != "off" else (False,) * 6
+        self._target = target_volume(volume, config.target_labels) if config.target_labels else None
+        self._target_renderers: dict[int, Renderer] = {}
 
     def renderer(self, factor: int):
         if factor not in self._renderers:
             kwargs = {"backend": self.config.render_backend} if self._renderer_cls is Renderer else {}
             self._renderers[factor] = self._renderer_cls(self.volume.resampled(factor), device=self.device, **kwargs)
         return self._renderers[factor]
+
+    def similarity_masks(self, v: ViewSet, T_ref_from_ct: Float[Tensor, "*K 4 4"], factor: int
+                         ) -> tuple[Tensor, Tensor | None]:
+        """The weights of the similarity at each of the K poses, ``(K * V, H, W)``: the field of
+        view less the pixels a truncated CT cannot explain, and that mask restricted to the
+        target's footprint (None without target labels)."""
+        T = T_ref_from_ct.reshape(-1, 4, 4).to(self.device, torch.float64)
+        n, V = len(T), len(v)
+        T_cam_from_ct = (invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)[None] @ T[:, None]).reshape(n * V, 4, 4)
+        K = v.K.repeat(n, 1, 1)
+        masks = v.masks.repeat(n, 1, 1)
+        if any(self.truncated_faces):
+            complete = complete_rays(self.volume, T_cam_from_ct, K, v.height, v.width, faces=self.truncated_faces,
+                                     strict=self.config.mask_truncated == "complete")
+            masks = masks * complete.to(masks)
+        if self._target is None:
+            return masks, None
+        if factor not in self._target_renderers:
+            self._target_renderers[factor] = Renderer(self._target.resampled(factor), device=self.device,
+                                                      backend="grid_sample")
+        c_cam = transform_points(T_cam_from_ct, self.centre_ct.to(T_cam_from_ct)[None].expand(n * V, 1, 3))
+        px_per_mm = float((K[:, 0, 0] / c_cam[:, 0, 2].abs()).mean())
+        fp = target_footprint(self._target_renderers[factor], T_cam_from_ct, K, v.height, v.width,
+                              dilate_px=max(0, round(self.config.target_dilate_mm * px_per_mm)))
+        return masks, masks * fp.to(masks)
 
     @property
     def render_backends(self) -> tuple[str, ...]:
@@ -184,8 +222,8 @@ class Registrar:
 
     def level_inputs(self, views: ViewSet, size: int, T: Float[Tensor, "4 4"]):
         """The views downsampled so their longer side is at most ``size`` px, on the engine's
-        device, and the renderer of the volume pooled to match a working pixel at the anatomy
-        (seen from the pose ``T``)."""
+        device, the renderer of the volume pooled to match a working pixel at the anatomy (seen
+        from the pose ``T``), and that pooling factor."""
         factor = max(1, math.ceil(max(views.height, views.width) / size))
         v = views.downsampled(factor)
         # voxel size to match a working pixel at the anatomy centre
@@ -195,16 +233,18 @@ class Registrar:
         pixel_at_anatomy = float(depth / v.K[:, 0, 0].mean())
         vox = float(self.volume.spacing.min())
         vfactor = max(1, int(self.config.voxel_per_pixel * pixel_at_anatomy / vox)) if self.config.pool_volume else 1
-        return v.to(self.device), self.renderer(vfactor)
+        return v.to(self.device), self.renderer(vfactor), vfactor
 
-    def objective(self, views: ViewSet, size: int, T: Float[Tensor, "4 4"], *, n_samples: int,
+    def objective(self, views: ViewSet, size: int, T: Float[Tensor, "*K 4 4"], *, n_samples: int,
                   patch: int) -> "Objective":
-        """The loss at one pyramid level (views at ``size`` px), as a function of the pose."""
-        v, renderer = self.level_inputs(views, size, T)
+        """The loss at one pyramid level (views at ``size`` px), as a function of the pose; its
+        similarity weights are those at ``T`` (one pose, or one per pose of a batch)."""
+        v, renderer, factor = self.level_inputs(views, size, T.reshape(-1, 4, 4)[0])
         T_cam_from_ref = invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)
-        return Objective(self, v, renderer, T_cam_from_ref, n_samples, patch)
+        masks, target_masks = self.similarity_masks(v, T, factor)
+        return Objective(self, v, renderer, T_cam_from_ref, n_samples, patch, masks=masks, target_masks=target_masks)
 
-    def refine_level(self, views: ViewSet, T0: Float[Tensor, "K 4 4"], *, level: LevelSpec,
+    def refine_level(self, views: ViewSet, T0: Float[Tensor, "*K 4 4"], *, level: LevelSpec,
                      lr_scale: float = 1.0, early_stop: bool = True) -> LevelRun:
         """Adam with a cosine step decay at one pyramid level, from each of the K starting poses
         at once (one batched render per iteration; the poses do not interact). Keeps each
@@ -217,7 +257,7 @@ class Registrar:
         if T0.ndim != 3 or T0.shape[1:] != (4, 4):
             raise ValueError(f"starting poses must be (K, 4, 4), got {tuple(T0.shape)}")
         K = len(T0)
-        objective = self.objective(views, level.size, T0[0], n_samples=level.n_samples, patch=level.patch)
+        objective = self.objective(views, level.size, T0, n_samples=level.n_samples, patch=level.patch)
         T0_d, c_d = T0.to(self.device), self.centre_ct.to(self.device)
         w = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
         t = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
@@ -328,11 +368,15 @@ class Objective:
     """L(x) = 1 - mean similarity at one pyramid level, as a function of the twist about the
     centre; :meth:`similarity` takes a batch of K poses at once."""
 
-    def __init__(self, registrar: Registrar, v: ViewSet, renderer, T_cam_from_ref: Tensor, n_samples: int, patch: int):
+    def __init__(self, registrar: Registrar, v: ViewSet, renderer, T_cam_from_ref: Tensor, n_samples: int, patch: int,
+                 *, masks: Tensor | None = None, target_masks: Tensor | None = None):
         self.c = registrar.centre_ct.to(registrar.device)
         self.device = registrar.device
         self.grad_weight = registrar.config.grad_weight
+        self.target_weight = registrar.config.target_weight if target_masks is not None else 0.0
         self.v, self.renderer, self.T_cam_from_ref = v, renderer, T_cam_from_ref
+        self.masks = v.masks if masks is None else masks
+        self.target_masks = target_masks
         self.n_samples, self.patch = n_samples, patch
 
     def similarity(self, T: Float[Tensor, "*K 4 4"]) -> Float[Tensor, "*K V"]:
@@ -343,9 +387,18 @@ class Objective:
         T_cam_from_ct = (self.T_cam_from_ref[None] @ Tk[:, None]).reshape(n * V, 4, 4)
         K = self.v.K if n == 1 else self.v.K.repeat(n, 1, 1)
         drr = self.renderer(T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples)
-        images, masks = (self.v.images, self.v.masks) if n == 1 else (self.v.images.repeat(n, 1, 1),
-                                                                      self.v.masks.repeat(n, 1, 1))
-        s = image_similarity(drr, images, masks, patch=self.patch, grad_weight=self.grad_weight)
+        if len(self.masks) not in (V, n * V):
+            raise ValueError(f"weights for {len(self.masks) // V} poses, asked for {n}")
+
+        def tiled(x: Tensor) -> Tensor:
+            return x if len(x) == n * V else x.repeat(n, 1, 1)
+
+        images = tiled(self.v.images)
+        s = image_similarity(drr, images, tiled(self.masks), patch=self.patch, grad_weight=self.grad_weight)
+        if self.target_weight > 0:
+            s_target = image_similarity(drr, images, tiled(self.target_masks), patch=self.patch,
+                                        grad_weight=self.grad_weight)
+            s = (1 - self.target_weight) * s + self.target_weight * s_target
         return s.reshape(*lead, V)
 
     def _similarities(self, T: Tensor) -> Tensor:
@@ -389,5 +442,5 @@ class Objective:
     def covariance(self, H: Tensor, T0: Tensor) -> Tensor:
         """Laplace approximation: for normalised images 1 - NCC = |x - y|^2 / 2N, so with N
         effective pixels the Gaussian residual model gives cov = 2 L / N * H^-1."""
-        n_eff = float(self.v.masks.sum()) / 4.0  # neighbouring pixels are correlated
+        n_eff = float(self.masks[: len(self.v)].sum()) / 4.0  # neighbouring pixels are correlated
         return 2 * max(self.loss(T0), 1e-6) / n_eff * torch.linalg.inv(H)

@@ -21,6 +21,7 @@ mm), i.e. what ``log(I0 / I)`` of a detector measures.
 from __future__ import annotations
 
 import dataclasses
+import typing
 import warnings
 
 import torch
@@ -34,6 +35,7 @@ from . import render_native as native
 from .volume import Volume
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 @dataclasses.dataclass(frozen=True)
 class Rays:
     """Rays in CT index space: ``p(t) = origin + t * direction`` with t in mm."""
@@ -51,6 +53,7 @@ def pixel_grid(height: int, width: int, *, dtype=torch.float32, device="cpu") ->
     return torch.stack([u.reshape(-1), v.reshape(-1)], -1)
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def make_rays(
     T_index_from_ct: Float[Tensor, "4 4"], shape_ijk: tuple[int, int, int], T_cam_from_ct: Float[Tensor, "V 4 4"],
     K: Float[Tensor, "V 3 3"], pixels: Float[Tensor, "V R 2"] | Float[Tensor, "R 2"],
@@ -78,6 +81,7 @@ def make_rays(
     return Rays(origin=origin, direction=direction, t_near=t_near, t_far=t_far)
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def _inverse_3x3(M: Float[Tensor, "V 3 3"]) -> Float[Tensor, "V 3 3"]:
     """Inverse by cross products of the columns (rows of the inverse), in pointwise operations."""
     c0, c1, c2 = M[..., 0], M[..., 1], M[..., 2]
@@ -120,6 +124,7 @@ def pad_volume(data: Float[Tensor, "D H W"]) -> Float[Tensor, "D2 H2 W2"]:
     return F.pad(data[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0].contiguous()
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def _integrate_sums(sample_sums, padded: Tensor, rays: Rays, n_samples: int) -> Tensor:
     """The midpoint rule of :func:`integrate` as ``h * sum_k f(p0 + k q)``, k = 0..n-1, in the
     coordinates of the padded volume (:func:`pad_volume`), h the sample spacing (mm)."""
@@ -130,24 +135,28 @@ def _integrate_sums(sample_sums, padded: Tensor, rays: Rays, n_samples: int) -> 
     return f * h.to(f.dtype)
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def integrate_gather(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
     """Same integral as :func:`integrate` for the volume padded by one replicated voxel, with the
     gather sums of :mod:`mvreg_ros.core.render_gather` (the ``compiled`` backend)."""
     return _integrate_sums(gather.sample_sums, padded, rays, n_samples)
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def integrate_native(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
     """Same integral as :func:`integrate_gather` with the C++ kernel of
     :mod:`mvreg_ros.core.render_native` (the ``native`` backend; CPU, float32)."""
     return _integrate_sums(native.sample_sums, padded, rays, n_samples)
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def render_native(T_index_from_ct: Tensor, shape_ijk: tuple[int, int, int], T_cam_from_ct: Tensor, K: Tensor,
                   pixels: Tensor, padded: Tensor, n_samples: int) -> Tensor:
     """Ray set-up and the native integrator in one function, so ``torch.compile`` fuses the set-up."""
     return integrate_native(padded, make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels), n_samples)
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def render_gather(T_index_from_ct: Tensor, shape_ijk: tuple[int, int, int], T_cam_from_ct: Tensor, K: Tensor,
                   pixels: Tensor, padded: Tensor, n_samples: int) -> Tensor:
     """Ray set-up and gather integration in one function, so ``torch.compile`` fuses both."""
@@ -202,6 +211,7 @@ class Renderer:
         self.n_samples = int(n_samples)
         self.device = device
 
+    @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
     def __call__(
         self, T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "V 3 3"], height: int, width: int,
         *, pixels: Tensor | None = None, n_samples: int | None = None,

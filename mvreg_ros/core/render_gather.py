@@ -12,6 +12,8 @@ through every sample.
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -20,10 +22,12 @@ from torch.autograd.function import once_differentiable
 from .render_native import check_sums_inputs
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def _lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
     return a + (b - a) * t
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def gather_sums(padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Float[Tensor, "*B 3"], n_samples: int,
                 with_grad: bool) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``F = sum_k f(p0 + k q)`` (and ``G``, ``H`` with ``with_grad``) for the trilinear
@@ -74,6 +78,7 @@ class _GatherSums(torch.autograd.Function):
         return None, grad_f[..., None] * G, grad_f[..., None] * H, None
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def sample_sums(padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Float[Tensor, "*B 3"],
                 n_samples: int) -> Float[Tensor, "*B"]:
     """``sum_k f(p0 + k q)``, k = 0..n_samples-1 (see :func:`gather_sums`); differentiable in

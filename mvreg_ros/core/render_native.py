@@ -19,6 +19,7 @@ import shutil
 import sys
 import threading
 import time
+import typing
 import warnings
 from pathlib import Path
 
@@ -124,11 +125,13 @@ def _module():
 
 
 @torch.library.custom_op("mvreg::trilinear_sums", mutates_args=())
+@typing.no_type_check  # no jaxtyping/beartype wrapper: custom_op infers its schema from the signature
 def _sums(padded: Tensor, p0: Tensor, q: Tensor, n_samples: int) -> Tensor:
     return _module().sample_sums(padded, p0.contiguous(), q.contiguous(), n_samples, False)[0]
 
 
 @torch.library.custom_op("mvreg::trilinear_sums_with_grad", mutates_args=())
+@typing.no_type_check  # no jaxtyping/beartype wrapper: custom_op infers its schema from the signature
 def _sums_with_grad(padded: Tensor, p0: Tensor, q: Tensor, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
     f, g, h = _module().sample_sums(padded, p0.contiguous(), q.contiguous(), n_samples, True)
     return f, g, h
@@ -158,6 +161,7 @@ def _backward(ctx, grad_f, grad_g, grad_h):
 _sums_with_grad.register_autograd(_backward, setup_context=_setup_context)
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def check_sums_inputs(padded: Tensor, n_samples: int) -> None:
     """The checks both backends' ``sample_sums`` share (the kernel checks the rest)."""
     if n_samples < 1:
@@ -168,6 +172,7 @@ def check_sums_inputs(padded: Tensor, n_samples: int) -> None:
         raise ValueError("gradients with respect to the volume are not computed: pass padded without requires_grad")
 
 
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def sample_sums(padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Float[Tensor, "*B 3"],
                 n_samples: int) -> Float[Tensor, "*B"]:
     """``sum_k f(p0 + k q)``, k = 0..n_samples-1, f the trilinear interpolation of ``padded``

@@ -5,6 +5,8 @@ All return one value per view in [-1, 1] (1 = identical up to an affine intensit
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -39,6 +41,7 @@ def _standardise(x: Tensor, w: Tensor) -> Tensor:
 _VAR_FLOOR = 1e-4  # of a standardised image: a patch flatter than this carries no information
 
 
+@typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 def ncc(x: Float[Tensor, "V H W"], y: Float[Tensor, "V H W"], w: Float[Tensor, "V H W"] | None = None,
         *, patch: int | None = None) -> Float[Tensor, "V"]:
     """Normalised cross-correlation, global (``patch=None``) or the weighted mean over

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -237,7 +238,7 @@ def render_tools(tools: Sequence[Tool], T_cam_from_ct: Float[Tensor, "V 4 4"], K
 # ---------------------------------------------------------------------------------------
 
 
-def render_materials(mu_kji: Float[Tensor, "D H W"], material_kji: Tensor, T_ct_from_index: Float[Tensor, "4 4"],
+def render_materials(mu_kji: Float[Tensor, "D Hv Wv"], material_kji: Tensor, T_ct_from_index: Float[Tensor, "4 4"],
                      T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "V 3 3"], height: int, width: int, *,
                      n_materials: int = 2, device="cpu", max_samples: int = 1 << 23) -> Float[Tensor, "V M H W"]:
     """Line integrals of each material (``material_kji`` holds 0..M-1 per voxel) through one
@@ -709,7 +710,7 @@ class StressCase:
     raw: Float[Tensor, "V H W"]  # raw counts, engine camera convention
     T_cam_from_ct: Float[Tensor, "V 4 4"]
     K: Float[Tensor, "3 3"]
-    volume_hu: Float[Tensor, "D H W"]  # the registration's CT (truncated, downsampled, undeformed)
+    volume_hu: Float[Tensor, "D Hv Wv"]  # the registration's CT (truncated, downsampled, undeformed)
     T_ct_from_index: Float[Tensor, "4 4"]
     mask: Tensor | None
     label_names: dict[int, str]
@@ -723,6 +724,7 @@ class StressCase:
     tools: tuple[Tool, ...]
 
 
+@typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 def simulate(profile: StressProfile | str, hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 4"],
              mask: Tensor, label_names: Mapping[int, str], *, views: int = 12,
              angles_deg: Sequence[tuple[float, float]] | None = None, seed: int = 0, downsample: int = 1,

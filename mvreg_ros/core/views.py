@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import torch
 from jaxtyping import Float
@@ -12,6 +13,7 @@ from .geometry import _check_hom
 from .xray import check_image, downsample, prepare
 
 
+@typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 @dataclasses.dataclass(frozen=True)
 class ViewSet:
     """V views: line-integral images, field-of-view masks, intrinsics and the known camera

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ MU_WATER_PER_MM = 0.0193
 BONE_HU = 250.0
 
 
+@typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 @dataclasses.dataclass(frozen=True)
 class Volume:
     data: Float[Tensor, "D H W"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,7 @@ def log_linearize(raw: Float[Tensor, "H W"], *, i0: float | None = None, mask: T
     return P
 
 
+@typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 def downsample(image: Tensor, K: Tensor, factor: int) -> tuple[Tensor, Tensor]:
     """Average-pool an (..., H, W) image by an integer factor and rescale K to match."""
     if factor == 1:

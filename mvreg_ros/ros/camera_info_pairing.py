@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import typing
 from typing import Any, Callable, NamedTuple
 
 
@@ -27,6 +28,7 @@ class PairedImage(NamedTuple):
 
 
 class CameraInfoPairing:
+    @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
     def __init__(self, n_topics: int, *, wait_s: float, history: int = 20,
                  clock: Callable[[], float] = time.monotonic):
         if isinstance(n_topics, bool) or not isinstance(n_topics, int) or n_topics < 1:

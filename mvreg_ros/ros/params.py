@@ -54,7 +54,7 @@ class ParamSpec:
     step: float = 0.0  # range step (0: continuous)
     # the derived NodeConfig fields (DerivedConfig) that build_config makes from this value; a str is
     # one field; () = passed through: NodeConfig has a field of this name holding the checked value
-    into: tuple[str, ...] = ()
+    into: str | tuple[str, ...] = ()  # a str is normalised to a 1-tuple in __post_init__
     clean: Callable[[Any], Any] | None = None  # pass-through only: applied to the checked value (arrays: tuples)
 
     def __post_init__(self):

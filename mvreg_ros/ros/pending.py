@@ -10,6 +10,7 @@ taking its waiting set in between cannot make the bookkeeping drop a set that is
 from __future__ import annotations
 
 import threading
+import typing
 from typing import Any, Protocol
 
 
@@ -25,10 +26,12 @@ class PendingStamps:
         self._last_submitted: int | None = None
 
     @staticmethod
+    @typing.no_type_check  # the check of stamp_ns itself: no jaxtyping/beartype wrapper
     def _check_stamp(stamp_ns: int) -> None:
         if isinstance(stamp_ns, bool) or not isinstance(stamp_ns, int) or stamp_ns <= 0:
             raise ValueError(f"stamp_ns must be a positive integer (ns), got {stamp_ns!r}")
 
+    @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
     def submit(self, worker: Worker, job: Any, stamp_ns: int) -> bool:
         """Hand ``job`` (the view set stamped ``stamp_ns``) to ``worker`` and mark the stamp pending.
 

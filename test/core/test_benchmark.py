@@ -111,7 +111,7 @@ def test_refinement_figures_from_known_durations_and_errors(tiny_ct, monkeypatch
 
     plan = {"engine": ([0.30, 0.20, 0.25], [0.4, 0.6, 0.5]), "reference": ([4.0, 2.0], [3.0, 1.0])}
 
-    class FakeRegistrar:
+    class FakeRegistrar(benchmark.Registrar):  # refine() scripted, no volume
         def __init__(self, volume, config, renderer_cls=None):
             self.device = config.device
             self.kind = "reference" if renderer_cls is ReferenceRenderer else "engine"
@@ -127,6 +127,7 @@ def test_refinement_figures_from_known_durations_and_errors(tiny_ct, monkeypatch
     monkeypatch.setattr(benchmark, "make_scene", recording_make_scene)
     monkeypatch.setattr(benchmark, "Registrar", FakeRegistrar)
     monkeypatch.setattr(benchmark, "renderer_throughput", lambda volume, scene, cfg: {})
+    monkeypatch.setattr(benchmark, "pipeline_runs", lambda *a, **k: {})  # its own test below
     r = run(tiny_ct, BenchConfig(cases=3, reference_cases=2), log=lambda *_: None)
     e, ref = r["refine"], r["reference_refine"]
     assert e["n"] == 3 and ref["n"] == 2
@@ -135,3 +136,33 @@ def test_refinement_figures_from_known_durations_and_errors(tiny_ct, monkeypatch
     assert e["mtre_mm"] == pytest.approx([0.4, 0.6, 0.5]) and e["median_mtre_mm"] == pytest.approx(0.5)
     assert e["max_mtre_mm"] == pytest.approx(0.6) and ref["median_mtre_mm"] == pytest.approx(2.0)
     assert r["refine_speedup"] == pytest.approx(12.0)  # 3.0 s against 0.25 s
+
+
+def test_full_registration_figures_count_false_acceptances(tiny_ct, monkeypatch):
+    """pipeline_runs scores each full registration against the truth: an accepted result over
+    2 mm is a false acceptance, a rejected one under 2 mm a false rejection."""
+    scene = make_scene(tiny_ct.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0)])
+    plan = [(0.5, True), (3.0, True), (1.0, False), (10.0, False)]  # (error along a unit direction, accepted)
+
+    class FakePipeline:
+        def __init__(self, registrar, initialisers):
+            self.calls = 0
+
+        def register_from(self, views, start):
+            err, accepted = plan[self.calls]
+            self.calls += 1
+            shift = torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64) * err
+            result = types.SimpleNamespace(T_ref_from_ct=geometry.translation(shift) @ scene.T_ref_from_ct)
+            return types.SimpleNamespace(result=result, accepted=accepted)
+
+    class CpuRegistrar(benchmark.Registrar):  # only its device is used
+        def __init__(self):
+            self.device = torch.device("cpu")
+
+    monkeypatch.setattr(benchmark, "RegistrationPipeline", FakePipeline)
+    lm = torch.stack([tiny_ct.bone_centre_ct()]).to(torch.float64)
+    r = benchmark.pipeline_runs(CpuRegistrar(), scene, None, [scene.T_ref_from_ct] * 4, lm)
+    assert r["n"] == 4 and r["mtre_mm"] == pytest.approx([0.5, 3.0, 1.0, 10.0])
+    assert r["success_rate"] == 0.5 and r["accepted"] == 2
+    assert r["false_acceptances"] == 1 and r["false_rejections"] == 1
+    assert r["median_mtre_mm"] == pytest.approx(2.0)

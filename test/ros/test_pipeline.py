@@ -6,7 +6,7 @@ import torch
 
 from mvreg_ros.core.geometry import make_T
 from mvreg_ros.core.kinematics import PlaneConfig
-from mvreg_ros.core.refine import RegistrationResult
+from mvreg_ros.core.refine import Registrar, RegistrationResult
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.global_search import GlobalConfig
 from mvreg_ros.core.registration.initialisers import ConfiguredPose, PoseTracker
@@ -18,7 +18,7 @@ PLANE = PlaneConfig(name="main", orbital_joint="o", angular_joint="a", sid_mm=70
 T0 = make_T(torch.eye(3, dtype=torch.float64), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
 
 
-class ScriptedRegistrar:
+class ScriptedRegistrar(Registrar):  # the refine() of a Registrar, scripted (no volume)
     def __init__(self):
         self.starts = []
         self.centre_ct = torch.zeros(3, dtype=torch.float64)

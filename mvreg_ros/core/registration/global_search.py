@@ -119,13 +119,13 @@ def global_search(registrar: Registrar, views: ViewSet, T_start: Float[Tensor, "
                              trans_range_mm=config.trans_range_mm, generator=g))
     candidates = torch.cat(pool)
     level = LevelSpec(size=config.size, iterations=config.iterations, n_samples=config.n_samples, patch=config.patch)
-    objective = registrar.objective(views, level.size, T_start, n_samples=level.n_samples, patch=level.patch)
     scores = []
     with torch.no_grad():
         for chunk in candidates.split(config.batch):
             n = len(chunk)
             if n < config.batch:  # one batch shape for every call: no recompilation of the renderer
                 chunk = torch.cat([chunk, chunk[-1:].expand(config.batch - n, 4, 4)])
+            objective = registrar.objective(views, level.size, chunk, n_samples=level.n_samples, patch=level.patch)
             scores.append(objective.similarity(chunk.to(registrar.device)).mean(-1).cpu()[:n])
     score = torch.cat(scores)
     score = torch.where(torch.isfinite(score), score, torch.full_like(score, -math.inf))

@@ -92,7 +92,7 @@ class ConfiguredPose:
 
     name = "configured"
 
-    def __init__(self, T_ref_from_ct: Float[Tensor, "4 4"]):
+    def __init__(self, T_ref_from_ct: Tensor):  # (4, 4); _as_pose checks it
         self.T_ref_from_ct = _as_pose(T_ref_from_ct, "initial pose")
 
     def start(self, request: StartRequest) -> Start:
@@ -135,7 +135,7 @@ class CoarseNetworkPose:
 
     name = "coarse_network"
 
-    def __init__(self, model: PoseModel):
+    def __init__(self, model: PoseModel | object):  # checked for predict() below
         if not callable(getattr(model, "predict", None)):
             raise TypeError(f"model must have a predict(views) method, got {type(model).__name__}")
         self.model = model

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Calibration data for the acceptance test (docs/acceptance.md).
+
+Registers every consecutive view pair of the given DeepFluoro-layout files from 10/20, 15/30 and
+20/40 degrees / mm through the engine's pipeline with every acceptance check disabled except the
+curvature, so that each case records all the signals (per-view similarity, uncertainty, per-view
+shift and gain, margin), and prints, for the correct (mTRE <= 2 mm) and wrong cases, the ranges
+of those signals. Usage:
+
+    .venv/bin/python scripts/calibrate_acceptance.py OUT.json FILE.h5 [FILE.h5 ...]
+"""
+
+import json
+import sys
+
+from mvreg_ros.core import evaluation as ev
+from mvreg_ros.core.refine import RefineConfig
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig
+from mvreg_ros.core.registration.pipeline import PipelineConfig
+
+OFFSETS = ((10, 20), (15, 30), (20, 40))
+
+
+def main(out: str, files: list[str]) -> None:
+    cases = []
+    permissive = PipelineConfig(acceptance=AcceptanceConfig(min_view_similarity=-1.0, max_uncertainty_mm=1e6))
+    for path in files:
+        for rot, trans in OFFSETS:
+            cfg = ev.EvalConfig(perturb_rot_deg=rot, perturb_trans_mm=trans, seed=7,
+                                refine=RefineConfig(min_similarity=-1.0), pipeline=permissive)
+            for c in ev.run(path, cfg)["cases"]:
+                c["file"], c["offset"] = path, [rot, trans]
+                cases.append(c)
+                print(ev.format_case(c), flush=True)
+            ev.write_json({"cases": cases}, out)
+    for ok in (True, False):
+        group = [c for c in cases if c["success"] == ok]
+        if not group:
+            continue
+        def span(key, f):
+            vals = [f(c) for c in group if f(c) is not None]
+            return f"{min(vals):.3f}..{max(vals):.3f}" if vals else "-"
+        print(f"{'correct' if ok else 'wrong'} ({len(group)}): smallest view similarity "
+              f"{span('s', lambda c: min(c['view_similarity'] or [None]) if c['view_similarity'] else None)}, "
+              f"uncertainty {span('u', lambda c: c['uncertainty_mm'])} mm, largest view shift "
+              f"{span('d', lambda c: max(c['view_shift_mm']) if c['view_shift_mm'] else None)} mm, largest gain "
+              f"{span('g', lambda c: max(c['view_gain']) if c['view_gain'] else None)}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2:])
