@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", metavar="PREFIX",
                    help="register the rigid target: the vol-seg structures whose names start with PREFIX (e.g. "
                         "'vertebrae'); the similarity weights their projection (default: the whole CT)")
+    p.add_argument("--mask-truncated", choices=("footprint", "complete", "off"), default="footprint",
+                   help="pixels left out where the CT is cut through the body: 'footprint' (rays that miss it), "
+                        "'complete' (also rays that leave it through a cut face: for a CT shorter than what the "
+                        "X-rays see) or 'off' (default: %(default)s)")
     p.add_argument("--no-global", action="store_true",
                    help="local refinement only, no global stage (the acceptance test still runs)")
     p.add_argument("--quick", action="store_true",
@@ -54,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    refine = RefineConfig(device=args.device)
+    refine = RefineConfig(device=args.device, mask_truncated=args.mask_truncated)
     if args.quick:
-        refine = RefineConfig(sizes=(32,), iterations=(60,), n_samples=(48,), patches=(8,), device=args.device)
+        refine = RefineConfig(sizes=(32,), iterations=(60,), n_samples=(48,), patches=(8,), device=args.device,
+                              mask_truncated=args.mask_truncated)
     try:
         config = evaluation.EvalConfig(
             specimens=tuple(args.specimen) if args.specimen else None,

@@ -482,12 +482,7 @@ def write_simulated(
     existing file whose ``proj-params`` must match."""
     if len(angles_deg) == 0:
         raise ValueError("angles_deg needs at least one (orbital, angular) pair")
-    if volume_hu_kji.ndim != 3:
-        raise ValueError(f"volume_hu_kji must be 3D (slices, rows, columns), got shape {tuple(volume_hu_kji.shape)}")
-    if mask is not None and mask.shape != volume_hu_kji.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} differs from the volume's {tuple(volume_hu_kji.shape)}")
-    if specimen == PROJ_PARAMS or not specimen or "/" in specimen:
-        raise ValueError(f"invalid specimen name {specimen!r}")
+    _check_specimen(volume_hu_kji, mask, specimen)
     T_ct_from_index = T_ct_from_index.to(torch.float64)
     vol = from_hu(volume_hu_kji, T_ct_from_index)
 
@@ -510,6 +505,15 @@ def write_simulated(
                           label_names=label_names, extrinsic=extrinsic, rot_180_for_up=rot_180_for_up, append=append)
 
 
+def _check_specimen(volume_hu_kji: Tensor, mask: Tensor | None, specimen: str) -> None:
+    if volume_hu_kji.ndim != 3:
+        raise ValueError(f"volume_hu_kji must be 3D (slices, rows, columns), got shape {tuple(volume_hu_kji.shape)}")
+    if mask is not None and mask.shape != volume_hu_kji.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from the volume's {tuple(volume_hu_kji.shape)}")
+    if specimen == PROJ_PARAMS or not specimen or "/" in specimen:
+        raise ValueError(f"invalid specimen name {specimen!r}")
+
+
 @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 def write_specimen(
     path: str | Path, volume_hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 4"], *,
@@ -529,12 +533,7 @@ def write_specimen(
     import h5py
 
     path = Path(path)
-    if volume_hu_kji.ndim != 3:
-        raise ValueError(f"volume_hu_kji must be 3D (slices, rows, columns), got shape {tuple(volume_hu_kji.shape)}")
-    if mask is not None and mask.shape != volume_hu_kji.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} differs from the volume's {tuple(volume_hu_kji.shape)}")
-    if specimen == PROJ_PARAMS or not specimen or "/" in specimen:
-        raise ValueError(f"invalid specimen name {specimen!r}")
+    _check_specimen(volume_hu_kji, mask, specimen)
     raw = torch.as_tensor(raw_images).detach().to("cpu", torch.float32)
     if raw.ndim != 3 or len(raw) == 0:
         raise ValueError(f"raw_images must be (V, H, W) with V >= 1, got shape {tuple(raw.shape)}")
