@@ -33,6 +33,7 @@ def run(args) -> int:
     from mvreg_ros.core.metrics import mtre_mm, structure_landmarks
     from mvreg_ros.core.overlay import save_overlay
     from mvreg_ros.core.refine import RefineConfig, Registrar
+    from mvreg_ros.core.registration.acceptance import acceptance_test
     from mvreg_ros.core.render import Renderer
     from mvreg_ros.core.simulate import acquire, make_scene
     from mvreg_ros.core.views import ViewSet
@@ -72,9 +73,12 @@ def run(args) -> int:
     err = mtre_mm(result.T_ref_from_ct, scene.T_ref_from_ct, landmarks)
     print(f"stage 2 (refinement): mTRE {err:.3f} mm in {result.time_s:.2f} s, "
           f"{result.iterations} iterations {list(result.level_iterations)} over levels {list(registrar.config.sizes)} px")
+    verdict = acceptance_test(result, registrar=registrar, views=views)
     print(f"  per-view similarity {[round(s, 3) for s in result.view_similarity]}, "
           f"uncertainty {result.uncertainty_mm:.2f} mm (1 sigma), "
           f"{'success' if result.success else 'FAILED: ' + result.reason}")
+    print(f"  acceptance test: {'accepted' if verdict.accepted else 'REJECTED: ' + verdict.reason} "
+          f"(per-view shift alone {[round(x, 2) for x in verdict.view_shift_mm]} mm)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,5 +90,5 @@ def run(args) -> int:
         path = out / f"overlay_view{i}.png"
         save_overlay(path, views.images[i], drr[i], views.masks[i])
         print(f"saved {path} (target | DRR at the estimate | DRR edges on the target)")
-    return 0 if result.success else 1
+    return 0 if verdict.accepted else 1
 
