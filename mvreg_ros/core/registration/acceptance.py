@@ -133,8 +133,8 @@ def acceptance_test(result: RegistrationResult, *, registrar: Registrar | None =
     if margin is not None and config.min_margin > 0 and margin < config.min_margin:
         return verdict(f"ambiguous: a distinct pose came within {margin:.3f} of the best similarity (min_margin "
                        f"{config.min_margin})")
-    if not config.view_agreement:
-        return verdict("")
+    if not config.view_agreement or (views is not None and len(views) < 2):
+        return verdict("")  # a single view cannot disagree with itself
     if registrar is None or views is None:
         raise ValueError("per-view agreement needs the registrar and the views (or view_agreement=False)")
     shifts, gains = view_agreement(registrar, views, result.T_ref_from_ct, iterations=config.agreement_iterations)

@@ -107,6 +107,9 @@ def test_acceptance_passes_and_validates():
         gates(min_view_similarity=2.0)
     with pytest.raises(ValueError, match="registrar"):  # per-view agreement needs the views
         acceptance_test(result(pose(1)), config=AcceptanceConfig())
+    # one view cannot disagree with itself: no single-view refinement is run (no registrar needed)
+    one = acceptance_test(result(pose(1), sims=(0.9,)), views=views(n=1), config=AcceptanceConfig())
+    assert one.accepted and one.view_shift_mm == ()
 
 
 def test_initialiser_chain_and_default_pose():
