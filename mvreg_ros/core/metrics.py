@@ -29,13 +29,20 @@ def mpd_mm(T_est_ref_from_ct: Tensor, T_true_ref_from_ct: Tensor, landmarks_ct: 
     return float(d.mean())
 
 
+def pose_distance(T_a: Float[Tensor, "*N 4 4"], T_b: Float[Tensor, "*N 4 4"], centre_ct: Float[Tensor, "3"]
+                  ) -> tuple[Tensor, Tensor]:
+    """Rotation angle between the poses (degrees) and displacement of ``centre_ct`` between them
+    (mm), batched."""
+    D = T_a @ invert(T_b)
+    c = centre_ct.to(T_a)
+    moved = (T_a[..., :3, :3] - T_b[..., :3, :3]) @ c + T_a[..., :3, 3] - T_b[..., :3, 3]
+    return rotation_angle_deg(D[..., :3, :3]), moved.norm(dim=-1)
+
+
 def pose_errors(T_est: Tensor, T_true: Tensor, centre_ct: Tensor) -> tuple[float, float]:
     """Rotation error (deg) and translation error of ``centre_ct`` (mm)."""
-    D = T_est @ invert(T_true)
-    rot = float(rotation_angle_deg(D[:3, :3]))
-    c = centre_ct.to(T_est)[None]
-    trans = float((transform_points(T_est, c) - transform_points(T_true, c)).norm())
-    return rot, trans
+    rot, trans = pose_distance(T_est, T_true, centre_ct)
+    return float(rot), float(trans)
 
 
 def structure_landmarks(volume, max_points: int = 40, *, min_voxels: int = 1, min_structures: int = 1) -> Float[Tensor, "N 3"]:

@@ -19,7 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..geometry import invert, random_unit_vectors, so3_log
+from ..geometry import random_unit_vectors
+from ..metrics import pose_distance
 from ..refine import LevelSpec, Registrar, pose_about
 from ..views import ViewSet
 
@@ -64,17 +65,6 @@ class GlobalResult:
     @property
     def best(self) -> Float[Tensor, "4 4"]:
         return self.T_ref_from_ct[0]
-
-
-def pose_distance(T_a: Float[Tensor, "*N 4 4"], T_b: Float[Tensor, "*N 4 4"], centre_ct: Float[Tensor, "3"]
-                  ) -> tuple[Tensor, Tensor]:
-    """Rotation angle (degrees) and displacement of the anatomy centre (mm) between poses."""
-    d = invert(T_a) @ T_b
-    angle = torch.rad2deg(so3_log(d[..., :3, :3]).norm(dim=-1))
-    c = centre_ct.to(T_a)
-    ca = (T_a[..., :3, :3] @ c + T_a[..., :3, 3])
-    cb = (T_b[..., :3, :3] @ c + T_b[..., :3, 3])
-    return angle, (ca - cb).norm(dim=-1)
 
 
 def random_poses(T0: Float[Tensor, "4 4"], centre_ct: Float[Tensor, "3"], n: int, *, rot_range_deg: float,

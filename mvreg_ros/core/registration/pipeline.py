@@ -22,7 +22,8 @@ from torch import Tensor
 from ..refine import Registrar, RegistrationResult
 from ..views import ViewSet
 from .acceptance import AcceptanceConfig, Verdict, acceptance_test
-from .global_search import GlobalConfig, GlobalResult, global_search, pose_distance
+from ..metrics import pose_distance
+from .global_search import GlobalConfig, GlobalResult, global_search
 from .initialisers import AcceptedPose, Initialiser, PoseTracker, Start, StartRequest, first_start
 
 

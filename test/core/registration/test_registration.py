@@ -9,7 +9,8 @@ from mvreg_ros.core import geometry
 from mvreg_ros.core.metrics import mtre_mm, pose_errors, structure_landmarks
 from mvreg_ros.core.refine import LevelSpec, RefineConfig, Registrar
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig, acceptance_test
-from mvreg_ros.core.registration.global_search import GlobalConfig, global_search, pose_distance, random_poses
+from mvreg_ros.core.metrics import pose_distance
+from mvreg_ros.core.registration.global_search import GlobalConfig, global_search, random_poses
 from mvreg_ros.core.registration.initialisers import (AcceptedPose, ConfiguredPose, LastAcceptedPose,
                                                        PerturbedTruth, PoseTracker, StartRequest, first_start)
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
