@@ -131,6 +131,7 @@ class LevelSpec:
 class LevelRun:
     T_ref_from_ct: Float[Tensor, "K 4 4"]  # each start's best pose
     similarity: Float[Tensor, "K"]  # its similarity (mean over views) at this level
+    start_similarity: Float[Tensor, "K"]  # the similarity at each starting pose
     iterations: int
     converged: bool
     objective: "Objective"
@@ -265,6 +266,7 @@ class Registrar:
         opt = torch.optim.Adam([{"params": [w], "lr": float(lr0[0])}, {"params": [t], "lr": float(lr0[1])}])
         best = torch.full((K,), -math.inf, dtype=torch.float64)
         best_w, best_t = w.detach().clone(), t.detach().clone()
+        start_similarity = best.clone()  # set at the first iteration (the starting poses)
         history: list[tuple[Tensor, Tensor]] = []
         it = 0
         converged = False
@@ -280,6 +282,8 @@ class Registrar:
                 raise RuntimeError(f"similarity became {s.tolist()} at level {level.size}px, iteration {it}")
             (-s.sum()).backward()
             s = s.detach().cpu()
+            if it == 1:
+                start_similarity = s.clone()
             better = s > best
             best = torch.where(better, s, best)
             best_w[better.to(self.device)] = w.detach()[better.to(self.device)]
@@ -297,7 +301,8 @@ class Registrar:
             converged = _settled(history, cfg)
         with torch.no_grad():
             T = pose_about(T0_d, c_d, best_w, best_t).cpu()
-        return LevelRun(T_ref_from_ct=T, similarity=best, iterations=it, converged=converged, objective=objective)
+        return LevelRun(T_ref_from_ct=T, similarity=best, start_similarity=start_similarity, iterations=it,
+                        converged=converged, objective=objective)
 
     def _refine(self, views: ViewSet, T0: Tensor, start: float) -> RegistrationResult:
         cfg = self.config
@@ -401,15 +406,12 @@ class Objective:
             s = (1 - self.target_weight) * s + self.target_weight * s_target
         return s.reshape(*lead, V)
 
-    def _similarities(self, T: Tensor) -> Tensor:
-        return self.similarity(T)
-
     def value(self, T: Tensor) -> Tensor:
-        return 1 - self._similarities(T).mean()
+        return 1 - self.similarity(T).mean()
 
     def view_similarity(self, T0: Tensor) -> Tensor:
         with torch.no_grad():
-            return self._similarities(T0.to(self.device)).cpu()
+            return self.similarity(T0.to(self.device)).cpu()
 
     def loss(self, T0: Tensor) -> float:
         with torch.no_grad():

@@ -90,9 +90,6 @@ def view_agreement(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Te
     shifts, gains = [], []
     for i in range(len(views)):
         one = views.select([i])
-        objective = registrar.objective(one, level.size, T, n_samples=level.n_samples, patch=level.patch)
-        with torch.no_grad():
-            s0 = float(objective.similarity(T.to(registrar.device)).mean())
         run = registrar.refine_level(one, T, level=level, lr_scale=lr_scale, early_stop=True)
         T_i = run.T_ref_from_ct[0]
         T_cam_from_ref = invert(one.T_ref_from_cam[0].to(torch.float64))
@@ -102,7 +99,7 @@ def view_agreement(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Te
         depth = float(transform_points(T_cam_from_ref @ T, pts[:1])[0, 2])
         mm_per_px = abs(depth) / float(K[0, 0])
         shifts.append(float((uv1 - uv0).norm(dim=-1).mean()) * mm_per_px)
-        gains.append(float(run.similarity[0]) - s0)
+        gains.append(float(run.similarity[0] - run.start_similarity[0]))
     return shifts, gains
 
 
