@@ -8,7 +8,7 @@ setup(
     name=package_name,
     version="0.1.0",
     packages=find_packages(exclude=["test", "test.*"]),
-    package_data={"mvreg_ros.core": ["csrc/*.cpp"]},
+    package_data={"mvreg_ros.core.rendering": ["csrc/*.cpp"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),

@@ -13,8 +13,8 @@ of those signals. Usage:
 import json
 import sys
 
-from mvreg_ros.core import evaluation as ev
-from mvreg_ros.core.refine import RefineConfig
+from mvreg_ros.core.evaluation import evaluate as ev
+from mvreg_ros.core.registration.refine import RefineConfig
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.pipeline import PipelineConfig
 

@@ -25,6 +25,6 @@ if ! "$VENV/bin/python" -c "import mvreg_ros" 2>/dev/null || [[ ! -x "$VENV/bin/
 fi
 # the native CPU renderer kernel: compiled for this CPU once (about 15 s, cached by torch under
 # ~/.cache/torch_extensions); without a C++ compiler the renderer falls back to torch.compile or grid_sample
-"$VENV/bin/python" -c "from mvreg_ros.core import render_native as n; m = n.load(); \
+"$VENV/bin/python" -c "from mvreg_ros.core.rendering import native as n; m = n.load(); \
 print('[setup] native renderer kernel:', m.isa if m else 'not built (fallback backend in use)')"
 echo "[setup] ready: $VENV"

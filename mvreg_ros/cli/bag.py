@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     import torch
 
-    from mvreg_ros.core.simulate import DetectorConfig
+    from mvreg_ros.core.data.simulate import DetectorConfig
     from mvreg_ros.ros import bag_io
     from mvreg_ros.ros.params import ConfigError, build_config
     from mvreg_ros.ros.volume_source import load_ct
@@ -112,7 +112,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     import rclpy
 
-    from mvreg_ros.core.metrics import structure_landmarks
+    from mvreg_ros.core.evaluation.metrics import structure_landmarks
     from mvreg_ros.ros import bag_io
     from mvreg_ros.ros.replay import evaluator_for_bag, replay
     from mvreg_ros.ros.volume_source import load_ct

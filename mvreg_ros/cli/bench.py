@@ -24,9 +24,9 @@ def run(args) -> int:
         return 2
     import json
 
-    from mvreg_ros.core.benchmark import BenchConfig, run as bench
-    from mvreg_ros.core.refine import RefineConfig
-    from mvreg_ros.core.volume import load_example_ct
+    from mvreg_ros.core.evaluation.benchmark import BenchConfig, run as bench
+    from mvreg_ros.core.registration.refine import RefineConfig
+    from mvreg_ros.core.imaging.volume import load_example_ct
 
     cfg = BenchConfig(cases=args.cases, reference_cases=args.reference_cases,
                       reference_iterations=args.reference_iterations, model_path=args.model, device=args.device,

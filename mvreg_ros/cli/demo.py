@@ -29,15 +29,15 @@ def run(args) -> int:
 
     import torch
 
-    from mvreg_ros.core import geometry
-    from mvreg_ros.core.metrics import mtre_mm, structure_landmarks
-    from mvreg_ros.core.overlay import save_overlay
-    from mvreg_ros.core.refine import RefineConfig, Registrar
+    from mvreg_ros.core.geometry import transforms as geometry
+    from mvreg_ros.core.evaluation.metrics import mtre_mm, structure_landmarks
+    from mvreg_ros.core.imaging.overlay import save_overlay
+    from mvreg_ros.core.registration.refine import RefineConfig, Registrar
     from mvreg_ros.core.registration.acceptance import acceptance_test
-    from mvreg_ros.core.render import Renderer
-    from mvreg_ros.core.simulate import acquire, make_scene
-    from mvreg_ros.core.views import ViewSet
-    from mvreg_ros.core.volume import load_example_ct
+    from mvreg_ros.core.rendering.renderer import Renderer
+    from mvreg_ros.core.data.simulate import acquire, make_scene
+    from mvreg_ros.core.imaging.views import ViewSet
+    from mvreg_ros.core.imaging.volume import load_example_ct
 
     t0 = time.perf_counter()
     volume = load_example_ct(downsample=args.downsample)
@@ -56,7 +56,7 @@ def run(args) -> int:
 
     registrar = Registrar(volume, RefineConfig(device=args.device))
     if args.model:
-        from mvreg_ros.core.coarse import CoarseModel
+        from mvreg_ros.core.learning.coarse import CoarseModel
 
         t = time.perf_counter()
         estimate = CoarseModel.load(args.model, volume=volume, device=args.device).predict(views)

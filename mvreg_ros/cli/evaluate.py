@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from mvreg_ros.core import evaluation
-    from mvreg_ros.core.refine import RefineConfig
+    from mvreg_ros.core.evaluation import evaluate as evaluation
+    from mvreg_ros.core.registration.refine import RefineConfig
     from mvreg_ros.core.registration.global_search import GlobalConfig
     from mvreg_ros.core.registration.pipeline import PipelineConfig
 

@@ -2,7 +2,7 @@
 DeepFluoro layout (readable by ``mvreg eval`` and any DeepFluoro loader).
 
 Without ``--profile`` the views come from the engine's own renderer; with
-``--profile clean|hard|mismatch`` they come from :mod:`mvreg_ros.core.stress` (DiffDRR's
+``--profile clean|hard|mismatch`` they come from :mod:`mvreg_ros.core.data.stress` (DiffDRR's
 Siddon on material volumes, a polychromatic beam, metal, and for ``mismatch`` a deformed
 patient and a truncated CT; see docs/stress.md)."""
 
@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from mvreg_ros.core import deepfluoro
-    from mvreg_ros.core.simulate import DetectorConfig
-    from mvreg_ros.core.volume import Volume, example_ct_path, load_hu
+    from mvreg_ros.core.data import deepfluoro
+    from mvreg_ros.core.data.simulate import DetectorConfig
+    from mvreg_ros.core.imaging.volume import Volume, example_ct_path, load_hu
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,13 +129,14 @@ def _fail(message: str) -> int:
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    """``--profile NAME``: a stress acquisition (mvreg_ros.core.stress)."""
+    """``--profile NAME``: a stress acquisition (mvreg_ros.core.data.stress)."""
     import time
 
     import torch
 
-    from mvreg_ros.core import deepfluoro, stress
-    from mvreg_ros.core.volume import example_ct_path, load_hu
+    from mvreg_ros.core.data import deepfluoro
+    from mvreg_ros.core.data import stress
+    from mvreg_ros.core.imaging.volume import example_ct_path, load_hu
 
     # validate everything before loading anything
     if args.profile not in stress.PROFILES:

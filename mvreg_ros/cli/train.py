@@ -31,13 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_training_volume(source: str, specimen: str | None):
     """Volume and detector overrides from a CT path, a DeepFluoro-layout file or 'example'."""
-    from mvreg_ros.core.volume import load_example_ct, load_volume
+    from mvreg_ros.core.imaging.volume import load_example_ct, load_volume
 
     if source == "example":
         return load_example_ct(), {}
     path = Path(source)
     if path.suffix.lower() in (".h5", ".hdf5"):
-        from mvreg_ros.core.deepfluoro import DeepFluoroFile  # lazily: only for HDF5 inputs
+        from mvreg_ros.core.data.deepfluoro import DeepFluoroFile  # lazily: only for HDF5 inputs
 
         with DeepFluoroFile(path) as f:
             names = f.specimens()
@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from mvreg_ros.core import training
-    from mvreg_ros.core.coarse import CoarseModel
-    from mvreg_ros.core.network import CheckpointError
+    from mvreg_ros.core.learning import training
+    from mvreg_ros.core.learning.coarse import CoarseModel
+    from mvreg_ros.core.learning.network import CheckpointError
 
     if args.threads:
         torch.set_num_threads(args.threads)

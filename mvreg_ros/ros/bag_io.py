@@ -22,14 +22,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..core import simulate
-from ..core.geometry import invert, perturb
-from ..core.render import Renderer
-from ..core.volume import Volume
-from .conversions import K_to_camera_info, T_from_transform, ns_to_stamp, stamp_to_ns, tensor_to_image, \
+from mvreg_ros.core.data import simulate
+from mvreg_ros.core.geometry.transforms import invert, perturb
+from mvreg_ros.core.rendering.renderer import Renderer
+from mvreg_ros.core.imaging.volume import Volume
+from mvreg_ros.ros.conversions import K_to_camera_info, T_from_transform, ns_to_stamp, stamp_to_ns, tensor_to_image, \
     transform_stamped_from_T
-from ..core.registration.initialisers import supine_at_isocentre
-from .params import NodeConfig
+from mvreg_ros.core.registration.initialisers import supine_at_isocentre
+from mvreg_ros.ros.params import NodeConfig
 
 GROUND_TRUTH_TOPIC = "/ground_truth/tf"
 STORAGES = ("mcap", "sqlite3")

@@ -16,8 +16,8 @@ from jaxtyping import Float
 from sensor_msgs.msg import CameraInfo, Image
 from torch import Tensor
 
-from ..core.geometry import make_T
-from ..core.geometry import matrix_from_quaternion, quaternion_from_matrix
+from mvreg_ros.core.geometry.transforms import make_T
+from mvreg_ros.core.geometry.transforms import matrix_from_quaternion, quaternion_from_matrix
 
 MM_PER_M = 1000.0
 

@@ -24,23 +24,23 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, JointState
 
-from ..core.overlay import fusion_rgb
-from ..core.refine import Registrar
-from ..core.registration.initialisers import (ModelError, PoseTracker, default_initialisers, load_coarse_model,
+from mvreg_ros.core.imaging.overlay import fusion_rgb
+from mvreg_ros.core.registration.refine import Registrar
+from mvreg_ros.core.registration.initialisers import (ModelError, PoseTracker, default_initialisers, load_coarse_model,
                                                supine_at_isocentre)
-from ..core.registration.pipeline import RegistrationPipeline
-from ..core.xray import check_image
-from .camera_info_pairing import CameraInfoPairing
-from .conversions import (camera_info_to_K, image_to_tensor, ns_to_stamp, pose_with_covariance_from_T, rgb_to_image,
+from mvreg_ros.core.registration.pipeline import RegistrationPipeline
+from mvreg_ros.core.imaging.xray import check_image
+from mvreg_ros.ros.camera_info_pairing import CameraInfoPairing
+from mvreg_ros.ros.conversions import (camera_info_to_K, image_to_tensor, ns_to_stamp, pose_with_covariance_from_T, rgb_to_image,
                           stamp_to_ns, transform_stamped_from_T)
-from .joint_buffer import JointStateBuffer, JointStateError
-from .params import ConfigError, declare_and_read
-from .pending import PendingStamps
-from .pipeline import SetOutcome, register_frames
-from .sync import ApproximateTimeSync, Frame, SequentialViewBuffer
-from .tf_publisher import make_transform_broadcaster
-from .volume_source import VolumeError, load_ct
-from .worker import LatestJobWorker
+from mvreg_ros.ros.joint_buffer import JointStateBuffer, JointStateError
+from mvreg_ros.ros.params import ConfigError, declare_and_read
+from mvreg_ros.ros.pending import PendingStamps
+from mvreg_ros.ros.pipeline import SetOutcome, register_frames
+from mvreg_ros.ros.sync import ApproximateTimeSync, Frame, SequentialViewBuffer
+from mvreg_ros.ros.tf_publisher import make_transform_broadcaster
+from mvreg_ros.ros.volume_source import VolumeError, load_ct
+from mvreg_ros.ros.worker import LatestJobWorker
 
 NODE_NAME = "register_node"
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR

@@ -24,15 +24,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from ..core.geometry import make_T
-from ..core.geometry import matrix_from_quaternion
-from ..core.kinematics import M_TO_MM, PlaneConfig, T_from_xyz_rpy, check_rigid
-from ..core.refine import RefineConfig
-from ..core.render import BACKENDS
-from .joint_buffer import MAX_GAP_S, TOLERANCE_S
-from ..core.registration.acceptance import AcceptanceConfig
-from ..core.registration.global_search import GlobalConfig
-from ..core.registration.pipeline import PipelineConfig
+from mvreg_ros.core.geometry.transforms import make_T
+from mvreg_ros.core.geometry.transforms import matrix_from_quaternion
+from mvreg_ros.core.geometry.kinematics import M_TO_MM, PlaneConfig, T_from_xyz_rpy, check_rigid
+from mvreg_ros.core.registration.refine import RefineConfig
+from mvreg_ros.core.rendering.renderer import BACKENDS
+from mvreg_ros.ros.joint_buffer import MAX_GAP_S, TOLERANCE_S
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig
+from mvreg_ros.core.registration.global_search import GlobalConfig
+from mvreg_ros.core.registration.pipeline import PipelineConfig
 
 
 class ConfigError(ValueError):

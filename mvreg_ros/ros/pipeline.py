@@ -13,10 +13,10 @@ from typing import Sequence
 
 import torch
 
-from ..core.refine import RegistrationResult
-from ..core.registration.pipeline import Outcome, RegistrationPipeline
-from ..core.views import ViewSet
-from .sync import Frame
+from mvreg_ros.core.registration.refine import RegistrationResult
+from mvreg_ros.core.registration.pipeline import Outcome, RegistrationPipeline
+from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.ros.sync import Frame
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

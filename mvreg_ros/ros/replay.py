@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..core.metrics import mtre_mm
-from .bag_io import CAMERA_INFO_TYPE, IMAGE_TYPE, JOINT_STATE_TYPE, BagMessage, deserialize, ground_truth, message_class
-from .conversions import T_from_transform, ns_to_stamp, stamp_to_ns
+from mvreg_ros.core.evaluation.metrics import mtre_mm
+from mvreg_ros.ros.bag_io import CAMERA_INFO_TYPE, IMAGE_TYPE, JOINT_STATE_TYPE, BagMessage, deserialize, ground_truth, message_class
+from mvreg_ros.ros.conversions import T_from_transform, ns_to_stamp, stamp_to_ns
 
 SUCCESS_MM = 2.0
 SENSOR_TYPES = (IMAGE_TYPE, CAMERA_INFO_TYPE, JOINT_STATE_TYPE)  # replay waits for the node to subscribe to these

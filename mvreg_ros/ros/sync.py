@@ -17,7 +17,7 @@ import dataclasses
 from jaxtyping import Float
 from torch import Tensor
 
-from ..core.kinematics import view_angle_deg
+from mvreg_ros.core.geometry.kinematics import view_angle_deg
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.volume import Volume, load_example_ct, load_volume
+from mvreg_ros.core.imaging.volume import Volume, load_example_ct, load_volume
 
 EXAMPLE_PREFIX = "example"
 

@@ -37,7 +37,7 @@ def test_bench_backend_choices_are_the_renderers():
     import argparse
 
     from mvreg_ros.cli import bench
-    from mvreg_ros.core.render import BACKENDS
+    from mvreg_ros.core.rendering.renderer import BACKENDS
 
     p = argparse.ArgumentParser()
     bench.add_arguments(p)

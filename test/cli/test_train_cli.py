@@ -69,9 +69,9 @@ def test_bad_inputs_are_reported(ct_files, tmp_path, capsys):
 def test_train_on_a_rectangular_deepfluoro_file(ct_files, tmp_path, capsys):
     """A DeepFluoro-layout file with a 48 x 64 detector: trained (letterboxed input), the
     checkpoint records the shape, and --eval-only runs on rectangular held-out views."""
-    from mvreg_ros.core.deepfluoro import write_simulated
-    from mvreg_ros.core.simulate import DetectorConfig
-    from mvreg_ros.core.volume import load_hu
+    from mvreg_ros.core.data.deepfluoro import write_simulated
+    from mvreg_ros.core.data.simulate import DetectorConfig
+    from mvreg_ros.core.imaging.volume import load_hu
 
     (ct, _), cfg = ct_files
     hu, T_ct_from_index = load_hu(ct)

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 import yaml
 
-from mvreg_ros.core import carm, simulate
-from mvreg_ros.core.geometry import invert, perturb, transform_points
-from mvreg_ros.core.render import Renderer
-from mvreg_ros.core.volume import load_example_ct
+from mvreg_ros.core.geometry import carm
+from mvreg_ros.core.data import simulate
+from mvreg_ros.core.geometry.transforms import invert, perturb, transform_points
+from mvreg_ros.core.rendering.renderer import Renderer
+from mvreg_ros.core.imaging.volume import load_example_ct
 from mvreg_ros.ros.params import NodeConfig, build_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ pytest.importorskip("rosbags")
 from ros_harness import deadline, node_args  # noqa: E402
 from ros_scenario import CONFIG, DETECTOR, QUICK, write_params  # noqa: E402
 
-from mvreg_ros.core.geometry import perturb  # noqa: E402
-from mvreg_ros.core.metrics import mtre_mm, structure_landmarks  # noqa: E402
+from mvreg_ros.core.geometry.transforms import perturb  # noqa: E402
+from mvreg_ros.core.evaluation.metrics import mtre_mm, structure_landmarks  # noqa: E402
 from mvreg_ros.ros import bag_io  # noqa: E402
 from mvreg_ros.ros.conversions import ns_to_stamp, stamp_to_ns, transform_stamped_from_T  # noqa: E402
 from mvreg_ros.ros.params import build_config  # noqa: E402

@@ -7,8 +7,8 @@ import types
 import pytest
 import torch
 
-from mvreg_ros.core.network import ArchConfig, PoseGeometry, PoseNet, save_checkpoint
-from mvreg_ros.core.pose_sampling import canonical_rotation
+from mvreg_ros.core.learning.network import ArchConfig, PoseGeometry, PoseNet, save_checkpoint
+from mvreg_ros.core.geometry.pose_sampling import canonical_rotation
 from mvreg_ros.core.registration.initialisers import ModelError, load_coarse_model
 from ros_harness import HELPERS, deadline, node_args, wait_until
 from ros_scenario import CONFIG, QUICK, make_scenario, volume, write_params, write_publisher_inputs

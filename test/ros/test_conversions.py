@@ -12,8 +12,8 @@ pytest.importorskip("geometry_msgs.msg")
 from scipy.spatial.transform import Rotation  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from mvreg_ros.core.geometry import make_T, so3_exp  # noqa: E402
-from mvreg_ros.core.geometry import matrix_from_quaternion, quaternion_from_matrix  # noqa: E402
+from mvreg_ros.core.geometry.transforms import make_T, so3_exp  # noqa: E402
+from mvreg_ros.core.geometry.transforms import matrix_from_quaternion, quaternion_from_matrix  # noqa: E402
 from mvreg_ros.ros.conversions import (K_to_camera_info, T_from_pose, T_from_transform, camera_info_to_K,  # noqa: E402
                                        covariance_from_ros, covariance_to_ros, image_to_tensor, ns_to_stamp,
                                        pose_with_covariance_from_T, stamp_to_ns, tensor_to_image,

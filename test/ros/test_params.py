@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from mvreg_ros.core.kinematics import T_from_xyz_rpy
+from mvreg_ros.core.geometry.kinematics import T_from_xyz_rpy
 from mvreg_ros.ros.params import (DERIVED_FIELDS, NODE_PARAMETERS, NODE_SPECS, PLANE_PARAMETERS, PLANE_SPECS,
                                   ConfigError, NodeConfig, T_from_param, build_config, spec_for, validate)
 from ros_scenario import CONFIG, REPO, read_params
@@ -228,7 +228,7 @@ def test_bad_values_name_the_parameter(values, match):
 
 def test_pose_parameter_forms_agree():
     R = T_from_xyz_rpy([0.0, 0.0, 0.0], [0.3, -0.2, 1.0])[:3, :3]
-    from mvreg_ros.core.geometry import quaternion_from_matrix
+    from mvreg_ros.core.geometry.transforms import quaternion_from_matrix
 
     T16 = torch.eye(4, dtype=torch.float64)
     T16[:3, :3] = R

@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from mvreg_ros.core.geometry import make_T
-from mvreg_ros.core.kinematics import PlaneConfig
-from mvreg_ros.core.refine import Registrar, RegistrationResult
+from mvreg_ros.core.geometry.transforms import make_T
+from mvreg_ros.core.geometry.kinematics import PlaneConfig
+from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.global_search import GlobalConfig
 from mvreg_ros.core.registration.initialisers import ConfiguredPose, PoseTracker

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mvreg_ros.core.kinematics import PlaneConfig
+from mvreg_ros.core.geometry.kinematics import PlaneConfig
 from mvreg_ros.ros.sync import ApproximateTimeSync, Frame, SequentialViewBuffer
 
 MS = 1_000_000

@@ -16,7 +16,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, ReliabilityPolicy  # noqa
 from tf2_msgs.msg import TFMessage  # noqa: E402
 
 from ros_harness import wait_until  # noqa: E402
-from mvreg_ros.core.geometry import make_T, so3_exp  # noqa: E402
+from mvreg_ros.core.geometry.transforms import make_T, so3_exp  # noqa: E402
 from mvreg_ros.ros.conversions import T_from_transform, ns_to_stamp, transform_stamped_from_T  # noqa: E402
 from mvreg_ros.ros.tf_publisher import TFMessagePublisher, make_transform_broadcaster, tf_qos  # noqa: E402
 

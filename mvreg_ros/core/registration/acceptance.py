@@ -27,9 +27,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..geometry import invert, project, transform_points
-from ..refine import LevelSpec, Registrar, RegistrationResult
-from ..views import ViewSet
+from mvreg_ros.core.geometry.transforms import invert, project, transform_points
+from mvreg_ros.core.registration.refine import LevelSpec, Registrar, RegistrationResult
+from mvreg_ros.core.imaging.views import ViewSet
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,10 +19,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..geometry import random_unit_vectors
-from ..metrics import pose_distance
-from ..refine import LevelSpec, Registrar, pose_about
-from ..views import ViewSet
+from mvreg_ros.core.geometry.transforms import random_unit_vectors
+from mvreg_ros.core.evaluation.metrics import pose_distance
+from mvreg_ros.core.registration.refine import LevelSpec, Registrar, pose_about
+from mvreg_ros.core.imaging.views import ViewSet
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,11 +24,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .. import carm
-from ..geometry import perturb
-from ..kinematics import PlaneConfig
-from ..views import ViewSet
-from ..volume import Volume
+from mvreg_ros.core.geometry import carm
+from mvreg_ros.core.geometry.transforms import perturb
+from mvreg_ros.core.geometry.kinematics import PlaneConfig
+from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.imaging.volume import Volume
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -122,7 +122,7 @@ class LastAcceptedPose:
 
 @runtime_checkable
 class PoseModel(Protocol):
-    """What :class:`CoarseNetworkPose` needs of a model (``mvreg_ros.core.coarse.CoarseModel``):
+    """What :class:`CoarseNetworkPose` needs of a model (``mvreg_ros.core.learning.coarse.CoarseModel``):
     ``predict(views)`` returning an object with ``T_ref_from_ct`` (4x4 mm), ``ms`` and
     optionally ``T_ref_from_ct_views`` (V, 4, 4)."""
 
@@ -182,8 +182,8 @@ class ModelError(ValueError):
 def load_coarse_model(path: str, volume: Volume, *, device: str = "cpu"):
     """The ``mvreg train`` checkpoint at ``path`` as a ``CoarseModel`` for ``volume``; ModelError
     for a missing file, a file that is not a checkpoint, or one made for another CT or architecture."""
-    from ..coarse import CoarseModel
-    from ..network import CheckpointError
+    from mvreg_ros.core.learning.coarse import CoarseModel
+    from mvreg_ros.core.learning.network import CheckpointError
 
     p = Path(path).expanduser()
     try:

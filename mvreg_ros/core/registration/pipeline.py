@@ -19,12 +19,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..refine import Registrar, RegistrationResult
-from ..views import ViewSet
-from .acceptance import AcceptanceConfig, Verdict, acceptance_test
-from ..metrics import pose_distance
-from .global_search import GlobalConfig, GlobalResult, global_search
-from .initialisers import AcceptedPose, Initialiser, PoseTracker, Start, StartRequest, first_start
+from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
+from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig, Verdict, acceptance_test
+from mvreg_ros.core.evaluation.metrics import pose_distance
+from mvreg_ros.core.registration.global_search import GlobalConfig, GlobalResult, global_search
+from mvreg_ros.core.registration.initialisers import AcceptedPose, Initialiser, PoseTracker, Start, StartRequest, first_start
 
 
 @dataclasses.dataclass(frozen=True)

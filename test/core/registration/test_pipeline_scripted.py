@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
-from mvreg_ros.core.geometry import make_T, so3_exp
-from mvreg_ros.core.kinematics import PlaneConfig
-from mvreg_ros.core.refine import Registrar, RegistrationResult
+from mvreg_ros.core.geometry.transforms import make_T, so3_exp
+from mvreg_ros.core.geometry.kinematics import PlaneConfig
+from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig, acceptance_test
 from mvreg_ros.core.registration.global_search import GlobalConfig
 from mvreg_ros.core.registration.initialisers import (ConfiguredPose, Initialiser, LastAcceptedPose, PoseTracker,
                                                        StartRequest, default_initialisers, first_start,
                                                        supine_at_isocentre)
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
-from mvreg_ros.core.views import ViewSet
+from mvreg_ros.core.imaging.views import ViewSet
 
 PLANE = PlaneConfig(name="main", orbital_joint="o", angular_joint="a", sid_mm=700.0)
 

@@ -5,19 +5,19 @@ import dataclasses
 import pytest
 import torch
 
-from mvreg_ros.core import geometry
-from mvreg_ros.core.metrics import mtre_mm, pose_errors, structure_landmarks
-from mvreg_ros.core.refine import LevelSpec, RefineConfig, Registrar
+from mvreg_ros.core.geometry import transforms as geometry
+from mvreg_ros.core.evaluation.metrics import mtre_mm, pose_errors, structure_landmarks
+from mvreg_ros.core.registration.refine import LevelSpec, RefineConfig, Registrar
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig, acceptance_test
-from mvreg_ros.core.metrics import pose_distance
+from mvreg_ros.core.evaluation.metrics import pose_distance
 from mvreg_ros.core.registration.global_search import GlobalConfig, global_search, random_poses
 from mvreg_ros.core.registration.initialisers import (AcceptedPose, ConfiguredPose, LastAcceptedPose,
                                                        PerturbedTruth, PoseTracker, StartRequest, first_start)
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
-from mvreg_ros.core.render import Renderer
-from mvreg_ros.core.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
-from mvreg_ros.core.views import ViewSet
-from mvreg_ros.core.volume import load_example_ct
+from mvreg_ros.core.rendering.renderer import Renderer
+from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.imaging.volume import load_example_ct
 
 REFINE = RefineConfig(sizes=(32, 48), iterations=(40, 30), n_samples=(48, 64), patches=(8, 8))
 DETECTOR = DetectorConfig(height=96, width=96, pixel_mm=3.1)

@@ -1,0 +1,1 @@
+"""Data formats and simulated acquisitions: DeepFluoro-layout files, simulator, stress simulator."""

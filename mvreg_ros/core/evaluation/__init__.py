@@ -1,0 +1,1 @@
+"""Metrics, landmark policy, statistics, evaluation over files and benchmarks."""

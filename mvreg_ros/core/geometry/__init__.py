@@ -1,0 +1,1 @@
+"""Frames, rigid transforms and the C-arm kinematic model (one owner for every convention)."""

@@ -1,0 +1,1 @@
+"""CT volumes, X-ray views and image preprocessing, projected footprints, overlays."""

@@ -1,0 +1,112 @@
+"""From raw detector images to what the similarity compares: line-integral images,
+a field-of-view mask and intrinsics at the working resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from mvreg_ros.core.geometry.transforms import scale_intrinsics
+
+DEEPFLUORO_I0 = 65487.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedImage:
+    image: Float[Tensor, "H W"]  # line integrals (bone bright)
+    mask: Float[Tensor, "H W"]  # 1 inside the field of view, 0 outside
+    K: Float[Tensor, "3 3"]
+
+
+def check_image(image: Tensor, name: str = "image") -> Tensor:
+    """Reject what cannot be registered: wrong rank, NaN/inf, constant images."""
+    if not isinstance(image, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(image).__name__}")
+    if image.ndim != 2:
+        raise ValueError(f"{name} must be 2D (H, W), got shape {tuple(image.shape)}")
+    if min(image.shape) < 8:
+        raise ValueError(f"{name} is too small: {tuple(image.shape)}")
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{name} contains NaN or infinite pixels")
+    if float(image.max() - image.min()) <= 0:
+        raise ValueError(f"{name} is constant ({float(image.min())}): nothing to register")
+    return image
+
+
+def detect_fov(raw: Float[Tensor, "H W"], *, rel_threshold: float = 0.03, margin_px: float = 5.0) -> Float[Tensor, "H W"]:
+    """Mask of the detector's field of view in a raw (intensity) image.
+
+    Pixels without signal (below ``rel_threshold`` of the 99th percentile) are outside. If
+    they exist and the lit region is round (an image intensifier), the mask is the fitted
+    circle shrunk by ``margin_px``; otherwise it is the lit region itself."""
+    raw = raw.float()
+    H, W = raw.shape
+    hi = torch.quantile(raw.reshape(-1)[:: max(1, raw.numel() // 65536)], 0.99)
+    lit = raw > rel_threshold * hi
+    frac = float(lit.float().mean())
+    if frac < 0.05:
+        raise ValueError(f"empty field of view: only {frac:.1%} of the image has signal")
+    if frac > 0.98:
+        return torch.ones_like(raw)
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=raw.device),
+                          torch.arange(W, dtype=torch.float32, device=raw.device), indexing="ij")
+    cu, cv = u[lit].mean(), v[lit].mean()
+    radius = math.sqrt(float(lit.sum()) / math.pi)
+    circle = ((u - cu) ** 2 + (v - cv) ** 2) <= (radius - margin_px) ** 2
+    # trust the circle only where it explains the lit region
+    agree = float((circle & lit).sum()) / max(float(circle.sum()), 1.0)
+    mask = circle if agree > 0.97 else lit
+    return mask.float()
+
+
+def log_linearize(raw: Float[Tensor, "H W"], *, i0: float | None = None, mask: Tensor | None = None) -> Float[Tensor, "H W"]:
+    """Detector intensities to line integrals ``log(I0 / I)``; without ``i0``, the brightest
+    (99.9th percentile) pixel inside the mask stands for the unattenuated beam."""
+    raw = raw.float()
+    if i0 is None:
+        inside = raw[mask > 0] if mask is not None else raw.reshape(-1)
+        i0 = float(torch.quantile(inside[:: max(1, inside.numel() // 65536)], 0.999))
+    if i0 <= 0:
+        raise ValueError(f"i0 must be positive, got {i0}")
+    P = math.log(i0) - torch.log(raw.clamp_min(1.0))
+    if mask is not None:
+        P = P * mask
+    return P
+
+
+@typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
+def downsample(image: Tensor, K: Tensor, factor: int) -> tuple[Tensor, Tensor]:
+    """Average-pool an (..., H, W) image by an integer factor and rescale K to match."""
+    if factor == 1:
+        return image, K
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a positive int, got {factor!r}")
+    lead = image.shape[:-2]
+    x = image.reshape(-1, 1, *image.shape[-2:])
+    H, W = x.shape[-2:]
+    x = x[..., : H - H % factor, : W - W % factor]
+    y = F.avg_pool2d(x, factor)
+    return y.reshape(*lead, *y.shape[-2:]), scale_intrinsics(K, 1.0 / factor)
+
+
+def resize_to(image: Tensor, K: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Downsample so that the longer side is at most ``size`` pixels (integer factor)."""
+    factor = max(1, math.ceil(max(image.shape[-2:]) / size))
+    return downsample(image, K, factor)
+
+
+def prepare(raw: Float[Tensor, "H W"], K: Float[Tensor, "3 3"], *, i0: float | None = None,
+            fov_mask: Tensor | None = None, raw_is_line_integral: bool = False) -> PreparedImage:
+    """Check, mask and log-linearise one raw detector image (full resolution)."""
+    check_image(raw)
+    if raw_is_line_integral:
+        mask = torch.ones_like(raw, dtype=torch.float32) if fov_mask is None else fov_mask.float()
+        return PreparedImage(image=raw.float() * mask, mask=mask, K=K)
+    mask = detect_fov(raw) if fov_mask is None else fov_mask.float()
+    return PreparedImage(image=log_linearize(raw, i0=i0, mask=mask), mask=mask, K=K)

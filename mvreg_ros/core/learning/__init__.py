@@ -1,0 +1,1 @@
+"""The patient-specific coarse network: architecture, losses, training, inference."""

@@ -1,0 +1,448 @@
+"""Test-time refinement of one rigid ``T_ref_from_ct`` against all views.
+
+The unknown is a twist ``x = (w, t)`` (radians, mm) acting about the anatomy centre ``c``
+in CT axes: ``T_ref_from_ct(x) = T0 @ Tc @ [exp(w) | t] @ Tc^-1``. Each level of a
+coarse-to-fine pyramid renders every view in one batched call at that level's resolution
+(from a volume pooled to match its pixel footprint), maximises the mean over views of a
+patch NCC + gradient NCC similarity with Adam under a cosine step decay, and stops early once
+the pose no longer moves. At the end, the loss curvature gives a Laplace covariance of ``x``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mvreg_ros.core.imaging.footprint import complete_rays, target_footprint, target_volume, truncated_faces
+from mvreg_ros.core.geometry.transforms import about_point, invert, make_T, so3_exp, skew, transform_points
+from mvreg_ros.core.rendering.renderer import BACKENDS, Renderer
+from mvreg_ros.core.registration.similarity import image_similarity
+from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM, Volume
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig:
+    """Refinement settings; one entry per pyramid level, coarse to fine."""
+
+    sizes: tuple[int, ...] = (32, 64)  # working image size (longer side, px)
+    iterations: tuple[int, ...] = (60, 40)  # at most, per level
+    n_samples: tuple[int, ...] = (64, 64)  # samples along each ray
+    patches: tuple[int, ...] = (8, 8)  # NCC patch size (px) per level
+    grad_weight: float = 0.5  # weight of gradient NCC against intensity NCC
+    lr_rot_deg: float = 1.5  # first step sizes (Adam)
+    lr_trans_mm: float = 3.0
+    level_lr_decay: float = 0.5  # step sizes shrink by this at each finer level
+    final_lr_fraction: float = 0.05  # cosine decay of the step within each level down to this fraction
+    tol_rot_deg: float = 0.01  # a level ends early once the pose moved less than this
+    tol_trans_mm: float = 0.02
+    tol_window: int = 6  # ... over this many iterations
+    settled_ratio: float = 0.5  # at the end of the budget: converged if net motion <= this * path length
+    settled_factor: float = 10.0  # ... or if a Newton step is within this many tolerances
+    tol_loss: float = 1e-4  # ... or if a Newton step promises a loss decrease below this
+    newton_steps: int = 2  # second-order polish at the finest level (curvature by finite differences)
+    newton_max_rot_deg: float = 1.0  # trust region of one Newton step
+    newton_max_trans_mm: float = 2.0
+    voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy
+    pool_volume: bool = True  # False: render the full-resolution volume at every level
+    render_backend: str = "auto"  # "auto", "native" (C++ CPU kernel), "compiled" (torch.compile) or "grid_sample"
+    mask_truncated: str = "footprint"  # a CT cut short through the body: "complete" keeps only the rays that
+    # cross it entirely, "footprint" those that cross it at all, "off" every ray in the field of view
+    target_labels: tuple[int, ...] = ()  # the rigid target in the CT's label map (empty: the whole CT)
+    target_weight: float = 0.5  # similarity = (1 - w) * whole image + w * target's footprint
+    target_dilate_mm: float = 10.0  # the target's footprint grown by this (at the anatomy)
+    uncertainty: bool = True
+    min_similarity: float = 0.5  # mean over views below this: reported as failed (a wrong optimum)
+    device: str = "cpu"
+
+    def levels(self) -> tuple["LevelSpec", ...]:
+        return tuple(LevelSpec(size=s, iterations=i, n_samples=n, patch=p)
+                     for s, i, n, p in zip(self.sizes, self.iterations, self.n_samples, self.patches))
+
+    def __post_init__(self):
+        n = len(self.sizes)
+        for name in ("iterations", "n_samples", "patches"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} needs one entry per level ({n}), got {getattr(self, name)}")
+        if n == 0:
+            raise ValueError("at least one pyramid level is needed")
+        if self.mask_truncated not in ("complete", "footprint", "off"):
+            raise ValueError(f"mask_truncated must be 'complete', 'footprint' or 'off', got {self.mask_truncated!r}")
+        if not 0 <= self.target_weight <= 1:
+            raise ValueError(f"target_weight must be in [0, 1], got {self.target_weight}")
+        if self.render_backend not in BACKENDS:
+            raise ValueError(f"render_backend must be one of {BACKENDS}, got {self.render_backend!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrationResult:
+    T_ref_from_ct: Float[Tensor, "4 4"]
+    success: bool
+    converged: bool
+    similarity: float  # mean over views at the finest level
+    view_similarity: tuple[float, ...]
+    iterations: int
+    time_s: float
+    reason: str = ""  # why it failed, '' when it succeeded
+    covariance: Tensor | None = None  # 6x6 over (w rad, t mm) about centre_ct, CT axes
+    uncertainty_mm: float = float("inf")  # RMS displacement of points on a 50 mm sphere around the centre (1 sigma)
+    centre_ct: Tensor | None = None
+    level_iterations: tuple[int, ...] = ()
+
+    def covariance_ref(self) -> Tensor | None:
+        """Covariance over (origin position mm, rotation vector rad) of the ``ct`` frame in the
+        reference frame: the ROS PoseWithCovariance ordering (x, y, z, rx, ry, rz)."""
+        if self.covariance is None or self.centre_ct is None:
+            return None
+        T = self.T_ref_from_ct
+        R = T[:3, :3]
+        c_ref = transform_points(T, self.centre_ct.to(T)[None])[0]
+        J = torch.zeros(6, 6, dtype=T.dtype)
+        J[:3, :3] = -skew(T[:3, 3] - c_ref) @ R
+        J[:3, 3:] = R
+        J[3:, :3] = R
+        return J @ self.covariance.to(T) @ J.T
+
+
+def pose_about(T0: Float[Tensor, "*#K 4 4"], c: Float[Tensor, "3"], w: Float[Tensor, "*#K 3"],
+               t: Float[Tensor, "*#K 3"]) -> Float[Tensor, "*#K 4 4"]:
+    """The refinement's parametrisation: ``T0 @ Tc @ [exp(w) | t] @ Tc^-1`` (twist about the
+    anatomy centre ``c`` in CT axes; radians, mm)."""
+    return T0 @ about_point(make_T(so3_exp(w), t), c)
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelSpec:
+    """One pyramid level: working image size (longer side, px), iteration budget, samples
+    along each ray, NCC patch size (px)."""
+
+    size: int
+    iterations: int
+    n_samples: int
+    patch: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LevelRun:
+    T_ref_from_ct: Float[Tensor, "K 4 4"]  # each start's best pose
+    similarity: Float[Tensor, "K"]  # its similarity (mean over views) at this level
+    start_similarity: Float[Tensor, "K"]  # the similarity at each starting pose
+    iterations: int
+    converged: bool
+    objective: "Objective"
+
+
+def _moved(history: list[tuple[Tensor, Tensor]], window: int) -> tuple[float, float]:
+    """How far the poses moved over the last ``window`` iterations (degrees, mm; the largest
+    over a batch of poses)."""
+    (w_old, t_old), (w_new, t_new) = history[-1 - window], history[-1]
+    return (math.degrees(float((w_new - w_old).norm(dim=-1).max())), float((t_new - t_old).norm(dim=-1).max()))
+
+
+def _settled(history: list[tuple[Tensor, Tensor]], cfg: RefineConfig) -> bool:
+    scale = torch.tensor([math.radians(cfg.tol_rot_deg)] * 3 + [cfg.tol_trans_mm] * 3, dtype=torch.float64)
+    # (steps, K, 6) in units of the tolerances; every pose of a batch must have settled
+    xs = torch.stack([torch.cat([w, t], -1).cpu() for w, t in history[-1 - cfg.tol_window:]]) / scale
+    net = (xs[-1] - xs[0]).norm(dim=-1)
+    path = (xs[1:] - xs[:-1]).norm(dim=-1).sum(0)
+    return bool(((net <= 1.0) | (net <= cfg.settled_ratio * path)).all())
+
+
+def _uncertainty(cov: Tensor, radius_mm: float = 50.0) -> float:
+    # E|w x p + t|^2 for p uniform on a sphere of radius r: tr(S_t) + (2/3) r^2 tr(S_w)
+    return math.sqrt(max(float(cov[3:, 3:].trace() + (2 / 3) * radius_mm**2 * cov[:3, :3].trace()), 0.0))
+
+
+class Registrar:
+    """Multi-view refinement for one CT; builds and caches the pooled volumes once."""
+
+    def __init__(self, volume: Volume, config: RefineConfig = RefineConfig(), *, renderer_cls=Renderer,
+                 centre_ct: Tensor | None = None):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.centre_ct = (volume.bone_centre_ct() if centre_ct is None else centre_ct).to(torch.float64)
+        # crop away the air around the body once: shorter chords, denser samples for the same cost
+        body = volume.data > 0.2 * MU_WATER_PER_MM
+        self.volume = volume.cropped_to(0.2 * MU_WATER_PER_MM) if bool(body.any()) else volume
+        self._renderer_cls = renderer_cls
+        self._renderers: dict[int, Renderer] = {}
+        self.truncated_faces = truncated_faces(self.volume) if config.mask_truncated != "off" else (False,) * 6
+        self._target = target_volume(volume, config.target_labels) if config.target_labels else None
+        self._target_renderers: dict[int, Renderer] = {}
+
+    def renderer(self, factor: int):
+        if factor not in self._renderers:
+            kwargs = {"backend": self.config.render_backend} if self._renderer_cls is Renderer else {}
+            self._renderers[factor] = self._renderer_cls(self.volume.resampled(factor), device=self.device, **kwargs)
+        return self._renderers[factor]
+
+    def similarity_masks(self, v: ViewSet, T_ref_from_ct: Float[Tensor, "*K 4 4"], factor: int
+                         ) -> tuple[Tensor, Tensor | None]:
+        """The weights of the similarity at each of the K poses, ``(K * V, H, W)``: the field of
+        view less the pixels a truncated CT cannot explain, and that mask restricted to the
+        target's footprint (None without target labels)."""
+        T = T_ref_from_ct.reshape(-1, 4, 4).to(self.device, torch.float64)
+        n, V = len(T), len(v)
+        T_cam_from_ct = (invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)[None] @ T[:, None]).reshape(n * V, 4, 4)
+        K = v.K.repeat(n, 1, 1)
+        masks = v.masks.repeat(n, 1, 1)
+        if any(self.truncated_faces):
+            complete = complete_rays(self.volume, T_cam_from_ct, K, v.height, v.width, faces=self.truncated_faces,
+                                     strict=self.config.mask_truncated == "complete")
+            masks = masks * complete.to(masks)
+        if self._target is None:
+            return masks, None
+        if factor not in self._target_renderers:
+            self._target_renderers[factor] = Renderer(self._target.resampled(factor), device=self.device,
+                                                      backend="grid_sample")
+        c_cam = transform_points(T_cam_from_ct, self.centre_ct.to(T_cam_from_ct)[None].expand(n * V, 1, 3))
+        px_per_mm = float((K[:, 0, 0] / c_cam[:, 0, 2].abs()).mean())
+        fp = target_footprint(self._target_renderers[factor], T_cam_from_ct, K, v.height, v.width,
+                              dilate_px=max(0, round(self.config.target_dilate_mm * px_per_mm)))
+        return masks, masks * fp.to(masks)
+
+    @property
+    def render_backends(self) -> tuple[str, ...]:
+        """The backends the renderers built so far actually use (after any fallback)."""
+        return tuple(sorted({getattr(r, "backend", type(r).__name__) for r in self._renderers.values()}))
+
+    def refine(self, views: ViewSet, T_init_ref_from_ct: Float[Tensor, "4 4"]) -> RegistrationResult:
+        start = time.perf_counter()
+        try:
+            return self._refine(views, T_init_ref_from_ct.to(torch.float64).cpu(), start)
+        except (RuntimeError, ValueError) as e:  # failures are results, not exceptions
+            return RegistrationResult(
+                T_ref_from_ct=T_init_ref_from_ct.detach().to(torch.float64).cpu(), success=False, converged=False,
+                similarity=float("nan"), view_similarity=(), iterations=0, time_s=time.perf_counter() - start,
+                reason=f"refinement failed: {e}", centre_ct=self.centre_ct)
+
+    def level_inputs(self, views: ViewSet, size: int, T: Float[Tensor, "4 4"]):
+        """The views downsampled so their longer side is at most ``size`` px, on the engine's
+        device, the renderer of the volume pooled to match a working pixel at the anatomy (seen
+        from the pose ``T``), and that pooling factor."""
+        factor = max(1, math.ceil(max(views.height, views.width) / size))
+        v = views.downsampled(factor)
+        # voxel size to match a working pixel at the anatomy centre
+        c_ref = transform_points(T, self.centre_ct[None])[0]
+        T_cam_from_ref = invert(v.T_ref_from_cam)
+        depth = transform_points(T_cam_from_ref, c_ref[None].expand(len(v), 1, 3))[:, 0, 2].abs().mean()
+        pixel_at_anatomy = float(depth / v.K[:, 0, 0].mean())
+        vox = float(self.volume.spacing.min())
+        vfactor = max(1, int(self.config.voxel_per_pixel * pixel_at_anatomy / vox)) if self.config.pool_volume else 1
+        return v.to(self.device), self.renderer(vfactor), vfactor
+
+    def objective(self, views: ViewSet, size: int, T: Float[Tensor, "*K 4 4"], *, n_samples: int,
+                  patch: int) -> "Objective":
+        """The loss at one pyramid level (views at ``size`` px), as a function of the pose; its
+        similarity weights are those at ``T`` (one pose, or one per pose of a batch)."""
+        v, renderer, factor = self.level_inputs(views, size, T.reshape(-1, 4, 4)[0])
+        T_cam_from_ref = invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)
+        masks, target_masks = self.similarity_masks(v, T, factor)
+        return Objective(self, v, renderer, T_cam_from_ref, n_samples, patch, masks=masks, target_masks=target_masks)
+
+    def refine_level(self, views: ViewSet, T0: Float[Tensor, "*K 4 4"], *, level: LevelSpec,
+                     lr_scale: float = 1.0, early_stop: bool = True) -> LevelRun:
+        """Adam with a cosine step decay at one pyramid level, from each of the K starting poses
+        at once (one batched render per iteration; the poses do not interact). Keeps each
+        pose's best iterate. ``early_stop``: stop once every pose moved less than the tolerances
+        over the last ``tol_window`` iterations."""
+        cfg = self.config
+        T0 = T0.to(torch.float64).cpu()
+        if T0.ndim == 2:
+            T0 = T0[None]
+        if T0.ndim != 3 or T0.shape[1:] != (4, 4):
+            raise ValueError(f"starting poses must be (K, 4, 4), got {tuple(T0.shape)}")
+        K = len(T0)
+        objective = self.objective(views, level.size, T0, n_samples=level.n_samples, patch=level.patch)
+        T0_d, c_d = T0.to(self.device), self.centre_ct.to(self.device)
+        w = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
+        t = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
+        lr0 = torch.tensor([math.radians(cfg.lr_rot_deg), cfg.lr_trans_mm]) * lr_scale
+        opt = torch.optim.Adam([{"params": [w], "lr": float(lr0[0])}, {"params": [t], "lr": float(lr0[1])}])
+        best = torch.full((K,), -math.inf, dtype=torch.float64)
+        best_w, best_t = w.detach().clone(), t.detach().clone()
+        start_similarity = best.clone()  # set at the first iteration (the starting poses)
+        history: list[tuple[Tensor, Tensor]] = []
+        it = 0
+        converged = False
+        max_it = level.iterations
+        for it in range(1, max_it + 1):
+            # cosine decay from lr0 to final_lr_fraction * lr0 over the level's budget
+            decay = cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(max_it - 1, 1)))
+            for group, lr in zip(opt.param_groups, lr0):
+                group["lr"] = float(lr) * decay
+            opt.zero_grad(set_to_none=True)
+            s = objective.similarity(pose_about(T0_d, c_d, w, t)).mean(-1)  # (K,)
+            if not bool(torch.isfinite(s).all()):
+                raise RuntimeError(f"similarity became {s.tolist()} at level {level.size}px, iteration {it}")
+            (-s.sum()).backward()
+            s = s.detach().cpu()
+            if it == 1:
+                start_similarity = s.clone()
+            better = s > best
+            best = torch.where(better, s, best)
+            best_w[better.to(self.device)] = w.detach()[better.to(self.device)]
+            best_t[better.to(self.device)] = t.detach()[better.to(self.device)]
+            opt.step()
+            history.append((w.detach().clone(), t.detach().clone()))
+            if early_stop and len(history) > cfg.tol_window:
+                moved_deg, moved_mm = _moved(history, cfg.tol_window)
+                if moved_deg < cfg.tol_rot_deg and moved_mm < cfg.tol_trans_mm:
+                    converged = True
+                    break
+        if not converged and len(history) > cfg.tol_window:
+            # the budget ran out: converged if the pose only oscillates (net motion over the last
+            # window well below the path length travelled), not if it is still drifting
+            converged = _settled(history, cfg)
+        with torch.no_grad():
+            T = pose_about(T0_d, c_d, best_w, best_t).cpu()
+        return LevelRun(T_ref_from_ct=T, similarity=best, start_similarity=start_similarity, iterations=it,
+                        converged=converged, objective=objective)
+
+    def _refine(self, views: ViewSet, T0: Tensor, start: float) -> RegistrationResult:
+        cfg = self.config
+        c = self.centre_ct
+        total_it = 0
+        level_its = []
+        converged = False
+        lr_scale = 1.0
+        for level in cfg.levels():
+            run = self.refine_level(views, T0, level=level, lr_scale=lr_scale)
+            T0 = run.T_ref_from_ct[0]
+            objective = run.objective
+            total_it += run.iterations
+            level_its.append(run.iterations)
+            converged = run.converged
+            lr_scale *= cfg.level_lr_decay
+
+        # Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
+        # gives a second-order step that finishes what first-order steps approach only slowly
+        newton = objective
+        H, H_at = None, None  # curvature, and the pose it was measured at
+        for _ in range(cfg.newton_steps):
+            g, H, L0 = newton.grad_hessian(T0)
+            H_at = T0
+            if H is None:
+                break
+            dx = -torch.linalg.solve(H, g)
+            dx = dx * min(1.0, math.radians(cfg.newton_max_rot_deg) / max(float(dx[:3].norm()), 1e-12),
+                          cfg.newton_max_trans_mm / max(float(dx[3:].norm()), 1e-12))
+            step_deg, step_mm = math.degrees(float(dx[:3].norm())), float(dx[3:].norm())
+            # converged when the quadratic model promises no decrease above the loss's noise, or puts
+            # the optimum within a few tolerances
+            predicted_decrease = -0.5 * float(g @ dx)
+            converged = converged or predicted_decrease < cfg.tol_loss or (
+                step_deg < cfg.settled_factor * cfg.tol_rot_deg and step_mm < cfg.settled_factor * cfg.tol_trans_mm)
+            for fraction in (1.0, 0.5):  # Newton step, then half of it
+                T_new = pose_about(T0, c, fraction * dx[:3], fraction * dx[3:])
+                if newton.loss(T_new) < L0:
+                    break
+            else:
+                break  # no improvement along the Newton direction: at the optimum within the loss's noise
+            T0 = T_new
+            if step_deg < cfg.tol_rot_deg and step_mm < cfg.tol_trans_mm:
+                break
+
+        per_view = newton.view_similarity(T0)
+        cov, unc = None, float("inf")
+        reason = ""
+        if cfg.uncertainty:
+            if H_at is not T0:  # no curvature yet, or measured before the last accepted Newton step
+                _, H, _ = newton.grad_hessian(T0)
+            if H is None:
+                reason = "loss curvature is not positive definite: the pose is not constrained by the views"
+            else:
+                cov = newton.covariance(H, T0)
+                unc = _uncertainty(cov)
+        sim = float(per_view.mean())
+        if not reason and sim < cfg.min_similarity:
+            reason = f"similarity {sim:.3f} below min_similarity {cfg.min_similarity}"
+        return RegistrationResult(
+            T_ref_from_ct=T0, success=not reason, converged=converged, similarity=sim,
+            view_similarity=tuple(float(x) for x in per_view), iterations=total_it,
+            time_s=time.perf_counter() - start, reason=reason, covariance=cov, uncertainty_mm=unc,
+            centre_ct=self.centre_ct, level_iterations=tuple(level_its))
+
+
+class Objective:
+    """L(x) = 1 - mean similarity at one pyramid level, as a function of the twist about the
+    centre; :meth:`similarity` takes a batch of K poses at once."""
+
+    def __init__(self, registrar: Registrar, v: ViewSet, renderer, T_cam_from_ref: Tensor, n_samples: int, patch: int,
+                 *, masks: Tensor | None = None, target_masks: Tensor | None = None):
+        self.c = registrar.centre_ct.to(registrar.device)
+        self.device = registrar.device
+        self.grad_weight = registrar.config.grad_weight
+        self.target_weight = registrar.config.target_weight if target_masks is not None else 0.0
+        self.v, self.renderer, self.T_cam_from_ref = v, renderer, T_cam_from_ref
+        self.masks = v.masks if masks is None else masks
+        self.target_masks = target_masks
+        self.n_samples, self.patch = n_samples, patch
+
+    def similarity(self, T: Float[Tensor, "*K 4 4"]) -> Float[Tensor, "*K V"]:
+        """Per-view similarity at each of the poses ``T_ref_from_ct`` (one batched render)."""
+        lead = T.shape[:-2]
+        Tk = T.reshape(-1, 4, 4)
+        n, V = len(Tk), len(self.v)
+        T_cam_from_ct = (self.T_cam_from_ref[None] @ Tk[:, None]).reshape(n * V, 4, 4)
+        K = self.v.K if n == 1 else self.v.K.repeat(n, 1, 1)
+        drr = self.renderer(T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples)
+        if len(self.masks) not in (V, n * V):
+            raise ValueError(f"weights for {len(self.masks) // V} poses, asked for {n}")
+
+        def tiled(x: Tensor) -> Tensor:
+            return x if len(x) == n * V else x.repeat(n, 1, 1)
+
+        images = tiled(self.v.images)
+        s = image_similarity(drr, images, tiled(self.masks), patch=self.patch, grad_weight=self.grad_weight)
+        if self.target_weight > 0:
+            s_target = image_similarity(drr, images, tiled(self.target_masks), patch=self.patch,
+                                        grad_weight=self.grad_weight)
+            s = (1 - self.target_weight) * s + self.target_weight * s_target
+        return s.reshape(*lead, V)
+
+    def value(self, T: Tensor) -> Tensor:
+        return 1 - self.similarity(T).mean()
+
+    def view_similarity(self, T0: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.similarity(T0.to(self.device)).cpu()
+
+    def loss(self, T0: Tensor) -> float:
+        with torch.no_grad():
+            return float(self.value(T0.to(self.device)))
+
+    def grad(self, T0: Tensor, x: Tensor) -> tuple[Tensor, float]:
+        x = x.clone().requires_grad_(True)
+        L = self.value(pose_about(T0.to(self.device), self.c, x[:3], x[3:]))
+        (g,) = torch.autograd.grad(L, x)
+        return g.detach().cpu(), float(L.detach())
+
+    def grad_hessian(self, T0: Tensor, h_rad: float = 5e-3, h_mm: float = 0.5) -> tuple[Tensor, Tensor | None, float]:
+        """Gradient, and Hessian by central differences of the gradient (None unless positive definite).
+        The steps (0.3 deg, 0.5 mm) measure the curvature at the scale of the registration error,
+        above the small-scale roughness of a sampled, interpolated loss."""
+        x0 = torch.zeros(6, dtype=torch.float64, device=self.device)
+        g0, L0 = self.grad(T0, x0)
+        h = [h_rad] * 3 + [h_mm] * 3
+        cols = []
+        for k in range(6):
+            e = torch.zeros(6, dtype=torch.float64, device=self.device)
+            e[k] = h[k]
+            cols.append((self.grad(T0, x0 + e)[0] - self.grad(T0, x0 - e)[0]) / (2 * h[k]))
+        H = torch.stack(cols, 1)
+        H = 0.5 * (H + H.T)
+        if float(torch.linalg.eigvalsh(H).min()) <= 0:
+            return g0, None, L0
+        return g0, H, L0
+
+    def covariance(self, H: Tensor, T0: Tensor) -> Tensor:
+        """Laplace approximation: for normalised images 1 - NCC = |x - y|^2 / 2N, so with N
+        effective pixels the Gaussian residual model gives cov = 2 L / N * H^-1."""
+        n_eff = float(self.masks[: len(self.v)].sum()) / 4.0  # neighbouring pixels are correlated
+        return 2 * max(self.loss(T0), 1e-6) / n_eff * torch.linalg.inv(H)

@@ -1,0 +1,1 @@
+"""The differentiable X-ray renderer and its backends (gather, native C++, reference)."""

@@ -1,0 +1,170 @@
+"""mvreg bench's measurements on a tiny CT: a real run is consistent and positive; the derived figures
+(rates, bounds, speed-up, medians) come out right from known timings, bandwidths and errors."""
+
+import dataclasses
+import types
+
+import pytest
+import torch
+
+from mvreg_ros.core.evaluation import benchmark
+from mvreg_ros.core.geometry import transforms as geometry
+from mvreg_ros.core.rendering import native as render_native
+from mvreg_ros.core.evaluation.benchmark import BenchConfig, memory_bandwidth_gbs, run
+from mvreg_ros.core.registration.refine import RefineConfig
+from mvreg_ros.core.rendering.reference import ReferenceRenderer
+from mvreg_ros.core.data.simulate import make_scene
+
+
+def test_memory_bandwidth_is_positive():
+    assert memory_bandwidth_gbs("cpu", mb=8) > 0.1
+
+
+@pytest.mark.parametrize("backend", ["grid_sample", pytest.param("native", marks=pytest.mark.skipif(
+    render_native.load() is None, reason="the native kernel cannot be built here"))])
+def test_bench_run_on_tiny_ct(tiny_ct, backend):
+    cfg = BenchConfig(cases=1, reference_cases=1, reference_iterations=2, reference_size=16, render_size=16,
+                      render_samples=16, refine=RefineConfig(sizes=(16,), iterations=(3,), n_samples=(16,), patches=(8,),
+                                                             uncertainty=False, newton_steps=0, render_backend=backend))
+    r = run(tiny_ct, cfg, log=lambda *_: None)
+    rr = r["renderer"]
+    for name in ("engine", "reference"):
+        assert rr[name]["forward_samples_per_s"] > 0 and rr[name]["forward_backward_samples_per_s"] > 0
+        assert rr[name]["rays"] == 2 * 16 * 16
+    assert rr["engine"]["samples_per_ray"] == 16
+    assert rr["engine_backend"] == backend  # as configured in cfg.refine
+    if rr["engine_backend"] == "native":  # the compiled backend is measured beside it
+        assert rr["engine_compiled"]["rays"] == rr["engine"]["rays"]
+        assert rr["engine_native_isa"] in ("avx512", "avx2", "scalar")
+    assert rr["engine_forward_times_from_bound"] > 0 and r["refine_speedup"] > 0
+    assert r["refine"]["n"] == 1 and r["reference_refine"]["n"] == 1
+    assert r["coarse_ms_per_set"] is None  # no model given
+    assert r["peak_memory_mb"] > 0
+    assert set(r["refine"]) >= {"time_s", "median_mtre_mm"}
+
+
+def test_bench_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        BenchConfig().cases = 3
+
+
+class _Clock:
+    """A perf_counter that stands still except when a fake advances it by a known duration."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+
+def _fake_renderer(clock, forward_s, forward_backward_s, backend="grid_sample"):
+    """A renderer class whose call costs ``forward_s`` without autograd and ``forward_backward_s`` with it."""
+
+    class FakeRenderer:
+        def __init__(self, volume, **_):
+            self.backend = backend
+
+        def __call__(self, T, K, height, width, n_samples=None):
+            clock.now += forward_backward_s if torch.is_grad_enabled() else forward_s
+            return T.sum() * torch.zeros(len(T), height, width, dtype=T.dtype)  # on the pose's graph
+
+    return FakeRenderer
+
+
+def test_renderer_figures_from_known_times_and_bandwidths(tiny_ct, monkeypatch):
+    clock = _Clock()
+    clock.install(monkeypatch)
+    monkeypatch.setattr(benchmark, "Renderer", _fake_renderer(clock, 0.002, 0.008))
+    monkeypatch.setattr(benchmark, "ReferenceRenderer", _fake_renderer(clock, 0.5, 2.0))
+    monkeypatch.setattr(benchmark, "memory_bandwidth_gbs", lambda device: 25.6)  # copy: 8e8 samples/s of 32 B
+    monkeypatch.setattr(benchmark, "read_bandwidth_gbs", lambda device: 51.2)  # read: 1.6e9 samples/s
+    cfg = BenchConfig(render_size=16, render_samples=16, refine=RefineConfig(render_backend="grid_sample"))
+    scene = make_scene(tiny_ct.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0)])
+    rr = benchmark.renderer_throughput(tiny_ct, scene, cfg)
+    # 2 views of 16 x 16 rays: 512 rays x 16 samples = 8192 samples per call
+    assert rr["engine"]["rays"] == 512 and rr["engine"]["samples_per_ray"] == 16
+    assert rr["engine"]["forward_s"] == pytest.approx(0.002) and rr["engine"]["forward_backward_s"] == pytest.approx(0.008)
+    assert rr["engine"]["forward_samples_per_s"] == pytest.approx(4.096e6)
+    assert rr["engine"]["forward_backward_samples_per_s"] == pytest.approx(1.024e6)
+    # the reference (Siddon) takes one sample per voxel boundary: 64 + 64 + 17 planes + 3
+    assert tiny_ct.shape_ijk == (64, 64, 17) and rr["reference"]["samples_per_ray"] == 148
+    assert rr["reference"]["forward_samples_per_s"] == pytest.approx(512 * 148 / 0.5)
+    assert rr["reference"]["forward_backward_samples_per_s"] == pytest.approx(512 * 148 / 2.0)
+    assert rr["memory_bandwidth_gbs"] == 25.6 and rr["memory_read_bandwidth_gbs"] == 51.2
+    assert rr["bandwidth_bound_samples_per_s"] == pytest.approx(8e8)
+    assert rr["read_bandwidth_bound_samples_per_s"] == pytest.approx(1.6e9)
+    assert rr["engine_forward_fraction_of_bound"] == pytest.approx(4.096e6 / 8e8)
+    assert rr["engine_forward_fraction_of_read_bound"] == pytest.approx(4.096e6 / 1.6e9)
+    assert rr["engine_forward_times_from_bound"] == pytest.approx(390.625)  # from the larger bound, 1.6e9
+    assert rr["engine_backend"] == "grid_sample" and "engine_compiled" not in rr
+
+
+def test_refinement_figures_from_known_durations_and_errors(tiny_ct, monkeypatch):
+    """Each fake refinement takes a known time and ends a known translation from the truth (a pure
+    translation moves every landmark by its length, so that length is the case's mTRE)."""
+    clock = _Clock()
+    clock.install(monkeypatch)
+    scenes = []
+
+    def recording_make_scene(*a, **kw):
+        scenes.append(make_scene(*a, **kw))
+        return scenes[-1]
+
+    plan = {"engine": ([0.30, 0.20, 0.25], [0.4, 0.6, 0.5]), "reference": ([4.0, 2.0], [3.0, 1.0])}
+
+    class FakeRegistrar(benchmark.Registrar):  # refine() scripted, no volume
+        def __init__(self, volume, config, renderer_cls=None):
+            self.device = config.device
+            self.kind = "reference" if renderer_cls is ReferenceRenderer else "engine"
+            self.calls = 0
+
+        def refine(self, views, T_init):
+            durations, errors = plan[self.kind]
+            clock.now += durations[self.calls]
+            shift = torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64) * errors[self.calls]  # unit direction
+            self.calls += 1
+            return types.SimpleNamespace(T_ref_from_ct=geometry.translation(shift) @ scenes[-1].T_ref_from_ct)
+
+    monkeypatch.setattr(benchmark, "make_scene", recording_make_scene)
+    monkeypatch.setattr(benchmark, "Registrar", FakeRegistrar)
+    monkeypatch.setattr(benchmark, "renderer_throughput", lambda volume, scene, cfg: {})
+    monkeypatch.setattr(benchmark, "pipeline_runs", lambda *a, **k: {})  # its own test below
+    r = run(tiny_ct, BenchConfig(cases=3, reference_cases=2), log=lambda *_: None)
+    e, ref = r["refine"], r["reference_refine"]
+    assert e["n"] == 3 and ref["n"] == 2
+    assert e["times_s"] == pytest.approx([0.30, 0.20, 0.25]) and ref["times_s"] == pytest.approx([4.0, 2.0])
+    assert e["time_s"] == pytest.approx(0.25) and ref["time_s"] == pytest.approx(3.0)  # medians
+    assert e["mtre_mm"] == pytest.approx([0.4, 0.6, 0.5]) and e["median_mtre_mm"] == pytest.approx(0.5)
+    assert e["max_mtre_mm"] == pytest.approx(0.6) and ref["median_mtre_mm"] == pytest.approx(2.0)
+    assert r["refine_speedup"] == pytest.approx(12.0)  # 3.0 s against 0.25 s
+
+
+def test_full_registration_figures_count_false_acceptances(tiny_ct, monkeypatch):
+    """pipeline_runs scores each full registration against the truth: an accepted result over
+    2 mm is a false acceptance, a rejected one under 2 mm a false rejection."""
+    scene = make_scene(tiny_ct.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0)])
+    plan = [(0.5, True), (3.0, True), (1.0, False), (10.0, False)]  # (error along a unit direction, accepted)
+
+    class FakePipeline:
+        def __init__(self, registrar, initialisers):
+            self.calls = 0
+
+        def register_from(self, views, start):
+            err, accepted = plan[self.calls]
+            self.calls += 1
+            shift = torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64) * err
+            result = types.SimpleNamespace(T_ref_from_ct=geometry.translation(shift) @ scene.T_ref_from_ct)
+            return types.SimpleNamespace(result=result, accepted=accepted)
+
+    class CpuRegistrar(benchmark.Registrar):  # only its device is used
+        def __init__(self):
+            self.device = torch.device("cpu")
+
+    monkeypatch.setattr(benchmark, "RegistrationPipeline", FakePipeline)
+    lm = torch.stack([tiny_ct.bone_centre_ct()]).to(torch.float64)
+    r = benchmark.pipeline_runs(CpuRegistrar(), scene, None, [scene.T_ref_from_ct] * 4, lm)
+    assert r["n"] == 4 and r["mtre_mm"] == pytest.approx([0.5, 3.0, 1.0, 10.0])
+    assert r["success_rate"] == 0.5 and r["accepted"] == 2
+    assert r["false_acceptances"] == 1 and r["false_rejections"] == 1
+    assert r["median_mtre_mm"] == pytest.approx(2.0)

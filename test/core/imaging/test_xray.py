@@ -1,0 +1,154 @@
+"""Raw detector images to line integrals: log, field of view, checks, downsampling."""
+
+import math
+
+import pytest
+import torch
+
+from mvreg_ros.core.geometry.transforms import intrinsics, project
+from mvreg_ros.core.imaging.xray import DEEPFLUORO_I0, check_image, detect_fov, downsample, log_linearize, prepare, resize_to
+
+F64 = torch.float64
+
+
+def _disc(H, W, cu, cv, radius):
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    return ((u - cu) ** 2 + (v - cv) ** 2) <= radius**2
+
+
+def _textured(H, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(H, W, generator=g) * 2.0 + 0.2  # line integrals
+
+
+def test_log_linearize_inverts_beer_lambert():
+    P = _textured(40, 50)
+    raw = DEEPFLUORO_I0 * torch.exp(-P)
+    torch.testing.assert_close(log_linearize(raw, i0=DEEPFLUORO_I0), P, rtol=0, atol=1e-5)
+    # intensities below 1 count are clamped (no log of 0)
+    raw[0, 0] = 0.0
+    out = log_linearize(raw, i0=DEEPFLUORO_I0)
+    assert torch.isfinite(out).all()
+    assert float(out[0, 0]) == pytest.approx(math.log(DEEPFLUORO_I0), rel=1e-6)
+    with pytest.raises(ValueError, match="i0"):
+        log_linearize(raw, i0=0.0)
+
+
+def test_log_linearize_estimates_i0_and_masks():
+    P = _textured(60, 60)
+    P[:5, :5] = 0.0  # some unattenuated pixels: the estimated I0 is the true one
+    mask = _disc(60, 60, 29.5, 29.5, 40).float()
+    raw = 30000.0 * torch.exp(-P)
+    out = log_linearize(raw, mask=mask)
+    torch.testing.assert_close(out, P * mask, rtol=0, atol=1e-4)
+    assert torch.equal(out[mask == 0], torch.zeros_like(out[mask == 0]))
+
+
+def test_detect_fov_circle():
+    H, W = 128, 120
+    cu, cv, r = 61.0, 63.5, 50.0
+    lit = _disc(H, W, cu, cv, r)
+    raw = torch.where(lit, 20000.0 * torch.exp(-_textured(H, W)), torch.full((H, W), 30.0))
+    mask = detect_fov(raw, margin_px=2.0)
+    assert mask.dtype == torch.float32 and mask.shape == (H, W)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    # the mask is the circle, shrunk by the margin; it never reaches outside the lit disc
+    assert float((mask * (~lit).float()).sum()) == 0.0
+    inner = _disc(H, W, cu, cv, r - 4.0)
+    assert bool((mask[inner] == 1).all())
+    outer_ring = lit & ~_disc(H, W, cu, cv, r - 0.5)
+    assert float(mask[outer_ring].sum()) == 0.0  # the margin is taken off
+
+
+def test_detect_fov_full_field_and_empty():
+    raw = 20000.0 * torch.exp(-_textured(64, 64))
+    assert torch.equal(detect_fov(raw), torch.ones(64, 64))
+    dark = torch.zeros(64, 64)
+    dark[:3, :3] = 1000.0  # a few lit pixels only
+    with pytest.raises(ValueError, match="empty field of view"):
+        detect_fov(dark)
+
+
+def test_detect_fov_non_round_region_falls_back_to_lit_pixels():
+    raw = torch.full((64, 64), 5.0)
+    raw[:, :40] = 20000.0  # a collimated rectangle: not a circle
+    mask = detect_fov(raw)
+    assert torch.equal(mask, (raw > 100).float())
+
+
+def test_check_image_messages():
+    good = _textured(16, 16)
+    assert check_image(good) is good
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        check_image(good.numpy())
+    with pytest.raises(ValueError, match="2D"):
+        check_image(torch.rand(64))
+    with pytest.raises(ValueError, match="2D"):
+        check_image(torch.rand(2, 16, 16))
+    with pytest.raises(ValueError, match="too small"):
+        check_image(torch.rand(4, 64))
+    bad = good.clone()
+    bad[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        check_image(bad, "view 2")
+    bad[3, 3] = float("inf")
+    with pytest.raises(ValueError, match="infinite"):
+        check_image(bad)
+    with pytest.raises(ValueError, match="constant"):
+        check_image(torch.full((16, 16), 7.0))
+    with pytest.raises(ValueError, match="view 2"):
+        check_image(torch.full((16, 16), 7.0), "view 2")
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_downsample_pools_and_rescales_K(factor):
+    H, W = 50, 62  # not multiples of 3 or 4: the remainder is cropped at the bottom/right
+    img = _textured(H, W)
+    K = intrinsics(sdd_mm=1000.0, pixel_spacing_mm=0.5, height=H, width=W, principal_point_px=(30.2, 24.7))
+    small, Ks = downsample(img, K, factor)
+    assert small.shape == (H // factor, W // factor)
+    torch.testing.assert_close(small[1, 2], img[factor:2 * factor, 2 * factor:3 * factor].mean())
+    # a 3D point projecting to the centre of the full-res block (a, b) projects to pooled pixel (a, b)
+    T = torch.eye(4, dtype=F64)
+    for a, b in [(0, 0), (2, 1), (W // factor - 1, H // factor - 1)]:
+        u, v = factor * a + (factor - 1) / 2, factor * b + (factor - 1) / 2
+        p = torch.tensor([[(u - K[0, 2]) / K[0, 0] * 800.0, (v - K[1, 2]) / K[1, 1] * 800.0, 800.0]], dtype=F64)
+        torch.testing.assert_close(project(Ks, T, p)[0], torch.tensor([float(a), float(b)], dtype=F64))
+
+
+def test_downsample_batched_and_identity():
+    img = torch.rand(3, 2, 16, 16)
+    K = intrinsics(sdd_mm=1000.0, pixel_spacing_mm=1.0, height=16, width=16)
+    out, _ = downsample(img, K, 4)
+    assert out.shape == (3, 2, 4, 4)
+    torch.testing.assert_close(out[2, 1], downsample(img[2, 1], K, 4)[0])
+    same, K1 = downsample(img, K, 1)
+    assert same is img and K1 is K
+    with pytest.raises(ValueError, match="factor"):
+        downsample(img, K, 0)
+    with pytest.raises(ValueError, match="factor"):
+        downsample(img, K, 2.0)
+
+
+def test_resize_to():
+    img = torch.rand(100, 70)
+    K = intrinsics(sdd_mm=1000.0, pixel_spacing_mm=1.0, height=100, width=70)
+    out, _ = resize_to(img, K, 32)
+    assert out.shape == (25, 17)  # factor ceil(100 / 32) = 4
+
+
+def test_prepare_raw_and_line_integral():
+    H = W = 64
+    P = _textured(H, W)
+    lit = _disc(H, W, 31.5, 31.5, 28)
+    raw = torch.where(lit, DEEPFLUORO_I0 * torch.exp(-P), torch.zeros(H, W))
+    K = intrinsics(sdd_mm=1000.0, pixel_spacing_mm=1.0, height=H, width=W)
+    out = prepare(raw, K, i0=DEEPFLUORO_I0)
+    assert out.K is K
+    inside = out.mask > 0
+    torch.testing.assert_close(out.image[inside], P[inside], rtol=0, atol=1e-4)
+    assert float(out.image[~inside].abs().sum()) == 0.0
+    li = prepare(P, K, raw_is_line_integral=True)
+    assert torch.equal(li.mask, torch.ones(H, W)) and torch.equal(li.image, P)
+    with pytest.raises(ValueError, match="NaN"):
+        prepare(torch.full((H, W), float("nan")), K)

@@ -1,0 +1,143 @@
+"""Image similarities: NCC identities, masks, patches, gradient NCC."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mvreg_ros.core.registration.similarity import erode, gradient_ncc, gradients, image_similarity, multiscale_ncc, ncc
+
+
+def _smooth_images(V=2, H=48, W=48, seed=0, pad=0):
+    """Smooth random images (blurred noise), optionally with ``pad`` extra pixels per side."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(V, 1, H + 2 * pad + 8, W + 2 * pad + 8, generator=g)
+    k = torch.ones(1, 1, 5, 5) / 25
+    x = F.conv2d(F.conv2d(x, k), k)[:, 0]
+    x = (x - x.mean()) / x.std()  # well-conditioned values: these tests are about the formulas
+    return x[:, : H + 2 * pad, : W + 2 * pad].contiguous()
+
+
+@pytest.mark.parametrize("patch", [None, 8])
+def test_ncc_identities(patch):
+    x = _smooth_images()
+    ones = torch.ones(2)
+    torch.testing.assert_close(ncc(x, x, patch=patch), ones, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ncc(x, 3.5 * x + 7.0, patch=patch), ones, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ncc(x, -x, patch=patch), -ones, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ncc(x, -0.2 * x + 1.0, patch=patch), -ones, atol=1e-4, rtol=0)
+    y = _smooth_images(seed=1)
+    s = ncc(x, y, patch=patch)
+    assert s.shape == (2,) and (s.abs() < 0.9).all()
+    torch.testing.assert_close(ncc(x, y, patch=patch), ncc(y, x, patch=patch), atol=1e-5, rtol=0)
+
+
+def test_ncc_matches_pearson_correlation():
+    x = _smooth_images(V=1)
+    y = 0.5 * x + 0.3 * _smooth_images(V=1, seed=3)
+    expected = torch.corrcoef(torch.stack([x.flatten(), y.flatten()]))[0, 1]
+    torch.testing.assert_close(ncc(x, y)[0], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("patch", [None, 8])
+def test_ncc_ignores_values_outside_the_mask(patch):
+    x = _smooth_images()
+    y = 2 * x + 0.1 * _smooth_images(seed=2)
+    v, u = torch.meshgrid(torch.arange(48.0), torch.arange(48.0), indexing="ij")
+    mask = (((u - 23.5) ** 2 + (v - 23.5) ** 2) < 20**2).float().expand(2, 48, 48)
+    base = ncc(x, y, mask, patch=patch)
+    x2, y2 = x.clone(), y.clone()
+    outside = mask == 0
+    x2[outside] = torch.rand(int(outside.sum()), generator=torch.Generator().manual_seed(5)) * 100
+    y2[outside] = -50.0
+    torch.testing.assert_close(ncc(x2, y2, mask, patch=patch), base, atol=1e-5, rtol=0)
+    # and the mask matters: without it the corrupted pixels dominate
+    assert (ncc(x2, y2, patch=patch) - base).abs().max() > 0.1
+
+
+def test_patch_ncc_is_local():
+    x = _smooth_images(V=1, H=32, W=32)
+    y = x.clone()
+    y[:, :16, :16] = 5 - 2 * x[:, :16, :16]  # one quadrant (four 8x8 patches) anti-correlated
+    # global NCC mixes the quadrants; patch NCC averages 12 patches at +1 and 4 at -1 (equal weights)
+    assert float(ncc(x, y, patch=8)) == pytest.approx((12 - 4) / 16, abs=1e-3)
+
+
+def test_ncc_shape_check():
+    with pytest.raises(ValueError, match="shapes differ"):
+        ncc(torch.rand(1, 8, 8), torch.rand(1, 8, 9))
+
+
+def test_ncc_numerically_robust():
+    """Regression: one-pass float32 moments gave |r| >> 1 for a flat x (2.9e3 for x = 3.7) and
+    ncc(x + 200, x) = 1.0027."""
+    y = 100 + torch.rand(1, 36, 36, generator=torch.Generator().manual_seed(0))
+    for c in (3.7, 123.456, 1000.0):
+        x = torch.full_like(y, c)
+        for patch in (None, 9):
+            s = ncc(x, y, patch=patch)
+            assert float(s.abs().max()) <= 1.0, (c, patch, s)
+            assert float(s.abs().max()) < 1e-3  # no correlation with a flat image
+    x = _smooth_images(V=1, H=36, W=36)
+    for patch in (None, 9):
+        s = float(ncc(x + 200.0, x, patch=patch))
+        assert s <= 1.0 + 1e-6 and s == pytest.approx(1.0, abs=1e-4)
+
+
+def test_gradients_of_a_ramp():
+    v, u = torch.meshgrid(torch.arange(10.0), torch.arange(12.0), indexing="ij")
+    gx, gy = gradients((2 * u + 3 * v)[None])
+    # the scaled Sobel gives the derivative per pixel on interior pixels (replicate padding changes the border)
+    torch.testing.assert_close(gx[0, 1:-1, 1:-1], torch.full((8, 10), 2.0))
+    torch.testing.assert_close(gy[0, 1:-1, 1:-1], torch.full((8, 10), 3.0))
+
+
+def test_erode():
+    m = torch.zeros(1, 10, 10)
+    m[0, 2:8, 3:9] = 1
+    e = erode(m, 2)
+    expected = torch.zeros(1, 10, 10)
+    expected[0, 4:6, 5:7] = 1
+    assert torch.equal(e, expected)
+    assert erode(m, 0) is m
+
+
+def test_gradient_ncc_decreases_with_shift():
+    big = _smooth_images(V=1, H=48, W=48, pad=4, seed=7)
+    ref = big[:, 4:52, 4:52]
+    scores = []
+    for s in (0, 1, 2, 4):
+        shifted = big[:, 4:52, 4 + s:52 + s]
+        scores.append(float(gradient_ncc(ref, shifted)))
+    assert scores[0] == pytest.approx(1.0, abs=1e-4)
+    assert scores[0] > scores[1] > scores[2] > scores[3]
+    assert scores[1] < 0.99
+    # the patch version too, and the masked version ignores what is outside the (eroded) mask
+    assert float(gradient_ncc(ref, big[:, 4:52, 6:54], patch=8)) < float(gradient_ncc(ref, ref, patch=8))
+    mask = torch.zeros(1, 48, 48)
+    mask[:, 8:40, 8:40] = 1
+    y = ref.clone()
+    y[:, :6] = 10.0  # garbage 2+ px outside the mask
+    torch.testing.assert_close(gradient_ncc(ref, y, mask), gradient_ncc(ref, ref, mask), atol=1e-5, rtol=0)
+
+
+def test_image_similarity_and_multiscale_shapes_and_values():
+    x = _smooth_images(V=3, H=36, W=36)
+    mask = torch.ones(3, 36, 36)
+    s = image_similarity(x, x, mask, patch=9)
+    assert s.shape == (3,)
+    torch.testing.assert_close(s, torch.ones(3), atol=1e-4, rtol=0)
+    y = _smooth_images(V=3, H=36, W=36, seed=4)
+    mixed = image_similarity(x, y, mask, patch=9, grad_weight=0.3)
+    expected = 0.7 * ncc(x, y, mask, patch=9) + 0.3 * gradient_ncc(x, y, mask, patch=9)
+    torch.testing.assert_close(mixed, expected)
+    torch.testing.assert_close(image_similarity(x, y, mask, patch=9, grad_weight=0.0), ncc(x, y, mask, patch=9))
+    ms = multiscale_ncc(x, y, mask, patches=(None, 9))
+    torch.testing.assert_close(ms, 0.5 * (ncc(x, y, mask) + ncc(x, y, mask, patch=9)))
+    assert multiscale_ncc(x, x).shape == (3,)
+
+
+def test_ncc_is_differentiable():
+    x = _smooth_images(V=1).requires_grad_()
+    y = _smooth_images(V=1, seed=9)
+    (1 - image_similarity(x, y, torch.ones_like(y), patch=8)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0

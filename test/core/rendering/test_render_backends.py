@@ -1,0 +1,227 @@
+"""The fast renderer backends (native C++ kernel, compiled gather kernel) against grid_sample,
+their reference: values and gradients, at the integrator level and through ``Renderer``."""
+
+import platform
+
+import pytest
+import torch
+
+from mvreg_ros.core.geometry import transforms as geometry
+from mvreg_ros.core.rendering import native as render_native
+from mvreg_ros.core.rendering.renderer import (Renderer, integrate, integrate_gather, integrate_native, make_rays, pad_volume,
+                                   pixel_grid, resolve_backend)
+from mvreg_ros.core.rendering import gather as render_gather
+from mvreg_ros.core.rendering.native import sample_sums
+from mvreg_ros.core.imaging.volume import load_example_ct
+
+needs_native = pytest.mark.skipif(render_native.load() is None, reason="the native kernel cannot be built here")
+
+
+def _setup():
+    ct = load_example_ct(downsample=8)
+    K = geometry.intrinsics(sdd_mm=1000, pixel_spacing_mm=6.0, height=24, width=20).expand(2, 3, 3)
+    R = geometry.so3_exp(torch.tensor([[0.2, -0.1, 0.3], [0.0, 1.4, 0.1]], dtype=torch.float64))
+    T = geometry.make_T(R, torch.tensor([[5.0, -3.0, 650.0], [-8.0, 2.0, 700.0]], dtype=torch.float64))
+    T = T @ geometry.translation(-ct.centre_ct())
+    return ct, K, T
+
+
+@pytest.mark.parametrize("integrator", [integrate_gather, pytest.param(integrate_native, marks=needs_native)])
+@pytest.mark.parametrize("n_samples", [40, 37, 1])  # 37 and 1: partial SIMD blocks
+def test_integrator_equals_grid_sample_values_and_gradients(integrator, n_samples):
+    ct, K, T = _setup()
+    r = Renderer(ct, backend="grid_sample")
+    x = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
+    rays = make_rays(r.T_index_from_ct, r.shape_ijk, geometry.se3_exp(x) @ T, K, pixel_grid(24, 20, dtype=torch.float64))
+    a = integrate(r.data, rays, n_samples)
+    b = integrator(pad_volume(r.data), rays, n_samples)
+    assert a.abs().max() > 0.5
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # float32 sample positions
+    w = torch.randn(a.shape, generator=torch.Generator().manual_seed(0), dtype=a.dtype)
+    (ga,) = torch.autograd.grad((a * w).sum(), x, retain_graph=True)
+    (gb,) = torch.autograd.grad((b * w).sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["compiled", pytest.param("native", marks=needs_native)])
+def test_fast_renderer_equals_grid_sample_renderer(backend):
+    ct, K, T = _setup()
+    x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    outs, grads = [], []
+    for b in ("grid_sample", backend):
+        renderer = Renderer(ct, backend=b)
+        img = renderer(geometry.se3_exp(x) @ T, K, 24, 20, n_samples=32)
+        assert renderer.backend == b  # no silent fallback from the fast path
+        (g,) = torch.autograd.grad(img.pow(2).sum(), x)
+        outs.append(img.detach())
+        grads.append(g)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-3)
+
+
+SUMS = [render_gather.sample_sums, pytest.param(sample_sums, marks=needs_native)]
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_sums_analytic_on_a_linear_volume(sums):
+    """f(x, y, z) = 2x + 3y - z is reproduced exactly by trilinear interpolation: the sum and
+    both gradient sums have closed forms."""
+    z, y, x = torch.meshgrid(torch.arange(6.0), torch.arange(7.0), torch.arange(8.0), indexing="ij")
+    vol = (2 * x + 3 * y - z).contiguous()
+    p0 = torch.tensor([[1.2, 1.5, 1.1], [6.4, 5.0, 4.2]], requires_grad=True)
+    q = torch.tensor([[0.05, 0.08, 0.06], [-0.1, -0.07, -0.05]], requires_grad=True)
+    S = 37
+    k = torch.arange(S, dtype=torch.float32)
+    pts = p0.detach()[:, None] + k[:, None] * q.detach()[:, None]
+    expected = (2 * pts[..., 0] + 3 * pts[..., 1] - pts[..., 2]).sum(-1)
+    f = sums(vol, p0, q, S)
+    torch.testing.assert_close(f, expected, rtol=1e-5, atol=1e-3)
+    gp, gq = torch.autograd.grad(f.sum(), (p0, q))
+    grad_f = torch.tensor([2.0, 3.0, -1.0])
+    torch.testing.assert_close(gp, (S * grad_f).expand(2, 3))
+    torch.testing.assert_close(gq, (k.sum() * grad_f).expand(2, 3))
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_sums_clamp_like_border_padding_with_zero_gradient_outside(sums):
+    vol = torch.arange(27.0).reshape(3, 3, 3)
+    p0 = torch.tensor([[-5.0, 1.0, 1.0]], requires_grad=True)  # x below the box: clamped to x = 0
+    q = torch.zeros(1, 3, requires_grad=True)
+    f = sums(vol, p0, q, 4)
+    torch.testing.assert_close(f, 4 * torch.tensor([vol[1, 1, 0]]))
+    (gp,) = torch.autograd.grad(f.sum(), p0)
+    assert gp[0, 0] == 0 and gp[0, 1] == 4 * 3.0 and gp[0, 2] == 4 * 9.0
+
+
+@needs_native
+def test_native_and_gather_sums_agree_with_their_gradient_sums():
+    gen = torch.Generator().manual_seed(2)
+    vol = torch.rand(7, 9, 12, generator=gen)
+    p0 = torch.rand(40, 3, generator=gen) * torch.tensor([12.0, 9.0, 7.0]) - 0.5
+    q = torch.randn(40, 3, generator=gen) * 0.15
+    for n in (1, 23):
+        want = render_gather.gather_sums(vol, p0, q, n, True)
+        got = render_native.load().sample_sums(vol, p0, q, n, True)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_sums_never_read_past_the_volume(sums):
+    """Float32 cannot hold N - 1 - eps for N > 2048: the cell index itself is clamped. The volume is
+    a view followed by NaN memory, so a read past its end would show."""
+    storage = torch.full((2100 * 9 + 64,), float("nan"))
+    vol = storage[: 2100 * 9].view(2100, 3, 3)
+    vol.copy_(torch.rand(2100, 3, 3, generator=torch.Generator().manual_seed(0)))
+    p0 = torch.tensor([[1.0, 1.0, 5000.0], [2.0, 2.0, 2099.0], [0.5, 0.5, float("nan")]], requires_grad=True)
+    q = torch.zeros(3, 3)
+    f = sums(vol, p0, q, 4)
+    torch.testing.assert_close(f.detach(), 4 * torch.stack([vol[2099, 1, 1], vol[2099, 2, 2], vol[0, 0:2, 0:2].mean()]))
+    (g,) = torch.autograd.grad(f.sum(), p0)
+    assert bool(torch.isfinite(g).all())
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_sums_refuse_volume_gradients_and_second_derivatives(sums):
+    vol = torch.rand(4, 4, 4)
+    p0 = torch.rand(3, 3, requires_grad=True)
+    q = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="volume"):
+        sums(vol.requires_grad_(), p0, q, 4)
+    (g,) = torch.autograd.grad(sums(vol.detach(), p0, q, 4).sum(), p0, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), p0)
+
+
+@needs_native
+def test_native_custom_ops_pass_opcheck():
+    vol = torch.rand(5, 6, 7)
+    p0, q = torch.rand(2, 4, 3) * 4, torch.rand(2, 4, 3) * 0.1
+    torch.library.opcheck(torch.ops.mvreg.trilinear_sums.default, (vol, p0, q, 5))
+    torch.library.opcheck(torch.ops.mvreg.trilinear_sums_with_grad.default, (vol, p0.requires_grad_(), q, 5))
+
+
+@needs_native
+def test_native_rejects_bad_inputs():
+    vol = torch.zeros(4, 4, 4)
+    p = torch.zeros(5, 3)
+    with pytest.raises(ValueError, match="float32"):
+        sample_sums(vol.double(), p, p, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        sample_sums(vol, p, torch.zeros(4, 3), 8)
+    with pytest.raises(ValueError, match="n_samples"):
+        sample_sums(vol, p, p, 0)
+
+
+def test_auto_backend_choice():
+    native = render_native.load() is not None
+    assert resolve_backend("auto", "cpu", torch.float32) == ("native" if native else "compiled")
+    assert resolve_backend("native", "cpu", torch.float64) == "compiled"  # the kernel is float32
+    assert resolve_backend("native", "meta", torch.float32) == "compiled"  # CPU only
+    assert resolve_backend("grid_sample", "cpu", torch.float32) == "grid_sample"
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("warp-drive", "cpu", torch.float32)
+
+
+def test_native_build_failure_falls_back_to_compiled(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert render_native._build() is None
+    monkeypatch.setitem(render_native._STATE, "module", None)
+    assert resolve_backend("auto", "cpu", torch.float32) == "compiled"
+    assert Renderer(load_example_ct(downsample=8)).backend == "compiled"
+
+
+def test_more_shape_variants_than_dynamos_default_limit_all_compile():
+    """A long-running process renders many shape variants; past Dynamo's default recompile limit
+    (8) they would silently run uncompiled. Nine variants: nine compiled graphs, none left eager."""
+    from torch._dynamo.utils import counters
+
+    from mvreg_ros.core.rendering.renderer import RECOMPILE_LIMIT
+
+    ct, K, T = _setup()
+    torch._dynamo.reset()  # graphs compiled by earlier tests would be reused and not counted
+    r = Renderer(ct)
+    before = counters["stats"]["unique_graphs"]
+    for n in range(9):
+        with torch.no_grad():
+            img = r(T[:1], K[:1], 6 + n, 5, n_samples=4)
+        assert img.shape == (1, 6 + n, 5)
+    assert counters["stats"]["unique_graphs"] - before == 9
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+
+
+@needs_native
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+@pytest.mark.parametrize("march,isa", [("x86-64-v3", "avx2"), ("x86-64", "scalar")])
+def test_every_instruction_set_build_gives_the_same_sums(march, isa):
+    """The AVX2 and scalar builds (other CPUs) against this CPU's build: sums and gradient sums."""
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    other = render_native.build(f"{render_native.extension_name()}_test_{isa}", march)
+    assert other.isa == isa
+    gen = torch.Generator().manual_seed(5)
+    vol = torch.rand(9, 11, 13, generator=gen)
+    p0 = (torch.rand(50, 3, generator=gen) * torch.tensor([13.0, 11.0, 9.0]) - 1).contiguous()  # some outside the box
+    p0[0, 1] = float("nan")  # NaN coordinates clamp to 0 in every build (undefined behaviour if not handled)
+    p0[1] = torch.tensor([1e6, -1e6, 1e9])
+    q = (torch.randn(50, 3, generator=gen) * 0.2).contiguous()
+    for n in (1, 19, 64):
+        want = render_native.load().sample_sums(vol, p0, q, n, True)
+        got = other.sample_sums(vol, p0, q, n, True)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("integrator", [integrate_gather, pytest.param(integrate_native, marks=needs_native)])
+def test_integrators_reject_no_samples(integrator):
+    ct, K, T = _setup()
+    r = Renderer(ct, backend="grid_sample")
+    rays = make_rays(r.T_index_from_ct, r.shape_ijk, T, K, pixel_grid(4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n_samples"):
+        integrator(pad_volume(r.data), rays, 0)
