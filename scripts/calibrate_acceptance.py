@@ -10,13 +10,12 @@ of those signals. Usage:
     .venv/bin/python scripts/calibrate_acceptance.py OUT.json FILE.h5 [FILE.h5 ...]
 """
 
-import json
 import sys
 
 from mvreg_ros.core.evaluation import evaluate as ev
-from mvreg_ros.core.registration.refine import RefineConfig
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.pipeline import PipelineConfig
+from mvreg_ros.core.registration.refine import RefineConfig
 
 OFFSETS = ((10, 20), (15, 30), (20, 40))
 
@@ -26,8 +25,13 @@ def main(out: str, files: list[str]) -> None:
     permissive = PipelineConfig(acceptance=AcceptanceConfig(min_view_similarity=-1.0, max_uncertainty_mm=1e6))
     for path in files:
         for rot, trans in OFFSETS:
-            cfg = ev.EvalConfig(perturb_rot_deg=rot, perturb_trans_mm=trans, seed=7,
-                                refine=RefineConfig(min_similarity=-1.0), pipeline=permissive)
+            cfg = ev.EvalConfig(
+                perturb_rot_deg=rot,
+                perturb_trans_mm=trans,
+                seed=7,
+                refine=RefineConfig(min_similarity=-1.0),
+                pipeline=permissive,
+            )
             for c in ev.run(path, cfg)["cases"]:
                 c["file"], c["offset"] = path, [rot, trans]
                 cases.append(c)
@@ -37,14 +41,18 @@ def main(out: str, files: list[str]) -> None:
         group = [c for c in cases if c["success"] == ok]
         if not group:
             continue
+
         def span(key, f):
             vals = [f(c) for c in group if f(c) is not None]
             return f"{min(vals):.3f}..{max(vals):.3f}" if vals else "-"
-        print(f"{'correct' if ok else 'wrong'} ({len(group)}): smallest view similarity "
-              f"{span('s', lambda c: min(c['view_similarity'] or [None]) if c['view_similarity'] else None)}, "
-              f"uncertainty {span('u', lambda c: c['uncertainty_mm'])} mm, largest view shift "
-              f"{span('d', lambda c: max(c['view_shift_mm']) if c['view_shift_mm'] else None)} mm, largest gain "
-              f"{span('g', lambda c: max(c['view_gain']) if c['view_gain'] else None)}")
+
+        print(
+            f"{'correct' if ok else 'wrong'} ({len(group)}): smallest view similarity "
+            f"{span('s', lambda c: min(c['view_similarity'] or [None]) if c['view_similarity'] else None)}, "
+            f"uncertainty {span('u', lambda c: c['uncertainty_mm'])} mm, largest view shift "
+            f"{span('d', lambda c: max(c['view_shift_mm']) if c['view_shift_mm'] else None)} mm, largest gain "
+            f"{span('g', lambda c: max(c['view_gain']) if c['view_gain'] else None)}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 def _reload_with_fresh_type_checks(reload):
     """beartype caches the classes that string annotations resolve to; after ``importlib.reload``
     a module's classes are new objects, so its caches must be cleared first (beartype issue #49)."""
+
     @functools.wraps(reload)
     def wrapper(module):
         from beartype._cache.cacheclear import clear_caches
@@ -26,7 +27,7 @@ def _reload_with_fresh_type_checks(reload):
 
 
 try:
-    import beartype  # noqa: F401 - the type checker of the jaxtyping import hook
+    import beartype  # noqa: F401
 except ImportError:
     pass
 else:

@@ -29,15 +29,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("simulate", help="write a bag of a simulated acquisition of a CT with its ground truth")
     s.add_argument("out", metavar="OUT", help="bag directory to create (must not exist)")
     s.add_argument("--mode", choices=sorted(DEFAULT_CONFIG), help="acquisition mode (default: the config's)")
-    s.add_argument("--config", help="node parameter file whose topics, planes and joints are simulated "
-                   "(default: config/biplane.yaml for synchronized, config/mobile_carm.yaml for sequential)")
+    s.add_argument(
+        "--config",
+        help="node parameter file whose topics, planes and joints are simulated "
+        "(default: config/biplane.yaml for synchronized, config/mobile_carm.yaml for sequential)",
+    )
     s.add_argument("--sets", type=int, default=3, help="view sets the node can register (default: %(default)s)")
     s.add_argument("--volume", default="example:8", help="CT as the node's volume_path (default: %(default)s)")
-    s.add_argument("--size", type=int, default=64, help="detector pixels; the detector stays %.0f mm wide "
-                   "(default: %%(default)s)" % DETECTOR_MM)
+    s.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="detector pixels; the detector stays %.0f mm wide (default: %%(default)s)" % DETECTOR_MM,
+    )
     s.add_argument("--period-s", type=float, default=1.5, help="time between shots (default: %(default)s)")
-    s.add_argument("--offset-deg", type=float, default=3.0,
-                   help="truth = the node's default start pose turned by this (default: %(default)s)")
+    s.add_argument(
+        "--offset-deg",
+        type=float,
+        default=3.0,
+        help="truth = the node's default start pose turned by this (default: %(default)s)",
+    )
     s.add_argument("--offset-mm", type=float, default=5.0, help="... and moved by this (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed of the offset and the noise (default: %(default)s)")
     s.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap", help="(default: %(default)s)")
@@ -45,23 +56,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     r = sub.add_parser("replay", help="play a bag to a running register_node and score its TF against the truth")
     r.add_argument("bag", metavar="BAG", help="rosbag2 directory (MCAP or sqlite3) with ground truth")
-    r.add_argument("--volume", default="example:8", help="the node's volume_path: its landmarks score the mTRE "
-                   "(default: %(default)s)")
+    r.add_argument(
+        "--volume",
+        default="example:8",
+        help="the node's volume_path: its landmarks score the mTRE (default: %(default)s)",
+    )
     r.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default: %(default)s)")
     r.add_argument("--no-clock", action="store_true", help="do not publish /clock")
-    r.add_argument("--match-timeout-s", type=float, default=30.0,
-                   help="wait this long for the node's subscriptions (default: %(default)s)")
-    r.add_argument("--wait-s", type=float, default=60.0,
-                   help="after playing, wait this long for the last set's TF (default: %(default)s)")
-    r.add_argument("--exclude", nargs="*", default=["/tf"], metavar="TOPIC",
-                   help="topics not to play (default: %(default)s: a recorded /tf would mix with the node's)")
+    r.add_argument(
+        "--match-timeout-s",
+        type=float,
+        default=30.0,
+        help="wait this long for the node's subscriptions (default: %(default)s)",
+    )
+    r.add_argument(
+        "--wait-s",
+        type=float,
+        default=60.0,
+        help="after playing, wait this long for the last set's TF (default: %(default)s)",
+    )
+    r.add_argument(
+        "--exclude",
+        nargs="*",
+        default=["/tf"],
+        metavar="TOPIC",
+        help="topics not to play (default: %(default)s: a recorded /tf would mix with the node's)",
+    )
     r.add_argument("--json", metavar="OUT", help="also write the registrations and summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from mvreg_ros.cli.options import options_ok
-    if not options_ok(f"bag {args.action}", args, at_least={"sets": 1, "size": 8, "offset_deg": 0, "offset_mm": 0,
-                      "wait_s": 0}, above={"period_s": 0, "rate": 0, "match_timeout_s": 0}):
+
+    if not options_ok(
+        f"bag {args.action}",
+        args,
+        at_least={"sets": 1, "size": 8, "offset_deg": 0, "offset_mm": 0, "wait_s": 0},
+        above={"period_s": 0, "rate": 0, "match_timeout_s": 0},
+    ):
         return 2
     try:
         if args.action == "simulate":
@@ -94,37 +126,52 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.mode and args.mode != cfg.acquisition_mode:
         raise ValueError(f"--mode {args.mode} but {config} is configured for {cfg.acquisition_mode} acquisition")
     detector = DetectorConfig(height=args.size, width=args.size, pixel_mm=DETECTOR_MM / args.size)
-    sim = bag_io.BagSimConfig(sets=args.sets, period_s=args.period_s, offset_deg=args.offset_deg,
-                              offset_mm=args.offset_mm, seed=args.seed, detector=detector)
+    sim = bag_io.BagSimConfig(
+        sets=args.sets,
+        period_s=args.period_s,
+        offset_deg=args.offset_deg,
+        offset_mm=args.offset_mm,
+        seed=args.seed,
+        detector=detector,
+    )
     messages, _ = bag_io.simulate_messages(cfg, load_ct(args.volume), sim)
     bag_io.write_bag(args.out, messages, storage=args.storage)
     topics: dict[str, int] = {}
     for m in messages:
         topics[m.topic] = topics.get(m.topic, 0) + 1
     span = (messages[-1].log_time_ns - messages[0].log_time_ns) * 1e-9
-    print(f"wrote {args.out} ({args.storage}): {len(messages)} messages over {span:.1f} s, "
-          f"{cfg.acquisition_mode} from {config.name}: " + ", ".join(f"{t} {n}" for t, n in topics.items()))
-    print(f"node: register_node --ros-args --params-file {config} -p volume_path:={args.volume} "
-          f"-p use_sim_time:=true")
+    print(
+        f"wrote {args.out} ({args.storage}): {len(messages)} messages over {span:.1f} s, "
+        f"{cfg.acquisition_mode} from {config.name}: " + ", ".join(f"{t} {n}" for t, n in topics.items())
+    )
+    print(f"node: register_node --ros-args --params-file {config} -p volume_path:={args.volume} -p use_sim_time:=true")
     return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
     import rclpy
 
-    from mvreg_ros.core.evaluation.metrics import structure_landmarks
+    from mvreg_ros.core.evaluation.landmarks import ct_landmarks
     from mvreg_ros.ros import bag_io
     from mvreg_ros.ros.replay import evaluator_for_bag, replay
     from mvreg_ros.ros.volume_source import load_ct
 
     messages = bag_io.read_bag(args.bag)
-    evaluator = evaluator_for_bag(messages, structure_landmarks(load_ct(args.volume)))
+    evaluator = evaluator_for_bag(messages, ct_landmarks(load_ct(args.volume)).points_ct)
     context = rclpy.context.Context()
     rclpy.init(context=context)
     try:
-        replay(messages, evaluator, context=context, rate=args.rate, clock=not args.no_clock,
-               match_timeout_s=args.match_timeout_s, wait_s=args.wait_s,
-               exclude_topics=tuple(args.exclude), log=lambda t: print(t, flush=True))
+        replay(
+            messages,
+            evaluator,
+            context=context,
+            rate=args.rate,
+            clock=not args.no_clock,
+            match_timeout_s=args.match_timeout_s,
+            wait_s=args.wait_s,
+            exclude_topics=tuple(args.exclude),
+            log=lambda t: print(t, flush=True),
+        )
     finally:
         rclpy.try_shutdown(context=context)
     for r in sorted(evaluator.registrations, key=lambda r: r.stamp_ns):
@@ -133,8 +180,9 @@ def _replay(args: argparse.Namespace) -> int:
     summary = evaluator.summary()
     print("summary: " + json.dumps(summary))
     if args.json:
-        Path(args.json).write_text(json.dumps({"registrations": [r.as_dict() for r in evaluator.registrations],
-                                               "summary": summary}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"registrations": [r.as_dict() for r in evaluator.registrations], "summary": summary}, indent=2)
+        )
     return 0 if summary["n"] > 0 else 1
 
 

@@ -59,8 +59,9 @@ def _check_number(dest: str, value, bound: float, strict: bool) -> None:
         raise ValueError(f"{_flag(dest)} must be a finite number {'>' if strict else '>='} {bound:g}, got {value!r}")
 
 
-def check_options(args: argparse.Namespace, *, at_least: Mapping[str, float] | None = None,
-                  above: Mapping[str, float] | None = None) -> None:
+def check_options(
+    args: argparse.Namespace, *, at_least: Mapping[str, float] | None = None, above: Mapping[str, float] | None = None
+) -> None:
     """Check a command's parsed options in place: ``device`` (see :func:`check_device`; replaced by
     the device to use) and ``threads`` (>= 1) wherever the command has them, each ``at_least``
     option ``>=`` its bound and each ``above`` option ``>`` its bound. Options the namespace lacks,

@@ -10,9 +10,12 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ct", metavar="CT_OR_DEEPFLUORO_H5",
-                   help="CT volume (NIfTI, NRRD, MHA, DICOM folder), a DeepFluoro-layout .h5 file "
-                        "(only its 'vol' and detector geometry are read), or 'example' (the shipped chest CT)")
+    p.add_argument(
+        "ct",
+        metavar="CT_OR_DEEPFLUORO_H5",
+        help="CT volume (NIfTI, NRRD, MHA, DICOM folder), a DeepFluoro-layout .h5 file "
+        "(only its 'vol' and detector geometry are read), or 'example' (the shipped chest CT)",
+    )
     p.add_argument("--specimen", metavar="NAME", help="specimen of a DeepFluoro-layout file (default: the first)")
     p.add_argument("--out", required=True, metavar="MODEL.safetensors", help="checkpoint to write (and resume)")
     p.add_argument("--config", metavar="FILE", help="training settings (YAML, see config/train.yaml)")
@@ -21,10 +24,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists (weights, optimiser, time)")
-    p.add_argument("--eval-only", type=int, default=None, metavar="N",
-                   help="do not train: evaluate --out on N held-out simulated 2-view sets (coarse, then refinement)")
+    p.add_argument(
+        "--eval-only",
+        type=int,
+        default=None,
+        metavar="N",
+        help="do not train: evaluate --out on N held-out simulated 2-view sets (coarse, then refinement)",
+    )
     p.add_argument("--no-refine", action="store_true", help="with --eval-only: coarse pose only")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the held-out sets for --eval-only (default: %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=1234, help="seed of the held-out sets for --eval-only (default: %(default)s)"
+    )
     p.add_argument("--json", metavar="OUT", help="with --eval-only: write per-set results and the summary as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar (log lines at each validation instead)")
 
@@ -58,13 +68,15 @@ def load_training_volume(source: str, specimen: str | None):
 
 def run(args: argparse.Namespace) -> int:
     from mvreg_ros.cli.options import options_ok
+
     if not options_ok("train", args, at_least={"steps": 1, "eval_only": 1}, above={"minutes": 0}):
         return 2
     import torch
 
-    from mvreg_ros.core.learning import training
+    from mvreg_ros.core.learning import heldout, training
     from mvreg_ros.core.learning.coarse import CoarseModel
     from mvreg_ros.core.learning.network import CheckpointError
+    from mvreg_ros.core.learning.train_config import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,13 +86,14 @@ def run(args: argparse.Namespace) -> int:
             if args.eval_only < 1:
                 raise ValueError(f"--eval-only needs a positive number of sets, got {args.eval_only}")
             model = CoarseModel.load(args.out, volume, device=args.device)
-            report = training.evaluate_heldout(model, volume, n_sets=args.eval_only, seed=args.seed,
-                                               refine=not args.no_refine)
+            report = heldout.evaluate_heldout(
+                model, volume, n_sets=args.eval_only, seed=args.seed, refine=not args.no_refine
+            )
             print(json.dumps(report["summary"], indent=1))
             if args.json:
                 Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
             return 0
-        config = training.TrainConfig.from_yaml(args.config, minutes=args.minutes, max_steps=args.steps, **detector)
+        config = TrainConfig.from_yaml(args.config, minutes=args.minutes, max_steps=args.steps, **detector)
         training.train(volume, config, args.out, device=args.device, resume=args.resume, progress=not args.quiet)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"mvreg train: error: {e}", file=sys.stderr)

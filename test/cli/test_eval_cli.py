@@ -35,8 +35,10 @@ def test_simulate_own_ct_and_explicit_angles(tmp_path, capsys):
     ct = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(hu, np.diag([3.0, 3.0, 4.0, 1.0])), str(ct))
     out = tmp_path / "a.h5"
-    assert main(["simulate", str(out), "--ct", str(ct), "--size", "48", "--angles", "0,0;30,5",
-                 "--specimen", "spec-x"]) == 0
+    assert (
+        main(["simulate", str(out), "--ct", str(ct), "--size", "48", "--angles", "0,0;30,5", "--specimen", "spec-x"])
+        == 0
+    )
     assert "2 views of 48x48 px" in capsys.readouterr().out
     with h5py.File(out, "r") as f:
         assert list(f["spec-x/projections"].keys()) == ["000", "001"]
@@ -51,8 +53,25 @@ def test_simulate_own_ct_and_explicit_angles(tmp_path, capsys):
 
 def test_eval_end_to_end(sim_file, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    rc = main(["eval", str(sim_file), "--specimen", "sim-01", "--views", "0,1;1,2", "--quick", "--perturb-rot-deg", "5",
-               "--perturb-trans-mm", "10", "--seed", "3", "--json", str(out)])
+    rc = main(
+        [
+            "eval",
+            str(sim_file),
+            "--specimen",
+            "sim-01",
+            "--views",
+            "0,1;1,2",
+            "--quick",
+            "--perturb-rot-deg",
+            "5",
+            "--perturb-trans-mm",
+            "10",
+            "--seed",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "init mTRE" in text and "success (mTRE <= 2 mm)" in text and f"wrote {out}" in text
@@ -71,8 +90,18 @@ def test_eval_end_to_end(sim_file, tmp_path, capsys):
         return float(np.linalg.norm((np.linalg.inv(G_est) @ p_h - np.linalg.inv(G_true) @ p_h)[:3], axis=0).mean())
 
     for c in data["cases"]:
-        assert {"mtre_mm", "mpd_mm", "success", "time_s", "init_mtre_mm", "pose_init", "pose_est", "reason",
-                "similarity", "uncertainty_mm"} <= set(c)
+        assert {
+            "mtre_mm",
+            "mpd_mm",
+            "success",
+            "time_s",
+            "init_mtre_mm",
+            "pose_init",
+            "pose_est",
+            "reason",
+            "similarity",
+            "uncertainty_mm",
+        } <= set(c)
         G_true = truth[c["views"][0]]
         est = landmark_error_mm(np.asarray(c["pose_est"]), G_true)
         init = landmark_error_mm(np.asarray(c["pose_init"]), G_true)

@@ -21,8 +21,16 @@ def two_gpus(monkeypatch):
 
 
 def test_check_device_on_a_machine_with_two_gpus(two_gpus):
-    assert [check_device(d) for d in ("cpu", "cuda", "cuda:0", "cuda:1", "auto")] == ["cpu", "cuda", "cuda:0", "cuda:1", "cuda"]
-    with pytest.raises(ValueError, match=r"--device 'cuda:2': no such CUDA device; this machine has cpu, cuda:0, cuda:1"):
+    assert [check_device(d) for d in ("cpu", "cuda", "cuda:0", "cuda:1", "auto")] == [
+        "cpu",
+        "cuda",
+        "cuda:0",
+        "cuda:1",
+        "cuda",
+    ]
+    with pytest.raises(
+        ValueError, match=r"--device 'cuda:2': no such CUDA device; this machine has cpu, cuda:0, cuda:1"
+    ):
         check_device("cuda:2")
 
 
@@ -71,11 +79,13 @@ def _commands_with_device():
 
 def _argv(command, tmp_path):
     """A command line that would start real work if its options were not checked first."""
-    return {"demo": ["demo", "--out", str(tmp_path / "demo")],
-            "eval": ["eval", str(tmp_path / "missing.h5")],
-            "bench": ["bench", "--cases", "1", "--reference-cases", "1"],
-            "train": ["train", "example", "--out", str(tmp_path / "m.safetensors"), "--steps", "1"],
-            "simulate": ["simulate", str(tmp_path / "sim.h5"), "--downsample", "8", "--size", "16"]}[command]
+    return {
+        "demo": ["demo", "--out", str(tmp_path / "demo")],
+        "eval": ["eval", str(tmp_path / "missing.h5")],
+        "bench": ["bench", "--cases", "1", "--reference-cases", "1"],
+        "train": ["train", "example", "--out", str(tmp_path / "m.safetensors"), "--steps", "1"],
+        "simulate": ["simulate", str(tmp_path / "sim.h5"), "--downsample", "8", "--size", "16"],
+    }[command]
 
 
 def _one_line_error(capsys, prefix):
@@ -100,20 +110,39 @@ def test_bad_device_is_one_line_and_status_2(command, device, tmp_path, capsys):
         assert "'cpu', 'cuda', 'cuda:N' or 'auto'" in line
 
 
-@pytest.mark.parametrize("argv,prefix", [
-    (["demo", "--downsample", "0"], "mvreg demo: error: --downsample must be a finite number >= 1, got 0"),
-    (["demo", "--perturb-rot-deg", "nan"], "mvreg demo: error: --perturb-rot-deg must be a finite number >= 0"),
-    (["eval", "{tmp}/x.h5", "--success-mm", "0"], "mvreg eval: error: --success-mm must be a finite number > 0"),
-    (["eval", "{tmp}/x.h5", "--threads", "-2"], "mvreg eval: error: --threads must be a finite number >= 1, got -2"),
-    (["bench", "--cases", "0"], "mvreg bench: error: --cases must be a finite number >= 1, got 0"),
-    (["train", "example", "--out", "{tmp}/m.safetensors", "--minutes", "0"],
-     "mvreg train: error: --minutes must be a finite number > 0"),
-    (["simulate", "{tmp}/s.h5", "--size", "4"], "mvreg simulate: error: --size must be a finite number >= 8, got 4"),
-    (["bag", "simulate", "{tmp}/bag", "--period-s", "0"], "mvreg bag simulate: error: --period-s must be a finite number > 0"),
-    (["bag", "simulate", "{tmp}/bag", "--threads", "0"], "mvreg bag simulate: error: --threads must be a finite number >= 1"),
-    (["bag", "replay", "{tmp}/bag", "--rate", "-1"], "mvreg bag replay: error: --rate must be a finite number > 0, got -1.0"),
-])
+@pytest.mark.parametrize(
+    "argv,prefix",
+    [
+        (["demo", "--downsample", "0"], "mvreg demo: error: --downsample must be a finite number >= 1, got 0"),
+        (["demo", "--perturb-rot-deg", "nan"], "mvreg demo: error: --perturb-rot-deg must be a finite number >= 0"),
+        (["eval", "{tmp}/x.h5", "--success-mm", "0"], "mvreg eval: error: --success-mm must be a finite number > 0"),
+        (
+            ["eval", "{tmp}/x.h5", "--threads", "-2"],
+            "mvreg eval: error: --threads must be a finite number >= 1, got -2",
+        ),
+        (["bench", "--cases", "0"], "mvreg bench: error: --cases must be a finite number >= 1, got 0"),
+        (
+            ["train", "example", "--out", "{tmp}/m.safetensors", "--minutes", "0"],
+            "mvreg train: error: --minutes must be a finite number > 0",
+        ),
+        (
+            ["simulate", "{tmp}/s.h5", "--size", "4"],
+            "mvreg simulate: error: --size must be a finite number >= 8, got 4",
+        ),
+        (
+            ["bag", "simulate", "{tmp}/bag", "--period-s", "0"],
+            "mvreg bag simulate: error: --period-s must be a finite number > 0",
+        ),
+        (
+            ["bag", "simulate", "{tmp}/bag", "--threads", "0"],
+            "mvreg bag simulate: error: --threads must be a finite number >= 1",
+        ),
+        (
+            ["bag", "replay", "{tmp}/bag", "--rate", "-1"],
+            "mvreg bag replay: error: --rate must be a finite number > 0, got -1.0",
+        ),
+    ],
+)
 def test_bad_number_is_one_line_and_status_2(argv, prefix, tmp_path, capsys):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     _one_line_error(capsys, prefix)
-

@@ -19,16 +19,18 @@ def ct_files(tmp_path_factory):
         hu = np.full((40, 40, 24), -1000.0, dtype=np.float32)
         hu[8:32, 6:34, :] = 40.0
         for k in range(2, 22, 5):
-            hu[16 + shift:24 + shift, 10:16, k:k + 3] = 900.0
+            hu[16 + shift : 24 + shift, 10:16, k : k + 3] = 900.0
         hu[12:14, 20:30, 4:20] = 700.0
         affine = np.diag([-5.0, -5.0, 8.0, 1.0])
         p = d / f"ct{shift}.nii.gz"
         nib.save(nib.Nifti1Image(hu, affine), str(p))
         paths.append(p)
     cfg = d / "tiny.yaml"
-    cfg.write_text("train:\n  size: 32\n  image_size: 16\n  width: 8\n  fc: 32\n  n_samples: 24\n  voxel_mm: 5.0\n"
-                   "  pool_sets: 32\n  initial_sets: 8\n  refresh_sets: 1\n  batch_sets: 4\n  image_sets: 2\n"
-                   "  image_samples: 16\n  val_sets: 2\n  detector_px: 128\n  pixel_mm: 2.328\n")
+    cfg.write_text(
+        "train:\n  size: 32\n  image_size: 16\n  width: 8\n  fc: 32\n  n_samples: 24\n  voxel_mm: 5.0\n"
+        "  pool_sets: 32\n  initial_sets: 8\n  refresh_sets: 1\n  batch_sets: 4\n  image_sets: 2\n"
+        "  image_samples: 16\n  val_sets: 2\n  detector_px: 128\n  pixel_mm: 2.328\n"
+    )
     return paths, cfg
 
 
@@ -48,8 +50,12 @@ def test_train_then_eval_only_then_refuse_other_ct(ct_files, tmp_path, capsys):
     assert meta["extra"]["step"] == 3 and meta["architecture"]["width"] == 8
     assert meta["volume"]["shape"] == [24, 40, 40]
     capsys.readouterr()
-    assert cli.main(["train", str(ct), "--out", str(out), "--eval-only", "1", "--no-refine", "--json",
-                     str(tmp_path / "e.json")]) == 0
+    assert (
+        cli.main(
+            ["train", str(ct), "--out", str(out), "--eval-only", "1", "--no-refine", "--json", str(tmp_path / "e.json")]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "e.json").read_text())["summary"]
     assert summary["n_sets"] == 1 and summary["coarse_median_mtre_mm"] > 0
     assert cli.main(["train", str(other), "--out", str(out), "--eval-only", "1", "--no-refine"]) == 2
@@ -57,7 +63,7 @@ def test_train_then_eval_only_then_refuse_other_ct(ct_files, tmp_path, capsys):
 
 
 def test_bad_inputs_are_reported(ct_files, tmp_path, capsys):
-    (ct, _), cfg = ct_files
+    (ct, _), _cfg = ct_files
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  no_such_setting: 1\n")
     assert cli.main(["train", str(ct), "--out", str(tmp_path / "m.safetensors"), "--config", str(bad)]) == 2
@@ -76,7 +82,9 @@ def test_train_on_a_rectangular_deepfluoro_file(ct_files, tmp_path, capsys):
     (ct, _), cfg = ct_files
     hu, T_ct_from_index = load_hu(ct)
     h5 = tmp_path / "rect.h5"
-    write_simulated(h5, hu, T_ct_from_index, angles_deg=[(0.0, 0.0)], detector=DetectorConfig(height=48, width=64, pixel_mm=5.0))
+    write_simulated(
+        h5, hu, T_ct_from_index, angles_deg=[(0.0, 0.0)], detector=DetectorConfig(height=48, width=64, pixel_mm=5.0)
+    )
     out = tmp_path / "rect.safetensors"
     assert cli.main(["train", str(h5), "--out", str(out), "--config", str(cfg), "--steps", "2", "--quiet"]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -84,11 +92,18 @@ def test_train_on_a_rectangular_deepfluoro_file(ct_files, tmp_path, capsys):
     assert meta["config"]["detector_rows"] == 48 and meta["config"]["detector_px"] == 64
     assert meta["config"]["pixel_mm"] == pytest.approx(5.0)
     capsys.readouterr()
-    assert cli.main(["train", str(h5), "--out", str(out), "--eval-only", "1", "--no-refine", "--json",
-                     str(tmp_path / "e.json")]) == 0
+    assert (
+        cli.main(
+            ["train", str(h5), "--out", str(out), "--eval-only", "1", "--no-refine", "--json", str(tmp_path / "e.json")]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "e.json").read_text())["summary"]
     assert summary["n_sets"] == 1 and summary["coarse_median_mtre_mm"] > 0
     # resuming with a detector of another aspect ratio is refused, naming both shapes
-    assert cli.main(["train", str(ct), "--out", str(out), "--config", str(cfg), "--steps", "3", "--resume", "--quiet"]) == 2
+    assert (
+        cli.main(["train", str(ct), "--out", str(out), "--config", str(cfg), "--steps", "3", "--resume", "--quiet"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "128x128" in err and "48x64" in err

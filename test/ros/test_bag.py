@@ -10,21 +10,22 @@ pytest.importorskip("rclpy")
 pytest.importorskip("tf2_msgs.msg")
 pytest.importorskip("rosbags")
 
-from ros_harness import deadline, node_args  # noqa: E402
-from ros_scenario import CONFIG, DETECTOR, QUICK, write_params  # noqa: E402
+from ros_harness import deadline, node_args
+from ros_scenario import CONFIG, DETECTOR, QUICK, write_params
 
-from mvreg_ros.core.geometry.transforms import perturb  # noqa: E402
-from mvreg_ros.core.evaluation.metrics import mtre_mm, structure_landmarks  # noqa: E402
-from mvreg_ros.ros import bag_io  # noqa: E402
-from mvreg_ros.ros.conversions import ns_to_stamp, stamp_to_ns, transform_stamped_from_T  # noqa: E402
-from mvreg_ros.ros.params import build_config  # noqa: E402
-from mvreg_ros.ros.replay import GroundTruthEvaluator, evaluator_for_bag, replay  # noqa: E402
-from mvreg_ros.ros.volume_source import load_ct  # noqa: E402
+from mvreg_ros.core.evaluation.landmarks import ct_landmarks
+from mvreg_ros.core.evaluation.metrics import mtre_mm
+from mvreg_ros.core.geometry.transforms import perturb
+from mvreg_ros.ros import bag_io
+from mvreg_ros.ros.conversions import ns_to_stamp, stamp_to_ns, transform_stamped_from_T
+from mvreg_ros.ros.params import build_config
+from mvreg_ros.ros.replay import GroundTruthEvaluator, evaluator_for_bag, replay
+from mvreg_ros.ros.volume_source import load_ct
 
 SIM = bag_io.BagSimConfig(sets=2, detector=DETECTOR, seed=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def simulated(config_name: str):
     values = bag_io.read_node_params(CONFIG / config_name)
     values.update(QUICK)
@@ -84,8 +85,13 @@ def test_sequential_bag_has_one_extra_shot():
 def test_evaluator_scores_tfs_at_ground_truth_stamps():
     from tf2_msgs.msg import TFMessage
 
-    truth = perturb(torch.eye(4, dtype=torch.float64), rot_deg=5.0, trans_mm=20.0,
-                    centre_ct=torch.zeros(3, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
+    truth = perturb(
+        torch.eye(4, dtype=torch.float64),
+        rot_deg=5.0,
+        trans_mm=20.0,
+        centre_ct=torch.zeros(3, dtype=torch.float64),
+        generator=torch.Generator().manual_seed(0),
+    )
     off = truth.clone()
     off[:3, 3] += torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)
     lm = torch.randn(10, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 50
@@ -94,8 +100,9 @@ def test_evaluator_scores_tfs_at_ground_truth_stamps():
     ev.image_published(200, 2.0)
 
     def tf(T, ns, child="anatomy"):
-        return TFMessage(transforms=[transform_stamped_from_T(T, parent_frame="carm_base", child_frame=child,
-                                                              stamp=ns_to_stamp(ns))])
+        return TFMessage(
+            transforms=[transform_stamped_from_T(T, parent_frame="carm_base", child_frame=child, stamp=ns_to_stamp(ns))]
+        )
 
     ev.on_tf(tf(truth, 100), 1.5)
     ev.on_tf(tf(off, 100), 1.6)  # a second TF at the same stamp is not a new registration
@@ -117,7 +124,7 @@ def test_replay_to_node_end_to_end(spawn, tmp_path, ros_context):
     bag = bag_io.write_bag(tmp_path / "bag", messages)
     overrides = write_params(tmp_path / "overrides.yaml", dict(QUICK, use_sim_time=True))
     node = spawn("node", node_args(CONFIG / "biplane.yaml", overrides))
-    landmarks = structure_landmarks(load_ct(QUICK["volume_path"]))
+    landmarks = ct_landmarks(load_ct(QUICK["volume_path"])).points_ct
     played = bag_io.read_bag(bag)
     evaluator = evaluator_for_bag(played, landmarks)
     start_error = mtre_mm(truth, _default_start(cfg), landmarks)
@@ -147,12 +154,14 @@ def test_cli_simulate_writes_a_bag(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     out = tmp_path / "seq"
-    args = parser.parse_args(["simulate", str(out), "--mode", "sequential", "--sets", "1", "--size", "32",
-                              "--storage", "sqlite3"])
+    args = parser.parse_args(
+        ["simulate", str(out), "--mode", "sequential", "--sets", "1", "--size", "32", "--storage", "sqlite3"]
+    )
     assert cli.run(args) == 0
     messages = bag_io.read_bag(out)
     assert sum(m.topic == "/carm/image_raw" for m in messages) == 2
     assert "wrote" in capsys.readouterr().out
-    bad = parser.parse_args(["simulate", str(tmp_path / "x"), "--mode", "sequential",
-                             "--config", str(CONFIG / "biplane.yaml")])
+    bad = parser.parse_args(
+        ["simulate", str(tmp_path / "x"), "--mode", "sequential", "--config", str(CONFIG / "biplane.yaml")]
+    )
     assert cli.run(bad) == 2

@@ -34,15 +34,22 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mvreg_ros.core.geometry.transforms import (
-    K_from_deepfluoro, K_to_deepfluoro, T_cam_from_ct_deepfluoro, cam_to_pelvis_vol_from_T, flip_columns, invert,
-    make_T, so3_exp,
-)
 from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
-from mvreg_ros.core.rendering.renderer import Renderer
+from mvreg_ros.core.evaluation.landmarks import bone_octants, structure_centroids
+from mvreg_ros.core.geometry.transforms import (
+    K_from_deepfluoro,
+    K_to_deepfluoro,
+    T_cam_from_ct_deepfluoro,
+    cam_to_pelvis_vol_from_T,
+    flip_columns,
+    invert,
+    make_T,
+    so3_exp,
+)
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume, from_hu, from_itk_arrays
 from mvreg_ros.core.imaging.xray import check_image
+from mvreg_ros.core.rendering.renderer import Renderer
 
 PROJ_PARAMS = "proj-params"
 
@@ -112,8 +119,12 @@ def views_from_projections(projections: Sequence[Projection], *, i0: float | Non
             parts.append(ViewSet.from_raw(p.image[None], p.K[None], T_ref_from_cam[None], i0=i0))
         except ValueError as e:
             raise DeepFluoroFormatError(f"{p.specimen}/projections/{p.index:03d}: {e}") from e
-    views = ViewSet(images=torch.cat([v.images for v in parts]), masks=torch.cat([v.masks for v in parts]),
-                    K=torch.cat([v.K for v in parts]), T_ref_from_cam=torch.cat([v.T_ref_from_cam for v in parts]))
+    views = ViewSet(
+        images=torch.cat([v.images for v in parts]),
+        masks=torch.cat([v.masks for v in parts]),
+        K=torch.cat([v.K for v in parts]),
+        T_ref_from_cam=torch.cat([v.T_ref_from_cam for v in parts]),
+    )
     return views, T_cam0_from_ct.clone()
 
 
@@ -200,18 +211,28 @@ class DeepFluoroFile:
             if K_df[0, 0] >= 0 or K_df[1, 1] >= 0:
                 raise DeepFluoroFormatError(
                     f"{self.path}: '/{PROJ_PARAMS}/intrinsic' should have DeepFluoro's negative focal lengths, got "
-                    f"fx={K_df[0, 0]}, fy={K_df[1, 1]}")
+                    f"fx={K_df[0, 0]}, fy={K_df[1, 1]}"
+                )
             if not np.allclose(K_df[2], [0, 0, 1]):
-                raise DeepFluoroFormatError(f"{self.path}: '/{PROJ_PARAMS}/intrinsic' last row should be [0, 0, 1], got {K_df[2]}")
+                raise DeepFluoroFormatError(
+                    f"{self.path}: '/{PROJ_PARAMS}/intrinsic' last row should be [0, 0, 1], got {K_df[2]}"
+                )
             R = E[:3, :3]
-            if not (np.allclose(R @ R.T, np.eye(3), atol=1e-5) and np.linalg.det(R) > 0 and np.allclose(E[3], [0, 0, 0, 1])):
+            if not (
+                np.allclose(R @ R.T, np.eye(3), atol=1e-5) and np.linalg.det(R) > 0 and np.allclose(E[3], [0, 0, 0, 1])
+            ):
                 raise DeepFluoroFormatError(f"{self.path}: '/{PROJ_PARAMS}/extrinsic' is not a rigid transform")
             rows, cols = self._scalar(f"{PROJ_PARAMS}/num-rows"), self._scalar(f"{PROJ_PARAMS}/num-cols")
             sr, sc = self._scalar(f"{PROJ_PARAMS}/pixel-row-spacing"), self._scalar(f"{PROJ_PARAMS}/pixel-col-spacing")
             if sr <= 0 or sc <= 0:
                 raise DeepFluoroFormatError(f"{self.path}: pixel spacings must be positive, got ({sr}, {sc})")
-            self._params = {"K_df": torch.as_tensor(K_df), "extrinsic": torch.as_tensor(E), "num_rows": int(rows),
-                            "num_cols": int(cols), "pixel_spacing_mm": (sr, sc)}
+            self._params = {
+                "K_df": torch.as_tensor(K_df),
+                "extrinsic": torch.as_tensor(E),
+                "num_rows": int(rows),
+                "num_cols": int(cols),
+                "pixel_spacing_mm": (sr, sc),
+            }
         return self._params
 
     @property
@@ -238,7 +259,8 @@ class DeepFluoroFile:
             seg = self._image_group(f"{s}/vol-seg/image", 3)[0]
             if seg.shape != pixels.shape:
                 raise DeepFluoroFormatError(
-                    f"{self.path}: '/{s}/vol-seg/image/pixels' shape {seg.shape} differs from '/{s}/vol/pixels' {pixels.shape}")
+                    f"{self.path}: '/{s}/vol-seg/image/pixels' shape {seg.shape} differs from '/{s}/vol/pixels' {pixels.shape}"
+                )
             mask = torch.as_tensor(np.asarray(seg, dtype=np.int16))
         return from_hu(hu, T_ct_from_index, mask=mask, bone_only=bone_only)
 
@@ -286,17 +308,19 @@ class DeepFluoroFile:
         base = f"{s}/projections/{int(index):03d}"
         if base not in self._f:
             raise MissingEntryError(
-                f"{self.path}: no projection '/{base}' ({specimen} has {self.num_projections(specimen)} projections)")
+                f"{self.path}: no projection '/{base}' ({specimen} has {self.num_projections(specimen)} projections)"
+            )
         params = self.proj_params()
         self._node(f"{base}/image", "group")
         pixels = self._node(f"{base}/image/pixels")[()]  # its spacing is proj-params'
         if pixels.ndim != 2:
             raise DeepFluoroFormatError(f"{self.path}: '/{base}/image/pixels' should be 2D, got shape {pixels.shape}")
         H, W = pixels.shape
-        if (H, W) != (params["num_rows"], params["num_cols"]):
+        if (params["num_rows"], params["num_cols"]) != (H, W):
             raise DeepFluoroFormatError(
                 f"{self.path}: '/{base}/image/pixels' has shape {(H, W)}, but proj-params says "
-                f"{(params['num_rows'], params['num_cols'])}")
+                f"{(params['num_rows'], params['num_cols'])}"
+            )
         stored = torch.as_tensor(np.asarray(pixels, dtype=np.float32))
         try:
             check_image(stored, f"'/{base}/image/pixels'")
@@ -304,7 +328,11 @@ class DeepFluoroFile:
             raise DeepFluoroFormatError(f"{self.path}: {e}") from e
         G = torch.as_tensor(self._array(f"{base}/gt-poses/cam-to-pelvis-vol", (4, 4)))
         E = params["extrinsic"]
-        rot = bool(np.asarray(self._node(f"{base}/rot-180-for-up")[()]).item()) if f"{base}/rot-180-for-up" in self._f else False
+        rot = (
+            bool(np.asarray(self._node(f"{base}/rot-180-for-up")[()]).item())
+            if f"{base}/rot-180-for-up" in self._f
+            else False
+        )
         names: list[str] = []
         uv = []
         if f"{base}/gt-landmarks" in self._f:
@@ -314,9 +342,17 @@ class DeepFluoroFile:
         uv_t = torch.as_tensor(np.array(uv, dtype=np.float64).reshape(-1, 2))
         uv_t[:, 0] = (W - 1) - uv_t[:, 0]  # to the flipped (cam) image
         return Projection(
-            specimen=specimen, index=int(index), image=flip_columns(stored), K=K_from_deepfluoro(params["K_df"], W),
-            T_cam_from_ct=T_cam_from_ct_deepfluoro(E, G), pixel_spacing_mm=params["pixel_spacing_mm"],
-            cam_to_pelvis_vol=G, rot_180_for_up=rot, landmark_names=tuple(names), landmarks_uv=uv_t)
+            specimen=specimen,
+            index=int(index),
+            image=flip_columns(stored),
+            K=K_from_deepfluoro(params["K_df"], W),
+            T_cam_from_ct=T_cam_from_ct_deepfluoro(E, G),
+            pixel_spacing_mm=params["pixel_spacing_mm"],
+            cam_to_pelvis_vol=G,
+            rot_180_for_up=rot,
+            landmark_names=tuple(names),
+            landmarks_uv=uv_t,
+        )
 
     def view_set(self, specimen: str, indices: Sequence[int], *, i0: float | None = None) -> tuple[ViewSet, Tensor]:
         """Views ``indices`` with the first view's camera as the reference frame; returns
@@ -325,14 +361,8 @@ class DeepFluoroFile:
 
 
 # ---------------------------------------------------------------------------------------
-# Landmarks for CTs without annotations
+# Structure names of a TotalSegmentator label map
 # ---------------------------------------------------------------------------------------
-
-# Bony structures of TotalSegmentator's label map that make well-spread chest landmarks.
-DEFAULT_LANDMARK_STRUCTURES = (
-    "vertebrae_T1", "vertebrae_T4", "vertebrae_T8", "vertebrae_T12", "vertebrae_L2", "sternum",
-    "scapula_left", "scapula_right", "clavicula_left", "clavicula_right", "rib_left_6", "rib_right_6",
-)
 
 
 def read_structures(path: str | Path) -> dict[int, str]:
@@ -347,56 +377,19 @@ def read_structures(path: str | Path) -> dict[int, str]:
         return {int(row["id"]): row["structure"] for row in reader}
 
 
-def structure_landmarks(mask_kji: Tensor, T_ct_from_index: Float[Tensor, "4 4"], names_by_label: Mapping[int, str], *,
-                        structures: Sequence[str] = DEFAULT_LANDMARK_STRUCTURES) -> tuple[list[str], Float[Tensor, "N 3"]]:
-    """Centroids (LPS mm) of the labelled structures ``structures`` that the mask holds."""
-    label_of = {name: label for label, name in names_by_label.items()}
-    names, pts = [], []
-    A = T_ct_from_index.to(torch.float64)
-    for name in structures:
-        label = label_of.get(name)
-        if label is None:
-            continue
-        idx = (mask_kji == label).nonzero()
-        if len(idx) == 0:
-            continue
-        ijk = idx.flip(-1).to(torch.float64).mean(0)
-        names.append(name)
-        pts.append(A[:3, :3] @ ijk + A[:3, 3])
-    if not names:
-        raise ValueError(f"the mask holds none of the landmark structures {list(structures)}")
-    return names, torch.stack(pts)
-
-
-def bone_landmarks(volume: Volume) -> tuple[list[str], Float[Tensor, "N 3"]]:  # N <= 8
-    """Eight landmarks for a CT without labels: the bone centroid of each octant of the
-    bone's bounding box (octants without bone are skipped)."""
-    from mvreg_ros.core.imaging.volume import BONE_HU, hu_to_mu
-
-    thr = float(hu_to_mu(torch.tensor(BONE_HU)))
-    idx = (volume.data > thr).nonzero().flip(-1).to(torch.float64)  # (i, j, k)
-    if len(idx) == 0:
-        raise ValueError("the volume holds no bone: cannot place landmarks")
-    mid = (idx.min(0).values + idx.max(0).values) / 2
-    A = volume.T_ct_from_index.to(torch.float64)
-    names, pts = [], []
-    for o in range(8):
-        sel = torch.ones(len(idx), dtype=torch.bool)
-        for axis in range(3):
-            above = idx[:, axis] > mid[axis]
-            sel &= above if (o >> axis) & 1 else ~above
-        if sel.any():
-            names.append(f"bone-octant-{o}")
-            pts.append(A[:3, :3] @ idx[sel].mean(0) + A[:3, 3])
-    return names, torch.stack(pts)
-
-
 # ---------------------------------------------------------------------------------------
 # Writing simulated files
 # ---------------------------------------------------------------------------------------
 
-def sample_carm_angles(n: int, *, seed: int = 0, max_orbital_deg: float = 60.0, max_angular_deg: float = 20.0,
-                       step_deg: tuple[float, float] = (20.0, 40.0)) -> list[tuple[float, float]]:
+
+def sample_carm_angles(
+    n: int,
+    *,
+    seed: int = 0,
+    max_orbital_deg: float = 60.0,
+    max_angular_deg: float = 20.0,
+    step_deg: tuple[float, float] = (20.0, 40.0),
+) -> list[tuple[float, float]]:
     """``n`` (orbital, angular) C-arm positions in degrees, as an operator takes them: each
     orbital angle differs from the previous one by ``step_deg`` (tens of degrees) within
     +-``max_orbital_deg``; angulations are uniform within +-``max_angular_deg``."""
@@ -417,8 +410,10 @@ def sample_carm_angles(n: int, *, seed: int = 0, max_orbital_deg: float = 60.0, 
 
 # A non-identity world -> DeepFluoro-camera transform for simulated files (any rigid
 # transform works: each projection's G absorbs it).
-DEFAULT_EXTRINSIC = make_T(so3_exp(torch.tensor([0.35, -0.6, 1.2], dtype=torch.float64)),
-                           torch.tensor([12.0, -30.0, 410.0], dtype=torch.float64))
+DEFAULT_EXTRINSIC = make_T(
+    so3_exp(torch.tensor([0.35, -0.6, 1.2], dtype=torch.float64)),
+    torch.tensor([12.0, -30.0, 410.0], dtype=torch.float64),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,7 +444,9 @@ def _itk_parts(T_ct_from_index: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndar
     return spacing, A[:3, 3], A[:3, :3] / spacing
 
 
-def _landmark_arrays(landmarks: tuple[Sequence[str], Tensor] | Mapping[str, Sequence[float]]) -> tuple[list[str], Tensor]:
+def _landmark_arrays(
+    landmarks: tuple[Sequence[str], Tensor] | Mapping[str, Sequence[float]],
+) -> tuple[list[str], Tensor]:
     """Landmarks given as ``(names, (N, 3) points)`` or ``{name: point}``, checked."""
     if isinstance(landmarks, Mapping):
         lm_names = list(landmarks.keys())
@@ -457,28 +454,40 @@ def _landmark_arrays(landmarks: tuple[Sequence[str], Tensor] | Mapping[str, Sequ
     else:
         lm_names, lm = list(landmarks[0]), torch.as_tensor(landmarks[1], dtype=torch.float64)
     if lm.ndim != 2 or lm.shape != (len(lm_names), 3) or len(lm_names) == 0:
-        raise ValueError(f"landmarks must be N names and an (N, 3) array, got {len(lm_names)} names and {tuple(lm.shape)}")
+        raise ValueError(
+            f"landmarks must be N names and an (N, 3) array, got {len(lm_names)} names and {tuple(lm.shape)}"
+        )
     if len(set(lm_names)) != len(lm_names) or any("/" in n for n in lm_names):
         raise ValueError(f"landmark names must be unique and contain no '/': {lm_names}")
     return lm_names, lm
 
 
 def write_simulated(
-    path: str | Path, volume_hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 4"], *,
-    specimen: str = "sim-01", angles_deg: Sequence[tuple[float, float]],
-    detector: DetectorConfig = DetectorConfig(), acquisition: AcquisitionConfig = AcquisitionConfig(),
+    path: str | Path,
+    volume_hu_kji: Float[Tensor, "D H W"],
+    T_ct_from_index: Float[Tensor, "4 4"],
+    *,
+    specimen: str = "sim-01",
+    angles_deg: Sequence[tuple[float, float]],
+    detector: DetectorConfig = DetectorConfig(),
+    acquisition: AcquisitionConfig = AcquisitionConfig(),
     landmarks: tuple[Sequence[str], Tensor] | Mapping[str, Sequence[float]] | None = None,
-    mask: Tensor | None = None, label_names: Mapping[int, str] | None = None,
-    extrinsic: Float[Tensor, "4 4"] | None = None, offset_mm: Sequence[float] | None = None,
-    rot_180_for_up: bool = False, seed: int = 0, device: str = "cpu", append: bool = False,
+    mask: Tensor | None = None,
+    label_names: Mapping[int, str] | None = None,
+    extrinsic: Float[Tensor, "4 4"] | None = None,
+    offset_mm: Sequence[float] | None = None,
+    rot_180_for_up: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    append: bool = False,
 ) -> SimulatedSpecimen:
     """Simulate C-arm acquisitions of a CT (HU) at ``angles_deg`` = [(orbital, angular), ...]
     with the engine's renderer and write them as specimen ``specimen`` of a DeepFluoro-layout
     file (:func:`write_specimen`).
 
     The bone centre sits at the isocentre (+ ``offset_mm``, isocentre frame). Without
-    ``landmarks``, they come from the ``mask`` structures (when ``label_names`` are given)
-    or from the bone (:func:`bone_landmarks`). With ``append``, the specimen is added to an
+    ``landmarks``, they follow the one landmark policy (:mod:`mvreg_ros.core.evaluation.landmarks`):
+    the ``mask``'s structure centroids, else the bone octants. With ``append``, the specimen is added to an
     existing file whose ``proj-params`` must match."""
     if len(angles_deg) == 0:
         raise ValueError("angles_deg needs at least one (orbital, angular) pair")
@@ -486,11 +495,10 @@ def write_simulated(
     T_ct_from_index = T_ct_from_index.to(torch.float64)
     vol = from_hu(volume_hu_kji, T_ct_from_index)
 
-    if landmarks is None:
-        if mask is not None and label_names:
-            landmarks = structure_landmarks(mask, T_ct_from_index, label_names)
-        else:
-            landmarks = bone_landmarks(vol)
+    if landmarks is None:  # the one landmark policy (evaluation.landmarks)
+        found = structure_centroids(mask, T_ct_from_index, label_names) if mask is not None else None
+        chosen = found or bone_octants(vol)
+        landmarks = (list(chosen.names), chosen.points_ct)
     landmarks = _landmark_arrays(landmarks)
 
     scene = make_scene(vol.bone_centre_ct(), list(angles_deg), detector=detector, offset_mm=offset_mm)
@@ -498,11 +506,31 @@ def write_simulated(
     K = detector.K()
     H, W = detector.height, detector.width
     g = torch.Generator().manual_seed(int(seed))
-    raw = acquire(Renderer(vol, device=device), T_cam_from_ct, K.expand(len(angles_deg), 3, 3), H, W,
-                  config=acquisition, generator=g)
-    return write_specimen(path, volume_hu_kji, T_ct_from_index, raw_images=raw, T_cam_from_ct=T_cam_from_ct, K=K,
-                          pixel_mm=detector.pixel_mm, landmarks=landmarks, specimen=specimen, mask=mask,
-                          label_names=label_names, extrinsic=extrinsic, rot_180_for_up=rot_180_for_up, append=append)
+    raw = acquire(
+        Renderer(vol, device=device),
+        T_cam_from_ct,
+        K.expand(len(angles_deg), 3, 3),
+        H,
+        W,
+        config=acquisition,
+        generator=g,
+    )
+    return write_specimen(
+        path,
+        volume_hu_kji,
+        T_ct_from_index,
+        raw_images=raw,
+        T_cam_from_ct=T_cam_from_ct,
+        K=K,
+        pixel_mm=detector.pixel_mm,
+        landmarks=landmarks,
+        specimen=specimen,
+        mask=mask,
+        label_names=label_names,
+        extrinsic=extrinsic,
+        rot_180_for_up=rot_180_for_up,
+        append=append,
+    )
 
 
 def _check_specimen(volume_hu_kji: Tensor, mask: Tensor | None, specimen: str) -> None:
@@ -516,11 +544,21 @@ def _check_specimen(volume_hu_kji: Tensor, mask: Tensor | None, specimen: str) -
 
 @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 def write_specimen(
-    path: str | Path, volume_hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 4"], *,
-    raw_images: Float[Tensor, "V H W"], T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "3 3"],
-    pixel_mm: float | tuple[float, float], landmarks: tuple[Sequence[str], Tensor] | Mapping[str, Sequence[float]],
-    specimen: str = "sim-01", mask: Tensor | None = None, label_names: Mapping[int, str] | None = None,
-    extrinsic: Float[Tensor, "4 4"] | None = None, rot_180_for_up: bool = False, append: bool = False,
+    path: str | Path,
+    volume_hu_kji: Float[Tensor, "D H W"],
+    T_ct_from_index: Float[Tensor, "4 4"],
+    *,
+    raw_images: Float[Tensor, "V H W"],
+    T_cam_from_ct: Float[Tensor, "V 4 4"],
+    K: Float[Tensor, "3 3"],
+    pixel_mm: float | tuple[float, float],
+    landmarks: tuple[Sequence[str], Tensor] | Mapping[str, Sequence[float]],
+    specimen: str = "sim-01",
+    mask: Tensor | None = None,
+    label_names: Mapping[int, str] | None = None,
+    extrinsic: Float[Tensor, "4 4"] | None = None,
+    rot_180_for_up: bool = False,
+    append: bool = False,
 ) -> SimulatedSpecimen:
     """Write acquisitions made by the caller as specimen ``specimen`` of a DeepFluoro-layout file.
 
@@ -582,17 +620,31 @@ def write_specimen(
             raise ValueError(f"{path}: specimen '{specimen}' already exists")
         s = f.create_group(specimen)
         spacing, origin, direction = _itk_parts(T_ct_from_index)
-        _image_group(s.create_group("vol"), volume_hu_kji.detach().cpu().numpy().astype(np.float32),
-                     spacing, origin, direction, compress=True)
+        _image_group(
+            s.create_group("vol"),
+            volume_hu_kji.detach().cpu().numpy().astype(np.float32),
+            spacing,
+            origin,
+            direction,
+            compress=True,
+        )
         if mask is not None:
             m = mask.detach().cpu().numpy()
             seg = s.create_group("vol-seg")
-            _image_group(seg.create_group("image"), m.astype(np.uint8 if m.max() < 256 else np.uint16),
-                         spacing, origin, direction, compress=True)
+            _image_group(
+                seg.create_group("image"),
+                m.astype(np.uint8 if m.max() < 256 else np.uint16),
+                spacing,
+                origin,
+                direction,
+                compress=True,
+            )
             defs = seg.create_group("labels-def")
             for label in sorted(np.unique(m).tolist()):
                 if label != 0:
-                    defs.create_dataset(str(int(label)), data=(label_names or {}).get(int(label), f"label-{int(label)}"))
+                    defs.create_dataset(
+                        str(int(label)), data=(label_names or {}).get(int(label), f"label-{int(label)}")
+                    )
         lg = s.create_group("vol-landmarks")
         for n, p in zip(lm_names, lm):
             lg.create_dataset(n, data=p.numpy().reshape(3, 1))
@@ -606,5 +658,12 @@ def write_specimen(
                 gl.create_dataset(n, data=uv.numpy().reshape(2, 1))
             pg.create_group("gt-poses").create_dataset("cam-to-pelvis-vol", data=G[v].numpy())
             pg.create_dataset("rot-180-for-up", data=np.int64(bool(rot_180_for_up)))
-    return SimulatedSpecimen(specimen=specimen, T_cam_from_ct=T_cam_from_ct, K=K, extrinsic=E, cam_to_pelvis_vol=G,
-                             landmark_names=tuple(lm_names), landmarks_ct=lm)
+    return SimulatedSpecimen(
+        specimen=specimen,
+        T_cam_from_ct=T_cam_from_ct,
+        K=K,
+        extrinsic=E,
+        cam_to_pelvis_vol=G,
+        landmark_names=tuple(lm_names),
+        landmarks_ct=lm,
+    )

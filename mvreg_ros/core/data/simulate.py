@@ -13,8 +13,8 @@ from torch import Tensor
 
 from mvreg_ros.core.geometry import carm
 from mvreg_ros.core.geometry.transforms import intrinsics, invert
-from mvreg_ros.core.rendering.renderer import Renderer
 from mvreg_ros.core.imaging.xray import DEEPFLUORO_I0
+from mvreg_ros.core.rendering.renderer import Renderer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,9 @@ class DetectorConfig:
     pixel_mm: float = 1.164
 
     def K(self, dtype=torch.float64) -> Float[Tensor, "3 3"]:
-        return intrinsics(sdd_mm=self.sdd_mm, pixel_spacing_mm=self.pixel_mm, height=self.height, width=self.width, dtype=dtype)
+        return intrinsics(
+            sdd_mm=self.sdd_mm, pixel_spacing_mm=self.pixel_mm, height=self.height, width=self.width, dtype=dtype
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +46,14 @@ class AcquisitionConfig:
 
 
 def acquire(
-    renderer: Renderer, T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "V 3 3"], height: int, width: int,
-    *, config: AcquisitionConfig = AcquisitionConfig(), generator: torch.Generator | None = None,
+    renderer: Renderer,
+    T_cam_from_ct: Float[Tensor, "V 4 4"],
+    K: Float[Tensor, "V 3 3"],
+    height: int,
+    width: int,
+    *,
+    config: AcquisitionConfig = AcquisitionConfig(),
+    generator: torch.Generator | None = None,
 ) -> Float[Tensor, "V H W"]:
     """Raw detector intensities (bone dark, 0..65535) of the views."""
     g = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -56,12 +64,19 @@ def acquire(
     # scatter: a smooth blob, a fraction of the mean primary
     coarse = torch.rand(V, 1, 4, 4, generator=g)
     blob = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)[:, 0].clamp_min(0)
-    scatter = config.scatter_fraction * primary.mean((-2, -1), keepdim=True) * blob / blob.mean((-2, -1), keepdim=True).clamp_min(1e-6)
+    scatter = (
+        config.scatter_fraction
+        * primary.mean((-2, -1), keepdim=True)
+        * blob
+        / blob.mean((-2, -1), keepdim=True).clamp_min(1e-6)
+    )
     signal = primary + scatter
     photons = signal * config.photons_per_count
     noisy = (photons + photons.clamp_min(0).sqrt() * torch.randn(photons.shape, generator=g)) / config.photons_per_count
     if config.fov_radius is not None:
-        v, u = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+        v, u = torch.meshgrid(
+            torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
+        )
         r = torch.sqrt((u - (width - 1) / 2) ** 2 + (v - (height - 1) / 2) ** 2)
         radius = config.fov_radius * width
         inside = torch.sigmoid((radius - r) / config.edge_falloff_px)
@@ -84,12 +99,22 @@ class Scene:
         return invert(self.T_ref_from_cam) @ self.T_ref_from_ct
 
 
-def make_scene(centre_ct: Float[Tensor, "3"], angles_deg: list[tuple[float, float]], *,
-               detector: DetectorConfig = DetectorConfig(), offset_mm=None) -> Scene:
+def make_scene(
+    centre_ct: Float[Tensor, "3"],
+    angles_deg: list[tuple[float, float]],
+    *,
+    detector: DetectorConfig = DetectorConfig(),
+    offset_mm=None,
+) -> Scene:
     """A supine patient with ``centre_ct`` at the isocentre, viewed at (orbital, angular) degrees."""
     orb = torch.tensor([math.radians(a) for a, _ in angles_deg], dtype=torch.float64)
     ang = torch.tensor([math.radians(b) for _, b in angles_deg], dtype=torch.float64)
     T_ref_from_cam = carm.T_iso_from_cam(orb, ang, sid_mm=detector.sid_mm)
     K = detector.K().expand(len(angles_deg), 3, 3).clone()
-    return Scene(T_ref_from_ct=carm.T_iso_from_ct_supine(centre_ct.to(torch.float64), offset_mm),
-                 T_ref_from_cam=T_ref_from_cam, K=K, height=detector.height, width=detector.width)
+    return Scene(
+        T_ref_from_ct=carm.T_iso_from_ct_supine(centre_ct.to(torch.float64), offset_mm),
+        T_ref_from_cam=T_ref_from_cam,
+        K=K,
+        height=detector.height,
+        width=detector.width,
+    )

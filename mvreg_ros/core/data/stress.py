@@ -37,12 +37,12 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from mvreg_ros.core.imaging import footprint
-from mvreg_ros.core.geometry.transforms import project
-from mvreg_ros.core.rendering.renderer import make_rays, pixel_grid
-from mvreg_ros.core.rendering.reference import ReferenceRenderer
 from mvreg_ros.core.data.simulate import DetectorConfig, make_scene
+from mvreg_ros.core.geometry.transforms import project
+from mvreg_ros.core.imaging import footprint
 from mvreg_ros.core.imaging.volume import BONE_HU, MU_WATER_PER_MM, Volume, hu_to_mu
+from mvreg_ros.core.rendering.reference import ReferenceRenderer
+from mvreg_ros.core.rendering.renderer import make_rays, pixel_grid
 
 # ---------------------------------------------------------------------------------------
 # Materials and spectra
@@ -83,9 +83,13 @@ class Spectrum:
 
     def __post_init__(self):
         if len(self.energies_kev) == 0 or len(self.energies_kev) != len(self.weights):
-            raise ValueError(f"a spectrum needs as many weights as energies (>= 1), got {self.energies_kev} and {self.weights}")
+            raise ValueError(
+                f"a spectrum needs as many weights as energies (>= 1), got {self.energies_kev} and {self.weights}"
+            )
         if any(not (TABLE_KEV[0] <= e <= TABLE_KEV[-1]) for e in self.energies_kev):
-            raise ValueError(f"spectrum energies must lie in {TABLE_KEV[0]}..{TABLE_KEV[-1]} keV, got {self.energies_kev}")
+            raise ValueError(
+                f"spectrum energies must lie in {TABLE_KEV[0]}..{TABLE_KEV[-1]} keV, got {self.energies_kev}"
+            )
         if any(not (w > 0) for w in self.weights):
             raise ValueError(f"spectrum weights must be positive, got {self.weights}")
 
@@ -96,24 +100,34 @@ class Spectrum:
 
     def scales(self, materials: Sequence[str] = MATERIALS) -> Float[Tensor, "E M"]:
         """``s_m(E)`` for each bin and material (float64)."""
-        return torch.tensor([[attenuation_scale(m, e) for m in materials] for e in self.energies_kev], dtype=torch.float64)
+        return torch.tensor(
+            [[attenuation_scale(m, e) for m in materials] for e in self.energies_kev], dtype=torch.float64
+        )
 
 
 # 80 kVp, tungsten anode, ~2.5 mm Al + 0.1 mm Cu: energy-weighted bins (mean ~ 54 keV)
 SPECTRUM_80KVP = Spectrum(energies_kev=(35.0, 45.0, 55.0, 65.0, 75.0), weights=(0.10, 0.25, 0.30, 0.22, 0.13))
 # 110 kVp (low-dose fluoroscopy on thick anatomy): bins from 40 to 110 keV (mean ~ 65 keV)
-SPECTRUM_110KVP = Spectrum(energies_kev=(40.0, 55.0, 70.0, 85.0, 100.0, 110.0),
-                           weights=(0.12, 0.26, 0.26, 0.19, 0.12, 0.05))
+SPECTRUM_110KVP = Spectrum(
+    energies_kev=(40.0, 55.0, 70.0, 85.0, 100.0, 110.0), weights=(0.12, 0.26, 0.26, 0.19, 0.12, 0.05)
+)
 MONOCHROMATIC = Spectrum(energies_kev=(REFERENCE_KEV,), weights=(1.0,))
 
 
-def polychromatic(line_integrals: Float[Tensor, "V M H W"], spectrum: Spectrum, *, i0: float = 1.0,
-                  materials: Sequence[str] = MATERIALS) -> Float[Tensor, "V H W"]:
+def polychromatic(
+    line_integrals: Float[Tensor, "V M H W"],
+    spectrum: Spectrum,
+    *,
+    i0: float = 1.0,
+    materials: Sequence[str] = MATERIALS,
+) -> Float[Tensor, "V H W"]:
     """``I = i0 * sum_E w_E exp(-sum_m s_m(E) L_m)``; ``line_integrals[:, m]`` are the line
     integrals of ``materials[m]`` at :data:`REFERENCE_KEV` (dimensionless, mu x mm)."""
     if line_integrals.ndim != 4 or line_integrals.shape[1] != len(materials):
-        raise ValueError(f"line_integrals must be (V, {len(materials)}, H, W) for materials {tuple(materials)}, "
-                         f"got {tuple(line_integrals.shape)}")
+        raise ValueError(
+            f"line_integrals must be (V, {len(materials)}, H, W) for materials {tuple(materials)}, "
+            f"got {tuple(line_integrals.shape)}"
+        )
     L = line_integrals.to(torch.float64)
     scales = spectrum.scales(materials).to(L.device)
     out = torch.zeros(L.shape[0], *L.shape[2:], dtype=torch.float64, device=L.device)
@@ -198,7 +212,7 @@ def tool_volume(tool: Tool, *, voxel_mm: float = 0.25, axial_mm: float = 1.0) ->
     c = (torch.arange(n_xy, dtype=torch.float64) - (n_xy - 1) / 2) * voxel_mm
     z = (torch.arange(n_z, dtype=torch.float64) + 0.5) * h_z
     zz, yy, xx = torch.meshgrid(z, c, c, indexing="ij")  # [k, j, i]
-    radial = torch.sqrt(xx ** 2 + yy ** 2)
+    radial = torch.sqrt(xx**2 + yy**2)
     radius = torch.full_like(zz, spec.radius_mm)
     if spec.head_radius_mm > 0 and spec.head_length_mm > 0:
         radius = torch.where(zz < spec.head_length_mm, torch.full_like(zz, spec.head_radius_mm), radius)
@@ -209,8 +223,15 @@ def tool_volume(tool: Tool, *, voxel_mm: float = 0.25, axial_mm: float = 1.0) ->
     return Volume(data=(occupancy * spec.mu_per_mm).float(), T_ct_from_index=A)
 
 
-def render_tools(tools: Sequence[Tool], T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "V 3 3"],
-                 height: int, width: int, *, device="cpu") -> Float[Tensor, "V H W"]:
+def render_tools(
+    tools: Sequence[Tool],
+    T_cam_from_ct: Float[Tensor, "V 4 4"],
+    K: Float[Tensor, "V 3 3"],
+    height: int,
+    width: int,
+    *,
+    device="cpu",
+) -> Float[Tensor, "V H W"]:
     """Line integrals of the tools (Siddon, each on its own grid, only over the pixels its box covers)."""
     V = len(T_cam_from_ct)
     out = torch.zeros(V, height, width, dtype=torch.float64)
@@ -224,12 +245,15 @@ def render_tools(tools: Sequence[Tool], T_cam_from_ct: Float[Tensor, "V 4 4"], K
             u1, v1 = min(u1, width - 1), min(v1, height - 1)
             if u1 < u0 or v1 < v0:
                 continue
-            vv, uu = torch.meshgrid(torch.arange(v0, v1 + 1, dtype=torch.float64),
-                                    torch.arange(u0, u1 + 1, dtype=torch.float64), indexing="ij")
+            vv, uu = torch.meshgrid(
+                torch.arange(v0, v1 + 1, dtype=torch.float64),
+                torch.arange(u0, u1 + 1, dtype=torch.float64),
+                indexing="ij",
+            )
             pixels = torch.stack([uu.reshape(-1), vv.reshape(-1)], -1)
             with torch.no_grad():
-                L = renderer(T_cam_from_ct[v:v + 1], K[v:v + 1], height, width, pixels=pixels)[0]
-            out[v, v0:v1 + 1, u0:u1 + 1] += L.reshape(vv.shape).to("cpu", torch.float64)
+                L = renderer(T_cam_from_ct[v : v + 1], K[v : v + 1], height, width, pixels=pixels)[0]
+            out[v, v0 : v1 + 1, u0 : u1 + 1] += L.reshape(vv.shape).to("cpu", torch.float64)
     return out
 
 
@@ -238,17 +262,29 @@ def render_tools(tools: Sequence[Tool], T_cam_from_ct: Float[Tensor, "V 4 4"], K
 # ---------------------------------------------------------------------------------------
 
 
-def render_materials(mu_kji: Float[Tensor, "D Hv Wv"], material_kji: Tensor, T_ct_from_index: Float[Tensor, "4 4"],
-                     T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "V 3 3"], height: int, width: int, *,
-                     n_materials: int = 2, device="cpu", max_samples: int = 1 << 23) -> Float[Tensor, "V M H W"]:
+def render_materials(
+    mu_kji: Float[Tensor, "D Hv Wv"],
+    material_kji: Tensor,
+    T_ct_from_index: Float[Tensor, "4 4"],
+    T_cam_from_ct: Float[Tensor, "V 4 4"],
+    K: Float[Tensor, "V 3 3"],
+    height: int,
+    width: int,
+    *,
+    n_materials: int = 2,
+    device="cpu",
+    max_samples: int = 1 << 23,
+) -> Float[Tensor, "V M H W"]:
     """Line integrals of each material (``material_kji`` holds 0..M-1 per voxel) through one
     DiffDRR Siddon pass per chunk of rays, on the same rays as :class:`ReferenceRenderer`;
     their sum is the reference renderer's DRR of ``mu_kji``."""
     from diffdrr.renderers import Siddon
 
     if mu_kji.ndim != 3 or material_kji.shape != mu_kji.shape:
-        raise ValueError(f"mu_kji must be 3D and material_kji the same shape, got {tuple(mu_kji.shape)} and "
-                         f"{tuple(material_kji.shape)}")
+        raise ValueError(
+            f"mu_kji must be 3D and material_kji the same shape, got {tuple(mu_kji.shape)} and "
+            f"{tuple(material_kji.shape)}"
+        )
     device = torch.device(device)
     data_ijk = mu_kji.to(device=device, dtype=torch.float32).permute(2, 1, 0).contiguous()
     mat_ijk = material_kji.to(device=device, dtype=torch.float32).permute(2, 1, 0).contiguous()
@@ -268,14 +304,14 @@ def render_materials(mu_kji: Float[Tensor, "D Hv Wv"], material_kji: Tensor, T_c
     with torch.no_grad():
         for v in range(V):
             for r0 in range(0, height * width, chunk):
-                px = pixels[r0:r0 + chunk]
-                rays = make_rays(T_index_from_ct, shape_ijk, T[v:v + 1], Kd[v:v + 1], px)
+                px = pixels[r0 : r0 + chunk]
+                rays = make_rays(T_index_from_ct, shape_ijk, T[v : v + 1], Kd[v : v + 1], px)
                 source = (rays.origin + rays.t_near[..., None] * rays.direction).float()
                 target = (rays.origin + rays.t_far[..., None] * rays.direction).float()
                 length = (rays.t_far - rays.t_near).float()[:, None, :]
                 L = siddon(data_ijk, source, target, length, mask=mat_ijk)[0]  # (C, R)
                 L = torch.where(length[0] > 0, L, torch.zeros_like(L))
-                out[v, :L.shape[0], r0:r0 + len(px)] = L
+                out[v, : L.shape[0], r0 : r0 + len(px)] = L
     return out.reshape(V, n_materials, height, width).cpu()
 
 
@@ -345,7 +381,7 @@ class Deformation:
         k1 = D if k1 is None else k1
         dev = self.coarse.device
         axes = []
-        for n_full, n_c, f, lo, hi in zip((D, H, W), self.coarse.shape[1:], self.factors, (k0, 0, 0), (k1, H, W)):
+        for _n_full, n_c, f, lo, hi in zip((D, H, W), self.coarse.shape[1:], self.factors, (k0, 0, 0), (k1, H, W)):
             c = (torch.arange(lo, hi, dtype=torch.float32, device=dev) - (f - 1) / 2) / f
             axes.append(2 * c / (n_c - 1) - 1 if n_c > 1 else torch.zeros_like(c))
         zk, yj, xi = torch.meshgrid(*axes, indexing="ij")
@@ -354,9 +390,19 @@ class Deformation:
         return torch.where(self.rigid[k0:k1].to(dev)[None], torch.zeros_like(out), out)
 
 
-def make_deformation(target_kji: Tensor, T_ct_from_index: Float[Tensor, "4 4"], *, max_mm: float, smooth_mm: float,
-                     ramp_mm: float, margin_vox: int, density_change: float, density_smooth_mm: float,
-                     generator: torch.Generator, cell_mm: float = 4.0) -> Deformation:
+def make_deformation(
+    target_kji: Tensor,
+    T_ct_from_index: Float[Tensor, "4 4"],
+    *,
+    max_mm: float,
+    smooth_mm: float,
+    ramp_mm: float,
+    margin_vox: int,
+    density_change: float,
+    density_smooth_mm: float,
+    generator: torch.Generator,
+    cell_mm: float = 4.0,
+) -> Deformation:
     """A random smooth displacement of at most ``max_mm`` (Gaussian-smoothed noise of scale
     ``smooth_mm``), and a relative density change of at most ``density_change``, both
     weighted by 0 on the target (dilated by ``margin_vox`` voxels and one coarse cell) and
@@ -386,16 +432,24 @@ def make_deformation(target_kji: Tensor, T_ct_from_index: Float[Tensor, "4 4"], 
     return Deformation(coarse=coarse, factors=factors, rigid=rigid)
 
 
-def deform_hu(hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 4"], deformation: Deformation, *,
-              bone_hu: float = BONE_HU, gas_pockets: Sequence[tuple[Sequence[float], float]] = (),
-              chunk: int = 8) -> Float[Tensor, "D H W"]:
+def deform_hu(
+    hu_kji: Float[Tensor, "D H W"],
+    T_ct_from_index: Float[Tensor, "4 4"],
+    deformation: Deformation,
+    *,
+    bone_hu: float = BONE_HU,
+    gas_pockets: Sequence[tuple[Sequence[float], float]] = (),
+    chunk: int = 8,
+) -> Float[Tensor, "D H W"]:
     """The intraoperative patient: ``hu'(x) = hu(x - u(x))`` (trilinear; exactly ``hu`` on
     the rigid target), soft tissue (-950 < HU <= ``bone_hu``) scaled by ``1 + rho(x)`` in
     attenuation, and ``gas_pockets`` ((centre LPS mm, radius mm), ...) of -900 HU in soft
     tissue away from the target (weight > 0.5)."""
     D, H, W = hu_kji.shape
     if deformation.rigid.shape != hu_kji.shape:
-        raise ValueError(f"deformation grid {tuple(deformation.rigid.shape)} differs from the CT's {tuple(hu_kji.shape)}")
+        raise ValueError(
+            f"deformation grid {tuple(deformation.rigid.shape)} differs from the CT's {tuple(hu_kji.shape)}"
+        )
     A = T_ct_from_index.to(torch.float64)
     A_inv3 = torch.linalg.inv(A[:3, :3]).float()  # mm -> index displacement (i, j, k)
     src = (hu_kji.float() + 1000.0)[None, None]  # zero padding = air
@@ -410,7 +464,9 @@ def deform_hu(hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 
         y = jj[None] - d_idx[1]
         z = kk - d_idx[2]
         grid = torch.stack([2 * x / max(W - 1, 1) - 1, 2 * y / max(H - 1, 1) - 1, 2 * z / max(D - 1, 1) - 1], -1)
-        warped = F.grid_sample(src, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0] - 1000.0
+        warped = (
+            F.grid_sample(src, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0] - 1000.0
+        )
         original = hu_kji[k0:k1].float()
         rigid = deformation.rigid[k0:k1].cpu()
         hu = torch.where(rigid, original, warped)
@@ -420,7 +476,7 @@ def deform_hu(hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 
             ijk = torch.stack([ii[None].expand_as(kk), jj[None].expand_as(kk), kk], -1).to(torch.float64)
             p = ijk @ A[:3, :3].T + A[:3, 3]
             for centre, radius in gas_pockets:
-                inside = ((p - torch.as_tensor(centre, dtype=torch.float64)).norm(dim=-1) < radius)
+                inside = (p - torch.as_tensor(centre, dtype=torch.float64)).norm(dim=-1) < radius
                 hu = torch.where(inside & soft & (f[4] > 0.5), torch.full_like(hu, -900.0), hu)
         out[k0:k1] = hu
     return out
@@ -482,14 +538,32 @@ class StressProfile:
     def __post_init__(self):
         if self.height < 8 or self.width < 8:
             raise ValueError(f"detector must be at least 8x8 px, got {self.height}x{self.width}")
-        for name in ("pixel_mm", "sdd_mm", "sid_mm", "i0", "photons_per_count", "scatter_sigma_mm",
-                     "deform_smooth_mm", "deform_ramp_mm", "density_smooth_mm"):
+        for name in (
+            "pixel_mm",
+            "sdd_mm",
+            "sid_mm",
+            "i0",
+            "photons_per_count",
+            "scatter_sigma_mm",
+            "deform_smooth_mm",
+            "deform_ramp_mm",
+            "density_smooth_mm",
+        ):
             if not (getattr(self, name) > 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.sid_mm >= self.sdd_mm:
             raise ValueError(f"sid_mm ({self.sid_mm}) must be smaller than sdd_mm ({self.sdd_mm})")
-        for name in ("offset_mm", "centre_margin_mm", "deform_max_mm", "density_change", "read_noise_counts", "scatter_to_primary",
-                     "column_gain_std", "gas_pockets", "deform_margin_vox"):
+        for name in (
+            "offset_mm",
+            "centre_margin_mm",
+            "deform_max_mm",
+            "density_change",
+            "read_noise_counts",
+            "scatter_to_primary",
+            "column_gain_std",
+            "gas_pockets",
+            "deform_margin_vox",
+        ):
             if not (getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.slab_mm is not None and not self.slab_mm > 0:
@@ -508,12 +582,19 @@ class StressProfile:
 
     @property
     def detector(self) -> DetectorConfig:
-        return DetectorConfig(sdd_mm=self.sdd_mm, sid_mm=self.sid_mm, height=self.height, width=self.width,
-                              pixel_mm=self.pixel_mm)
+        return DetectorConfig(
+            sdd_mm=self.sdd_mm, sid_mm=self.sid_mm, height=self.height, width=self.width, pixel_mm=self.pixel_mm
+        )
 
 
-PEDICLE_SCREW = ToolSpec(kind="screw", radius_mm=3.25, length_mm=45.0, mu_per_mm=0.18,  # titanium
-                         head_radius_mm=6.0, head_length_mm=10.0)
+PEDICLE_SCREW = ToolSpec(
+    kind="screw",
+    radius_mm=3.25,
+    length_mm=45.0,
+    mu_per_mm=0.18,  # titanium
+    head_radius_mm=6.0,
+    head_length_mm=10.0,
+)
 SPINAL_ROD = ToolSpec(kind="rod", radius_mm=2.75, length_mm=90.0, mu_per_mm=0.18)
 K_WIRE = ToolSpec(kind="wire", radius_mm=1.0, length_mm=150.0, mu_per_mm=0.65)  # steel
 
@@ -522,16 +603,40 @@ PROFILES: dict[str, StressProfile] = {
     "clean": StressProfile(name="clean"),
     # low dose, strong scatter, small circular field of view, metal, wider angles
     "hard": StressProfile(
-        name="hard", max_orbital_deg=90.0, max_angular_deg=30.0, step_deg=(25.0, 60.0), offset_mm=20.0,
-        spectrum=SPECTRUM_110KVP, tools=(PEDICLE_SCREW, PEDICLE_SCREW, K_WIRE), i0=30000.0,
-        photons_per_count=0.04, read_noise_counts=4.0, scatter_to_primary=0.8, fov_radius=0.36),
+        name="hard",
+        max_orbital_deg=90.0,
+        max_angular_deg=30.0,
+        step_deg=(25.0, 60.0),
+        offset_mm=20.0,
+        spectrum=SPECTRUM_110KVP,
+        tools=(PEDICLE_SCREW, PEDICLE_SCREW, K_WIRE),
+        i0=30000.0,
+        photons_per_count=0.04,
+        read_noise_counts=4.0,
+        scatter_to_primary=0.8,
+        fov_radius=0.36,
+    ),
     # a spine case whose CT no longer matches the patient, on a flat panel
     "mismatch": StressProfile(
-        name="mismatch", height=192, width=256, pixel_mm=1.5625, sdd_mm=1195.0, sid_mm=785.0,
-        slab_mm=110.0, deform_max_mm=6.0, density_change=0.05, gas_pockets=2,
-        tools=(PEDICLE_SCREW, PEDICLE_SCREW, SPINAL_ROD), i0=40000.0, photons_per_count=0.08,
-        read_noise_counts=3.0, scatter_to_primary=0.4, fov_radius=None, shutter_sides=(1, 2),
-        column_gain_std=0.03),
+        name="mismatch",
+        height=192,
+        width=256,
+        pixel_mm=1.5625,
+        sdd_mm=1195.0,
+        sid_mm=785.0,
+        slab_mm=110.0,
+        deform_max_mm=6.0,
+        density_change=0.05,
+        gas_pockets=2,
+        tools=(PEDICLE_SCREW, PEDICLE_SCREW, SPINAL_ROD),
+        i0=40000.0,
+        photons_per_count=0.08,
+        read_noise_counts=3.0,
+        scatter_to_primary=0.4,
+        fov_radius=None,
+        shutter_sides=(1, 2),
+        column_gain_std=0.03,
+    ),
 }
 
 
@@ -583,27 +688,33 @@ def _blur2d(x: Float[Tensor, "V H W"], sigma_px: float) -> Float[Tensor, "V H W"
     return y[:, 0]
 
 
-def detector_response(primary: Float[Tensor, "V H W"], profile: StressProfile, *, rng: np.random.Generator,
-                      generator: torch.Generator) -> Float[Tensor, "V H W"]:
+def detector_response(
+    primary: Float[Tensor, "V H W"], profile: StressProfile, *, rng: np.random.Generator, generator: torch.Generator
+) -> Float[Tensor, "V H W"]:
     """Raw 16-bit counts from the primary intensity (counts, ``i0`` unattenuated): collimation,
     scatter, Poisson and read noise, per-column gain, quantisation."""
     V, H, W = primary.shape
-    if (H, W) != (profile.height, profile.width):
+    if (profile.height, profile.width) != (H, W):
         raise ValueError(f"primary images are {H}x{W}, the profile's detector is {profile.height}x{profile.width}")
     p = primary.to("cpu", torch.float64)
     ap = aperture(profile, V, rng)
     lit = p * ap
     if profile.scatter_to_primary > 0:
         blurred = _blur2d(lit, profile.scatter_sigma_mm / profile.pixel_mm)
-        scatter = profile.scatter_to_primary * blurred * (lit.mean((-2, -1), keepdim=True)
-                                                          / blurred.mean((-2, -1), keepdim=True).clamp_min(1e-9))
+        scatter = (
+            profile.scatter_to_primary
+            * blurred
+            * (lit.mean((-2, -1), keepdim=True) / blurred.mean((-2, -1), keepdim=True).clamp_min(1e-9))
+        )
     else:
         scatter = torch.zeros_like(lit)
     signal = (p + scatter) * ap
     photons = torch.poisson(signal.clamp_min(0) * profile.photons_per_count, generator=generator)
     counts = photons / profile.photons_per_count
     if profile.read_noise_counts > 0:
-        counts = counts + profile.read_noise_counts * torch.randn(counts.shape, generator=generator, dtype=torch.float64)
+        counts = counts + profile.read_noise_counts * torch.randn(
+            counts.shape, generator=generator, dtype=torch.float64
+        )
     if profile.column_gain_std > 0:
         gain = 1 + profile.column_gain_std * torch.randn(W, generator=generator, dtype=torch.float64)
         counts = counts * gain
@@ -633,8 +744,14 @@ def _complete(mask: Tensor, label: int, axis: int, lo: int, hi: int) -> bool:
     return len(idx) > 0 and int(idx.min()) > lo and int(idx.max()) < hi - 1
 
 
-def target_landmarks(mask: Tensor, T_ct_from_index: Float[Tensor, "4 4"], label_names: Mapping[int, str],
-                     labels: Sequence[int], *, extremes: bool = True) -> tuple[list[str], Float[Tensor, "N 3"]]:
+def target_landmarks(
+    mask: Tensor,
+    T_ct_from_index: Float[Tensor, "4 4"],
+    label_names: Mapping[int, str],
+    labels: Sequence[int],
+    *,
+    extremes: bool = True,
+) -> tuple[list[str], Float[Tensor, "N 3"]]:
     """Centroid (LPS mm) of each target structure of ``labels`` in ``mask`` and, with
     ``extremes``, its right-, left-, anterior- and posterior-most voxel centres: points on the target."""
     A = T_ct_from_index.to(torch.float64)
@@ -648,8 +765,12 @@ def target_landmarks(mask: Tensor, T_ct_from_index: Float[Tensor, "4 4"], label_
         names.append(name)
         pts.append(p.mean(0))
         if extremes:  # LPS: x grows to the left, y to the posterior
-            for suffix, axis, fn in (("right", 0, torch.argmin), ("left", 0, torch.argmax),
-                                     ("anterior", 1, torch.argmin), ("posterior", 1, torch.argmax)):
+            for suffix, axis, fn in (
+                ("right", 0, torch.argmin),
+                ("left", 0, torch.argmax),
+                ("anterior", 1, torch.argmin),
+                ("posterior", 1, torch.argmax),
+            ):
                 names.append(f"{name}_{suffix}")
                 pts.append(p[int(fn(p[:, axis]))])
     if not names:
@@ -657,8 +778,9 @@ def target_landmarks(mask: Tensor, T_ct_from_index: Float[Tensor, "4 4"], label_
     return names, torch.stack(pts)
 
 
-def slab_range(T_ct_from_index: Float[Tensor, "4 4"], shape_kji: Sequence[int], centre_ct: Float[Tensor, "3"],
-               slab_mm: float) -> tuple[int, int, int]:
+def slab_range(
+    T_ct_from_index: Float[Tensor, "4 4"], shape_kji: Sequence[int], centre_ct: Float[Tensor, "3"], slab_mm: float
+) -> tuple[int, int, int]:
     """(dimension, start, stop) of the slices within ``slab_mm / 2`` of ``centre_ct`` along the body axis
     (shifted to stay inside the CT near its ends)."""
     dim = body_axis(T_ct_from_index)
@@ -687,7 +809,9 @@ def _shift(T_ct_from_index: Tensor, dim: int, lo: int) -> Tensor:
     return T_ct_from_index.to(torch.float64) @ S
 
 
-def _pool_hu(hu: Tensor, T_ct_from_index: Tensor, mask: Tensor | None, factor: int) -> tuple[Tensor, Tensor, Tensor | None]:
+def _pool_hu(
+    hu: Tensor, T_ct_from_index: Tensor, mask: Tensor | None, factor: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Average-pool a CT in attenuation (partial blocks padded with air), back to HU."""
     if factor == 1:
         return hu, T_ct_from_index, mask
@@ -725,10 +849,20 @@ class StressCase:
 
 
 @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
-def simulate(profile: StressProfile | str, hu_kji: Float[Tensor, "D H W"], T_ct_from_index: Float[Tensor, "4 4"],
-             mask: Tensor, label_names: Mapping[int, str], *, views: int = 12,
-             angles_deg: Sequence[tuple[float, float]] | None = None, seed: int = 0, downsample: int = 1,
-             render_downsample: int = 1, device: str | torch.device = "cpu") -> StressCase:
+def simulate(
+    profile: StressProfile | str,
+    hu_kji: Float[Tensor, "D H W"],
+    T_ct_from_index: Float[Tensor, "4 4"],
+    mask: Tensor,
+    label_names: Mapping[int, str],
+    *,
+    views: int = 12,
+    angles_deg: Sequence[tuple[float, float]] | None = None,
+    seed: int = 0,
+    downsample: int = 1,
+    render_downsample: int = 1,
+    device: str | torch.device = "cpu",
+) -> StressCase:
     """Simulate ``views`` C-arm views (or ``angles_deg``) of a CT (HU) with its label ``mask``
     under ``profile``; ``downsample`` pools the CT given to the registration,
     ``render_downsample`` the CT the X-rays are rendered from (speed)."""
@@ -745,8 +879,10 @@ def simulate(profile: StressProfile | str, hu_kji: Float[Tensor, "D H W"], T_ct_
     if hu_kji.ndim != 3:
         raise ValueError(f"hu_kji must be 3D (slices, rows, columns), got shape {tuple(hu_kji.shape)}")
     if mask is None or mask.shape != hu_kji.shape:
-        raise ValueError(f"a label mask of the CT's shape {tuple(hu_kji.shape)} is needed, got "
-                         f"{None if mask is None else tuple(mask.shape)}")
+        raise ValueError(
+            f"a label mask of the CT's shape {tuple(hu_kji.shape)} is needed, got "
+            f"{None if mask is None else tuple(mask.shape)}"
+        )
     device = torch.device(device)
     T_ct_from_index = T_ct_from_index.to(torch.float64).cpu()
     hu_kji = hu_kji.float().cpu()
@@ -763,8 +899,13 @@ def simulate(profile: StressProfile | str, hu_kji: Float[Tensor, "D H W"], T_ct_
     idx = (mask == centre_label).nonzero().flip(-1).to(torch.float64)
     centre = A[:3, :3] @ idx.mean(0) + A[:3, 3]
     if angles_deg is None:
-        angles = sample_carm_angles(views, seed=seed, max_orbital_deg=profile.max_orbital_deg,
-                                    max_angular_deg=profile.max_angular_deg, step_deg=profile.step_deg)
+        angles = sample_carm_angles(
+            views,
+            seed=seed,
+            max_orbital_deg=profile.max_orbital_deg,
+            max_angular_deg=profile.max_angular_deg,
+            step_deg=profile.step_deg,
+        )
     else:
         angles = [(float(o), float(a)) for o, a in angles_deg]
         if not angles:
@@ -795,9 +936,16 @@ def simulate(profile: StressProfile | str, hu_kji: Float[Tensor, "D H W"], T_ct_
     max_disp = 0.0
     if profile.deform_max_mm > 0 or profile.density_change > 0 or profile.gas_pockets > 0:
         deformation = make_deformation(
-            target, r_T, max_mm=profile.deform_max_mm, smooth_mm=profile.deform_smooth_mm,
-            ramp_mm=profile.deform_ramp_mm, margin_vox=profile.deform_margin_vox,
-            density_change=profile.density_change, density_smooth_mm=profile.density_smooth_mm, generator=g)
+            target,
+            r_T,
+            max_mm=profile.deform_max_mm,
+            smooth_mm=profile.deform_smooth_mm,
+            ramp_mm=profile.deform_ramp_mm,
+            margin_vox=profile.deform_margin_vox,
+            density_change=profile.density_change,
+            density_smooth_mm=profile.density_smooth_mm,
+            generator=g,
+        )
         max_disp = float(deformation.coarse[:3].norm(dim=0).max())
         pockets = _gas_pockets(profile, r_hu, r_T, deformation, centre, rng)
         r_hu = deform_hu(r_hu, r_T, deformation, bone_hu=profile.bone_hu, gas_pockets=pockets)
@@ -816,12 +964,25 @@ def simulate(profile: StressProfile | str, hu_kji: Float[Tensor, "D H W"], T_ct_
     file_hu, file_T, file_mask = _pool_hu(file_hu, file_T, file_mask, downsample)
     step = float(A[:3, 2 - dim].norm())
     return StressCase(
-        profile=profile, seed=seed, angles_deg=tuple(angles), raw=raw, T_cam_from_ct=T_cam_from_ct, K=K,
-        volume_hu=file_hu, T_ct_from_index=file_T, mask=file_mask, label_names=dict(label_names),
-        landmark_names=tuple(lm_names), landmarks_ct=lm, centre_structure=label_names.get(centre_label, str(centre_label)),
-        target_labels=tuple(labels), rendered_extent_mm=hu_kji.shape[dim] * step,
+        profile=profile,
+        seed=seed,
+        angles_deg=tuple(angles),
+        raw=raw,
+        T_cam_from_ct=T_cam_from_ct,
+        K=K,
+        volume_hu=file_hu,
+        T_ct_from_index=file_T,
+        mask=file_mask,
+        label_names=dict(label_names),
+        landmark_names=tuple(lm_names),
+        landmarks_ct=lm,
+        centre_structure=label_names.get(centre_label, str(centre_label)),
+        target_labels=tuple(labels),
+        rendered_extent_mm=hu_kji.shape[dim] * step,
         file_extent_mm=(hi - lo) * float(A[:3, 2 - sdim].norm()),
-        max_displacement_mm=max_disp, tools=tuple(tools))
+        max_displacement_mm=max_disp,
+        tools=tuple(tools),
+    )
 
 
 def _centre_candidates(mask: Tensor, labels: Sequence[int], dim: int, step_mm: float, margin_mm: float) -> list[int]:
@@ -840,20 +1001,30 @@ def _centre_candidates(mask: Tensor, labels: Sequence[int], dim: int, step_mm: f
     return inner or complete or list(labels)
 
 
-def _gas_pockets(profile: StressProfile, hu: Tensor, T_ct_from_index: Tensor, deformation: Deformation,
-                 centre: Tensor, rng: np.random.Generator) -> list[tuple[list[float], float]]:
+def _gas_pockets(
+    profile: StressProfile,
+    hu: Tensor,
+    T_ct_from_index: Tensor,
+    deformation: Deformation,
+    centre: Tensor,
+    rng: np.random.Generator,
+) -> list[tuple[list[float], float]]:
     """Centres of gas pockets: random soft-tissue cells far from the target, within 100 mm of it."""
     if profile.gas_pockets == 0:
         return []
     f = deformation.factors
     weight = deformation.coarse[4]
-    hu_c = F.avg_pool3d(hu[None, None], f, stride=f, ceil_mode=True)[0, 0][: weight.shape[0], : weight.shape[1], : weight.shape[2]]
+    hu_c = F.avg_pool3d(hu[None, None], f, stride=f, ceil_mode=True)[0, 0][
+        : weight.shape[0], : weight.shape[1], : weight.shape[2]
+    ]
     cells = ((weight > 0.99) & (hu_c > -150) & (hu_c < 100)).nonzero()
     if len(cells) == 0:
         return []
     A = T_ct_from_index.to(torch.float64)
-    ijk = (cells.flip(-1).to(torch.float64) * torch.tensor(f[::-1], dtype=torch.float64)
-           + (torch.tensor(f[::-1], dtype=torch.float64) - 1) / 2)
+    ijk = (
+        cells.flip(-1).to(torch.float64) * torch.tensor(f[::-1], dtype=torch.float64)
+        + (torch.tensor(f[::-1], dtype=torch.float64) - 1) / 2
+    )
     p = ijk @ A[:3, :3].T + A[:3, 3]
     near = p[(p - centre).norm(dim=-1) < 100.0]
     if len(near) == 0:
@@ -869,10 +1040,20 @@ def write_case(path: str | Path, case: StressCase, *, specimen: str = "sim-01", 
 
     from mvreg_ros.core.data.deepfluoro import write_specimen
 
-    rec = write_specimen(path, case.volume_hu, case.T_ct_from_index, raw_images=case.raw,
-                         T_cam_from_ct=case.T_cam_from_ct, K=case.K, pixel_mm=case.profile.pixel_mm,
-                         landmarks=(list(case.landmark_names), case.landmarks_ct), specimen=specimen, mask=case.mask,
-                         label_names=case.label_names, append=append)
+    rec = write_specimen(
+        path,
+        case.volume_hu,
+        case.T_ct_from_index,
+        raw_images=case.raw,
+        T_cam_from_ct=case.T_cam_from_ct,
+        K=case.K,
+        pixel_mm=case.profile.pixel_mm,
+        landmarks=(list(case.landmark_names), case.landmarks_ct),
+        specimen=specimen,
+        mask=case.mask,
+        label_names=case.label_names,
+        append=append,
+    )
     with h5py.File(path, "a") as f:
         attrs = f[specimen].attrs
         attrs["stress-profile"] = case.profile.name
@@ -893,14 +1074,34 @@ def load_shipped_ct() -> tuple[Tensor, Tensor, Tensor, dict[int, str]]:
     return hu, A, mask, read_structures(p.with_name("structures.csv"))
 
 
-def write_profile(path: str | Path, profile: StressProfile | str, *, views: int = 12, seed: int = 0,
-                  downsample: int = 1, render_downsample: int = 1, device: str | torch.device = "cpu",
-                  specimen: str = "sim-01", append: bool = False, ct=None) -> StressCase:
+def write_profile(
+    path: str | Path,
+    profile: StressProfile | str,
+    *,
+    views: int = 12,
+    seed: int = 0,
+    downsample: int = 1,
+    render_downsample: int = 1,
+    device: str | torch.device = "cpu",
+    specimen: str = "sim-01",
+    append: bool = False,
+    ct=None,
+) -> StressCase:
     """Simulate a stress acquisition of a CT (default: the shipped one, :func:`load_shipped_ct`;
     or ``ct=(hu, T_ct_from_index, mask, label_names)``) and write it to ``path``."""
     hu, A, mask, names = load_shipped_ct() if ct is None else ct
-    case = simulate(profile, hu, A, mask, names, views=views, seed=seed, downsample=downsample,
-                    render_downsample=render_downsample, device=device)
+    case = simulate(
+        profile,
+        hu,
+        A,
+        mask,
+        names,
+        views=views,
+        seed=seed,
+        downsample=downsample,
+        render_downsample=render_downsample,
+        device=device,
+    )
     write_case(path, case, specimen=specimen, append=append)
     return case
 

@@ -6,22 +6,23 @@ from __future__ import annotations
 import dataclasses
 import platform
 import resource
-import statistics
 import time
 
 import torch
 
-from mvreg_ros.core.geometry import transforms as geometry
-from mvreg_ros.core.rendering import native as render_native
-from mvreg_ros.core.evaluation.metrics import mtre_mm, structure_landmarks
-from mvreg_ros.core.registration.refine import RefineConfig, Registrar
-from mvreg_ros.core.registration.initialisers import Start
-from mvreg_ros.core.registration.pipeline import RegistrationPipeline
-from mvreg_ros.core.rendering.renderer import Renderer
-from mvreg_ros.core.rendering.reference import ReferenceRenderer
 from mvreg_ros.core.data.simulate import acquire, make_scene
+from mvreg_ros.core.evaluation import stats
+from mvreg_ros.core.evaluation.landmarks import ct_landmarks
+from mvreg_ros.core.evaluation.metrics import mtre_mm
+from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume
+from mvreg_ros.core.registration.initialisers import Start
+from mvreg_ros.core.registration.pipeline import RegistrationPipeline
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar
+from mvreg_ros.core.rendering import native as render_native
+from mvreg_ros.core.rendering.reference import ReferenceRenderer
+from mvreg_ros.core.rendering.renderer import Renderer
 
 BYTES_PER_TRILINEAR_SAMPLE = 8 * 4  # eight float32 neighbours read per sample (no cache reuse assumed)
 
@@ -58,7 +59,7 @@ def _timeit(fn, device, repeats: int = 5) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return stats.median(times)
 
 
 def memory_bandwidth_gbs(device, mb: int = 256, repeats: int = 15) -> float:
@@ -85,8 +86,13 @@ def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
     engine = Renderer(volume.resampled(4), device=cfg.device, backend=cfg.refine.render_backend)
     renderers = [("engine", engine, cfg.render_samples)]
     if engine.backend == "native":  # the GPU's backend, measured beside it
-        renderers.append(("engine_compiled", Renderer(volume.resampled(4), device=cfg.device, backend="compiled"),
-                          cfg.render_samples))
+        renderers.append(
+            (
+                "engine_compiled",
+                Renderer(volume.resampled(4), device=cfg.device, backend="compiled"),
+                cfg.render_samples,
+            )
+        )
     renderers.append(("reference", ReferenceRenderer(volume, device=cfg.device), None))
     V = len(T)
     rays = V * cfg.render_size**2
@@ -106,8 +112,14 @@ def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
         repeats = 2 if name == "reference" else 5
         tf = _timeit(fwd, cfg.device, repeats * 4)
         tb = _timeit(fwd_bwd, cfg.device, repeats)
-        out[name] = {"rays": rays, "samples_per_ray": samples, "forward_s": tf, "forward_backward_s": tb,
-                     "forward_samples_per_s": rays * samples / tf, "forward_backward_samples_per_s": rays * samples / tb}
+        out[name] = {
+            "rays": rays,
+            "samples_per_ray": samples,
+            "forward_s": tf,
+            "forward_backward_s": tb,
+            "forward_samples_per_s": rays * samples / tf,
+            "forward_backward_samples_per_s": rays * samples / tb,
+        }
     out["engine_backend"] = engine.backend  # after the calls: a backend that failed to compile has fallen back
     if engine.backend == "native":
         out["engine_native_isa"] = render_native.load().isa
@@ -122,19 +134,30 @@ def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
     out["read_bandwidth_bound_samples_per_s"] = read_bw * 1e9 / BYTES_PER_TRILINEAR_SAMPLE
     out["engine_forward_fraction_of_read_bound"] = engine_rate / out["read_bandwidth_bound_samples_per_s"]
     # the bar is judged against the larger (stricter) of the two estimates
-    out["engine_forward_times_from_bound"] = max(out["bandwidth_bound_samples_per_s"],
-                                                 out["read_bandwidth_bound_samples_per_s"]) / engine_rate
+    out["engine_forward_times_from_bound"] = (
+        max(out["bandwidth_bound_samples_per_s"], out["read_bandwidth_bound_samples_per_s"]) / engine_rate
+    )
     return out
 
 
 def _cases(volume, n_views: int, cfg: BenchConfig, n: int):
     scene = make_scene(volume.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0), (45.0, 20.0)][:n_views])
     gen = torch.Generator().manual_seed(cfg.seed)
-    raw = acquire(Renderer(volume.resampled(2), device=cfg.device), scene.T_cam_from_ct, scene.K, scene.height,
-                  scene.width, generator=gen)
+    raw = acquire(
+        Renderer(volume.resampled(2), device=cfg.device),
+        scene.T_cam_from_ct,
+        scene.K,
+        scene.height,
+        scene.width,
+        generator=gen,
+    )
     views = ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
-    inits = [geometry.perturb(scene.T_ref_from_ct, rot_deg=cfg.rot_deg, trans_mm=cfg.trans_mm,
-                              centre_ct=volume.centre_ct(), generator=gen) for _ in range(n)]
+    inits = [
+        geometry.perturb(
+            scene.T_ref_from_ct, rot_deg=cfg.rot_deg, trans_mm=cfg.trans_mm, centre_ct=volume.centre_ct(), generator=gen
+        )
+        for _ in range(n)
+    ]
     return scene, views, inits
 
 
@@ -146,8 +169,14 @@ def refine_runs(registrar: Registrar, scene, views, inits, landmarks) -> dict:
         _sync(registrar.device)
         times.append(time.perf_counter() - t)
         errs.append(mtre_mm(res.T_ref_from_ct, scene.T_ref_from_ct, landmarks))
-    return {"n": len(inits), "time_s": statistics.median(times), "median_mtre_mm": statistics.median(errs),
-            "max_mtre_mm": max(errs), "times_s": times, "mtre_mm": errs}
+    return {
+        "n": len(inits),
+        "time_s": stats.median(times),
+        "median_mtre_mm": stats.median(errs),
+        "max_mtre_mm": max(errs),
+        "times_s": times,
+        "mtre_mm": errs,
+    }
 
 
 def pipeline_runs(registrar: Registrar, scene, views, inits, landmarks, *, success_mm: float = 2.0) -> dict:
@@ -163,10 +192,18 @@ def pipeline_runs(registrar: Registrar, scene, views, inits, landmarks, *, succe
         errs.append(mtre_mm(out.result.T_ref_from_ct, scene.T_ref_from_ct, landmarks))
         accepted.append(bool(out.accepted))
     ok = [e <= success_mm for e in errs]
-    return {"n": len(inits), "time_s": statistics.median(times), "median_mtre_mm": statistics.median(errs),
-            "max_mtre_mm": max(errs), "success_rate": sum(ok) / len(ok),
-            "accepted": sum(accepted), "false_acceptances": sum(a and not o for a, o in zip(accepted, ok)),
-            "false_rejections": sum(o and not a for a, o in zip(accepted, ok)), "times_s": times, "mtre_mm": errs}
+    return {
+        "n": len(inits),
+        "time_s": stats.median(times),
+        "median_mtre_mm": stats.median(errs),
+        "max_mtre_mm": max(errs),
+        "success_rate": sum(ok) / len(ok),
+        "accepted": sum(accepted),
+        "false_acceptances": sum(a and not o for a, o in zip(accepted, ok)),
+        "false_rejections": sum(o and not a for a, o in zip(accepted, ok)),
+        "times_s": times,
+        "mtre_mm": errs,
+    }
 
 
 def device_name(device) -> str:
@@ -189,12 +226,14 @@ def peak_memory_mb(device) -> float:
 
 
 def run(volume: Volume, cfg: BenchConfig, log=print) -> dict:
-    landmarks = structure_landmarks(volume)
+    chosen = ct_landmarks(volume)
+    landmarks = chosen.points_ct
     scene, views, inits = _cases(volume, 2, cfg, max(cfg.cases, cfg.reference_cases))
     result = {
         "device": device_name(cfg.device),
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "landmarks": chosen.describe(),  # the points behind every mTRE below
     }
     log("renderer throughput ...")
     result["renderer"] = renderer_throughput(volume, scene, cfg)
@@ -204,17 +243,36 @@ def run(volume: Volume, cfg: BenchConfig, log=print) -> dict:
     log("reference refinement (DiffDRR Siddon, full-resolution volume, fixed resolution) ...")
     # the plain baseline: DiffDRR Siddon on the full-resolution volume, one fixed resolution, the
     # same optimiser for a fixed number of iterations, no second-order polish
-    ref_cfg = RefineConfig(sizes=(cfg.reference_size,), iterations=(cfg.reference_iterations,), n_samples=(0,),
-                           patches=(8,), pool_volume=False, tol_rot_deg=0.0, tol_trans_mm=0.0, uncertainty=False,
-                           newton_steps=0, device=cfg.device)
+    ref_cfg = RefineConfig(
+        sizes=(cfg.reference_size,),
+        iterations=(cfg.reference_iterations,),
+        n_samples=(0,),
+        patches=(8,),
+        pool_volume=False,
+        tol_rot_deg=0.0,
+        tol_trans_mm=0.0,
+        uncertainty=False,
+        newton_steps=0,
+        device=cfg.device,
+    )
     reference = Registrar(volume, ref_cfg, renderer_cls=ReferenceRenderer)
     result["reference_refine"] = refine_runs(reference, scene, views, inits[: cfg.reference_cases], landmarks)
     result["refine_speedup"] = result["reference_refine"]["time_s"] / result["refine"]["time_s"]
-    log(f"full registration (global stage, refinement, acceptance test) from {cfg.global_rot_deg:g} deg / "
-        f"{cfg.global_trans_mm:g} mm ...")
+    log(
+        f"full registration (global stage, refinement, acceptance test) from {cfg.global_rot_deg:g} deg / "
+        f"{cfg.global_trans_mm:g} mm ..."
+    )
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    far = [geometry.perturb(scene.T_ref_from_ct, rot_deg=cfg.global_rot_deg, trans_mm=cfg.global_trans_mm,
-                            centre_ct=volume.centre_ct(), generator=gen) for _ in range(cfg.cases)]
+    far = [
+        geometry.perturb(
+            scene.T_ref_from_ct,
+            rot_deg=cfg.global_rot_deg,
+            trans_mm=cfg.global_trans_mm,
+            centre_ct=volume.centre_ct(),
+            generator=gen,
+        )
+        for _ in range(cfg.cases)
+    ]
     result["pipeline"] = pipeline_runs(engine, scene, views, far, landmarks)
     result["coarse_ms_per_set"] = None
     if cfg.model_path:

@@ -13,23 +13,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mvreg_ros.core.data.deepfluoro import DeepFluoroFile, Projection, views_from_projections
-from mvreg_ros.core.imaging.footprint import target_labels
-from mvreg_ros.core.geometry.transforms import cam_to_pelvis_vol_from_T, perturb, transform_points
+from mvreg_ros.core.evaluation import stats
+from mvreg_ros.core.evaluation.landmarks import file_landmarks
 from mvreg_ros.core.evaluation.metrics import mpd_mm, mtre_mm, pose_errors
-from mvreg_ros.core.registration.refine import Registrar, RefineConfig
+from mvreg_ros.core.geometry.transforms import cam_to_pelvis_vol_from_T, perturb, transform_points
+from mvreg_ros.core.imaging.footprint import target_labels
+from mvreg_ros.core.imaging.volume import Volume
 from mvreg_ros.core.registration.initialisers import CoarseNetworkPose, Initialiser, PerturbedTruth
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
-from mvreg_ros.core.imaging.volume import Volume
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar
 
 INITIALISERS = ("perturb", "network")
 
@@ -112,9 +112,15 @@ def make_initialiser(config: EvalConfig, volume: Volume) -> Initialiser:
 # ---------------------------------------------------------------------------------------
 
 
-def perturb_cameras(T_ref_from_cam: Float[Tensor, "V 4 4"], T_ref_from_ct: Float[Tensor, "4 4"],
-                    centre_ct: Float[Tensor, "3"], *, rot_deg: float, trans_mm: float,
-                    generator: torch.Generator) -> Float[Tensor, "V 4 4"]:
+def perturb_cameras(
+    T_ref_from_cam: Float[Tensor, "V 4 4"],
+    T_ref_from_ct: Float[Tensor, "4 4"],
+    centre_ct: Float[Tensor, "3"],
+    *,
+    rot_deg: float,
+    trans_mm: float,
+    generator: torch.Generator,
+) -> Float[Tensor, "V 4 4"]:
     """Known camera poses with a calibration error: every non-first camera is rotated by
     exactly ``rot_deg`` about a random axis through the anatomy centre, then moved by exactly
     ``trans_mm`` in a random direction. The first camera is the reference and stays exact."""
@@ -143,15 +149,28 @@ def _pose_list(T: Tensor) -> list[list[float]]:
     return [[float(v) for v in row] for row in T.to(torch.float64).cpu()]
 
 
-def evaluate_case(pipeline: RegistrationPipeline, projections: Sequence[Projection], *, extrinsic: Tensor,
-                  landmarks_ct: Tensor, centre_ct: Tensor, config: EvalConfig,
-                  noise_generator: torch.Generator) -> dict:
+def evaluate_case(
+    pipeline: RegistrationPipeline,
+    projections: Sequence[Projection],
+    *,
+    extrinsic: Tensor,
+    landmarks_ct: Tensor,
+    centre_ct: Tensor,
+    config: EvalConfig,
+    noise_generator: torch.Generator,
+) -> dict:
     """Register one view set through the engine's pipeline (start, global stage, refinement,
     acceptance test) and measure it; returns the case's JSON record."""
     views, T_true = views_from_projections(projections, i0=config.i0)
     T_true_ref_from_cam = views.T_ref_from_cam
-    known = perturb_cameras(T_true_ref_from_cam, T_true, centre_ct, rot_deg=config.geometry_noise_deg,
-                            trans_mm=config.geometry_noise_mm, generator=noise_generator)
+    known = perturb_cameras(
+        T_true_ref_from_cam,
+        T_true,
+        centre_ct,
+        rot_deg=config.geometry_noise_deg,
+        trans_mm=config.geometry_noise_mm,
+        generator=noise_generator,
+    )
     views = dataclasses.replace(views, T_ref_from_cam=known)
     specimen, indices = projections[0].specimen, tuple(p.index for p in projections)
     outcome = pipeline.register(views, T_true_ref_from_ct=T_true)
@@ -203,11 +222,10 @@ def evaluate_case(pipeline: RegistrationPipeline, projections: Sequence[Projecti
     return record
 
 
-def _stats(values: Sequence[float]) -> dict:
-    a = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    if len(a) == 0:
-        return {"mean": None, "median": None, "p95": None}
-    return {"mean": float(a.mean()), "median": float(np.median(a)), "p95": float(np.percentile(a, 95))}
+def _stats(values: Sequence[float | None]) -> dict:
+    """mean, median and p95 of the values that exist (:func:`stats.summary`)."""
+    s = stats.summary(v for v in values if v is not None)
+    return {k: s[k] for k in ("mean", "median", "p95")}
 
 
 def acceptance_counts(cases: Sequence[dict]) -> dict:
@@ -232,21 +250,26 @@ def summarise(cases: Sequence[dict]) -> dict:
         "mtre_mm": _stats([c["mtre_mm"] for c in cases]),
         "mpd_mm": _stats([c["mpd_mm"] for c in cases]),
         "init_mtre_mm": _stats([c["init_mtre_mm"] for c in cases]),
-        **({"coarse_mtre_mm": _stats([c["coarse_mtre_mm"] for c in cases]),
-            "coarse_success_rate": sum(c["coarse_mtre_mm"] <= c["success_mm"] for c in cases) / n}
-           if n and all("coarse_mtre_mm" in c for c in cases) else {}),
+        **(
+            {
+                "coarse_mtre_mm": _stats([c["coarse_mtre_mm"] for c in cases]),
+                "coarse_success_rate": sum(c["coarse_mtre_mm"] <= c["success_mm"] for c in cases) / n,
+            }
+            if n and all("coarse_mtre_mm" in c for c in cases)
+            else {}
+        ),
         "success_rate": (sum(c["success"] for c in cases) / n) if n else None,
         **acceptance_counts(cases),
-        "time_s": {"median": float(np.median(times)) if n else None, "mean": float(np.mean(times)) if n else None},
+        "time_s": {"median": stats.median(times), "mean": stats.summary(times)["mean"]},
     }
 
 
-def run(path: str | Path, config: EvalConfig = EvalConfig(), *,
-        progress: Callable[[dict], None] | None = None) -> dict:
+def run(path: str | Path, config: EvalConfig = EvalConfig(), *, progress: Callable[[dict], None] | None = None) -> dict:
     """Evaluate every selected view set of every selected specimen; returns
     ``{"file", "config", "render_backends", "cases": [...], "summary": {...}}``."""
     path = Path(path)
     cases: list[dict] = []
+    landmark_sets: dict[str, dict] = {}
     backends: set[str] = set()
     with DeepFluoroFile(path) as f:
         specimens = list(config.specimens) if config.specimens else f.specimens()
@@ -260,13 +283,17 @@ def run(path: str | Path, config: EvalConfig = EvalConfig(), *,
             for vs in sets:
                 missing = [i for i in vs if i not in known]
                 if missing:
-                    raise ValueError(f"{path}: specimen {specimen} has no projection {missing} "
-                                     f"(it has {len(indices)}: {indices[0]}..{indices[-1]})")
+                    raise ValueError(
+                        f"{path}: specimen {specimen} has no projection {missing} "
+                        f"(it has {len(indices)}: {indices[0]}..{indices[-1]})"
+                    )
             if config.max_sets is not None:
                 sets = sets[: config.max_sets]
             if not sets:
                 continue
-            names, landmarks_ct = f.landmarks(specimen)
+            landmarks = file_landmarks(*f.landmarks(specimen))
+            landmark_sets[specimen] = landmarks.describe()
+            landmarks_ct = landmarks.points_ct
             volume = f.volume(specimen, bone_only=config.bone_only, with_mask=config.target is not None)
             centre_ct = volume.centre_ct().to(torch.float64)
             refine = config.refine
@@ -277,19 +304,32 @@ def run(path: str | Path, config: EvalConfig = EvalConfig(), *,
                     raise ValueError(f"{path}: specimen {specimen}: --target: {e}") from None
                 refine = dataclasses.replace(refine, target_labels=labels)
             registrar = Registrar(volume, refine)
-            pipeline = RegistrationPipeline(registrar, initialisers=[make_initialiser(config, volume)],
-                                            config=config.pipeline)
+            pipeline = RegistrationPipeline(
+                registrar, initialisers=[make_initialiser(config, volume)], config=config.pipeline
+            )
             noise_generator = torch.Generator().manual_seed(int(config.seed) + 1)
             for vs in sets:
-                record = evaluate_case(pipeline, [f.projection(specimen, i) for i in vs], extrinsic=E,
-                                       landmarks_ct=landmarks_ct, centre_ct=centre_ct, config=config,
-                                       noise_generator=noise_generator)
+                record = evaluate_case(
+                    pipeline,
+                    [f.projection(specimen, i) for i in vs],
+                    extrinsic=E,
+                    landmarks_ct=landmarks_ct,
+                    centre_ct=centre_ct,
+                    config=config,
+                    noise_generator=noise_generator,
+                )
                 cases.append(record)
                 if progress is not None:
                     progress(record)
             backends.update(registrar.render_backends)
-    return {"file": str(path), "config": config_dict(config), "render_backends": sorted(backends), "cases": cases,
-            "summary": summarise(cases)}
+    return {
+        "file": str(path),
+        "config": config_dict(config),
+        "render_backends": sorted(backends),
+        "landmarks": landmark_sets,  # per specimen: the landmark policy and count behind every mTRE
+        "cases": cases,
+        "summary": summarise(cases),
+    }
 
 
 def config_dict(config: EvalConfig) -> dict:
@@ -322,31 +362,44 @@ def format_case(c: dict) -> str:
     views = ",".join(str(i) for i in c["views"])
     ok = "yes" if c["success"] else "no"
     acc = ("FALSE" if c["false_acceptance"] else "yes") if c["accepted"] else "no"
-    return (f"{c['specimen']:>10} {views:>9} {_fmt(c['init_mtre_mm']):>9} {_fmt(c['mtre_mm']):>9} {_fmt(c['mpd_mm']):>8} "
-            f"{_fmt(c['similarity'], '.3f'):>6} {_fmt(c['uncertainty_mm']):>7} {_fmt(c['time_s'], '.1f'):>7} {ok:>4} {acc:>5}"
-            + (f"  {c['reason']}" if c["reason"] else ""))
+    return (
+        f"{c['specimen']:>10} {views:>9} {_fmt(c['init_mtre_mm']):>9} {_fmt(c['mtre_mm']):>9} {_fmt(c['mpd_mm']):>8} "
+        f"{_fmt(c['similarity'], '.3f'):>6} {_fmt(c['uncertainty_mm']):>7} {_fmt(c['time_s'], '.1f'):>7} {ok:>4} {acc:>5}"
+        + (f"  {c['reason']}" if c["reason"] else "")
+    )
 
 
-TABLE_HEADER = (f"{'specimen':>10} {'views':>9} {'init mTRE':>9} {'mTRE mm':>9} {'mPD mm':>8} {'sim':>6} "
-                f"{'unc mm':>7} {'time s':>7} {'ok':>4} {'acc':>5}")
+TABLE_HEADER = (
+    f"{'specimen':>10} {'views':>9} {'init mTRE':>9} {'mTRE mm':>9} {'mPD mm':>8} {'sim':>6} "
+    f"{'unc mm':>7} {'time s':>7} {'ok':>4} {'acc':>5}"
+)
 
 
 def format_summary(summary: dict, success_mm: float = 2.0) -> str:
     m, p, i = summary["mtre_mm"], summary["mpd_mm"], summary["init_mtre_mm"]
     rate = summary["success_rate"]
-    return "\n".join([
-        f"cases: {summary['n']}",
-        f"mTRE mm   mean {_fmt(m['mean'])}  median {_fmt(m['median'])}  p95 {_fmt(m['p95'])}"
-        f"   (initial: mean {_fmt(i['mean'])}  median {_fmt(i['median'])})",
-        f"mPD mm    mean {_fmt(p['mean'])}  median {_fmt(p['median'])}  p95 {_fmt(p['p95'])}",
-        f"success (mTRE <= {success_mm:g} mm): {_fmt(None if rate is None else 100 * rate, '.1f')} %",
-        f"accepted {summary['accepted']}/{summary['n']}: false acceptances (accepted, mTRE > {success_mm:g} mm) "
-        f"{summary['false_acceptances']}, false rejections {summary['false_rejections']}, true acceptance "
-        f"{_fmt(None if summary['true_acceptance_rate'] is None else 100 * summary['true_acceptance_rate'], '.1f')} %",
-        f"time s    median {_fmt(summary['time_s']['median'], '.1f')}  mean {_fmt(summary['time_s']['mean'], '.1f')}",
-    ] + ([f"coarse network alone: mTRE mm mean {_fmt(summary['coarse_mtre_mm']['mean'])}  median "
-          f"{_fmt(summary['coarse_mtre_mm']['median'])}  p95 {_fmt(summary['coarse_mtre_mm']['p95'])}, "
-          f"success {_fmt(100 * summary['coarse_success_rate'], '.1f')} %"] if "coarse_mtre_mm" in summary else []))
+    return "\n".join(
+        [
+            f"cases: {summary['n']}",
+            f"mTRE mm   mean {_fmt(m['mean'])}  median {_fmt(m['median'])}  p95 {_fmt(m['p95'])}"
+            f"   (initial: mean {_fmt(i['mean'])}  median {_fmt(i['median'])})",
+            f"mPD mm    mean {_fmt(p['mean'])}  median {_fmt(p['median'])}  p95 {_fmt(p['p95'])}",
+            f"success (mTRE <= {success_mm:g} mm): {_fmt(None if rate is None else 100 * rate, '.1f')} %",
+            f"accepted {summary['accepted']}/{summary['n']}: false acceptances (accepted, mTRE > {success_mm:g} mm) "
+            f"{summary['false_acceptances']}, false rejections {summary['false_rejections']}, true acceptance "
+            f"{_fmt(None if summary['true_acceptance_rate'] is None else 100 * summary['true_acceptance_rate'], '.1f')} %",
+            f"time s    median {_fmt(summary['time_s']['median'], '.1f')}  mean {_fmt(summary['time_s']['mean'], '.1f')}",
+        ]
+        + (
+            [
+                f"coarse network alone: mTRE mm mean {_fmt(summary['coarse_mtre_mm']['mean'])}  median "
+                f"{_fmt(summary['coarse_mtre_mm']['median'])}  p95 {_fmt(summary['coarse_mtre_mm']['p95'])}, "
+                f"success {_fmt(100 * summary['coarse_success_rate'], '.1f')} %"
+            ]
+            if "coarse_mtre_mm" in summary
+            else []
+        )
+    )
 
 
 def format_table(report: dict) -> str:
@@ -357,9 +410,13 @@ def format_table(report: dict) -> str:
 CAPTURE_OFFSETS = ((5.0, 10.0), (10.0, 20.0), (15.0, 30.0), (20.0, 40.0), (30.0, 60.0))
 
 
-def capture_range(path: str | Path, config: EvalConfig = EvalConfig(), *,
-                  offsets: Sequence[tuple[float, float]] = CAPTURE_OFFSETS,
-                  progress: Callable[[dict], None] | None = None) -> dict:
+def capture_range(
+    path: str | Path,
+    config: EvalConfig = EvalConfig(),
+    *,
+    offsets: Sequence[tuple[float, float]] = CAPTURE_OFFSETS,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
     """Success and false acceptances against the starting offset: one :func:`run` per
     (degrees, mm) offset, same view sets and seed. Returns ``{"offsets": [{"rot_deg",
     "trans_mm", "summary"}, ...], "reports": [...]}``."""
@@ -373,14 +430,18 @@ def capture_range(path: str | Path, config: EvalConfig = EvalConfig(), *,
 
 
 def format_capture_range(capture: dict) -> str:
-    lines = [f"{'start offset':>16} {'n':>4} {'success':>8} {'median mTRE':>12} {'accepted':>9} {'false acc':>10} "
-             f"{'false rej':>10} {'median s':>9}"]
+    lines = [
+        f"{'start offset':>16} {'n':>4} {'success':>8} {'median mTRE':>12} {'accepted':>9} {'false acc':>10} "
+        f"{'false rej':>10} {'median s':>9}"
+    ]
     for row in capture["offsets"]:
         s = row["summary"]
-        lines.append(f"{row['rot_deg']:>6g} deg/{row['trans_mm']:>4g} mm {s['n']:>4} "
-                     f"{_fmt(None if s['success_rate'] is None else 100 * s['success_rate'], '.1f'):>7}% "
-                     f"{_fmt(s['mtre_mm']['median']):>9} mm {s['accepted']:>9} {s['false_acceptances']:>10} "
-                     f"{s['false_rejections']:>10} {_fmt(s['time_s']['median']):>9}")
+        lines.append(
+            f"{row['rot_deg']:>6g} deg/{row['trans_mm']:>4g} mm {s['n']:>4} "
+            f"{_fmt(None if s['success_rate'] is None else 100 * s['success_rate'], '.1f'):>7}% "
+            f"{_fmt(s['mtre_mm']['median']):>9} mm {s['accepted']:>9} {s['false_acceptances']:>10} "
+            f"{s['false_rejections']:>10} {_fmt(s['time_s']['median']):>9}"
+        )
     return "\n".join(lines)
 
 
@@ -397,8 +458,13 @@ def plot_capture_range(capture: dict, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(x, [100 * (r["summary"]["success_rate"] or 0) for r in rows], "o-", label="success (mTRE <= 2 mm)")
     ax.plot(x, [100 * r["summary"]["accepted"] / max(r["summary"]["n"], 1) for r in rows], "s--", label="accepted")
-    ax.bar(x, [100 * r["summary"]["false_acceptances"] / max(r["summary"]["n"], 1) for r in rows], color="red",
-           alpha=0.6, label="false acceptances")
+    ax.bar(
+        x,
+        [100 * r["summary"]["false_acceptances"] / max(r["summary"]["n"], 1) for r in rows],
+        color="red",
+        alpha=0.6,
+        label="false acceptances",
+    )
     ax.set_xticks(x, labels)
     ax.set_xlabel("starting offset (deg / mm)")
     ax.set_ylabel("% of view sets")

@@ -9,16 +9,25 @@ from torch import Tensor
 from mvreg_ros.core.geometry.transforms import invert, project, rotation_angle_deg, transform_points
 
 
-def mtre_mm(T_est_ref_from_ct: Float[Tensor, "4 4"], T_true_ref_from_ct: Float[Tensor, "4 4"],
-            landmarks_ct: Float[Tensor, "N 3"]) -> float:
+def mtre_mm(
+    T_est_ref_from_ct: Float[Tensor, "4 4"],
+    T_true_ref_from_ct: Float[Tensor, "4 4"],
+    landmarks_ct: Float[Tensor, "N 3"],
+) -> float:
     """Mean 3D distance (mm) between the landmarks mapped by the estimate and by the truth."""
     a = transform_points(T_est_ref_from_ct, landmarks_ct.to(T_est_ref_from_ct))
     b = transform_points(T_true_ref_from_ct, landmarks_ct.to(T_true_ref_from_ct))
     return float((a - b).norm(dim=-1).mean())
 
 
-def mpd_mm(T_est_ref_from_ct: Tensor, T_true_ref_from_ct: Tensor, landmarks_ct: Tensor, K: Float[Tensor, "V 3 3"],
-           T_ref_from_cam: Float[Tensor, "V 4 4"], pixel_mm: Float[Tensor, "V"] | float) -> float:
+def mpd_mm(
+    T_est_ref_from_ct: Tensor,
+    T_true_ref_from_ct: Tensor,
+    landmarks_ct: Tensor,
+    K: Float[Tensor, "V 3 3"],
+    T_ref_from_cam: Float[Tensor, "V 4 4"],
+    pixel_mm: Float[Tensor, "V"] | float,  # noqa: F821
+) -> float:
     """Mean distance (mm at the detector) between the landmarks' projections under the
     estimate and under the truth, over all views."""
     T_cam_from_ref = invert(T_ref_from_cam)
@@ -29,8 +38,9 @@ def mpd_mm(T_est_ref_from_ct: Tensor, T_true_ref_from_ct: Tensor, landmarks_ct: 
     return float(d.mean())
 
 
-def pose_distance(T_a: Float[Tensor, "*N 4 4"], T_b: Float[Tensor, "*N 4 4"], centre_ct: Float[Tensor, "3"]
-                  ) -> tuple[Tensor, Tensor]:
+def pose_distance(
+    T_a: Float[Tensor, "*N 4 4"], T_b: Float[Tensor, "*N 4 4"], centre_ct: Float[Tensor, "3"]
+) -> tuple[Tensor, Tensor]:
     """Rotation angle between the poses (degrees) and displacement of ``centre_ct`` between them
     (mm), batched."""
     D = T_a @ invert(T_b)
@@ -43,26 +53,3 @@ def pose_errors(T_est: Tensor, T_true: Tensor, centre_ct: Tensor) -> tuple[float
     """Rotation error (deg) and translation error of ``centre_ct`` (mm)."""
     rot, trans = pose_distance(T_est, T_true, centre_ct)
     return float(rot), float(trans)
-
-
-def structure_landmarks(volume, max_points: int = 40, *, min_voxels: int = 1, min_structures: int = 1) -> Float[Tensor, "N 3"]:
-    """Deterministic target points in a CT (LPS mm): the centroid of each labelled structure of
-    the volume's segmentation with at least ``min_voxels`` voxels (at most ``max_points``, largest
-    first); without a mask (or with fewer than ``min_structures`` such structures), a fixed
-    subsample of the bone voxels."""
-    from mvreg_ros.core.imaging.volume import BONE_HU, hu_to_mu
-
-    A = volume.T_ct_from_index.to(torch.float64)
-    if volume.mask is not None:
-        labels, counts = torch.unique(volume.mask[volume.mask > 0], return_counts=True)
-        keep = counts >= min_voxels
-        labels, counts = labels[keep], counts[keep]
-        order = torch.argsort(counts, descending=True)[:max_points]
-        pts = [A[:3, :3] @ (volume.mask == lab).nonzero().to(A.dtype).flip(-1).mean(0) + A[:3, 3] for lab in labels[order]]
-        if pts and len(pts) >= min_structures:
-            return torch.stack(pts)
-    idx = (volume.data > hu_to_mu(torch.tensor(BONE_HU))).nonzero()
-    if len(idx) == 0:
-        raise ValueError("no bone voxels and no segmentation: cannot choose landmarks")
-    sel = idx[torch.linspace(0, len(idx) - 1, max_points).long()].to(A.dtype).flip(-1)
-    return sel @ A[:3, :3].T + A[:3, 3]

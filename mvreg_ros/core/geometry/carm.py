@@ -29,8 +29,9 @@ R_ISO_FROM_CAM0 = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.
 R_ISO_FROM_CT_SUPINE = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
 
 
-def T_iso_from_cam(orbital_rad: Tensor | float, angular_rad: Tensor | float, *, sid_mm: float,
-                   dtype=torch.float64) -> Float[Tensor, "... 4 4"]:
+def T_iso_from_cam(
+    orbital_rad: Tensor | float, angular_rad: Tensor | float, *, sid_mm: float, dtype=torch.float64
+) -> Float[Tensor, "... 4 4"]:
     """Camera pose of a C-arm at the given joint values (radians), mm."""
     orbital = torch.as_tensor(orbital_rad, dtype=dtype)
     angular = torch.as_tensor(angular_rad, dtype=dtype)
@@ -40,12 +41,12 @@ def T_iso_from_cam(orbital_rad: Tensor | float, angular_rad: Tensor | float, *, 
     return make_T(R, -sid_mm * R[..., :, 2])
 
 
-def T_iso_from_ct_supine(centre_ct: Float[Tensor, "3"], offset_mm: Float[Tensor, "3"] | Sequence[float] | None = None
-                         ) -> Float[Tensor, "4 4"]:
+def T_iso_from_ct_supine(
+    centre_ct: Float[Tensor, "3"], offset_mm: Float[Tensor, "3"] | Sequence[float] | None = None
+) -> Float[Tensor, "4 4"]:
     """A supine patient whose CT point ``centre_ct`` sits at the isocentre (+ ``offset_mm``)."""
     R = R_ISO_FROM_CT_SUPINE.to(centre_ct)
     t = -R @ centre_ct
     if offset_mm is not None:
         t = t + torch.as_tensor(offset_mm).to(t)
     return make_T(R, t)
-

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from jaxtyping import Float
@@ -35,8 +35,11 @@ M_TO_MM = 1000.0
 
 def rotation_from_rpy(roll: float, pitch: float, yaw: float, *, dtype=torch.float64) -> Float[Tensor, "3 3"]:
     """URDF / REP 103 fixed-axis roll-pitch-yaw (radians): ``Rz(yaw) @ Ry(pitch) @ Rx(roll)``."""
-    return (axis_rotation(2, torch.tensor(yaw, dtype=dtype)) @ axis_rotation(1, torch.tensor(pitch, dtype=dtype))
-            @ axis_rotation(0, torch.tensor(roll, dtype=dtype)))
+    return (
+        axis_rotation(2, torch.tensor(yaw, dtype=dtype))
+        @ axis_rotation(1, torch.tensor(pitch, dtype=dtype))
+        @ axis_rotation(0, torch.tensor(roll, dtype=dtype))
+    )
 
 
 def T_from_xyz_rpy(xyz_m, rpy_rad, *, dtype=torch.float64) -> Float[Tensor, "4 4"]:
@@ -61,7 +64,11 @@ def check_rigid(T: Tensor, name: str, *, tol: float = 1e-6) -> Tensor:
         raise ValueError(f"{name} has non-finite entries")
     R = T[:3, :3]
     err = float((R.T @ R - torch.eye(3, dtype=torch.float64)).abs().max())
-    if err > tol or float(torch.linalg.det(R)) < 0 or float((T[3] - torch.tensor([0, 0, 0, 1.0], dtype=torch.float64)).abs().max()) > 1e-9:
+    if (
+        err > tol
+        or float(torch.linalg.det(R)) < 0
+        or float((T[3] - torch.tensor([0, 0, 0, 1.0], dtype=torch.float64)).abs().max()) > 1e-9
+    ):
         raise ValueError(f"{name} is not a rigid transform (rotation error {err:.2e})")
     return T
 
@@ -74,8 +81,7 @@ class PlaneConfig:
     orbital_joint: str
     angular_joint: str
     sid_mm: float  # source to isocentre
-    T_ref_from_iso: Float[Tensor, "4 4"] = dataclasses.field(
-        default_factory=lambda: torch.eye(4, dtype=torch.float64))
+    T_ref_from_iso: Float[Tensor, "4 4"] = dataclasses.field(default_factory=lambda: torch.eye(4, dtype=torch.float64))
     orbital_sign: float = 1.0  # +1: positive joint value = LAO (see carm.py); -1: the opposite
     angular_sign: float = 1.0  # +1: positive joint value = cranial
     prismatic_joints: tuple[str, ...] = ()
@@ -88,13 +94,17 @@ class PlaneConfig:
             if not isinstance(getattr(self, field), str) or not getattr(self, field):
                 raise ValueError(f"plane {self.name!r}: {field} must be a non-empty joint name")
         if self.orbital_joint == self.angular_joint:
-            raise ValueError(f"plane {self.name!r}: orbital and angular joints must differ, both are {self.orbital_joint!r}")
+            raise ValueError(
+                f"plane {self.name!r}: orbital and angular joints must differ, both are {self.orbital_joint!r}"
+            )
         if not (math.isfinite(self.sid_mm) and self.sid_mm > 0):
             raise ValueError(f"plane {self.name!r}: sid_mm must be positive, got {self.sid_mm}")
         for field in ("orbital_sign", "angular_sign"):
             if getattr(self, field) not in (1.0, -1.0):
                 raise ValueError(f"plane {self.name!r}: {field} must be +1 or -1, got {getattr(self, field)}")
-        object.__setattr__(self, "T_ref_from_iso", check_rigid(self.T_ref_from_iso, f"plane {self.name!r} T_ref_from_iso"))
+        object.__setattr__(
+            self, "T_ref_from_iso", check_rigid(self.T_ref_from_iso, f"plane {self.name!r} T_ref_from_iso")
+        )
         joints = tuple(self.prismatic_joints)
         axes = tuple(tuple(float(v) for v in a) for a in self.prismatic_axes)
         if len(joints) != len(axes):
@@ -104,7 +114,9 @@ class PlaneConfig:
                 raise ValueError(f"plane {self.name!r}: axis of prismatic joint {j!r} needs 3 values, got {a}")
             n = math.sqrt(sum(v * v for v in a))
             if not abs(n - 1.0) < 1e-6:
-                raise ValueError(f"plane {self.name!r}: axis of prismatic joint {j!r} must be a unit vector, got {a} (norm {n:.6g})")
+                raise ValueError(
+                    f"plane {self.name!r}: axis of prismatic joint {j!r} must be a unit vector, got {a} (norm {n:.6g})"
+                )
         names = (self.orbital_joint, self.angular_joint) + joints
         if len(set(names)) != len(names):
             raise ValueError(f"plane {self.name!r}: joint names must be distinct, got {names}")

@@ -76,8 +76,14 @@ def T_cam_from_inplane(angle_rad: Tensor) -> Float[Tensor, "... 4 4"]:
     return make_T(axis_rotation(2, angle), torch.zeros(*angle.shape, 3, dtype=torch.float64))
 
 
-def sample_view_sets(n: int, n_views: int, *, centre_ct: Float[Tensor, "3"], pose_range: PoseRange = PoseRange(),
-                     generator: torch.Generator) -> ViewSetGeometry:
+def sample_view_sets(
+    n: int,
+    n_views: int,
+    *,
+    centre_ct: Float[Tensor, "3"],
+    pose_range: PoseRange = PoseRange(),
+    generator: torch.Generator,
+) -> ViewSetGeometry:
     """``n`` view sets of ``n_views`` views each."""
     if n < 1 or n_views < 1:
         raise ValueError(f"n ({n}) and n_views ({n_views}) must be >= 1")
@@ -99,8 +105,9 @@ def sample_view_sets(n: int, n_views: int, *, centre_ct: Float[Tensor, "3"], pos
     offset = _uniform(n * 3, -r.iso_mm, r.iso_mm, g).reshape(n, 3)
     c = centre_ct.to(torch.float64)
     T_ref_from_ct = torch.stack([carm.T_iso_from_ct_supine(c, offset[b]) for b in range(n)])
-    return ViewSetGeometry(T_ref_from_ct=T_ref_from_ct, T_ref_from_cam=T_ref_from_cam,
-                           joints_deg=torch.stack([orb_t, ang_t, inpl], -1))
+    return ViewSetGeometry(
+        T_ref_from_ct=T_ref_from_ct, T_ref_from_cam=T_ref_from_cam, joints_deg=torch.stack([orb_t, ang_t, inpl], -1)
+    )
 
 
 def canonical_rotation(dtype=torch.float64) -> Float[Tensor, "3 3"]:
@@ -110,5 +117,10 @@ def canonical_rotation(dtype=torch.float64) -> Float[Tensor, "3 3"]:
 
 def max_rotation_deg(pose_range: PoseRange) -> float:
     """Upper bound of the rotation away from the AP view over the range (for documentation)."""
-    return math.degrees(math.sqrt(math.radians(pose_range.orbital_deg) ** 2 + math.radians(pose_range.angular_deg) ** 2
-                                  + math.radians(pose_range.inplane_deg) ** 2))
+    return math.degrees(
+        math.sqrt(
+            math.radians(pose_range.orbital_deg) ** 2
+            + math.radians(pose_range.angular_deg) ** 2
+            + math.radians(pose_range.inplane_deg) ** 2
+        )
+    )

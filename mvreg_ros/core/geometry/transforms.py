@@ -22,7 +22,6 @@ import math
 import typing
 
 import numpy as np
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -68,9 +67,7 @@ def so3_log(R: Float[Tensor, "... 3 3"]) -> Float[Tensor, "... 3"]:
     """Rotation vector of a rotation matrix; stable at 0 and at 180 degrees, differentiable at 0."""
     tr = R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2]
     cos = (tr - 1) / 2
-    vee = torch.stack(
-        [R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1
-    )
+    vee = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
     # |vee| = 2 sin(theta): atan2 is accurate over the whole range (arccos is not near 0 and pi)
     theta = torch.atan2(vee.norm(dim=-1) / 2, cos)
     sin = torch.sin(theta)
@@ -138,11 +135,14 @@ def matrix_from_quaternion(x: float, y: float, z: float, w: float) -> Float[Tens
     if not math.isfinite(n) or n < 1e-9:
         raise ValueError(f"invalid quaternion {tuple(q)}")
     x, y, z, w = q / n
-    return torch.tensor([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ], dtype=torch.float64)
+    return torch.tensor(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ],
+        dtype=torch.float64,
+    )
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
@@ -199,7 +199,9 @@ def se3_log(T: Float[Tensor, "... 4 4"]) -> Float[Tensor, "... 6"]:
     theta = theta2_safe.sqrt()
     half = theta / 2
     # V^-1 = I - W/2 + (1 - half*cot(half)) / theta^2 W^2
-    cot_term = torch.where(small, 1.0 / 12 + theta2 / 720, (1 - half * torch.cos(half) / torch.sin(half).clamp_min(1e-12)) / theta2_safe)
+    cot_term = torch.where(
+        small, 1.0 / 12 + theta2 / 720, (1 - half * torch.cos(half) / torch.sin(half).clamp_min(1e-12)) / theta2_safe
+    )
     W = skew(w)
     eye = torch.eye(3, dtype=T.dtype, device=T.device).expand_as(W)
     Vinv = eye - 0.5 * W + cot_term * (W @ W)
@@ -223,8 +225,14 @@ def about_point(T_local: Float[Tensor, "... 4 4"], c: Float[Tensor, "... 3"]) ->
 
 
 def intrinsics(
-    *, sdd_mm: float, pixel_spacing_mm: float | tuple[float, float], height: int, width: int,
-    principal_point_px: tuple[float, float] | None = None, dtype=torch.float64, device="cpu",
+    *,
+    sdd_mm: float,
+    pixel_spacing_mm: float | tuple[float, float],
+    height: int,
+    width: int,
+    principal_point_px: tuple[float, float] | None = None,
+    dtype=torch.float64,
+    device="cpu",
 ) -> Float[Tensor, "3 3"]:
     """Pinhole K (pixels, OpenCV) of an X-ray detector at ``sdd_mm`` from the source.
 
@@ -247,11 +255,15 @@ def scale_intrinsics(K: Float[Tensor, "... 3 3"], factor: float) -> Float[Tensor
     """
     if factor <= 0:
         raise ValueError(f"factor must be positive, got {factor}")
-    S = torch.tensor([[factor, 0, 0.5 * factor - 0.5], [0, factor, 0.5 * factor - 0.5], [0, 0, 1]], dtype=K.dtype, device=K.device)
+    S = torch.tensor(
+        [[factor, 0, 0.5 * factor - 0.5], [0, factor, 0.5 * factor - 0.5], [0, 0, 1]], dtype=K.dtype, device=K.device
+    )
     return S @ K
 
 
-def project(K: Float[Tensor, "... 3 3"], T_cam_from_x: Float[Tensor, "... 4 4"], p_x: Float[Tensor, "... N 3"]) -> Float[Tensor, "... N 2"]:
+def project(
+    K: Float[Tensor, "... 3 3"], T_cam_from_x: Float[Tensor, "... 4 4"], p_x: Float[Tensor, "... N 3"]
+) -> Float[Tensor, "... N 2"]:
     """Pixel coordinates (u = column, v = row) of points given in frame x."""
     p_cam = transform_points(T_cam_from_x, p_x)
     uvw = p_cam @ K.transpose(-1, -2)
@@ -287,7 +299,9 @@ def K_to_deepfluoro(K: Float[Tensor, "3 3"], width: int) -> Float[Tensor, "3 3"]
     return K_from_deepfluoro(K, width)
 
 
-def T_cam_from_ct_deepfluoro(extrinsic: Float[Tensor, "4 4"], cam_to_pelvis_vol: Float[Tensor, "4 4"]) -> Float[Tensor, "4 4"]:
+def T_cam_from_ct_deepfluoro(
+    extrinsic: Float[Tensor, "4 4"], cam_to_pelvis_vol: Float[Tensor, "4 4"]
+) -> Float[Tensor, "4 4"]:
     """ROS camera from CT, given DeepFluoro's ``proj-params/extrinsic`` (E) and a
     ``gt-poses/cam-to-pelvis-vol`` (G): the file projects with ``K_df @ (E @ inv(G) @ p)``."""
     E = torch.as_tensor(extrinsic)
@@ -297,7 +311,9 @@ def T_cam_from_ct_deepfluoro(extrinsic: Float[Tensor, "4 4"], cam_to_pelvis_vol:
     return T_cam_from_dfcam(E.dtype, E.device) @ E @ torch.linalg.inv(G)
 
 
-def cam_to_pelvis_vol_from_T(extrinsic: Float[Tensor, "4 4"], T_cam_from_ct: Float[Tensor, "4 4"]) -> Float[Tensor, "4 4"]:
+def cam_to_pelvis_vol_from_T(
+    extrinsic: Float[Tensor, "4 4"], T_cam_from_ct: Float[Tensor, "4 4"]
+) -> Float[Tensor, "4 4"]:
     """Inverse of :func:`T_cam_from_ct_deepfluoro`: the G that yields ``T_cam_from_ct``."""
     E = torch.as_tensor(extrinsic)
     T_dfcam_from_ct = T_cam_from_dfcam(E.dtype, E.device) @ T_cam_from_ct
@@ -320,7 +336,11 @@ def random_unit_vectors(n: int, generator: torch.Generator, dtype=torch.float64)
 
 
 def perturb(
-    T_ref_from_ct: Float[Tensor, "4 4"], *, rot_deg: float, trans_mm: float, centre_ct: Float[Tensor, "3"],
+    T_ref_from_ct: Float[Tensor, "4 4"],
+    *,
+    rot_deg: float,
+    trans_mm: float,
+    centre_ct: Float[Tensor, "3"],
     generator: torch.Generator,
 ) -> Float[Tensor, "4 4"]:
     """Rotate by exactly ``rot_deg`` about a random axis through ``centre_ct`` (the CT point),

@@ -11,15 +11,15 @@ dilated), so the similarity can weight the target above the tissue that moves.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from mvreg_ros.core.rendering.renderer import Renderer, make_rays, pixel_grid
 from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM, Volume
+from mvreg_ros.core.rendering.renderer import Renderer, make_rays, pixel_grid
 
 BODY_MU = 0.2 * MU_WATER_PER_MM  # above this: body, not air
 FACES = ("i-", "i+", "j-", "j+", "k-", "k+")
@@ -33,9 +33,17 @@ def truncated_faces(volume: Volume, *, min_body_fraction: float = 0.1) -> tuple[
     return tuple(bool(f.float().mean() > min_body_fraction) for f in faces)
 
 
-def complete_rays(volume: Volume, T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "V 3 3"], height: int,
-                  width: int, *, faces: tuple[bool, ...] | None = None, margin_vox: float = 1.0,
-                  strict: bool = True) -> Float[Tensor, "V H W"]:
+def complete_rays(
+    volume: Volume,
+    T_cam_from_ct: Float[Tensor, "V 4 4"],
+    K: Float[Tensor, "V 3 3"],
+    height: int,
+    width: int,
+    *,
+    faces: tuple[bool, ...] | None = None,
+    margin_vox: float = 1.0,
+    strict: bool = True,
+) -> Float[Tensor, "V H W"]:
     """1 where the pixel's ray is complete: it crosses the CT box entering and leaving through
     faces that do not cut the body, or it misses the box of a CT that is nowhere truncated.
     ``strict=False``: every ray that crosses the box of a truncated CT counts (its footprint)."""
@@ -62,11 +70,17 @@ def target_labels(label_names: Mapping[int, str], prefix: str, *, mask: Tensor |
     """The labels whose names start with ``prefix`` (e.g. 'vertebrae'), sorted; with ``mask``,
     only those present in it. ValueError when there is none."""
     present = None if mask is None else set(torch.unique(mask).tolist())
-    labels = tuple(sorted(label for label, name in label_names.items()
-                          if name.startswith(prefix) and (present is None or label in present)))
+    labels = tuple(
+        sorted(
+            label
+            for label, name in label_names.items()
+            if name.startswith(prefix) and (present is None or label in present)
+        )
+    )
     if not labels:
-        raise ValueError(f"no structure whose name starts with {prefix!r}" + (" in the label map" if mask is not None
-                                                                                else ""))
+        raise ValueError(
+            f"no structure whose name starts with {prefix!r}" + (" in the label map" if mask is not None else "")
+        )
     return labels
 
 
@@ -90,8 +104,16 @@ def dilate(mask: Float[Tensor, "V H W"], px: int) -> Float[Tensor, "V H W"]:
     return F.max_pool2d(mask[:, None], 2 * px + 1, stride=1, padding=px)[:, 0]
 
 
-def target_footprint(renderer: Renderer, T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "V 3 3"],
-                     height: int, width: int, *, dilate_px: int, n_samples: int = 48) -> Float[Tensor, "V H W"]:
+def target_footprint(
+    renderer: Renderer,
+    T_cam_from_ct: Float[Tensor, "V 4 4"],
+    K: Float[Tensor, "V 3 3"],
+    height: int,
+    width: int,
+    *,
+    dilate_px: int,
+    n_samples: int = 48,
+) -> Float[Tensor, "V H W"]:
     """1 where the pixel's ray crosses the target (``renderer`` of :func:`target_volume`),
     grown by ``dilate_px``."""
     with torch.no_grad():

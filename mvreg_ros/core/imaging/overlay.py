@@ -12,8 +12,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mvreg_ros.core.geometry.transforms import invert, transform_points
-from mvreg_ros.core.registration.similarity import gradients
 from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.registration.similarity import gradients
 
 if TYPE_CHECKING:
     from mvreg_ros.core.registration.refine import Registrar
@@ -56,8 +56,9 @@ def save_overlay(path, target: Tensor, drr: Tensor, mask: Tensor | None = None, 
     img.save(path)
 
 
-def fusion_rgb(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *,
-               max_size: int = 256) -> np.ndarray:
+def fusion_rgb(
+    registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, max_size: int = 256
+) -> np.ndarray:
     """Views side by side, (H, V*W, 3) uint8, at most ``max_size`` pixels a side: the X-ray in
     magenta, the DRR at the pose in green (grey where they agree), black outside the field of view."""
     factor = max(1, math.ceil(max(views.height, views.width) / max_size))

@@ -57,18 +57,35 @@ class ViewSet:
         return ViewSet(images=img, masks=(msk > 0.999).float(), K=K, T_ref_from_cam=self.T_ref_from_cam)
 
     def select(self, idx: list[int]) -> "ViewSet":
-        return ViewSet(images=self.images[idx], masks=self.masks[idx], K=self.K[idx], T_ref_from_cam=self.T_ref_from_cam[idx])
+        return ViewSet(
+            images=self.images[idx], masks=self.masks[idx], K=self.K[idx], T_ref_from_cam=self.T_ref_from_cam[idx]
+        )
 
     def to(self, device) -> "ViewSet":
-        return ViewSet(images=self.images.to(device), masks=self.masks.to(device), K=self.K.to(device),
-                       T_ref_from_cam=self.T_ref_from_cam.to(device))
+        return ViewSet(
+            images=self.images.to(device),
+            masks=self.masks.to(device),
+            K=self.K.to(device),
+            T_ref_from_cam=self.T_ref_from_cam.to(device),
+        )
 
     @classmethod
-    def from_raw(cls, raw: Float[Tensor, "V H W"], K: Float[Tensor, "V 3 3"], T_ref_from_cam: Float[Tensor, "V 4 4"],
-                 *, i0: float | None = None, raw_is_line_integral: bool = False) -> "ViewSet":
+    def from_raw(
+        cls,
+        raw: Float[Tensor, "V H W"],
+        K: Float[Tensor, "V 3 3"],
+        T_ref_from_cam: Float[Tensor, "V 4 4"],
+        *,
+        i0: float | None = None,
+        raw_is_line_integral: bool = False,
+    ) -> "ViewSet":
         """Preprocess raw detector images (log-linearise, detect the field of view)."""
         if raw.ndim != 3:
             raise ValueError(f"raw images must be (V, H, W), got {tuple(raw.shape)}")
         prepared = [prepare(raw[i], K[i], i0=i0, raw_is_line_integral=raw_is_line_integral) for i in range(len(raw))]
-        return cls(images=torch.stack([p.image for p in prepared]), masks=torch.stack([p.mask for p in prepared]),
-                   K=K.to(torch.float64), T_ref_from_cam=T_ref_from_cam.to(torch.float64))
+        return cls(
+            images=torch.stack([p.image for p in prepared]),
+            masks=torch.stack([p.mask for p in prepared]),
+            K=K.to(torch.float64),
+            T_ref_from_cam=T_ref_from_cam.to(torch.float64),
+        )

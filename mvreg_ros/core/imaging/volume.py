@@ -66,8 +66,11 @@ class Volume:
 
     def corners_ct(self) -> Float[Tensor, "8 3"]:
         W, H, D = self.shape_ijk
-        c = torch.tensor([[i, j, k] for i in (-0.5, W - 0.5) for j in (-0.5, H - 0.5) for k in (-0.5, D - 0.5)],
-                         dtype=self.T_ct_from_index.dtype, device=self.T_ct_from_index.device)
+        c = torch.tensor(
+            [[i, j, k] for i in (-0.5, W - 0.5) for j in (-0.5, H - 0.5) for k in (-0.5, D - 0.5)],
+            dtype=self.T_ct_from_index.dtype,
+            device=self.T_ct_from_index.device,
+        )
         return c @ self.T_ct_from_index[:3, :3].T + self.T_ct_from_index[:3, 3]
 
     def to(self, device=None, dtype=None) -> "Volume":
@@ -117,7 +120,9 @@ class Volume:
         shift = torch.eye(4, dtype=self.T_ct_from_index.dtype, device=self.T_ct_from_index.device)
         shift[:3, 3] = torch.tensor([i0, j0, k0], dtype=shift.dtype)
         mask = None if self.mask is None else self.mask[k0:k1, j0:j1, i0:i1]
-        return Volume(data=self.data[k0:k1, j0:j1, i0:i1].contiguous(), T_ct_from_index=self.T_ct_from_index @ shift, mask=mask)
+        return Volume(
+            data=self.data[k0:k1, j0:j1, i0:i1].contiguous(), T_ct_from_index=self.T_ct_from_index @ shift, mask=mask
+        )
 
 
 def hu_to_mu(hu: Tensor, *, bone_scale: float = 1.0) -> Tensor:
@@ -168,11 +173,19 @@ def load_itk(path: str | Path) -> tuple[Tensor, Tensor]:
         img = sitk.ReadImage(str(path))
     if img.GetDimension() != 3:
         raise ValueError(f"{path}: expected a 3D volume, got {img.GetDimension()}D")
-    return from_itk_arrays(sitk.GetArrayFromImage(img).astype(np.float32), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+    return from_itk_arrays(
+        sitk.GetArrayFromImage(img).astype(np.float32), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+    )
 
 
-def from_hu(hu_kji: Tensor, T_ct_from_index: Tensor, *, mask: Tensor | None = None, bone_only: bool = False,
-            bone_scale: float = 1.0) -> Volume:
+def from_hu(
+    hu_kji: Tensor,
+    T_ct_from_index: Tensor,
+    *,
+    mask: Tensor | None = None,
+    bone_only: bool = False,
+    bone_scale: float = 1.0,
+) -> Volume:
     """Volume of attenuations from HU; ``bone_only`` keeps voxels above :data:`BONE_HU`."""
     mu = hu_to_mu(hu_kji.float(), bone_scale=bone_scale)
     if bone_only:

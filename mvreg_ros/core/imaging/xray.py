@@ -39,7 +39,9 @@ def check_image(image: Tensor, name: str = "image") -> Tensor:
     return image
 
 
-def detect_fov(raw: Float[Tensor, "H W"], *, rel_threshold: float = 0.03, margin_px: float = 5.0) -> Float[Tensor, "H W"]:
+def detect_fov(
+    raw: Float[Tensor, "H W"], *, rel_threshold: float = 0.03, margin_px: float = 5.0
+) -> Float[Tensor, "H W"]:
     """Mask of the detector's field of view in a raw (intensity) image.
 
     Pixels without signal (below ``rel_threshold`` of the 99th percentile) are outside. If
@@ -54,8 +56,11 @@ def detect_fov(raw: Float[Tensor, "H W"], *, rel_threshold: float = 0.03, margin
         raise ValueError(f"empty field of view: only {frac:.1%} of the image has signal")
     if frac > 0.98:
         return torch.ones_like(raw)
-    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=raw.device),
-                          torch.arange(W, dtype=torch.float32, device=raw.device), indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(H, dtype=torch.float32, device=raw.device),
+        torch.arange(W, dtype=torch.float32, device=raw.device),
+        indexing="ij",
+    )
     cu, cv = u[lit].mean(), v[lit].mean()
     radius = math.sqrt(float(lit.sum()) / math.pi)
     circle = ((u - cu) ** 2 + (v - cv) ** 2) <= (radius - margin_px) ** 2
@@ -65,7 +70,9 @@ def detect_fov(raw: Float[Tensor, "H W"], *, rel_threshold: float = 0.03, margin
     return mask.float()
 
 
-def log_linearize(raw: Float[Tensor, "H W"], *, i0: float | None = None, mask: Tensor | None = None) -> Float[Tensor, "H W"]:
+def log_linearize(
+    raw: Float[Tensor, "H W"], *, i0: float | None = None, mask: Tensor | None = None
+) -> Float[Tensor, "H W"]:
     """Detector intensities to line integrals ``log(I0 / I)``; without ``i0``, the brightest
     (99.9th percentile) pixel inside the mask stands for the unattenuated beam."""
     raw = raw.float()
@@ -101,8 +108,14 @@ def resize_to(image: Tensor, K: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return downsample(image, K, factor)
 
 
-def prepare(raw: Float[Tensor, "H W"], K: Float[Tensor, "3 3"], *, i0: float | None = None,
-            fov_mask: Tensor | None = None, raw_is_line_integral: bool = False) -> PreparedImage:
+def prepare(
+    raw: Float[Tensor, "H W"],
+    K: Float[Tensor, "3 3"],
+    *,
+    i0: float | None = None,
+    fov_mask: Tensor | None = None,
+    raw_is_line_integral: bool = False,
+) -> PreparedImage:
     """Check, mask and log-linearise one raw detector image (full resolution)."""
     check_image(raw)
     if raw_is_line_integral:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mvreg_ros.core.geometry.transforms import invert, make_T, rotation_angle_deg, scale_intrinsics, transform_points
-from mvreg_ros.core.learning.network import ArchConfig, PoseGeometry, PoseNet, decode, load_checkpoint
-from mvreg_ros.core.rendering.renderer import Renderer
-from mvreg_ros.core.registration.similarity import multiscale_ncc
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume
 from mvreg_ros.core.imaging.xray import downsample
+from mvreg_ros.core.learning.network import ArchConfig, PoseGeometry, PoseNet, decode, load_checkpoint
+from mvreg_ros.core.registration.similarity import multiscale_ncc
+from mvreg_ros.core.rendering.renderer import Renderer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,9 @@ def chordal_mean(R: Float[Tensor, "N 3 3"], weights: Tensor | None = None) -> Fl
     return U @ D @ Vh
 
 
-def triangulate(origins: Float[Tensor, "N 3"], points: Float[Tensor, "N 3"], *, prior_weight: float = 0.01) -> Float[Tensor, "3"]:
+def triangulate(
+    origins: Float[Tensor, "N 3"], points: Float[Tensor, "N 3"], *, prior_weight: float = 0.01
+) -> Float[Tensor, "3"]:
     """Point closest to the rays ``origins -> points``, pulled by ``prior_weight`` toward the
     mean of ``points`` (so a single ray or parallel rays give a finite answer)."""
     d = F.normalize(points - origins, dim=-1)
@@ -85,8 +87,14 @@ def _line_distance(o1, p1, o2, p2) -> Tensor:
     return ((o2 - o1) * F.normalize(n, dim=-1)).sum(-1).abs()
 
 
-def fuse_subset(T_views: Float[Tensor, "V 4 4"], cam_origins: Float[Tensor, "V 3"], centre_ct: Tensor, idx: list[int],
-                *, prior_weight: float) -> Float[Tensor, "4 4"]:
+def fuse_subset(
+    T_views: Float[Tensor, "V 4 4"],
+    cam_origins: Float[Tensor, "V 3"],
+    centre_ct: Tensor,
+    idx: list[int],
+    *,
+    prior_weight: float,
+) -> Float[Tensor, "4 4"]:
     """Chordal mean rotation + triangulated centre of the views ``idx``."""
     T = T_views[idx]
     if len(idx) == 1:
@@ -97,9 +105,14 @@ def fuse_subset(T_views: Float[Tensor, "V 4 4"], cam_origins: Float[Tensor, "V 3
     return make_T(R, c_ref - R @ centre_ct.to(T))
 
 
-def fuse(T_ref_from_ct_views: Float[Tensor, "V 4 4"], T_ref_from_cam: Float[Tensor, "V 4 4"], centre_ct: Float[Tensor, "3"],
-         *, config: FusionConfig = FusionConfig(),
-         scorer: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+def fuse(
+    T_ref_from_ct_views: Float[Tensor, "V 4 4"],
+    T_ref_from_cam: Float[Tensor, "V 4 4"],
+    centre_ct: Float[Tensor, "3"],
+    *,
+    config: FusionConfig = FusionConfig(),
+    scorer: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Robust fused ``T_ref_from_ct``, the inlier mask and candidate scores (if scored).
 
     Two views agree when their rotations differ by at most ``rot_threshold_deg`` and the rays
@@ -143,8 +156,9 @@ ASPECT_TOLERANCE = 0.02  # relative difference of aspect ratios (rows / columns)
 
 
 @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
-def to_working_size(images: Float[Tensor, "V H W"], masks: Float[Tensor, "V H W"], K: Float[Tensor, "V 3 3"],
-                    size: int) -> tuple[Float[Tensor, "V S S"], Float[Tensor, "V S S"], Float[Tensor, "V 3 3"]]:
+def to_working_size(
+    images: Float[Tensor, "V H W"], masks: Float[Tensor, "V H W"], K: Float[Tensor, "V 3 3"], size: int
+) -> tuple[Float[Tensor, "V S S"], Float[Tensor, "V S S"], Float[Tensor, "V 3 3"]]:
     """The network input (``size x size``) and its intrinsics ``K_work`` of views of any shape.
 
     The one preprocessing of the coarse network, used by training (working intrinsics and
@@ -165,8 +179,9 @@ def to_working_size(images: Float[Tensor, "V H W"], masks: Float[Tensor, "V H W"
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise TypeError(f"size must be a positive int, got {size!r}")
     if images.ndim != 3 or masks.shape != images.shape:
-        raise ValueError(f"images and masks must be (V, H, W) of one shape, got {tuple(images.shape)} and "
-                         f"{tuple(masks.shape)}")
+        raise ValueError(
+            f"images and masks must be (V, H, W) of one shape, got {tuple(images.shape)} and {tuple(masks.shape)}"
+        )
     if K.shape != (images.shape[0], 3, 3):
         raise ValueError(f"K must be ({images.shape[0]}, 3, 3), got {tuple(K.shape)}")
     H, W = images.shape[-2:]
@@ -190,8 +205,9 @@ def to_working_size(images: Float[Tensor, "V H W"], masks: Float[Tensor, "V H W"
     return images, (masks > 0.999).float(), K_work
 
 
-def working_geometry(K: Float[Tensor, "3 3"], height: int, width: int,
-                     size: int) -> tuple[Float[Tensor, "3 3"], Float[Tensor, "S S"]]:
+def working_geometry(
+    K: Float[Tensor, "3 3"], height: int, width: int, size: int
+) -> tuple[Float[Tensor, "3 3"], Float[Tensor, "S S"]]:
     """``K_work`` and the detector's area (mask) in the network input of a ``height x width``
     detector with intrinsics ``K`` (:func:`to_working_size` of a blank detector image)."""
     if height < 1 or width < 1:
@@ -208,9 +224,11 @@ def check_aspect(trained_shape: tuple[int, int], shape: tuple[int, int], *, what
     H0, W0 = (int(x) for x in trained_shape)
     H, W = (int(x) for x in shape)
     if abs((H / W) / (H0 / W0) - 1.0) > ASPECT_TOLERANCE:
-        raise ValueError(f"{what} are {H}x{W} px (rows x columns), but the coarse network was trained for a "
-                         f"{H0}x{W0} detector (aspect ratio {H / W:.3f} vs {H0 / W0:.3f}); train a model for this "
-                         f"detector shape (TrainConfig detector_rows/detector_px, or `mvreg train` on its file)")
+        raise ValueError(
+            f"{what} are {H}x{W} px (rows x columns), but the coarse network was trained for a "
+            f"{H0}x{W0} detector (aspect ratio {H / W:.3f} vs {H0 / W0:.3f}); train a model for this "
+            f"detector shape (TrainConfig detector_rows/detector_px, or `mvreg train` on its file)"
+        )
 
 
 def trained_detector_shape(metadata: dict) -> tuple[int, int] | None:
@@ -234,9 +252,17 @@ def resize_views(views: ViewSet, size: int) -> tuple[Tensor, Tensor, Tensor]:
 class CoarseModel:
     """A trained coarse network for one CT. ``predict(views)`` gives the fused pose."""
 
-    def __init__(self, net: PoseNet, geometry: PoseGeometry, *, volume: Volume | None = None, device="cpu",
-                 fusion: FusionConfig = FusionConfig(), metadata: dict | None = None,
-                 detector_shape: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        net: PoseNet,
+        geometry: PoseGeometry,
+        *,
+        volume: Volume | None = None,
+        device="cpu",
+        fusion: FusionConfig = FusionConfig(),
+        metadata: dict | None = None,
+        detector_shape: tuple[int, int] | None = None,
+    ):
         """``detector_shape`` (rows, columns): the detector the network was trained for; views
         of another aspect ratio are refused by :meth:`predict` (None: not checked; taken from
         the checkpoint by :meth:`load`)."""
@@ -256,14 +282,25 @@ class CoarseModel:
         if volume is not None and fusion.score_size > 0:
             vox = float(volume.spacing.min())
             factor = max(1, int(round(4.0 / vox)))  # about 4 mm voxels for 32 px scoring DRRs
-            self._scorer_renderer = Renderer(volume.resampled(factor), n_samples=fusion.score_samples, device=self.device)
+            self._scorer_renderer = Renderer(
+                volume.resampled(factor), n_samples=fusion.score_samples, device=self.device
+            )
 
     @classmethod
-    def load(cls, path: str | Path, volume: Volume, device="cpu", *, fusion: FusionConfig = FusionConfig()) -> "CoarseModel":
+    def load(
+        cls, path: str | Path, volume: Volume, device="cpu", *, fusion: FusionConfig = FusionConfig()
+    ) -> "CoarseModel":
         """Load a checkpoint trained for ``volume``; refuses one made for another CT."""
         net, geometry, meta = load_checkpoint(path, volume_identity=volume.identity(), device=device)
-        return cls(net, geometry, volume=volume, device=device, fusion=fusion, metadata=meta,
-                   detector_shape=trained_detector_shape(meta))
+        return cls(
+            net,
+            geometry,
+            volume=volume,
+            device=device,
+            fusion=fusion,
+            metadata=meta,
+            detector_shape=trained_detector_shape(meta),
+        )
 
     @torch.no_grad()
     def predict_views(self, images: Tensor, masks: Tensor, K: Tensor) -> Float[Tensor, "V 4 4"]:
@@ -301,8 +338,10 @@ class CoarseModel:
         T_cam = self.predict_views(*small)
         T_ref_from_cam = views.T_ref_from_cam.to(torch.float64).cpu()
         T_views = T_ref_from_cam @ T_cam
-        T, inliers, scores = fuse(T_views, T_ref_from_cam, self.centre_ct, config=self.fusion,
-                                  scorer=self._scorer(small, T_ref_from_cam))
+        T, inliers, scores = fuse(
+            T_views, T_ref_from_cam, self.centre_ct, config=self.fusion, scorer=self._scorer(small, T_ref_from_cam)
+        )
         ms = (time.perf_counter() - start) * 1000
-        return CoarseEstimate(T_ref_from_ct=T, T_cam_from_ct=T_cam, T_ref_from_ct_views=T_views, inliers=inliers, ms=ms,
-                              scores=scores)
+        return CoarseEstimate(
+            T_ref_from_ct=T, T_cam_from_ct=T_cam, T_ref_from_ct_views=T_views, inliers=inliers, ms=ms, scores=scores
+        )

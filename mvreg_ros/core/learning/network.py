@@ -96,7 +96,9 @@ class PoseNet(nn.Module):
         self.arch = arch
         w = arch.width
         self.stem = nn.Sequential(nn.Conv2d(4, w, 5, 2, 2, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.stages = nn.Sequential(_Block(w, w, 1), _Block(w, 2 * w, 2), _Block(2 * w, 4 * w, 2), _Block(4 * w, 8 * w, 2))
+        self.stages = nn.Sequential(
+            _Block(w, w, 1), _Block(w, 2 * w, 2), _Block(2 * w, 4 * w, 2), _Block(4 * w, 8 * w, 2)
+        )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * w * 16, arch.fc), nn.ReLU(), nn.Linear(arch.fc, 9))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
@@ -104,8 +106,10 @@ class PoseNet(nn.Module):
     def forward(self, images: Float[Tensor, "N H W"], masks: Float[Tensor, "N H W"]) -> Float[Tensor, "N 9"]:
         s = self.arch.size
         if images.shape[-2:] != (s, s) or masks.shape != images.shape:
-            raise ValueError(f"PoseNet expects images and masks of shape (N, {s}, {s}), got "
-                             f"{tuple(images.shape)} and {tuple(masks.shape)}")
+            raise ValueError(
+                f"PoseNet expects images and masks of shape (N, {s}, {s}), got "
+                f"{tuple(images.shape)} and {tuple(masks.shape)}"
+            )
         x = normalise_images(images.float(), masks.float())
         N = x.shape[0]
         lin = torch.linspace(-1, 1, s, device=x.device, dtype=x.dtype)
@@ -126,12 +130,15 @@ class PoseGeometry:
     sid_mm: float
 
     def tensors(self, device=None, dtype=torch.float64) -> tuple[Tensor, Tensor]:
-        return (torch.tensor(self.centre_ct, dtype=dtype, device=device),
-                torch.tensor(self.R0_cam_from_ct, dtype=dtype, device=device))
+        return (
+            torch.tensor(self.centre_ct, dtype=dtype, device=device),
+            torch.tensor(self.R0_cam_from_ct, dtype=dtype, device=device),
+        )
 
 
-def decode(out: Float[Tensor, "N 9"], K: Float[Tensor, "N 3 3"], *, arch: ArchConfig,
-           geometry: PoseGeometry) -> Float[Tensor, "N 4 4"]:
+def decode(
+    out: Float[Tensor, "N 9"], K: Float[Tensor, "N 3 3"], *, arch: ArchConfig, geometry: PoseGeometry
+) -> Float[Tensor, "N 4 4"]:
     """Raw network outputs to ``T_cam_from_ct`` (float64, mm), with ``K`` at working size."""
     out = out.to(torch.float64)
     K = K.to(out)
@@ -148,13 +155,16 @@ def decode(out: Float[Tensor, "N 9"], K: Float[Tensor, "N 3 3"], *, arch: ArchCo
     return make_T(R, t)
 
 
-def encode_targets(T_cam_from_ct: Float[Tensor, "N 4 4"], K: Float[Tensor, "N 3 3"], *, arch: ArchConfig,
-                   geometry: PoseGeometry) -> Float[Tensor, "N 9"]:
+def encode_targets(
+    T_cam_from_ct: Float[Tensor, "N 4 4"], K: Float[Tensor, "N 3 3"], *, arch: ArchConfig, geometry: PoseGeometry
+) -> Float[Tensor, "N 9"]:
     """Inverse of :func:`decode` (the raw outputs that decode to the given poses)."""
     T = T_cam_from_ct.to(torch.float64)
     c, R0 = geometry.tensors(T.device)
     Rd = T[:, :3, :3] @ R0.T
-    six = torch.cat([Rd[:, :, 0], Rd[:, :, 1]], -1) - torch.tensor([1.0, 0, 0, 0, 1.0, 0], dtype=T.dtype, device=T.device)
+    six = torch.cat([Rd[:, :, 0], Rd[:, :, 1]], -1) - torch.tensor(
+        [1.0, 0, 0, 0, 1.0, 0], dtype=T.dtype, device=T.device
+    )
     p = (T[:, :3, :3] @ c[:, None])[..., 0] + T[:, :3, 3]
     uvw = (K.to(T) @ p[..., None])[..., 0]
     uv = uvw[:, :2] / uvw[:, 2:3]
@@ -177,9 +187,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (other CT, other architecture, bad file)."""
 
 
-def save_checkpoint(path: str | Path, model: PoseNet, *, geometry: PoseGeometry, volume_identity: dict,
-                    config: dict | None = None, extra: dict | None = None,
-                    detector_shape: tuple[int, int] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: PoseNet,
+    *,
+    geometry: PoseGeometry,
+    volume_identity: dict,
+    config: dict | None = None,
+    extra: dict | None = None,
+    detector_shape: tuple[int, int] | None = None,
+) -> Path:
     """Weights (and BatchNorm statistics) as safetensors, metadata as JSON inside and beside it.
     ``detector_shape`` (rows, columns): the detector the network was trained for."""
     from safetensors.torch import save_file
@@ -217,7 +234,7 @@ def read_metadata(path: str | Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - any parse failure means "not a checkpoint of ours"
+    except Exception as e:
         raise CheckpointError(f"{path}: not a safetensors checkpoint ({e})") from e
     if "mvreg_ros" not in meta:
         raise CheckpointError(f"{path}: safetensors file without mvreg_ros metadata")
@@ -227,8 +244,9 @@ def read_metadata(path: str | Path) -> dict:
     return doc
 
 
-def load_checkpoint(path: str | Path, *, volume_identity: dict | None = None, arch: ArchConfig | None = None,
-                    device="cpu") -> tuple[PoseNet, PoseGeometry, dict]:
+def load_checkpoint(
+    path: str | Path, *, volume_identity: dict | None = None, arch: ArchConfig | None = None, device="cpu"
+) -> tuple[PoseNet, PoseGeometry, dict]:
     """Model, geometry and metadata of a checkpoint. Refuses one made for another CT
     (``volume_identity`` differs) or another architecture (``arch`` differs)."""
     from safetensors.torch import load_file
@@ -240,7 +258,8 @@ def load_checkpoint(path: str | Path, *, volume_identity: dict | None = None, ar
             if mine.get(key) != volume_identity.get(key):
                 raise CheckpointError(
                     f"{path} was trained for another CT: {key} is {mine.get(key)} in the checkpoint but "
-                    f"{volume_identity.get(key)} for this volume; train a model for this CT with `mvreg train`")
+                    f"{volume_identity.get(key)} for this volume; train a model for this CT with `mvreg train`"
+                )
     try:
         stored_arch = ArchConfig(**doc["architecture"])
     except TypeError as e:
@@ -248,20 +267,26 @@ def load_checkpoint(path: str | Path, *, volume_identity: dict | None = None, ar
     if arch is not None and arch != stored_arch:
         raise CheckpointError(f"{path} has architecture {stored_arch}, but {arch} was requested")
     shape = doc.get("detector_shape")
-    if shape is not None and not (isinstance(shape, list) and len(shape) == 2
-                                  and all(isinstance(x, int) and x > 0 for x in shape)):
+    if shape is not None and not (
+        isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) and x > 0 for x in shape)
+    ):
         raise CheckpointError(f"{path}: detector_shape must be [rows, columns] > 0, got {shape!r}")
     model = PoseNet(stored_arch)
     state = load_file(str(path), device="cpu")
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the architecture (missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]})")
+        raise CheckpointError(
+            f"{path}: weights do not match the architecture (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the architecture: {e}") from e
     g = doc["geometry"]
-    geometry = PoseGeometry(centre_ct=tuple(g["centre_ct"]), R0_cam_from_ct=tuple(tuple(r) for r in g["R0_cam_from_ct"]),
-                            sid_mm=float(g["sid_mm"]))
+    geometry = PoseGeometry(
+        centre_ct=tuple(g["centre_ct"]),
+        R0_cam_from_ct=tuple(tuple(r) for r in g["R0_cam_from_ct"]),
+        sid_mm=float(g["sid_mm"]),
+    )
     return model.to(device).eval(), geometry, doc

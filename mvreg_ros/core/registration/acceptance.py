@@ -28,8 +28,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mvreg_ros.core.geometry.transforms import invert, project, transform_points
-from mvreg_ros.core.registration.refine import LevelSpec, Registrar, RegistrationResult
 from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.registration.refine import LevelSpec, Registrar, RegistrationResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +76,9 @@ def _sphere_points(centre: Tensor, radius_mm: float = 30.0) -> Tensor:
     return torch.cat([centre[None], centre + radius_mm * e, centre - radius_mm * e])
 
 
-def view_agreement(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *,
-                   iterations: int) -> tuple[list[float], list[float]]:
+def view_agreement(
+    registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int
+) -> tuple[list[float], list[float]]:
     """Per view: refined alone from ``T_ref_from_ct`` at the finest level for ``iterations``
     steps, how far its anatomy points move in its own image (mm at the anatomy centre's depth)
     and how much similarity it gains."""
@@ -103,8 +104,14 @@ def view_agreement(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Te
     return shifts, gains
 
 
-def acceptance_test(result: RegistrationResult, *, registrar: Registrar | None = None, views: ViewSet | None = None,
-                    config: AcceptanceConfig = AcceptanceConfig(), margin: float | None = None) -> Verdict:
+def acceptance_test(
+    result: RegistrationResult,
+    *,
+    registrar: Registrar | None = None,
+    views: ViewSet | None = None,
+    config: AcceptanceConfig = AcceptanceConfig(),
+    margin: float | None = None,
+) -> Verdict:
     """The verdict on ``result``. Per-view agreement needs the ``registrar`` and ``views`` it
     came from (with ``config.view_agreement``); ``margin`` is the global stage's similarity
     margin between the winner and a distinct runner-up, when there was one."""
@@ -126,20 +133,28 @@ def acceptance_test(result: RegistrationResult, *, registrar: Registrar | None =
     if bad or worst < config.min_view_similarity:
         return verdict(f"view similarity {worst:.3f} below min_view_similarity {config.min_view_similarity}")
     if not math.isfinite(result.uncertainty_mm) or result.uncertainty_mm > config.max_uncertainty_mm:
-        return verdict(f"uncertainty {result.uncertainty_mm:.2f} mm above max_uncertainty_mm {config.max_uncertainty_mm}")
+        return verdict(
+            f"uncertainty {result.uncertainty_mm:.2f} mm above max_uncertainty_mm {config.max_uncertainty_mm}"
+        )
     if margin is not None and config.min_margin > 0 and margin < config.min_margin:
-        return verdict(f"ambiguous: a distinct pose came within {margin:.3f} of the best similarity (min_margin "
-                       f"{config.min_margin})")
+        return verdict(
+            f"ambiguous: a distinct pose came within {margin:.3f} of the best similarity (min_margin "
+            f"{config.min_margin})"
+        )
     if not config.view_agreement or (views is not None and len(views) < 2):
         return verdict("")  # a single view cannot disagree with itself
     if registrar is None or views is None:
         raise ValueError("per-view agreement needs the registrar and the views (or view_agreement=False)")
     shifts, gains = view_agreement(registrar, views, result.T_ref_from_ct, iterations=config.agreement_iterations)
-    bad_views = tuple(i for i, (s, g) in enumerate(zip(shifts, gains))
-                      if s > config.max_view_shift_mm and g > config.max_view_gain)
+    bad_views = tuple(
+        i for i, (s, g) in enumerate(zip(shifts, gains)) if s > config.max_view_shift_mm and g > config.max_view_gain
+    )
     kw = dict(view_shift_mm=tuple(shifts), view_gain=tuple(gains), disagreeing_views=bad_views)
     if bad_views:
         i = bad_views[0]
-        return verdict(f"views disagree: view {i} alone moves the anatomy {shifts[i]:.1f} mm and gains "
-                       f"{gains[i]:.3f} similarity (the anatomy may have moved between shots)", **kw)
+        return verdict(
+            f"views disagree: view {i} alone moves the anatomy {shifts[i]:.1f} mm and gains "
+            f"{gains[i]:.3f} similarity (the anatomy may have moved between shots)",
+            **kw,
+        )
     return verdict("", **kw)

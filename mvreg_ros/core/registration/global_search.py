@@ -19,10 +19,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mvreg_ros.core.geometry.transforms import random_unit_vectors
 from mvreg_ros.core.evaluation.metrics import pose_distance
-from mvreg_ros.core.registration.refine import LevelSpec, Registrar, pose_about
+from mvreg_ros.core.geometry.transforms import random_unit_vectors
 from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.registration.refine import LevelSpec, Registrar, pose_about
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ class GlobalConfig:
 @dataclasses.dataclass(frozen=True, eq=False)
 class GlobalResult:
     T_ref_from_ct: Float[Tensor, "K 4 4"]  # refined candidates, best first
-    similarity: Float[Tensor, "K"]  # their similarity at the global level, descending
+    similarity: Float[Tensor, "K"]  # their similarity at the global level, descending  # noqa: F821
     scored: int  # candidates scored
     time_s: float
 
@@ -67,8 +67,15 @@ class GlobalResult:
         return self.T_ref_from_ct[0]
 
 
-def random_poses(T0: Float[Tensor, "4 4"], centre_ct: Float[Tensor, "3"], n: int, *, rot_range_deg: float,
-                 trans_range_mm: float, generator: torch.Generator) -> Float[Tensor, "n 4 4"]:
+def random_poses(
+    T0: Float[Tensor, "4 4"],
+    centre_ct: Float[Tensor, "3"],
+    n: int,
+    *,
+    rot_range_deg: float,
+    trans_range_mm: float,
+    generator: torch.Generator,
+) -> Float[Tensor, "n 4 4"]:
     """``n`` poses around ``T0``: rotation about the anatomy centre by an angle uniform in
     [0, rot_range_deg] about a uniformly random axis, then a translation uniform in a ball."""
     if n == 0:
@@ -77,8 +84,9 @@ def random_poses(T0: Float[Tensor, "4 4"], centre_ct: Float[Tensor, "3"], n: int
     angles = torch.rand(n, generator=generator, dtype=torch.float64) * math.radians(rot_range_deg)
     dirs = random_unit_vectors(n, generator)
     radii = trans_range_mm * torch.rand(n, generator=generator, dtype=torch.float64) ** (1 / 3)
-    return pose_about(T0.to(torch.float64)[None], centre_ct.to(torch.float64), axes * angles[:, None],
-                      dirs * radii[:, None])
+    return pose_about(
+        T0.to(torch.float64)[None], centre_ct.to(torch.float64), axes * angles[:, None], dirs * radii[:, None]
+    )
 
 
 def _distinct(T: Tensor, order: Tensor, keep: int, centre_ct: Tensor, cfg: GlobalConfig) -> list[int]:
@@ -94,8 +102,14 @@ def _distinct(T: Tensor, order: Tensor, keep: int, centre_ct: Tensor, cfg: Globa
     return chosen
 
 
-def global_search(registrar: Registrar, views: ViewSet, T_start: Float[Tensor, "4 4"], *,
-                  hypotheses: Tensor | None = None, config: GlobalConfig = GlobalConfig()) -> GlobalResult:
+def global_search(
+    registrar: Registrar,
+    views: ViewSet,
+    T_start: Float[Tensor, "4 4"],
+    *,
+    hypotheses: Tensor | None = None,
+    config: GlobalConfig = GlobalConfig(),
+) -> GlobalResult:
     """Candidates around ``T_start`` scored at a coarse level, the best distinct ones refined
     together; returns them best first."""
     t0 = time.perf_counter()
@@ -105,8 +119,16 @@ def global_search(registrar: Registrar, views: ViewSet, T_start: Float[Tensor, "
     pool = [T_start[None]]
     if hypotheses is not None and len(hypotheses):
         pool.append(torch.as_tensor(hypotheses, dtype=torch.float64).reshape(-1, 4, 4))
-    pool.append(random_poses(T_start, c, config.candidates, rot_range_deg=config.rot_range_deg,
-                             trans_range_mm=config.trans_range_mm, generator=g))
+    pool.append(
+        random_poses(
+            T_start,
+            c,
+            config.candidates,
+            rot_range_deg=config.rot_range_deg,
+            trans_range_mm=config.trans_range_mm,
+            generator=g,
+        )
+    )
     candidates = torch.cat(pool)
     level = LevelSpec(size=config.size, iterations=config.iterations, n_samples=config.n_samples, patch=config.patch)
     scores = []
@@ -122,5 +144,9 @@ def global_search(registrar: Registrar, views: ViewSet, T_start: Float[Tensor, "
     kept = _distinct(candidates, torch.argsort(score, descending=True), config.keep, c, config)
     run = registrar.refine_level(views, candidates[kept], level=level, lr_scale=config.lr_scale, early_stop=False)
     order = torch.argsort(run.similarity, descending=True)
-    return GlobalResult(T_ref_from_ct=run.T_ref_from_ct[order], similarity=run.similarity[order],
-                        scored=len(candidates), time_s=time.perf_counter() - t0)
+    return GlobalResult(
+        T_ref_from_ct=run.T_ref_from_ct[order],
+        similarity=run.similarity[order],
+        scored=len(candidates),
+        time_s=time.perf_counter() - t0,
+    )

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from mvreg_ros.core.geometry import carm
-from mvreg_ros.core.geometry.transforms import perturb
 from mvreg_ros.core.geometry.kinematics import PlaneConfig
+from mvreg_ros.core.geometry.transforms import perturb
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume
 
@@ -152,8 +153,13 @@ class CoarseNetworkPose:
         if views_T is not None:
             hyp = torch.as_tensor(views_T, dtype=torch.float64).detach().cpu()
             hyp = hyp[torch.isfinite(hyp).flatten(1).all(1)] if hyp.ndim == 3 else None
-        return Start(T_ref_from_ct=T, source=self.name, hypotheses=hyp, T_coarse_ref_from_ct=T,
-                     values={"coarse_ms": f"{self.last_ms:.1f}"})
+        return Start(
+            T_ref_from_ct=T,
+            source=self.name,
+            hypotheses=hyp,
+            T_coarse_ref_from_ct=T,
+            values={"coarse_ms": f"{self.last_ms:.1f}"},
+        )
 
 
 class PerturbedTruth:
@@ -170,8 +176,13 @@ class PerturbedTruth:
     def start(self, request: StartRequest) -> Start:
         if request.T_true_ref_from_ct is None or request.centre_ct is None:
             raise ValueError("the perturbed-truth start needs the truth and the anatomy centre")
-        T = perturb(request.T_true_ref_from_ct, rot_deg=self.rot_deg, trans_mm=self.trans_mm,
-                    centre_ct=request.centre_ct, generator=self.generator)
+        T = perturb(
+            request.T_true_ref_from_ct,
+            rot_deg=self.rot_deg,
+            trans_mm=self.trans_mm,
+            centre_ct=request.centre_ct,
+            generator=self.generator,
+        )
         return Start(T_ref_from_ct=T, source=self.name)
 
 
@@ -202,8 +213,13 @@ def supine_at_isocentre(plane: PlaneConfig, centre_ct: Float[Tensor, "3"]) -> Fl
     return plane.T_ref_from_iso @ carm.T_iso_from_ct_supine(torch.as_tensor(centre_ct, dtype=torch.float64))
 
 
-def default_initialisers(*, configured: Float[Tensor, "4 4"], tracker: PoseTracker, model: PoseModel | None = None,
-                         tracking_max_age_s: float | None = None) -> list[Initialiser]:
+def default_initialisers(
+    *,
+    configured: Float[Tensor, "4 4"],
+    tracker: PoseTracker,
+    model: PoseModel | None = None,
+    tracking_max_age_s: float | None = None,
+) -> list[Initialiser]:
     """The node's chain, in order of preference: the last accepted pose, the coarse network
     (with ``model``), the configured pose.
 
@@ -232,5 +248,7 @@ def first_start(initialisers: Sequence[Initialiser], request: StartRequest) -> S
             continue
         if start is not None:
             return start
-    raise RuntimeError("no initialiser gave a starting pose" + (f" ({'; '.join(failures)})" if failures else
-                       " (the chain must end with a configured pose)"))
+    raise RuntimeError(
+        "no initialiser gave a starting pose"
+        + (f" ({'; '.join(failures)})" if failures else " (the chain must end with a configured pose)")
+    )

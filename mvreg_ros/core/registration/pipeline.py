@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
+from mvreg_ros.core.evaluation.metrics import pose_distance
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig, Verdict, acceptance_test
-from mvreg_ros.core.evaluation.metrics import pose_distance
 from mvreg_ros.core.registration.global_search import GlobalConfig, GlobalResult, global_search
-from mvreg_ros.core.registration.initialisers import AcceptedPose, Initialiser, PoseTracker, Start, StartRequest, first_start
+from mvreg_ros.core.registration.initialisers import (
+    AcceptedPose,
+    Initialiser,
+    PoseTracker,
+    Start,
+    StartRequest,
+    first_start,
+)
+from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,16 +69,23 @@ def _margin(g: GlobalResult, centre_ct: Tensor, cfg: GlobalConfig) -> float | No
 
 
 class RegistrationPipeline:
-    def __init__(self, registrar: Registrar, *, initialisers: Sequence[Initialiser],
-                 config: PipelineConfig = PipelineConfig(), tracker: PoseTracker | None = None):
+    def __init__(
+        self,
+        registrar: Registrar,
+        *,
+        initialisers: Sequence[Initialiser],
+        config: PipelineConfig = PipelineConfig(),
+        tracker: PoseTracker | None = None,
+    ):
         self.registrar = registrar
         self.initialisers = list(initialisers)
         self.config = config
         self.tracker = tracker
 
     def _judge(self, views: ViewSet, result: RegistrationResult, margin: float | None) -> Verdict:
-        return acceptance_test(result, registrar=self.registrar, views=views, config=self.config.acceptance,
-                               margin=margin)
+        return acceptance_test(
+            result, registrar=self.registrar, views=views, config=self.config.acceptance, margin=margin
+        )
 
     def register_from(self, views: ViewSet, start: Start, *, stamp_ns: int = 0) -> Outcome:
         t0 = time.perf_counter()
@@ -82,8 +96,9 @@ class RegistrationPipeline:
             verdict = self._judge(views, result, None)
             if verdict.accepted or not self.config.global_search.enabled:
                 return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns)
-        g = global_search(self.registrar, views, start.T_ref_from_ct, hypotheses=start.hypotheses,
-                          config=self.config.global_search)
+        g = global_search(
+            self.registrar, views, start.T_ref_from_ct, hypotheses=start.hypotheses, config=self.config.global_search
+        )
         stages.append("global")
         result = self.registrar.refine(views, g.best)
         stages.append("local")
@@ -92,13 +107,28 @@ class RegistrationPipeline:
 
     def _finish(self, views, start, result, verdict, g, stages, t0, stamp_ns) -> Outcome:
         if verdict.accepted and self.tracker is not None:
-            self.tracker.accept(AcceptedPose(T_ref_from_ct=result.T_ref_from_ct.detach().to(torch.float64).cpu(),
-                                             stamp_ns=stamp_ns, covariance_ref=result.covariance_ref()))
-        return Outcome(accepted=verdict.accepted, reason=verdict.reason, start=start, result=result, verdict=verdict,
-                       global_result=g, stages=tuple(stages), time_s=time.perf_counter() - t0, stamp_ns=stamp_ns)
+            self.tracker.accept(
+                AcceptedPose(
+                    T_ref_from_ct=result.T_ref_from_ct.detach().to(torch.float64).cpu(),
+                    stamp_ns=stamp_ns,
+                    covariance_ref=result.covariance_ref(),
+                )
+            )
+        return Outcome(
+            accepted=verdict.accepted,
+            reason=verdict.reason,
+            start=start,
+            result=result,
+            verdict=verdict,
+            global_result=g,
+            stages=tuple(stages),
+            time_s=time.perf_counter() - t0,
+            stamp_ns=stamp_ns,
+        )
 
     def register(self, views: ViewSet, *, stamp_ns: int = 0, T_true_ref_from_ct: Tensor | None = None) -> Outcome:
         """Start from the first initialiser that gives a pose, then :meth:`register_from`."""
-        request = StartRequest(views=views, stamp_ns=stamp_ns, T_true_ref_from_ct=T_true_ref_from_ct,
-                               centre_ct=self.registrar.centre_ct)
+        request = StartRequest(
+            views=views, stamp_ns=stamp_ns, T_true_ref_from_ct=T_true_ref_from_ct, centre_ct=self.registrar.centre_ct
+        )
         return self.register_from(views, first_start(self.initialisers, request), stamp_ns=stamp_ns)

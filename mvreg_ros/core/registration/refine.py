@@ -18,12 +18,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mvreg_ros.core.geometry.transforms import about_point, invert, make_T, skew, so3_exp, transform_points
 from mvreg_ros.core.imaging.footprint import complete_rays, target_footprint, target_volume, truncated_faces
-from mvreg_ros.core.geometry.transforms import about_point, invert, make_T, so3_exp, skew, transform_points
-from mvreg_ros.core.rendering.renderer import BACKENDS, Renderer
-from mvreg_ros.core.registration.similarity import image_similarity
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM, Volume
+from mvreg_ros.core.registration.similarity import image_similarity
+from mvreg_ros.core.rendering.renderer import BACKENDS, Renderer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +61,10 @@ class RefineConfig:
     device: str = "cpu"
 
     def levels(self) -> tuple["LevelSpec", ...]:
-        return tuple(LevelSpec(size=s, iterations=i, n_samples=n, patch=p)
-                     for s, i, n, p in zip(self.sizes, self.iterations, self.n_samples, self.patches))
+        return tuple(
+            LevelSpec(size=s, iterations=i, n_samples=n, patch=p)
+            for s, i, n, p in zip(self.sizes, self.iterations, self.n_samples, self.patches)
+        )
 
     def __post_init__(self):
         n = len(self.sizes)
@@ -109,8 +111,9 @@ class RegistrationResult:
         return J @ self.covariance.to(T) @ J.T
 
 
-def pose_about(T0: Float[Tensor, "*#K 4 4"], c: Float[Tensor, "3"], w: Float[Tensor, "*#K 3"],
-               t: Float[Tensor, "*#K 3"]) -> Float[Tensor, "*#K 4 4"]:
+def pose_about(
+    T0: Float[Tensor, "*#K 4 4"], c: Float[Tensor, "3"], w: Float[Tensor, "*#K 3"], t: Float[Tensor, "*#K 3"]
+) -> Float[Tensor, "*#K 4 4"]:
     """The refinement's parametrisation: ``T0 @ Tc @ [exp(w) | t] @ Tc^-1`` (twist about the
     anatomy centre ``c`` in CT axes; radians, mm)."""
     return T0 @ about_point(make_T(so3_exp(w), t), c)
@@ -130,8 +133,8 @@ class LevelSpec:
 @dataclasses.dataclass(frozen=True, eq=False)
 class LevelRun:
     T_ref_from_ct: Float[Tensor, "K 4 4"]  # each start's best pose
-    similarity: Float[Tensor, "K"]  # its similarity (mean over views) at this level
-    start_similarity: Float[Tensor, "K"]  # the similarity at each starting pose
+    similarity: Float[Tensor, "K"]  # its similarity (mean over views) at this level  # noqa: F821
+    start_similarity: Float[Tensor, "K"]  # the similarity at each starting pose  # noqa: F821
     iterations: int
     converged: bool
     objective: "Objective"
@@ -147,7 +150,7 @@ def _moved(history: list[tuple[Tensor, Tensor]], window: int) -> tuple[float, fl
 def _settled(history: list[tuple[Tensor, Tensor]], cfg: RefineConfig) -> bool:
     scale = torch.tensor([math.radians(cfg.tol_rot_deg)] * 3 + [cfg.tol_trans_mm] * 3, dtype=torch.float64)
     # (steps, K, 6) in units of the tolerances; every pose of a batch must have settled
-    xs = torch.stack([torch.cat([w, t], -1).cpu() for w, t in history[-1 - cfg.tol_window:]]) / scale
+    xs = torch.stack([torch.cat([w, t], -1).cpu() for w, t in history[-1 - cfg.tol_window :]]) / scale
     net = (xs[-1] - xs[0]).norm(dim=-1)
     path = (xs[1:] - xs[:-1]).norm(dim=-1).sum(0)
     return bool(((net <= 1.0) | (net <= cfg.settled_ratio * path)).all())
@@ -161,8 +164,14 @@ def _uncertainty(cov: Tensor, radius_mm: float = 50.0) -> float:
 class Registrar:
     """Multi-view refinement for one CT; builds and caches the pooled volumes once."""
 
-    def __init__(self, volume: Volume, config: RefineConfig = RefineConfig(), *, renderer_cls=Renderer,
-                 centre_ct: Tensor | None = None):
+    def __init__(
+        self,
+        volume: Volume,
+        config: RefineConfig = RefineConfig(),
+        *,
+        renderer_cls=Renderer,
+        centre_ct: Tensor | None = None,
+    ):
         self.config = config
         self.device = torch.device(config.device)
         self.centre_ct = (volume.bone_centre_ct() if centre_ct is None else centre_ct).to(torch.float64)
@@ -181,29 +190,46 @@ class Registrar:
             self._renderers[factor] = self._renderer_cls(self.volume.resampled(factor), device=self.device, **kwargs)
         return self._renderers[factor]
 
-    def similarity_masks(self, v: ViewSet, T_ref_from_ct: Float[Tensor, "*K 4 4"], factor: int
-                         ) -> tuple[Tensor, Tensor | None]:
+    def similarity_masks(
+        self, v: ViewSet, T_ref_from_ct: Float[Tensor, "*K 4 4"], factor: int
+    ) -> tuple[Tensor, Tensor | None]:
         """The weights of the similarity at each of the K poses, ``(K * V, H, W)``: the field of
         view less the pixels a truncated CT cannot explain, and that mask restricted to the
         target's footprint (None without target labels)."""
         T = T_ref_from_ct.reshape(-1, 4, 4).to(self.device, torch.float64)
         n, V = len(T), len(v)
-        T_cam_from_ct = (invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)[None] @ T[:, None]).reshape(n * V, 4, 4)
+        T_cam_from_ct = (invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)[None] @ T[:, None]).reshape(
+            n * V, 4, 4
+        )
         K = v.K.repeat(n, 1, 1)
         masks = v.masks.repeat(n, 1, 1)
         if any(self.truncated_faces):
-            complete = complete_rays(self.volume, T_cam_from_ct, K, v.height, v.width, faces=self.truncated_faces,
-                                     strict=self.config.mask_truncated == "complete")
+            complete = complete_rays(
+                self.volume,
+                T_cam_from_ct,
+                K,
+                v.height,
+                v.width,
+                faces=self.truncated_faces,
+                strict=self.config.mask_truncated == "complete",
+            )
             masks = masks * complete.to(masks)
         if self._target is None:
             return masks, None
         if factor not in self._target_renderers:
-            self._target_renderers[factor] = Renderer(self._target.resampled(factor), device=self.device,
-                                                      backend="grid_sample")
+            self._target_renderers[factor] = Renderer(
+                self._target.resampled(factor), device=self.device, backend="grid_sample"
+            )
         c_cam = transform_points(T_cam_from_ct, self.centre_ct.to(T_cam_from_ct)[None].expand(n * V, 1, 3))
         px_per_mm = float((K[:, 0, 0] / c_cam[:, 0, 2].abs()).mean())
-        fp = target_footprint(self._target_renderers[factor], T_cam_from_ct, K, v.height, v.width,
-                              dilate_px=max(0, round(self.config.target_dilate_mm * px_per_mm)))
+        fp = target_footprint(
+            self._target_renderers[factor],
+            T_cam_from_ct,
+            K,
+            v.height,
+            v.width,
+            dilate_px=max(0, round(self.config.target_dilate_mm * px_per_mm)),
+        )
         return masks, masks * fp.to(masks)
 
     @property
@@ -217,9 +243,16 @@ class Registrar:
             return self._refine(views, T_init_ref_from_ct.to(torch.float64).cpu(), start)
         except (RuntimeError, ValueError) as e:  # failures are results, not exceptions
             return RegistrationResult(
-                T_ref_from_ct=T_init_ref_from_ct.detach().to(torch.float64).cpu(), success=False, converged=False,
-                similarity=float("nan"), view_similarity=(), iterations=0, time_s=time.perf_counter() - start,
-                reason=f"refinement failed: {e}", centre_ct=self.centre_ct)
+                T_ref_from_ct=T_init_ref_from_ct.detach().to(torch.float64).cpu(),
+                success=False,
+                converged=False,
+                similarity=float("nan"),
+                view_similarity=(),
+                iterations=0,
+                time_s=time.perf_counter() - start,
+                reason=f"refinement failed: {e}",
+                centre_ct=self.centre_ct,
+            )
 
     def level_inputs(self, views: ViewSet, size: int, T: Float[Tensor, "4 4"]):
         """The views downsampled so their longer side is at most ``size`` px, on the engine's
@@ -236,8 +269,9 @@ class Registrar:
         vfactor = max(1, int(self.config.voxel_per_pixel * pixel_at_anatomy / vox)) if self.config.pool_volume else 1
         return v.to(self.device), self.renderer(vfactor), vfactor
 
-    def objective(self, views: ViewSet, size: int, T: Float[Tensor, "*K 4 4"], *, n_samples: int,
-                  patch: int) -> "Objective":
+    def objective(
+        self, views: ViewSet, size: int, T: Float[Tensor, "*K 4 4"], *, n_samples: int, patch: int
+    ) -> "Objective":
         """The loss at one pyramid level (views at ``size`` px), as a function of the pose; its
         similarity weights are those at ``T`` (one pose, or one per pose of a batch)."""
         v, renderer, factor = self.level_inputs(views, size, T.reshape(-1, 4, 4)[0])
@@ -245,8 +279,15 @@ class Registrar:
         masks, target_masks = self.similarity_masks(v, T, factor)
         return Objective(self, v, renderer, T_cam_from_ref, n_samples, patch, masks=masks, target_masks=target_masks)
 
-    def refine_level(self, views: ViewSet, T0: Float[Tensor, "*K 4 4"], *, level: LevelSpec,
-                     lr_scale: float = 1.0, early_stop: bool = True) -> LevelRun:
+    def refine_level(
+        self,
+        views: ViewSet,
+        T0: Float[Tensor, "*K 4 4"],
+        *,
+        level: LevelSpec,
+        lr_scale: float = 1.0,
+        early_stop: bool = True,
+    ) -> LevelRun:
         """Adam with a cosine step decay at one pyramid level, from each of the K starting poses
         at once (one batched render per iteration; the poses do not interact). Keeps each
         pose's best iterate. ``early_stop``: stop once every pose moved less than the tolerances
@@ -273,7 +314,9 @@ class Registrar:
         max_it = level.iterations
         for it in range(1, max_it + 1):
             # cosine decay from lr0 to final_lr_fraction * lr0 over the level's budget
-            decay = cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(max_it - 1, 1)))
+            decay = cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (
+                1 + math.cos(math.pi * (it - 1) / max(max_it - 1, 1))
+            )
             for group, lr in zip(opt.param_groups, lr0):
                 group["lr"] = float(lr) * decay
             opt.zero_grad(set_to_none=True)
@@ -301,8 +344,14 @@ class Registrar:
             converged = _settled(history, cfg)
         with torch.no_grad():
             T = pose_about(T0_d, c_d, best_w, best_t).cpu()
-        return LevelRun(T_ref_from_ct=T, similarity=best, start_similarity=start_similarity, iterations=it,
-                        converged=converged, objective=objective)
+        return LevelRun(
+            T_ref_from_ct=T,
+            similarity=best,
+            start_similarity=start_similarity,
+            iterations=it,
+            converged=converged,
+            objective=objective,
+        )
 
     def _refine(self, views: ViewSet, T0: Tensor, start: float) -> RegistrationResult:
         cfg = self.config
@@ -330,14 +379,20 @@ class Registrar:
             if H is None:
                 break
             dx = -torch.linalg.solve(H, g)
-            dx = dx * min(1.0, math.radians(cfg.newton_max_rot_deg) / max(float(dx[:3].norm()), 1e-12),
-                          cfg.newton_max_trans_mm / max(float(dx[3:].norm()), 1e-12))
+            dx = dx * min(
+                1.0,
+                math.radians(cfg.newton_max_rot_deg) / max(float(dx[:3].norm()), 1e-12),
+                cfg.newton_max_trans_mm / max(float(dx[3:].norm()), 1e-12),
+            )
             step_deg, step_mm = math.degrees(float(dx[:3].norm())), float(dx[3:].norm())
             # converged when the quadratic model promises no decrease above the loss's noise, or puts
             # the optimum within a few tolerances
             predicted_decrease = -0.5 * float(g @ dx)
-            converged = converged or predicted_decrease < cfg.tol_loss or (
-                step_deg < cfg.settled_factor * cfg.tol_rot_deg and step_mm < cfg.settled_factor * cfg.tol_trans_mm)
+            converged = (
+                converged
+                or predicted_decrease < cfg.tol_loss
+                or (step_deg < cfg.settled_factor * cfg.tol_rot_deg and step_mm < cfg.settled_factor * cfg.tol_trans_mm)
+            )
             for fraction in (1.0, 0.5):  # Newton step, then half of it
                 T_new = pose_about(T0, c, fraction * dx[:3], fraction * dx[3:])
                 if newton.loss(T_new) < L0:
@@ -363,18 +418,37 @@ class Registrar:
         if not reason and sim < cfg.min_similarity:
             reason = f"similarity {sim:.3f} below min_similarity {cfg.min_similarity}"
         return RegistrationResult(
-            T_ref_from_ct=T0, success=not reason, converged=converged, similarity=sim,
-            view_similarity=tuple(float(x) for x in per_view), iterations=total_it,
-            time_s=time.perf_counter() - start, reason=reason, covariance=cov, uncertainty_mm=unc,
-            centre_ct=self.centre_ct, level_iterations=tuple(level_its))
+            T_ref_from_ct=T0,
+            success=not reason,
+            converged=converged,
+            similarity=sim,
+            view_similarity=tuple(float(x) for x in per_view),
+            iterations=total_it,
+            time_s=time.perf_counter() - start,
+            reason=reason,
+            covariance=cov,
+            uncertainty_mm=unc,
+            centre_ct=self.centre_ct,
+            level_iterations=tuple(level_its),
+        )
 
 
 class Objective:
     """L(x) = 1 - mean similarity at one pyramid level, as a function of the twist about the
     centre; :meth:`similarity` takes a batch of K poses at once."""
 
-    def __init__(self, registrar: Registrar, v: ViewSet, renderer, T_cam_from_ref: Tensor, n_samples: int, patch: int,
-                 *, masks: Tensor | None = None, target_masks: Tensor | None = None):
+    def __init__(
+        self,
+        registrar: Registrar,
+        v: ViewSet,
+        renderer,
+        T_cam_from_ref: Tensor,
+        n_samples: int,
+        patch: int,
+        *,
+        masks: Tensor | None = None,
+        target_masks: Tensor | None = None,
+    ):
         self.c = registrar.centre_ct.to(registrar.device)
         self.device = registrar.device
         self.grad_weight = registrar.config.grad_weight
@@ -401,8 +475,9 @@ class Objective:
         images = tiled(self.v.images)
         s = image_similarity(drr, images, tiled(self.masks), patch=self.patch, grad_weight=self.grad_weight)
         if self.target_weight > 0:
-            s_target = image_similarity(drr, images, tiled(self.target_masks), patch=self.patch,
-                                        grad_weight=self.grad_weight)
+            s_target = image_similarity(
+                drr, images, tiled(self.target_masks), patch=self.patch, grad_weight=self.grad_weight
+            )
             s = (1 - self.target_weight) * s + self.target_weight * s_target
         return s.reshape(*lead, V)
 

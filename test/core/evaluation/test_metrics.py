@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
+from mvreg_ros.core.evaluation.metrics import mpd_mm, mtre_mm, pose_errors
 from mvreg_ros.core.geometry.transforms import about_point, intrinsics, make_T, so3_exp, translation
-from mvreg_ros.core.evaluation.metrics import mpd_mm, mtre_mm, pose_errors, structure_landmarks
-from mvreg_ros.core.imaging.volume import Volume
 
 F64 = torch.float64
 
@@ -84,42 +83,14 @@ def test_mpd_uses_the_camera_poses():
 def test_pose_errors():
     T = _pose(3)
     c = torch.tensor([10.0, 20.0, -30.0], dtype=F64)
-    R = make_T(so3_exp(torch.tensor([0.3, -0.1, 0.2], dtype=F64) / math.sqrt(0.14) * math.radians(4.0)),
-               torch.zeros(3, dtype=F64))
+    R = make_T(
+        so3_exp(torch.tensor([0.3, -0.1, 0.2], dtype=F64) / math.sqrt(0.14) * math.radians(4.0)),
+        torch.zeros(3, dtype=F64),
+    )
     # a rotation about the CT centre (expressed in ref) and a 5 mm translation
-    c_ref = (T[:3, :3] @ c + T[:3, 3])
+    c_ref = T[:3, :3] @ c + T[:3, 3]
     T_est = translation(torch.tensor([0.0, 3.0, 4.0], dtype=F64)) @ about_point(R, c_ref) @ T
     rot, trans = pose_errors(T_est, T, c)
     assert rot == pytest.approx(4.0, abs=1e-9)
     assert trans == pytest.approx(5.0, abs=1e-9)
     assert pose_errors(T, T, c) == pytest.approx((0.0, 0.0), abs=1e-5)
-
-
-def test_structure_landmarks_from_labels_and_bone():
-    A = torch.eye(4, dtype=F64)
-    A[:3, :3] = torch.diag(torch.tensor([2.0, 3.0, 4.0], dtype=F64))
-    A[:3, 3] = torch.tensor([-10.0, 5.0, 100.0], dtype=F64)
-    data = torch.zeros(6, 8, 10)
-    mask = torch.zeros(6, 8, 10, dtype=torch.int16)
-    mask[1:3, 2:4, 4:6] = 5  # 8 voxels, centre (i, j, k) = (4.5, 2.5, 1.5)
-    mask[4, 6, 1] = 9  # 1 voxel at (1, 6, 4)
-    vol = Volume(data=data, T_ct_from_index=A, mask=mask)
-    lm = structure_landmarks(vol)
-    expected = torch.tensor([[4.5, 2.5, 1.5], [1.0, 6.0, 4.0]], dtype=F64) @ A[:3, :3].T + A[:3, 3]
-    torch.testing.assert_close(lm, expected)  # largest structure first
-    torch.testing.assert_close(structure_landmarks(vol, max_points=1), expected[:1])
-    # no mask: bone voxels
-    data_b = torch.zeros(6, 8, 10)
-    data_b[2, 3, 4] = 1.0
-    lm_b = structure_landmarks(Volume(data=data_b, T_ct_from_index=A), max_points=3)
-    torch.testing.assert_close(lm_b, (torch.tensor([[4.0, 3.0, 2.0]], dtype=F64) @ A[:3, :3].T + A[:3, 3]).expand(3, 3))
-    with pytest.raises(ValueError, match="landmarks"):
-        structure_landmarks(Volume(data=torch.zeros(3, 3, 3), T_ct_from_index=A))
-
-
-def test_structure_landmarks_of_the_example_ct(tiny_ct):
-    lm = structure_landmarks(tiny_ct, max_points=10)
-    assert lm.shape == (10, 3)
-    # inside the CT's box
-    lo, hi = tiny_ct.corners_ct().amin(0), tiny_ct.corners_ct().amax(0)
-    assert bool(((lm >= lo) & (lm <= hi)).all())

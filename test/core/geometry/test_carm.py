@@ -63,8 +63,9 @@ def test_angular_90_is_cranial_lateral_and_minus_90_caudal():
     T_lao_cran = T_iso_from_cam(math.pi / 2, math.radians(30.0), sid_mm=SID)
     s, c = math.sin(math.radians(30.0)), math.cos(math.radians(30.0))
     torch.testing.assert_close(_z_cam(T_lao_cran), torch.tensor([s, -c, 0.0], dtype=F64), atol=1e-12, rtol=0)
-    torch.testing.assert_close(_source(T_lao_cran), torch.tensor([-SID * s, SID * c, 0.0], dtype=F64),
-                               atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        _source(T_lao_cran), torch.tensor([-SID * s, SID * c, 0.0], dtype=F64), atol=1e-9, rtol=0
+    )
 
 
 def test_rotations_are_proper_for_any_angles():
@@ -78,11 +79,15 @@ def test_rotations_are_proper_for_any_angles():
     torch.testing.assert_close(torch.linalg.det(R), torch.ones(50, dtype=F64))
     torch.testing.assert_close(_source(T).norm(dim=-1), torch.full((50,), SID, dtype=F64))
     # broadcasting a scalar against a batch
-    torch.testing.assert_close(T_iso_from_cam(orb, 0.3, sid_mm=SID), T_iso_from_cam(orb, torch.full_like(orb, 0.3), sid_mm=SID))
+    torch.testing.assert_close(
+        T_iso_from_cam(orb, 0.3, sid_mm=SID), T_iso_from_cam(orb, torch.full_like(orb, 0.3), sid_mm=SID)
+    )
     # the isocentre lies on every camera's optical axis, at depth sid, hence projects to the principal point
     K = intrinsics(sdd_mm=1020.0, pixel_spacing_mm=1.164, height=256, width=200)
     iso_in_cam = transform_points(invert(T), torch.zeros(1, 3, dtype=F64))
-    torch.testing.assert_close(iso_in_cam[:, 0], torch.tensor([0.0, 0.0, SID], dtype=F64).expand(50, 3), atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        iso_in_cam[:, 0], torch.tensor([0.0, 0.0, SID], dtype=F64).expand(50, 3), atol=1e-9, rtol=0
+    )
     uv = project(K, invert(T), torch.zeros(1, 3, dtype=F64))[:, 0]
     torch.testing.assert_close(uv, torch.tensor([99.5, 127.5], dtype=F64).expand(50, 2), atol=1e-9, rtol=0)
 
@@ -100,9 +105,15 @@ def test_supine_patient_axes_and_centre():
     c = torch.tensor([13.6, 7.9, -171.25], dtype=F64)
     T = T_iso_from_ct_supine(c)
     R = T[:3, :3]
-    torch.testing.assert_close(R @ torch.tensor([1.0, 0, 0], dtype=F64), torch.tensor([0.0, -1, 0], dtype=F64))  # L -> -y
-    torch.testing.assert_close(R @ torch.tensor([0, 1.0, 0], dtype=F64), torch.tensor([0.0, 0, -1], dtype=F64))  # P -> -z
-    torch.testing.assert_close(R @ torch.tensor([0, 0, 1.0], dtype=F64), torch.tensor([1.0, 0, 0], dtype=F64))  # S -> +x
+    torch.testing.assert_close(
+        R @ torch.tensor([1.0, 0, 0], dtype=F64), torch.tensor([0.0, -1, 0], dtype=F64)
+    )  # L -> -y
+    torch.testing.assert_close(
+        R @ torch.tensor([0, 1.0, 0], dtype=F64), torch.tensor([0.0, 0, -1], dtype=F64)
+    )  # P -> -z
+    torch.testing.assert_close(
+        R @ torch.tensor([0, 0, 1.0], dtype=F64), torch.tensor([1.0, 0, 0], dtype=F64)
+    )  # S -> +x
     torch.testing.assert_close(torch.linalg.det(R), torch.tensor(1.0, dtype=F64))
     torch.testing.assert_close(transform_points(T, c[None])[0], torch.zeros(3, dtype=F64))
     off = torch.tensor([5.0, -10.0, 20.0], dtype=F64)

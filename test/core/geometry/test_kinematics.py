@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mvreg_ros.core.geometry import carm
-from mvreg_ros.core.geometry.transforms import invert, make_T, project, so3_exp, transform_points
 from mvreg_ros.core.geometry.kinematics import PlaneConfig, T_from_xyz_rpy, rotation_from_rpy, view_angle_deg
+from mvreg_ros.core.geometry.transforms import invert, make_T, project, so3_exp, transform_points
 
 SID = 700.0
 
@@ -84,15 +84,19 @@ def test_mounting_round_trip_and_isocentre_fixed_point():
 
 
 def test_prismatic_offsets_in_metres():
-    p = plane(prismatic_joints=("carm_lift", "carm_long"), prismatic_axes=((0.0, 0.0, 1.0), (1.0, 0.0, 0.0)),
-              T_ref_from_iso=T_from_xyz_rpy([0.0, 0.0, 0.0], [0.0, 0.0, math.pi / 2]))
+    p = plane(
+        prismatic_joints=("carm_lift", "carm_long"),
+        prismatic_axes=((0.0, 0.0, 1.0), (1.0, 0.0, 0.0)),
+        T_ref_from_iso=T_from_xyz_rpy([0.0, 0.0, 0.0], [0.0, 0.0, math.pi / 2]),
+    )
     base = p.T_ref_from_cam(q(0.2, 0.1, carm_lift=0.0, carm_long=0.0))
     moved = p.T_ref_from_cam(q(0.2, 0.1, carm_lift=0.05, carm_long=-0.12))
     # pure translation of the whole C: 50 mm up, and -120 mm along the mount's x (= ref y after the yaw)
     torch.testing.assert_close(moved[:3, :3], base[:3, :3])
     torch.testing.assert_close(moved[:3, 3] - base[:3, 3], torch.tensor([0.0, -120.0, 50.0], dtype=torch.float64))
-    torch.testing.assert_close(p.isocentre_ref(q(carm_lift=0.05, carm_long=-0.12)),
-                               torch.tensor([0.0, -120.0, 50.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        p.isocentre_ref(q(carm_lift=0.05, carm_long=-0.12)), torch.tensor([0.0, -120.0, 50.0], dtype=torch.float64)
+    )
     assert p.joint_names == ("carm_orbital", "carm_angular", "carm_lift", "carm_long")
 
 
@@ -106,15 +110,18 @@ def test_rpy_convention():
     torch.testing.assert_close(T, make_T(R, torch.tensor([1000.0, 2000.0, 3000.0], dtype=torch.float64)))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(sid_mm=0.0), "sid_mm"),
-    (dict(angular_joint="carm_orbital"), "must differ"),
-    (dict(orbital_sign=2.0), "orbital_sign"),
-    (dict(prismatic_joints=("lift",), prismatic_axes=()), "prismatic"),
-    (dict(prismatic_joints=("lift",), prismatic_axes=((0.0, 0.0, 2.0),)), "unit vector"),
-    (dict(prismatic_joints=("carm_orbital",), prismatic_axes=((0.0, 0.0, 1.0),)), "distinct"),
-    (dict(T_ref_from_iso=torch.diag(torch.tensor([1.0, 1.0, -1.0, 1.0], dtype=torch.float64))), "rigid"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sid_mm=0.0), "sid_mm"),
+        (dict(angular_joint="carm_orbital"), "must differ"),
+        (dict(orbital_sign=2.0), "orbital_sign"),
+        (dict(prismatic_joints=("lift",), prismatic_axes=()), "prismatic"),
+        (dict(prismatic_joints=("lift",), prismatic_axes=((0.0, 0.0, 2.0),)), "unit vector"),
+        (dict(prismatic_joints=("carm_orbital",), prismatic_axes=((0.0, 0.0, 1.0),)), "distinct"),
+        (dict(T_ref_from_iso=torch.diag(torch.tensor([1.0, 1.0, -1.0, 1.0], dtype=torch.float64))), "rigid"),
+    ],
+)
 def test_rejects_bad_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         plane(**kwargs)

@@ -91,8 +91,16 @@ def test_so3_round_trip_small_angles(scale):
 
 
 AXES_180 = [
-    [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0],
-    [1.0, 1.0, 0.0], [1.0, -1.0, 0.0], [-1.0, 0.0, 1.0], [0.3, -0.5, 0.8], [-0.6, 0.2, -0.77], [1.0, -2.0, -3.0],
+    [1.0, 0.0, 0.0],
+    [0.0, 1.0, 0.0],
+    [0.0, 0.0, 1.0],
+    [0.0, 0.0, -1.0],
+    [1.0, 1.0, 0.0],
+    [1.0, -1.0, 0.0],
+    [-1.0, 0.0, 1.0],
+    [0.3, -0.5, 0.8],
+    [-0.6, 0.2, -0.77],
+    [1.0, -2.0, -3.0],
 ]
 
 
@@ -148,8 +156,9 @@ def test_se3_exp_gradients_finite_at_zero():
     assert torch.isfinite(J).all()
     # translation part: d t / d v = I at zero
     torch.testing.assert_close(J[:3, 3, 3:], torch.eye(3, dtype=F64))
-    assert torch.autograd.gradcheck(se3_exp, (torch.tensor([0.2, -0.1, 0.3, 5.0, -2.0, 1.0], dtype=F64,
-                                                           requires_grad=True),))
+    assert torch.autograd.gradcheck(
+        se3_exp, (torch.tensor([0.2, -0.1, 0.3, 5.0, -2.0, 1.0], dtype=F64, requires_grad=True),)
+    )
 
 
 def test_so3_log_gradient_at_identity_is_finite():
@@ -294,8 +303,9 @@ def _deepfluoro_case(seed: int):
     """Random extrinsic E (world -> dfcam), pose G (cam-to-pelvis-vol) and LPS points in front of the camera."""
     g = torch.Generator().manual_seed(seed)
     E = _random_T(g, trans_scale=200.0)
-    T_dfcam_from_ct = T_cam_from_dfcam() @ make_T(so3_exp(torch.randn(3, generator=g, dtype=F64)),
-                                                  torch.tensor([10.0, -20.0, 800.0], dtype=F64))
+    T_dfcam_from_ct = T_cam_from_dfcam() @ make_T(
+        so3_exp(torch.randn(3, generator=g, dtype=F64)), torch.tensor([10.0, -20.0, 800.0], dtype=F64)
+    )
     # choose G so that E @ inv(G) = T_dfcam_from_ct (points at z ~ -800 in the file's camera)
     G = invert(T_dfcam_from_ct) @ E
     p_cam = torch.randn(30, 3, generator=g, dtype=F64) * 25 + torch.tensor([0, 0, 800.0], dtype=F64)
@@ -352,8 +362,9 @@ def test_T_cam_from_dfcam_proper_and_involutive():
     torch.testing.assert_close(D @ D, torch.eye(4, dtype=F64))
     torch.testing.assert_close(D[:3, :3] @ D[:3, :3].T, torch.eye(3, dtype=F64))
     # z toward the source (dfcam) becomes z toward the detector (cam)
-    torch.testing.assert_close(transform_points(D, torch.tensor([[0.0, 0.0, -1.0]], dtype=F64)),
-                               torch.tensor([[0.0, 0.0, 1.0]], dtype=F64))
+    torch.testing.assert_close(
+        transform_points(D, torch.tensor([[0.0, 0.0, -1.0]], dtype=F64)), torch.tensor([[0.0, 0.0, 1.0]], dtype=F64)
+    )
 
 
 def test_K_deepfluoro_round_trip():
@@ -399,9 +410,19 @@ def test_perturb_reproducible_and_seed_dependent():
 
 # ------------------------------------------------------------------ quaternions and axis rotations
 
-@pytest.mark.parametrize("w", [[0.0, 0.0, 0.0], [0.3, -0.2, 0.1], [math.pi, 0.0, 0.0], [0.0, math.pi, 0.0],
-                               [0.0, 0.0, math.pi], [math.pi / math.sqrt(2), -math.pi / math.sqrt(2), 0.0],
-                               [1e-9, 0.0, -1e-9]])
+
+@pytest.mark.parametrize(
+    "w",
+    [
+        [0.0, 0.0, 0.0],
+        [0.3, -0.2, 0.1],
+        [math.pi, 0.0, 0.0],
+        [0.0, math.pi, 0.0],
+        [0.0, 0.0, math.pi],
+        [math.pi / math.sqrt(2), -math.pi / math.sqrt(2), 0.0],
+        [1e-9, 0.0, -1e-9],
+    ],
+)
 def test_quaternion_round_trip_including_180_degrees(w):
     from mvreg_ros.core.geometry.transforms import matrix_from_quaternion, quaternion_from_matrix
 
@@ -410,8 +431,11 @@ def test_quaternion_round_trip_including_180_degrees(w):
     assert q[3] >= 0 and math.isclose(sum(v * v for v in q), 1.0, rel_tol=1e-12)
     torch.testing.assert_close(matrix_from_quaternion(*q), R, atol=1e-12, rtol=0)
     # the quaternion's angle is the rotation's angle
-    assert math.isclose(2 * math.atan2(math.sqrt(sum(v * v for v in q[:3])), q[3]), float(torch.tensor(w, dtype=torch.float64).norm()),
-                        abs_tol=1e-9)
+    assert math.isclose(
+        2 * math.atan2(math.sqrt(sum(v * v for v in q[:3])), q[3]),
+        float(torch.tensor(w, dtype=torch.float64).norm()),
+        abs_tol=1e-9,
+    )
 
 
 def test_matrix_from_quaternion_rejects_zero():
@@ -425,11 +449,19 @@ def test_axis_rotation_matches_right_hand_rule():
     from mvreg_ros.core.geometry.transforms import axis_rotation
 
     Rz = axis_rotation(2, torch.tensor(math.pi / 2, dtype=torch.float64))
-    torch.testing.assert_close(Rz @ torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
-                               torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(
+        Rz @ torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+        torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64),
+        atol=1e-15,
+        rtol=0,
+    )
     Rx = axis_rotation(0, torch.tensor([0.0, math.pi / 2], dtype=torch.float64))  # batched
     assert Rx.shape == (2, 3, 3)
-    torch.testing.assert_close(Rx[1] @ torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64),
-                               torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(
+        Rx[1] @ torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64),
+        torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64),
+        atol=1e-15,
+        rtol=0,
+    )
     with pytest.raises(ValueError, match="axis"):
         axis_rotation(3, torch.tensor(0.0))

@@ -3,11 +3,16 @@
 import pytest
 import torch
 
-from mvreg_ros.core.imaging.footprint import (complete_rays, target_footprint, target_labels, target_volume,
-                                      truncated_faces)
 from mvreg_ros.core.geometry.transforms import intrinsics, make_T
-from mvreg_ros.core.rendering.renderer import Renderer
+from mvreg_ros.core.imaging.footprint import (
+    complete_rays,
+    target_footprint,
+    target_labels,
+    target_volume,
+    truncated_faces,
+)
 from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM, Volume
+from mvreg_ros.core.rendering.renderer import Renderer
 
 # a 40 x 40 x 20 voxel slab of water-like body, 2 mm voxels, centred at the origin; the body fills
 # the whole k extent (cut at both k faces) and only the middle of i and j
@@ -71,5 +76,5 @@ def test_target_labels_volume_and_footprint():
     fp = target_footprint(Renderer(t, backend="grid_sample"), T, K, 48, 48, dilate_px=0)
     grown = target_footprint(Renderer(t, backend="grid_sample"), T, K, 48, 48, dilate_px=2)
     # the 20 mm target at 500 mm from a 1000 mm detector spans 40 mm = 10 px of 4 mm
-    assert 8 ** 2 <= float(fp.sum()) <= 13 ** 2
+    assert 8**2 <= float(fp.sum()) <= 13**2
     assert float(grown.sum()) > float(fp.sum()) and bool((grown >= fp).all())

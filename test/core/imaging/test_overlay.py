@@ -4,21 +4,30 @@ import numpy as np
 import pytest
 import torch
 
-from mvreg_ros.core.geometry import transforms as geometry
-from mvreg_ros.core.imaging.overlay import normalise_for_display, fusion_rgb, overlay_rgb
-from mvreg_ros.core.registration.refine import RefineConfig, Registrar
-from mvreg_ros.core.rendering.renderer import Renderer
 from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.geometry import transforms as geometry
+from mvreg_ros.core.imaging.overlay import fusion_rgb, normalise_for_display, overlay_rgb
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar
+from mvreg_ros.core.rendering.renderer import Renderer
 
 
 @pytest.fixture(scope="module")
 def setup():
     ct = load_example_ct(downsample=8)
-    scene = make_scene(ct.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0)], detector=DetectorConfig(height=48, width=40, pixel_mm=6.0))
-    raw = acquire(Renderer(ct, backend="grid_sample"), scene.T_cam_from_ct, scene.K, scene.height, scene.width,
-                  config=AcquisitionConfig(n_samples=64), generator=torch.Generator().manual_seed(0))
+    scene = make_scene(
+        ct.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0)], detector=DetectorConfig(height=48, width=40, pixel_mm=6.0)
+    )
+    raw = acquire(
+        Renderer(ct, backend="grid_sample"),
+        scene.T_cam_from_ct,
+        scene.K,
+        scene.height,
+        scene.width,
+        config=AcquisitionConfig(n_samples=64),
+        generator=torch.Generator().manual_seed(0),
+    )
     views = ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
     return ct, scene, views
 
@@ -31,7 +40,9 @@ def test_normalise_spans_zero_to_one_inside_the_mask():
     assert float(y.min()) == 0.0 and float(y.max()) == 1.0
     inside = y[mask > 0]
     assert float(inside.min()) < 0.05 and float(inside.max()) > 0.95
-    torch.testing.assert_close(normalise_for_display(x, torch.zeros(10, 10)), normalise_for_display(x, None))  # empty mask: whole image
+    torch.testing.assert_close(
+        normalise_for_display(x, torch.zeros(10, 10)), normalise_for_display(x, None)
+    )  # empty mask: whole image
 
 
 def test_demo_overlay_has_three_panels(setup):

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from mvreg_ros.core.geometry.transforms import invert, project
-from mvreg_ros.core.rendering.renderer import Renderer
-from mvreg_ros.core.registration.similarity import erode, ncc
 from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.geometry.transforms import invert, project
 from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.registration.similarity import erode, ncc
+from mvreg_ros.core.rendering.renderer import Renderer
 
 F64 = torch.float64
 H = W = 64
@@ -15,8 +15,12 @@ H = W = 64
 
 def _valid(V=2, H=32, W=32):
     g = torch.Generator().manual_seed(0)
-    return dict(images=torch.rand(V, H, W, generator=g), masks=torch.ones(V, H, W),
-                K=torch.eye(3, dtype=F64).expand(V, 3, 3).clone(), T_ref_from_cam=torch.eye(4, dtype=F64).expand(V, 4, 4).clone())
+    return dict(
+        images=torch.rand(V, H, W, generator=g),
+        masks=torch.ones(V, H, W),
+        K=torch.eye(3, dtype=F64).expand(V, 3, 3).clone(),
+        T_ref_from_cam=torch.eye(4, dtype=F64).expand(V, 4, 4).clone(),
+    )
 
 
 def test_viewset_accepts_valid_input():
@@ -24,19 +28,29 @@ def test_viewset_accepts_valid_input():
     assert len(vs) == 3 and vs.height == 24 and vs.width == 40
 
 
-@pytest.mark.parametrize("change,match", [
-    (lambda d: d.update(images=d["images"][0]), "images must be"),
-    (lambda d: d.update(images=d["images"][:0], masks=d["masks"][:0], K=d["K"][:0], T_ref_from_cam=d["T_ref_from_cam"][:0]),
-     "V >= 1"),
-    (lambda d: d.update(masks=d["masks"][:, :-1]), "masks"),
-    (lambda d: d.update(K=d["K"][:1]), "K must be"),
-    (lambda d: d.update(K=torch.eye(4, dtype=F64).expand(2, 4, 4)), "K must be"),
-    (lambda d: d.update(T_ref_from_cam=d["T_ref_from_cam"][:1]), "T_ref_from_cam"),
-    (lambda d: d.update(T_ref_from_cam=torch.eye(3, dtype=F64).expand(2, 3, 3)), "T_ref_from_cam"),
-    (lambda d: d["images"].__setitem__((1, 3, 3), float("nan")), "view 1 image contains NaN"),
-    (lambda d: d["images"].__setitem__(0, 2.0), "view 0 image is constant"),
-    (lambda d: d.update(masks=torch.stack([torch.ones(32, 32), torch.zeros(32, 32)])), "view 1: empty field of view"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda d: d.update(images=d["images"][0]), "images must be"),
+        (
+            lambda d: d.update(
+                images=d["images"][:0], masks=d["masks"][:0], K=d["K"][:0], T_ref_from_cam=d["T_ref_from_cam"][:0]
+            ),
+            "V >= 1",
+        ),
+        (lambda d: d.update(masks=d["masks"][:, :-1]), "masks"),
+        (lambda d: d.update(K=d["K"][:1]), "K must be"),
+        (lambda d: d.update(K=torch.eye(4, dtype=F64).expand(2, 4, 4)), "K must be"),
+        (lambda d: d.update(T_ref_from_cam=d["T_ref_from_cam"][:1]), "T_ref_from_cam"),
+        (lambda d: d.update(T_ref_from_cam=torch.eye(3, dtype=F64).expand(2, 3, 3)), "T_ref_from_cam"),
+        (lambda d: d["images"].__setitem__((1, 3, 3), float("nan")), "view 1 image contains NaN"),
+        (lambda d: d["images"].__setitem__(0, 2.0), "view 0 image is constant"),
+        (
+            lambda d: d.update(masks=torch.stack([torch.ones(32, 32), torch.zeros(32, 32)])),
+            "view 1: empty field of view",
+        ),
+    ],
+)
 def test_viewset_validation(change, match):
     d = _valid()
     change(d)
@@ -49,8 +63,15 @@ def simulated(tiny_ct):
     det = DetectorConfig(height=H, width=W, pixel_mm=1.164 * 256 / W)
     scene = make_scene(tiny_ct.centre_ct(), [(0.0, 0.0), (60.0, -10.0)], detector=det)
     renderer = Renderer(tiny_ct, n_samples=96, backend="grid_sample")
-    raw = acquire(renderer, scene.T_cam_from_ct, scene.K, H, W, config=AcquisitionConfig(n_samples=96),
-                  generator=torch.Generator().manual_seed(0))
+    raw = acquire(
+        renderer,
+        scene.T_cam_from_ct,
+        scene.K,
+        H,
+        W,
+        config=AcquisitionConfig(n_samples=96),
+        generator=torch.Generator().manual_seed(0),
+    )
     clean = renderer(scene.T_cam_from_ct, scene.K, H, W, n_samples=96)
     return scene, raw, clean
 
@@ -127,8 +148,9 @@ def test_downsampled_k_puts_a_point_where_the_pooled_image_shows_it():
     u, v = 29.3 + 300.0 * 0.85 / 10.0, 21.7 - 280.0 * 0.4 / 10.0  # 54.8, 10.5
     rows, cols = torch.meshgrid(torch.arange(Hs, dtype=F64), torch.arange(Ws, dtype=F64), indexing="ij")
     blob = torch.exp(-((cols - u) ** 2 + (rows - v) ** 2) / (2 * 2.5**2))
-    vs = ViewSet(images=blob[None].float(), masks=torch.ones(1, Hs, Ws), K=K[None],
-                 T_ref_from_cam=torch.eye(4, dtype=F64)[None])
+    vs = ViewSet(
+        images=blob[None].float(), masks=torch.ones(1, Hs, Ws), K=K[None], T_ref_from_cam=torch.eye(4, dtype=F64)[None]
+    )
     small = vs.downsampled(f)
     assert small.images.shape == (1, Hs // f, Ws // f)
     img = small.images[0].to(F64)

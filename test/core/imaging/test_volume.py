@@ -33,8 +33,9 @@ def _phys(A: torch.Tensor, ijk) -> torch.Tensor:
 def _ramp_volume(shape_kji, A, coeffs=(0.3, -0.1, 0.05)) -> Volume:
     """Data = a linear function of the physical position of each voxel centre."""
     D, H, W = shape_kji
-    k, j, i = torch.meshgrid(torch.arange(D, dtype=F64), torch.arange(H, dtype=F64), torch.arange(W, dtype=F64),
-                             indexing="ij")
+    k, j, i = torch.meshgrid(
+        torch.arange(D, dtype=F64), torch.arange(H, dtype=F64), torch.arange(W, dtype=F64), indexing="ij"
+    )
     ijk = torch.stack([i, j, k], -1)
     p = ijk @ A[:3, :3].T + A[:3, 3]
     data = p @ torch.tensor(coeffs, dtype=F64)
@@ -140,8 +141,9 @@ def test_resampled_ramp_keeps_physical_positions(factor):
     expected = _ramp_volume(small.data.shape, small.T_ct_from_index).data
     torch.testing.assert_close(small.data, expected)
     # a specific voxel: new index (1, 2, 3) is the centre of old block [f..2f-1, 2f..3f-1, 3f..4f-1]
-    torch.testing.assert_close(_phys(small.T_ct_from_index, [1, 2, 3]),
-                               _phys(A, [f * factor + (factor - 1) / 2 for f in (1, 2, 3)]))
+    torch.testing.assert_close(
+        _phys(small.T_ct_from_index, [1, 2, 3]), _phys(A, [f * factor + (factor - 1) / 2 for f in (1, 2, 3)])
+    )
     assert vol.resampled(1) is vol
     with pytest.raises(ValueError, match="factor"):
         vol.resampled(0)
@@ -234,8 +236,9 @@ def _check_itk_geometry(vol: Volume, img, hu_kji: np.ndarray):
     assert vol.data.shape == hu_kji.shape
     torch.testing.assert_close(vol.data, hu_to_mu(torch.as_tensor(hu_kji, dtype=torch.float32)))
     for ijk in [(0, 0, 0), (7, 6, 5), (1, 4, 3)]:
-        np.testing.assert_allclose(_phys(vol.T_ct_from_index, ijk).numpy(),
-                                   img.TransformIndexToPhysicalPoint(ijk), atol=1e-6)
+        np.testing.assert_allclose(
+            _phys(vol.T_ct_from_index, ijk).numpy(), img.TransformIndexToPhysicalPoint(ijk), atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
@@ -318,8 +321,9 @@ def test_load_volume_with_mask(tmp_path):
 
 def test_example_ct_downsampled(tiny_ct):
     assert tiny_ct.data.shape == (17, 64, 64)
-    torch.testing.assert_close(tiny_ct.spacing, torch.tensor([0.703125 * 8, 0.703125 * 8, 2.5 * 8], dtype=F64),
-                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        tiny_ct.spacing, torch.tensor([0.703125 * 8, 0.703125 * 8, 2.5 * 8], dtype=F64), atol=1e-3, rtol=0
+    )
     assert tiny_ct.mask is not None and tiny_ct.mask.shape == tiny_ct.data.shape
     # attenuation of a chest: air to bone, nothing negative
     assert float(tiny_ct.data.min()) >= 0

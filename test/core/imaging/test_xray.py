@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from mvreg_ros.core.geometry.transforms import intrinsics, project
-from mvreg_ros.core.imaging.xray import DEEPFLUORO_I0, check_image, detect_fov, downsample, log_linearize, prepare, resize_to
+from mvreg_ros.core.imaging.xray import (
+    DEEPFLUORO_I0,
+    check_image,
+    detect_fov,
+    downsample,
+    log_linearize,
+    prepare,
+    resize_to,
+)
 
 F64 = torch.float64
 
@@ -107,7 +115,7 @@ def test_downsample_pools_and_rescales_K(factor):
     K = intrinsics(sdd_mm=1000.0, pixel_spacing_mm=0.5, height=H, width=W, principal_point_px=(30.2, 24.7))
     small, Ks = downsample(img, K, factor)
     assert small.shape == (H // factor, W // factor)
-    torch.testing.assert_close(small[1, 2], img[factor:2 * factor, 2 * factor:3 * factor].mean())
+    torch.testing.assert_close(small[1, 2], img[factor : 2 * factor, 2 * factor : 3 * factor].mean())
     # a 3D point projecting to the centre of the full-res block (a, b) projects to pooled pixel (a, b)
     T = torch.eye(4, dtype=F64)
     for a, b in [(0, 0), (2, 1), (W // factor - 1, H // factor - 1)]:

@@ -7,16 +7,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvreg_ros.core.learning.coarse import (CoarseModel, FusionConfig, check_aspect, resize_views, to_working_size,
-                                   trained_detector_shape, working_geometry)
-from mvreg_ros.core.geometry.transforms import intrinsics, make_T, scale_intrinsics, so3_exp
-from mvreg_ros.core.learning.network import ArchConfig, PoseGeometry, PoseNet, encode_targets
 from mvreg_ros.core.geometry.pose_sampling import canonical_rotation
+from mvreg_ros.core.geometry.transforms import intrinsics, make_T, scale_intrinsics, so3_exp
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.xray import downsample
+from mvreg_ros.core.learning.coarse import (
+    CoarseModel,
+    FusionConfig,
+    check_aspect,
+    resize_views,
+    to_working_size,
+    trained_detector_shape,
+    working_geometry,
+)
+from mvreg_ros.core.learning.network import ArchConfig, PoseGeometry, PoseNet, encode_targets
 
-GEOM = PoseGeometry(centre_ct=(10.0, -20.0, -150.0),
-                    R0_cam_from_ct=tuple(tuple(float(x) for x in r) for r in canonical_rotation()), sid_mm=700.0)
+GEOM = PoseGeometry(
+    centre_ct=(10.0, -20.0, -150.0),
+    R0_cam_from_ct=tuple(tuple(float(x) for x in r) for r in canonical_rotation()),
+    sid_mm=700.0,
+)
 SHAPES = [(256, 256), (200, 200), (48, 64), (64, 48), (320, 416), (417, 300), (160, 200)]
 
 
@@ -26,7 +36,7 @@ def _former_resize(images, masks, K, size):
     img, K2 = downsample(images.float(), K.to(torch.float64), factor)
     msk, _ = downsample(masks.float(), K.to(torch.float64), factor)
     H, W = img.shape[-2:]
-    if (H, W) != (size, size):
+    if (size, size) != (H, W):
         img = F.interpolate(img[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         msk = F.interpolate(msk[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         sx, sy = size / W, size / H
@@ -100,8 +110,10 @@ def test_letterbox_keeps_the_aspect_ratio_and_masks_the_padding(H, W):
     rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
     ext_v, ext_u = (H // f) * size / max(H // f, W // f), (W // f) * size / max(H // f, W // f)
     assert abs(len(rows) - ext_v) <= 2 and abs(len(cols) - ext_u) <= 2
-    assert bool(mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())
-    assert abs(float(rows.float().mean()) - (size - 1) / 2) <= 1 and abs(float(cols.float().mean()) - (size - 1) / 2) <= 1
+    assert bool(mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all())
+    assert (
+        abs(float(rows.float().mean()) - (size - 1) / 2) <= 1 and abs(float(cols.float().mean()) - (size - 1) / 2) <= 1
+    )
     # the corner pixel centres of the pooled area (the last H % f rows, W % f columns are dropped) project inside
     u1, v1 = (W // f) * f - 1.0, (H // f) * f - 1.0
     corners = torch.tensor([[0.0, 0.0], [u1, 0.0], [0.0, v1], [u1, v1]], dtype=torch.float64)

@@ -6,13 +6,20 @@ import math
 import pytest
 import torch
 
-from mvreg_ros.core.geometry.transforms import invert, make_T, scale_intrinsics, se3_exp
-from mvreg_ros.core.learning.losses import (cross_view_image_loss, cross_view_pose_loss, geodesic_angle, image_loss, pose_loss,
-                                   transfer, view_pairs)
-from mvreg_ros.core.geometry.pose_sampling import sample_view_sets
-from mvreg_ros.core.rendering.renderer import Renderer
 from mvreg_ros.core.data.simulate import DetectorConfig
+from mvreg_ros.core.geometry.pose_sampling import sample_view_sets
+from mvreg_ros.core.geometry.transforms import invert, make_T, scale_intrinsics, se3_exp
 from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.learning.losses import (
+    cross_view_image_loss,
+    cross_view_pose_loss,
+    geodesic_angle,
+    image_loss,
+    pose_loss,
+    transfer,
+    view_pairs,
+)
+from mvreg_ros.core.rendering.renderer import Renderer
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +109,9 @@ def test_cross_view_pose_loss(scene):
     _check_decreasing(values)
     # consistent but wrong predictions (the whole set moved together) cost nothing here ...
     g = torch.Generator().manual_seed(5)
-    D = se3_exp(torch.randn(6, generator=g, dtype=torch.float64) * torch.tensor([0.1] * 3 + [10.0] * 3, dtype=torch.float64))
+    D = se3_exp(
+        torch.randn(6, generator=g, dtype=torch.float64) * torch.tensor([0.1] * 3 + [10.0] * 3, dtype=torch.float64)
+    )
     moved = invert(T_rc) @ D @ T_rc @ T
     assert float(cross_view_pose_loss(moved, T_rc, c).max()) < 1e-6
     # ... but the pose loss sees them
@@ -116,7 +125,9 @@ def _images(volume, geo, size=32):
     B, V = geo.T_cam_from_ct.shape[:2]
     Ks = K.expand(B, V, 3, 3).clone()
     with torch.no_grad():
-        images = renderer(geo.T_cam_from_ct.reshape(-1, 4, 4), Ks.reshape(-1, 3, 3), size, size).reshape(B, V, size, size)
+        images = renderer(geo.T_cam_from_ct.reshape(-1, 4, 4), Ks.reshape(-1, 3, 3), size, size).reshape(
+            B, V, size, size
+        )
     return renderer, Ks, images, torch.ones_like(images)
 
 
@@ -132,8 +143,10 @@ def test_cross_view_image_loss_zero_at_truth_and_decreasing_toward_it(volume, sc
     geo, _ = scene
     renderer, K, images, masks = _images(volume, geo)
     T, T_rc = geo.T_cam_from_ct, geo.T_ref_from_cam
-    values = [float(cross_view_image_loss(renderer, _perturb_ref(T, T_rc, 0, s), T_rc, K, images, masks).mean())
-              for s in (0.0, 0.25, 0.5, 1.0)]
+    values = [
+        float(cross_view_image_loss(renderer, _perturb_ref(T, T_rc, 0, s), T_rc, K, images, masks).mean())
+        for s in (0.0, 0.25, 0.5, 1.0)
+    ]
     _check_decreasing(values)
 
 
@@ -142,7 +155,9 @@ def test_image_losses_have_pose_gradients(volume, scene):
     renderer, K, images, masks = _images(volume, geo)
     x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     T = se3_exp(x) @ _perturb_cam(geo.T_cam_from_ct, 0.5)
-    loss = image_loss(renderer, T, K, images, masks).sum() + cross_view_image_loss(
-        renderer, T, geo.T_ref_from_cam, K, images, masks).sum()
+    loss = (
+        image_loss(renderer, T, K, images, masks).sum()
+        + cross_view_image_loss(renderer, T, geo.T_ref_from_cam, K, images, masks).sum()
+    )
     loss.backward()
     assert torch.isfinite(x.grad).all() and float(x.grad.abs().sum()) > 0

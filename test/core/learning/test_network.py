@@ -5,16 +5,28 @@ import math
 import pytest
 import torch
 
-from mvreg_ros.core.geometry.transforms import make_T, so3_exp
-from mvreg_ros.core.learning.network import (ArchConfig, CheckpointError, PoseGeometry, PoseNet, decode, encode_targets,
-                                    load_checkpoint, read_metadata, rotation_from_6d, save_checkpoint)
-from mvreg_ros.core.geometry.pose_sampling import canonical_rotation
-from mvreg_ros.core.geometry.transforms import scale_intrinsics
 from mvreg_ros.core.data.simulate import DetectorConfig
+from mvreg_ros.core.geometry.pose_sampling import canonical_rotation
+from mvreg_ros.core.geometry.transforms import make_T, scale_intrinsics, so3_exp
+from mvreg_ros.core.learning.network import (
+    ArchConfig,
+    CheckpointError,
+    PoseGeometry,
+    PoseNet,
+    decode,
+    encode_targets,
+    load_checkpoint,
+    read_metadata,
+    rotation_from_6d,
+    save_checkpoint,
+)
 
 ARCH = ArchConfig(size=32, width=8, fc=16)
-GEOM = PoseGeometry(centre_ct=(10.0, -20.0, -150.0),
-                    R0_cam_from_ct=tuple(tuple(float(x) for x in r) for r in canonical_rotation()), sid_mm=700.0)
+GEOM = PoseGeometry(
+    centre_ct=(10.0, -20.0, -150.0),
+    R0_cam_from_ct=tuple(tuple(float(x) for x in r) for r in canonical_rotation()),
+    sid_mm=700.0,
+)
 IDENTITY = {"sha256": "ab" * 32, "shape": [17, 64, 64], "spacing_mm": [5.6, 5.6, 20.0]}
 
 
@@ -60,8 +72,14 @@ def _trained_looking_net(seed=0) -> PoseNet:
 def test_checkpoint_round_trip(tmp_path):
     net = _trained_looking_net()
     x, m = torch.rand(2, 32, 32), torch.ones(2, 32, 32)
-    path = save_checkpoint(tmp_path / "m.safetensors", net, geometry=GEOM, volume_identity=IDENTITY,
-                           config={"lr": 0.001}, extra={"step": 7})
+    path = save_checkpoint(
+        tmp_path / "m.safetensors",
+        net,
+        geometry=GEOM,
+        volume_identity=IDENTITY,
+        config={"lr": 0.001},
+        extra={"step": 7},
+    )
     loaded, geom, meta = load_checkpoint(path, volume_identity=IDENTITY, arch=ARCH)
     assert geom == GEOM
     assert meta["extra"]["step"] == 7 and meta["config"]["lr"] == 0.001
@@ -105,13 +123,23 @@ def test_parameter_count_of_default_architecture_is_small():
 
 
 def test_checkpoint_records_the_detector_shape(tmp_path):
-    path = save_checkpoint(tmp_path / "m.safetensors", _trained_looking_net(), geometry=GEOM, volume_identity=IDENTITY,
-                           detector_shape=(48, 64))
+    path = save_checkpoint(
+        tmp_path / "m.safetensors",
+        _trained_looking_net(),
+        geometry=GEOM,
+        volume_identity=IDENTITY,
+        detector_shape=(48, 64),
+    )
     _, _, meta = load_checkpoint(path)
     assert meta["detector_shape"] == [48, 64] and read_metadata(path)["detector_shape"] == [48, 64]
     with pytest.raises(ValueError, match=r"\(0, 64\)"):
-        save_checkpoint(tmp_path / "bad.safetensors", _trained_looking_net(), geometry=GEOM, volume_identity=IDENTITY,
-                        detector_shape=(0, 64))
+        save_checkpoint(
+            tmp_path / "bad.safetensors",
+            _trained_looking_net(),
+            geometry=GEOM,
+            volume_identity=IDENTITY,
+            detector_shape=(0, 64),
+        )
     # without a shape (older checkpoints) the key is absent
     old = save_checkpoint(tmp_path / "old.safetensors", _trained_looking_net(), geometry=GEOM, volume_identity=IDENTITY)
     assert "detector_shape" not in read_metadata(old)

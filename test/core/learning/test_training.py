@@ -4,17 +4,42 @@ import pytest
 import torch
 
 from mvreg_ros.core.geometry import carm
-from mvreg_ros.core.learning.coarse import CoarseModel, FusionConfig, chordal_mean, fuse, resize_views, triangulate
-from mvreg_ros.core.geometry.transforms import invert, rotation_angle_deg, scale_intrinsics, se3_exp, so3_exp, transform_points
-from mvreg_ros.core.learning.network import CheckpointError, PoseNet
 from mvreg_ros.core.geometry.pose_sampling import PoseRange, canonical_rotation, sample_view_sets
-from mvreg_ros.core.learning.training import (TrainConfig, ViewPool, batch_loss, degrade, landmarks_ct, make_geometry, train)
+from mvreg_ros.core.geometry.transforms import (
+    invert,
+    rotation_angle_deg,
+    scale_intrinsics,
+    se3_exp,
+    so3_exp,
+    transform_points,
+)
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.learning.coarse import CoarseModel, FusionConfig, chordal_mean, fuse, resize_views, triangulate
+from mvreg_ros.core.learning.network import CheckpointError, PoseNet
+from mvreg_ros.core.learning.train_config import TrainConfig
+from mvreg_ros.core.learning.training import batch_loss, train
+from mvreg_ros.core.learning.training_data import ViewPool, degrade, make_geometry
 
-TINY = dict(size=32, image_size=16, width=8, fc=32, n_samples=32, voxel_mm=5.0, pool_sets=64, initial_sets=16,
-            refresh_sets=2, batch_sets=8, image_sets=4, image_samples=24, val_sets=4, val_every_s=1e9, threads=1,
-            detector_px=128, pixel_mm=2.328)
+TINY = dict(
+    size=32,
+    image_size=16,
+    width=8,
+    fc=32,
+    n_samples=32,
+    voxel_mm=5.0,
+    pool_sets=64,
+    initial_sets=16,
+    refresh_sets=2,
+    batch_sets=8,
+    image_sets=4,
+    image_samples=24,
+    val_sets=4,
+    val_every_s=1e9,
+    threads=1,
+    detector_px=128,
+    pixel_mm=2.328,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +61,12 @@ def test_sampled_view_sets_stay_in_range_and_move_like_a_c_arm():
     # the anatomy centre lies within iso_mm of the isocentre, which is on every principal axis at sid
     centre_ref = transform_points(geo.T_ref_from_ct, c.expand(400, 1, 3))[:, 0]
     assert float(centre_ref.abs().max()) <= r.iso_mm + 1e-9
-    iso_cam = transform_points(invert(geo.T_ref_from_cam), torch.zeros(400, 3, 1, 3, dtype=torch.float64).squeeze(2)[:, :, None])
-    assert torch.allclose(iso_cam[..., 0, :], torch.tensor([0, 0, r.sid_mm], dtype=torch.float64).expand(400, 3, 3), atol=1e-6)
+    iso_cam = transform_points(
+        invert(geo.T_ref_from_cam), torch.zeros(400, 3, 1, 3, dtype=torch.float64).squeeze(2)[:, :, None]
+    )
+    assert torch.allclose(
+        iso_cam[..., 0, :], torch.tensor([0, 0, r.sid_mm], dtype=torch.float64).expand(400, 3, 3), atol=1e-6
+    )
     # the AP view (zero joints) has the canonical rotation
     T_ap = invert(carm.T_iso_from_cam(0.0, 0.0, sid_mm=700.0)) @ carm.T_iso_from_ct_supine(c)
     assert torch.allclose(T_ap[:3, :3], canonical_rotation(), atol=1e-12)
@@ -88,13 +117,15 @@ def _corrupt(T_views, k, seed=4):
 
 def test_fusion_drops_one_corrupted_view_of_three():
     geo, c, T_true, T_views = _fusion_case()
-    noise = se3_exp(torch.tensor([[0.02, 0, 0, 2, 0, 0], [0, 0.02, 0, 0, -2, 0], [0, 0, 0.02, 0, 0, 2]], dtype=torch.float64))
+    noise = se3_exp(
+        torch.tensor([[0.02, 0, 0, 2, 0, 0], [0, 0.02, 0, 0, -2, 0], [0, 0, 0.02, 0, 0, 2]], dtype=torch.float64)
+    )
     T_views = noise @ T_views
     bad = _corrupt(T_views, 1)
     naive = fuse(bad, geo.T_ref_from_cam[0], c, config=FusionConfig(rot_threshold_deg=360, ray_threshold_mm=1e9))[0]
     T, inl, _ = fuse(bad, geo.T_ref_from_cam[0], c)
     assert inl.tolist() == [True, False, True]
-    err = lambda A: float((transform_points(A, c[None]) - transform_points(T_true, c[None])).norm())  # noqa: E731
+    err = lambda A: float((transform_points(A, c[None]) - transform_points(T_true, c[None])).norm())
     assert err(T) < 5 and err(naive) > 10
     assert float(rotation_angle_deg(T[:3, :3].T @ T_true[:3, :3])) < 3
 
@@ -105,8 +136,9 @@ def test_fusion_of_two_disagreeing_views_asks_the_image_scorer():
     bad = _corrupt(T_views, 0)
 
     def scorer(candidates):  # a stand-in for the DRR similarity: closeness to the truth
-        return -(transform_points(candidates, c.expand(len(candidates), 1, 3))[:, 0]
-                 - transform_points(T_true, c[None])[0]).norm(dim=-1)
+        return -(
+            transform_points(candidates, c.expand(len(candidates), 1, 3))[:, 0] - transform_points(T_true, c[None])[0]
+        ).norm(dim=-1)
 
     T, inl, scores = fuse(bad, T_rc, c, scorer=scorer)
     assert inl.tolist() == [False, True] and scores is not None and len(scores) == 3
@@ -136,8 +168,12 @@ def test_coarse_model_survives_a_corrupted_image(volume, tmp_path):
 def test_resize_views_keeps_the_projection_of_points():
     """Rectangular views are letterboxed (one isotropic scale, padding), not stretched."""
     K = torch.tensor([[300.0, 0, 99.5], [0, 300.0, 79.5], [0, 0, 1]], dtype=torch.float64)
-    views = ViewSet(images=torch.rand(1, 160, 200), masks=torch.ones(1, 160, 200), K=K[None],
-                    T_ref_from_cam=torch.eye(4, dtype=torch.float64)[None])
+    views = ViewSet(
+        images=torch.rand(1, 160, 200),
+        masks=torch.ones(1, 160, 200),
+        K=K[None],
+        T_ref_from_cam=torch.eye(4, dtype=torch.float64)[None],
+    )
     img, msk, K2 = resize_views(views, 32)
     assert img.shape == (1, 32, 32) and msk.shape == (1, 32, 32)
     p = torch.tensor([10.0, -5.0, 500.0], dtype=torch.float64)
@@ -180,18 +216,17 @@ def test_rectangular_detector_training_data(volume):
     assert bool(sq.working_geometry()[1].all())
 
 
-def test_landmarks_from_mask_labels(volume):
-    lm = landmarks_ct(volume)
-    assert lm.ndim == 2 and lm.shape[1] == 3 and len(lm) >= 4
-    lo, hi = volume.corners_ct().min(0).values, volume.corners_ct().max(0).values
-    assert bool(((lm >= lo) & (lm <= hi)).all())
-
-
 def test_tiny_training_run_lowers_the_loss_and_resumes(volume, tmp_path):
-    cfg = TrainConfig(**TINY, max_steps=40, lr=3e-3, warmup=0.0, w_image=0.2, w_cross_image=0.2, image_start=0.5, seed=3)
+    cfg = TrainConfig(
+        **TINY, max_steps=40, lr=3e-3, warmup=0.0, w_image=0.2, w_cross_image=0.2, image_start=0.5, seed=3
+    )
     geom = make_geometry(volume, cfg)
-    pool = ViewPool(volume, cfg.replace(pool_sets=16), centre_ct=torch.tensor(geom.centre_ct),
-                    generator=torch.Generator().manual_seed(99))
+    pool = ViewPool(
+        volume,
+        cfg.replace(pool_sets=16),
+        centre_ct=torch.tensor(geom.centre_ct),
+        generator=torch.Generator().manual_seed(99),
+    )
     pool.add(16)
     fixed = pool.batch(16, 2)
     torch.manual_seed(cfg.seed)

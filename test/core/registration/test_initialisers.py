@@ -5,18 +5,26 @@ import types
 
 import pytest
 import torch
+from test_pipeline_scripted import ScriptedRegistrar, pose, result, views
 
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.global_search import GlobalConfig
-from mvreg_ros.core.registration.initialisers import (AcceptedPose, CoarseNetworkPose, PoseTracker, StartRequest,
-                                                       default_initialisers, first_start)
+from mvreg_ros.core.registration.initialisers import (
+    AcceptedPose,
+    CoarseNetworkPose,
+    PoseTracker,
+    StartRequest,
+    default_initialisers,
+    first_start,
+)
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
-from test_pipeline_scripted import ScriptedRegistrar, pose, result, views
 
 S = 1_000_000_000  # ns per s
 VIEWS = views()
-CONFIG = PipelineConfig(global_search=GlobalConfig(enabled=False),
-                        acceptance=AcceptanceConfig(view_agreement=False, min_view_similarity=0.2))
+CONFIG = PipelineConfig(
+    global_search=GlobalConfig(enabled=False),
+    acceptance=AcceptanceConfig(view_agreement=False, min_view_similarity=0.2),
+)
 
 
 class FakeModel:
@@ -37,6 +45,7 @@ def chain(model=None, *, max_age_s=60.0, accepted_at_ns=None):
 
 
 # ------------------------------------------------------------------- the initialiser chain
+
 
 def test_a_view_set_without_an_accepted_pose_starts_from_the_network():
     model = FakeModel(pose(5))
@@ -63,8 +72,16 @@ def test_no_initialiser_at_all_names_the_failures():
         first_start([bad], StartRequest(views=VIEWS))
 
 
-@pytest.mark.parametrize("age_s, source", [(0.0, "last_accepted"), (30.0, "last_accepted"), (60.0, "last_accepted"),
-                                           (60.001, "coarse_network"), (3600.0, "coarse_network")])
+@pytest.mark.parametrize(
+    "age_s, source",
+    [
+        (0.0, "last_accepted"),
+        (30.0, "last_accepted"),
+        (60.0, "last_accepted"),
+        (60.001, "coarse_network"),
+        (3600.0, "coarse_network"),
+    ],
+)
 def test_a_recent_accepted_pose_wins_over_the_network_an_old_one_yields(age_s, source):
     model = FakeModel(pose(5))
     inits, _ = chain(model, accepted_at_ns=100 * S)
@@ -98,9 +115,14 @@ def test_only_a_refined_pose_that_passes_the_gates_is_kept(passes):
     refined pose only when it passes the acceptance test, never the estimate."""
     tracker = PoseTracker()
     reg = ScriptedRegistrar([result(pose(2), sims=(0.9, 0.8) if passes else (0.9, 0.05))])
-    p = RegistrationPipeline(reg, initialisers=default_initialisers(configured=pose(0), tracker=tracker,
-                                                                     model=FakeModel(pose(5)), tracking_max_age_s=60.0),
-                             config=CONFIG, tracker=tracker)
+    p = RegistrationPipeline(
+        reg,
+        initialisers=default_initialisers(
+            configured=pose(0), tracker=tracker, model=FakeModel(pose(5)), tracking_max_age_s=60.0
+        ),
+        config=CONFIG,
+        tracker=tracker,
+    )
     o = p.register(VIEWS, stamp_ns=101)
     torch.testing.assert_close(reg.starts[0], pose(5))
     assert o.init_source == "coarse_network" and o.start.values == {"coarse_ms": "12.5"}

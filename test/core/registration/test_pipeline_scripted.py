@@ -6,30 +6,48 @@ import math
 import pytest
 import torch
 
-from mvreg_ros.core.geometry.transforms import make_T, so3_exp
 from mvreg_ros.core.geometry.kinematics import PlaneConfig
-from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
+from mvreg_ros.core.geometry.transforms import make_T, so3_exp
+from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig, acceptance_test
 from mvreg_ros.core.registration.global_search import GlobalConfig
-from mvreg_ros.core.registration.initialisers import (ConfiguredPose, Initialiser, LastAcceptedPose, PoseTracker,
-                                                       StartRequest, default_initialisers, first_start,
-                                                       supine_at_isocentre)
+from mvreg_ros.core.registration.initialisers import (
+    ConfiguredPose,
+    Initialiser,
+    LastAcceptedPose,
+    PoseTracker,
+    StartRequest,
+    default_initialisers,
+    first_start,
+    supine_at_isocentre,
+)
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
-from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
 
 PLANE = PlaneConfig(name="main", orbital_joint="o", angular_joint="a", sid_mm=700.0)
 
 
 def pose(k: float) -> torch.Tensor:
-    return make_T(so3_exp(torch.tensor([0.0, 0.0, 0.1 * k], dtype=torch.float64)),
-                  torch.tensor([k, 2 * k, 3 * k], dtype=torch.float64))
+    return make_T(
+        so3_exp(torch.tensor([0.0, 0.0, 0.1 * k], dtype=torch.float64)),
+        torch.tensor([k, 2 * k, 3 * k], dtype=torch.float64),
+    )
 
 
 def result(T, *, success=True, sims=(0.9, 0.8), unc=1.0, converged=True, reason=""):
-    return RegistrationResult(T_ref_from_ct=T, success=success, converged=converged, similarity=sum(sims) / 2,
-                              view_similarity=tuple(sims), iterations=10, time_s=0.1, reason=reason,
-                              covariance=torch.eye(6, dtype=torch.float64) * 1e-4, uncertainty_mm=unc,
-                              centre_ct=torch.zeros(3, dtype=torch.float64))
+    return RegistrationResult(
+        T_ref_from_ct=T,
+        success=success,
+        converged=converged,
+        similarity=sum(sims) / 2,
+        view_similarity=tuple(sims),
+        iterations=10,
+        time_s=0.1,
+        reason=reason,
+        covariance=torch.eye(6, dtype=torch.float64) * 1e-4,
+        uncertainty_mm=unc,
+        centre_ct=torch.zeros(3, dtype=torch.float64),
+    )
 
 
 class ScriptedRegistrar(Registrar):  # the refine() of a Registrar, scripted (no volume)
@@ -61,14 +79,22 @@ def make(results, acceptance=None):
     tracker = PoseTracker()
     reg = ScriptedRegistrar(results)
     config = PipelineConfig(global_search=GlobalConfig(enabled=False), acceptance=acceptance or gates())
-    p = RegistrationPipeline(reg, initialisers=default_initialisers(configured=pose(0), tracker=tracker), config=config,
-                             tracker=tracker)
+    p = RegistrationPipeline(
+        reg, initialisers=default_initialisers(configured=pose(0), tracker=tracker), config=config, tracker=tracker
+    )
     return p, reg, tracker
 
 
 def test_tracking_starts_from_the_last_accepted_pose_and_failures_never_replace_it():
-    p, reg, tracker = make([result(pose(1)), result(pose(2), sims=(0.9, 0.05)), result(pose(3), unc=50.0),
-                            result(pose(4), success=False, reason="refinement failed: boom"), result(pose(5))])
+    p, reg, tracker = make(
+        [
+            result(pose(1)),
+            result(pose(2), sims=(0.9, 0.05)),
+            result(pose(3), unc=50.0),
+            result(pose(4), success=False, reason="refinement failed: boom"),
+            result(pose(5)),
+        ]
+    )
     o = p.register(views(), stamp_ns=101)
     assert o.accepted and o.init_source == "configured" and o.stamp_ns == 101 and o.stages == ("local",)
     torch.testing.assert_close(reg.starts[0], pose(0))
@@ -86,14 +112,17 @@ def test_tracking_starts_from_the_last_accepted_pose_and_failures_never_replace_
     assert tracker.latest().covariance_ref is not None
 
 
-@pytest.mark.parametrize("kwargs, config, match", [
-    (dict(sims=(0.9, 0.1)), gates(min_view_similarity=0.2), "view similarity 0.100 below"),
-    (dict(sims=(0.9, float("nan"))), gates(), "view similarity nan"),
-    (dict(unc=6.0), gates(max_uncertainty_mm=5.0), "uncertainty 6.00 mm above"),
-    (dict(unc=float("inf")), gates(), "uncertainty inf"),
-    (dict(converged=False), gates(require_converged=True), "did not converge"),
-    (dict(success=False, reason="loss curvature is not positive definite"), gates(), "curvature"),
-])
+@pytest.mark.parametrize(
+    "kwargs, config, match",
+    [
+        (dict(sims=(0.9, 0.1)), gates(min_view_similarity=0.2), "view similarity 0.100 below"),
+        (dict(sims=(0.9, float("nan"))), gates(), "view similarity nan"),
+        (dict(unc=6.0), gates(max_uncertainty_mm=5.0), "uncertainty 6.00 mm above"),
+        (dict(unc=float("inf")), gates(), "uncertainty inf"),
+        (dict(converged=False), gates(require_converged=True), "did not converge"),
+        (dict(success=False, reason="loss curvature is not positive definite"), gates(), "curvature"),
+    ],
+)
 def test_acceptance_checks(kwargs, config, match):
     verdict = acceptance_test(result(pose(1), **kwargs), config=config)
     assert not verdict.accepted and match in verdict.reason
@@ -126,9 +155,13 @@ def test_initialiser_chain_and_default_pose():
     with pytest.raises((ValueError, TypeError)):  # TypeError from the shape check when it is on
         ConfiguredPose(torch.eye(3))
     # supine default: the CT centre lands on the isocentre, head (LPS +S) toward +x
-    mounted = PlaneConfig(name="m", orbital_joint="o", angular_joint="a", sid_mm=700.0,
-                          T_ref_from_iso=make_T(torch.eye(3, dtype=torch.float64),
-                                                torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)))
+    mounted = PlaneConfig(
+        name="m",
+        orbital_joint="o",
+        angular_joint="a",
+        sid_mm=700.0,
+        T_ref_from_iso=make_T(torch.eye(3, dtype=torch.float64), torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)),
+    )
     c = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
     T = supine_at_isocentre(mounted, c)
     torch.testing.assert_close(T[:3, :3] @ c + T[:3, 3], torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64))

@@ -6,16 +6,19 @@ import math
 import pytest
 import torch
 
-from mvreg_ros.core.geometry import transforms as geometry
-from mvreg_ros.core.rendering import native as render_native
-from mvreg_ros.core.evaluation.metrics import mtre_mm, structure_landmarks
-from mvreg_ros.core.registration.refine import RefineConfig, Registrar, RegistrationResult
-from mvreg_ros.core.rendering.renderer import Renderer
 from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.evaluation.landmarks import ct_landmarks
+from mvreg_ros.core.evaluation.metrics import mtre_mm
+from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar, RegistrationResult
+from mvreg_ros.core.rendering import native as render_native
+from mvreg_ros.core.rendering.renderer import Renderer
 
-QUICK = RefineConfig(sizes=(32, 48), iterations=(40, 40), n_samples=(48, 64), patches=(8, 8), render_backend="grid_sample")
+QUICK = RefineConfig(
+    sizes=(32, 48), iterations=(40, 40), n_samples=(48, 64), patches=(8, 8), render_backend="grid_sample"
+)
 ONE_LEVEL = dict(sizes=(32,), n_samples=(48,), patches=(8,), render_backend="grid_sample")
 DETECTOR = DetectorConfig(height=96, width=96, pixel_mm=3.1)
 
@@ -28,16 +31,28 @@ def ct():
 @pytest.fixture(scope="module")
 def scene_views(ct):
     scene = make_scene(ct.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0)], detector=DETECTOR)
-    raw = acquire(Renderer(ct, backend="grid_sample"), scene.T_cam_from_ct, scene.K, scene.height, scene.width,
-                  config=AcquisitionConfig(n_samples=128), generator=torch.Generator().manual_seed(3))
+    raw = acquire(
+        Renderer(ct, backend="grid_sample"),
+        scene.T_cam_from_ct,
+        scene.K,
+        scene.height,
+        scene.width,
+        config=AcquisitionConfig(n_samples=128),
+        generator=torch.Generator().manual_seed(3),
+    )
     return scene, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
 
 
 def test_recovers_known_pose_two_views(ct, scene_views):
     scene, views = scene_views
-    lm = structure_landmarks(ct)
-    T_init = geometry.perturb(scene.T_ref_from_ct, rot_deg=6, trans_mm=10, centre_ct=ct.centre_ct(),
-                              generator=torch.Generator().manual_seed(0))
+    lm = ct_landmarks(ct).points_ct
+    T_init = geometry.perturb(
+        scene.T_ref_from_ct,
+        rot_deg=6,
+        trans_mm=10,
+        centre_ct=ct.centre_ct(),
+        generator=torch.Generator().manual_seed(0),
+    )
     init_err = mtre_mm(T_init, scene.T_ref_from_ct, lm)
     res = Registrar(ct, QUICK).refine(views, T_init)
     err = mtre_mm(res.T_ref_from_ct, scene.T_ref_from_ct, lm)
@@ -53,8 +68,9 @@ def test_recovers_known_pose_two_views(ct, scene_views):
 def test_truth_is_a_fixed_point(ct, scene_views):
     """Starting at the truth, refinement stays there (no bias from the optimiser)."""
     scene, views = scene_views
-    cfg = RefineConfig(sizes=(48,), iterations=(20,), n_samples=(64,), patches=(8,), uncertainty=False,
-                       render_backend="grid_sample")
+    cfg = RefineConfig(
+        sizes=(48,), iterations=(20,), n_samples=(64,), patches=(8,), uncertainty=False, render_backend="grid_sample"
+    )
     res = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)
     rot, trans = _errors(res.T_ref_from_ct, scene.T_ref_from_ct, ct.centre_ct())
     assert rot < 0.5 and trans < 1.0, (rot, trans)
@@ -77,13 +93,24 @@ def test_covariance_in_reference_frame_is_the_twist_covariance_carried_by_the_po
     """covariance_ref = J C J^T with J the Jacobian of the twist (w, t) about centre_ct -> (origin of the ct
     frame in ref, rotation vector of the rotation change in ref), found here by autograd through the pose
     parametrisation itself; a non-trivial pose and a centre far from the origin make every block of J count."""
-    T0 = geometry.make_T(geometry.so3_exp(torch.tensor([0.4, -0.9, 1.3], dtype=torch.float64)),
-                         torch.tensor([35.0, -120.0, 410.0], dtype=torch.float64))
+    T0 = geometry.make_T(
+        geometry.so3_exp(torch.tensor([0.4, -0.9, 1.3], dtype=torch.float64)),
+        torch.tensor([35.0, -120.0, 410.0], dtype=torch.float64),
+    )
     centre = torch.tensor([180.0, -260.0, -95.0], dtype=torch.float64)
     A = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     C = A @ A.T + 0.1 * torch.eye(6, dtype=torch.float64)  # full coupling between all twist components
-    res = RegistrationResult(T_ref_from_ct=T0, success=True, converged=True, similarity=1.0, view_similarity=(1.0,),
-                             iterations=1, time_s=0.0, covariance=C, centre_ct=centre)
+    res = RegistrationResult(
+        T_ref_from_ct=T0,
+        success=True,
+        converged=True,
+        similarity=1.0,
+        view_similarity=(1.0,),
+        iterations=1,
+        time_s=0.0,
+        covariance=C,
+        centre_ct=centre,
+    )
 
     def origin_and_rotation(x):
         T = T0 @ geometry.about_point(geometry.make_T(geometry.so3_exp(x[:3]), x[3:]), centre)
@@ -93,8 +120,13 @@ def test_covariance_in_reference_frame_is_the_twist_covariance_carried_by_the_po
     J = torch.autograd.functional.jacobian(origin_and_rotation, x0)
     # the same Jacobian by central differences: the autograd path through so3_log at 0 is not trusted blindly
     h = 1e-6
-    J_fd = torch.stack([(origin_and_rotation(x0 + h * e) - origin_and_rotation(x0 - h * e)) / (2 * h)
-                        for e in torch.eye(6, dtype=torch.float64)], -1)
+    J_fd = torch.stack(
+        [
+            (origin_and_rotation(x0 + h * e) - origin_and_rotation(x0 - h * e)) / (2 * h)
+            for e in torch.eye(6, dtype=torch.float64)
+        ],
+        -1,
+    )
     torch.testing.assert_close(J, J_fd, atol=1e-6, rtol=1e-6)
     assert float(J[:3, :3].abs().max()) > 100  # the centre's lever arm: rotation moves the origin a lot
     torch.testing.assert_close(res.covariance_ref(), J @ C @ J.T, atol=1e-8, rtol=1e-9)
@@ -117,7 +149,9 @@ def test_view_that_does_not_match_has_lower_similarity(ct, scene_views):
     bad = views.images.clone()
     bad[1] = torch.flip(bad[1], dims=(0,))  # an upside-down view: no pose explains it
     views_bad = ViewSet(images=bad, masks=views.masks, K=views.K, T_ref_from_cam=views.T_ref_from_cam)
-    res = Registrar(ct, RefineConfig(**ONE_LEVEL, iterations=(10,), uncertainty=False)).refine(views_bad, scene.T_ref_from_ct)
+    res = Registrar(ct, RefineConfig(**ONE_LEVEL, iterations=(10,), uncertainty=False)).refine(
+        views_bad, scene.T_ref_from_ct
+    )
     assert res.view_similarity[1] < res.view_similarity[0] - 0.2
 
 
@@ -140,10 +174,19 @@ def test_config_validation():
 def test_fast_backends_match_reference_backend(ct, scene_views):
     """The fast renderer paths (native, compiled) reach the same pose as the grid_sample path."""
     scene, views = scene_views
-    T_init = geometry.perturb(scene.T_ref_from_ct, rot_deg=3, trans_mm=5, centre_ct=ct.centre_ct(),
-                              generator=torch.Generator().manual_seed(1))
-    cfg = dict(sizes=(32,), iterations=(8,), n_samples=(32,), patches=(8,), uncertainty=False, newton_steps=0, tol_rot_deg=0.0,
-               tol_trans_mm=0.0)
+    T_init = geometry.perturb(
+        scene.T_ref_from_ct, rot_deg=3, trans_mm=5, centre_ct=ct.centre_ct(), generator=torch.Generator().manual_seed(1)
+    )
+    cfg = dict(
+        sizes=(32,),
+        iterations=(8,),
+        n_samples=(32,),
+        patches=(8,),
+        uncertainty=False,
+        newton_steps=0,
+        tol_rot_deg=0.0,
+        tol_trans_mm=0.0,
+    )
     a = Registrar(ct, RefineConfig(**cfg, render_backend="grid_sample")).refine(views, T_init)
     for backend in ("compiled", "native") if render_native.load() is not None else ("compiled",):
         registrar = Registrar(ct, RefineConfig(**cfg, render_backend=backend))
@@ -157,4 +200,5 @@ def _errors(T_a, T_b, centre):
     D = T_a @ geometry.invert(T_b)
     c = centre.to(T_a)[None]
     return float(geometry.rotation_angle_deg(D[:3, :3])), float(
-        (geometry.transform_points(T_a, c) - geometry.transform_points(T_b, c)).norm())
+        (geometry.transform_points(T_a, c) - geometry.transform_points(T_b, c)).norm()
+    )

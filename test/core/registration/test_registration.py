@@ -5,19 +5,26 @@ import dataclasses
 import pytest
 import torch
 
-from mvreg_ros.core.geometry import transforms as geometry
-from mvreg_ros.core.evaluation.metrics import mtre_mm, pose_errors, structure_landmarks
-from mvreg_ros.core.registration.refine import LevelSpec, RefineConfig, Registrar
-from mvreg_ros.core.registration.acceptance import AcceptanceConfig, acceptance_test
-from mvreg_ros.core.evaluation.metrics import pose_distance
-from mvreg_ros.core.registration.global_search import GlobalConfig, global_search, random_poses
-from mvreg_ros.core.registration.initialisers import (AcceptedPose, ConfiguredPose, LastAcceptedPose,
-                                                       PerturbedTruth, PoseTracker, StartRequest, first_start)
-from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
-from mvreg_ros.core.rendering.renderer import Renderer
 from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.evaluation.landmarks import ct_landmarks
+from mvreg_ros.core.evaluation.metrics import mtre_mm, pose_distance, pose_errors
+from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig, acceptance_test
+from mvreg_ros.core.registration.global_search import GlobalConfig, global_search, random_poses
+from mvreg_ros.core.registration.initialisers import (
+    AcceptedPose,
+    ConfiguredPose,
+    LastAcceptedPose,
+    PerturbedTruth,
+    PoseTracker,
+    StartRequest,
+    first_start,
+)
+from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
+from mvreg_ros.core.registration.refine import LevelSpec, RefineConfig, Registrar
+from mvreg_ros.core.rendering.renderer import Renderer
 
 REFINE = RefineConfig(sizes=(32, 48), iterations=(40, 30), n_samples=(48, 64), patches=(8, 8))
 DETECTOR = DetectorConfig(height=96, width=96, pixel_mm=3.1)
@@ -38,8 +45,15 @@ def _views(ct, angles, seed=3, T_ref_from_ct=None):
     scene = make_scene(ct.bone_centre_ct(), angles, detector=DETECTOR)
     T_truth = scene.T_ref_from_ct if T_ref_from_ct is None else T_ref_from_ct
     T_cam_from_ct = geometry.invert(scene.T_ref_from_cam) @ T_truth
-    raw = acquire(Renderer(ct), T_cam_from_ct, scene.K, scene.height, scene.width,
-                  config=AcquisitionConfig(n_samples=128), generator=torch.Generator().manual_seed(seed))
+    raw = acquire(
+        Renderer(ct),
+        T_cam_from_ct,
+        scene.K,
+        scene.height,
+        scene.width,
+        config=AcquisitionConfig(n_samples=128),
+        generator=torch.Generator().manual_seed(seed),
+    )
     return T_truth, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
 
 
@@ -59,12 +73,18 @@ def test_random_poses_stay_within_the_range(ct):
 
 def test_pose_distance_zero_and_180_degrees(ct):
     c = ct.centre_ct().to(torch.float64)
-    T = geometry.make_T(geometry.so3_exp(torch.tensor([0.2, -0.1, 0.3], dtype=torch.float64)),
-                        torch.tensor([5.0, 6.0, 700.0], dtype=torch.float64))
+    T = geometry.make_T(
+        geometry.so3_exp(torch.tensor([0.2, -0.1, 0.3], dtype=torch.float64)),
+        torch.tensor([5.0, 6.0, 700.0], dtype=torch.float64),
+    )
     deg, mm = pose_distance(T, T, c)
     assert float(deg) == pytest.approx(0, abs=1e-6) and float(mm) == pytest.approx(0, abs=1e-9)
-    flip = geometry.about_point(geometry.make_T(geometry.axis_rotation(2, torch.tensor(torch.pi, dtype=torch.float64)),
-                                                torch.zeros(3, dtype=torch.float64)), c)
+    flip = geometry.about_point(
+        geometry.make_T(
+            geometry.axis_rotation(2, torch.tensor(torch.pi, dtype=torch.float64)), torch.zeros(3, dtype=torch.float64)
+        ),
+        c,
+    )
     deg, mm = pose_distance(T, T @ flip, c)
     assert float(deg) == pytest.approx(180, abs=1e-4) and float(mm) == pytest.approx(0, abs=1e-6)
 
@@ -84,13 +104,17 @@ def test_batched_level_matches_single_pose_runs(registrar, biplane):
 
 def test_global_stage_recovers_a_start_30_degrees_off(ct, registrar, biplane):
     T_true, views = biplane
-    lm = structure_landmarks(ct)
+    lm = ct_landmarks(ct).points_ct
     c = registrar.centre_ct
     # seed 4: a start from which the local refinement alone ends 59 mm off
     T_start = geometry.perturb(T_true, rot_deg=30, trans_mm=30, centre_ct=c, generator=torch.Generator().manual_seed(4))
     local = registrar.refine(views, T_start)
-    g = global_search(registrar, views, T_start, config=dataclasses.replace(GLOBAL, rot_range_deg=35.0,
-                                                                             trans_range_mm=40.0, candidates=128))
+    g = global_search(
+        registrar,
+        views,
+        T_start,
+        config=dataclasses.replace(GLOBAL, rot_range_deg=35.0, trans_range_mm=40.0, candidates=128),
+    )
     refined = registrar.refine(views, g.best)
     assert mtre_mm(T_start, T_true, lm) > 30
     assert mtre_mm(local.T_ref_from_ct, T_true, lm) > 5  # beyond the local refinement's basin
@@ -100,14 +124,15 @@ def test_global_stage_recovers_a_start_30_degrees_off(ct, registrar, biplane):
 
 def test_acceptance_accepts_the_truth_and_rejects_a_wrong_optimum(ct, registrar, biplane):
     T_true, views = biplane
-    lm = structure_landmarks(ct)
+    lm = ct_landmarks(ct).points_ct
     good = registrar.refine(views, T_true)
     verdict = acceptance_test(good, registrar=registrar, views=views)
     assert mtre_mm(good.T_ref_from_ct, T_true, lm) < 1.0
     assert verdict.accepted, verdict
     # a wrong optimum: the local refinement from far away converges somewhere else
-    T_far = geometry.perturb(T_true, rot_deg=30, trans_mm=30, centre_ct=registrar.centre_ct,
-                             generator=torch.Generator().manual_seed(4))
+    T_far = geometry.perturb(
+        T_true, rot_deg=30, trans_mm=30, centre_ct=registrar.centre_ct, generator=torch.Generator().manual_seed(4)
+    )
     wrong = registrar.refine(views, T_far)
     assert mtre_mm(wrong.T_ref_from_ct, T_true, lm) > 5
     bad = acceptance_test(wrong, registrar=registrar, views=views)
@@ -119,17 +144,31 @@ def test_views_that_disagree_are_caught(ct, registrar):
     result is a compromise that one view contradicts."""
     scene = make_scene(ct.bone_centre_ct(), [(0.0, 0.0), (80.0, 0.0)], detector=DETECTOR)
     T0 = scene.T_ref_from_ct
-    T1 = geometry.perturb(T0, rot_deg=5, trans_mm=10, centre_ct=registrar.centre_ct,
-                          generator=torch.Generator().manual_seed(7))
+    T1 = geometry.perturb(
+        T0, rot_deg=5, trans_mm=10, centre_ct=registrar.centre_ct, generator=torch.Generator().manual_seed(7)
+    )
     raws = []
     for i, T in enumerate((T0, T1)):
-        T_cam_from_ct = geometry.invert(scene.T_ref_from_cam[i:i + 1]) @ T
-        raws.append(acquire(Renderer(ct), T_cam_from_ct, scene.K[i:i + 1], scene.height, scene.width,
-                            config=AcquisitionConfig(n_samples=128), generator=torch.Generator().manual_seed(i)))
+        T_cam_from_ct = geometry.invert(scene.T_ref_from_cam[i : i + 1]) @ T
+        raws.append(
+            acquire(
+                Renderer(ct),
+                T_cam_from_ct,
+                scene.K[i : i + 1],
+                scene.height,
+                scene.width,
+                config=AcquisitionConfig(n_samples=128),
+                generator=torch.Generator().manual_seed(i),
+            )
+        )
     views = ViewSet.from_raw(torch.cat(raws), scene.K, scene.T_ref_from_cam)
     result = registrar.refine(views, T0)
-    verdict = acceptance_test(result, registrar=registrar, views=views,
-                              config=AcceptanceConfig(min_view_similarity=-1, max_uncertainty_mm=100))
+    verdict = acceptance_test(
+        result,
+        registrar=registrar,
+        views=views,
+        config=AcceptanceConfig(min_view_similarity=-1, max_uncertainty_mm=100),
+    )
     assert not verdict.accepted
     assert "disagree" in verdict.reason and verdict.disagreeing_views
 
@@ -146,24 +185,35 @@ def test_acceptance_config_rejects_bad_values():
 def test_pipeline_tracking_runs_local_first_and_only_accepted_poses_are_tracked(ct, registrar, biplane):
     T_true, views = biplane
     tracker = PoseTracker()
-    tracker.accept(AcceptedPose(T_ref_from_ct=geometry.perturb(T_true, rot_deg=1, trans_mm=2,
-                                                               centre_ct=registrar.centre_ct,
-                                                               generator=torch.Generator().manual_seed(0)),
-                                stamp_ns=1))
-    pipe = RegistrationPipeline(registrar, initialisers=[LastAcceptedPose(tracker), ConfiguredPose(T_true)],
-                                config=PipelineConfig(global_search=GLOBAL), tracker=tracker)
+    tracker.accept(
+        AcceptedPose(
+            T_ref_from_ct=geometry.perturb(
+                T_true, rot_deg=1, trans_mm=2, centre_ct=registrar.centre_ct, generator=torch.Generator().manual_seed(0)
+            ),
+            stamp_ns=1,
+        )
+    )
+    pipe = RegistrationPipeline(
+        registrar,
+        initialisers=[LastAcceptedPose(tracker), ConfiguredPose(T_true)],
+        config=PipelineConfig(global_search=GLOBAL),
+        tracker=tracker,
+    )
     out = pipe.register(views, stamp_ns=5)
     assert out.accepted and out.stages == ("local",) and out.init_source == "last_accepted"
     assert tracker.latest().stamp_ns == 5
     # a configured start goes through the global stage first
-    pipe2 = RegistrationPipeline(registrar, initialisers=[ConfiguredPose(T_true)], config=PipelineConfig(global_search=GLOBAL))
+    pipe2 = RegistrationPipeline(
+        registrar, initialisers=[ConfiguredPose(T_true)], config=PipelineConfig(global_search=GLOBAL)
+    )
     out2 = pipe2.register(views)
     assert out2.stages == ("global", "local") and out2.accepted
     # a rejected result never reaches the tracker
     strict = PipelineConfig(global_search=GLOBAL, acceptance=AcceptanceConfig(min_view_similarity=0.999))
     before = tracker.latest()
-    out3 = RegistrationPipeline(registrar, initialisers=[ConfiguredPose(T_true)], config=strict,
-                                tracker=tracker).register(views, stamp_ns=9)
+    out3 = RegistrationPipeline(
+        registrar, initialisers=[ConfiguredPose(T_true)], config=strict, tracker=tracker
+    ).register(views, stamp_ns=9)
     assert not out3.accepted and "min_view_similarity" in out3.reason
     assert tracker.latest() is before
 

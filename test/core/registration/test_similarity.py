@@ -106,7 +106,7 @@ def test_gradient_ncc_decreases_with_shift():
     ref = big[:, 4:52, 4:52]
     scores = []
     for s in (0, 1, 2, 4):
-        shifted = big[:, 4:52, 4 + s:52 + s]
+        shifted = big[:, 4:52, 4 + s : 52 + s]
         scores.append(float(gradient_ncc(ref, shifted)))
     assert scores[0] == pytest.approx(1.0, abs=1e-4)
     assert scores[0] > scores[1] > scores[2] > scores[3]

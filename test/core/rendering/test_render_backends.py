@@ -7,12 +7,20 @@ import pytest
 import torch
 
 from mvreg_ros.core.geometry import transforms as geometry
-from mvreg_ros.core.rendering import native as render_native
-from mvreg_ros.core.rendering.renderer import (Renderer, integrate, integrate_gather, integrate_native, make_rays, pad_volume,
-                                   pixel_grid, resolve_backend)
-from mvreg_ros.core.rendering import gather as render_gather
-from mvreg_ros.core.rendering.native import sample_sums
 from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.rendering import gather as render_gather
+from mvreg_ros.core.rendering import native as render_native
+from mvreg_ros.core.rendering.native import sample_sums
+from mvreg_ros.core.rendering.renderer import (
+    Renderer,
+    integrate,
+    integrate_gather,
+    integrate_native,
+    make_rays,
+    pad_volume,
+    pixel_grid,
+    resolve_backend,
+)
 
 needs_native = pytest.mark.skipif(render_native.load() is None, reason="the native kernel cannot be built here")
 
@@ -32,7 +40,9 @@ def test_integrator_equals_grid_sample_values_and_gradients(integrator, n_sample
     ct, K, T = _setup()
     r = Renderer(ct, backend="grid_sample")
     x = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
-    rays = make_rays(r.T_index_from_ct, r.shape_ijk, geometry.se3_exp(x) @ T, K, pixel_grid(24, 20, dtype=torch.float64))
+    rays = make_rays(
+        r.T_index_from_ct, r.shape_ijk, geometry.se3_exp(x) @ T, K, pixel_grid(24, 20, dtype=torch.float64)
+    )
     a = integrate(r.data, rays, n_samples)
     b = integrator(pad_volume(r.data), rays, n_samples)
     assert a.abs().max() > 0.5

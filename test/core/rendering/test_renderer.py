@@ -12,13 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from mvreg_ros.core.geometry.transforms import (
-    about_point, intrinsics, invert, make_T, project, scale_intrinsics, se3_exp, so3_exp, translation,
-)
-from mvreg_ros.core.rendering.renderer import Renderer, pixel_grid
-from mvreg_ros.core.rendering.reference import ReferenceRenderer
 from mvreg_ros.core.data.simulate import DetectorConfig, make_scene
+from mvreg_ros.core.geometry.transforms import (
+    about_point,
+    intrinsics,
+    invert,
+    make_T,
+    project,
+    scale_intrinsics,
+    se3_exp,
+    so3_exp,
+    translation,
+)
 from mvreg_ros.core.imaging.volume import Volume
+from mvreg_ros.core.rendering.reference import ReferenceRenderer
+from mvreg_ros.core.rendering.renderer import Renderer, pixel_grid
 
 F64 = torch.float64
 Fast = functools.partial(Renderer, backend="grid_sample")
@@ -33,7 +41,7 @@ def _centred_affine(n: int, spacing: float = 1.0) -> torch.Tensor:
     return A
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cube_volume() -> Volume:
     """A 60 mm cube of MU in an 80 mm grid of 1 mm voxels, centred at the CT origin."""
     data = torch.zeros(80, 80, 80)
@@ -41,7 +49,7 @@ def _cube_volume() -> Volume:
     return Volume(data=data, T_ct_from_index=_centred_affine(80))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _smooth_volume() -> Volume:
     """Smooth random-ish blobs on an anisotropic, offset grid."""
     n = 32
@@ -94,8 +102,12 @@ def _expected_cube_image(T_cam_from_ct: torch.Tensor, K: torch.Tensor, H: int, W
 # Golden analytic line integrals
 # ---------------------------------------------------------------------------------------
 
-CUBE_DIRECTIONS = {"axis": [0, 0, 1], "oblique_face": [0.3, 0.2, 1.0], "edge_diagonal": [1, 1, 0],
-                   "body_diagonal": [1, 1, 1]}
+CUBE_DIRECTIONS = {
+    "axis": [0, 0, 1],
+    "oblique_face": [0.3, 0.2, 1.0],
+    "edge_diagonal": [1, 1, 0],
+    "body_diagonal": [1, 1, 1],
+}
 
 
 @pytest.mark.parametrize("name", list(RENDERERS))
@@ -184,7 +196,7 @@ def test_small_ball_projects_where_geometry_says(name):
     img = RENDERERS[name](vol, n_samples=256)(T[None], K[None], H, W)[0].double()
     v_peak, u_peak = divmod(int(img.argmax()), W)
     assert (u_peak, v_peak) == (23, 14)
-    win = img[14 - 5:14 + 6, 23 - 5:23 + 6]
+    win = img[14 - 5 : 14 + 6, 23 - 5 : 23 + 6]
     vv, uu = torch.meshgrid(torch.arange(-5.0, 6.0, dtype=F64), torch.arange(-5.0, 6.0, dtype=F64), indexing="ij")
     centroid = torch.stack([(win * uu).sum(), (win * vv).sum()]) / win.sum()
     assert centroid.abs().max() < 0.1, f"blob centroid off by {centroid.tolist()} px"
@@ -209,8 +221,9 @@ def test_low_resolution_drr_equals_pooled_full_resolution_drr():
 def _oblique_views(vol: Volume, H: int, W: int, pixel_mm: float):
     c = vol.centre_ct()
     Rs = [[0.3, -0.5, 0.2], [1.2, 0.4, -0.3], [-0.7, 0.9, 0.5]]
-    T = torch.stack([make_T(so3_exp(torch.tensor(w, dtype=F64)), torch.tensor([0.0, 0.0, 600.0], dtype=F64))
-                     for w in Rs]) @ translation(-c)
+    T = torch.stack(
+        [make_T(so3_exp(torch.tensor(w, dtype=F64)), torch.tensor([0.0, 0.0, 600.0], dtype=F64)) for w in Rs]
+    ) @ translation(-c)
     K = intrinsics(sdd_mm=1000.0, pixel_spacing_mm=pixel_mm, height=H, width=W).expand(len(Rs), 3, 3)
     return T, K
 
@@ -223,7 +236,7 @@ def test_fast_matches_siddon_on_smooth_volume():
     a = Fast(vol, n_samples=128)(T, K, 32, 32)
     b = ReferenceRenderer(vol)(T, K, 32, 32)
     assert float(b.amin()) > 0.05  # every ray crosses the blobs
-    rel_max = ((a - b).abs().amax((1, 2)) / b.abs().amax((1, 2)))
+    rel_max = (a - b).abs().amax((1, 2)) / b.abs().amax((1, 2))
     assert (rel_max < 0.02).all(), rel_max
 
 
@@ -284,7 +297,9 @@ def test_fast_and_reference_gradients_agree_on_smooth_volume():
     T, K = _oblique_views(vol, 24, 24, 3.0)
     T, K = T[:2], K[:2]
     v, u = torch.meshgrid(torch.arange(24.0, dtype=F64), torch.arange(24.0, dtype=F64), indexing="ij")
-    weight = torch.stack([torch.exp(-((u - 8) ** 2 + (v - 14) ** 2) / 50), torch.exp(-((u - 15) ** 2 + (v - 9) ** 2) / 60)])
+    weight = torch.stack(
+        [torch.exp(-((u - 8) ** 2 + (v - 14) ** 2) / 50), torch.exp(-((u - 15) ** 2 + (v - 9) ** 2) / 60)]
+    )
     args = (T, K, 24, 24, weight, vol.centre_ct())
     g_fast = _autograd(Fast(vol, n_samples=128, dtype=F64), *args)
     ref = ReferenceRenderer(vol, dtype=F64)
@@ -308,7 +323,7 @@ def test_batched_views_equal_single_views(tiny_ct):
     batch = r(scene.T_cam_from_ct, K, 20, 24)
     assert batch.shape == (3, 20, 24)
     for v in range(3):
-        torch.testing.assert_close(batch[v], r(scene.T_cam_from_ct[v:v + 1], K[v:v + 1], 20, 24)[0])
+        torch.testing.assert_close(batch[v], r(scene.T_cam_from_ct[v : v + 1], K[v : v + 1], 20, 24)[0])
     assert not torch.allclose(batch[0], batch[1])
 
 
