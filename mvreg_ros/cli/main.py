@@ -13,6 +13,7 @@ COMMANDS = {
     "simulate": ("mvreg_ros.cli.simulate", "write a DeepFluoro-layout HDF5 file of simulated acquisitions of a CT"),
     "bench": ("mvreg_ros.cli.bench", "measure renderer, refinement and coarse-network speed"),
     "train": ("mvreg_ros.cli.train", "train the patient-specific coarse pose network"),
+    "register": ("mvreg_ros.cli.register", "register a CT to X-ray views sent as DICOM (XA, XRF, Enhanced XA, DX/CR)"),
     "bag": ("mvreg_ros.cli.bag", "simulate rosbags of C-arm acquisitions and evaluate the node by replaying them"),
 }
 
