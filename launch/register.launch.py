@@ -3,59 +3,85 @@
     ros2 launch mvreg_ros register.launch.py volume_path:=/data/patient_ct.nii.gz
     ros2 launch mvreg_ros register.launch.py params_file:=/path/to/biplane.yaml volume_path:=... use_sim_time:=true
     ros2 launch mvreg_ros register.launch.py volume_path:=/data/ct.nii.gz model_path:=/data/ct_coarse.safetensors
+    ros2 launch mvreg_ros register.launch.py volume_path:=/data/ct.nii.gz autostart:=false   # for a supervisor
 
 Arguments: params_file (default: the package's config/register.yaml), volume_path and
-model_path (each overrides the params file's value when not empty), use_sim_time, log_level.
+model_path (each overrides the params file's value when not empty), use_sim_time, log_level,
+autostart. The node is a managed (lifecycle) node, started with launch_ros's LifecycleNode;
+with autostart (default) it configures (CT, network, warm-up) and activates itself, exactly as
+before; autostart:=false leaves it unconfigured for a lifecycle supervisor
+(``ros2 lifecycle set /register_node configure``, then ``activate``).
 """
 
-from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode
 from launch_ros.substitutions import FindPackageShare
 
+from launch import LaunchDescription
 
-def _truthy(text: str) -> bool:
+
+def _truthy(text: str, name: str = "use_sim_time") -> bool:
     value = text.strip().lower()
     if value in ("true", "1", "yes", "on"):
         return True
     if value in ("false", "0", "no", "off", ""):
         return False
-    raise ValueError(f"use_sim_time must be true or false, got {text!r}")
+    raise ValueError(f"{name} must be true or false, got {text!r}")
 
 
 def _register_node(context):
     params_file = LaunchConfiguration("params_file").perform(context)
-    overrides = {"use_sim_time": _truthy(LaunchConfiguration("use_sim_time").perform(context))}
+    overrides = {
+        "use_sim_time": _truthy(LaunchConfiguration("use_sim_time").perform(context)),
+        # the node drives itself to active (one process, one owner of its transitions)
+        "autostart": _truthy(LaunchConfiguration("autostart").perform(context), "autostart"),
+    }
     for name in ("volume_path", "model_path"):  # empty: keep the params file's value
         value = LaunchConfiguration(name, default="").perform(context)
         if value:
             overrides[name] = value
-    return [Node(
-        package="mvreg_ros",
-        executable="register_node",
-        name="register_node",
-        output="screen",
-        emulate_tty=True,
-        parameters=[params_file, overrides],
-        arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level").perform(context)],
-    )]
+    return [
+        LifecycleNode(
+            package="mvreg_ros",
+            executable="register_node",
+            name="register_node",
+            namespace="",
+            output="screen",
+            emulate_tty=True,
+            parameters=[params_file, overrides],
+            arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level").perform(context)],
+        )
+    ]
 
 
 def generate_launch_description() -> LaunchDescription:
-    return LaunchDescription([
-        DeclareLaunchArgument(
-            "params_file",
-            default_value=PathJoinSubstitution([FindPackageShare("mvreg_ros"), "config", "register.yaml"]),
-            description="Parameter file of the node (config/register.yaml, biplane.yaml, mobile_carm.yaml or yours)."),
-        DeclareLaunchArgument(
-            "volume_path", default_value="",
-            description="Patient CT (NIfTI, NRRD, MHA or DICOM folder, in HU); empty: the params file's volume_path."),
-        DeclareLaunchArgument(
-            "model_path", default_value="",
-            description="Coarse network checkpoint from `mvreg train` for this CT; empty: the params file's model_path "
-                        "(none by default)."),
-        DeclareLaunchArgument("use_sim_time", default_value="false", description="Use /clock (bag replay)."),
-        DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error or fatal."),
-        OpaqueFunction(function=_register_node),
-    ])
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument(
+                "params_file",
+                default_value=PathJoinSubstitution([FindPackageShare("mvreg_ros"), "config", "register.yaml"]),
+                description="Parameter file of the node (config/register.yaml, biplane.yaml, mobile_carm.yaml or yours).",
+            ),
+            DeclareLaunchArgument(
+                "volume_path",
+                default_value="",
+                description="Patient CT (NIfTI, NRRD, MHA or DICOM folder, in HU); empty: the params file's volume_path.",
+            ),
+            DeclareLaunchArgument(
+                "model_path",
+                default_value="",
+                description="Coarse network checkpoint from `mvreg train` for this CT; empty: the params file's model_path "
+                "(none by default).",
+            ),
+            DeclareLaunchArgument("use_sim_time", default_value="false", description="Use /clock (bag replay)."),
+            DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error or fatal."),
+            DeclareLaunchArgument(
+                "autostart",
+                default_value="true",
+                description="Configure and activate the lifecycle node at start-up; false: leave it unconfigured "
+                "for a supervisor.",
+            ),
+            OpaqueFunction(function=_register_node),
+        ]
+    )

@@ -24,11 +24,17 @@ from torch import Tensor
 
 from mvreg_ros.core.data import simulate
 from mvreg_ros.core.geometry.transforms import invert, perturb
-from mvreg_ros.core.rendering.renderer import Renderer
 from mvreg_ros.core.imaging.volume import Volume
-from mvreg_ros.ros.conversions import K_to_camera_info, T_from_transform, ns_to_stamp, stamp_to_ns, tensor_to_image, \
-    transform_stamped_from_T
 from mvreg_ros.core.registration.initialisers import supine_at_isocentre
+from mvreg_ros.core.rendering.renderer import Renderer
+from mvreg_ros.ros.conversions import (
+    K_to_camera_info,
+    T_from_transform,
+    ns_to_stamp,
+    stamp_to_ns,
+    tensor_to_image,
+    transform_stamped_from_T,
+)
 from mvreg_ros.ros.params import NodeConfig
 
 GROUND_TRUTH_TOPIC = "/ground_truth/tf"
@@ -164,8 +170,9 @@ def ground_truth_pose(cfg: NodeConfig, volume: Volume, sim: BagSimConfig) -> Flo
     return perturb(start, rot_deg=sim.offset_deg, trans_mm=sim.offset_mm, centre_ct=centre, generator=g)
 
 
-def simulate_messages(cfg: NodeConfig, volume: Volume, sim: BagSimConfig = BagSimConfig(), *,
-                      renderer: Renderer | None = None) -> tuple[list[BagMessage], Float[Tensor, "4 4"]]:
+def simulate_messages(
+    cfg: NodeConfig, volume: Volume, sim: BagSimConfig = BagSimConfig(), *, renderer: Renderer | None = None
+) -> tuple[list[BagMessage], Float[Tensor, "4 4"]]:
     """The messages of a simulated acquisition for the node configured by ``cfg`` (its topics,
     planes, joints and acquisition mode), sorted by log time, and the true ``T_ref_from_ct`` (mm)."""
     renderer = renderer or Renderer(volume)
@@ -173,18 +180,25 @@ def simulate_messages(cfg: NodeConfig, volume: Volume, sim: BagSimConfig = BagSi
     shots = sim.sets + (cfg.num_views - 1 if cfg.acquisition_mode == "sequential" else 0)
     det = sim.detector
     K = det.K()
-    s_to_ns = lambda t: sim.start_ns + int(round(t * 1e9))  # noqa: E731
+    s_to_ns = lambda t: sim.start_ns + int(round(t * 1e9))
     shot_t = [sim.lead_s + k * sim.period_s for k in range(shots)]
     out: list[BagMessage] = []
     for k, t in enumerate(shot_t):
         q = shot_joints(cfg, k)
         stamp = ns_to_stamp(s_to_ns(t))
-        gt = transform_stamped_from_T(truth, parent_frame=cfg.reference_frame, child_frame=cfg.anatomy_frame,
-                                      stamp=stamp)
+        gt = transform_stamped_from_T(
+            truth, parent_frame=cfg.reference_frame, child_frame=cfg.anatomy_frame, stamp=stamp
+        )
         out.append(record(GROUND_TRUTH_TOPIC, message_class(TF_TYPE)(transforms=[gt]), s_to_ns(t)))
         T_cam_from_ct = torch.stack([invert(plane.T_ref_from_cam(q)) @ truth for plane in cfg.planes])
-        raw = simulate.acquire(renderer, T_cam_from_ct, K.expand(len(cfg.planes), 3, 3), det.height, det.width,
-                               generator=torch.Generator().manual_seed(sim.seed * 1000 + k))
+        raw = simulate.acquire(
+            renderer,
+            T_cam_from_ct,
+            K.expand(len(cfg.planes), 3, 3),
+            det.height,
+            det.width,
+            generator=torch.Generator().manual_seed(sim.seed * 1000 + k),
+        )
         topics = range(len(cfg.image_topics)) if cfg.acquisition_mode == "synchronized" else [0]
         for i in topics:
             frame = f"{cfg.planes[i].name}_xray_optical"
@@ -241,8 +255,10 @@ def read_bag(path: str | Path) -> list[BagMessage]:
     if not path.exists():
         raise ValueError(f"bag not found: {path}")
     with Reader(path) as reader:
-        out = [BagMessage(topic=c.topic, msgtype=c.msgtype, log_time_ns=int(t), data=bytes(raw))
-               for c, t, raw in reader.messages()]
+        out = [
+            BagMessage(topic=c.topic, msgtype=c.msgtype, log_time_ns=int(t), data=bytes(raw))
+            for c, t, raw in reader.messages()
+        ]
     out.sort(key=lambda m: m.log_time_ns)
     return out
 

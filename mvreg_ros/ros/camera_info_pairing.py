@@ -15,7 +15,8 @@ import collections
 import threading
 import time
 import typing
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 
 class PairedImage(NamedTuple):
@@ -29,8 +30,7 @@ class PairedImage(NamedTuple):
 
 class CameraInfoPairing:
     @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
-    def __init__(self, n_topics: int, *, wait_s: float, history: int = 20,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, n_topics: int, *, wait_s: float, history: int = 20, clock: Callable[[], float] = time.monotonic):
         if isinstance(n_topics, bool) or not isinstance(n_topics, int) or n_topics < 1:
             raise ValueError(f"n_topics must be an integer >= 1, got {n_topics!r}")
         if not wait_s >= 0:  # also refuses NaN
@@ -86,8 +86,9 @@ class CameraInfoPairing:
         """Images that waited ``wait_s`` or longer, each with the latest CameraInfo of its topic."""
         with self._lock:
             now = self._clock()
-            return [self._release(i) for i, w in enumerate(self._waiting)
-                    if w is not None and now - w[2] >= self.wait_s]
+            return [
+                self._release(i) for i, w in enumerate(self._waiting) if w is not None and now - w[2] >= self.wait_s
+            ]
 
     def waiting(self, index: int) -> bool:
         self._check_index(index)

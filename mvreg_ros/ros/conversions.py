@@ -7,7 +7,6 @@ geometry_msgs, normalised with w >= 0.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from builtin_interfaces.msg import Time
@@ -16,8 +15,7 @@ from jaxtyping import Float
 from sensor_msgs.msg import CameraInfo, Image
 from torch import Tensor
 
-from mvreg_ros.core.geometry.transforms import make_T
-from mvreg_ros.core.geometry.transforms import matrix_from_quaternion, quaternion_from_matrix
+from mvreg_ros.core.geometry.transforms import make_T, matrix_from_quaternion, quaternion_from_matrix
 
 MM_PER_M = 1000.0
 
@@ -72,8 +70,15 @@ def image_to_tensor(msg: Image) -> Float[Tensor, "H W"]:
     return torch.from_numpy(pixels.astype(np.float32))
 
 
-def tensor_to_image(image: Tensor | np.ndarray, *, encoding: str, stamp: Time | None = None, frame_id: str = "",
-                    row_padding: int = 0, bigendian: bool = False) -> Image:
+def tensor_to_image(
+    image: Tensor | np.ndarray,
+    *,
+    encoding: str,
+    stamp: Time | None = None,
+    frame_id: str = "",
+    row_padding: int = 0,
+    bigendian: bool = False,
+) -> Image:
     """The inverse of :func:`image_to_tensor` (for publishers and tests); values are rounded
     and clipped for the integer encodings, ``row_padding`` extra bytes end every row."""
     if encoding not in ENCODINGS:
@@ -125,7 +130,9 @@ def camera_info_to_K(info: CameraInfo, *, height: int, width: int) -> Float[Tens
     if (int(info.height), int(info.width)) != (int(height), int(width)):
         raise ValueError(f"image size {height}x{width} does not match CameraInfo {info.height}x{info.width}")
     if int(info.binning_x) > 1 or int(info.binning_y) > 1:
-        raise ValueError(f"CameraInfo binning {info.binning_x}x{info.binning_y} is not supported: publish the K of the binned image")
+        raise ValueError(
+            f"CameraInfo binning {info.binning_x}x{info.binning_y} is not supported: publish the K of the binned image"
+        )
     roi = info.roi
     if int(roi.width) or int(roi.height) or int(roi.x_offset) or int(roi.y_offset):
         raise ValueError("CameraInfo region of interest is not supported: publish the K of the cropped image")
@@ -140,7 +147,9 @@ def camera_info_to_K(info: CameraInfo, *, height: int, width: int) -> Float[Tens
     return K
 
 
-def K_to_camera_info(K: Tensor, *, height: int, width: int, stamp: Time | None = None, frame_id: str = "") -> CameraInfo:
+def K_to_camera_info(
+    K: Tensor, *, height: int, width: int, stamp: Time | None = None, frame_id: str = ""
+) -> CameraInfo:
     """CameraInfo of an ideal (undistorted) X-ray camera; P = [K | 0], R = I."""
     K = torch.as_tensor(K, dtype=torch.float64)
     if K.shape != (3, 3):
@@ -188,8 +197,9 @@ def T_from_transform(msg: Transform) -> Float[Tensor, "4 4"]:
     return make_T(R, t)
 
 
-def transform_stamped_from_T(T_parent_from_child_mm: Float[Tensor, "4 4"], *, parent_frame: str, child_frame: str,
-                             stamp: Time) -> TransformStamped:
+def transform_stamped_from_T(
+    T_parent_from_child_mm: Float[Tensor, "4 4"], *, parent_frame: str, child_frame: str, stamp: Time
+) -> TransformStamped:
     """The TF ``parent_frame -> child_frame``: the child's pose in the parent, ``p_parent = T @ p_child``."""
     msg = TransformStamped()
     msg.header.stamp = stamp
@@ -230,8 +240,9 @@ def covariance_from_ros(values) -> Float[Tensor, "6 6"]:
     return C * s[:, None] * s[None, :]
 
 
-def pose_with_covariance_from_T(T_mm: Float[Tensor, "4 4"], cov_mm_rad: Tensor | None, *, frame_id: str,
-                                stamp: Time) -> PoseWithCovarianceStamped:
+def pose_with_covariance_from_T(
+    T_mm: Float[Tensor, "4 4"], cov_mm_rad: Tensor | None, *, frame_id: str, stamp: Time
+) -> PoseWithCovarianceStamped:
     """PoseWithCovarianceStamped (metres); an unknown covariance is published as -1 on the
     diagonal's first entry, the REP convention for 'unknown'."""
     msg = PoseWithCovarianceStamped()

@@ -10,7 +10,7 @@ import bisect
 import dataclasses
 import math
 import threading
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 TOLERANCE_S = 0.1  # an image at most this newer than the newest joint state uses that state
 MAX_GAP_S = 0.5  # joint states further apart than this, the joint moving, are not interpolated
@@ -38,8 +38,15 @@ class JointStateBuffer:
     within ``still_tolerance``), its position is that value.
     """
 
-    def __init__(self, *, window_s: float = 10.0, tolerance_s: float = TOLERANCE_S, max_gap_s: float = MAX_GAP_S,
-                 still_tolerance: float = 1e-6, joints: Iterable[str] | None = None):
+    def __init__(
+        self,
+        *,
+        window_s: float = 10.0,
+        tolerance_s: float = TOLERANCE_S,
+        max_gap_s: float = MAX_GAP_S,
+        still_tolerance: float = 1e-6,
+        joints: Iterable[str] | None = None,
+    ):
         if not (window_s > 0 and math.isfinite(window_s)):
             raise ValueError(f"window_s must be positive, got {window_s}")
         if not (tolerance_s >= 0 and math.isfinite(tolerance_s)):
@@ -75,7 +82,8 @@ class JointStateBuffer:
                 if s is not None and s.stamps and stamp_ns <= s.stamps[-1]:
                     raise JointStateError(
                         f"out-of-order joint state: stamp {stamp_ns * 1e-9:.6f} s is not newer than the last one "
-                        f"for {n!r} ({s.stamps[-1] * 1e-9:.6f} s)")
+                        f"for {n!r} ({s.stamps[-1] * 1e-9:.6f} s)"
+                    )
             for n, p in pairs:
                 s = self._series.setdefault(n, _Series())
                 s.stamps.append(stamp_ns)
@@ -104,12 +112,14 @@ class JointStateBuffer:
                 if stamp_ns < t[0]:
                     raise JointStateError(
                         f"stamp {stamp_ns * 1e-9:.6f} s is before the joint-state buffer of {n!r} "
-                        f"(oldest {t[0] * 1e-9:.6f} s)")
+                        f"(oldest {t[0] * 1e-9:.6f} s)"
+                    )
                 if stamp_ns >= t[-1]:
                     if stamp_ns - t[-1] > self.tolerance_ns:
                         raise JointStateError(
                             f"stale joint states: the newest state of {n!r} is {(stamp_ns - t[-1]) * 1e-9:.3f} s older "
-                            f"than the stamp (tolerance {self.tolerance_ns * 1e-9:.3f} s)")
+                            f"than the stamp (tolerance {self.tolerance_ns * 1e-9:.3f} s)"
+                        )
                     out[n] = v[-1]
                     continue
                 i = bisect.bisect_right(t, stamp_ns)  # t[i-1] <= stamp < t[i]
@@ -120,7 +130,8 @@ class JointStateBuffer:
                 if gap > self.max_gap_ns and abs(v[i] - v[i - 1]) > self.still_tolerance:
                     raise JointStateError(
                         f"joint-state gap: {n!r} moved from {v[i - 1]:.6g} to {v[i]:.6g} between samples "
-                        f"{gap * 1e-9:.3f} s apart around the stamp (max gap {self.max_gap_ns * 1e-9:.3f} s)")
+                        f"{gap * 1e-9:.3f} s apart around the stamp (max gap {self.max_gap_ns * 1e-9:.3f} s)"
+                    )
                 a = (stamp_ns - t[i - 1]) / (t[i] - t[i - 1])
                 out[n] = v[i - 1] + a * (v[i] - v[i - 1])
         return out

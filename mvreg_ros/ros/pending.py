@@ -1,7 +1,7 @@
 """Stamps of view sets handed to the registration worker and not finished (plain Python).
 
-While a newer view set is pending, the held pose must not be republished with a stamp at or
-after that set's stamp: a TF listener would take the old pose for the time of the new images.
+While a view set is pending, the held pose is not republished at all (the stamp rule,
+held_pose.py): a copy of the old pose would claim the time of the images being registered.
 :meth:`PendingStamps.submit` hands a set to the worker and records its stamp in one step under
 one lock, using the worker's own answer (did the set replace a waiting one?), so the worker
 taking its waiting set in between cannot make the bookkeeping drop a set that is running.
@@ -57,10 +57,14 @@ class PendingStamps:
         with self._lock:
             return sorted(self._stamps)
 
-    def republish_stamp(self, now_ns: int, pose_stamp_ns: int) -> int | None:
-        """The stamp to republish the held pose with at ``now_ns``: ``now_ns``, but never at or after
-        a pending set's stamp (1 ns before the oldest instead); None when that is not after the
-        pose's own stamp (nothing newer to say)."""
+    def any(self) -> bool:
+        """A set is pending: the held pose is not republished at all until it is done (held_pose.py)."""
         with self._lock:
-            stamp = min([now_ns] + [t - 1 for t in self._stamps])
-        return stamp if stamp > pose_stamp_ns else None
+            return bool(self._stamps)
+
+    def clear(self) -> None:
+        """Forget every pending stamp (a backward time jump: those sets belong to the old time line;
+        a set still running finishes harmlessly, its ``finish`` finds nothing)."""
+        with self._lock:
+            self._stamps.clear()
+            self._last_submitted = None

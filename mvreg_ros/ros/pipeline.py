@@ -9,13 +9,13 @@ image topics took part).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from mvreg_ros.core.registration.refine import RegistrationResult
-from mvreg_ros.core.registration.pipeline import Outcome, RegistrationPipeline
 from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.registration.pipeline import Outcome, RegistrationPipeline
+from mvreg_ros.core.registration.refine import RegistrationResult
 from mvreg_ros.ros.sync import Frame
 
 
@@ -43,21 +43,31 @@ class SetOutcome:
         return {} if self.outcome is None or self.outcome.start is None else dict(self.outcome.start.values)
 
 
-def views_from_frames(frames: Sequence[Frame], *, i0: float | None = None,
-                      raw_is_line_integral: bool = False) -> ViewSet:
+def views_from_frames(
+    frames: Sequence[Frame], *, i0: float | None = None, raw_is_line_integral: bool = False
+) -> ViewSet:
     """ValueError when the frames cannot form one view set."""
     if not frames:
         raise ValueError("empty view set")
     shapes = {f.shape for f in frames}
     if len(shapes) != 1:
         raise ValueError(f"views differ in size {sorted(shapes)}: all views of a set must share one image size")
-    return ViewSet.from_raw(torch.stack([f.raw for f in frames]), torch.stack([f.K for f in frames]),
-                            torch.stack([f.T_ref_from_cam for f in frames]), i0=i0,
-                            raw_is_line_integral=raw_is_line_integral)
+    return ViewSet.from_raw(
+        torch.stack([f.raw for f in frames]),
+        torch.stack([f.K for f in frames]),
+        torch.stack([f.T_ref_from_cam for f in frames]),
+        i0=i0,
+        raw_is_line_integral=raw_is_line_integral,
+    )
 
 
-def register_frames(pipeline: RegistrationPipeline, frames: Sequence[Frame], *, i0: float | None = None,
-                    raw_is_line_integral: bool = False) -> SetOutcome:
+def register_frames(
+    pipeline: RegistrationPipeline,
+    frames: Sequence[Frame],
+    *,
+    i0: float | None = None,
+    raw_is_line_integral: bool = False,
+) -> SetOutcome:
     """Register one set of frames; a set that cannot form views is a rejection, not an exception."""
     stamp = max(f.stamp_ns for f in frames) if frames else 0
     sources = tuple(f.source for f in frames)
@@ -66,5 +76,6 @@ def register_frames(pipeline: RegistrationPipeline, frames: Sequence[Frame], *, 
     except ValueError as e:
         return SetOutcome(accepted=False, stamp_ns=stamp, reason=f"bad view set: {e}", sources=sources)
     outcome = pipeline.register(views, stamp_ns=stamp)
-    return SetOutcome(accepted=outcome.accepted, stamp_ns=stamp, reason=outcome.reason, sources=sources, views=views,
-                      outcome=outcome)
+    return SetOutcome(
+        accepted=outcome.accepted, stamp_ns=stamp, reason=outcome.reason, sources=sources, views=views, outcome=outcome
+    )

@@ -19,7 +19,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mvreg_ros.core.evaluation.metrics import mtre_mm
-from mvreg_ros.ros.bag_io import CAMERA_INFO_TYPE, IMAGE_TYPE, JOINT_STATE_TYPE, BagMessage, deserialize, ground_truth, message_class
+from mvreg_ros.ros.bag_io import (
+    CAMERA_INFO_TYPE,
+    IMAGE_TYPE,
+    JOINT_STATE_TYPE,
+    BagMessage,
+    deserialize,
+    ground_truth,
+    message_class,
+)
 from mvreg_ros.ros.conversions import T_from_transform, ns_to_stamp, stamp_to_ns
 
 SUCCESS_MM = 2.0
@@ -40,8 +48,15 @@ class GroundTruthEvaluator:
     """Scores the node's ``parent -> child`` TF: the first transform at each ground-truth stamp
     (the registration; republished copies of the held pose carry other stamps and are counted only)."""
 
-    def __init__(self, truth: dict[int, Float[Tensor, "4 4"]], landmarks_ct: Float[Tensor, "N 3"], *, parent: str,
-                 child: str, success_mm: float = SUCCESS_MM):
+    def __init__(
+        self,
+        truth: dict[int, Float[Tensor, "4 4"]],
+        landmarks_ct: Float[Tensor, "N 3"],
+        *,
+        parent: str,
+        child: str,
+        success_mm: float = SUCCESS_MM,
+    ):
         if not truth:
             raise ValueError("no ground-truth poses")
         self.truth = truth
@@ -72,13 +87,25 @@ class GroundTruthEvaluator:
         errors = sorted(r.mtre_mm for r in self.registrations)
         latencies = [r.latency_s for r in self.registrations if r.latency_s is not None]
         n = len(errors)
-        out = {"ground_truth_stamps": len(self.truth), "n": n, "tf_messages": self.tf_count,
-               "success_mm": self.success_mm, "mtre_mean_mm": None, "mtre_median_mm": None, "mtre_p95_mm": None,
-               "success_rate": None, "latency_median_s": statistics.median(latencies) if latencies else None}
+        out = {
+            "ground_truth_stamps": len(self.truth),
+            "n": n,
+            "tf_messages": self.tf_count,
+            "success_mm": self.success_mm,
+            "mtre_mean_mm": None,
+            "mtre_median_mm": None,
+            "mtre_p95_mm": None,
+            "success_rate": None,
+            "latency_median_s": statistics.median(latencies) if latencies else None,
+        }
         if n:
             p95 = float(torch.quantile(torch.tensor(errors, dtype=torch.float64), 0.95))
-            out.update(mtre_mean_mm=statistics.fmean(errors), mtre_median_mm=statistics.median(errors),
-                       mtre_p95_mm=p95, success_rate=sum(e <= self.success_mm for e in errors) / n)
+            out.update(
+                mtre_mean_mm=statistics.fmean(errors),
+                mtre_median_mm=statistics.median(errors),
+                mtre_p95_mm=p95,
+                success_rate=sum(e <= self.success_mm for e in errors) / n,
+            )
         return out
 
 
@@ -87,10 +114,19 @@ def evaluator_for_bag(messages: list[BagMessage], landmarks_ct: Tensor, **kwargs
     return GroundTruthEvaluator(gt["poses"], landmarks_ct, parent=gt["parent"], child=gt["child"], **kwargs)
 
 
-def replay(messages: list[BagMessage], evaluator: GroundTruthEvaluator | None = None, *, context=None,
-           rate: float = 1.0, clock: bool = True, match_timeout_s: float = 30.0, wait_s: float = 30.0,
-           exclude_topics: tuple[str, ...] = ("/tf",), node_name: str = "mvreg_bag_player",
-           log=None) -> GroundTruthEvaluator | None:
+def replay(
+    messages: list[BagMessage],
+    evaluator: GroundTruthEvaluator | None = None,
+    *,
+    context=None,
+    rate: float = 1.0,
+    clock: bool = True,
+    match_timeout_s: float = 30.0,
+    wait_s: float = 30.0,
+    exclude_topics: tuple[str, ...] = ("/tf",),
+    node_name: str = "mvreg_bag_player",
+    log=None,
+) -> GroundTruthEvaluator | None:
     """Publish ``messages`` (log-time order) at their recorded relative timing divided by ``rate``.
 
     Topics in ``exclude_topics`` are not played (a recorded ``/tf`` would mix with the node's).
@@ -122,8 +158,12 @@ def replay(messages: list[BagMessage], evaluator: GroundTruthEvaluator | None = 
         clock_pub = node.create_publisher(Clock, "/clock", QoSProfile(depth=10)) if clock else None
         if evaluator is not None:
             tf_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
-            node.create_subscription(message_class("tf2_msgs/msg/TFMessage"), "/tf",
-                                     lambda msg: evaluator.on_tf(msg, time.monotonic()), tf_qos)
+            node.create_subscription(
+                message_class("tf2_msgs/msg/TFMessage"),
+                "/tf",
+                lambda msg: evaluator.on_tf(msg, time.monotonic()),
+                tf_qos,
+            )
 
         def unmatched() -> list[str]:
             topics = [t for t, p in pubs.items() if types[t] in SENSOR_TYPES and p.get_subscription_count() == 0]
@@ -140,8 +180,9 @@ def replay(messages: list[BagMessage], evaluator: GroundTruthEvaluator | None = 
 
         # /clock steps 1 ns back where it would equal an image stamp, so that a TF the node
         # republishes at the current (sim) time never carries one and passes for its registration
-        header_stamps = {i: stamp_to_ns(deserialize(m).header.stamp) for i, m in enumerate(messages)
-                         if m.msgtype == IMAGE_TYPE}
+        header_stamps = {
+            i: stamp_to_ns(deserialize(m).header.stamp) for i, m in enumerate(messages) if m.msgtype == IMAGE_TYPE
+        }
         image_stamps = set(header_stamps.values())
         t_first = messages[0].log_time_ns
         t0 = time.monotonic()

@@ -109,11 +109,14 @@ class SequentialViewBuffer:
     def add(self, frame: Frame) -> list[Frame] | None:
         if self._frames and frame.stamp_ns <= self._frames[-1].stamp_ns:
             raise ValueError(f"frame stamp {frame.stamp_ns} is not newer than the last kept frame")
-        kept = [f for f in self._frames
-                if frame.stamp_ns - f.stamp_ns <= self.max_age_ns
-                and view_angle_deg(f.T_ref_from_cam, frame.T_ref_from_cam) >= self.min_separation_deg]
+        kept = [
+            f
+            for f in self._frames
+            if frame.stamp_ns - f.stamp_ns <= self.max_age_ns
+            and view_angle_deg(f.T_ref_from_cam, frame.T_ref_from_cam) >= self.min_separation_deg
+        ]
         kept.append(frame)
-        self._frames = kept[-self.num_views:]
+        self._frames = kept[-self.num_views :]
         if len(self._frames) < self.num_views:
             return None
         return list(self._frames)

@@ -8,7 +8,7 @@ same thing: tf2_msgs/TFMessage on ``/tf`` with tf2_ros's QoS (reliable, volatile
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 TF_TOPIC = "/tf"
 
@@ -17,8 +17,12 @@ def tf_qos():
     """The QoS of tf2_ros's TransformBroadcaster and of TransformListener's /tf subscription."""
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-    return QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
-                      durability=DurabilityPolicy.VOLATILE)
+    return QoSProfile(
+        depth=100,
+        history=HistoryPolicy.KEEP_LAST,
+        reliability=ReliabilityPolicy.RELIABLE,
+        durability=DurabilityPolicy.VOLATILE,
+    )
 
 
 class TFMessagePublisher:
@@ -30,7 +34,7 @@ class TFMessagePublisher:
         self._msg_type = TFMessage
         self.pub_tf = node.create_publisher(TFMessage, TF_TOPIC, qos if qos is not None else tf_qos())
 
-    def sendTransform(self, transform) -> None:  # noqa: N802 (tf2_ros's name)
+    def sendTransform(self, transform) -> None:
         transforms = list(transform) if isinstance(transform, Iterable) else [transform]
         self.pub_tf.publish(self._msg_type(transforms=transforms))
 

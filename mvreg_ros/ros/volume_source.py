@@ -39,7 +39,9 @@ def load_ct(spec: str) -> Volume:
     except Exception as e:  # nibabel / SimpleITK raise many types for unreadable files
         raise VolumeError(f"cannot read a CT volume from {path}: {type(e).__name__}: {e}") from e
     if min(volume.data.shape) < 2:
-        raise VolumeError(f"{path}: a CT volume needs at least 2 voxels along each axis, got {tuple(volume.data.shape)}")
+        raise VolumeError(
+            f"{path}: a CT volume needs at least 2 voxels along each axis, got {tuple(volume.data.shape)}"
+        )
     if float(volume.data.max()) <= 0:
         raise VolumeError(f"{path}: the volume holds no attenuation above air (is it in HU?)")
     return volume

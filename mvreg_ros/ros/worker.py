@@ -8,12 +8,18 @@ one counts as dropped.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class LatestJobWorker:
-    def __init__(self, handler: Callable[[Any], None], *, name: str = "registration",
-                 on_error: Callable[[BaseException], None] | None = None):
+    def __init__(
+        self,
+        handler: Callable[[Any], None],
+        *,
+        name: str = "registration",
+        on_error: Callable[[BaseException], None] | None = None,
+    ):
         self._handler = handler
         self._on_error = on_error
         self._cv = threading.Condition()
@@ -54,6 +60,15 @@ class LatestJobWorker:
             self._pending, self._has_pending = job, True
             self._cv.notify()
             return not replaced
+
+    def drop_waiting(self) -> bool:
+        """Drop the waiting job, if any (counted as dropped); True if there was one."""
+        with self._cv:
+            had = self._has_pending
+            if had:
+                self.dropped += 1
+            self._pending, self._has_pending = None, False
+            return had
 
     def _run(self) -> None:
         while True:

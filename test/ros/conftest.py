@@ -18,7 +18,6 @@ import os
 import sys
 
 import pytest
-
 from ros_harness import FASTDDS_LOOPBACK_XML, RosProcess
 
 # ROS_DOMAIN_ID 0..101 are safe on Linux with the default ports; 0 is everyone's default
@@ -41,8 +40,9 @@ def lock_free_domain(ids=DOMAIN_IDS, path=DOMAIN_LOCK):
         f.write(f"{os.getpid()}\n")
         f.flush()
         return domain, f
-    raise RuntimeError(f"every ROS test domain {ids.start}..{ids.stop - 1} is locked by another test session "
-                       f"({path.format('*')})")
+    raise RuntimeError(
+        f"every ROS test domain {ids.start}..{ids.stop - 1} is locked by another test session ({path.format('*')})"
+    )
 
 
 @pytest.fixture(scope="session")

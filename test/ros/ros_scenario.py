@@ -12,19 +12,28 @@ import numpy as np
 import torch
 import yaml
 
-from mvreg_ros.core.geometry import carm
 from mvreg_ros.core.data import simulate
+from mvreg_ros.core.geometry import carm
 from mvreg_ros.core.geometry.transforms import invert, perturb, transform_points
-from mvreg_ros.core.rendering.renderer import Renderer
 from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.rendering.renderer import Renderer
 from mvreg_ros.ros.params import NodeConfig, build_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config"
 NODE_KEY = "register_node"
 # a quick refinement budget and the tiny CT: each registration takes about a second
-QUICK = {"volume_path": "example:8", "refine_sizes": [32], "refine_iterations": [100], "refine_samples": [48],
-         "refine_patches": [8], "device": "cpu"}
+QUICK = {
+    "volume_path": "example:8",
+    "refine_sizes": [32],
+    "refine_iterations": [100],
+    "refine_samples": [48],
+    "refine_patches": [8],
+    "device": "cpu",
+    # the warm-up at configure time on images like the simulated detector's (DETECTOR below)
+    "warmup_image_size": [64, 64],
+    "warmup_focal_px": 1020.0 / (1.164 * 4),
+}
 DETECTOR = simulate.DetectorConfig(height=64, width=64, pixel_mm=1.164 * 4)
 
 
@@ -110,8 +119,14 @@ class Scenario:
         """A raw 16-bit image of topic ``topic``'s plane at ``joints``, of the CT at the truth."""
         T_ref_from_cam = self.cfg.planes[topic].T_ref_from_cam(joints)
         T_cam_from_ct = invert(T_ref_from_cam) @ self.truth
-        raw = simulate.acquire(renderer(), T_cam_from_ct[None], self.K[None], DETECTOR.height, DETECTOR.width,
-                               generator=torch.Generator().manual_seed(seed))
+        raw = simulate.acquire(
+            renderer(),
+            T_cam_from_ct[None],
+            self.K[None],
+            DETECTOR.height,
+            DETECTOR.width,
+            generator=torch.Generator().manual_seed(seed),
+        )
         return raw[0].numpy().astype(np.uint16)
 
 
@@ -130,8 +145,9 @@ def make_scenario(config_name: str, *, seed: int = 3, extra: dict | None = None)
     return Scenario(cfg=cfg, truth=truth, initial=initial, K=DETECTOR.K(), overrides=overrides)
 
 
-def write_publisher_inputs(scenario: Scenario, directory: Path, shots: list[dict], *, rounds: int,
-                           stamp_offsets_s: dict | None = None) -> tuple[Path, Path]:
+def write_publisher_inputs(
+    scenario: Scenario, directory: Path, shots: list[dict], *, rounds: int, stamp_offsets_s: dict | None = None
+) -> tuple[Path, Path]:
     """Spec and images for helpers/sim_carm_publisher.py. ``shots``: [{"joints": {...}, "topics": [i, ...]}]."""
     arrays, spec_shots = {}, []
     for k, shot in enumerate(shots):
@@ -143,11 +159,21 @@ def write_publisher_inputs(scenario: Scenario, directory: Path, shots: list[dict
         spec_shots.append({"joints": scenario.joints_vector(shot["joints"]), "images": images})
     cfg = scenario.cfg
     K = [float(v) for v in scenario.K.reshape(-1)]
-    spec = {"image_topics": list(cfg.image_topics), "camera_info_topics": list(cfg.camera_info_topics),
-            "joint_states_topic": cfg.joint_states_topic, "joint_names": list(cfg.joint_names),
-            "K": {str(i): K for i in range(len(cfg.image_topics))}, "rate_hz": 50.0, "move_s": 0.3, "hold_s": 0.3,
-            "image_delay_s": 0.1, "rounds": rounds, "stamp_offsets_s": stamp_offsets_s or {}, "shots": spec_shots,
-            "tail_s": 1.0}
+    spec = {
+        "image_topics": list(cfg.image_topics),
+        "camera_info_topics": list(cfg.camera_info_topics),
+        "joint_states_topic": cfg.joint_states_topic,
+        "joint_names": list(cfg.joint_names),
+        "K": {str(i): K for i in range(len(cfg.image_topics))},
+        "rate_hz": 50.0,
+        "move_s": 0.3,
+        "hold_s": 0.3,
+        "image_delay_s": 0.1,
+        "rounds": rounds,
+        "stamp_offsets_s": stamp_offsets_s or {},
+        "shots": spec_shots,
+        "tail_s": 1.0,
+    }
     spec_path = directory / "publisher_spec.json"
     spec_path.write_text(json.dumps(spec))
     data_path = directory / "publisher_images.npz"

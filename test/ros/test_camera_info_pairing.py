@@ -66,8 +66,7 @@ def test_a_newer_image_releases_the_waiting_one_first():
     # the newer one's CameraInfo is already here: both leave, oldest first
     p.add_info(0, 30, "info30")
     assert p.add_image(0, "img25", 25) == [PairedImage(0, "img20", 20, "info30")]
-    assert p.add_image(0, "img30", 30) == [PairedImage(0, "img25", 25, "info30"),
-                                           PairedImage(0, "img30", 30, "info30")]
+    assert p.add_image(0, "img30", 30) == [PairedImage(0, "img25", 25, "info30"), PairedImage(0, "img30", 30, "info30")]
 
 
 def test_zero_wait_uses_the_latest_at_once_and_topics_are_independent():
@@ -87,13 +86,16 @@ def test_only_recent_camera_infos_are_kept():
     assert p.add_image(0, "img3", 3) == [PairedImage(0, "img1", 1, "info5"), PairedImage(0, "img3", 3, "info3")]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n_topics=0, wait_s=0.1), "n_topics"),
-    (dict(n_topics=2.0, wait_s=0.1), "n_topics"),
-    (dict(n_topics=1, wait_s=-0.1), "wait_s"),
-    (dict(n_topics=1, wait_s=float("nan")), "wait_s"),
-    (dict(n_topics=1, wait_s=0.1, history=0), "history"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_topics=0, wait_s=0.1), "n_topics"),
+        (dict(n_topics=2.0, wait_s=0.1), "n_topics"),
+        (dict(n_topics=1, wait_s=-0.1), "wait_s"),
+        (dict(n_topics=1, wait_s=float("nan")), "wait_s"),
+        (dict(n_topics=1, wait_s=0.1, history=0), "history"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CameraInfoPairing(**kwargs)

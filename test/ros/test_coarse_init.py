@@ -2,16 +2,14 @@
 DDS a network estimate that the refinement cannot bring through the acceptance test: rejected,
 never on TF. The initialiser chain itself: test/core/registration/test_initialisers.py."""
 
-import types
-
 import pytest
 import torch
-
-from mvreg_ros.core.learning.network import ArchConfig, PoseGeometry, PoseNet, save_checkpoint
-from mvreg_ros.core.geometry.pose_sampling import canonical_rotation
-from mvreg_ros.core.registration.initialisers import ModelError, load_coarse_model
 from ros_harness import HELPERS, deadline, node_args, wait_until
 from ros_scenario import CONFIG, QUICK, make_scenario, volume, write_params, write_publisher_inputs
+
+from mvreg_ros.core.geometry.pose_sampling import canonical_rotation
+from mvreg_ros.core.learning.network import ArchConfig, PoseGeometry, PoseNet, save_checkpoint
+from mvreg_ros.core.registration.initialisers import ModelError, load_coarse_model
 
 ARCH = ArchConfig(size=32, width=4, fc=8)  # tiny: built in milliseconds, never trained
 # raw 6D output of a rotation of 90 deg about the camera's principal axis (the AP view's rotation
@@ -21,6 +19,7 @@ TURN_90 = torch.tensor([-1.0, 1.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0])
 
 # ------------------------------------------------------------------------------ checkpoints
 
+
 def write_checkpoint(path, identity, *, bias=None):
     """A never-trained network with a constant output (its last layer's weights are zero)."""
     net = PoseNet(ARCH)
@@ -28,8 +27,11 @@ def write_checkpoint(path, identity, *, bias=None):
         with torch.no_grad():
             net.head[-1].bias.copy_(bias)
     c = volume().bone_centre_ct()
-    geometry = PoseGeometry(centre_ct=tuple(float(x) for x in c),
-                            R0_cam_from_ct=tuple(tuple(float(x) for x in r) for r in canonical_rotation()), sid_mm=785.0)
+    geometry = PoseGeometry(
+        centre_ct=tuple(float(x) for x in c),
+        R0_cam_from_ct=tuple(tuple(float(x) for x in r) for r in canonical_rotation()),
+        sid_mm=785.0,
+    )
     return save_checkpoint(path, net, geometry=geometry, volume_identity=identity)
 
 
@@ -52,8 +54,10 @@ def test_node_refuses_a_missing_or_foreign_model(spawn, tmp_path):
     pytest.importorskip("rclpy")
     foreign = write_checkpoint(tmp_path / "other_ct.safetensors", volume().resampled(2).identity())
     missing = tmp_path / "missing.safetensors"
-    procs = {case: spawn(case, node_args(overrides={"volume_path": "example:8", "device": "cpu", "model_path": str(p)}))
-             for case, p in (("foreign", foreign), ("missing", missing))}
+    procs = {
+        case: spawn(case, node_args(overrides={"volume_path": "example:8", "device": "cpu", "model_path": str(p)}))
+        for case, p in (("foreign", foreign), ("missing", missing))
+    }
     for case, proc in procs.items():
         try:
             rc = proc.proc.wait(deadline(120))
@@ -68,6 +72,7 @@ def test_node_refuses_a_missing_or_foreign_model(spawn, tmp_path):
 
 # ------------------------------------------------------------------ end to end over real DDS
 
+
 def test_a_network_estimate_failing_the_gates_is_never_published(spawn, ros_context, tmp_path):
     rclpy = pytest.importorskip("rclpy")
     pytest.importorskip("tf2_msgs.msg")
@@ -80,32 +85,60 @@ def test_a_network_estimate_failing_the_gates_is_never_published(spawn, ros_cont
     model = write_checkpoint(tmp_path / "turned.safetensors", volume().identity(), bias=TURN_90)
     # the configured start (3 deg / 5 mm off) would register; the network's (about 90 deg off) must
     # not: the node has to take the network, and its result has to fail the (tightened) gates
-    scenario = make_scenario("biplane.yaml", seed=11, extra={"model_path": str(model), "min_similarity": 0.6,
-                                                             "max_uncertainty_mm": 2.0})
+    scenario = make_scenario(
+        "biplane.yaml", seed=11, extra={"model_path": str(model), "min_similarity": 0.6, "max_uncertainty_mm": 2.0}
+    )
     assert QUICK["volume_path"] == "example:8"
-    joints = {"frontal_orbital": 0.1, "frontal_angular": 0.0, "lateral_orbital": 0.0, "lateral_angular": -0.05,
-              "lateral_longitudinal": 0.0}
+    joints = {
+        "frontal_orbital": 0.1,
+        "frontal_angular": 0.0,
+        "lateral_orbital": 0.0,
+        "lateral_angular": -0.05,
+        "lateral_longitudinal": 0.0,
+    }
     spec, data = write_publisher_inputs(scenario, tmp_path, [{"joints": joints, "topics": [0, 1]}], rounds=2)
-    node = spawn("node", node_args(CONFIG / "biplane.yaml", write_params(tmp_path / "overrides.yaml", scenario.overrides)))
+    node = spawn(
+        "node", node_args(CONFIG / "biplane.yaml", write_params(tmp_path / "overrides.yaml", scenario.overrides))
+    )
 
     listener = rclpy.create_node("coarse_listener", context=ros_context)
     statuses, tfs, poses = [], [], []
     reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
     status_sub = listener.create_subscription(
-        DiagnosticArray, "/register_node/status",
-        lambda m: statuses.extend({kv.key: kv.value for kv in s.values} for s in m.status), reliable)
+        DiagnosticArray,
+        "/register_node/status",
+        lambda m: statuses.extend({kv.key: kv.value for kv in s.values} for s in m.status),
+        reliable,
+    )
     tf_sub = listener.create_subscription(TFMessage, "/tf", lambda m: tfs.extend(m.transforms), reliable)
     listener.create_subscription(PoseWithCovarianceStamped, "/register_node/pose", poses.append, reliable)
     executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(listener)
-    spin = lambda t: executor.spin_once(timeout_sec=t)  # noqa: E731
+    spin = lambda t: executor.spin_once(timeout_sec=t)
     try:
-        wait_until(lambda: (status_sub.get_publisher_count() > 0 and tf_sub.get_publisher_count() > 0)
-                   or (not node.alive() and "dead"), 120, spin=spin, what="the node's status and TF publishers")
+        wait_until(
+            lambda: (
+                (status_sub.get_publisher_count() > 0 and tf_sub.get_publisher_count() > 0)
+                or (not node.alive() and "dead")
+            ),
+            120,
+            spin=spin,
+            what="the node's status and TF publishers",
+        )
         assert node.alive(), node.tail()
         assert any("coarse network" in line and "loaded in" in line for line in node.output().splitlines()), node.tail()
-        spawn("publisher", [str(HELPERS / "sim_carm_publisher.py"), "--spec", str(spec), "--data", str(data),
-                            "--match-timeout", str(deadline(120))])
+        spawn(
+            "publisher",
+            [
+                str(HELPERS / "sim_carm_publisher.py"),
+                "--spec",
+                str(spec),
+                "--data",
+                str(data),
+                "--match-timeout",
+                str(deadline(120)),
+            ],
+        )
 
         def registrations():
             if not node.alive():

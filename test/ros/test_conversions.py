@@ -9,26 +9,38 @@ import torch
 pytest.importorskip("sensor_msgs.msg")
 pytest.importorskip("geometry_msgs.msg")
 
-from scipy.spatial.transform import Rotation  # noqa: E402
-from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
+from scipy.spatial.transform import Rotation
+from sensor_msgs.msg import CameraInfo, Image
 
-from mvreg_ros.core.geometry.transforms import make_T, so3_exp  # noqa: E402
-from mvreg_ros.core.geometry.transforms import matrix_from_quaternion, quaternion_from_matrix  # noqa: E402
-from mvreg_ros.ros.conversions import (K_to_camera_info, T_from_pose, T_from_transform, camera_info_to_K,  # noqa: E402
-                                       covariance_from_ros, covariance_to_ros, image_to_tensor, ns_to_stamp,
-                                       pose_with_covariance_from_T, stamp_to_ns, tensor_to_image,
-                                       transform_stamped_from_T)
+from mvreg_ros.core.geometry.transforms import make_T, matrix_from_quaternion, quaternion_from_matrix, so3_exp
+from mvreg_ros.ros.conversions import (
+    K_to_camera_info,
+    T_from_pose,
+    T_from_transform,
+    camera_info_to_K,
+    covariance_from_ros,
+    covariance_to_ros,
+    image_to_tensor,
+    ns_to_stamp,
+    pose_with_covariance_from_T,
+    stamp_to_ns,
+    tensor_to_image,
+    transform_stamped_from_T,
+)
 
 RNG = np.random.default_rng(0)
 
 
-@pytest.mark.parametrize("encoding, values", [
-    ("mono8", RNG.integers(0, 256, (5, 7))),
-    ("8UC1", RNG.integers(0, 256, (5, 7))),
-    ("mono16", RNG.integers(0, 65536, (5, 7))),
-    ("16UC1", RNG.integers(0, 65536, (5, 7))),
-    ("32FC1", RNG.normal(0, 1e3, (5, 7)).astype(np.float32)),
-])
+@pytest.mark.parametrize(
+    "encoding, values",
+    [
+        ("mono8", RNG.integers(0, 256, (5, 7))),
+        ("8UC1", RNG.integers(0, 256, (5, 7))),
+        ("mono16", RNG.integers(0, 65536, (5, 7))),
+        ("16UC1", RNG.integers(0, 65536, (5, 7))),
+        ("32FC1", RNG.normal(0, 1e3, (5, 7)).astype(np.float32)),
+    ],
+)
 @pytest.mark.parametrize("padding", [0, 3])
 @pytest.mark.parametrize("bigendian", [False, True])
 def test_image_round_trip(encoding, values, padding, bigendian):
@@ -52,12 +64,15 @@ def test_image_decoding_reads_the_bytes_as_ros_defines_them():
     np.testing.assert_array_equal(image_to_tensor(big).numpy(), [[256.0, 2.0]])
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda m: setattr(m, "encoding", "rgb8"), "unsupported image encoding"),
-    (lambda m: setattr(m, "step", 10), "step"),
-    (lambda m: setattr(m, "data", bytes(20)), "data holds"),
-    (lambda m: setattr(m, "height", 0), "no pixels"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda m: setattr(m, "encoding", "rgb8"), "unsupported image encoding"),
+        (lambda m: setattr(m, "step", 10), "step"),
+        (lambda m: setattr(m, "data", bytes(20)), "data holds"),
+        (lambda m: setattr(m, "height", 0), "no pixels"),
+    ],
+)
 def test_image_errors(mutate, match):
     msg = tensor_to_image(np.ones((4, 8)), encoding="mono16")
     mutate(msg)
@@ -103,7 +118,7 @@ def test_transform_round_trip_metres(R):
     assert (msg.header.frame_id, msg.child_frame_id) == ("carm_base", "anatomy")
     tr, q = msg.transform.translation, msg.transform.rotation
     assert (tr.x, tr.y, tr.z) == pytest.approx((0.1234, -0.0567, 0.8901), abs=1e-12)  # metres
-    assert q.w >= 0 and math.isclose(q.x ** 2 + q.y ** 2 + q.z ** 2 + q.w ** 2, 1.0, rel_tol=1e-12)
+    assert q.w >= 0 and math.isclose(q.x**2 + q.y**2 + q.z**2 + q.w**2, 1.0, rel_tol=1e-12)
     # the quaternion means the same rotation to an independent implementation
     np.testing.assert_allclose(Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix(), R.numpy(), atol=1e-9)
     torch.testing.assert_close(T_from_transform(msg.transform), T, atol=1e-9, rtol=0)

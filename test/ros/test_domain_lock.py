@@ -1,7 +1,6 @@
 """The test sessions' ROS domains: each session locks its own id, a second one takes the next."""
 
 import pytest
-
 from conftest import lock_free_domain
 
 
@@ -26,6 +25,5 @@ def test_this_session_holds_its_domain(ros_env, ros_domain):
 
     assert ros_env["ROS_DOMAIN_ID"] == os.environ["ROS_DOMAIN_ID"] == str(ros_domain)
     assert 1 <= ros_domain <= 101
-    with open(f"/tmp/mvreg_ros_test_domain_{ros_domain}.lock") as f:
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(f"/tmp/mvreg_ros_test_domain_{ros_domain}.lock") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

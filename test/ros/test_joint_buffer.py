@@ -43,7 +43,9 @@ def test_gap_limit_applies_only_to_a_moving_joint():
     b.add(2 * S, ["moving", "still"], [0.9, 2.0])  # 1.75 s without a message
     assert b.positions_at(S // 8, ["moving"]) == pytest.approx({"moving": 0.05})  # within 0.25 s: interpolated
     assert b.positions_at(S, ["still"]) == {"still": 2.0}  # long gap, but the joint did not move
-    with pytest.raises(JointStateError, match="joint-state gap: 'moving' moved from 0.1 to 0.9 between samples 1.750 s"):
+    with pytest.raises(
+        JointStateError, match="joint-state gap: 'moving' moved from 0.1 to 0.9 between samples 1.750 s"
+    ):
         b.positions_at(S, ["moving"])
     assert b.positions_at(2 * S, ["moving"]) == {"moving": 0.9}  # at a sample: no interpolation
     assert b.positions_at(S // 4, ["moving"]) == {"moving": 0.1}  # on the sample before the gap

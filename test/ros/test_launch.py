@@ -24,10 +24,12 @@ def keyword(call, name):
 def test_launch_file_declares_the_arguments_and_starts_the_node():
     tree = ast.parse(LAUNCH_FILE.read_text())
     args = {c.args[0].value: c for c in calls(tree, "DeclareLaunchArgument")}
-    assert set(args) >= {"params_file", "volume_path", "model_path", "use_sim_time"}
+    assert set(args) >= {"params_file", "volume_path", "model_path", "use_sim_time", "autostart"}
     assert keyword(args["use_sim_time"], "default_value").value == "false"
+    assert keyword(args["autostart"], "default_value").value == "true"  # today's one-command behaviour
     assert keyword(args["model_path"], "default_value").value == ""  # empty: the params file's (no network)
-    nodes = calls(tree, "Node")
+    assert calls(tree, "Node") == []  # a managed node: launch_ros's LifecycleNode
+    nodes = calls(tree, "LifecycleNode")
     assert len(nodes) == 1
     node = nodes[0]
     assert keyword(node, "package").value == "mvreg_ros"
@@ -35,6 +37,7 @@ def test_launch_file_declares_the_arguments_and_starts_the_node():
     assert keyword(node, "executable").value == "register_node"
     assert "register_node = mvreg_ros.ros.node:main" in (REPO / "setup.py").read_text()
     assert keyword(node, "name").value == "register_node"
+    assert keyword(node, "namespace").value == ""  # required by LifecycleNode before Jazzy
     assert "register_node:" in (REPO / "config" / "register.yaml").read_text()
     # the default params file is the package's config/register.yaml
     default = ast.unparse(keyword(args["params_file"], "default_value"))
@@ -47,19 +50,34 @@ def test_launch_file_with_the_launch_packages():
     if not hasattr(launch, "LaunchDescription"):  # the repo's launch/ folder seen as a namespace package
         pytest.skip("the launch package is not installed")
     pytest.importorskip("launch_ros")
-    from launch import LaunchContext
     from launch.actions import OpaqueFunction
+
+    from launch import LaunchContext
 
     spec = importlib.util.spec_from_file_location("register_launch", LAUNCH_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     ld = module.generate_launch_description()
-    assert {a.name for a in ld.get_launch_arguments()} >= {"params_file", "volume_path", "model_path", "use_sim_time"}
+    assert {a.name for a in ld.get_launch_arguments()} >= {
+        "params_file",
+        "volume_path",
+        "model_path",
+        "use_sim_time",
+        "autostart",
+    }
     ctx = LaunchContext()
-    ctx.launch_configurations.update(params_file=str(REPO / "config" / "biplane.yaml"), volume_path="/ct.nii.gz",
-                                     model_path="/ct_coarse.safetensors", use_sim_time="true", log_level="info")
+    ctx.launch_configurations.update(
+        params_file=str(REPO / "config" / "biplane.yaml"),
+        volume_path="/ct.nii.gz",
+        model_path="/ct_coarse.safetensors",
+        use_sim_time="true",
+        log_level="info",
+        autostart="false",
+    )
     opaque = [e for e in ld.entities if isinstance(e, OpaqueFunction)][0]
     (node,) = opaque.execute(ctx)
     assert node.node_package == "mvreg_ros" and node.node_executable == "register_node"
     with pytest.raises(ValueError, match="use_sim_time"):
         module._truthy("maybe")
+    with pytest.raises(ValueError, match="autostart"):
+        module._truthy("maybe", "autostart")

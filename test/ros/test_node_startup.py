@@ -9,17 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from mvreg_ros.ros.volume_source import VolumeError, load_ct
 from ros_harness import deadline
 
+from mvreg_ros.ros.volume_source import VolumeError, load_ct
 
-@pytest.mark.parametrize("spec, match", [
-    ("", "volume_path"),
-    ("/nonexistent/ct.nii.gz", "CT volume not found"),
-    ("example:0", "integer N >= 1"),
-    ("example:two", "integer N >= 1"),
-])
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("", "volume_path"),
+        ("/nonexistent/ct.nii.gz", "CT volume not found"),
+        ("example:0", "integer N >= 1"),
+        ("example:two", "integer N >= 1"),
+    ],
+)
 def test_bad_volume_specs(spec, match):
     with pytest.raises(VolumeError, match=match):
         load_ct(spec)
@@ -55,9 +58,14 @@ def test_node_exits_with_a_clear_error(ros_env, tmp_path, case):
     path = tmp_path / "nope.nii.gz"
     if case == "unreadable":
         path.write_text("not a volume")
-    cmd = (node_command() if case == "missing" else [sys.executable, "-m", "mvreg_ros.ros.node"])
-    out = subprocess.run([*cmd, "--ros-args", "-p", f"volume_path:={path}"], env=ros_env, capture_output=True,
-                         text=True, timeout=deadline(120))
+    cmd = node_command() if case == "missing" else [sys.executable, "-m", "mvreg_ros.ros.node"]
+    out = subprocess.run(
+        [*cmd, "--ros-args", "-p", f"volume_path:={path}"],
+        env=ros_env,
+        capture_output=True,
+        text=True,
+        timeout=deadline(120),
+    )
     text = out.stdout + out.stderr
     assert out.returncode == 2, text
     assert "FATAL" in text and str(path) in text

@@ -8,11 +8,22 @@ import re
 import pytest
 import torch
 import yaml
+from ros_scenario import CONFIG, REPO, read_params
 
 from mvreg_ros.core.geometry.kinematics import T_from_xyz_rpy
-from mvreg_ros.ros.params import (DERIVED_FIELDS, NODE_PARAMETERS, NODE_SPECS, PLANE_PARAMETERS, PLANE_SPECS,
-                                  ConfigError, NodeConfig, T_from_param, build_config, spec_for, validate)
-from ros_scenario import CONFIG, REPO, read_params
+from mvreg_ros.ros.params import (
+    DERIVED_FIELDS,
+    NODE_PARAMETERS,
+    NODE_SPECS,
+    PLANE_PARAMETERS,
+    PLANE_SPECS,
+    ConfigError,
+    NodeConfig,
+    T_from_param,
+    build_config,
+    spec_for,
+    validate,
+)
 
 # node parameter files (config/ also holds other tools' YAML files)
 CONFIGS = sorted(p for p in CONFIG.glob("*.yaml") if "register_node" in (yaml.safe_load(p.read_text()) or {}))
@@ -48,7 +59,14 @@ def test_register_yaml_holds_the_defaults():
             assert value == NODE_SPECS[key].default, key
     # and lists every node parameter except the engine budgets, which default to RefineConfig
     missing = {s.name for s in NODE_PARAMETERS} - set(values)
-    assert missing == {"initial_T_ref_from_ct", "refine_sizes", "refine_iterations", "refine_samples", "refine_patches"}
+    assert missing == {
+        "initial_T_ref_from_ct",
+        "refine_sizes",
+        "refine_iterations",
+        "refine_samples",
+        "refine_patches",
+        "warmup_image_size",
+    }
 
 
 def test_biplane_and_mobile_geometry():
@@ -65,7 +83,9 @@ def test_biplane_and_mobile_geometry():
     q = {n: 0.0 for n in mob.joint_names}
     iso0 = mob.planes[0].isocentre_ref(q)
     q["carm_horizontal"] = 0.1  # 10 cm toward the table = cart +x
-    torch.testing.assert_close(mob.planes[0].isocentre_ref(q) - iso0, torch.tensor([100.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        mob.planes[0].isocentre_ref(q) - iso0, torch.tensor([100.0, 0.0, 0.0], dtype=torch.float64)
+    )
 
 
 def test_defaults_validate():
@@ -83,6 +103,7 @@ BASE = {"volume_path": "example:8"}
 
 # ---------------------------------------------------------------- one table: every parameter reaches NodeConfig
 
+
 def _plain(x):
     """A comparable form of a config value: tensors as lists, dataclasses field by field."""
     if isinstance(x, torch.Tensor):
@@ -94,7 +115,10 @@ def _plain(x):
     return x
 
 
-OTHER = {"initial_T_ref_from_ct": [0.1, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]}  # an empty default has no element to change
+OTHER = {  # an empty default has no element to change
+    "initial_T_ref_from_ct": [0.1, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+    "warmup_image_size": [768, 1024],
+}
 
 
 def _other_scalar(spec, v):
@@ -177,8 +201,11 @@ def test_bad_spec_declarations_fail():
 
 def _doc_rows(part: str) -> list[list[str]]:
     """The rows ``| `name` | type | default | meaning |`` of a markdown table, as cells."""
-    return [[c.strip() for c in line.strip().strip("|").split(" | ")]
-            for line in part.splitlines() if re.match(r"\| `[^`]+` \|", line)]
+    return [
+        [c.strip() for c in line.strip().strip("|").split(" | ")]
+        for line in part.splitlines()
+        if re.match(r"\| `[^`]+` \|", line)
+    ]
 
 
 def test_every_parameter_has_a_row_in_docs_node_md():
@@ -190,7 +217,9 @@ def test_every_parameter_has_a_row_in_docs_node_md():
         names = [row[0].strip("`") for row in rows]
         assert len(names) == len(set(names)), f"docs/node.md lists a parameter twice: {names}"
         assert not set(specs) - set(names), f"docs/node.md lacks rows for {sorted(set(specs) - set(names))}"
-        assert not set(names) - set(specs), f"docs/node.md documents unknown parameters {sorted(set(names) - set(specs))}"
+        assert not set(names) - set(specs), (
+            f"docs/node.md documents unknown parameters {sorted(set(names) - set(specs))}"
+        )
         for name, row in zip(names, rows):
             spec = specs[name]
             assert row[1] == spec.type.replace("_", " "), f"docs/node.md: {name} is a {spec.type}, not {row[1]}"
@@ -198,29 +227,39 @@ def test_every_parameter_has_a_row_in_docs_node_md():
                 assert yaml.safe_load(row[2].strip("`")) == spec.default, f"docs/node.md: default of {name}"
 
 
-@pytest.mark.parametrize("values, match", [
-    ({"volume_path": ""}, "volume_path"),
-    ({"max_uncertainty_mm": 5}, "must be double"),
-    ({"max_uncertainty_mm": -1.0}, "must lie in"),
-    ({"acquisition_mode": "burst"}, "must be one of"),
-    ({"render_backend": "opencl"}, "render_backend"),
-    ({"image_topics": ["/a", "/b"], "camera_info_topics": ["/a_info"], "acquisition_mode": "synchronized"},
-     "camera_info_topics"),
-    ({"image_topics": ["/a", "/b"], "camera_info_topics": ["/ai", "/bi"]}, "sequential"),
-    ({"image_topics": ["/a", "/a"], "camera_info_topics": ["/ai", "/bi"], "acquisition_mode": "synchronized"}, "twice"),
-    ({"planes": ["p", "q"]}, "one plane per image topic"),
-    ({"refine_sizes": [16, 32, 64, 128]}, "refine_iterations"),
-    ({"refine_sizes": [4]}, "must lie in"),
-    ({"initial_T_ref_from_ct": [1.0, 2.0]}, "needs 0 or 7 or 16 values"),
-    ({"initial_T_ref_from_ct": [2.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]},
-     "not a rigid transform"),
-    ({"plane.main.sid_m": 0.0}, "plane.main.sid_m"),
-    ({"plane.main.orbital_sign": 0.5}, "multiple of 2.0"),
-    ({"plane.main.prismatic_joints": ["lift"]}, "3 values per prismatic joint"),
-    ({"plane.main.prismatic_joints": ["lift"], "plane.main.prismatic_axes": [0.0, 0.0, 0.5]}, "unit vector"),
-    ({"plane.main.angular_joint": "carm_orbital"}, "must differ"),
-    ({"reference_frame": "anatomy"}, "two different"),
-])
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"volume_path": ""}, "volume_path"),
+        ({"max_uncertainty_mm": 5}, "must be double"),
+        ({"max_uncertainty_mm": -1.0}, "must lie in"),
+        ({"acquisition_mode": "burst"}, "must be one of"),
+        ({"render_backend": "opencl"}, "render_backend"),
+        (
+            {"image_topics": ["/a", "/b"], "camera_info_topics": ["/a_info"], "acquisition_mode": "synchronized"},
+            "camera_info_topics",
+        ),
+        ({"image_topics": ["/a", "/b"], "camera_info_topics": ["/ai", "/bi"]}, "sequential"),
+        (
+            {"image_topics": ["/a", "/a"], "camera_info_topics": ["/ai", "/bi"], "acquisition_mode": "synchronized"},
+            "twice",
+        ),
+        ({"planes": ["p", "q"]}, "one plane per image topic"),
+        ({"refine_sizes": [16, 32, 64, 128]}, "refine_iterations"),
+        ({"refine_sizes": [4]}, "must lie in"),
+        ({"initial_T_ref_from_ct": [1.0, 2.0]}, "needs 0 or 7 or 16 values"),
+        (
+            {"initial_T_ref_from_ct": [2.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]},
+            "not a rigid transform",
+        ),
+        ({"plane.main.sid_m": 0.0}, "plane.main.sid_m"),
+        ({"plane.main.orbital_sign": 0.5}, "multiple of 2.0"),
+        ({"plane.main.prismatic_joints": ["lift"]}, "3 values per prismatic joint"),
+        ({"plane.main.prismatic_joints": ["lift"], "plane.main.prismatic_axes": [0.0, 0.0, 0.5]}, "unit vector"),
+        ({"plane.main.angular_joint": "carm_orbital"}, "must differ"),
+        ({"reference_frame": "anatomy"}, "two different"),
+    ],
+)
 def test_bad_values_name_the_parameter(values, match):
     with pytest.raises(ConfigError, match=match):
         build_config({**BASE, **values}, resolve=False)
@@ -241,6 +280,7 @@ def test_pose_parameter_forms_agree():
 
 
 # ---------------------------------------------------------------- the real rclpy declaration
+
 
 def declare(ros_context, *args, describe=()):
     from rclpy.node import Node
@@ -264,14 +304,25 @@ def test_rclpy_reads_the_yaml_like_the_spec_table(ros_context, path):
     assert cfg.acquisition_mode == ref.acquisition_mode and cfg.joint_names == ref.joint_names
     assert cfg.refine == ref.refine and cfg.pipeline == ref.pipeline and cfg.pose_hold_s == ref.pose_hold_s
     for a, b in zip(cfg.planes, ref.planes):
-        assert (a.name, a.joint_names, a.sid_mm, a.prismatic_axes) == (b.name, b.joint_names, b.sid_mm, b.prismatic_axes)
+        assert (a.name, a.joint_names, a.sid_mm, a.prismatic_axes) == (
+            b.name,
+            b.joint_names,
+            b.sid_mm,
+            b.prismatic_axes,
+        )
         torch.testing.assert_close(a.T_ref_from_iso, b.T_ref_from_iso)
 
 
 def test_rclpy_descriptors_carry_ranges_and_reject_bad_values(ros_context):
     pytest.importorskip("rclpy")
-    cfg, desc = declare(ros_context, "--params-file", str(CONFIG / "register.yaml"), "-p", "volume_path:=x",
-                        describe=["max_uncertainty_mm", "num_views", "plane.main.sid_m", "image_topics"])
+    cfg, desc = declare(
+        ros_context,
+        "--params-file",
+        str(CONFIG / "register.yaml"),
+        "-p",
+        "volume_path:=x",
+        describe=["max_uncertainty_mm", "num_views", "plane.main.sid_m", "image_topics"],
+    )
     unc, views, sid, topics = desc
     assert unc.read_only and unc.description and unc.floating_point_range[0].to_value == 1000.0
     assert views.integer_range[0].from_value == 1 and views.integer_range[0].to_value == 16
@@ -283,6 +334,10 @@ def test_rclpy_descriptors_carry_ranges_and_reject_bad_values(ros_context):
         declare(ros_context, "-p", "volume_path:=x", "-p", "max_uncertainty_mm:=5000.0")
     with pytest.raises(ConfigError, match="plane.main.sid_m"):
         declare(ros_context, "-p", "volume_path:=x", "-p", "plane.main.sid_m:=9.0")
-    cfg = declare(ros_context, "-p", "volume_path:=x", "-p", "initial_T_ref_from_ct:=[0.1, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]")
-    torch.testing.assert_close(cfg.initial_T_ref_from_ct[:3, 3], torch.tensor([100.0, 0.0, 1000.0], dtype=torch.float64))
+    cfg = declare(
+        ros_context, "-p", "volume_path:=x", "-p", "initial_T_ref_from_ct:=[0.1, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]"
+    )
+    torch.testing.assert_close(
+        cfg.initial_T_ref_from_ct[:3, 3], torch.tensor([100.0, 0.0, 1000.0], dtype=torch.float64)
+    )
     assert math.isclose(float(cfg.initial_T_ref_from_ct[0, 0]), 1.0)

@@ -1,6 +1,6 @@
-"""Pending view sets without DDS: the held pose is never republished at or after the stamp of a
-set handed to the worker and not finished, and the hand-off to the worker and the bookkeeping
-are one step (no check-then-act race with the worker taking its waiting set)."""
+"""Pending view sets without DDS: a set handed to the worker and not finished is pending (the held
+pose is not republished meanwhile, held_pose.py), and the hand-off to the worker and the
+bookkeeping are one step (no check-then-act race with the worker taking its waiting set)."""
 
 import threading
 
@@ -38,36 +38,36 @@ class ScriptedWorker:
         return not replaced
 
 
-# ------------------------------------------------------------------ the republish rule
-
-def test_republishes_at_now_when_nothing_is_pending():
-    p = PendingStamps()
-    assert p.republish_stamp(now_ns=20 * S, pose_stamp_ns=10 * S) == 20 * S
+# ------------------------------------------------------------------ pending or not (the stamp rule: held_pose.py)
 
 
-def test_never_republishes_at_or_after_a_pending_stamp():
+def test_any_is_true_while_a_set_is_pending():
     p = PendingStamps()
     w = ScriptedWorker()
+    assert not p.any()
     p.submit(w, "set15", 15 * S)
     p.submit(w, "set18", 18 * S)
-    for now in (12 * S, 15 * S - 1, 15 * S, 16 * S, 30 * S):
-        stamp = p.republish_stamp(now_ns=now, pose_stamp_ns=10 * S)
-        assert stamp == min(now, 15 * S - 1)
-        assert all(stamp < t for t in p.stamps())
+    assert p.any()
     p.finish(15 * S)
-    assert p.republish_stamp(now_ns=30 * S, pose_stamp_ns=10 * S) == 18 * S - 1
+    assert p.any()
     p.finish(18 * S)
-    assert p.republish_stamp(now_ns=30 * S, pose_stamp_ns=10 * S) == 30 * S
+    assert not p.any()
 
 
-def test_nothing_to_republish_when_a_pending_set_is_not_newer_than_the_pose():
+def test_clear_forgets_every_pending_stamp():
     p = PendingStamps()
-    p.submit(ScriptedWorker(), "set", 10 * S + 1)
-    assert p.republish_stamp(now_ns=20 * S, pose_stamp_ns=10 * S) is None  # 1 ns before: the pose's own stamp
-    assert p.republish_stamp(now_ns=10 * S, pose_stamp_ns=10 * S) is None  # now is not after the pose
+    w = ScriptedWorker()
+    p.submit(w, "a", 1 * S)
+    p.submit(w, "b", 2 * S)
+    p.clear()
+    assert not p.any() and p.stamps() == []
+    p.finish(1 * S)  # the running set finishing later changes nothing
+    assert p.stamps() == []
+    assert p.submit(ScriptedWorker(), "c", 3 * S) and p.stamps() == [3 * S]
 
 
 # ------------------------------------------------------------------ the hand-off
+
 
 def test_a_replaced_waiting_set_is_no_longer_pending():
     p, w = PendingStamps(), ScriptedWorker()
@@ -99,7 +99,6 @@ def test_the_worker_taking_its_waiting_set_during_the_hand_off_keeps_that_set_pe
     assert p.submit(w, "c", 3 * S)  # nothing was replaced
     assert (w.running, w.waiting) == ("b", "c")
     assert p.stamps() == [2 * S, 3 * S]
-    assert p.republish_stamp(now_ns=10 * S, pose_stamp_ns=0 + 1) == 2 * S - 1
 
 
 def test_a_failing_submit_changes_nothing():
@@ -121,7 +120,7 @@ def test_bad_stamps(stamp):
 
 def test_with_the_real_worker_a_running_set_is_always_pending():
     """Many hand-offs racing the worker thread: whenever the worker runs a set its stamp is
-    pending (so the held pose is not republished at or after it), and once the worker is
+    pending (so the held pose is not republished), and once the worker is
     idle nothing is pending (no stamp leaks and blocks the republishing for good)."""
     p = PendingStamps()
     problems = []
@@ -129,9 +128,8 @@ def test_with_the_real_worker_a_running_set_is_always_pending():
     def handler(stamp):
         if stamp not in p.stamps():
             problems.append(f"set {stamp} runs but is not pending")
-        r = p.republish_stamp(now_ns=10**6 * S, pose_stamp_ns=0)
-        if r is not None and r >= stamp:
-            problems.append(f"republish stamp {r} at or after the running set {stamp}")
+        if not p.any():
+            problems.append(f"nothing pending while set {stamp} runs")
         p.finish(stamp)
 
     w = LatestJobWorker(handler)

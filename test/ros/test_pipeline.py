@@ -4,13 +4,13 @@ import math
 
 import torch
 
-from mvreg_ros.core.geometry.transforms import make_T
 from mvreg_ros.core.geometry.kinematics import PlaneConfig
-from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
+from mvreg_ros.core.geometry.transforms import make_T
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.global_search import GlobalConfig
 from mvreg_ros.core.registration.initialisers import ConfiguredPose, PoseTracker
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
+from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
 from mvreg_ros.ros.pipeline import register_frames
 from mvreg_ros.ros.sync import Frame
 
@@ -25,10 +25,18 @@ class ScriptedRegistrar(Registrar):  # the refine() of a Registrar, scripted (no
 
     def refine(self, views, T_init):
         self.starts.append(T_init.clone())
-        return RegistrationResult(T_ref_from_ct=T_init, success=True, converged=True, similarity=0.9,
-                                  view_similarity=(0.9,) * len(views), iterations=1, time_s=0.01,
-                                  covariance=torch.eye(6, dtype=torch.float64) * 1e-4, uncertainty_mm=0.1,
-                                  centre_ct=self.centre_ct)
+        return RegistrationResult(
+            T_ref_from_ct=T_init,
+            success=True,
+            converged=True,
+            similarity=0.9,
+            view_similarity=(0.9,) * len(views),
+            iterations=1,
+            time_s=0.01,
+            covariance=torch.eye(6, dtype=torch.float64) * 1e-4,
+            uncertainty_mm=0.1,
+            centre_ct=self.centre_ct,
+        )
 
 
 def frames(n=2, stamp0=1000, size=(16, 16)):
@@ -45,12 +53,14 @@ def frames(n=2, stamp0=1000, size=(16, 16)):
 def make():
     reg = ScriptedRegistrar()
     tracker = PoseTracker()
-    config = PipelineConfig(global_search=GlobalConfig(enabled=False), acceptance=AcceptanceConfig(view_agreement=False))
+    config = PipelineConfig(
+        global_search=GlobalConfig(enabled=False), acceptance=AcceptanceConfig(view_agreement=False)
+    )
     return RegistrationPipeline(reg, initialisers=[ConfiguredPose(T0)], config=config, tracker=tracker), reg, tracker
 
 
 def test_a_set_is_stamped_with_its_newest_image_and_keeps_its_sources():
-    p, reg, tracker = make()
+    p, _reg, tracker = make()
     o = register_frames(p, frames(stamp0=100))
     assert o.accepted and o.stamp_ns == 101 and o.sources == (0, 1) and o.init_source == "configured"
     assert tracker.latest().stamp_ns == 101 and len(o.views) == 2 and o.result is not None

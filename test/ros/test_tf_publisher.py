@@ -11,14 +11,14 @@ import torch
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("tf2_msgs.msg")
 
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, ReliabilityPolicy  # noqa: E402
-from tf2_msgs.msg import TFMessage  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, ReliabilityPolicy
+from ros_harness import wait_until
+from tf2_msgs.msg import TFMessage
 
-from ros_harness import wait_until  # noqa: E402
-from mvreg_ros.core.geometry.transforms import make_T, so3_exp  # noqa: E402
-from mvreg_ros.ros.conversions import T_from_transform, ns_to_stamp, transform_stamped_from_T  # noqa: E402
-from mvreg_ros.ros.tf_publisher import TFMessagePublisher, make_transform_broadcaster, tf_qos  # noqa: E402
+from mvreg_ros.core.geometry.transforms import make_T, so3_exp
+from mvreg_ros.ros.conversions import T_from_transform, ns_to_stamp, transform_stamped_from_T
+from mvreg_ros.ros.tf_publisher import TFMessagePublisher, make_transform_broadcaster, tf_qos
 
 HAVE_TF2_ROS = importlib.util.find_spec("tf2_ros") is not None
 
@@ -26,7 +26,11 @@ HAVE_TF2_ROS = importlib.util.find_spec("tf2_ros") is not None
 def test_qos_is_tf2_ros_s():
     q = tf_qos()
     assert (q.depth, q.history, q.reliability, q.durability) == (
-        100, HistoryPolicy.KEEP_LAST, ReliabilityPolicy.RELIABLE, DurabilityPolicy.VOLATILE)
+        100,
+        HistoryPolicy.KEEP_LAST,
+        ReliabilityPolicy.RELIABLE,
+        DurabilityPolicy.VOLATILE,
+    )
 
 
 def test_prefers_tf2_ros_when_importable(ros_context, monkeypatch):
@@ -60,12 +64,22 @@ def test_publishes_on_tf_to_a_listener(ros_context):
         if not HAVE_TF2_ROS:
             assert isinstance(b, TFMessagePublisher)
             q = b.pub_tf.qos_profile
-            assert (q.depth, q.reliability, q.durability) == (100, ReliabilityPolicy.RELIABLE, DurabilityPolicy.VOLATILE)
+            assert (q.depth, q.reliability, q.durability) == (
+                100,
+                ReliabilityPolicy.RELIABLE,
+                DurabilityPolicy.VOLATILE,
+            )
         assert b.pub_tf.topic_name == "/tf"
-        wait_until(lambda: b.pub_tf.get_subscription_count() > 0, 30, spin=lambda s: ex.spin_once(timeout_sec=s),
-                   what="the /tf subscriber")
-        T = make_T(so3_exp(torch.tensor([3.14159, 0.0, 0.0], dtype=torch.float64)),
-                   torch.tensor([10.0, -20.0, 1000.0], dtype=torch.float64))
+        wait_until(
+            lambda: b.pub_tf.get_subscription_count() > 0,
+            30,
+            spin=lambda s: ex.spin_once(timeout_sec=s),
+            what="the /tf subscriber",
+        )
+        T = make_T(
+            so3_exp(torch.tensor([3.14159, 0.0, 0.0], dtype=torch.float64)),
+            torch.tensor([10.0, -20.0, 1000.0], dtype=torch.float64),
+        )
         one = transform_stamped_from_T(T, parent_frame="carm_base", child_frame="anatomy", stamp=ns_to_stamp(42))
         b.sendTransform(one)  # a single transform ...
         b.sendTransform([one, one])  # ... or a list, like tf2_ros

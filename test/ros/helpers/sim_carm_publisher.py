@@ -68,7 +68,7 @@ def main() -> None:
 
     names = spec["joint_names"]
     period = 1.0 / spec["rate_hz"]
-    now_ns = lambda: node.get_clock().now().nanoseconds  # noqa: E731
+    now_ns = lambda: node.get_clock().now().nanoseconds
 
     def publish_joints(q) -> None:
         js = JointState(name=names, position=[float(v) for v in q])

@@ -22,15 +22,27 @@ def main() -> None:
     a = ap.parse_args()
     rclpy.init()
     node = Node("robot_controller")
-    qos = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
-                     durability=DurabilityPolicy.VOLATILE)
+    qos = QoSProfile(
+        depth=100,
+        history=HistoryPolicy.KEEP_LAST,
+        reliability=ReliabilityPolicy.RELIABLE,
+        durability=DurabilityPolicy.VOLATILE,
+    )
 
     def on_tf(msg: TFMessage) -> None:
         for tf in msg.transforms:
             if tf.header.frame_id.lstrip("/") == a.parent and tf.child_frame_id.lstrip("/") == a.child:
                 t, q = tf.transform.translation, tf.transform.rotation
-                print(json.dumps({"stamp_ns": tf.header.stamp.sec * 1_000_000_000 + tf.header.stamp.nanosec,
-                                  "t": [t.x, t.y, t.z], "q": [q.x, q.y, q.z, q.w]}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "stamp_ns": tf.header.stamp.sec * 1_000_000_000 + tf.header.stamp.nanosec,
+                            "t": [t.x, t.y, t.z],
+                            "q": [q.x, q.y, q.z, q.w],
+                        }
+                    ),
+                    flush=True,
+                )
 
     node.create_subscription(TFMessage, "/tf", on_tf, qos)
     print(json.dumps({"event": "listening"}), flush=True)
