@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from mvreg_ros.core.data import deepfluoro
+    from mvreg_ros.core.data import deepfluoro, deepfluoro_write
     from mvreg_ros.core.data.simulate import DetectorConfig
     from mvreg_ros.core.imaging.volume import Volume, example_ct_path, load_hu
 
@@ -137,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         if args.render_downsample is not None:
             raise ValueError("--render-downsample needs --profile")
         device = _check_device(args.device)
-        angles = parse_angles(args.angles) if args.angles else deepfluoro.sample_carm_angles(views, seed=args.seed)
+        angles = (
+            parse_angles(args.angles) if args.angles else deepfluoro_write.sample_carm_angles(views, seed=args.seed)
+        )
         ct = args.ct
         mask_path, structures = args.mask, args.structures
         if ct is None:
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         rng = np.random.default_rng(args.seed)
         offset = (rng.normal(size=3) * offset_mm).tolist() if offset_mm > 0 else None
         detector = DetectorConfig(height=size, width=size, pixel_mm=DETECTOR_MM / size)
-        rec = deepfluoro.write_simulated(
+        rec = deepfluoro_write.write_simulated(
             args.out,
             hu,
             T_ct_from_index,
@@ -271,7 +273,7 @@ def run_dicom(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from mvreg_ros.core.data import deepfluoro
+    from mvreg_ros.core.data import deepfluoro, deepfluoro_write
     from mvreg_ros.core.data.dicom import PATIENT_POSITIONS
     from mvreg_ros.core.data.dicom_write import write_simulated_dicom
     from mvreg_ros.core.data.simulate import DetectorConfig
@@ -297,7 +299,9 @@ def run_dicom(args: argparse.Namespace) -> int:
     offset_mm = 15.0 if args.offset_mm is None else args.offset_mm
     try:
         device = _check_device(args.device)
-        angles = parse_angles(args.angles) if args.angles else deepfluoro.sample_carm_angles(views, seed=args.seed)
+        angles = (
+            parse_angles(args.angles) if args.angles else deepfluoro_write.sample_carm_angles(views, seed=args.seed)
+        )
         ct, mask_path, structures = args.ct, args.mask, args.structures
         if ct is None:
             ct = example_ct_path()
@@ -328,7 +332,7 @@ def run_dicom(args: argparse.Namespace) -> int:
         # the same acquisitions in the DeepFluoro layout, for `mvreg eval`
         T_cam_from_ct = invert(sim.T_iso_from_cam) @ sim.T_iso_from_ct
         h5 = out / "acquisitions.h5"
-        deepfluoro.write_specimen(
+        deepfluoro_write.write_specimen(
             h5,
             hu,
             T_ct_from_index,

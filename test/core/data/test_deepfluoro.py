@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mvreg_ros.core.data import deepfluoro as df
+from mvreg_ros.core.data import deepfluoro_write as dfw
 from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig
 from mvreg_ros.core.geometry.transforms import cam_to_pelvis_vol_from_T, invert, make_T, project, so3_exp
 from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM, example_ct_path
@@ -31,7 +32,7 @@ def hu_of(volume):
 def written(tmp_path_factory, tiny_ct):
     path = tmp_path_factory.mktemp("df") / "tiny.h5"
     names = df.read_structures(example_ct_path().with_name("structures.csv"))
-    rec = df.write_simulated(
+    rec = dfw.write_simulated(
         path,
         hu_of(tiny_ct),
         tiny_ct.T_ct_from_index,
@@ -173,8 +174,8 @@ def test_view_set_reference_is_the_first_camera(written):
 
 
 def test_sampled_carm_angles_move_by_tens_of_degrees():
-    a = df.sample_carm_angles(12, seed=5)
-    assert a == df.sample_carm_angles(12, seed=5) and a != df.sample_carm_angles(12, seed=6)
+    a = dfw.sample_carm_angles(12, seed=5)
+    assert a == dfw.sample_carm_angles(12, seed=5) and a != dfw.sample_carm_angles(12, seed=6)
     orb = np.array([o for o, _ in a])
     assert np.all(np.abs(np.diff(orb)) >= 10) and np.all(np.abs(orb) <= 60)
     assert all(abs(b) <= 20 for _, b in a)
@@ -199,7 +200,7 @@ def test_stored_image_shows_a_bead_at_its_gt_landmark(tmp_path):
     bead_ct = (A @ torch.tensor([i, j, k, 1.0], dtype=torch.float64))[:3]
     det = DetectorConfig(height=96, width=96, pixel_mm=1.164 * 256 / 96)
     path = tmp_path / "bead.h5"
-    df.write_simulated(
+    dfw.write_simulated(
         path,
         hu,
         A,
@@ -351,9 +352,9 @@ def test_empty_field_of_view(copy):
 def test_writer_rejects_bad_input(tiny_ct, tmp_path):
     hu = hu_of(tiny_ct)
     with pytest.raises(ValueError, match="angles_deg"):
-        df.write_simulated(tmp_path / "a.h5", hu, tiny_ct.T_ct_from_index, angles_deg=[], detector=DET)
+        dfw.write_simulated(tmp_path / "a.h5", hu, tiny_ct.T_ct_from_index, angles_deg=[], detector=DET)
     with pytest.raises(ValueError, match="landmarks must be"):
-        df.write_simulated(
+        dfw.write_simulated(
             tmp_path / "a.h5",
             hu,
             tiny_ct.T_ct_from_index,
@@ -362,7 +363,7 @@ def test_writer_rejects_bad_input(tiny_ct, tmp_path):
             landmarks=(["a", "b"], torch.zeros(3, 3)),
         )
     with pytest.raises(ValueError, match="mask shape"):
-        df.write_simulated(
+        dfw.write_simulated(
             tmp_path / "a.h5", hu, tiny_ct.T_ct_from_index, angles_deg=[(0, 0)], detector=DET, mask=torch.zeros(3, 3, 3)
         )
 
@@ -370,7 +371,7 @@ def test_writer_rejects_bad_input(tiny_ct, tmp_path):
 def test_append_adds_a_specimen(written, tmp_path, tiny_ct):
     dst = tmp_path / "two.h5"
     shutil.copy(written[0], dst)
-    df.write_simulated(
+    dfw.write_simulated(
         dst,
         hu_of(tiny_ct),
         tiny_ct.T_ct_from_index,
@@ -384,7 +385,7 @@ def test_append_adds_a_specimen(written, tmp_path, tiny_ct):
     with df.DeepFluoroFile(dst) as f:
         assert f.specimens() == [SPEC, "sim-02"] and f.num_projections("sim-02") == 2
     with pytest.raises(ValueError, match="proj-params differ"):
-        df.write_simulated(
+        dfw.write_simulated(
             dst,
             hu_of(tiny_ct),
             tiny_ct.T_ct_from_index,
@@ -417,7 +418,7 @@ def test_rectangular_detector_round_trip(tmp_path):
     other = (A @ torch.tensor([12.0, 25.0, 14.0, 1.0], dtype=torch.float64))[:3]
     det = DetectorConfig(height=72, width=112, pixel_mm=1.164 * 256 / 112)
     path = tmp_path / "rect.h5"
-    rec = df.write_simulated(
+    rec = dfw.write_simulated(
         path,
         hu,
         A,
@@ -458,7 +459,7 @@ def test_write_specimen_takes_the_callers_images(tmp_path, tiny_ct):
     T[:, 2, 3] = 700.0
     K = DetectorConfig(height=20, width=30).K()
     path = tmp_path / "given.h5"
-    rec = df.write_specimen(
+    rec = dfw.write_specimen(
         path,
         hu_of(tiny_ct),
         tiny_ct.T_ct_from_index,
@@ -477,7 +478,7 @@ def test_write_specimen_takes_the_callers_images(tmp_path, tiny_ct):
         assert p.pixel_spacing_mm == (1.5, 1.25)
         assert f.label_names(SPEC)[32] == "x"
     with pytest.raises(ValueError, match=r"T_cam_from_ct must be \(2, 4, 4\)"):
-        df.write_specimen(
+        dfw.write_specimen(
             path,
             hu_of(tiny_ct),
             tiny_ct.T_ct_from_index,
@@ -488,7 +489,7 @@ def test_write_specimen_takes_the_callers_images(tmp_path, tiny_ct):
             landmarks={"a": [0.0, 0.0, 0.0]},
         )
     with pytest.raises(ValueError, match="0..65535"):
-        df.write_specimen(
+        dfw.write_specimen(
             path,
             hu_of(tiny_ct),
             tiny_ct.T_ct_from_index,

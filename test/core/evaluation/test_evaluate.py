@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mvreg_ros.core.data import deepfluoro as df
+from mvreg_ros.core.data import deepfluoro_write as dfw
 from mvreg_ros.core.data.simulate import DetectorConfig
 from mvreg_ros.core.evaluation import evaluate as ev
 from mvreg_ros.core.geometry.transforms import invert, make_T, rotation_angle_deg, transform_points
@@ -23,7 +24,7 @@ QUICK = RefineConfig(sizes=(32,), iterations=(60,), n_samples=(48,), patches=(8,
 def tiny_file(tmp_path_factory, tiny_ct):
     path = tmp_path_factory.mktemp("ev") / "tiny.h5"
     hu = tiny_ct.data / MU_WATER_PER_MM * 1000 - 1000
-    df.write_simulated(
+    dfw.write_simulated(
         path,
         hu,
         tiny_ct.T_ct_from_index,
