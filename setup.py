@@ -26,6 +26,7 @@ setup(
         "console_scripts": [
             "mvreg = mvreg_ros.cli.main:main",
             "register_node = mvreg_ros.ros.node:main",
+            "dicom_bridge = mvreg_ros.ros.dicom_bridge:main",
         ],
     },
 )

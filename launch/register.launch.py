@@ -15,7 +15,7 @@ before; autostart:=false leaves it unconfigured for a lifecycle supervisor
 
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
-from launch_ros.actions import LifecycleNode
+from launch_ros.actions import LifecycleNode, Node
 from launch_ros.substitutions import FindPackageShare
 
 from launch import LaunchDescription
@@ -41,7 +41,8 @@ def _register_node(context):
         value = LaunchConfiguration(name, default="").perform(context)
         if value:
             overrides[name] = value
-    return [
+    log_level = LaunchConfiguration("log_level").perform(context)
+    nodes = [
         LifecycleNode(
             package="mvreg_ros",
             executable="register_node",
@@ -50,9 +51,27 @@ def _register_node(context):
             output="screen",
             emulate_tty=True,
             parameters=[params_file, overrides],
-            arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level").perform(context)],
+            arguments=["--ros-args", "--log-level", log_level],
         )
     ]
+    if _truthy(LaunchConfiguration("with_dicom_bridge").perform(context), "with_dicom_bridge"):
+        bridge_overrides = {"use_sim_time": overrides["use_sim_time"]}
+        patient_id = LaunchConfiguration("patient_id").perform(context)
+        if patient_id:
+            bridge_overrides["patient_id"] = patient_id
+        nodes.append(
+            Node(
+                package="mvreg_ros",
+                executable="dicom_bridge",
+                name="dicom_bridge",
+                namespace="",
+                output="screen",
+                emulate_tty=True,
+                parameters=[LaunchConfiguration("bridge_params_file").perform(context), bridge_overrides],
+                arguments=["--ros-args", "--log-level", log_level],
+            )
+        )
+    return nodes
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -81,6 +100,19 @@ def generate_launch_description() -> LaunchDescription:
                 default_value="true",
                 description="Configure and activate the lifecycle node at start-up; false: leave it unconfigured "
                 "for a supervisor.",
+            ),
+            DeclareLaunchArgument(
+                "with_dicom_bridge",
+                default_value="false",
+                description="Also start dicom_bridge, which feeds DICOM X-rays to the node (docs/dicom_bridge.md).",
+            ),
+            DeclareLaunchArgument(
+                "bridge_params_file",
+                default_value=PathJoinSubstitution([FindPackageShare("mvreg_ros"), "config", "dicom_bridge.yaml"]),
+                description="Parameter file of dicom_bridge.",
+            ),
+            DeclareLaunchArgument(
+                "patient_id", default_value="", description="dicom_bridge: Patient ID of the registered patient."
             ),
             OpaqueFunction(function=_register_node),
         ]

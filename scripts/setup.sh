@@ -20,7 +20,7 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 "$here/scripts/build_tf2_msgs.sh" "$VENV"
-if ! "$VENV/bin/python" -c "import mvreg_ros" 2>/dev/null || [[ ! -x "$VENV/bin/mvreg" ]]; then
+if ! "$VENV/bin/python" -c "import mvreg_ros" 2>/dev/null || [[ ! -x "$VENV/bin/mvreg" || ! -x "$VENV/bin/dicom_bridge" ]]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 fi
 # the native CPU renderer kernel: compiled for this CPU once (about 15 s, cached by torch under
