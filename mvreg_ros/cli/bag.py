@@ -2,8 +2,9 @@
 replaying them (docs/bag.md).
 
 ``mvreg bag simulate OUT`` writes raw images, CameraInfo, joint states and the ground-truth
-anatomy transform; ``mvreg bag replay BAG`` plays a bag to a running ``register_node`` over DDS
-and scores every anatomy TF it publishes against the ground truth."""
+anatomy transform (``--scenario``: static, motion, corrupt, fluoro); ``mvreg bag replay BAG``
+plays a bag to a running ``register_node`` over DDS, scores every anatomy TF it publishes against
+the ground truth and, with ``--json``, writes the report and its plots."""
 
 from __future__ import annotations
 
@@ -51,6 +52,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--offset-mm", type=float, default=5.0, help="... and moved by this (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed of the offset and the noise (default: %(default)s)")
+    s.add_argument(
+        "--scenario",
+        choices=["static", "motion", "corrupt", "fluoro"],
+        default="static",
+        help="static: the anatomy stays put; motion: it moves --motion-mm / --motion-deg between two shots "
+        "(the ground truth follows); corrupt: bad frames interleaved (wrong encoding, truncated buffers, missing "
+        "CameraInfo, stale joints); fluoro: every shot a burst at --fluoro-hz (default: %(default)s)",
+    )
+    s.add_argument("--motion-mm", type=float, default=10.0, help="motion: translation (default: %(default)s)")
+    s.add_argument("--motion-deg", type=float, default=5.0, help="motion: rotation (default: %(default)s)")
+    s.add_argument(
+        "--motion-shot",
+        type=int,
+        default=None,
+        help="motion: the first shot after it, counted from 0 (default: the middle shot, at least 1)",
+    )
+    s.add_argument("--fluoro-hz", type=float, default=30.0, help="fluoro: image rate (default: %(default)s)")
     s.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap", help="(default: %(default)s)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -82,7 +100,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="TOPIC",
         help="topics not to play (default: %(default)s: a recorded /tf would mix with the node's)",
     )
-    r.add_argument("--json", metavar="OUT", help="also write the registrations and summary as JSON")
+    r.add_argument(
+        "--status-topic",
+        default="/register_node/status",
+        help="the node's status topic: its counters give dropped_inputs (default: %(default)s)",
+    )
+    r.add_argument(
+        "--json",
+        metavar="OUT",
+        help="also write the registrations, every TF and the summary as JSON, and beside it the plots "
+        "OUT_error.png (error over time, truth changes marked) and OUT_latency.png (latency histogram)",
+    )
+    r.add_argument("--no-plots", action="store_true", help="with --json: do not write the plots")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,8 +120,17 @@ def run(args: argparse.Namespace) -> int:
     if not options_ok(
         f"bag {args.action}",
         args,
-        at_least={"sets": 1, "size": 8, "offset_deg": 0, "offset_mm": 0, "wait_s": 0},
-        above={"period_s": 0, "rate": 0, "match_timeout_s": 0},
+        at_least={
+            "sets": 1,
+            "size": 8,
+            "offset_deg": 0,
+            "offset_mm": 0,
+            "wait_s": 0,
+            "motion_mm": 0,
+            "motion_deg": 0,
+            "motion_shot": 1,
+        },
+        above={"period_s": 0, "rate": 0, "match_timeout_s": 0, "fluoro_hz": 0},
     ):
         return 2
     try:
@@ -133,6 +171,11 @@ def _simulate(args: argparse.Namespace) -> int:
         offset_mm=args.offset_mm,
         seed=args.seed,
         detector=detector,
+        scenario=args.scenario,
+        motion_mm=args.motion_mm,
+        motion_deg=args.motion_deg,
+        motion_shot=args.motion_shot,
+        fluoro_hz=args.fluoro_hz,
     )
     messages, _ = bag_io.simulate_messages(cfg, load_ct(args.volume), sim)
     bag_io.write_bag(args.out, messages, storage=args.storage)
@@ -142,8 +185,15 @@ def _simulate(args: argparse.Namespace) -> int:
     span = (messages[-1].log_time_ns - messages[0].log_time_ns) * 1e-9
     print(
         f"wrote {args.out} ({args.storage}): {len(messages)} messages over {span:.1f} s, "
-        f"{cfg.acquisition_mode} from {config.name}: " + ", ".join(f"{t} {n}" for t, n in topics.items())
+        f"{cfg.acquisition_mode} from {config.name}, scenario {args.scenario}: "
+        + ", ".join(f"{t} {n}" for t, n in topics.items())
     )
+    if args.scenario == "motion":
+        k = bag_io.motion_shot(cfg, sim)
+        print(
+            f"motion: {args.motion_mm:g} mm / {args.motion_deg:g} deg before shot {k} "
+            f"(t = {sim.lead_s + k * sim.period_s:.1f} s); the ground truth follows"
+        )
     print(f"node: register_node --ros-args --params-file {config} -p volume_path:={args.volume} -p use_sim_time:=true")
     return 0
 
@@ -170,6 +220,7 @@ def _replay(args: argparse.Namespace) -> int:
             match_timeout_s=args.match_timeout_s,
             wait_s=args.wait_s,
             exclude_topics=tuple(args.exclude),
+            status_topic=args.status_topic,
             log=lambda t: print(t, flush=True),
         )
     finally:
@@ -178,11 +229,33 @@ def _replay(args: argparse.Namespace) -> int:
         latency = "?" if r.latency_s is None else f"{r.latency_s:.2f} s"
         print(f"TF at {r.stamp_ns * 1e-9:.3f}: mTRE {r.mtre_mm:.2f} mm, latency {latency}")
     summary = evaluator.summary()
+    for r in summary["recoveries"]:
+        late = "never" if r["recovery_s"] is None else f"{r['recovery_s']:.2f} s of stamps ({r['images']} images)"
+        wall = "" if r["recovery_latency_s"] is None else f", {r['recovery_latency_s']:.2f} s wall clock"
+        print(
+            f"truth changed at {r['change_stamp_ns'] * 1e-9:.3f}: correct again after {late}{wall}; "
+            f"{r['wrong_tfs']} wrong TFs in between"
+        )
     print("summary: " + json.dumps(summary))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"registrations": [r.as_dict() for r in evaluator.registrations], "summary": summary}, indent=2)
+        out = Path(args.json)
+        out.write_text(
+            json.dumps(
+                {
+                    "registrations": [r.as_dict() for r in evaluator.registrations],
+                    "tfs": [{"stamp_ns": s, "mtre_mm": e} for s, e, _ in evaluator.tfs],
+                    "truth_changes_ns": evaluator.changes,
+                    "rejected_inputs": {str(k): v for k, v in sorted(evaluator.corrupt.items())},
+                    "summary": summary,
+                },
+                indent=2,
+            )
         )
+        if not args.no_plots:
+            from mvreg_ros.ros.replay import write_plots
+
+            for p in write_plots(evaluator, out.with_suffix("")):
+                print(f"wrote {p}")
     return 0 if summary["n"] > 0 else 1
 
 

@@ -15,6 +15,7 @@ from jaxtyping import Float
 from sensor_msgs.msg import CameraInfo, Image
 from torch import Tensor
 
+from mvreg_ros.core.geometry.kinematics import check_rigid
 from mvreg_ros.core.geometry.transforms import make_T, matrix_from_quaternion, quaternion_from_matrix
 
 MM_PER_M = 1000.0
@@ -36,9 +37,16 @@ def stamp_to_ns(stamp: Time) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
+MAX_STAMP_NS = (2**31 - 1) * 1_000_000_000 + 999_999_999  # builtin_interfaces/Time.sec is an int32
+
+
 def ns_to_stamp(ns: int) -> Time:
+    if isinstance(ns, bool) or not isinstance(ns, (int, np.integer)):
+        raise TypeError(f"a ROS stamp must be an integer number of ns, got {type(ns).__name__} {ns!r}")
     if ns < 0:
         raise ValueError(f"a ROS stamp cannot be negative, got {ns} ns")
+    if ns > MAX_STAMP_NS:
+        raise ValueError(f"a ROS stamp must fit int32 seconds (at most {MAX_STAMP_NS} ns), got {ns} ns")
     return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
 
 
@@ -171,12 +179,8 @@ def K_to_camera_info(
 
 
 def _check_T(T: Tensor) -> Tensor:
-    T = torch.as_tensor(T, dtype=torch.float64)
-    if T.shape != (4, 4):
-        raise ValueError(f"T must be 4x4, got {tuple(T.shape)}")
-    if not torch.isfinite(T).all():
-        raise ValueError("T has non-finite entries")
-    return T
+    """A 4x4 rigid transform (orthonormal rotation, last row 0 0 0 1) as float64."""
+    return check_rigid(torch.as_tensor(T, dtype=torch.float64), "T", tol=1e-5)
 
 
 def transform_from_T(T_mm: Float[Tensor, "4 4"]) -> Transform:

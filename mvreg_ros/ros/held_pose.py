@@ -9,6 +9,9 @@ publish. The rule (docs/node.md, *The stamp rule*):
   set is pending** (handed to the worker and not finished): a copy of the old pose must not claim
   the time of images that are being registered; and only when that time is **later than the last
   stamp sent**: a stopped ``/clock`` (sim time) never makes the node send one stamp again and again;
+- a copy is stamped ``lag_ns`` before the current time: the node's recent image latency (an image
+  arrives some time after its stamp; until it has arrived, a copy stamped after it would claim
+  a time the node has no images of yet, e.g. of anatomy that moved), see :class:`ImageLag`;
 - it is held while its age on the ROS clock (now - image stamp) **and** the steady time since it
   was accepted are both at most ``pose_hold_s``: with a stopped or slow ``/clock`` the hold still
   ends on time, with a fast one the ROS age ends it;
@@ -22,7 +25,9 @@ before it cannot bring its pose back (:meth:`offer` refuses a pose of an older e
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
 import time
 import typing
 
@@ -129,10 +134,13 @@ class HeldPose(PoseTracker):
             return was
 
     @typing.no_type_check  # validates its own inputs (tests check its errors)
-    def tick(self, *, now_ns: int, steady_ns: int, pending: bool) -> Tick:
-        """The timer: end the hold when due, else the stamp of a copy to send (see the module doc)."""
+    def tick(self, *, now_ns: int, steady_ns: int, pending: bool, lag_ns: int = 0) -> Tick:
+        """The timer: end the hold when due, else the stamp of a copy to send (see the module doc):
+        ``now_ns - lag_ns``, ``lag_ns`` being the images' recent latency (:class:`ImageLag`)."""
         _check_ns(now_ns, "now_ns")
         _check_ns(steady_ns, "steady_ns")
+        if _check_ns(lag_ns, "lag_ns") < 0:
+            raise ValueError(f"lag_ns must be >= 0, got {lag_ns!r}")
         with self._lock:
             pose = self._pose
             if pose is None or not self._valid:
@@ -141,13 +149,46 @@ class HeldPose(PoseTracker):
                 self._valid = False
                 self.withdrawn_reason = "stale"
                 return Tick(expired=True)
-            if not self.republish or pending or now_ns <= pose.stamp_ns:
+            stamp = now_ns - lag_ns
+            if not self.republish or pending or stamp <= pose.stamp_ns:
                 return Tick()
-            if self._last_sent_ns is not None and now_ns <= self._last_sent_ns:
+            if self._last_sent_ns is not None and stamp <= self._last_sent_ns:
                 return Tick()  # the clock did not move on (a stopped /clock): nothing new to say
-            self._last_sent_ns = now_ns
-            return Tick(stamp_ns=now_ns)
+            self._last_sent_ns = stamp
+            return Tick(stamp_ns=stamp)
 
 
 class StaleEpoch(RuntimeError):
     """A pose computed before a reset or a time jump (it must not become the held pose)."""
+
+
+class ImageLag:
+    """How late images arrive after their stamps (the latest ``window`` arrivals; thread-safe):
+    :meth:`lag_ns` is the largest of them plus ``margin_ns``, capped at ``max_ns`` (an image
+    stamped long ago, e.g. a stale or corrupt one, must not stop the republishing for long).
+    Images stamped in the future count as 0."""
+
+    @typing.no_type_check  # validates its own inputs (tests check its errors)
+    def __init__(self, *, window: int = 20, margin_ns: int = 20_000_000, max_ns: int = 1_000_000_000):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        if _check_ns(margin_ns, "margin_ns") < 0 or _check_ns(max_ns, "max_ns") < 0:
+            raise ValueError(f"margin_ns and max_ns must be >= 0, got {margin_ns!r}, {max_ns!r}")
+        self.margin_ns, self.max_ns = margin_ns, max_ns
+        self._lags: collections.deque[int] = collections.deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    @typing.no_type_check  # validates its own inputs (tests check its errors)
+    def arrived(self, stamp_ns: int, now_ns: int) -> None:
+        """An image stamped ``stamp_ns`` arrived at ROS time ``now_ns``."""
+        lag = _check_ns(now_ns, "now_ns") - _check_ns(stamp_ns, "stamp_ns")
+        with self._lock:
+            self._lags.append(min(max(lag, 0), self.max_ns))
+
+    def lag_ns(self) -> int:
+        with self._lock:
+            return min(max(self._lags) + self.margin_ns, self.max_ns) if self._lags else 0
+
+    def clear(self) -> None:
+        with self._lock:
+            self._lags.clear()

@@ -7,7 +7,8 @@ active at start-up. callbacks (executor thread: check and convert each message, 
 C-arm pose at the image stamp) -> view sets (synchronized or sequential) -> one worker thread
 (the engine's pipeline) -> TF ``reference_frame -> anatomy_frame``, ``~/pose``,
 ``~/pose_valid``, ``~/status``. What to publish when is decided by the pure classes of
-held_pose.py (the stamp rule), time_jump.py, pending.py and seed.py. Bad input is logged and
+held_pose.py (the stamp rule), motion.py (motion safety of sequential sets), time_jump.py,
+pending.py and seed.py. Bad input is logged and
 reported on ``~/status``, never published as TF. Interfaces, frames and parameters: docs/node.md.
 """
 
@@ -55,11 +56,12 @@ from mvreg_ros.ros.conversions import (
     stamp_to_ns,
     transform_stamped_from_T,
 )
-from mvreg_ros.ros.held_pose import HeldPose, StaleEpoch
+from mvreg_ros.ros.held_pose import HeldPose, ImageLag, StaleEpoch
 from mvreg_ros.ros.joint_buffer import JointStateBuffer, JointStateError
+from mvreg_ros.ros.motion import MotionConfig, MotionState, held_pose_contradicted, judge_set
 from mvreg_ros.ros.params import NODE_SPECS, ConfigError, build_config, declare_parameters, validate
 from mvreg_ros.ros.pending import PendingStamps
-from mvreg_ros.ros.pipeline import SetOutcome, register_frames
+from mvreg_ros.ros.pipeline import SetOutcome, probe_view, register_frames
 from mvreg_ros.ros.seed import SeedPose, check_seed
 from mvreg_ros.ros.sync import ApproximateTimeSync, Frame, SequentialViewBuffer
 from mvreg_ros.ros.tf_publisher import make_transform_broadcaster
@@ -119,7 +121,9 @@ class RegisterNode(LifecycleNode):
         self._closing = False
         self._publish_lock = threading.RLock()  # publication vs. deactivate/reset/cleanup
         self._status_lock = threading.Lock()
-        self._counts = dict(images=0, inputs_rejected=0, registrations_accepted=0, registrations_rejected=0)
+        self._counts = dict(
+            images=0, inputs_rejected=0, registrations_accepted=0, registrations_rejected=0, motions_detected=0
+        )
         self._last_input_status_t: dict[str, float] = {}
         self._io: list = []  # subscriptions and timers of the active state
         self._jump_handle = None
@@ -195,6 +199,14 @@ class RegisterNode(LifecycleNode):
             configured = supine_at_isocentre(cfg.planes[0], self.registrar.centre_ct)
         self.held = HeldPose(hold_s=cfg.pose_hold_s, republish=cfg.tf_republish_hz > 0)
         self.seed = SeedPose()
+        self.motion = MotionState()
+        self.image_lag = ImageLag()
+        self.motion_cfg = MotionConfig(
+            similarity_drop=cfg.motion_similarity_drop,
+            min_similarity=cfg.pipeline.acceptance.min_view_similarity,
+            max_shift_mm=cfg.motion_max_shift_mm,
+            min_gain=cfg.motion_min_gain,
+        )
         chain = default_initialisers(
             configured=configured, tracker=self.held, model=self.model, tracking_max_age_s=cfg.tracking_max_age_s
         )
@@ -371,6 +383,7 @@ class RegisterNode(LifecycleNode):
         with self._publish_lock:
             had = self.held.latest() is not None
             self.held.forget()  # a registration running now cannot bring its pose back
+            self.motion.forget()
             self.worker.drop_waiting()
             self._pending.clear()
             self.seed.clear()
@@ -432,7 +445,10 @@ class RegisterNode(LifecycleNode):
         """Use the image with the CameraInfo of the same stamp; the two topics are not ordered, so
         without one it waits up to camera_info_wait_s, then takes the latest CameraInfo."""
         self._count("images")
-        for p in self._pairing.add_image(index, msg, stamp_to_ns(msg.header.stamp)):
+        stamp = stamp_to_ns(msg.header.stamp)
+        if stamp > 0:
+            self.image_lag.arrived(stamp, self.get_clock().now().nanoseconds)
+        for p in self._pairing.add_image(index, msg, stamp):
             self._use_image(p.image, p.index, p.stamp_ns, p.info)
 
     def _flush_waiting_images(self) -> None:
@@ -500,6 +516,8 @@ class RegisterNode(LifecycleNode):
                 return
             had = self.held.latest() is not None
             self.held.forget()
+            self.motion.forget()
+            self.image_lag.clear()
             self.worker.drop_waiting()
             self._pending.clear()
             self._make_buffers()
@@ -521,7 +539,9 @@ class RegisterNode(LifecycleNode):
         with self._publish_lock:
             if not self._active:
                 return
-            tick = self.held.tick(now_ns=now, steady_ns=time.monotonic_ns(), pending=self._pending.any())
+            tick = self.held.tick(
+                now_ns=now, steady_ns=time.monotonic_ns(), pending=self._pending.any(), lag_ns=self.image_lag.lag_ns()
+            )
             pose = self.held.latest()
             if tick.stamp_ns is not None and pose is not None:
                 self._send_tf(pose.T_ref_from_ct, tick.stamp_ns)
@@ -546,17 +566,120 @@ class RegisterNode(LifecycleNode):
             held = self.held
             if held is None or job.epoch != held.epoch:
                 return  # queued before a reset or a time jump
-            outcome = register_frames(
-                self.pipeline_full if job.full else self.pipeline,
-                job.frames,
-                i0=self.cfg.i0,
-                raw_is_line_integral=self.cfg.images_are_line_integrals,
-            )
+            cfg = self.cfg
+            frames = sorted(job.frames, key=lambda f: f.stamp_ns)
+            guarded = cfg.acquisition_mode == "sequential" and cfg.motion_check
+            if guarded:
+                frames, refused = self._motion_filter(job, frames)
+                if refused is not None:
+                    if not self._closing:
+                        self._publish_outcome(job, refused)
+                    return
+            pipeline = self.pipeline_full if job.full else self.pipeline
+            outcome = self._register_frames(pipeline, frames)
+            if guarded:
+                outcome = self._judge_set(pipeline, frames, outcome)
             if self._closing:
                 return
             self._publish_outcome(job, outcome)
         finally:
             self._finish(job)
+
+    def _register_frames(self, pipeline, frames: list[Frame]) -> SetOutcome:
+        return register_frames(
+            pipeline, frames, i0=self.cfg.i0, raw_is_line_integral=self.cfg.images_are_line_integrals
+        )
+
+    # --------------------------------------------------------------- motion safety
+    def _motion_filter(self, job: Job, frames: list[Frame]) -> tuple[list[Frame], SetOutcome | None]:
+        """Sequential mode, before registering: views known to be pre-motion leave the set; a held
+        pose that the newest view contradicts is withdrawn at once (motion_detected), and the views
+        it was computed from leave the set too. Returns the views to register, or the rejection."""
+        newest = frames[-1]
+        required = min(2, self.cfg.num_views)
+        held, pose = self.held, self.held.latest()
+        level = self.motion.accepted_level
+        if held.valid and pose is not None and level is not None and pose.stamp_ns < newest.stamp_ns:
+            try:
+                p = probe_view(
+                    self.registrar,
+                    newest,
+                    pose.T_ref_from_ct,
+                    iterations=self.cfg.pipeline.acceptance.agreement_iterations,
+                    i0=self.cfg.i0,
+                    raw_is_line_integral=self.cfg.images_are_line_integrals,
+                )
+                values = (p.similarity, p.shift_mm, p.gain)
+            except Exception as e:  # an unchecked view must not keep the pose: counts as a contradiction
+                self.get_logger().warning(f"motion check failed: {type(e).__name__}: {e}")
+                values = (float("nan"),) * 3
+            reason = held_pose_contradicted(*values, accepted_level=level, config=self.motion_cfg)
+            if reason:
+                self.motion.moved(pose.stamp_ns)
+                self._motion_detected(job, newest.stamp_ns, pose.stamp_ns, values, level, reason)
+        keep = [frames[i] for i in self.motion.after_motion([f.stamp_ns for f in frames])]
+        if len(keep) < len(frames) and len(keep) < required:
+            cut = self.motion.pre_motion_ns or 0
+            return keep, SetOutcome(
+                accepted=False,
+                stamp_ns=newest.stamp_ns,
+                reason=(
+                    f"motion: {len(keep)} view(s) of the set taken after the motion (views stamped at or before "
+                    f"{cut * 1e-9:.3f} s show the anatomy before it), {required} needed"
+                ),
+                sources=tuple(f.source for f in frames),
+                motion="pre_motion_views_dropped",
+            )
+        return keep, None
+
+    def _motion_detected(
+        self, job: Job, stamp_ns: int, pose_stamp_ns: int, values: tuple, level: float, reason: str
+    ) -> None:
+        with self._publish_lock:
+            held = self.held
+            if held is None or job.epoch != held.epoch:
+                return
+            withdrawn = held.withdraw("motion")
+            self._set_pose_valid(False)
+        self._count("motions_detected")
+        text = f"motion detected: {reason}; the held pose (stamp {pose_stamp_ns * 1e-9:.3f} s) is withdrawn"
+        self.get_logger().warning(text)
+        similarity, shift, gain = values
+        self._status(
+            WARN,
+            "motion_detected",
+            text,
+            {
+                "stamp": f"{stamp_ns * 1e-9:.9f}",
+                "pose_stamp": f"{pose_stamp_ns * 1e-9:.9f}",
+                "similarity_at_held": f"{similarity:.4f}",
+                "accepted_level": f"{level:.4f}",
+                "view_shift_mm": f"{shift:.2f}",
+                "view_gain": f"{gain:.4f}",
+                "withdrawn": str(withdrawn),
+            },
+        )
+
+    def _judge_set(self, pipeline, frames: list[Frame], outcome: SetOutcome) -> SetOutcome:
+        """Sequential mode, after registering: when views disagree, the views on the newest view's
+        side are registered again (at least two, fewer than all) or the set is rejected."""
+        verdict = outcome.outcome.verdict if outcome.outcome is not None else None
+        if verdict is None or len(frames) < 2 or not verdict.disagreeing_views:
+            return outcome
+        stamps = [f.stamp_ns for f in frames]
+        required = min(2, self.cfg.num_views)
+        d = judge_set(stamps, verdict.disagreeing_views, min_views=required)
+        self.motion.moved(d.pre_motion_ns)
+        if d.action != "reregister":
+            return dataclasses.replace(outcome, accepted=False, reason=d.reason, motion="rejected")
+        subset = [frames[i] for i in d.views]
+        again = self._register_frames(pipeline, subset)
+        v = again.outcome.verdict if again.outcome is not None else None
+        if v is not None and v.disagreeing_views:
+            d2 = judge_set([f.stamp_ns for f in subset], v.disagreeing_views, min_views=required, subset=True)
+            self.motion.moved(d2.pre_motion_ns)
+            return dataclasses.replace(again, accepted=False, reason=d2.reason, motion="rejected")
+        return dataclasses.replace(again, motion=d.reason)
 
     def _publish_outcome(self, job: Job, outcome: SetOutcome) -> None:
         info = self._outcome_values(outcome)
@@ -604,6 +727,7 @@ class RegisterNode(LifecycleNode):
             else:
                 discarded = False
                 self.seed.used(outcome.init_values)
+                self.motion.accepted(r.view_similarity)
             if active and not discarded:
                 if stamp is not None:
                     self._send_tf(pose.T_ref_from_ct, stamp)
@@ -621,6 +745,7 @@ class RegisterNode(LifecycleNode):
                     now_ns=self.get_clock().now().nanoseconds,
                     steady_ns=time.monotonic_ns(),
                     pending=self._pending.any(),
+                    lag_ns=self.image_lag.lag_ns(),
                 )
                 if tick.stamp_ns is not None:
                     self._send_tf(pose.T_ref_from_ct, tick.stamp_ns)
@@ -686,6 +811,8 @@ class RegisterNode(LifecycleNode):
             "init_source": outcome.init_source,
             **outcome.init_values,
         }
+        if outcome.motion:
+            values["motion"] = outcome.motion
         if r is not None:
             values.update(
                 view_similarity=",".join(f"{s:.4f}" for s in r.view_similarity),

@@ -33,6 +33,7 @@ from mvreg_ros.core.registration.pipeline import PipelineConfig
 from mvreg_ros.core.registration.refine import RefineConfig
 from mvreg_ros.core.rendering.renderer import BACKENDS
 from mvreg_ros.ros.joint_buffer import MAX_GAP_S, TOLERANCE_S
+from mvreg_ros.ros.motion import MotionConfig
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,7 @@ def _frame_name(name: str) -> str:
 _REFINE = RefineConfig()
 _GATES = AcceptanceConfig()  # the acceptance test's defaults live in the engine
 _GLOBAL = GlobalConfig()
+_MOTION = MotionConfig()  # the motion check's defaults (ros/motion.py)
 
 NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec(
@@ -254,6 +256,40 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         "Acceptance test: refine each view alone from the joint result and reject the set when a view wants "
         "to move the anatomy elsewhere (views that contradict each other, e.g. the anatomy moved between shots).",
         into="pipeline",
+    ),
+    ParamSpec(
+        "motion_check",
+        "bool",
+        True,
+        "sequential mode: before registering a set while a pose is held, check the newest view against the "
+        "held pose (its similarity there, and a short single-view refinement from there); a contradiction "
+        "withdraws the held pose at once (status motion_detected) and the views it was computed from leave "
+        "the set. After each registration, views that contradict the newest one are dropped (docs/node.md, "
+        "Motion safety).",
+    ),
+    ParamSpec(
+        "motion_similarity_drop",
+        "double",
+        _MOTION.similarity_drop,
+        "Motion check: the newest view contradicts the held pose when its similarity there is more than this "
+        "below the lowest view similarity of the held pose's own registration (or below min_similarity).",
+        range=(0.0, 2.0),
+    ),
+    ParamSpec(
+        "motion_max_shift_mm",
+        "double",
+        _MOTION.max_shift_mm,
+        "Motion check: the newest view contradicts the held pose when, refined alone from it, it moves the "
+        "anatomy more than this in its image plane (mm at the anatomy) while gaining more than motion_min_gain.",
+        range=(0.0, 1000.0),
+    ),
+    ParamSpec(
+        "motion_min_gain",
+        "double",
+        _MOTION.min_gain,
+        "Motion check: the similarity gain that, with a shift beyond motion_max_shift_mm, makes the newest view "
+        "contradict the held pose.",
+        range=(0.0, 2.0),
     ),
     ParamSpec(
         "global_search",

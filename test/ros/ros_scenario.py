@@ -30,9 +30,8 @@ QUICK = {
     "refine_samples": [48],
     "refine_patches": [8],
     "device": "cpu",
-    # the warm-up at configure time on images like the simulated detector's (DETECTOR below)
-    "warmup_image_size": [64, 64],
-    "warmup_focal_px": 1020.0 / (1.164 * 4),
+    # the warm-up hints (warmup_image_size, warmup_focal_px) come from config/biplane.yaml and
+    # config/mobile_carm.yaml, which are set to this simulated detector (DETECTOR below)
 }
 DETECTOR = simulate.DetectorConfig(height=64, width=64, pixel_mm=1.164 * 4)
 

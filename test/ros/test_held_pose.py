@@ -135,3 +135,39 @@ def test_bad_times(bad):
         h.tick(now_ns=bad, steady_ns=0, pending=False)
     with pytest.raises(TypeError, match="steady_ns"):
         h.offer(pose(1), epoch=0, steady_ns=bad)
+
+
+def test_copies_are_stamped_the_image_latency_before_now():
+    """A copy must not claim a time the node has no images of yet: it is stamped lag_ns before now."""
+    h = HeldPose(hold_s=100.0)
+    h.offer(pose(10), epoch=0, steady_ns=0)
+    assert h.tick(now_ns=10 * S + 300_000_000, steady_ns=1, pending=False, lag_ns=400_000_000) == Tick()
+    assert h.tick(now_ns=11 * S, steady_ns=1, pending=False, lag_ns=400_000_000) == Tick(stamp_ns=10_600_000_000)
+    # a shorter lag later never sends a stamp again or goes back
+    assert h.tick(now_ns=11 * S, steady_ns=2, pending=False, lag_ns=0) == Tick(stamp_ns=11 * S)
+    assert h.tick(now_ns=11 * S + 1, steady_ns=3, pending=False, lag_ns=500_000_000) == Tick()
+    with pytest.raises(ValueError, match="lag_ns"):
+        h.tick(now_ns=12 * S, steady_ns=4, pending=False, lag_ns=-1)
+    with pytest.raises(TypeError, match="lag_ns"):
+        h.tick(now_ns=12 * S, steady_ns=4, pending=False, lag_ns=0.5)
+
+
+def test_image_lag_is_the_recent_worst_capped():
+    from mvreg_ros.ros.held_pose import ImageLag
+
+    lag = ImageLag(window=3, margin_ns=10, max_ns=1000)
+    assert lag.lag_ns() == 0
+    lag.arrived(stamp_ns=100, now_ns=150)
+    lag.arrived(stamp_ns=200, now_ns=190)  # stamped in the future: 0
+    assert lag.lag_ns() == 60
+    lag.arrived(stamp_ns=300, now_ns=100_000)  # a stale image: capped
+    assert lag.lag_ns() == 1000
+    for k in range(3):  # the window forgets it
+        lag.arrived(stamp_ns=1000 + k, now_ns=1005 + k)
+    assert lag.lag_ns() == 15
+    lag.clear()
+    assert lag.lag_ns() == 0
+    with pytest.raises(ValueError, match="window"):
+        ImageLag(window=0)
+    with pytest.raises(TypeError, match="stamp_ns"):
+        lag.arrived(stamp_ns=1.0, now_ns=2)

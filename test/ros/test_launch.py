@@ -28,7 +28,11 @@ def test_launch_file_declares_the_arguments_and_starts_the_node():
     assert keyword(args["use_sim_time"], "default_value").value == "false"
     assert keyword(args["autostart"], "default_value").value == "true"  # today's one-command behaviour
     assert keyword(args["model_path"], "default_value").value == ""  # empty: the params file's (no network)
-    assert calls(tree, "Node") == []  # a managed node: launch_ros's LifecycleNode
+    # the registration node is managed (LifecycleNode); the only plain Node is the optional DICOM bridge
+    (bridge,) = calls(tree, "Node")
+    assert keyword(bridge, "executable").value == "dicom_bridge" and keyword(bridge, "name").value == "dicom_bridge"
+    assert "dicom_bridge = mvreg_ros.ros.dicom_bridge:main" in (REPO / "setup.py").read_text()
+    assert keyword(args["with_dicom_bridge"], "default_value").value == "false"  # off unless asked for
     nodes = calls(tree, "LifecycleNode")
     assert len(nodes) == 1
     node = nodes[0]

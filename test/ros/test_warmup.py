@@ -73,3 +73,19 @@ def test_a_network_that_cannot_take_the_warmup_images_names_the_parameter(volume
 
     with pytest.raises(ValueError, match="warmup_image_size 64x64"):
         warm_up(registrar, cfg, supine_at_isocentre(cfg.planes[0], registrar.centre_ct), model=Model())
+
+
+@pytest.mark.parametrize("name", ["biplane.yaml", "mobile_carm.yaml"])
+def test_shipped_configs_warm_up_for_the_simulated_detector(name):
+    """config/biplane.yaml and config/mobile_carm.yaml carry the warm-up hints of what their
+    (simulated) C-arms send: the tests' and `mvreg bag simulate`'s 64 px detector."""
+    from ros_scenario import DETECTOR
+
+    from mvreg_ros.cli.bag import DETECTOR_MM
+    from mvreg_ros.core.data.simulate import DetectorConfig
+
+    cfg = config(name)
+    assert list(cfg.warmup_image_size) == [DETECTOR.height, DETECTOR.width]
+    assert cfg.warmup_focal_px == pytest.approx(float(DETECTOR.K()[0, 0]), abs=1e-3)
+    bag_default = DetectorConfig(height=64, width=64, pixel_mm=DETECTOR_MM / 64)
+    assert cfg.warmup_focal_px == pytest.approx(float(bag_default.K()[0, 0]), abs=1e-3)

@@ -22,7 +22,7 @@ from mvreg_ros.core.registration.initialisers import (
     supine_at_isocentre,
 )
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
-from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar, RegistrationResult, TrackingConfig
 
 PLANE = PlaneConfig(name="main", orbital_joint="o", angular_joint="a", sid_mm=700.0)
 
@@ -56,10 +56,13 @@ class ScriptedRegistrar(Registrar):  # the refine() of a Registrar, scripted (no
     def __init__(self, results):
         self.results = list(results)
         self.starts = []
+        self.schedules = []
         self.centre_ct = torch.zeros(3, dtype=torch.float64)
+        self.config = RefineConfig()
 
-    def refine(self, views, T_init):
+    def refine(self, views, T_init, *, schedule=None):
         self.starts.append(T_init.clone())
+        self.schedules.append(schedule)
         return self.results.pop(0)
 
 
@@ -75,10 +78,13 @@ def gates(**kw) -> AcceptanceConfig:
     return AcceptanceConfig(view_agreement=False, **kw)
 
 
-def make(results, acceptance=None):
+def make(results, acceptance=None, tracking=TrackingConfig(enabled=False)):
+    """Without the tracking fast path unless ``tracking`` says (test_tracking.py tests it)."""
     tracker = PoseTracker()
     reg = ScriptedRegistrar(results)
-    config = PipelineConfig(global_search=GlobalConfig(enabled=False), acceptance=acceptance or gates())
+    config = PipelineConfig(
+        global_search=GlobalConfig(enabled=False), acceptance=acceptance or gates(), tracking=tracking
+    )
     p = RegistrationPipeline(
         reg, initialisers=default_initialisers(configured=pose(0), tracker=tracker), config=config, tracker=tracker
     )
@@ -136,8 +142,13 @@ def test_acceptance_passes_and_validates():
         gates(min_view_similarity=2.0)
     with pytest.raises(ValueError, match="registrar"):  # per-view agreement needs the views
         acceptance_test(result(pose(1)), config=AcceptanceConfig())
-    # one view cannot disagree with itself: no single-view refinement is run (no registrar needed)
-    one = acceptance_test(result(pose(1), sims=(0.9,)), views=views(n=1), config=AcceptanceConfig())
+    # one view does not fix the depth: never accepted by default, whatever else it reports
+    one = acceptance_test(result(pose(1), sims=(0.99,)), views=views(n=1), config=AcceptanceConfig())
+    assert not one.accepted and "min_views 2" in one.reason
+    with pytest.raises(ValueError, match="min_views"):
+        AcceptanceConfig(min_views=0)
+    # allowed by the user: one view cannot disagree with itself, so no single-view refinement runs
+    one = acceptance_test(result(pose(1), sims=(0.9,)), views=views(n=1), config=AcceptanceConfig(min_views=1))
     assert one.accepted and one.view_shift_mm == ()
 
 
