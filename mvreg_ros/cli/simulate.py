@@ -122,9 +122,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from mvreg_ros.core.data import deepfluoro, deepfluoro_write
+    from mvreg_ros.core.data import deepfluoro_write
     from mvreg_ros.core.data.simulate import DetectorConfig
-    from mvreg_ros.core.imaging.volume import Volume, example_ct_path, load_hu
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,18 +139,7 @@ def run(args: argparse.Namespace) -> int:
         angles = (
             parse_angles(args.angles) if args.angles else deepfluoro_write.sample_carm_angles(views, seed=args.seed)
         )
-        ct = args.ct
-        mask_path, structures = args.mask, args.structures
-        if ct is None:
-            ct = example_ct_path()
-            mask_path = mask_path or ct.with_name("mask.nii.gz")
-            structures = structures or ct.with_name("structures.csv")
-        hu, T_ct_from_index = load_hu(ct)
-        mask = load_hu(mask_path)[0].round().to(torch.int16) if mask_path else None
-        if args.downsample > 1:
-            pooled = Volume(data=hu, T_ct_from_index=T_ct_from_index, mask=mask).resampled(args.downsample)
-            hu, T_ct_from_index, mask = pooled.data, pooled.T_ct_from_index, pooled.mask
-        label_names = deepfluoro.read_structures(structures) if structures else None
+        _, hu, T_ct_from_index, mask, label_names = _load_ct(args)
         rng = np.random.default_rng(args.seed)
         offset = (rng.normal(size=3) * offset_mm).tolist() if offset_mm > 0 else None
         detector = DetectorConfig(height=size, width=size, pixel_mm=DETECTOR_MM / size)
@@ -273,13 +261,13 @@ def run_dicom(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from mvreg_ros.core.data import deepfluoro, deepfluoro_write
+    from mvreg_ros.core.data import deepfluoro_write
     from mvreg_ros.core.data.dicom import PATIENT_POSITIONS
     from mvreg_ros.core.data.dicom_write import write_simulated_dicom
     from mvreg_ros.core.data.simulate import DetectorConfig
     from mvreg_ros.core.evaluation.landmarks import ct_landmarks
     from mvreg_ros.core.geometry.transforms import invert
-    from mvreg_ros.core.imaging.volume import Volume, example_ct_path, from_hu, load_hu
+    from mvreg_ros.core.imaging.volume import from_hu
 
     for option, value in (("--profile", args.profile), ("--render-downsample", args.render_downsample)):
         if value is not None:
@@ -302,17 +290,7 @@ def run_dicom(args: argparse.Namespace) -> int:
         angles = (
             parse_angles(args.angles) if args.angles else deepfluoro_write.sample_carm_angles(views, seed=args.seed)
         )
-        ct, mask_path, structures = args.ct, args.mask, args.structures
-        if ct is None:
-            ct = example_ct_path()
-            mask_path = mask_path or ct.with_name("mask.nii.gz")
-            structures = structures or ct.with_name("structures.csv")
-        hu, T_ct_from_index = load_hu(ct)
-        mask = load_hu(mask_path)[0].round().to(torch.int16) if mask_path else None
-        if args.downsample > 1:
-            pooled = Volume(data=hu, T_ct_from_index=T_ct_from_index, mask=mask).resampled(args.downsample)
-            hu, T_ct_from_index, mask = pooled.data, pooled.T_ct_from_index, pooled.mask
-        label_names = deepfluoro.read_structures(structures) if structures else None
+        ct, hu, T_ct_from_index, mask, label_names = _load_ct(args)
         volume = from_hu(hu, T_ct_from_index.to(torch.float64), mask=mask)
         chosen = ct_landmarks(volume, label_names)  # the one landmark policy
         landmarks = (list(chosen.names), chosen.points_ct.to(torch.float64))
@@ -367,3 +345,25 @@ def run_dicom(args: argparse.Namespace) -> int:
     )
     print("views (orbital, angular deg): " + "; ".join(f"{o:g},{a:g}" for o, a in angles))
     return 0
+
+
+def _load_ct(args):
+    """The CT to simulate (``--ct``, default the shipped one with its label map), its mask and
+    structure names, average-pooled by ``--downsample``: (path, HU, T_ct_from_index, mask, names)."""
+    import torch
+
+    from mvreg_ros.core.data import deepfluoro
+    from mvreg_ros.core.imaging.volume import Volume, example_ct_path, load_hu
+
+    ct, mask_path, structures = args.ct, args.mask, args.structures
+    if ct is None:
+        ct = example_ct_path()
+        mask_path = mask_path or ct.with_name("mask.nii.gz")
+        structures = structures or ct.with_name("structures.csv")
+    hu, T_ct_from_index = load_hu(ct)
+    mask = load_hu(mask_path)[0].round().to(torch.int16) if mask_path else None
+    if args.downsample > 1:
+        pooled = Volume(data=hu, T_ct_from_index=T_ct_from_index, mask=mask).resampled(args.downsample)
+        hu, T_ct_from_index, mask = pooled.data, pooled.T_ct_from_index, pooled.mask
+    label_names = deepfluoro.read_structures(structures) if structures else None
+    return ct, hu, T_ct_from_index, mask, label_names
