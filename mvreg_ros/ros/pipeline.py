@@ -14,10 +14,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mvreg_ros.core.geometry.transforms import invert, project, transform_points
 from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.registration.acceptance import ViewProbe
+from mvreg_ros.core.registration.acceptance import probe_view as engine_probe_view
 from mvreg_ros.core.registration.pipeline import Outcome, RegistrationPipeline
-from mvreg_ros.core.registration.refine import LevelSpec, Registrar, RegistrationResult
+from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
 from mvreg_ros.ros.sync import Frame
 
 
@@ -84,17 +85,6 @@ def register_frames(
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class ViewProbe:
-    """One view against a given pose: its similarity there (at the finest level, as the acceptance
-    test measures it) and what a short single-view refinement from there does (the acceptance
-    test's per-view agreement, applied to a new view and the held pose)."""
-
-    similarity: float
-    shift_mm: float  # how far the view alone moves the anatomy in its image plane (mm at the anatomy)
-    gain: float  # the similarity it gains by doing so
-
-
 def probe_view(
     registrar: Registrar,
     frame: Frame,
@@ -104,26 +94,8 @@ def probe_view(
     i0: float | None = None,
     raw_is_line_integral: bool = False,
 ) -> ViewProbe:
-    """The new view ``frame`` against the pose ``T_ref_from_ct`` (mm): the computation of the engine's
-    per-view agreement (``core.registration.acceptance.view_agreement``) for one view, which also
-    keeps the similarity at the starting pose. ValueError when the frame cannot form a view."""
+    """The new view ``frame`` against the pose ``T_ref_from_ct`` (mm): the engine's per-view probe
+    (:func:`mvreg_ros.core.registration.acceptance.probe_view`). ValueError when the frame cannot
+    form a view."""
     views = views_from_frames([frame], i0=i0, raw_is_line_integral=raw_is_line_integral)
-    cfg = registrar.config
-    fine = cfg.levels()[-1]
-    level = LevelSpec(size=fine.size, iterations=iterations, n_samples=fine.n_samples, patch=fine.patch)
-    lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)
-    T = T_ref_from_ct.to(torch.float64).cpu()
-    run = registrar.refine_level(views, T, level=level, lr_scale=lr_scale, early_stop=True)
-    T_1 = run.T_ref_from_ct[0]
-    c = registrar.centre_ct.to(torch.float64)
-    pts = torch.cat(
-        [c[None], c + 30.0 * torch.eye(3, dtype=torch.float64), c - 30.0 * torch.eye(3, dtype=torch.float64)]
-    )
-    T_cam_from_ref = invert(views.T_ref_from_cam[0].to(torch.float64))
-    K = views.K[0].to(torch.float64)
-    uv0 = project(K, T_cam_from_ref @ T, pts)
-    uv1 = project(K, T_cam_from_ref @ T_1, pts)
-    depth = float(transform_points(T_cam_from_ref @ T, pts[:1])[0, 2])
-    shift = float((uv1 - uv0).norm(dim=-1).mean()) * abs(depth) / float(K[0, 0])
-    start = float(run.start_similarity[0])
-    return ViewProbe(similarity=start, shift_mm=shift, gain=float(run.similarity[0]) - start)
+    return engine_probe_view(registrar, views, T_ref_from_ct, iterations=iterations)

@@ -82,32 +82,51 @@ def _sphere_points(centre: Tensor, radius_mm: float = 30.0) -> Tensor:
     return torch.cat([centre[None], centre + radius_mm * e, centre - radius_mm * e])
 
 
-def view_agreement(
-    registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int
-) -> tuple[list[float], list[float]]:
-    """Per view: refined alone from ``T_ref_from_ct`` at the finest level for ``iterations``
-    steps, how far its anatomy points move in its own image (mm at the anatomy centre's depth)
-    and how much similarity it gains."""
+@dataclasses.dataclass(frozen=True)
+class ViewProbe:
+    """One view refined alone from a pose: its similarity at that pose, how far its anatomy points
+    moved in its own image (mm at the anatomy centre's depth) and the similarity it gained."""
+
+    similarity: float
+    shift_mm: float
+    gain: float
+
+
+def probe_view(
+    registrar: Registrar, view: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int
+) -> ViewProbe:
+    """Refine the single view ``view`` alone from ``T_ref_from_ct`` at the finest level for
+    ``iterations`` steps (the per-view agreement's measurement; the node's motion check uses it too)."""
+    if len(view) != 1:
+        raise ValueError(f"probe_view needs exactly one view, got {len(view)}")
     cfg = registrar.config
     fine = cfg.levels()[-1]
     level = LevelSpec(size=fine.size, iterations=iterations, n_samples=fine.n_samples, patch=fine.patch)
     lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)
     T = T_ref_from_ct.to(torch.float64).cpu()
     pts = _sphere_points(registrar.centre_ct.to(torch.float64))
-    shifts, gains = [], []
-    for i in range(len(views)):
-        one = views.select([i])
-        run = registrar.refine_level(one, T, level=level, lr_scale=lr_scale, early_stop=True)
-        T_i = run.T_ref_from_ct[0]
-        T_cam_from_ref = invert(one.T_ref_from_cam[0].to(torch.float64))
-        K = one.K[0].to(torch.float64)
-        uv0 = project(K, T_cam_from_ref @ T, pts)
-        uv1 = project(K, T_cam_from_ref @ T_i, pts)
-        depth = float(transform_points(T_cam_from_ref @ T, pts[:1])[0, 2])
-        mm_per_px = abs(depth) / float(K[0, 0])
-        shifts.append(float((uv1 - uv0).norm(dim=-1).mean()) * mm_per_px)
-        gains.append(float(run.similarity[0] - run.start_similarity[0]))
-    return shifts, gains
+    run = registrar.refine_level(view, T, level=level, lr_scale=lr_scale, early_stop=True)
+    T_cam_from_ref = invert(view.T_ref_from_cam[0].to(torch.float64))
+    K = view.K[0].to(torch.float64)
+    uv0 = project(K, T_cam_from_ref @ T, pts)
+    uv1 = project(K, T_cam_from_ref @ run.T_ref_from_ct[0], pts)
+    depth = float(transform_points(T_cam_from_ref @ T, pts[:1])[0, 2])
+    start = float(run.start_similarity[0])
+    return ViewProbe(
+        similarity=start,
+        shift_mm=float((uv1 - uv0).norm(dim=-1).mean()) * abs(depth) / float(K[0, 0]),
+        gain=float(run.similarity[0]) - start,
+    )
+
+
+def view_agreement(
+    registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int
+) -> tuple[list[float], list[float]]:
+    """Per view (:func:`probe_view`): how far its anatomy points move in its own image when it is
+    refined alone from ``T_ref_from_ct`` (mm at the anatomy centre's depth) and how much
+    similarity it gains."""
+    probes = [probe_view(registrar, views.select([i]), T_ref_from_ct, iterations=iterations) for i in range(len(views))]
+    return [p.shift_mm for p in probes], [p.gain for p in probes]
 
 
 def acceptance_test(
