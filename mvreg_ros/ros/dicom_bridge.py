@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import queue
-import ssl
 import sys
 import threading
 import time
@@ -36,6 +35,7 @@ from mvreg_ros.ros.dicom_config import BRIDGE_PARAMETERS, NODE_NAME, PLANE_PARAM
 from mvreg_ros.ros.dicom_folder import SettledFiles, list_folder
 from mvreg_ros.ros.dicom_messages import ShotMessages, shot_messages
 from mvreg_ros.ros.dicom_stamps import Shot, StampMatcher, acquisition_datetime, acquisition_to_ns
+from mvreg_ros.ros.dicom_tls import server_context
 
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
 # C-STORE response statuses (PS3.4 B.2.3)
@@ -162,16 +162,7 @@ class DicomBridge(Node):
         cfg = self.cfg
         if not cfg.tls_cert:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-            if cfg.tls_ca:
-                ctx.load_verify_locations(cfg.tls_ca)
-                ctx.verify_mode = ssl.CERT_REQUIRED
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"tls_cert/tls_key/tls_ca cannot be loaded: {e}") from None
-        return ctx
+        return server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
 
     def _on_rejected(self, event) -> None:
         with self._lock:

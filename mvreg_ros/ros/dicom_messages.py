@@ -9,6 +9,13 @@ joints (``DicomView.joint_positions``, metres) on ``table_joints``. The node com
 from these joints with its own ``sid_m`` and mounting, so a view whose source-to-isocentre
 distance differs from the plane's ``sid_m`` by more than the tolerance, or whose table position is
 not zero without ``table_joints``, is refused (the node would put the camera elsewhere).
+
+Enhanced objects read with the X-Ray Isocenter Reference System (``DicomView.angle_reference``
+``isocenter``) carry the equipment angles: the same joint values as the patient-relative ones for
+HFS, the frame the node's plane mounting assumes for ``patient_position`` HFS. For another patient
+position the node mounts the plane in that patient's frame, so the patient-relative angles (which
+the reader checked against the isocentre ones) are published instead; without them the object is
+refused.
 """
 
 from __future__ import annotations
@@ -19,7 +26,14 @@ import math
 import numpy as np
 from sensor_msgs.msg import CameraInfo, Image, JointState
 
-from mvreg_ros.core.data.dicom import ANGULAR_JOINT, ORBITAL_JOINT, TABLE_JOINTS, DicomView
+from mvreg_ros.core.data.dicom import (
+    ANGULAR_JOINT,
+    ISOCENTER_ANGLES,
+    ORBITAL_JOINT,
+    PATIENT_ANGLES,
+    TABLE_JOINTS,
+    DicomView,
+)
 from mvreg_ros.ros.conversions import K_to_camera_info, tensor_to_image
 
 ENCODINGS = ("auto", "mono16", "32FC1")
@@ -73,6 +87,14 @@ def joint_values(view: DicomView, plane: PlaneOutput, *, sid_tolerance_mm: float
             f"source-to-isocentre distance {view.sid_mm:g} mm differs from plane.{plane.name}.sid_m "
             f"({sid_plane_mm:g} mm) by more than sid_tolerance_mm ({sid_tolerance_mm:g})"
         )
+    if view.angle_reference == ISOCENTER_ANGLES and view.patient_position != "HFS":
+        if view.patient_angles_deg is None:
+            raise ValueError(
+                f"PositionerPrimaryAngle is missing: the object has only the X-Ray Isocenter Reference System's "
+                f"equipment angles, and the node mounts the plane in the patient frame of {view.patient_position}"
+            )
+        primary, secondary = view.patient_angles_deg
+        view = dataclasses.replace(view, orbital_deg=primary, angular_deg=secondary, angle_reference=PATIENT_ANGLES)
     j = view.joint_positions
     out = {
         plane.orbital_joint: plane.orbital_sign * j[ORBITAL_JOINT],

@@ -281,3 +281,33 @@ def test_folder_source_reads_settled_files(ros_env, ros_context, tmp_path):
     finally:
         listener.close()
         proc.kill()
+
+
+def test_isocenter_referenced_views_publish_the_joints_of_the_patient_mounting():
+    """Pure (no DDS): Enhanced XA read through the X-Ray Isocenter Reference System."""
+    from mvreg_ros.core.data.dicom import view_from_dataset
+    from mvreg_ros.core.data.dicom_write import enhanced_xa_dataset
+    from mvreg_ros.ros.dicom_messages import PlaneOutput, joint_values
+
+    plane = PlaneOutput(
+        name="frontal",
+        image_topic="/carm/frontal/image_raw",
+        camera_info_topic="/carm/frontal/camera_info",
+        frame_id="carm_frontal_optical",
+        sid_m=DET.sid_mm / 1000.0,
+        orbital_joint="o",
+        angular_joint="a",
+    )
+    raw = torch.full((1, DET.height, DET.width), 1000.0)
+    for position, expected in (("HFS", (30.0, 10.0)), ("HFP", (30.0, 10.0))):
+        study = StudyInfo.new(seed=2, patient_position=position)
+        ds = enhanced_xa_dataset(raw, angles_deg=[(30.0, 10.0)], detector=DET, study=study)
+        view = view_from_dataset(ds, 0)
+        assert view.angle_reference == "isocenter"
+        j = joint_values(view, plane, sid_tolerance_mm=1.0)
+        assert (math.degrees(j["o"]), math.degrees(j["a"])) == pytest.approx(expected, abs=1e-4)
+    # HFP with the equipment angles only: the node's prone mounting cannot take them
+    pos = ds.PerFrameFunctionalGroupsSequence[0].PositionerPositionSequence[0]
+    del pos.PositionerPrimaryAngle, pos.PositionerSecondaryAngle
+    with pytest.raises(ValueError, match="PositionerPrimaryAngle is missing"):
+        joint_values(view_from_dataset(ds, 0), plane, sid_tolerance_mm=1.0)

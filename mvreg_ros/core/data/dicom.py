@@ -66,8 +66,19 @@ What is read, and how (keywords are DICOM keywords; mm inside, radians and metre
   ``PatientPosition`` (optional in XA), :attr:`DicomConfig.patient_position` is used; other
   values (LFP, AFDR, ...) are refused.
 
+- **X-Ray Isocenter Reference System** (Enhanced, per frame, PS3.3 C.8.19.6.13): where present,
+  ``PositionerIsocenterPrimaryAngle``/``SecondaryAngle`` (relative to the equipment: X toward
+  the table's left, Y down, Z toward its head end; ``x_iso = Z, y_iso = -X, z_iso = -Y``) are
+  the orbital and angular joints with the plane mounted in ``iso`` itself, and
+  ``TableX/Y/ZPositionToIsocenter`` the table joints (longitudinal Z, lateral X, vertical -Y,
+  opposite sign). The patient-relative angles, when present too, must give the same beam for
+  the patient position (within :data:`ISOCENTER_AGREEMENT_DEG`).
+  ``PositionerIsocenterDetectorRotationAngle`` and the table angles
+  (``TableHorizontalRotationAngle``, ``TableHeadTiltAngle``, ``TableCradleTiltAngle``, wherever
+  present) must be exactly 0: the model has neither.
+
 Every view's camera: ``T_iso_from_cam = Trans(-table) @ R_iso_from_pat @
-carm.T_iso_from_cam(orbital, angular, sid)`` (:meth:`DicomView.plane` gives the matching
+carm.T_iso_from_cam(orbital, angular, sid)`` (with the isocentre angles without ``R_iso_from_pat``) (:meth:`DicomView.plane` gives the matching
 :class:`~mvreg_ros.core.geometry.kinematics.PlaneConfig`). A missing or inconsistent attribute
 raises ValueError naming its keyword; nothing falls back silently to a default.
 """
@@ -117,6 +128,19 @@ _PATIENT_AXES = {
 }
 PATIENT_POSITIONS = tuple(_PATIENT_AXES)
 
+# X-Ray Isocenter Reference System (PS3.3 C.8.19.6.13): the equipment's isocentre frame (X toward
+# the table's left, Y down, Z toward the table's head end; the table's own frame at zero table
+# angles) expressed in ``iso`` (x head end, y the table's right, z up): X = -y, Y = -z, Z = +x
+ISOCENTER_ANGLE_KEYWORDS = ("PositionerIsocenterPrimaryAngle", "PositionerIsocenterSecondaryAngle")
+ISOCENTER_TABLE_KEYWORDS = ("TableXPositionToIsocenter", "TableYPositionToIsocenter", "TableZPositionToIsocenter")
+# angles the kinematic model does not have: refused unless exactly zero
+DETECTOR_ROTATION_KEYWORD = "PositionerIsocenterDetectorRotationAngle"
+TABLE_ANGLE_KEYWORDS = ("TableHorizontalRotationAngle", "TableHeadTiltAngle", "TableCradleTiltAngle")
+# largest angle (degrees) between the beam of the patient-relative positioner angles and that of
+# the isocentre ones (both in ``iso``) accepted as agreement
+ISOCENTER_AGREEMENT_DEG = 0.5
+PATIENT_ANGLES, ISOCENTER_ANGLES = "patient", "isocenter"
+
 
 def R_iso_from_pat(patient_position: str) -> Float[Tensor, "3 3"]:
     """Rotation from the patient frame of the positioner angles to the equipment isocentre frame."""
@@ -165,6 +189,16 @@ class DicomView:
     table_mm: tuple[float, float, float]  # longitudinal, lateral, vertical (0 without a table position)
     patient_position: str
     modality: str
+    # which angles orbital_deg/angular_deg are: "patient" (PositionerPrimaryAngle/SecondaryAngle,
+    # relative to the patient, placed by PatientPosition) or "isocenter" (the X-Ray Isocenter
+    # Reference System's PositionerIsocenter*Angle, relative to the equipment)
+    angle_reference: str = PATIENT_ANGLES
+    # the patient-relative angles (primary, secondary) when the object has them, else None
+    patient_angles_deg: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        if self.angle_reference not in (PATIENT_ANGLES, ISOCENTER_ANGLES):
+            raise ValueError(f"angle_reference must be 'patient' or 'isocenter', got {self.angle_reference!r}")
 
     @property
     def joint_positions(self) -> dict[str, float]:
@@ -175,9 +209,13 @@ class DicomView:
         return out
 
     def plane(self) -> PlaneConfig:
-        """The kinematic model of this view's C-arm: the plane's isocentre frame is the patient
-        frame ``pat``, mounted in the equipment isocentre frame by the patient position."""
-        R = R_iso_from_pat(self.patient_position)
+        """The kinematic model of this view's C-arm: with patient-relative angles the plane's
+        isocentre frame is the patient frame ``pat``, mounted in the equipment isocentre frame by
+        the patient position; with the isocentre angles it is the equipment frame itself."""
+        if self.angle_reference == ISOCENTER_ANGLES:
+            R = torch.eye(3, dtype=torch.float64)
+        else:
+            R = R_iso_from_pat(self.patient_position)
         axes = tuple(tuple(float(v) for v in R.T @ torch.tensor(a, dtype=torch.float64)) for a in TABLE_AXES_ISO)
         return PlaneConfig(
             name="dicom",
@@ -234,6 +272,17 @@ class _Frame:
 
     def has(self, keyword: str) -> bool:
         return self.item_with(keyword) is not None
+
+    def items_with(self, keyword: str) -> list:
+        """Every item (per-frame group, shared group, top level) that holds ``keyword``."""
+        found = []
+        for group in self.groups:
+            for elem in group:
+                if elem.VR == "SQ":
+                    found += [item for item in elem.value if _present(item, keyword)]
+        if _present(self.ds, keyword):
+            found.append(self.ds)
+        return found
 
     def get(self, keyword: str, default=...):
         item = self.item_with(keyword)
@@ -514,6 +563,77 @@ def _angle(f: _Frame, keyword: str) -> float:
     return a
 
 
+def _beam_iso(orbital_deg: float, angular_deg: float) -> Tensor:
+    """Unit beam direction (source -> detector) of the kinematic model at these angles."""
+    T = carm.T_iso_from_cam(math.radians(orbital_deg), math.radians(angular_deg), sid_mm=1.0)
+    return T[:3, 2]
+
+
+def _exactly_zero(f: _Frame, keyword: str, why: str) -> None:
+    """Every occurrence of ``keyword`` (any functional group) must be exactly 0."""
+    for item in f.items_with(keyword):
+        v = item[keyword].value
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{f.where}: {keyword} must be a number, got {v!r}") from None
+        if x != 0.0:
+            raise ValueError(f"{f.where}: {keyword} is {x:g} degrees, not 0: {why}")
+
+
+def _positioner(
+    f: _Frame, patient_position: str
+) -> tuple[float, float, tuple[float, float, float], str, tuple[float, float] | None]:
+    """(orbital, angular, table_mm, angle_reference, patient angles) of one frame.
+
+    Patient-relative angles: ``PositionerPrimaryAngle``/``PositionerSecondaryAngle`` with the
+    ``TablePositionSequence``'s table-top positions. Where the X-Ray Isocenter Reference System is
+    present (``PositionerIsocenterPrimaryAngle`` ...), its equipment angles and table positions to
+    the isocentre are used instead; the patient-relative angles, when present too, must give the
+    same beam for ``patient_position``. Table rotation/tilts and the detector rotation must be 0."""
+    for keyword in TABLE_ANGLE_KEYWORDS:
+        _exactly_zero(
+            f, keyword, "the C-arm kinematic model has no table rotation or tilt (level the table, or send 0)"
+        )
+    has_patient = f.has("PositionerPrimaryAngle") or f.has("PositionerSecondaryAngle")
+    has_iso = any(f.has(k) for k in ISOCENTER_ANGLE_KEYWORDS)
+    patient_angles = None
+    if has_patient or not has_iso:
+        patient_angles = (_angle(f, "PositionerPrimaryAngle"), _angle(f, "PositionerSecondaryAngle"))
+    if not has_iso:
+        table = (0.0, 0.0, 0.0)
+        keys = ("TableTopLongitudinalPosition", "TableTopLateralPosition", "TableTopVerticalPosition")
+        if any(f.has(k) for k in keys):
+            table = tuple(f.number(k) for k in keys)
+        return patient_angles[0], patient_angles[1], table, PATIENT_ANGLES, patient_angles
+
+    primary = _angle(f, "PositionerIsocenterPrimaryAngle")
+    secondary = _angle(f, "PositionerIsocenterSecondaryAngle")
+    f.number(DETECTOR_ROTATION_KEYWORD)  # Type 1 in the macro: missing or not a number is refused
+    _exactly_zero(
+        f,
+        DETECTOR_ROTATION_KEYWORD,
+        "the C-arm kinematic model has no detector rotation about the beam",
+    )
+    for keyword in TABLE_ANGLE_KEYWORDS:
+        f.number(keyword)  # Type 1 in the macro; zero was checked above
+    tx, ty, tz = (f.number(k) for k in ISOCENTER_TABLE_KEYWORDS)
+    if patient_angles is not None:
+        beam_patient = R_iso_from_pat(patient_position) @ _beam_iso(*patient_angles)
+        beam_iso = _beam_iso(primary, secondary)
+        off = math.degrees(math.acos(max(-1.0, min(1.0, float(beam_patient @ beam_iso)))))
+        if off > ISOCENTER_AGREEMENT_DEG:
+            raise ValueError(
+                f"{f.where}: PositionerPrimaryAngle/PositionerSecondaryAngle ({patient_angles[0]:g}, "
+                f"{patient_angles[1]:g}) with PatientPosition {patient_position} and "
+                f"PositionerIsocenterPrimaryAngle/PositionerIsocenterSecondaryAngle ({primary:g}, {secondary:g}) "
+                f"give beams {off:.2f} degrees apart (more than {ISOCENTER_AGREEMENT_DEG} degrees)"
+            )
+    # table reference point to the isocentre, X table left (= the LAO side for HFS), Y down, Z head end
+    table = (tz, tx, -ty)
+    return primary, secondary, table, ISOCENTER_ANGLES, patient_angles
+
+
 def _group_index(ds, frame: int | None) -> int | None:
     """The per-frame functional group of ``frame`` (a single-frame Enhanced object has one, too)."""
     if "PerFrameFunctionalGroupsSequence" not in ds:
@@ -580,15 +700,8 @@ def view_from_dataset(
             f"(DistanceSourceToDetector {sdd} mm)"
         )
 
-    orbital = _angle(f, "PositionerPrimaryAngle")
-    angular = _angle(f, "PositionerSecondaryAngle")
-    table = (0.0, 0.0, 0.0)
-    if f.has("TableTopLongitudinalPosition") or f.has("TableTopLateralPosition") or f.has("TableTopVerticalPosition"):
-        table = (
-            f.number("TableTopLongitudinalPosition"),
-            f.number("TableTopLateralPosition"),
-            f.number("TableTopVerticalPosition"),
-        )
+    patient_position = _patient_position(f, config)
+    orbital, angular, table, reference, patient_angles = _positioner(f, patient_position)
 
     spacing = _detector_spacing(f, modality)
     uv = _principal_point_stored(f, H, W, spacing)
@@ -606,8 +719,10 @@ def view_from_dataset(
         sdd_mm=float(sdd),
         pixel_spacing_mm=(float(spacing[0]), float(spacing[1])),
         table_mm=tuple(float(x) for x in table),
-        patient_position=_patient_position(f, config),
+        patient_position=patient_position,
         modality=modality,
+        angle_reference=reference,
+        patient_angles_deg=patient_angles,
     )
 
 

@@ -9,7 +9,10 @@ attributes of its modules (empty where unknown), ``PositionerPrimaryAngle`` (+ L
 the isocentre and ``EstimatedRadiographicMagnificationFactor`` = SDD / SID, and
 ``PatientPosition``. The Enhanced XA object holds the same per frame in its functional groups
 (``PositionerPositionSequence``, ``XRayGeometrySequence``, ``TablePositionSequence``,
-``FramePixelDataPropertiesSequence``, ``FieldOfViewSequence``). Pixels are raw detector
+``FramePixelDataPropertiesSequence``, ``FieldOfViewSequence``) and, for head-first patient
+positions, the X-Ray Isocenter Reference System (``IsocenterReferenceSystemSequence``: the
+equipment angles of the same camera, detector rotation 0, table positions to the isocentre, table
+angles 0). Pixels are raw detector
 intensities (``LIN``, sign +1, MONOCHROME2, 16 bits) in the engine's camera orientation (the
 detector as seen from the source; ``FieldOfViewRotation`` 0, no flip). ``variant`` writes the
 same image as ``MONOCHROME1`` (inverted values, sign -1) or ``LOG`` (natural-log units through
@@ -29,7 +32,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mvreg_ros.core.data.dicom import ENHANCED_XA_SOP_CLASS, PATIENT_POSITIONS, XA_SOP_CLASS, default_start
+from mvreg_ros.core.data.dicom import (
+    ENHANCED_XA_SOP_CLASS,
+    PATIENT_POSITIONS,
+    XA_SOP_CLASS,
+    R_iso_from_pat,
+    default_start,
+)
 from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire
 from mvreg_ros.core.geometry import carm
 from mvreg_ros.core.geometry.transforms import invert
@@ -275,8 +284,16 @@ def enhanced_xa_dataset(
     instance: int = 1,
     variant: str = "LIN",
     uncorrected_distortion: bool = False,
+    isocenter_reference: bool | None = None,
 ):
-    """An Enhanced XA multi-frame object: one frame per view, geometry per frame."""
+    """An Enhanced XA multi-frame object: one frame per view, geometry per frame.
+
+    ``isocenter_reference``: also write each frame's X-Ray Isocenter Reference System
+    (``IsocenterReferenceSystemSequence``: :func:`isocenter_angles` of the frame's angles for
+    ``study.patient_position``, detector rotation 0, the table positions to the isocentre, table
+    angles 0). ``None``: where the equipment angles give the simulated camera exactly, i.e. for
+    head-first patient positions (feet-first ones would need a detector rotation of 180 degrees,
+    which the reader refuses); ``True``: always (ValueError where it cannot); ``False``: never."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DicomSequence
 
@@ -288,6 +305,13 @@ def enhanced_xa_dataset(
     tables = [(0.0, 0.0, 0.0)] * len(images) if table_mm is None else [tuple(map(float, t)) for t in table_mm]
     if len(tables) != len(images) or any(len(t) != 3 for t in tables):
         raise ValueError("table_mm needs one (longitudinal, lateral, vertical) triple per view")
+    isocenter = [None] * len(images)
+    if isocenter_reference is not False:
+        try:
+            isocenter = [isocenter_angles(o, a, study.patient_position) for o, a in angles_deg]
+        except ValueError:
+            if isocenter_reference:
+                raise
     ds = _base(ENHANCED_XA_SOP_CLASS, study, study.enhanced_series_uid, instance)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE", "NONE"]
     ds.AcquisitionDateTime = study.when.strftime("%Y%m%d%H%M%S")
@@ -361,10 +385,48 @@ def enhanced_xa_dataset(
         table.TableTopLongitudinalPosition = _ds(lon)
         table.TableTopLateralPosition = _ds(lat)
         item.TablePositionSequence = DicomSequence([table])
+        if isocenter[k] is not None:
+            iso = Dataset()
+            iso.PositionerIsocenterPrimaryAngle = isocenter[k][0]
+            iso.PositionerIsocenterSecondaryAngle = isocenter[k][1]
+            iso.PositionerIsocenterDetectorRotationAngle = 0.0
+            # the table reference point is at the isocentre at table-top position 0: X toward the
+            # table's left (the lateral position's + side), Y down, Z toward the head end
+            iso.TableXPositionToIsocenter = float(lat)
+            iso.TableYPositionToIsocenter = float(-vert)
+            iso.TableZPositionToIsocenter = float(lon)
+            iso.TableHorizontalRotationAngle = 0.0
+            iso.TableHeadTiltAngle = 0.0
+            iso.TableCradleTiltAngle = 0.0
+            item.IsocenterReferenceSystemSequence = DicomSequence([iso])
         frames.append(item)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
     _pixels(ds, np.stack([_stored(im, variant) for im in images]), variant)
     return ds
+
+
+def isocenter_angles(orbital_deg: float, angular_deg: float, patient_position: str) -> tuple[float, float]:
+    """The X-Ray Isocenter Reference System's (PositionerIsocenterPrimaryAngle,
+    PositionerIsocenterSecondaryAngle) of the camera that the patient-relative angles give for
+    ``patient_position`` (``R_iso_from_pat @ carm.T_iso_from_cam(orbital, angular)``), with the
+    detector rotation 0; ValueError where that camera needs a detector rotation (feet-first
+    positions turn the image 180 degrees about the beam)."""
+    R = (
+        R_iso_from_pat(patient_position)
+        @ carm.T_iso_from_cam(math.radians(orbital_deg), math.radians(angular_deg), sid_mm=1.0)[:3, :3]
+    )
+    beam = R[:, 2]  # (sin a, -sin o cos a, cos o cos a) of the equipment angles
+    angular = math.degrees(math.asin(max(-1.0, min(1.0, float(beam[0])))))
+    orbital = math.degrees(math.atan2(-float(beam[1]), float(beam[2])))
+    if abs(abs(angular) - 90.0) < 1e-6:
+        raise ValueError(f"angular {angular_deg} deg: the beam is along the table, the primary angle is undefined")
+    R_eq = carm.T_iso_from_cam(math.radians(orbital), math.radians(angular), sid_mm=1.0)[:3, :3]
+    if not torch.allclose(R_eq, R, atol=1e-9):
+        raise ValueError(
+            f"patient_position {patient_position}: the simulated camera at ({orbital_deg}, {angular_deg}) deg is "
+            "turned about the beam relative to the equipment's detector (a non-zero detector rotation)"
+        )
+    return round(orbital, 9) + 0.0, round(angular, 9) + 0.0
 
 
 def save(ds, path: str | Path) -> Path:

@@ -335,3 +335,139 @@ def test_files_and_frames(tmp_path):
         dicom.read_views(junk)
     with pytest.raises(ValueError, match="sid_mm"):
         dicom.DicomConfig(sid_mm=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# X-Ray Isocenter Reference System (Enhanced XA/XRF, PS3.3 C.8.19.6.13)
+# ---------------------------------------------------------------------------------------
+
+HEAD_FIRST = ("HFS", "HFP", "HFDR", "HFDL")
+
+
+def _enhanced(angles, tables=None, position="HFS", **kw):
+    study = dw.StudyInfo.new(seed=7, patient_position=position)
+    raw = torch.stack([_raw(i) for i in range(len(angles))])
+    return dw.enhanced_xa_dataset(raw, angles_deg=angles, detector=DET, study=study, table_mm=tables, **kw)
+
+
+def _iso_item(ds, frame=0):
+    return ds.PerFrameFunctionalGroupsSequence[frame].IsocenterReferenceSystemSequence[0]
+
+
+@pytest.mark.parametrize("position", HEAD_FIRST)
+def test_isocenter_angles_round_trip_and_give_the_patient_relative_camera(position):
+    angles = [(0.0, 0.0), (30.0, 20.0), (-45.0, -25.0), (120.0, 35.0)]
+    tables = [(0.0, 0.0, 0.0), (40.0, -12.0, 25.0), (-5.0, 7.0, -3.0), (0.0, 0.0, 10.0)]
+    ds = _enhanced(angles, tables, position)
+    for k, ((o, a), t) in enumerate(zip(angles, tables)):
+        item = _iso_item(ds, k)
+        assert float(item.PositionerIsocenterDetectorRotationAngle) == 0.0
+        view = _view(ds, frame=k)
+        assert view.angle_reference == dicom.ISOCENTER_ANGLES and view.patient_angles_deg == (o, a)
+        expected = dw.isocenter_angles(o, a, position)
+        assert (view.orbital_deg, view.angular_deg) == pytest.approx(expected, abs=1e-4)
+        assert view.table_mm == pytest.approx(t)
+        # the same camera as the patient-relative angles placed by PatientPosition
+        del ds.PerFrameFunctionalGroupsSequence[k].IsocenterReferenceSystemSequence
+        legacy = _view(ds, frame=k)
+        ds.PerFrameFunctionalGroupsSequence[k].IsocenterReferenceSystemSequence = [item]
+        assert legacy.angle_reference == dicom.PATIENT_ANGLES and (legacy.orbital_deg, legacy.angular_deg) == (o, a)
+        torch.testing.assert_close(view.T_iso_from_cam, legacy.T_iso_from_cam, atol=1e-4, rtol=0)
+        torch.testing.assert_close(view.plane().T_ref_from_cam(view.joint_positions), view.T_iso_from_cam)
+
+
+def _standard_source_iso(ap1, ap2, sid):
+    """The X-ray source in ``iso`` from PS3.3's own definitions, independently of carm: in the
+    isocentre reference system (X table left, Y down, Z table head) the source is at
+    (R2 R1)^T (0, sid, 0) (PS3.17 FFF.1.2.4.1), R1 about Z (Ap1, -Y toward +X positive), R2 about X."""
+    c1, s1, c2, s2 = math.cos(ap1), math.sin(ap1), math.cos(ap2), math.sin(ap2)
+    R1 = torch.tensor([[c1, s1, 0], [-s1, c1, 0], [0, 0, 1]], dtype=F64)
+    R2 = torch.tensor([[1, 0, 0], [0, c2, -s2], [0, s2, c2]], dtype=F64)
+    X, Y, Z = (R2 @ R1).T @ torch.tensor([0.0, sid, 0.0], dtype=F64)
+    return torch.stack([Z, -X, -Y])  # iso: x head end (+Z), y table right (-X), z up (-Y)
+
+
+@pytest.mark.parametrize("ap1,ap2", [(0, 0), (90, 0), (-90, 0), (0, 60), (0, -60), (30, 20), (-135, -25)])
+def test_isocenter_angle_signs_follow_the_standard(ap1, ap2):
+    ds = _enhanced([(0.0, 0.0)], position="HFP")  # the patient-relative angles removed below
+    item = _iso_item(ds)
+    item.PositionerIsocenterPrimaryAngle, item.PositionerIsocenterSecondaryAngle = float(ap1), float(ap2)
+    pos = ds.PerFrameFunctionalGroupsSequence[0].PositionerPositionSequence[0]
+    del pos.PositionerPrimaryAngle, pos.PositionerSecondaryAngle
+    view = _view(ds, frame=0)
+    assert view.angle_reference == dicom.ISOCENTER_ANGLES and view.patient_angles_deg is None
+    source = _standard_source_iso(math.radians(ap1), math.radians(ap2), DET.sid_mm)
+    torch.testing.assert_close(view.T_iso_from_cam[:3, 3], source, atol=1e-6, rtol=0)
+    # equipment angles do not depend on the patient position
+    ds.PatientPosition = "HFS"
+    torch.testing.assert_close(_view(ds, frame=0).T_iso_from_cam, view.T_iso_from_cam)
+
+
+def test_table_positions_to_the_isocentre_are_prismatic_joints_with_the_opposite_sign():
+    ds = _enhanced([(30.0, 10.0)], [(100.0, 100.0, 100.0)])  # table-top positions: another origin, not used
+    item = _iso_item(ds)
+    item.TableXPositionToIsocenter, item.TableYPositionToIsocenter, item.TableZPositionToIsocenter = 15.0, -40.0, 250.0
+    view = _view(ds, frame=0)
+    # X toward the table's left (the LAO side), Y down, Z toward the head end
+    assert view.table_mm == (250.0, 15.0, 40.0)
+    j = view.joint_positions
+    assert (j["table_longitudinal"], j["table_lateral"], j["table_vertical"]) == pytest.approx((-0.25, -0.015, -0.04))
+    shift = torch.tensor([250.0, -15.0, 40.0], dtype=F64)  # the table's displacement in iso
+    expected = translation(-shift) @ carm.T_iso_from_cam(math.radians(30), math.radians(10), sid_mm=DET.sid_mm)
+    torch.testing.assert_close(view.T_iso_from_cam, expected, atol=1e-4, rtol=0)
+
+
+def test_patient_and_isocenter_angles_must_agree_for_the_patient_position():
+    ds = _enhanced([(30.0, 20.0)])
+    pos = ds.PerFrameFunctionalGroupsSequence[0].PositionerPositionSequence[0]
+    pos.PositionerPrimaryAngle = 30.3  # within the tolerance
+    assert _view(ds, frame=0).angle_reference == dicom.ISOCENTER_ANGLES
+    pos.PositionerPrimaryAngle = 35.0
+    with pytest.raises(ValueError, match="PositionerPrimaryAngle.*PositionerIsocenterPrimaryAngle"):
+        _view(ds, frame=0)
+    # the same angles, but the object says the patient lies prone: the beams disagree
+    ds = _enhanced([(30.0, 20.0)])
+    ds.PatientPosition = "HFP"
+    with pytest.raises(ValueError, match="PatientPosition HFP"):
+        _view(ds, frame=0)
+
+
+@pytest.mark.parametrize("keyword", [dicom.DETECTOR_ROTATION_KEYWORD, *dicom.TABLE_ANGLE_KEYWORDS])
+def test_detector_rotation_and_table_angles_are_refused_unless_zero(keyword):
+    ds = _enhanced([(10.0, 5.0)])
+    setattr(_iso_item(ds), keyword, 0.0)
+    assert _view(ds, frame=0).angle_reference == dicom.ISOCENTER_ANGLES  # exactly zero: fine
+    setattr(_iso_item(ds), keyword, 2.5)
+    with pytest.raises(ValueError, match=f"{keyword} is 2.5 degrees, not 0"):
+        _view(ds, frame=0)
+
+
+@pytest.mark.parametrize("keyword", dicom.TABLE_ANGLE_KEYWORDS)
+def test_table_angles_in_the_table_position_sequence_are_refused_too(keyword):
+    ds = _enhanced([(10.0, 5.0)], isocenter_reference=False)
+    setattr(ds.PerFrameFunctionalGroupsSequence[0].TablePositionSequence[0], keyword, -1.0)
+    with pytest.raises(ValueError, match=keyword):
+        _view(ds, frame=0)
+
+
+@pytest.mark.parametrize(
+    "keyword",
+    [
+        "PositionerIsocenterSecondaryAngle",
+        dicom.DETECTOR_ROTATION_KEYWORD,
+        *dicom.ISOCENTER_TABLE_KEYWORDS,
+        *dicom.TABLE_ANGLE_KEYWORDS,
+    ],
+)
+def test_isocenter_reference_system_attributes_missing_are_named(keyword):
+    ds = _enhanced([(10.0, 5.0)])
+    delattr(_iso_item(ds), keyword)
+    with pytest.raises(ValueError, match=f"{keyword} is missing"):
+        _view(ds, frame=0)
+
+
+def test_isocenter_angle_out_of_range_is_named():
+    ds = _enhanced([(10.0, 5.0)])
+    _iso_item(ds).PositionerIsocenterPrimaryAngle = 200.0
+    with pytest.raises(ValueError, match="PositionerIsocenterPrimaryAngle must be within"):
+        _view(ds, frame=0)

@@ -80,3 +80,43 @@ def test_writer_rejects_bad_input():
         dw.xa_dataset(torch.ones(8, 8), orbital_deg=0, angular_deg=0, detector=DET, study=study)
     with pytest.raises(ValueError, match="patient_position"):
         dw.StudyInfo.new(patient_position="XYZ")
+
+
+def test_enhanced_xa_isocenter_reference_system(tmp_path):
+    ds = dw.enhanced_xa_dataset(
+        _raw(2),
+        angles_deg=[(0, 0), (30, -10)],
+        detector=DET,
+        study=dw.StudyInfo.new(seed=4),
+        table_mm=[(0, 0, 0), (5, 6, 7)],
+    )
+    back, _ = _read_strictly(dw.save(ds, tmp_path / "e.dcm"))
+    iso = back.PerFrameFunctionalGroupsSequence[1].IsocenterReferenceSystemSequence[0]
+    assert back["PerFrameFunctionalGroupsSequence"][0]["IsocenterReferenceSystemSequence"].VR == "SQ"
+    assert (float(iso.PositionerIsocenterPrimaryAngle), float(iso.PositionerIsocenterSecondaryAngle)) == (30.0, -10.0)
+    assert float(iso.PositionerIsocenterDetectorRotationAngle) == 0.0
+    assert (iso.TableXPositionToIsocenter, iso.TableYPositionToIsocenter, iso.TableZPositionToIsocenter) == (6, -7, 5)
+    assert (iso.TableHorizontalRotationAngle, iso.TableHeadTiltAngle, iso.TableCradleTiltAngle) == (0, 0, 0)
+    assert iso["PositionerIsocenterPrimaryAngle"].VR == "FL"
+    # HFP: the equipment sees the prone patient's AP view from above
+    hfp = dw.enhanced_xa_dataset(
+        _raw(1), angles_deg=[(0, 0)], detector=DET, study=dw.StudyInfo.new(seed=4, patient_position="HFP")
+    )
+    assert (
+        float(
+            hfp.PerFrameFunctionalGroupsSequence[0].IsocenterReferenceSystemSequence[0].PositionerIsocenterPrimaryAngle
+        )
+        == -180.0
+    )
+
+
+def test_feet_first_has_no_isocenter_reference_system_unless_asked():
+    study = dw.StudyInfo.new(seed=4, patient_position="FFS")
+    ds = dw.enhanced_xa_dataset(_raw(1), angles_deg=[(20, 5)], detector=DET, study=study)
+    assert "IsocenterReferenceSystemSequence" not in ds.PerFrameFunctionalGroupsSequence[0]
+    with pytest.raises(ValueError, match="detector rotation"):
+        dw.enhanced_xa_dataset(_raw(1), angles_deg=[(20, 5)], detector=DET, study=study, isocenter_reference=True)
+    hfs = dw.enhanced_xa_dataset(
+        _raw(1), angles_deg=[(20, 5)], detector=DET, study=dw.StudyInfo.new(), isocenter_reference=False
+    )
+    assert "IsocenterReferenceSystemSequence" not in hfs.PerFrameFunctionalGroupsSequence[0]
