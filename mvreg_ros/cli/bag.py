@@ -4,7 +4,9 @@ replaying them (docs/bag.md).
 ``mvreg bag simulate OUT`` writes raw images, CameraInfo, joint states and the ground-truth
 anatomy transform (``--scenario``: static, motion, corrupt, fluoro); ``mvreg bag replay BAG``
 plays a bag to a running ``register_node`` over DDS, scores every anatomy TF it publishes against
-the ground truth and, with ``--json``, writes the report and its plots."""
+the ground truth and, with ``--json``, writes the report and its plots; ``mvreg bag soak --sets N``
+starts the node itself, drives N simulated view sets through it live and reports its memory over
+time, TF latency percentiles and the counts of registrations, rejections, drops and crashes."""
 
 from __future__ import annotations
 
@@ -113,6 +115,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--no-plots", action="store_true", help="with --json: do not write the plots")
 
+    k = sub.add_parser(
+        "soak",
+        help="start register_node (quick budget, sim time), drive N simulated view sets through it live and "
+        "report memory, TF latency and counts",
+    )
+    k.add_argument("--sets", type=int, default=100, help="view sets to simulate and play (default: %(default)s)")
+    k.add_argument("--config", help="node parameter file (default: config/biplane.yaml)")
+    k.add_argument("--volume", default="example:8", help="CT as the node's volume_path (default: %(default)s)")
+    k.add_argument("--size", type=int, default=64, help="detector pixels (default: %(default)s)")
+    k.add_argument("--period-s", type=float, default=1.0, help="time between shots (default: %(default)s)")
+    k.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default: %(default)s)")
+    k.add_argument(
+        "--scenario",
+        choices=["static", "corrupt"],
+        default="corrupt",
+        help="corrupt: bad frames interleaved, which must never become a TF (default: %(default)s)",
+    )
+    k.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    k.add_argument("--sample-s", type=float, default=1.0, help="memory sampling period (default: %(default)s)")
+    k.add_argument("--json", metavar="OUT", help="also write the report, the memory samples and the latencies")
+
 
 def run(args: argparse.Namespace) -> int:
     from mvreg_ros.cli.options import options_ok
@@ -130,12 +153,14 @@ def run(args: argparse.Namespace) -> int:
             "motion_deg": 0,
             "motion_shot": 1,
         },
-        above={"period_s": 0, "rate": 0, "match_timeout_s": 0, "fluoro_hz": 0},
+        above={"period_s": 0, "rate": 0, "match_timeout_s": 0, "fluoro_hz": 0, "sample_s": 0},
     ):
         return 2
     try:
         if args.action == "simulate":
             return _simulate(args)
+        if args.action == "soak":
+            return _soak(args)
         return _replay(args)
     except (ValueError, TimeoutError) as e:
         print(f"mvreg bag {args.action}: {e}", file=sys.stderr)
@@ -257,6 +282,38 @@ def _replay(args: argparse.Namespace) -> int:
             for p in write_plots(evaluator, out.with_suffix("")):
                 print(f"wrote {p}")
     return 0 if summary["n"] > 0 else 1
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from mvreg_ros.ros.soak import run_soak
+
+    if args.sets < 1 or args.size < 8 or not args.period_s > 0 or not args.rate > 0 or not args.sample_s > 0:
+        raise ValueError(
+            f"--sets >= 1, --size >= 8, --period-s, --rate and --sample-s > 0 needed, got {args.sets}, "
+            f"{args.size}, {args.period_s}, {args.rate}, {args.sample_s}"
+        )
+    config = Path(args.config) if args.config else config_dir() / DEFAULT_CONFIG["synchronized"]
+    report, record, latencies = run_soak(
+        sets=args.sets,
+        config=config,
+        volume=args.volume,
+        period_s=args.period_s,
+        rate=args.rate,
+        scenario=args.scenario,
+        size=args.size,
+        seed=args.seed,
+        sample_s=args.sample_s,
+        log=lambda t: print(t, flush=True),
+    )
+    step = max(1, len(record.rss) // 10)
+    print("memory (s, MiB): " + ", ".join(f"{t:.0f}: {r / 1024:.1f}" for t, r in record.rss[::step]))
+    print("soak: " + json.dumps(report))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"report": report, "rss_kib": record.rss, "latencies_s": latencies}, indent=2)
+        )
+    ok = report["crashes"] == 0 and report["tf_from_rejected_inputs"] == 0 and report["registrations"] > 0
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

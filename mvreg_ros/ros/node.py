@@ -33,6 +33,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
+from visualization_msgs.msg import Marker
 
 from mvreg_ros.core.geometry.transforms import make_T, matrix_from_quaternion
 from mvreg_ros.core.imaging.overlay import fusion_rgb
@@ -58,6 +59,7 @@ from mvreg_ros.ros.conversions import (
 )
 from mvreg_ros.ros.held_pose import HeldPose, ImageLag, StaleEpoch
 from mvreg_ros.ros.joint_buffer import JointStateBuffer, JointStateError
+from mvreg_ros.ros.marker import bone_surface, marker_msg
 from mvreg_ros.ros.motion import MotionConfig, MotionState, held_pose_contradicted, judge_set
 from mvreg_ros.ros.params import NODE_SPECS, ConfigError, build_config, declare_parameters, validate
 from mvreg_ros.ros.pending import PendingStamps
@@ -232,6 +234,7 @@ class RegisterNode(LifecycleNode):
             self.create_publisher(Image, "~/overlay", QoSProfile(depth=1)) if cfg.publish_overlay else None
         )
         self.worker = LatestJobWorker(self._register, on_error=self._on_worker_error)
+        self._make_marker(cfg)
         values = {}
         if cfg.warmup:
             try:
@@ -250,6 +253,36 @@ class RegisterNode(LifecycleNode):
             f"{' (sim time)' if self.get_parameter('use_sim_time').value else ''}"
         )
         self._status(OK, "configured", "configured" + (f", warm-up {values['warmup_s']} s" if values else ""), values)
+
+    def _make_marker(self, cfg) -> None:
+        """The bone surface for ~/anatomy_marker (published on activate: a lifecycle node's
+        publishers are not active before). A failure only costs the picture."""
+        self.marker = self.marker_pub = None
+        if not cfg.publish_marker:
+            return
+        t0 = time.perf_counter()
+        try:
+            vertices, triangles = bone_surface(
+                self.volume, threshold_hu=cfg.marker_threshold_hu, max_triangles=cfg.marker_max_triangles
+            )
+            self.marker = marker_msg(vertices, triangles, frame_id=cfg.anatomy_frame)
+        except Exception as e:
+            self.get_logger().warning(f"anatomy marker failed: {type(e).__name__}: {e}")
+            return
+        if not len(triangles):
+            self.get_logger().warning(
+                f"anatomy marker: no CT value crosses marker_threshold_hu {cfg.marker_threshold_hu} HU; not published"
+            )
+            self.marker = None
+            return
+        latched = QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
+        self.marker_pub = self.create_publisher(Marker, "~/anatomy_marker", latched)
+        self.get_logger().info(
+            f"anatomy marker: {len(triangles)} triangles at {cfg.marker_threshold_hu:g} HU in "
+            f"{time.perf_counter() - t0:.2f} s"
+        )
 
     def _make_buffers(self) -> None:
         """Fresh input buffers (configure, and a backward time jump)."""
@@ -304,6 +337,8 @@ class RegisterNode(LifecycleNode):
         )
         self.jumps.restart(self.get_clock().now().nanoseconds)
         self._active = True
+        if self.marker_pub is not None and self.marker is not None:
+            self.marker_pub.publish(self.marker)  # transient local: late subscribers get it too
         self._status(OK, "activated", "active: registering view sets", {})
         return SUCCESS
 
@@ -343,7 +378,7 @@ class RegisterNode(LifecycleNode):
         if self.worker is not None:
             self.worker.stop(timeout=5.0)
         with self._publish_lock:
-            for name in ("pose_pub", "overlay_pub"):
+            for name in ("pose_pub", "overlay_pub", "marker_pub"):
                 pub = getattr(self, name, None)
                 if pub is not None:
                     self.destroy_publisher(pub)
@@ -353,7 +388,7 @@ class RegisterNode(LifecycleNode):
                 self.destroy_publisher(tf.pub_tf)
             if self.held is not None:
                 self.held.forget()
-            self.tf = self.worker = self.held = self.cfg = None
+            self.tf = self.worker = self.held = self.cfg = self.marker = None
             self.volume = self.registrar = self.model = self.pipeline = self.pipeline_full = None
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -855,6 +890,12 @@ class RegisterNode(LifecycleNode):
         with self._status_lock:
             counts = dict(self._counts)
         counts["sets_dropped_busy"] = self.worker.dropped if self.worker is not None else 0
+        views = getattr(self, "views", None) if self.cfg is not None else None
+        # the bounded input buffers: frames waiting for a set now, frames that left unused so far
+        counts["frames_queued"] = (
+            views.pending() if isinstance(views, ApproximateTimeSync) else len(views.frames) if views else 0
+        )
+        counts["frames_dropped_sync"] = getattr(views, "dropped", 0)
         kv = {
             "state": state,
             "lifecycle": lifecycle,

@@ -398,6 +398,27 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("publish_overlay", "bool", False, "Publish ~/overlay (rgb8): X-ray magenta, DRR at the pose green."),
     ParamSpec("publish_diagnostics", "bool", True, "Also publish the status on /diagnostics."),
     ParamSpec(
+        "publish_marker",
+        "bool",
+        True,
+        "Publish ~/anatomy_marker (visualization_msgs/Marker TRIANGLE_LIST, transient local) on activate: the "
+        "CT's bone surface in anatomy_frame, for RViz and Foxglove.",
+    ),
+    ParamSpec(
+        "marker_threshold_hu",
+        "double",
+        250.0,
+        "~/anatomy_marker: the CT value (HU) whose iso-surface is drawn (bone).",
+        range=(-1000.0, 4000.0),
+    ),
+    ParamSpec(
+        "marker_max_triangles",
+        "integer",
+        50000,
+        "~/anatomy_marker: most triangles of the surface (a coarser marching-cubes step when needed).",
+        range=(100, 50000),
+    ),
+    ParamSpec(
         "time_jump_s",
         "double",
         2.0,

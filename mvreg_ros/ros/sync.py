@@ -40,7 +40,9 @@ class ApproximateTimeSync:
 
     Every source keeps its last ``queue_size`` frames. When a frame arrives, each other
     source contributes its frame nearest in time to it; if the set spans at most ``slop_ns``
-    it is emitted and those frames and every older one are dropped."""
+    it is emitted and those frames and every older one are dropped. Memory is bounded: at most
+    ``queue_size`` frames per source (a full queue drops its oldest frame for the newest);
+    :attr:`dropped` counts the frames that left without being part of a set."""
 
     def __init__(self, n_sources: int, *, slop_ns: int, queue_size: int = 10):
         if n_sources < 1:
@@ -52,6 +54,7 @@ class ApproximateTimeSync:
         self.n_sources = n_sources
         self.slop_ns = int(slop_ns)
         self._queues = [collections.deque(maxlen=queue_size) for _ in range(n_sources)]
+        self.dropped = 0
 
     def add(self, frame: Frame) -> list[Frame] | None:
         if not 0 <= frame.source < self.n_sources:
@@ -59,6 +62,8 @@ class ApproximateTimeSync:
         q = self._queues[frame.source]
         if q and frame.stamp_ns <= q[-1].stamp_ns:
             raise ValueError(f"frame stamp {frame.stamp_ns} is not newer than the last of source {frame.source}")
+        if len(q) == q.maxlen:
+            self.dropped += 1  # the oldest frame makes room (newest wins)
         q.append(frame)
         chosen = []
         for s, queue in enumerate(self._queues):
@@ -74,7 +79,8 @@ class ApproximateTimeSync:
         for s, f in enumerate(chosen):
             queue = self._queues[s]
             while queue and queue[0].stamp_ns <= f.stamp_ns:
-                queue.popleft()
+                if queue.popleft() is not f:
+                    self.dropped += 1
         return chosen
 
     def pending(self) -> int:

@@ -23,6 +23,7 @@ from sensor_msgs.msg import CameraInfo, Image, JointState
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
+from visualization_msgs.msg import Marker
 
 from mvreg_ros.ros.conversions import (
     K_to_camera_info,
@@ -79,6 +80,10 @@ class Harness:
             depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
         )
         n.create_subscription(Bool, "/register_node/pose_valid", self._on_pose_valid, latched)
+        self.markers = []  # ~/anatomy_marker (transient local: published once, on activate)
+        self.marker_sub = n.create_subscription(
+            Marker, "/register_node/anatomy_marker", lambda m: self._append("markers", m), latched
+        )
         self.initial_pose_pub = n.create_publisher(PoseWithCovarianceStamped, "/register_node/initial_pose", 10)
         self.clients = {
             "reset": n.create_client(Trigger, "/register_node/reset"),
@@ -150,6 +155,10 @@ class Harness:
     def _on_pose(self, msg):
         with self.lock:
             self.poses.append(msg)
+
+    def _append(self, name: str, msg):
+        with self.lock:
+            getattr(self, name).append(msg)
 
     def _on_pose_valid(self, msg):
         with self.lock:

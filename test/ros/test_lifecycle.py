@@ -73,10 +73,13 @@ def test_managed_node_without_autostart(node):
     assert float(st["warmup_s"]) > 0 and st["warmup_image_size"] == "64x64" and st["warmup_views"] == "2", st
     assert h.lifecycle_state() == "inactive" and not inputs_subscribed(h)
     assert not h.trigger("register_now").success
+    assert h.count("markers") == 0  # ~/anatomy_marker is published on activate, not before
 
     # activate: registers and publishes
     assert h.transition("activate")
     h.wait_matched()
+    marker = wait_until(lambda: h.markers and h.markers[-1], 30, what="~/anatomy_marker after activate")
+    assert marker.header.frame_id == "anatomy" and 0 < len(marker.points) <= 3 * 50_000
     stamp, st = register_good_set(h)
     assert mtre_mm(tf_at(h, stamp), h.scenario.truth) < 2.0
     wait_until(lambda: h.valid() is True, 30, what="pose_valid true")

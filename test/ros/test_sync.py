@@ -99,3 +99,17 @@ def test_single_view_mode():
     b = SequentialViewBuffer(num_views=1, min_separation_deg=0.0, max_age_ns=MS)
     assert stamps(b.add(frame(0, 1))) == [(0, 1)]
     assert stamps(b.add(frame(0, 2))) == [(0, 2)]
+
+
+def test_bounded_queues_count_every_frame_that_leaves_unused():
+    s = ApproximateTimeSync(2, slop_ns=10 * MS, queue_size=3)
+    for t in range(0, 100, 10):  # one source only: the queue keeps the newest 3, the rest are dropped
+        assert s.add(frame(0, t)) is None
+    assert s.pending() == 3 and s.dropped == 7
+    got = s.add(frame(1, 91))  # pairs with 0@90; 0@70 and 0@80 leave unused
+    assert stamps(got) == [(0, 90), (1, 91)]
+    assert s.pending() == 0 and s.dropped == 9
+    # 30 Hz on both topics: every frame is used, nothing is dropped
+    s2 = ApproximateTimeSync(2, slop_ns=10 * MS, queue_size=3)
+    sets = [s2.add(frame(src, t + 3 * src)) for t in range(0, 3000, 33) for src in (0, 1)]
+    assert sum(x is not None for x in sets) == len(range(0, 3000, 33)) and s2.dropped == 0
