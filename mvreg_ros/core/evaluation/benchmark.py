@@ -1,14 +1,20 @@
 """Speed measurements behind ``mvreg bench``: renderer throughput against the memory-bandwidth
-bound, refinement against the reference-renderer baseline, coarse-network inference, memory."""
+bound, refinement against the reference-renderer baseline, full registrations, tracking updates
+(the fast path of a tracking start), where one refinement spends its time, coarse-network
+inference, memory, and a big CT (512 x 512 x 1000) from file to a warm engine."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import platform
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mvreg_ros.core.data.simulate import acquire, make_scene
 from mvreg_ros.core.evaluation import stats
@@ -16,15 +22,17 @@ from mvreg_ros.core.evaluation.landmarks import ct_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
-from mvreg_ros.core.imaging.volume import Volume
+from mvreg_ros.core.imaging.volume import Volume, example_ct_path, load_hu, load_volume
 from mvreg_ros.core.registration.initialisers import Start
-from mvreg_ros.core.registration.pipeline import RegistrationPipeline
+from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar
 from mvreg_ros.core.rendering import native as render_native
 from mvreg_ros.core.rendering.reference import ReferenceRenderer
 from mvreg_ros.core.rendering.renderer import Renderer
 
 BYTES_PER_TRILINEAR_SAMPLE = 8 * 4  # eight float32 neighbours read per sample (no cache reuse assumed)
+SECTIONS = ("renderer", "refine", "reference", "pipeline", "tracking", "profile", "coarse", "big_ct")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "big_ct")  # the big CT takes a minute and 1-3 GB: asked for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +47,29 @@ class BenchConfig:
     trans_mm: float = 20.0
     global_rot_deg: float = 15.0  # full registrations (global stage + refinement + acceptance) start this far off
     global_trans_mm: float = 30.0
+    tracking_cases: int = 5  # tracking updates: view sets moved tracking_rot_deg / tracking_trans_mm from the held pose
+    tracking_rot_deg: float = 1.0
+    tracking_trans_mm: float = 2.0
+    tracking_compare: bool = True  # ... and the same sets without the fast path (local refinement + acceptance test)
+    big_ct_shape: tuple[int, int, int] = (512, 512, 1000)  # (i, j, k) voxels of the big CT written as NIfTI
     seed: int = 0
     device: str = "cpu"
     model_path: str | None = None
     refine: RefineConfig = RefineConfig()  # the engine's settings under test (device comes from ``device``)
+    pipeline: PipelineConfig = PipelineConfig()  # of the tracking updates (the node's defaults)
+    sections: tuple[str, ...] = DEFAULT_SECTIONS  # what to measure (SECTIONS)
+
+    def __post_init__(self):
+        bad = [s for s in self.sections if s not in SECTIONS]
+        if bad:
+            raise ValueError(f"unknown bench sections {bad}; choose from {SECTIONS}")
+        if "reference" in self.sections and "refine" not in self.sections:
+            raise ValueError("the 'reference' section compares against 'refine': give both")
+        for name in ("cases", "reference_cases", "tracking_cases"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if len(self.big_ct_shape) != 3 or min(self.big_ct_shape) < 2:
+            raise ValueError(f"big_ct_shape must be 3 sizes >= 2, got {self.big_ct_shape}")
 
 
 def _sync(device) -> None:
@@ -206,6 +233,242 @@ def pipeline_runs(registrar: Registrar, scene, views, inits, landmarks, *, succe
     }
 
 
+def tracking_sets(volume: Volume, scene, cfg: BenchConfig, n: int) -> list[tuple[torch.Tensor, ViewSet]]:
+    """``n`` view sets of the anatomy moved ``tracking_rot_deg`` / ``tracking_trans_mm`` from the
+    held pose ``scene.T_ref_from_ct`` (each a fresh acquisition): (the moved pose, its views)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    renderer = Renderer(volume.resampled(2), device=cfg.device)
+    sets = []
+    for _ in range(n):
+        T_moved = geometry.perturb(
+            scene.T_ref_from_ct,
+            rot_deg=cfg.tracking_rot_deg,
+            trans_mm=cfg.tracking_trans_mm,
+            centre_ct=volume.centre_ct(),
+            generator=gen,
+        )
+        T_cam_from_ct = geometry.invert(scene.T_ref_from_cam) @ T_moved
+        raw = acquire(renderer, T_cam_from_ct, scene.K, scene.height, scene.width, generator=gen)
+        sets.append((T_moved, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)))
+    return sets
+
+
+def tracking_runs(
+    registrar: Registrar,
+    T_held_ref_from_ct: torch.Tensor,
+    sets,
+    landmarks,
+    *,
+    config: PipelineConfig = PipelineConfig(),
+    success_mm: float = 2.0,
+    warm_up: bool = True,
+) -> dict:
+    """Tracking updates through the pipeline: each set registered from a tracking start at the held
+    pose (the fast path, falling back to the full registration). Time, error against the moved pose,
+    how many took the fast path and the acceptance counts. ``warm_up``: the first set once untimed
+    before (compiles the fast path's shapes)."""
+    return tracking_comparison(
+        registrar, T_held_ref_from_ct, sets, landmarks, {"run": config}, success_mm=success_mm, warm_up=warm_up
+    )["run"]
+
+
+def tracking_comparison(
+    registrar: Registrar,
+    T_held_ref_from_ct: torch.Tensor,
+    sets,
+    landmarks,
+    configs: dict[str, PipelineConfig],
+    *,
+    success_mm: float = 2.0,
+    warm_up: bool = True,
+) -> dict[str, dict]:
+    """:func:`tracking_runs` for each pipeline configuration of ``configs``, set by set in turn (a
+    load that changes during the run weighs on all of them alike)."""
+    pipelines = {name: RegistrationPipeline(registrar, initialisers=[], config=c) for name, c in configs.items()}
+
+    def start() -> Start:
+        return Start(T_ref_from_ct=T_held_ref_from_ct.clone(), source="last_accepted", tracking=True)
+
+    if warm_up and sets:
+        for pipeline in pipelines.values():
+            pipeline.register_from(sets[0][1], start())
+    runs = {name: {"errs": [], "times": [], "refine": [], "accepted": [], "stages": []} for name in configs}
+    for T_moved, views in sets:
+        for name, pipeline in pipelines.items():
+            t = time.perf_counter()
+            out = pipeline.register_from(views, start())
+            _sync(registrar.device)
+            runs[name]["times"].append(time.perf_counter() - t)
+            runs[name]["refine"].append(float(getattr(out.result, "time_s", float("nan"))))
+            runs[name]["errs"].append(mtre_mm(out.result.T_ref_from_ct, T_moved, landmarks))
+            runs[name]["accepted"].append(bool(out.accepted))
+            runs[name]["stages"].append("+".join(out.stages))
+    results = {}
+    for name, x in runs.items():
+        errs, times, accepted, stages = x["errs"], x["times"], x["accepted"], x["stages"]
+        ok = [e <= success_mm for e in errs]
+        results[name] = {
+            "n": len(sets),
+            "time_s": stats.median(times),
+            # the last refinement's own time (the rest: the acceptance test, and any earlier stages)
+            "refine_time_s": stats.median(x["refine"]),
+            "median_mtre_mm": stats.median(errs),
+            "max_mtre_mm": max(errs),
+            "fast": sum(s == "tracking" for s in stages),  # accepted by the fast path alone
+            "fallbacks": sum(s.startswith("tracking+") for s in stages),
+            "accepted": sum(accepted),
+            "false_acceptances": sum(a and not o for a, o in zip(accepted, ok)),
+            "false_rejections": sum(o and not a for a, o in zip(accepted, ok)),
+            "times_s": times,
+            "mtre_mm": errs,
+            "stages": stages,
+        }
+    return results
+
+
+def refine_profile(registrar: Registrar, views: ViewSet, T_init: torch.Tensor, schedule=None) -> dict:
+    """Seconds per part of one refinement from ``T_init`` (``Registrar.profiled``; the registrar
+    should be warm: compiled for these shapes); ``schedule``: as :meth:`Registrar.refine`."""
+    with registrar.profiled() as timer:
+        t = timer.now()
+        res = registrar.refine(views, T_init, schedule=schedule)
+        total = timer.now() - t
+    out = timer.report(total)
+    out["iterations"] = res.iterations
+    out["level_iterations"] = list(res.level_iterations)
+    return out
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (VmRSS), MB; the peak so far where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: restart VmHWM from the current RSS (``5`` to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def write_big_ct(path: str | Path, shape_ijk: tuple[int, int, int] = (512, 512, 1000)) -> Path:
+    """The shipped CT resampled (trilinear) to ``shape_ijk`` voxels over the same extent, written as
+    int16 HU NIfTI at ``path`` (``.nii.gz``: gzip level 1)."""
+    import nibabel as nib
+
+    src = example_ct_path()
+    hu, _ = load_hu(src)
+    D0, H0, W0 = hu.shape
+    W, H, D = shape_ijk
+    big = F.interpolate(hu[None, None], size=(D, H, W), mode="trilinear", align_corners=True)[0, 0]
+    del hu
+    arr = big.round_().clamp_(-32768, 32767).to(torch.int16)
+    del big
+    affine = nib.load(str(src)).affine.copy()
+    for axis, (n0, n) in enumerate(((W0, W), (H0, H), (D0, D))):
+        affine[:3, axis] *= (n0 - 1) / (n - 1)  # align_corners: the end voxels stay where they were
+    path = Path(path)
+    nib.save(nib.Nifti1Image(arr.numpy().transpose(2, 1, 0), affine), str(path))
+    return path
+
+
+def _engine_volume_mb(registrar: Registrar) -> float:
+    tensors = {registrar.volume.data.data_ptr(): registrar.volume.data.untyped_storage().nbytes()}
+    for r in registrar._renderers.values():
+        for t in (getattr(r, "data", None), getattr(r, "padded", None)):
+            if isinstance(t, torch.Tensor):
+                tensors[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(tensors.values()) / 2**20
+
+
+def big_ct_run(cfg: BenchConfig, log=print) -> dict:
+    """A big CT (``big_ct_shape``, written as NIfTI into a temporary folder) from file to a warm
+    engine: load (HU to attenuation in place), the engine's crop and one-time pooling (the
+    full-resolution array is dropped), then the warm-up: the first refinement (from ``rot_deg`` /
+    ``trans_mm``, compiling the renderer for the new volume) of a 2-view set rendered from the
+    engine's CT. ``ready_s`` = load + crop and pool + warm-up (rendering the simulated X-rays,
+    ``views_s``, is not counted: a C-arm sends them); ``rss_mb`` the resident memory once ready
+    (``rss_before_mb`` before loading, ``peak_rss_mb`` the peak from loading on, where Linux can
+    restart it)."""
+    out: dict = {"shape_ijk": list(cfg.big_ct_shape)}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        path = write_big_ct(Path(tmp) / "big_ct.nii.gz", cfg.big_ct_shape)
+        out["write_s"] = time.perf_counter() - t
+        out["file_mb"] = path.stat().st_size / 2**20
+        gc.collect()
+        out["rss_before_mb"] = rss_mb()
+        peak_reset = _reset_peak_rss()
+        log(f"big CT {cfg.big_ct_shape}: loading {out['file_mb']:.0f} MB ...")
+        t0 = time.perf_counter()
+        volume = load_volume(path)
+        out["load_s"] = time.perf_counter() - t0
+        out["full_resolution_mb"] = volume.data.numel() * volume.data.element_size() / 2**20
+        t = time.perf_counter()
+        registrar = Registrar(volume, dataclasses.replace(cfg.refine, device=cfg.device))
+        del volume
+        gc.collect()
+        out["prepare_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    scene = make_scene(registrar.centre_ct, [(0.0, 0.0), (90.0, 0.0)])
+    raw = acquire(
+        Renderer(registrar.volume, device=cfg.device, backend="grid_sample"),
+        scene.T_cam_from_ct,
+        scene.K,
+        scene.height,
+        scene.width,
+        generator=gen,
+    )
+    views = ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+    T_init = geometry.perturb(
+        scene.T_ref_from_ct, rot_deg=cfg.rot_deg, trans_mm=cfg.trans_mm, centre_ct=registrar.centre_ct, generator=gen
+    )
+    out["views_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    res = registrar.refine(views, T_init)
+    _sync(cfg.device)
+    out["warmup_s"] = time.perf_counter() - t
+    out["ready_s"] = out["load_s"] + out["prepare_s"] + out["warmup_s"]
+    gc.collect()
+    out["rss_mb"] = rss_mb()
+    out["rss_delta_mb"] = out["rss_mb"] - out["rss_before_mb"]
+    out["peak_rss_mb"] = _peak_rss_mb() if peak_reset else None
+    out["base_factor"] = registrar.base_factor
+    out["engine_volume_shape_ijk"] = list(registrar.volume.shape_ijk)
+    out["engine_spacing_mm"] = [round(float(x), 4) for x in registrar.volume.spacing]
+    out["engine_volume_mb"] = _engine_volume_mb(registrar)
+    landmarks = ct_landmarks(registrar.volume).points_ct
+    out["warmup_mtre_mm"] = mtre_mm(res.T_ref_from_ct, scene.T_ref_from_ct, landmarks)
+    t = time.perf_counter()
+    warm = registrar.refine(views, T_init)
+    _sync(cfg.device)
+    out["warm_refine_s"] = time.perf_counter() - t
+    out["warm_refine_mtre_mm"] = mtre_mm(warm.T_ref_from_ct, scene.T_ref_from_ct, landmarks)
+    return out
+
+
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
@@ -226,59 +489,89 @@ def peak_memory_mb(device) -> float:
 
 
 def run(volume: Volume, cfg: BenchConfig, log=print) -> dict:
+    """The sections ``cfg.sections`` of the benchmark on ``volume``; the result's keys follow them."""
+    sections = set(cfg.sections)
     chosen = ct_landmarks(volume)
     landmarks = chosen.points_ct
-    scene, views, inits = _cases(volume, 2, cfg, max(cfg.cases, cfg.reference_cases))
+    scene, views, inits = _cases(volume, 2, cfg, max(cfg.cases, cfg.reference_cases, 1))
     result = {
         "device": device_name(cfg.device),
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "landmarks": chosen.describe(),  # the points behind every mTRE below
+        "sections": [s for s in SECTIONS if s in sections],
     }
-    log("renderer throughput ...")
-    result["renderer"] = renderer_throughput(volume, scene, cfg)
-    log("engine refinement (default settings) ...")
+    if "renderer" in sections:
+        log("renderer throughput ...")
+        result["renderer"] = renderer_throughput(volume, scene, cfg)
     engine = Registrar(volume, dataclasses.replace(cfg.refine, device=cfg.device))
-    result["refine"] = refine_runs(engine, scene, views, inits[: cfg.cases], landmarks)
-    log("reference refinement (DiffDRR Siddon, full-resolution volume, fixed resolution) ...")
-    # the plain baseline: DiffDRR Siddon on the full-resolution volume, one fixed resolution, the
-    # same optimiser for a fixed number of iterations, no second-order polish
-    ref_cfg = RefineConfig(
-        sizes=(cfg.reference_size,),
-        iterations=(cfg.reference_iterations,),
-        n_samples=(0,),
-        patches=(8,),
-        pool_volume=False,
-        tol_rot_deg=0.0,
-        tol_trans_mm=0.0,
-        uncertainty=False,
-        newton_steps=0,
-        device=cfg.device,
-    )
-    reference = Registrar(volume, ref_cfg, renderer_cls=ReferenceRenderer)
-    result["reference_refine"] = refine_runs(reference, scene, views, inits[: cfg.reference_cases], landmarks)
-    result["refine_speedup"] = result["reference_refine"]["time_s"] / result["refine"]["time_s"]
-    log(
-        f"full registration (global stage, refinement, acceptance test) from {cfg.global_rot_deg:g} deg / "
-        f"{cfg.global_trans_mm:g} mm ..."
-    )
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    far = [
-        geometry.perturb(
-            scene.T_ref_from_ct,
-            rot_deg=cfg.global_rot_deg,
-            trans_mm=cfg.global_trans_mm,
-            centre_ct=volume.centre_ct(),
-            generator=gen,
+    if "refine" in sections and cfg.cases:
+        log("engine refinement (default settings) ...")
+        result["refine"] = refine_runs(engine, scene, views, inits[: cfg.cases], landmarks)
+    if "reference" in sections and cfg.reference_cases and "refine" in result:
+        log("reference refinement (DiffDRR Siddon, full-resolution volume, fixed resolution) ...")
+        # the plain baseline: DiffDRR Siddon on the full-resolution volume, one fixed resolution, the
+        # same optimiser for a fixed number of iterations, no second-order polish
+        ref_cfg = RefineConfig(
+            sizes=(cfg.reference_size,),
+            iterations=(cfg.reference_iterations,),
+            n_samples=(0,),
+            patches=(8,),
+            pool_volume=False,
+            tol_rot_deg=0.0,
+            tol_trans_mm=0.0,
+            uncertainty=False,
+            newton_steps=0,
+            device=cfg.device,
         )
-        for _ in range(cfg.cases)
-    ]
-    result["pipeline"] = pipeline_runs(engine, scene, views, far, landmarks)
+        reference = Registrar(volume, ref_cfg, renderer_cls=ReferenceRenderer)
+        result["reference_refine"] = refine_runs(reference, scene, views, inits[: cfg.reference_cases], landmarks)
+        result["refine_speedup"] = result["reference_refine"]["time_s"] / result["refine"]["time_s"]
+    if "profile" in sections:
+        log("where one refinement spends its time ...")
+        if "refine" not in result:
+            engine.refine(views, inits[0])  # warm: compile for these shapes first
+        result["refine"] = {**result.get("refine", {}), "profile": refine_profile(engine, views, inits[0])}
+    if "pipeline" in sections and cfg.cases:
+        log(
+            f"full registration (global stage, refinement, acceptance test) from {cfg.global_rot_deg:g} deg / "
+            f"{cfg.global_trans_mm:g} mm ..."
+        )
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        far = [
+            geometry.perturb(
+                scene.T_ref_from_ct,
+                rot_deg=cfg.global_rot_deg,
+                trans_mm=cfg.global_trans_mm,
+                centre_ct=volume.centre_ct(),
+                generator=gen,
+            )
+            for _ in range(cfg.cases)
+        ]
+        result["pipeline"] = pipeline_runs(engine, scene, views, far, landmarks)
+    if "tracking" in sections and cfg.tracking_cases:
+        log(
+            f"tracking updates: sets moved {cfg.tracking_rot_deg:g} deg / {cfg.tracking_trans_mm:g} mm from the "
+            "held pose, tracking start ..."
+        )
+        sets = tracking_sets(volume, scene, cfg, cfg.tracking_cases)
+        configs = {"tracking": cfg.pipeline}
+        if cfg.tracking_compare:  # the same sets without the fast path (local refinement, acceptance test), in turn
+            slow = dataclasses.replace(cfg.pipeline, tracking=dataclasses.replace(cfg.pipeline.tracking, enabled=False))
+            configs["tracking_without_fast_path"] = slow
+        result.update(tracking_comparison(engine, scene.T_ref_from_ct, sets, landmarks, configs))
+        if "tracking" in result and "profile" in sections:  # one fast refinement, part by part
+            fast = cfg.pipeline.tracking.schedule(engine.config)
+            result["tracking"]["profile"] = refine_profile(engine, sets[0][1], scene.T_ref_from_ct, fast)
+        if "tracking" in result and "tracking_without_fast_path" in result:
+            result["tracking_speedup"] = result["tracking_without_fast_path"]["time_s"] / result["tracking"]["time_s"]
     result["coarse_ms_per_set"] = None
-    if cfg.model_path:
+    if "coarse" in sections and cfg.model_path:
         from mvreg_ros.core.learning.coarse import CoarseModel
 
         model = CoarseModel.load(cfg.model_path, volume=volume, device=cfg.device)
         result["coarse_ms_per_set"] = 1000 * _timeit(lambda: model.predict(views), cfg.device, 20)
-    result["peak_memory_mb"] = peak_memory_mb(cfg.device)
+    result["peak_memory_mb"] = peak_memory_mb(cfg.device)  # before the big CT: the rest of the benchmark
+    if "big_ct" in sections:
+        result["big_ct"] = big_ct_run(cfg, log)
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import typing
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,49 @@ from torch import Tensor
 # Linear attenuation of water at about 70 keV, 1/mm. HU -> mu: mu = mu_water * (1 + HU / 1000).
 MU_WATER_PER_MM = 0.0193
 BONE_HU = 250.0
+# The passes over a whole volume (finite check, bone centre, body box, pooling) go slab by slab of
+# about this many voxels, so a big CT (512 x 512 x 1000) never needs a second full-size temporary.
+SLAB_VOXELS = 2**24
+
+
+def _slab_starts(data: Tensor, multiple: int = 1) -> tuple[int, range]:
+    """Slab thickness (a multiple of ``multiple`` slices, about :data:`SLAB_VOXELS` voxels) and
+    the first slice of each slab along the slowest axis of ``data[k, j, i]``."""
+    D, H, W = data.shape
+    step = max(1, SLAB_VOXELS // max(H * W * multiple, 1)) * multiple
+    return step, range(0, D, step)
+
+
+def _counts_above(data: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """How many voxels of ``data[k, j, i]`` are above ``threshold`` in each slice k, row j and
+    column i (int64, exact): slab by slab, the comparison written as 0/1 into one float buffer
+    (the sums of whole numbers below 2**24 are exact in float32; fast reductions)."""
+    D, H, W = data.shape
+    dev = data.device
+    per_k = torch.zeros(D, dtype=torch.int64, device=dev)
+    per_j = torch.zeros(H, dtype=torch.int64, device=dev)
+    per_i = torch.zeros(W, dtype=torch.int64, device=dev)
+    step, starts = _slab_starts(data)
+    buf = torch.empty((min(step, D), H, W), dtype=torch.float32, device=dev)
+    row_dtype = torch.float32 if H * W < 2**24 else torch.float64
+    for k in starts:
+        slab = data[k : k + step]
+        b = buf[: len(slab)]
+        torch.gt(slab, threshold, out=b)
+        per_k[k : k + len(slab)] = b.flatten(1).sum(1, dtype=row_dtype).to(torch.int64)
+        plane = b.sum(0)  # (H, W), each at most ``step`` (< 2**24)
+        per_j += plane.sum(1, dtype=torch.float64).to(torch.int64)
+        per_i += plane.sum(0, dtype=torch.float64).to(torch.int64)
+    return per_k, per_j, per_i
+
+
+def _all_finite(data: Tensor) -> bool:
+    """No NaN or infinity: the smallest and largest values are finite (min and max propagate NaN);
+    one read pass, no temporary."""
+    if data.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(data)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
@@ -38,7 +82,7 @@ class Volume:
             raise ValueError(f"T_ct_from_index must be 4x4, got {tuple(self.T_ct_from_index.shape)}")
         if self.mask is not None and self.mask.shape != self.data.shape:
             raise ValueError(f"mask shape {tuple(self.mask.shape)} differs from data shape {tuple(self.data.shape)}")
-        if not torch.isfinite(self.data).all():
+        if not _all_finite(self.data):
             raise ValueError("volume data contains NaN or infinite values")
 
     @property
@@ -56,13 +100,36 @@ class Volume:
         return self.T_ct_from_index[:3, :3] @ ijk.to(self.T_ct_from_index) + self.T_ct_from_index[:3, 3]
 
     def bone_centre_ct(self, threshold: float | None = None) -> Float[Tensor, "3"]:
-        """Centroid of voxels above ``threshold`` (default: the bone attenuation)."""
+        """Centroid of voxels above ``threshold`` (default: the bone attenuation).
+
+        From the voxel counts per slice, row and column (exact integer sums, slab by slab): no
+        list of the voxels' indices, which for a big CT would be larger than the CT itself."""
         thr = hu_to_mu(torch.tensor(BONE_HU)).item() if threshold is None else threshold
-        idx = (self.data > thr).nonzero().to(self.T_ct_from_index.dtype)
-        if len(idx) == 0:
+        per_k, per_j, per_i = _counts_above(self.data, thr)
+        dev = self.data.device
+        n = int(per_k.sum())
+        if n == 0:
             return self.centre_ct()
-        ijk = idx.flip(-1).mean(0)
+        sums = [int((torch.arange(len(c), device=dev) * c).sum()) for c in (per_i, per_j, per_k)]
+        ijk = torch.tensor(sums, dtype=torch.float64).to(self.T_ct_from_index) / n
         return self.T_ct_from_index[:3, :3] @ ijk + self.T_ct_from_index[:3, 3]
+
+    def box_above(
+        self, threshold: float, margin_vox: int = 2
+    ) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+        """The smallest index box ``(k0, j0, i0), (k1, j1, i1)`` (end exclusive) holding every
+        voxel above ``threshold``, grown by ``margin_vox`` and clipped to the volume; None when no
+        voxel is above it. Slab by slab: no list of voxel indices."""
+        D, H, W = self.data.shape
+        per_k, per_j, per_i = _counts_above(self.data, threshold)
+        if not bool((per_k > 0).any()):
+            return None
+        lo, hi = [], []
+        for counts, n in ((per_k, D), (per_j, H), (per_i, W)):
+            idx = (counts > 0).nonzero()[:, 0]
+            lo.append(max(int(idx[0]) - margin_vox, 0))
+            hi.append(min(int(idx[-1]) + margin_vox + 1, n))
+        return tuple(lo), tuple(hi)
 
     def corners_ct(self) -> Float[Tensor, "8 3"]:
         W, H, D = self.shape_ijk
@@ -91,38 +158,49 @@ class Volume:
         }
 
     def resampled(self, factor: int) -> "Volume":
-        """Average-pool by an integer ``factor`` per axis (the affine follows the new centres)."""
+        """Average-pool by an integer ``factor`` per axis (the affine follows the new centres).
+
+        Slab by slab along k (slabs of whole blocks): the same values as one pass, without a
+        padded copy of the whole volume; ``self`` may be a view (:meth:`cropped_to` with
+        ``copy=False``), the result (``factor`` > 1) never shares its memory."""
         if not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be a positive int, got {factor!r}")
         if factor == 1:
             return self
-        D, H, W = self.data.shape
-        # zero-pad to whole blocks: a partial block keeps its mass and its extent
-        padded = F.pad(self.data, (0, -W % factor, 0, -H % factor, 0, -D % factor))
-        data = F.avg_pool3d(padded[None, None], factor)[0, 0]
+        H, W = self.data.shape[1:]
+        step, starts = _slab_starts(self.data, factor)
+
+        def pooled(x: Tensor, pool) -> Tensor:
+            # zero-pad to whole blocks: a partial block keeps its mass and its extent
+            parts = []
+            for k in starts:
+                slab = x[k : k + step]
+                padded = F.pad(slab, (0, -W % factor, 0, -H % factor, 0, -len(slab) % factor))
+                parts.append(pool(padded[None, None], factor)[0, 0])
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        data = pooled(self.data, F.avg_pool3d)
         S = torch.eye(4, dtype=self.T_ct_from_index.dtype, device=self.T_ct_from_index.device)
         S[:3, :3] *= factor
         S[:3, 3] = (factor - 1) / 2
         mask = None
         if self.mask is not None:
-            m = F.pad(self.mask.float(), (0, -W % factor, 0, -H % factor, 0, -D % factor))
-            mask = F.max_pool3d(m[None, None], factor)[0, 0].to(self.mask.dtype)
+            mask = pooled(self.mask, lambda m, f: F.max_pool3d(m.float(), f)).to(self.mask.dtype)
         return Volume(data=data, T_ct_from_index=self.T_ct_from_index @ S, mask=mask)
 
-    def cropped_to(self, threshold: float, margin_vox: int = 2) -> "Volume":
-        """Smallest box holding every voxel above ``threshold`` (plus a margin)."""
-        nz = (self.data > threshold).nonzero()
-        if len(nz) == 0:
+    def cropped_to(self, threshold: float, margin_vox: int = 2, *, copy: bool = True) -> "Volume":
+        """Smallest box holding every voxel above ``threshold`` (plus a margin). ``copy=False``:
+        the data and mask are views into this volume's (no second full-resolution array, e.g.
+        before pooling)."""
+        box = self.box_above(threshold, margin_vox)
+        if box is None:
             raise ValueError(f"no voxel above threshold {threshold}: cannot crop")
-        lo = (nz.min(0).values - margin_vox).clamp_min(0)
-        hi = torch.minimum(nz.max(0).values + margin_vox + 1, torch.tensor(self.data.shape))
-        (k0, j0, i0), (k1, j1, i1) = lo.tolist(), hi.tolist()
+        (k0, j0, i0), (k1, j1, i1) = box
         shift = torch.eye(4, dtype=self.T_ct_from_index.dtype, device=self.T_ct_from_index.device)
         shift[:3, 3] = torch.tensor([i0, j0, k0], dtype=shift.dtype)
         mask = None if self.mask is None else self.mask[k0:k1, j0:j1, i0:i1]
-        return Volume(
-            data=self.data[k0:k1, j0:j1, i0:i1].contiguous(), T_ct_from_index=self.T_ct_from_index @ shift, mask=mask
-        )
+        data = self.data[k0:k1, j0:j1, i0:i1]
+        return Volume(data=data.contiguous() if copy else data, T_ct_from_index=self.T_ct_from_index @ shift, mask=mask)
 
 
 def hu_to_mu(hu: Tensor, *, bone_scale: float = 1.0) -> Tensor:
@@ -145,15 +223,31 @@ def from_itk_arrays(array_kji: np.ndarray, spacing, origin, direction) -> tuple[
     return torch.as_tensor(np.ascontiguousarray(array_kji), dtype=torch.float32), torch.as_tensor(A)
 
 
+_SMALL_INTS = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16))  # exact in float32
+
+
 def load_nifti(path: str | Path) -> tuple[Tensor, Tensor]:
     """NIfTI (RAS affine) to ``(data[k, j, i], T_ct_from_index in LPS)``."""
     import nibabel as nib
 
     img = nib.load(str(path))
-    arr_ijk = np.asarray(img.dataobj, dtype=np.float32)
-    if arr_ijk.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {arr_ijk.shape}")
+    if len(img.shape) != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}")
     A = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine  # RAS -> LPS
+    proxy = img.dataobj
+    unscaled = getattr(proxy, "slope", None) == 1 and getattr(proxy, "inter", None) == 0
+    if unscaled and np.dtype(img.get_data_dtype()) in _SMALL_INTS:
+        # integers stored without scaling (the usual CT): read them as stored and convert with
+        # torch (exact, several times faster than NumPy's conversion for a big CT)
+        raw = np.ascontiguousarray(np.asanyarray(proxy).transpose(2, 1, 0))
+        with warnings.catch_warnings():  # a read-only memory map: only read, .float() copies
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(raw).float(), torch.as_tensor(A)
+    arr_ijk = np.asarray(proxy, dtype=np.float32)
+    if not (arr_ijk.flags.owndata and arr_ijk.flags.writeable):
+        # a view of a memory map or of a read buffer (float32 files): own a copy, so the tensor
+        # is the caller's to convert in place (load_volume) and the file is not kept mapped
+        arr_ijk = np.array(arr_ijk, order="F")
     return torch.as_tensor(np.ascontiguousarray(arr_ijk.transpose(2, 1, 0))), torch.as_tensor(A)
 
 
@@ -201,11 +295,30 @@ def load_hu(path: str | Path) -> tuple[Tensor, Tensor]:
     return (load_nifti if path.name.lower().endswith((".nii", ".nii.gz")) else load_itk)(path)
 
 
+def hu_to_mu_(hu: Tensor) -> Tensor:
+    """:func:`hu_to_mu` in place on a float tensor the caller owns (no temporary of its size):
+    the same operations in the same order, so bit for bit the same values. Returns ``hu``."""
+    if not isinstance(hu, Tensor) or not hu.is_floating_point():
+        raise TypeError(f"hu_to_mu_ needs a floating-point tensor, got {getattr(hu, 'dtype', type(hu))}")
+    return hu.div_(1000).add_(1).mul_(MU_WATER_PER_MM).clamp_min_(0)
+
+
 def load_volume(path: str | Path, *, bone_only: bool = False, mask_path: str | Path | None = None) -> Volume:
-    """Load a CT in HU (NIfTI, NRRD, MHA, DICOM folder) as an attenuation :class:`Volume`."""
+    """Load a CT in HU (NIfTI, NRRD, MHA, DICOM folder) as an attenuation :class:`Volume`.
+
+    The HU array read from the file is converted in place (:func:`hu_to_mu_`, the values of
+    :func:`from_hu`): the returned volume is the only full-resolution array left, and the peak
+    is one array plus the reader's own buffer."""
     hu, A = load_hu(path)
-    mask = None if mask_path is None else load_hu(mask_path)[0].round().to(torch.int16)
-    return from_hu(hu, A, mask=mask, bone_only=bone_only)
+    mask = None if mask_path is None else load_hu(mask_path)[0].round_().to(torch.int16)
+    if hu.dtype != torch.float32:
+        hu = hu.float()
+    keep = hu > BONE_HU if bone_only else None
+    mu = hu_to_mu_(hu)
+    del hu
+    if keep is not None:
+        mu.masked_fill_(~keep, 0.0)
+    return Volume(data=mu, T_ct_from_index=A, mask=mask)
 
 
 def example_ct_path() -> Path:

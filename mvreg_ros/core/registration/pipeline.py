@@ -1,13 +1,17 @@
 """From a view set to an accepted or rejected pose: start, global stage, local refinement,
 acceptance test.
 
-- a tracking start (the last accepted pose) is refined locally first; the global stage runs
-  only when that result fails the acceptance test;
+- a tracking start (the last accepted pose) is refined with the fast tracking budget first
+  (:class:`TrackingConfig`: the finest pyramid level only, fewer iterations, one Newton step); when
+  that does not converge or fails the acceptance test, the full registration follows: the normal
+  local refinement from the same start, then the global stage only when that fails too;
 - any other start (configured, coarse network, perturbed truth) goes through the global stage
   (around the start and the network's hypotheses), then the local refinement from its best
   candidate.
 
 Only a result that passes the acceptance test reaches the tracker (and so the node's TF).
+``Outcome.stages`` lists what ran: ``("tracking",)`` for a fast update, ``("tracking", "local")``
+or ``("tracking", "local", "global", "local")`` for a fallback.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from mvreg_ros.core.registration.initialisers import (
     StartRequest,
     first_start,
 )
-from mvreg_ros.core.registration.refine import Registrar, RegistrationResult
+from mvreg_ros.core.registration.refine import Registrar, RegistrationResult, TrackingConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     global_search: GlobalConfig = GlobalConfig()
     acceptance: AcceptanceConfig = AcceptanceConfig()
+    tracking: TrackingConfig = TrackingConfig()  # the fast update of a tracking start (enabled=False: off)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -48,7 +53,7 @@ class Outcome:
     result: RegistrationResult | None = None
     verdict: Verdict | None = None
     global_result: GlobalResult | None = None
-    stages: tuple[str, ...] = ()  # what ran: "local", "global"
+    stages: tuple[str, ...] = ()  # what ran, in order: "tracking" (the fast update), "local", "global"
     time_s: float = 0.0
     stamp_ns: int = 0
 
@@ -90,6 +95,15 @@ class RegistrationPipeline:
     def register_from(self, views: ViewSet, start: Start, *, stamp_ns: int = 0) -> Outcome:
         t0 = time.perf_counter()
         stages: list[str] = []
+        tracking = self.config.tracking
+        if start.tracking and tracking.enabled:
+            schedule = tracking.schedule(self.registrar.config)
+            result = self.registrar.refine(views, start.T_ref_from_ct, schedule=schedule)
+            stages.append("tracking")
+            if result.converged or not tracking.require_converged:
+                verdict = self._judge(views, result, None)
+                if verdict.accepted:
+                    return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns)
         if start.tracking or not self.config.global_search.enabled:
             result = self.registrar.refine(views, start.T_ref_from_ct)
             stages.append("local")

@@ -6,10 +6,19 @@ coarse-to-fine pyramid renders every view in one batched call at that level's re
 (from a volume pooled to match its pixel footprint), maximises the mean over views of a
 patch NCC + gradient NCC similarity with Adam under a cosine step decay, and stops early once
 the pose no longer moves. At the end, the loss curvature gives a Laplace covariance of ``x``.
+
+A tracking start (the last accepted pose, small motion expected) may use a smaller budget,
+:class:`TrackingConfig`: only the finest level(s), fewer iterations (optionally fewer samples), one Newton
+step. Both run the same code (:meth:`Registrar.refine` with a :class:`Schedule`).
+
+``Registrar.profiled()`` times the parts of a refinement (renderer forward and backward,
+similarity forward and backward, optimiser step, Newton polish) with plain timers; when it is
+not active the hooks are a shared no-op context and one ``None`` check per part.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -50,6 +59,10 @@ class RefineConfig:
     newton_max_trans_mm: float = 2.0
     voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy
     pool_volume: bool = True  # False: render the full-resolution volume at every level
+    full_resolution_max_voxels: int = 2**26  # a CT with more voxels than this once cropped to the body (a big CT,
+    # e.g. 512 x 512 x 1000) is pooled once to ``base_voxel_mm`` and only that is kept; smaller CTs as they are
+    base_voxel_mm: float = 1.0  # ... the coarsest integer pooling whose smallest voxel side stays at most this
+    # (0: never; finer than any pyramid level of the default schedule needs)
     render_backend: str = "auto"  # "auto", "native" (C++ CPU kernel), "compiled" (torch.compile) or "grid_sample"
     mask_truncated: str = "footprint"  # a CT cut short through the body: "complete" keeps only the rays that
     # cross it entirely, "footprint" those that cross it at all, "off" every ray in the field of view
@@ -66,6 +79,10 @@ class RefineConfig:
             for s, i, n, p in zip(self.sizes, self.iterations, self.n_samples, self.patches)
         )
 
+    def schedule(self) -> "Schedule":
+        """The full refinement: every level, then ``newton_steps`` Newton steps."""
+        return Schedule(levels=self.levels(), lr_scale=1.0, newton_steps=self.newton_steps, fresh_curvature=True)
+
     def __post_init__(self):
         n = len(self.sizes)
         for name in ("iterations", "n_samples", "patches"):
@@ -79,6 +96,158 @@ class RefineConfig:
             raise ValueError(f"target_weight must be in [0, 1], got {self.target_weight}")
         if self.render_backend not in BACKENDS:
             raise ValueError(f"render_backend must be one of {BACKENDS}, got {self.render_backend!r}")
+        if isinstance(self.full_resolution_max_voxels, bool) or not isinstance(self.full_resolution_max_voxels, int):
+            raise TypeError(f"full_resolution_max_voxels must be an int, got {self.full_resolution_max_voxels!r}")
+        if self.full_resolution_max_voxels < 0:
+            raise ValueError(f"full_resolution_max_voxels must be >= 0, got {self.full_resolution_max_voxels}")
+        if not (math.isfinite(self.base_voxel_mm) and self.base_voxel_mm >= 0):
+            raise ValueError(f"base_voxel_mm must be a finite number >= 0, got {self.base_voxel_mm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """What one refinement runs: its pyramid levels (coarse to fine), the step-size scale of the
+    first of them (each finer level multiplies it by ``level_lr_decay``), the Newton steps, and
+    whether the covariance's curvature is measured again after the last Newton step (False: the
+    curvature of that step is reused; the step is within its trust region)."""
+
+    levels: tuple["LevelSpec", ...]
+    lr_scale: float = 1.0
+    newton_steps: int = 2
+    fresh_curvature: bool = True
+
+    def __post_init__(self):
+        if not self.levels:
+            raise ValueError("a schedule needs at least one pyramid level")
+        if self.newton_steps < 0:
+            raise ValueError(f"newton_steps must be >= 0, got {self.newton_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """The fast refinement of a tracking start (the last accepted pose; small motion expected):
+    the coarse levels of :class:`RefineConfig`'s pyramid skipped, fewer iterations (and samples, if asked),
+    early stop as configured there, one Newton step. ``RegistrationPipeline`` falls back to the
+    full registration when this result did not converge (``require_converged``) or fails the
+    acceptance test."""
+
+    enabled: bool = True
+    levels: int = 1  # the finest this many levels of RefineConfig's pyramid (at most all of them)
+    iterations: int = 20  # at most, per level
+    n_samples: int = 0  # samples along each ray (0: RefineConfig's; the same renders as the full path's finest level,
+    # so nothing new to compile; 48 was no faster on the CPU)
+    newton_steps: int = 1
+    fresh_curvature: bool = False  # the covariance from the Newton step's curvature (True: measured again)
+    require_converged: bool = True  # an unconverged fast result falls back without the acceptance test
+
+    def __post_init__(self):
+        for name, low in (("levels", 1), ("iterations", 1), ("n_samples", 0), ("newton_steps", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"TrackingConfig.{name} must be an int, got {v!r}")
+            if v < low:
+                raise ValueError(f"TrackingConfig.{name} must be >= {low}, got {v}")
+
+    def schedule(self, refine: RefineConfig) -> Schedule:
+        """The finest ``levels`` of ``refine``'s pyramid with this budget; their step sizes are
+        those the full pyramid uses at those levels."""
+        full = refine.levels()
+        k = min(self.levels, len(full))
+        levels = tuple(
+            dataclasses.replace(lv, iterations=self.iterations, n_samples=self.n_samples or lv.n_samples)
+            for lv in full[-k:]
+        )
+        return Schedule(
+            levels=levels,
+            lr_scale=refine.level_lr_decay ** (len(full) - k),
+            newton_steps=self.newton_steps,
+            fresh_curvature=self.fresh_curvature,
+        )
+
+
+STAGES = (
+    "render_forward",
+    "render_backward",
+    "similarity_forward",
+    "similarity_backward",
+    "optimiser_step",
+    "newton_polish",
+)
+_OFF = contextlib.nullcontext()
+
+
+class StageTimer:
+    """Seconds spent in each part of the refinements run while it is active
+    (:meth:`Registrar.profiled`). A part inside another (the renders of the Newton polish) counts
+    for the outer one. The backward pass is split at the moment the gradient reaches the DRRs:
+    before it, the similarity's backward; after it, the renderer's."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._active: str | None = None
+        self._grad_at: float | None = None
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        if name not in self.seconds:
+            raise ValueError(f"unknown stage {name!r}; stages: {STAGES}")
+        if self._active is not None:
+            yield
+            return
+        self._active = name
+        t = self.now()
+        try:
+            yield
+        finally:
+            self.seconds[name] += self.now() - t
+            self._active = None
+
+    def watch(self, drr: Tensor) -> None:
+        """Mark when the backward pass reaches ``drr`` (the renderer's output)."""
+        if self._active is None and drr.requires_grad:
+            drr.register_hook(self._mark)
+
+    def _mark(self, grad: Tensor) -> None:
+        self._grad_at = self.now()
+
+    def backward(self, loss: Tensor) -> None:
+        if self._active is not None:
+            loss.backward()
+            return
+        self._grad_at = None
+        t0 = self.now()
+        loss.backward()
+        t2 = self.now()
+        t1 = t0 if self._grad_at is None else min(max(self._grad_at, t0), t2)
+        self.seconds["similarity_backward"] += t1 - t0
+        self.seconds["render_backward"] += t2 - t1
+
+    def report(self, total_s: float) -> dict:
+        """Seconds per part, the sums the README names, and everything else (set-up of each level,
+        downsampling, masks, bookkeeping) as ``other_s``."""
+        sec = self.seconds
+        parts = {
+            "render_forward_backward_s": sec["render_forward"] + sec["render_backward"],
+            "similarity_s": sec["similarity_forward"] + sec["similarity_backward"],
+            "optimiser_step_s": sec["optimiser_step"],
+            "newton_polish_s": sec["newton_polish"],
+        }
+        return {
+            "total_s": total_s,
+            **parts,
+            "other_s": total_s - sum(parts.values()),
+            "detail_s": dict(sec),
+        }
+
+
+def _stage(timer: StageTimer | None, name: str):
+    return _OFF if timer is None else timer.stage(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +331,13 @@ def _uncertainty(cov: Tensor, radius_mm: float = 50.0) -> float:
 
 
 class Registrar:
-    """Multi-view refinement for one CT; builds and caches the pooled volumes once."""
+    """Multi-view refinement for one CT; builds and caches the pooled volumes once.
+
+    The CT is cropped to the body. A big one (more than ``full_resolution_max_voxels`` voxels once
+    cropped) is also pooled once to about ``base_voxel_mm`` and only that is kept: the pyramid
+    levels pool from it, and the Registrar holds no full-resolution array (pass it the loaded
+    volume without keeping a reference, e.g. ``Registrar(load_volume(path), config)``). Smaller
+    CTs are kept at their own resolution, as before."""
 
     def __init__(
         self,
@@ -174,15 +349,54 @@ class Registrar:
     ):
         self.config = config
         self.device = torch.device(config.device)
+        self._timer: StageTimer | None = None
         self.centre_ct = (volume.bone_centre_ct() if centre_ct is None else centre_ct).to(torch.float64)
         # crop away the air around the body once: shorter chords, denser samples for the same cost
-        body = volume.data > 0.2 * MU_WATER_PER_MM
-        self.volume = volume.cropped_to(0.2 * MU_WATER_PER_MM) if bool(body.any()) else volume
+        try:
+            crop = volume.cropped_to(0.2 * MU_WATER_PER_MM, copy=False)  # views until kept below
+        except ValueError:  # nothing above air
+            crop = volume
+        self.truncated_faces = truncated_faces(crop) if config.mask_truncated != "off" else (False,) * 6
+        # a big CT: pooled once, so neither the full-resolution array nor a copy of it stays alive here
+        # (the levels pool from this base; self.volume is what every renderer and mask sees)
+        self.base_factor = self._base_factor(crop)
+        if self.base_factor > 1:
+            self.volume = crop.resampled(self.base_factor)
+        elif crop is volume:
+            self.volume = volume
+        else:
+            self.volume = dataclasses.replace(crop, data=crop.data.contiguous())
+        del crop
         self._renderer_cls = renderer_cls
         self._renderers: dict[int, Renderer] = {}
-        self.truncated_faces = truncated_faces(self.volume) if config.mask_truncated != "off" else (False,) * 6
-        self._target = target_volume(volume, config.target_labels) if config.target_labels else None
+        self._target = None
+        if config.target_labels:
+            self._target = target_volume(volume, config.target_labels).resampled(self.base_factor)
         self._target_renderers: dict[int, Renderer] = {}
+
+    def _base_factor(self, crop: Volume) -> int:
+        """1 (keep the cropped CT) unless it has more than ``full_resolution_max_voxels`` voxels;
+        then the coarsest integer factor whose smallest voxel side is at most ``base_voxel_mm``."""
+        cfg = self.config
+        if cfg.base_voxel_mm <= 0 or crop.data.numel() <= cfg.full_resolution_max_voxels:
+            return 1
+        return max(1, int(cfg.base_voxel_mm / float(crop.spacing.min()) + 1e-9))
+
+    @property
+    def full_resolution(self) -> bool:
+        """Whether the CT is kept at its own resolution (False: pooled once, a big CT)."""
+        return self.base_factor == 1
+
+    @contextlib.contextmanager
+    def profiled(self):
+        """Time the parts of the refinements run inside (``with registrar.profiled() as timer``):
+        ``timer.seconds`` per part, ``timer.report(total_s)``."""
+        timer = StageTimer(self.device)
+        self._timer = timer
+        try:
+            yield timer
+        finally:
+            self._timer = None
 
     def renderer(self, factor: int):
         if factor not in self._renderers:
@@ -237,10 +451,18 @@ class Registrar:
         """The backends the renderers built so far actually use (after any fallback)."""
         return tuple(sorted({getattr(r, "backend", type(r).__name__) for r in self._renderers.values()}))
 
-    def refine(self, views: ViewSet, T_init_ref_from_ct: Float[Tensor, "4 4"]) -> RegistrationResult:
+    def refine(
+        self, views: ViewSet, T_init_ref_from_ct: Float[Tensor, "4 4"], *, schedule: Schedule | None = None
+    ) -> RegistrationResult:
+        """Refine from ``T_init_ref_from_ct`` with ``schedule`` (default: the configured pyramid,
+        :meth:`RefineConfig.schedule`; a tracking start: :meth:`TrackingConfig.schedule`)."""
         start = time.perf_counter()
+        if schedule is None:
+            schedule = self.config.schedule()
+        elif not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
         try:
-            return self._refine(views, T_init_ref_from_ct.to(torch.float64).cpu(), start)
+            return self._refine(views, T_init_ref_from_ct.to(torch.float64).cpu(), start, schedule)
         except (RuntimeError, ValueError) as e:  # failures are results, not exceptions
             return RegistrationResult(
                 T_ref_from_ct=T_init_ref_from_ct.detach().to(torch.float64).cpu(),
@@ -293,6 +515,7 @@ class Registrar:
         pose's best iterate. ``early_stop``: stop once every pose moved less than the tolerances
         over the last ``tol_window`` iterations."""
         cfg = self.config
+        timer = self._timer
         T0 = T0.to(torch.float64).cpu()
         if T0.ndim == 2:
             T0 = T0[None]
@@ -323,7 +546,10 @@ class Registrar:
             s = objective.similarity(pose_about(T0_d, c_d, w, t)).mean(-1)  # (K,)
             if not bool(torch.isfinite(s).all()):
                 raise RuntimeError(f"similarity became {s.tolist()} at level {level.size}px, iteration {it}")
-            (-s.sum()).backward()
+            if timer is None:
+                (-s.sum()).backward()
+            else:
+                timer.backward(-s.sum())
             s = s.detach().cpu()
             if it == 1:
                 start_similarity = s.clone()
@@ -331,7 +557,8 @@ class Registrar:
             best = torch.where(better, s, best)
             best_w[better.to(self.device)] = w.detach()[better.to(self.device)]
             best_t[better.to(self.device)] = t.detach()[better.to(self.device)]
-            opt.step()
+            with _stage(timer, "optimiser_step"):
+                opt.step()
             history.append((w.detach().clone(), t.detach().clone()))
             if early_stop and len(history) > cfg.tol_window:
                 moved_deg, moved_mm = _moved(history, cfg.tol_window)
@@ -353,14 +580,13 @@ class Registrar:
             objective=objective,
         )
 
-    def _refine(self, views: ViewSet, T0: Tensor, start: float) -> RegistrationResult:
+    def _refine(self, views: ViewSet, T0: Tensor, start: float, schedule: Schedule) -> RegistrationResult:
         cfg = self.config
-        c = self.centre_ct
         total_it = 0
         level_its = []
         converged = False
-        lr_scale = 1.0
-        for level in cfg.levels():
+        lr_scale = schedule.lr_scale
+        for level in schedule.levels:
             run = self.refine_level(views, T0, level=level, lr_scale=lr_scale)
             T0 = run.T_ref_from_ct[0]
             objective = run.objective
@@ -368,52 +594,8 @@ class Registrar:
             level_its.append(run.iterations)
             converged = run.converged
             lr_scale *= cfg.level_lr_decay
-
-        # Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
-        # gives a second-order step that finishes what first-order steps approach only slowly
-        newton = objective
-        H, H_at = None, None  # curvature, and the pose it was measured at
-        for _ in range(cfg.newton_steps):
-            g, H, L0 = newton.grad_hessian(T0)
-            H_at = T0
-            if H is None:
-                break
-            dx = -torch.linalg.solve(H, g)
-            dx = dx * min(
-                1.0,
-                math.radians(cfg.newton_max_rot_deg) / max(float(dx[:3].norm()), 1e-12),
-                cfg.newton_max_trans_mm / max(float(dx[3:].norm()), 1e-12),
-            )
-            step_deg, step_mm = math.degrees(float(dx[:3].norm())), float(dx[3:].norm())
-            # converged when the quadratic model promises no decrease above the loss's noise, or puts
-            # the optimum within a few tolerances
-            predicted_decrease = -0.5 * float(g @ dx)
-            converged = (
-                converged
-                or predicted_decrease < cfg.tol_loss
-                or (step_deg < cfg.settled_factor * cfg.tol_rot_deg and step_mm < cfg.settled_factor * cfg.tol_trans_mm)
-            )
-            for fraction in (1.0, 0.5):  # Newton step, then half of it
-                T_new = pose_about(T0, c, fraction * dx[:3], fraction * dx[3:])
-                if newton.loss(T_new) < L0:
-                    break
-            else:
-                break  # no improvement along the Newton direction: at the optimum within the loss's noise
-            T0 = T_new
-            if step_deg < cfg.tol_rot_deg and step_mm < cfg.tol_trans_mm:
-                break
-
-        per_view = newton.view_similarity(T0)
-        cov, unc = None, float("inf")
-        reason = ""
-        if cfg.uncertainty:
-            if H_at is not T0:  # no curvature yet, or measured before the last accepted Newton step
-                _, H, _ = newton.grad_hessian(T0)
-            if H is None:
-                reason = "loss curvature is not positive definite: the pose is not constrained by the views"
-            else:
-                cov = newton.covariance(H, T0)
-                unc = _uncertainty(cov)
+        with _stage(self._timer, "newton_polish"):
+            T0, converged, per_view, cov, unc, reason = self._polish(objective, T0, converged, schedule)
         sim = float(per_view.mean())
         if not reason and sim < cfg.min_similarity:
             reason = f"similarity {sim:.3f} below min_similarity {cfg.min_similarity}"
@@ -431,6 +613,65 @@ class Registrar:
             centre_ct=self.centre_ct,
             level_iterations=tuple(level_its),
         )
+
+    def _newton_settled(self, g: Tensor, dx: Tensor) -> bool:
+        """Converged when the quadratic model (gradient ``g``, Newton step ``dx``) promises no
+        decrease above the loss's noise, or puts the optimum within a few tolerances."""
+        cfg = self.config
+        step_deg, step_mm = math.degrees(float(dx[:3].norm())), float(dx[3:].norm())
+        predicted_decrease = -0.5 * float(g @ dx)
+        return predicted_decrease < cfg.tol_loss or (
+            step_deg < cfg.settled_factor * cfg.tol_rot_deg and step_mm < cfg.settled_factor * cfg.tol_trans_mm
+        )
+
+    def _polish(self, newton: "Objective", T0: Tensor, converged: bool, schedule: Schedule):
+        """Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
+        gives a second-order step that finishes what first-order steps approach only slowly. Then
+        the per-view similarity and the Laplace covariance at the final pose."""
+        cfg = self.config
+        c = self.centre_ct
+        H, H_at = None, None  # curvature, and the pose it was measured at
+        for _ in range(schedule.newton_steps):
+            g, H, L0 = newton.grad_hessian(T0)
+            H_at = T0
+            if H is None:
+                break
+            dx = -torch.linalg.solve(H, g)
+            dx = dx * min(
+                1.0,
+                math.radians(cfg.newton_max_rot_deg) / max(float(dx[:3].norm()), 1e-12),
+                cfg.newton_max_trans_mm / max(float(dx[3:].norm()), 1e-12),
+            )
+            step_deg, step_mm = math.degrees(float(dx[:3].norm())), float(dx[3:].norm())
+            converged = converged or self._newton_settled(g, dx)
+            for fraction in (1.0, 0.5):  # Newton step, then half of it
+                T_new = pose_about(T0, c, fraction * dx[:3], fraction * dx[3:])
+                if newton.loss(T_new) < L0:
+                    break
+            else:
+                break  # no improvement along the Newton direction: at the optimum within the loss's noise
+            T0 = T_new
+            if step_deg < cfg.tol_rot_deg and step_mm < cfg.tol_trans_mm:
+                break
+
+        if not converged and H is not None and H_at is not T0 and not schedule.fresh_curvature:
+            # the curvature is not measured again at the final pose: one gradient there says whether
+            # the quadratic model still puts the optimum further than a few tolerances away
+            g, _ = newton.grad(T0, torch.zeros(6, dtype=torch.float64, device=self.device))
+            converged = self._newton_settled(g, -torch.linalg.solve(H, g))
+        per_view = newton.view_similarity(T0)
+        cov, unc = None, float("inf")
+        reason = ""
+        if cfg.uncertainty:
+            # no curvature yet, or (fresh_curvature) measured before the last accepted Newton step
+            if H_at is None or (H_at is not T0 and schedule.fresh_curvature):
+                _, H, _ = newton.grad_hessian(T0)
+            if H is None:
+                reason = "loss curvature is not positive definite: the pose is not constrained by the views"
+            else:
+                cov = newton.covariance(H, T0)
+                unc = _uncertainty(cov)
+        return T0, converged, per_view, cov, unc, reason
 
 
 class Objective:
@@ -451,6 +692,7 @@ class Objective:
     ):
         self.c = registrar.centre_ct.to(registrar.device)
         self.device = registrar.device
+        self._registrar = registrar
         self.grad_weight = registrar.config.grad_weight
         self.target_weight = registrar.config.target_weight if target_masks is not None else 0.0
         self.v, self.renderer, self.T_cam_from_ref = v, renderer, T_cam_from_ref
@@ -465,20 +707,25 @@ class Objective:
         n, V = len(Tk), len(self.v)
         T_cam_from_ct = (self.T_cam_from_ref[None] @ Tk[:, None]).reshape(n * V, 4, 4)
         K = self.v.K if n == 1 else self.v.K.repeat(n, 1, 1)
-        drr = self.renderer(T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples)
         if len(self.masks) not in (V, n * V):
             raise ValueError(f"weights for {len(self.masks) // V} poses, asked for {n}")
+        timer = getattr(self._registrar, "_timer", None)
+        with _stage(timer, "render_forward"):
+            drr = self.renderer(T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples)
+        if timer is not None:
+            timer.watch(drr)
 
         def tiled(x: Tensor) -> Tensor:
             return x if len(x) == n * V else x.repeat(n, 1, 1)
 
-        images = tiled(self.v.images)
-        s = image_similarity(drr, images, tiled(self.masks), patch=self.patch, grad_weight=self.grad_weight)
-        if self.target_weight > 0:
-            s_target = image_similarity(
-                drr, images, tiled(self.target_masks), patch=self.patch, grad_weight=self.grad_weight
-            )
-            s = (1 - self.target_weight) * s + self.target_weight * s_target
+        with _stage(timer, "similarity_forward"):
+            images = tiled(self.v.images)
+            s = image_similarity(drr, images, tiled(self.masks), patch=self.patch, grad_weight=self.grad_weight)
+            if self.target_weight > 0:
+                s_target = image_similarity(
+                    drr, images, tiled(self.target_masks), patch=self.patch, grad_weight=self.grad_weight
+                )
+                s = (1 - self.target_weight) * s + self.target_weight * s_target
         return s.reshape(*lead, V)
 
     def value(self, T: Tensor) -> Tensor:

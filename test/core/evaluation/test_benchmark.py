@@ -11,7 +11,10 @@ from mvreg_ros.core.data.simulate import make_scene
 from mvreg_ros.core.evaluation import benchmark
 from mvreg_ros.core.evaluation.benchmark import BenchConfig, memory_bandwidth_gbs, run
 from mvreg_ros.core.geometry import transforms as geometry
-from mvreg_ros.core.registration.refine import RefineConfig
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig
+from mvreg_ros.core.registration.global_search import GlobalConfig
+from mvreg_ros.core.registration.pipeline import PipelineConfig
+from mvreg_ros.core.registration.refine import RefineConfig, TrackingConfig
 from mvreg_ros.core.rendering import native as render_native
 from mvreg_ros.core.rendering.reference import ReferenceRenderer
 
@@ -47,6 +50,12 @@ def test_bench_run_on_tiny_ct(tiny_ct, backend):
             newton_steps=0,
             render_backend=backend,
         ),
+        tracking_cases=1,
+        pipeline=PipelineConfig(  # a small budget everywhere: this checks the plumbing, not the figures
+            tracking=TrackingConfig(iterations=3, n_samples=0, newton_steps=0),
+            global_search=GlobalConfig(candidates=2, keep=1, iterations=2, size=16, n_samples=16),
+            acceptance=AcceptanceConfig(view_agreement=False),
+        ),
     )
     r = run(tiny_ct, cfg, log=lambda *_: None)
     rr = r["renderer"]
@@ -62,7 +71,20 @@ def test_bench_run_on_tiny_ct(tiny_ct, backend):
     assert r["refine"]["n"] == 1 and r["reference_refine"]["n"] == 1
     assert r["coarse_ms_per_set"] is None  # no model given
     assert r["peak_memory_mb"] > 0
-    assert set(r["refine"]) >= {"time_s", "median_mtre_mm"}
+    assert set(r["refine"]) >= {"time_s", "median_mtre_mm", "profile"}
+    p = r["refine"]["profile"]
+    parts = ("render_forward_backward_s", "similarity_s", "optimiser_step_s", "newton_polish_s", "other_s")
+    assert p["total_s"] > 0 and p["render_forward_backward_s"] > 0 and p["optimiser_step_s"] > 0
+    assert sum(p[k] for k in parts) == pytest.approx(p["total_s"])
+    assert p["newton_polish_s"] > 0  # the per-view similarity at the end, even without Newton steps
+    for key in ("tracking", "tracking_without_fast_path"):
+        t = r[key]
+        assert (
+            t["n"] == 1 and t["time_s"] > 0 and t["stages"][0].startswith("tracking" if key == "tracking" else "local")
+        )
+        assert t["fast"] + t["fallbacks"] <= 1 and t["false_acceptances"] <= t["accepted"] <= 1
+    assert r["tracking_without_fast_path"]["fast"] == 0 and r["tracking_speedup"] > 0
+    assert "big_ct" not in r  # asked for only
 
 
 def test_bench_config_is_frozen():
@@ -154,6 +176,9 @@ def test_refinement_figures_from_known_durations_and_errors(tiny_ct, monkeypatch
     monkeypatch.setattr(benchmark, "Registrar", FakeRegistrar)
     monkeypatch.setattr(benchmark, "renderer_throughput", lambda volume, scene, cfg: {})
     monkeypatch.setattr(benchmark, "pipeline_runs", lambda *a, **k: {})  # its own test below
+    monkeypatch.setattr(benchmark, "tracking_comparison", lambda *a, **k: {})  # ... and the next ones
+    monkeypatch.setattr(benchmark, "tracking_sets", lambda *a, **k: [])
+    monkeypatch.setattr(benchmark, "refine_profile", lambda *a, **k: {"total_s": 0.25})
     r = run(tiny_ct, BenchConfig(cases=3, reference_cases=2), log=lambda *_: None)
     e, ref = r["refine"], r["reference_refine"]
     assert e["n"] == 3 and ref["n"] == 2
@@ -192,3 +217,99 @@ def test_full_registration_figures_count_false_acceptances(tiny_ct, monkeypatch)
     assert r["success_rate"] == 0.5 and r["accepted"] == 2
     assert r["false_acceptances"] == 1 and r["false_rejections"] == 1
     assert r["median_mtre_mm"] == pytest.approx(2.0)
+
+
+def test_tracking_figures_count_fast_updates_fallbacks_and_false_acceptances(tiny_ct, monkeypatch):
+    """tracking_runs registers each moved set from a tracking start at the held pose and scores it
+    against the moved pose; the stages say which updates the fast path made alone."""
+    scene = make_scene(tiny_ct.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0)])
+    # (error along a unit direction, accepted, stages)
+    plan = [
+        (0.3, True, ("tracking",)),
+        (0.5, True, ("tracking",)),
+        (3.0, True, ("tracking", "local")),
+        (1.0, False, ("tracking", "local", "global", "local")),
+    ]
+    starts = []
+
+    class FakePipeline:
+        def __init__(self, registrar, initialisers, config):
+            self.calls = 0
+            self.config = config
+
+        def register_from(self, views, start):
+            starts.append(start)
+            err, accepted, stages = plan[self.calls % len(plan)]
+            self.calls += 1
+            shift = torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64) * err
+            result = types.SimpleNamespace(T_ref_from_ct=geometry.translation(shift) @ views)
+            return types.SimpleNamespace(result=result, accepted=accepted, stages=stages)
+
+    class CpuRegistrar(benchmark.Registrar):
+        def __init__(self):
+            self.device = torch.device("cpu")
+
+    monkeypatch.setattr(benchmark, "RegistrationPipeline", FakePipeline)
+    lm = torch.stack([tiny_ct.bone_centre_ct()]).to(torch.float64)
+    T = scene.T_ref_from_ct
+    sets = [(T, T)] * 4  # (moved pose, "views": the fake registers relative to it)
+    r = benchmark.tracking_runs(CpuRegistrar(), T, sets, lm, warm_up=False)
+    assert all(s.tracking and s.source == "last_accepted" for s in starts)
+    assert r["n"] == 4 and r["mtre_mm"] == pytest.approx([0.3, 0.5, 3.0, 1.0])
+    assert r["fast"] == 2 and r["fallbacks"] == 2 and r["accepted"] == 3
+    assert r["false_acceptances"] == 1 and r["false_rejections"] == 1
+    assert r["stages"] == ["tracking", "tracking", "tracking+local", "tracking+local+global+local"]
+
+
+def test_bench_config_checks_its_sections():
+    with pytest.raises(ValueError, match="unknown bench sections"):
+        BenchConfig(sections=("renderer", "nope"))
+    with pytest.raises(ValueError, match="'reference' section compares against 'refine'"):
+        BenchConfig(sections=("reference",))
+    with pytest.raises(ValueError, match="tracking_cases must be >= 0"):
+        BenchConfig(tracking_cases=-1)
+    assert "big_ct" not in BenchConfig().sections  # asked for only (--big-ct)
+
+
+def test_big_ct_section_on_a_small_big_ct(monkeypatch):
+    """The big-CT section end to end on a small stand-in (the shipped CT resampled to 64 x 64 x 40,
+    counted as big): written, loaded, pooled once, warm; the figures are consistent."""
+    cfg = BenchConfig(
+        big_ct_shape=(64, 64, 40),
+        refine=RefineConfig(
+            sizes=(16,),
+            iterations=(3,),
+            n_samples=(16,),
+            patches=(8,),
+            newton_steps=0,
+            uncertainty=False,
+            render_backend="grid_sample",
+            full_resolution_max_voxels=1000,
+            base_voxel_mm=12.0,
+        ),
+    )
+    b = benchmark.big_ct_run(cfg, log=lambda *_: None)
+    assert b["shape_ijk"] == [64, 64, 40] and b["file_mb"] > 0
+    assert b["ready_s"] == pytest.approx(b["load_s"] + b["prepare_s"] + b["warmup_s"])
+    assert (
+        b["base_factor"] > 1 and b["rss_mb"] > 0 and b["full_resolution_mb"] == pytest.approx(64 * 64 * 40 * 4 / 2**20)
+    )
+    assert b["engine_volume_mb"] < b["full_resolution_mb"]
+    assert all(s >= b["engine_spacing_mm"][0] / 10 for s in b["engine_spacing_mm"])
+
+
+def test_bench_cli_sections_and_options(capsys):
+    from mvreg_ros.cli import bench as bench_cli
+    from mvreg_ros.cli.main import main
+
+    assert bench_cli.SECTION_NAMES == benchmark.SECTIONS  # the parser's list, spelled out to stay torch-free
+    ns = types.SimpleNamespace
+    assert bench_cli._sections(ns(only=None, big_ct=False)) == benchmark.DEFAULT_SECTIONS
+    assert bench_cli._sections(ns(only=None, big_ct=True))[-1] == "big_ct"
+    assert bench_cli._sections(ns(only="tracking, big-ct,profile", big_ct=False)) == ("tracking", "big_ct", "profile")
+    with pytest.raises(ValueError, match="--only must name sections"):
+        bench_cli._sections(ns(only="tracking,nope", big_ct=False))
+    assert main(["bench", "--only", "nope"]) == 2
+    assert "--only must name sections" in capsys.readouterr().err
+    assert main(["bench", "--tracking-cases", "-1"]) == 2
+    assert "--tracking-cases" in capsys.readouterr().err

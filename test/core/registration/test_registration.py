@@ -200,7 +200,8 @@ def test_pipeline_tracking_runs_local_first_and_only_accepted_poses_are_tracked(
         tracker=tracker,
     )
     out = pipe.register(views, stamp_ns=5)
-    assert out.accepted and out.stages == ("local",) and out.init_source == "last_accepted"
+    # the fast tracking update (test_tracking.py): the finest level only, no global stage
+    assert out.accepted and out.stages == ("tracking",) and out.init_source == "last_accepted"
     assert tracker.latest().stamp_ns == 5
     # a configured start goes through the global stage first
     pipe2 = RegistrationPipeline(

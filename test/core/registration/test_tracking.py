@@ -1,0 +1,235 @@
+"""The tracking update: a tracking start (the last accepted pose) is refined with the fast budget
+(TrackingConfig: the finest level only, fewer iterations and samples, one Newton step), judged by
+the same acceptance test, and falls back to the full registration when it does not converge or
+is rejected. Scripted tests check the policy; tests on the shipped CT pooled by 4 check that a
+small motion is recovered by the fast path, that it agrees with the normal refinement, and that
+a start far off falls back."""
+
+import dataclasses
+
+import pytest
+import torch
+from test_pipeline_scripted import gates, pose, result, views
+
+from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.evaluation.landmarks import ct_landmarks
+from mvreg_ros.core.evaluation.metrics import mtre_mm, pose_distance
+from mvreg_ros.core.geometry import transforms as geometry
+from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.registration.global_search import GlobalConfig
+from mvreg_ros.core.registration.initialisers import AcceptedPose, LastAcceptedPose, PoseTracker, Start
+from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar, Schedule, TrackingConfig
+from mvreg_ros.core.rendering.renderer import Renderer
+
+REFINE = RefineConfig(sizes=(32, 48), iterations=(40, 30), n_samples=(48, 64), patches=(8, 8))
+DETECTOR = DetectorConfig(height=96, width=96, pixel_mm=3.1)
+GLOBAL = GlobalConfig(candidates=64, keep=6, iterations=40)
+
+
+# ---------------------------------------------------------------------------------------
+# The budget
+# ---------------------------------------------------------------------------------------
+
+
+def test_tracking_schedule_skips_the_coarse_levels():
+    refine = RefineConfig(sizes=(32, 64), iterations=(60, 40), n_samples=(64, 96), patches=(8, 6))
+    s = TrackingConfig().schedule(refine)
+    assert isinstance(s, Schedule) and len(s.levels) == 1
+    fine = s.levels[0]
+    assert (fine.size, fine.patch) == (64, 6)  # the finest level's image size and patch
+    assert fine.iterations == TrackingConfig().iterations < 40
+    assert fine.n_samples == 96  # by default the level's own samples: the renders the full path compiled
+    assert TrackingConfig(n_samples=48).schedule(refine).levels[0].n_samples == 48
+    assert s.lr_scale == pytest.approx(refine.level_lr_decay)  # the step sizes the full pyramid uses there
+    assert s.newton_steps == 1 and not s.fresh_curvature
+    # more levels than the pyramid has: all of them
+    s2 = TrackingConfig(levels=5, iterations=7).schedule(refine)
+    assert [lv.size for lv in s2.levels] == [32, 64] and [lv.n_samples for lv in s2.levels] == [64, 96]
+    assert s2.lr_scale == 1.0 and {lv.iterations for lv in s2.levels} == {7}
+    # the full schedule is the configured pyramid
+    full = refine.schedule()
+    assert full.levels == refine.levels() and full.newton_steps == refine.newton_steps and full.fresh_curvature
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(levels=0), ValueError, "levels must be >= 1, got 0"),
+        (dict(iterations=0), ValueError, "iterations must be >= 1"),
+        (dict(n_samples=-1), ValueError, "n_samples must be >= 0"),
+        (dict(newton_steps=-1), ValueError, "newton_steps"),
+        (dict(iterations=2.5), TypeError, "iterations"),  # (beartype's check in the tests, ours elsewhere)
+    ],
+)
+def test_tracking_config_rejects_bad_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TrackingConfig(**kwargs)
+
+
+def test_refine_rejects_a_schedule_of_the_wrong_type():
+    reg = Registrar.__new__(Registrar)  # the check comes before any work
+    reg.config = RefineConfig()
+    with pytest.raises(TypeError, match="schedule"):
+        reg.refine(views(), pose(0), schedule=TrackingConfig())
+
+
+# ---------------------------------------------------------------------------------------
+# The policy, with a scripted refinement
+# ---------------------------------------------------------------------------------------
+
+
+class Scripted(Registrar):
+    """refine() returns the scripted results in order and records its starts and schedules."""
+
+    def __init__(self, results):
+        self.results = list(results)
+        self.calls = []
+        self.centre_ct = torch.zeros(3, dtype=torch.float64)
+        self.config = REFINE
+
+    def refine(self, views, T_init, *, schedule=None):
+        self.calls.append((T_init.clone(), schedule))
+        return self.results.pop(0)
+
+
+def _pipeline(results, tracking=TrackingConfig()):
+    tracker = PoseTracker()
+    tracker.accept(AcceptedPose(T_ref_from_ct=pose(1), stamp_ns=1))
+    reg = Scripted(results)
+    config = PipelineConfig(global_search=GlobalConfig(enabled=False), acceptance=gates(), tracking=tracking)
+    return RegistrationPipeline(reg, initialisers=[LastAcceptedPose(tracker)], config=config, tracker=tracker), reg
+
+
+def test_a_converged_accepted_fast_result_is_the_update():
+    p, reg = _pipeline([result(pose(2))])
+    o = p.register(views(), stamp_ns=5)
+    assert o.accepted and o.stages == ("tracking",)
+    ((T_start, schedule),) = reg.calls
+    torch.testing.assert_close(T_start, pose(1))
+    assert schedule == TrackingConfig().schedule(REFINE)
+    torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(2))
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [
+        result(pose(2), converged=False),  # not converged: falls back without the acceptance test
+        result(pose(2), sims=(0.9, 0.05)),  # converged but rejected
+        result(pose(2), success=False, reason="refinement failed: boom"),
+    ],
+)
+def test_a_fast_result_that_does_not_converge_or_is_rejected_falls_back(fast):
+    p, reg = _pipeline([fast, result(pose(3))])
+    o = p.register(views(), stamp_ns=5)
+    assert o.accepted and o.stages == ("tracking", "local")
+    (T_fast, s_fast), (T_local, s_local) = reg.calls
+    assert s_fast is not None and s_local is None  # then the normal refinement, from the same start
+    torch.testing.assert_close(T_local, T_fast)
+    torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(3))
+
+
+def test_an_unconverged_fast_result_may_be_judged_when_asked():
+    p, _ = _pipeline([result(pose(2), converged=False)], tracking=TrackingConfig(require_converged=False))
+    assert p.register(views(), stamp_ns=5).stages == ("tracking",)
+
+
+def test_the_fast_path_only_serves_tracking_starts_and_can_be_switched_off():
+    p, reg = _pipeline([result(pose(2))])
+    o = p.register_from(views(), Start(T_ref_from_ct=pose(0), source="configured"))
+    assert o.stages == ("local",) and reg.calls[0][1] is None
+    p, reg = _pipeline([result(pose(2))], tracking=TrackingConfig(enabled=False))
+    assert p.register(views()).stages == ("local",) and reg.calls[0][1] is None
+
+
+# ---------------------------------------------------------------------------------------
+# On the shipped CT
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return load_example_ct(downsample=4)
+
+
+@pytest.fixture(scope="module")
+def registrar(ct):
+    return Registrar(ct, REFINE)
+
+
+@pytest.fixture(scope="module")
+def biplane(ct):
+    scene = make_scene(ct.bone_centre_ct(), [(0.0, 0.0), (70.0, 10.0)], detector=DETECTOR)
+    raw = acquire(
+        Renderer(ct),
+        scene.T_cam_from_ct,
+        scene.K,
+        scene.height,
+        scene.width,
+        config=AcquisitionConfig(n_samples=128),
+        generator=torch.Generator().manual_seed(3),
+    )
+    return scene.T_ref_from_ct, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+
+
+def _moved(T, registrar, rot_deg, trans_mm, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return geometry.perturb(T, rot_deg=rot_deg, trans_mm=trans_mm, centre_ct=registrar.centre_ct, generator=gen)
+
+
+def _tracking_pipeline(registrar, T_held, global_search=GLOBAL):
+    tracker = PoseTracker()
+    tracker.accept(AcceptedPose(T_ref_from_ct=T_held, stamp_ns=1))
+    pipe = RegistrationPipeline(
+        registrar,
+        initialisers=[LastAcceptedPose(tracker)],
+        config=PipelineConfig(global_search=global_search),
+        tracker=tracker,
+    )
+    return pipe, tracker
+
+
+def test_a_small_motion_is_recovered_by_the_fast_path(ct, registrar, biplane):
+    T_true, v = biplane
+    lm = ct_landmarks(ct).points_ct
+    pipe, tracker = _tracking_pipeline(registrar, _moved(T_true, registrar, 1.0, 2.0, seed=0))
+    out = pipe.register(v, stamp_ns=5)
+    assert out.accepted, out.reason
+    assert out.stages == ("tracking",) and out.init_source == "last_accepted"
+    assert len(out.result.level_iterations) == 1  # the coarse level was skipped
+    assert mtre_mm(out.result.T_ref_from_ct, T_true, lm) < 1.0
+    assert tracker.latest().stamp_ns == 5
+
+
+def test_the_fast_path_agrees_with_the_normal_refinement(ct, registrar, biplane):
+    """The reference path: where both converge, the fast budget and the full pyramid end at the same
+    pose (well within the error either has against the truth)."""
+    T_true, v = biplane
+    lm = ct_landmarks(ct).points_ct
+    T_start = _moved(T_true, registrar, 1.0, 2.0, seed=1)
+    fast = registrar.refine(v, T_start, schedule=TrackingConfig().schedule(registrar.config))
+    full = registrar.refine(v, T_start)
+    assert fast.converged and full.converged and fast.success and full.success
+    deg, mm = pose_distance(fast.T_ref_from_ct, full.T_ref_from_ct, registrar.centre_ct)
+    assert float(deg) < 0.3 and float(mm) < 0.3
+    assert mtre_mm(fast.T_ref_from_ct, full.T_ref_from_ct, lm) < 0.4
+    assert fast.uncertainty_mm == pytest.approx(full.uncertainty_mm, rel=0.3)
+    assert fast.iterations < full.iterations
+
+
+def test_a_start_far_off_falls_back_to_the_full_registration(ct, registrar, biplane):
+    T_true, v = biplane
+    lm = ct_landmarks(ct).points_ct
+    # 5 deg / 10 mm: beyond the fast budget; the normal local refinement recovers it
+    pipe, tracker = _tracking_pipeline(registrar, _moved(T_true, registrar, 5.0, 10.0, seed=0))
+    out = pipe.register(v, stamp_ns=5)
+    assert out.stages == ("tracking", "local") and out.accepted, (out.stages, out.reason)
+    assert mtre_mm(out.result.T_ref_from_ct, T_true, lm) < 1.0
+    # 30 deg / 30 mm, no global stage allowed: the fallback is rejected and the tracker keeps its pose
+    T_far = _moved(T_true, registrar, 30.0, 30.0, seed=4)
+    pipe, tracker = _tracking_pipeline(registrar, T_far, global_search=dataclasses.replace(GLOBAL, enabled=False))
+    out = pipe.register(v, stamp_ns=9)
+    assert out.stages == ("tracking", "local") and not out.accepted and out.reason
+    torch.testing.assert_close(tracker.latest().T_ref_from_ct, T_far)
+    assert tracker.latest().stamp_ns == 1
