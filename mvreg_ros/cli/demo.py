@@ -30,12 +30,11 @@ def run(args) -> int:
 
     import torch
 
-    from mvreg_ros.core.data.simulate import acquire, make_scene
+    from mvreg_ros.core.data.simulate import make_scene
     from mvreg_ros.core.evaluation.landmarks import ct_landmarks
     from mvreg_ros.core.evaluation.metrics import mtre_mm
     from mvreg_ros.core.geometry import transforms as geometry
     from mvreg_ros.core.imaging.overlay import save_overlay
-    from mvreg_ros.core.imaging.views import ViewSet
     from mvreg_ros.core.imaging.volume import load_example_ct
     from mvreg_ros.core.registration.acceptance import acceptance_test
     from mvreg_ros.core.registration.refine import RefineConfig, Registrar
@@ -52,15 +51,7 @@ def run(args) -> int:
     t = time.perf_counter()
     scene = make_scene(volume.bone_centre_ct(), ANGLES[: args.views])
     gen = torch.Generator().manual_seed(args.seed)
-    raw = acquire(
-        Renderer(volume.resampled(2), device=args.device),
-        scene.T_cam_from_ct,
-        scene.K,
-        scene.height,
-        scene.width,
-        generator=gen,
-    )
-    views = ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+    views = scene.views(Renderer(volume.resampled(2), device=args.device), generator=gen)
     print(
         f"simulated {args.views} view(s) of {scene.width}x{scene.height} px at (orbital, angular) "
         f"{ANGLES[: args.views]} deg ({time.perf_counter() - t:.1f} s)"

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from mvreg_ros.core.geometry import carm
 from mvreg_ros.core.geometry.transforms import intrinsics, invert
+from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.xray import DEEPFLUORO_I0
 from mvreg_ros.core.rendering.renderer import Renderer
 
@@ -97,6 +98,18 @@ class Scene:
     @property
     def T_cam_from_ct(self) -> Float[Tensor, "V 4 4"]:
         return invert(self.T_ref_from_cam) @ self.T_ref_from_ct
+
+    def views(
+        self,
+        renderer: Renderer,
+        *,
+        config: AcquisitionConfig = AcquisitionConfig(),
+        generator: torch.Generator | None = None,
+    ) -> ViewSet:
+        """The scene's views as a C-arm delivers them: raw images from :func:`acquire`, preprocessed
+        by :meth:`ViewSet.from_raw` as real images are (``ref`` = the isocentre frame)."""
+        raw = acquire(renderer, self.T_cam_from_ct, self.K, self.height, self.width, config=config, generator=generator)
+        return ViewSet.from_raw(raw, self.K, self.T_ref_from_cam)
 
 
 def make_scene(

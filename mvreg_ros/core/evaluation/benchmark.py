@@ -170,15 +170,7 @@ def renderer_throughput(volume: Volume, scene, cfg: BenchConfig) -> dict:
 def _cases(volume, n_views: int, cfg: BenchConfig, n: int):
     scene = make_scene(volume.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0), (45.0, 20.0)][:n_views])
     gen = torch.Generator().manual_seed(cfg.seed)
-    raw = acquire(
-        Renderer(volume.resampled(2), device=cfg.device),
-        scene.T_cam_from_ct,
-        scene.K,
-        scene.height,
-        scene.width,
-        generator=gen,
-    )
-    views = ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+    views = scene.views(Renderer(volume.resampled(2), device=cfg.device), generator=gen)
     inits = [
         geometry.perturb(
             scene.T_ref_from_ct, rot_deg=cfg.rot_deg, trans_mm=cfg.trans_mm, centre_ct=volume.centre_ct(), generator=gen
@@ -339,27 +331,26 @@ def refine_profile(registrar: Registrar, views: ViewSet, T_init: torch.Tensor, s
     return out
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now (VmRSS), MB; the peak so far where /proc is missing."""
+def _proc_status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status (``VmRSS``, ``VmHWM``) in MB; None where /proc is missing."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _peak_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (VmRSS), MB; the peak so far where /proc is missing."""
+    now = _proc_status_mb("VmRSS")
+    return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss_mb() -> float | None:
+    return _proc_status_mb("VmHWM")
 
 
 def _reset_peak_rss() -> bool:
@@ -433,15 +424,7 @@ def big_ct_run(cfg: BenchConfig, log=print) -> dict:
     t = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     scene = make_scene(registrar.centre_ct, [(0.0, 0.0), (90.0, 0.0)])
-    raw = acquire(
-        Renderer(registrar.volume, device=cfg.device, backend="grid_sample"),
-        scene.T_cam_from_ct,
-        scene.K,
-        scene.height,
-        scene.width,
-        generator=gen,
-    )
-    views = ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+    views = scene.views(Renderer(registrar.volume, device=cfg.device, backend="grid_sample"), generator=gen)
     T_init = geometry.perturb(
         scene.T_ref_from_ct, rot_deg=cfg.rot_deg, trans_mm=cfg.trans_mm, centre_ct=registrar.centre_ct, generator=gen
     )
