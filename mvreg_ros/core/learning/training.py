@@ -228,11 +228,30 @@ def train(
 ) -> TrainResult:
     """Train (or continue training) a coarse network for ``volume``; checkpoints go to ``out``
     (plus ``out.json`` and the optimiser state ``*.optim.safetensors``)."""
+    # denormals in Adam states slow CPUs down many times; the setting is process-wide, so it is
+    # restored afterwards (it would change float semantics for everything else in the process)
+    torch.set_flush_denormal(True)
+    try:
+        return _train(volume, config, out, device=device, resume=resume, progress=progress, log=log)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train(
+    volume: Volume,
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    device="cpu",
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """The training loop of :func:`train`."""
     out = Path(out)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    torch.set_flush_denormal(True)  # denormals in Adam states slow CPUs down many times
     torch.manual_seed(config.seed)
     device = torch.device(device)
     g = torch.Generator().manual_seed(config.seed)
