@@ -128,10 +128,22 @@ class Listener:
     def wait(self, condition, timeout, what):
         return wait_until(condition, timeout, step=0.05, spin=self.spin, what=what)
 
-    def matched(self):
-        """Every topic has the bridge as publisher; then a moment for the bridge to see us too."""
-        self.wait(lambda: all(self.node.count_publishers(t) >= 1 for t in self.topics), 60, "the bridge's topics")
-        end = time.monotonic() + 1.0
+    def publisher_gids(self) -> dict[str, set]:
+        """The publishers this process sees on each topic (by endpoint gid)."""
+        return {t: {bytes(i.endpoint_gid) for i in self.node.get_publishers_info_by_topic(t)} for t in self.topics}
+
+    def matched(self, before: dict[str, set] | None = None):
+        """Every topic has a bridge publisher (one not in ``before``: publishers of earlier tests'
+        processes may linger in the DDS graph until their lease ends); then a moment for the bridge
+        to see us too."""
+        before = before or {t: set() for t in self.topics}
+
+        def fresh():
+            now = self.publisher_gids()
+            return all(now[t] - before[t] for t in self.topics)
+
+        self.wait(fresh, 60, "the bridge's topics")
+        end = time.monotonic() + 1.5
         while time.monotonic() < end:
             self.spin(0.05)
 
@@ -259,24 +271,34 @@ def test_folder_source_reads_settled_files(ros_env, ros_context, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     save(shot(5.0, 5.0, instance=7, seed=7)[0], inbox / "before_start.dcm")  # present at start: ignored
+    listener = Listener(ros_context)
+    before = listener.publisher_gids()
     proc = start_bridge(
         ros_env, tmp_path, name="folder_bridge", source="folder", watch_folder=str(inbox), poll_interval_s=0.1
     )
-    listener = Listener(ros_context)
     try:
         wait_until(lambda: "watching" in proc.output() or not proc.alive(), 60, step=0.1, what="the folder bridge")
         assert proc.alive(), proc.tail()
-        listener.matched()
-        ds, _ = shot(15.0, -5.0, instance=8, seed=8)
-        save(ds, tmp_path / "x.dcm")
-        (tmp_path / "x.dcm").replace(inbox / "shot.dcm")  # moved in atomically
+        listener.matched(before)
         (inbox / "garbage.dcm").write_bytes(b"not dicom at all")
-        listener.wait(lambda: len(listener.on(TOPICS["frontal"][0])) >= 1, 30, "the folder shot")
+        moved_in = 0
+        for attempt in range(3):  # a first image lost to DDS discovery on a busy machine is sent again
+            ds, _ = shot(15.0, -5.0, instance=8 + attempt, seed=8 + attempt)
+            save(ds, tmp_path / "x.dcm")
+            (tmp_path / "x.dcm").replace(inbox / f"shot{attempt}.dcm")  # moved in atomically
+            moved_in += 1
+            try:
+                listener.wait(lambda: len(listener.on(TOPICS["frontal"][0])) >= 1, 15, "the folder shot")
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
         listener.wait(lambda: any(s.get("event") == "refused" for s in listener.status), 30, "the garbage refusal")
         end = time.monotonic() + 0.5
         while time.monotonic() < end:
             listener.spin(0.05)
-        assert len(listener.on(TOPICS["frontal"][0])) == 1  # the file present at start was not read
+        # the file present at start was not read: at most the files moved in arrived (1 on a quiet machine)
+        assert 1 <= len(listener.on(TOPICS["frontal"][0])) <= moved_in
         assert proc.interrupt() == 0
     finally:
         listener.close()
