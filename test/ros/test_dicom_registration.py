@@ -8,6 +8,7 @@ About 20 to 40 s on a 2-core machine; skipped with MVREG_SKIP_DICOM_REGISTRATION
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -45,32 +46,29 @@ def node_params(tmp_path, initial):
     return write_params(tmp_path / "node.yaml", values)
 
 
-def test_dicom_views_register_through_the_bridge(ros_env, ros_context, tmp_path):
+def truth_in_carm_base(T_iso_from_ct: torch.Tensor) -> torch.Tensor:
+    """The simulated anatomy pose in the node's reference frame (the frontal plane's isocentre mounting)."""
+    mounting = read_params(CONFIG / "biplane.yaml")["plane.frontal.mounting_xyz_m"]
+    return translation(torch.tensor(mounting, dtype=torch.float64) * 1000.0) @ T_iso_from_ct
+
+
+def bridge_stamps(bridge) -> list[int]:
+    """The stamps (ns) the bridge published at, in order, from its log."""
+    found = re.findall(r"published on plane \w+ at (\d+\.\d{9}) s", bridge.output())
+    return [int(s.replace(".", "")) for s in found]
+
+
+@contextlib.contextmanager
+def dicom_to_tf(ros_env, ros_context, tmp_path, node_yaml, topics):
+    """The registration node (``node_yaml``), dicom_bridge (SCP on a free port) and a TF-listening
+    controller as separate processes, the node subscribed to ``topics``: yields
+    ``(node, bridge, controller, port)``; every process is killed on exit."""
     from rclpy.node import Node
 
-    g = torch.Generator().manual_seed(4)
-    raw, T_iso_from_ct, _ = simulate_views(volume(), ANGLES, detector=DET, offset_mm=[6.0, -4.0, 5.0], seed=4)
-    mounting = read_params(CONFIG / "biplane.yaml")["plane.frontal.mounting_xyz_m"]
-    truth = translation(torch.tensor(mounting, dtype=torch.float64) * 1000.0) @ T_iso_from_ct
-    centre = volume().bone_centre_ct().to(torch.float64)
-    initial = perturb(truth, rot_deg=3.0, trans_mm=5.0, centre_ct=centre, generator=g)
-
-    def shot_pair(attempt: int):
-        """The two planes' objects of one biplane acquisition (new instances for each attempt)."""
-        out = []
-        for k, ((o, a), plane) in enumerate(zip(ANGLES, "AB")):
-            instance = 100 + 10 * attempt + k
-            ds = xa_dataset(raw[k], orbital_deg=o, angular_deg=a, detector=DET, study=STUDY, instance=instance)
-            ds.ImageType = ["ORIGINAL", "PRIMARY", f"BIPLANE {plane}"]
-            ds.AcquisitionDateTime = f"202501011205{attempt:02d}.100"
-            out.append(ds)
-        return out
-
-    t0 = time.monotonic()
     procs = []
-    probe = Node("dicom_registration_probe", context=ros_context)
+    probe = Node("dicom_to_tf_probe", context=ros_context)
     try:
-        node = RosProcess([sys.executable, *node_args(node_params(tmp_path, initial))], ros_env, tmp_path / "node.log")
+        node = RosProcess([sys.executable, *node_args(node_yaml)], ros_env, tmp_path / "node.log")
         procs.append(node)
         params = write_bridge_params(
             tmp_path / "bridge.yaml", port=0, patient_id="SIM-0001", allowed_calling_ae_titles=[CALLING]
@@ -92,7 +90,6 @@ def test_dicom_views_register_through_the_bridge(ros_env, ros_context, tmp_path)
         )
         procs.append(controller)
         port = bridge_port(bridge)
-        topics = [t for pair in TOPICS.values() for t in pair] + ["/joint_states"]
 
         def node_listening():
             if not node.alive():
@@ -102,17 +99,44 @@ def test_dicom_views_register_through_the_bridge(ros_env, ros_context, tmp_path)
         wait_until(node_listening, 180, step=0.2, what=f"the node's subscriptions; node log:\n{node.tail()}")
         wait_until(lambda: any(e.get("event") == "listening" for e in controller.json_lines()), 60, what="controller")
         time.sleep(1.0)  # the bridge discovers the node's fresh subscriptions
+        yield node, bridge, controller, port
+    finally:
+        probe.destroy_node()
+        for p in procs:
+            p.kill()
 
-        def stamps():
-            return {
-                int(s.replace(".", ""))
-                for s in re.findall(r"published on plane \w+ at (\d+\.\d{9}) s", bridge.output())
-            }
+
+def test_dicom_views_register_through_the_bridge(ros_env, ros_context, tmp_path):
+    g = torch.Generator().manual_seed(4)
+    raw, T_iso_from_ct, _ = simulate_views(volume(), ANGLES, detector=DET, offset_mm=[6.0, -4.0, 5.0], seed=4)
+    truth = truth_in_carm_base(T_iso_from_ct)
+    centre = volume().bone_centre_ct().to(torch.float64)
+    initial = perturb(truth, rot_deg=3.0, trans_mm=5.0, centre_ct=centre, generator=g)
+
+    def shot_pair(attempt: int):
+        """The two planes' objects of one biplane acquisition (new instances for each attempt)."""
+        out = []
+        for k, ((o, a), plane) in enumerate(zip(ANGLES, "AB")):
+            instance = 100 + 10 * attempt + k
+            ds = xa_dataset(raw[k], orbital_deg=o, angular_deg=a, detector=DET, study=STUDY, instance=instance)
+            ds.ImageType = ["ORIGINAL", "PRIMARY", f"BIPLANE {plane}"]
+            ds.AcquisitionDateTime = f"202501011205{attempt:02d}.100"
+            out.append(ds)
+        return out
+
+    t0 = time.monotonic()
+    topics = [t for pair in TOPICS.values() for t in pair] + ["/joint_states"]
+    with dicom_to_tf(ros_env, ros_context, tmp_path, node_params(tmp_path, initial), topics) as (
+        node,
+        bridge,
+        controller,
+        port,
+    ):
 
         def registered():
             if not node.alive():
                 raise AssertionError(f"the node exited ({node.proc.returncode}):\n{node.tail()}")
-            shared = stamps()
+            shared = set(bridge_stamps(bridge))
             return [tf for tf in controller.json_lines() if tf.get("stamp_ns") in shared]
 
         hits = None
@@ -130,7 +154,9 @@ def test_dicom_views_register_through_the_bridge(ros_env, ros_context, tmp_path)
                 break
         assert hits and hits != "retry", node.tail()
 
-        assert len(stamps()) == attempt + 1, "both planes of each acquisition published with one stamp"
+        assert len(set(bridge_stamps(bridge))) == attempt + 1, (
+            "both planes of each acquisition published with one stamp"
+        )
         error = mtre_mm(T_from_tf_json(hits[0]), truth)
         print(
             f"DICOM -> bridge -> node: TF after {time.monotonic() - t0:.1f} s, mTRE {error:.2f} mm "
@@ -140,7 +166,3 @@ def test_dicom_views_register_through_the_bridge(ros_env, ros_context, tmp_path)
         assert error < 2.0
         assert bridge.interrupt() == 0
         assert node.interrupt() == 0
-    finally:
-        probe.destroy_node()
-        for p in procs:
-            p.kill()

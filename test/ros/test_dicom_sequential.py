@@ -8,8 +8,6 @@ of the truth. About 20 to 40 s on a 2-core machine; skipped with MVREG_SKIP_DICO
 from __future__ import annotations
 
 import os
-import re
-import sys
 import time
 
 import pytest
@@ -21,13 +19,13 @@ pytest.importorskip("rclpy")
 pytest.importorskip("pynetdicom")
 pytest.importorskip("tf2_msgs.msg")
 
-from ros_harness import HELPERS, REPO, RosProcess, deadline, node_args, wait_until
+from ros_harness import wait_until
 from ros_scenario import CONFIG, QUICK, T_from_tf_json, T_param, mtre_mm, read_params, volume, write_params
-from test_dicom_bridge import CALLING, STUDY, TOPICS, bridge_port, c_store, write_bridge_params
-from test_dicom_registration import DET
+from test_dicom_bridge import STUDY, TOPICS, c_store
+from test_dicom_registration import DET, bridge_stamps, dicom_to_tf, truth_in_carm_base
 
 from mvreg_ros.core.data.dicom_write import simulate_views, xa_dataset
-from mvreg_ros.core.geometry.transforms import perturb, translation
+from mvreg_ros.core.geometry.transforms import perturb
 
 ANGLES = [(8.0, -3.0), (52.0, 6.0)]  # two shots of the frontal plane, degrees LAO / CRA
 
@@ -55,12 +53,9 @@ def node_params(tmp_path, initial):
 
 
 def test_sequential_dicom_shots_register_through_the_bridge(ros_env, ros_context, tmp_path):
-    from rclpy.node import Node
-
     g = torch.Generator().manual_seed(5)
     raw, T_iso_from_ct, _ = simulate_views(volume(), ANGLES, detector=DET, offset_mm=[-5.0, 4.0, 6.0], seed=5)
-    mounting = read_params(CONFIG / "biplane.yaml")["plane.frontal.mounting_xyz_m"]
-    truth = translation(torch.tensor(mounting, dtype=torch.float64) * 1000.0) @ T_iso_from_ct
+    truth = truth_in_carm_base(T_iso_from_ct)
     initial = perturb(truth, rot_deg=3.0, trans_mm=5.0, centre_ct=volume().bone_centre_ct().double(), generator=g)
 
     def shot(k: int, attempt: int):
@@ -72,53 +67,24 @@ def test_sequential_dicom_shots_register_through_the_bridge(ros_env, ros_context
         ds.AcquisitionDateTime = f"2025010112{10 + attempt:02d}{10 * k:02d}.000"  # shots 10 s apart
         return ds
 
-    procs = []
-    probe = Node("dicom_sequential_probe", context=ros_context)
-    try:
-        node = RosProcess([sys.executable, *node_args(node_params(tmp_path, initial))], ros_env, tmp_path / "node.log")
-        procs.append(node)
-        params = write_bridge_params(
-            tmp_path / "bridge.yaml", port=0, patient_id="SIM-0001", allowed_calling_ae_titles=[CALLING]
-        )
-        bridge = RosProcess(
-            [
-                sys.executable,
-                *["-m", "mvreg_ros.ros.dicom_bridge", "--ros-args"],
-                *["--params-file", str(REPO / "config" / "dicom_bridge.yaml"), "--params-file", str(params)],
-            ],
-            ros_env,
-            tmp_path / "bridge.log",
-        )
-        procs.append(bridge)
-        controller = RosProcess(
-            [sys.executable, str(HELPERS / "tf_controller.py"), "--timeout", str(deadline(600))],
-            ros_env,
-            tmp_path / "controller.log",
-        )
-        procs.append(controller)
-        port = bridge_port(bridge)
-        topics = [*TOPICS["frontal"], "/joint_states"]
-
-        def node_listening():
-            if not node.alive():
-                raise AssertionError(f"the node exited ({node.proc.returncode}):\n{node.tail()}")
-            return all(probe.count_subscribers(t) >= 1 for t in topics)
-
-        wait_until(node_listening, 180, step=0.2, what=f"the node's subscriptions; node log:\n{node.tail()}")
-        wait_until(lambda: any(e.get("event") == "listening" for e in controller.json_lines()), 60, what="controller")
-        time.sleep(1.0)  # the bridge discovers the node's fresh subscriptions
-
-        def stamps() -> list[int]:
-            found = re.findall(r"published on plane \w+ at (\d+\.\d{9}) s", bridge.output())
-            return [int(s.replace(".", "")) for s in found]
-
+    topics = [*TOPICS["frontal"], "/joint_states"]
+    with dicom_to_tf(ros_env, ros_context, tmp_path, node_params(tmp_path, initial), topics) as (
+        node,
+        bridge,
+        controller,
+        port,
+    ):
         hits = None
         for attempt in range(3):  # a registration the node rejects on a busy machine (rare) is retried
             rejected = node.output().count("registration rejected")
             for k in range(2):
                 assert c_store(port, [shot(k, attempt)]) == [0]
                 time.sleep(0.3)  # one shot after the other: distinct receive stamps
-            newest = wait_until(lambda: len(stamps()) >= 2 * (attempt + 1) and stamps()[-1], 60, what="both shots")
+            newest = wait_until(
+                lambda: len(bridge_stamps(bridge)) >= 2 * (attempt + 1) and bridge_stamps(bridge)[-1],
+                60,
+                what="both shots",
+            )
             hits = wait_until(
                 lambda: (
                     [tf for tf in controller.json_lines() if tf.get("stamp_ns") == newest]
@@ -131,7 +97,7 @@ def test_sequential_dicom_shots_register_through_the_bridge(ros_env, ros_context
             if hits != "retry":
                 break
         assert hits and hits != "retry", node.tail()
-        s = stamps()
+        s = bridge_stamps(bridge)
         assert len(set(s)) == len(s), "each shot of a single plane has its own stamp"
         error = mtre_mm(T_from_tf_json(hits[0]), truth)
         print(f"sequential DICOM -> bridge -> node: mTRE {error:.2f} mm (start {mtre_mm(initial, truth):.1f} mm)")
@@ -139,7 +105,3 @@ def test_sequential_dicom_shots_register_through_the_bridge(ros_env, ros_context
         assert error < 2.0
         assert bridge.interrupt() == 0
         assert node.interrupt() == 0
-    finally:
-        probe.destroy_node()
-        for p in procs:
-            p.kill()
