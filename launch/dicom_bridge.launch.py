@@ -9,6 +9,7 @@ Parameters, security rules and stamps: docs/dicom_bridge.md.
 """
 
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.conditions import evaluate_condition_expression
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
@@ -16,17 +17,8 @@ from launch_ros.substitutions import FindPackageShare
 from launch import LaunchDescription
 
 
-def _truthy(text: str, name: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off", ""):
-        return False
-    raise ValueError(f"{name} must be true or false, got {text!r}")
-
-
 def _bridge(context):
-    overrides = {"use_sim_time": _truthy(LaunchConfiguration("use_sim_time").perform(context), "use_sim_time")}
+    overrides = {"use_sim_time": evaluate_condition_expression(context, [LaunchConfiguration("use_sim_time")])}
     patient_id = LaunchConfiguration("patient_id").perform(context)
     if patient_id:
         overrides["patient_id"] = patient_id

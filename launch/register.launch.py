@@ -14,6 +14,7 @@ before; autostart:=false leaves it unconfigured for a lifecycle supervisor
 """
 
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.conditions import evaluate_condition_expression
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import LifecycleNode, Node
 from launch_ros.substitutions import FindPackageShare
@@ -21,21 +22,12 @@ from launch_ros.substitutions import FindPackageShare
 from launch import LaunchDescription
 
 
-def _truthy(text: str, name: str = "use_sim_time") -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off", ""):
-        return False
-    raise ValueError(f"{name} must be true or false, got {text!r}")
-
-
 def _register_node(context):
     params_file = LaunchConfiguration("params_file").perform(context)
     overrides = {
-        "use_sim_time": _truthy(LaunchConfiguration("use_sim_time").perform(context)),
+        "use_sim_time": evaluate_condition_expression(context, [LaunchConfiguration("use_sim_time")]),
         # the node drives itself to active (one process, one owner of its transitions)
-        "autostart": _truthy(LaunchConfiguration("autostart").perform(context), "autostart"),
+        "autostart": evaluate_condition_expression(context, [LaunchConfiguration("autostart")]),
     }
     for name in ("volume_path", "model_path"):  # empty: keep the params file's value
         value = LaunchConfiguration(name, default="").perform(context)
@@ -54,7 +46,7 @@ def _register_node(context):
             arguments=["--ros-args", "--log-level", log_level],
         )
     ]
-    if _truthy(LaunchConfiguration("with_dicom_bridge").perform(context), "with_dicom_bridge"):
+    if evaluate_condition_expression(context, [LaunchConfiguration("with_dicom_bridge")]):
         bridge_overrides = {"use_sim_time": overrides["use_sim_time"]}
         patient_id = LaunchConfiguration("patient_id").perform(context)
         if patient_id:

@@ -394,7 +394,7 @@ class RegisterNode(LifecycleNode):
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._teardown()
         self.finalized = True
-        self._status(OK, "shutdown", "finalized", {})
+        self._status(OK, "shutdown", "shut down: TF withdrawn, the process ends", {})
         return SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -405,10 +405,18 @@ class RegisterNode(LifecycleNode):
         return SUCCESS
 
     def close(self) -> None:
-        """Stop the worker (a running registration may finish within a few seconds)."""
+        """Stop the worker (a running registration may finish within a few seconds), then give the
+        last status and ~/pose_valid up to a second to reach their subscribers (a lifecycle
+        'shutdown' ends the process right after publishing them)."""
         self._closing = True
         if self.worker is not None:
             self.worker.stop(timeout=5.0)
+        for pub in (self.status_pub, self.pose_valid_pub, self.diag_pub):
+            if pub is not None:
+                try:
+                    pub.wait_for_all_acked(Duration(seconds=1.0))
+                except Exception:  # the context is already shut down (Ctrl-C): nothing to flush
+                    pass
 
     # ------------------------------------------------------------------- services
     def _on_reset(self, request, response):

@@ -81,7 +81,9 @@ def test_launch_file_with_the_launch_packages():
     opaque = [e for e in ld.entities if isinstance(e, OpaqueFunction)][0]
     (node,) = opaque.execute(ctx)
     assert node.node_package == "mvreg_ros" and node.node_executable == "register_node"
-    with pytest.raises(ValueError, match="use_sim_time"):
-        module._truthy("maybe")
-    with pytest.raises(ValueError, match="autostart"):
-        module._truthy("maybe", "autostart")
+    # launch's own boolean rule (IfCondition's): true/1/false/0, anything else refused
+    from launch.conditions import InvalidConditionExpressionError
+
+    ctx.launch_configurations.update(autostart="maybe")
+    with pytest.raises(InvalidConditionExpressionError, match="maybe"):
+        opaque.execute(ctx)

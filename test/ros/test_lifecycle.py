@@ -113,6 +113,24 @@ def test_managed_node_without_autostart(node):
     assert h.proc.interrupt() == 0, h.proc.tail()
 
 
+def test_shutdown_from_active_withdraws_the_pose_and_ends_the_process(node):
+    h = node()  # autostart: active
+    register_good_set(h)
+    wait_until(lambda: h.valid() is True, 30, what="pose_valid true")
+    wait_until(lambda: h.count("tfs") > 3, 30, what="the held pose republished")
+    h.clear()
+    assert h.transition("shutdown")
+    # the process ends by itself, cleanly, without a signal, after its last status and pose_valid
+    wait_until(lambda: not h.proc.alive(), 60, what="the node process to exit after shutdown")
+    assert h.proc.proc.returncode == 0, h.proc.tail()
+    wait_until(lambda: h.statuses_since(0, "shutdown"), 30, what="the shutdown status")
+    assert "TF withdrawn" in h.statuses_since(0, "shutdown")[0]["message"]
+    wait_until(lambda: h.valid() is False, 30, what="pose_valid false at shutdown")
+    n_tf = h.count("tfs")
+    quiet_for(h, 1.0)
+    assert h.count("tfs") == n_tf, "TF published after shutdown"
+
+
 def test_failed_configure_without_autostart_stays_unconfigured(node, tmp_path):
     missing = tmp_path / "missing_ct.nii.gz"
     h = node(extra={"autostart": False, "volume_path": str(missing)}, wait=False)
