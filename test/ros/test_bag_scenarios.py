@@ -138,20 +138,27 @@ def test_evaluator_reports_recovery_wrong_tfs_and_tfs_of_bad_inputs(tmp_path):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
-def test_corrupt_bag_replayed_to_the_node(spawn, tmp_path, ros_context):
-    """The node (its own process, sequential mobile C-arm, quick budget, sim time) rejects every bad
-    input of a corrupt bag, never publishes a TF at one's stamp, and registers the good shots."""
-    _, _, messages, _ = simulated("mobile_carm.yaml", "corrupt")
+def replayed_to_node(spawn, tmp_path, ros_context, scenario: str, *, sets: int = 3):
+    """A sequential mobile C-arm bag of ``scenario`` replayed (rate 1) to a node of its own (quick
+    budget, sim time); the node process, the played messages, the evaluator and its summary. The
+    last set may be rejected (its views disagree): the replay waits for it only briefly."""
+    _, sim, messages, _ = simulated("mobile_carm.yaml", scenario, sets=sets)
     bag = bag_io.write_bag(tmp_path / "bag", messages)
     overrides = write_params(tmp_path / "overrides.yaml", dict(QUICK, use_sim_time=True))
     node = spawn("node", node_args(CONFIG / "mobile_carm.yaml", overrides))
     played = bag_io.read_bag(bag)
     evaluator = evaluator_for_bag(played, ct_landmarks(load_ct(QUICK["volume_path"])).points_ct)
-    # the last set may be rejected (its views disagree): wait for it only briefly
     replay(played, evaluator, context=ros_context, rate=1.0, match_timeout_s=deadline(120), wait_s=deadline(20))
     summary = evaluator.summary()
     print(json.dumps({k: v for k, v in summary.items() if k != "recoveries"}))
     assert node.alive(), node.tail()
+    return node, sim, played, evaluator, summary
+
+
+def test_corrupt_bag_replayed_to_the_node(spawn, tmp_path, ros_context):
+    """The node (its own process, sequential mobile C-arm, quick budget, sim time) rejects every bad
+    input of a corrupt bag, never publishes a TF at one's stamp, and registers the good shots."""
+    node, _, _, evaluator, summary = replayed_to_node(spawn, tmp_path, ros_context, "corrupt")
     assert summary["tf_from_rejected_inputs"] == 0
     assert summary["node_inputs_rejected"] >= len(evaluator.corrupt) == summary["rejected_inputs"] > 0
     assert summary["dropped_inputs"] >= summary["node_inputs_rejected"]
@@ -169,16 +176,7 @@ def test_fluoro_bag_replayed_to_the_node(spawn, tmp_path, ros_context):
     publishes a TF at a rejected input's stamp, and its registrations stay within the quick
     budget's accuracy on the test CT (5.6 x 5.6 x 20 mm voxels, one 32 px level: accepted results
     up to about 3.4 mm, docs/node.md, *Overload and soak*), far from a wrong pose."""
-    _, sim, messages, _ = simulated("mobile_carm.yaml", "fluoro", sets=2)
-    bag = bag_io.write_bag(tmp_path / "bag", messages)
-    overrides = write_params(tmp_path / "overrides.yaml", dict(QUICK, use_sim_time=True))
-    node = spawn("node", node_args(CONFIG / "mobile_carm.yaml", overrides))
-    played = bag_io.read_bag(bag)
-    evaluator = evaluator_for_bag(played, ct_landmarks(load_ct(QUICK["volume_path"])).points_ct)
-    replay(played, evaluator, context=ros_context, rate=1.0, match_timeout_s=deadline(120), wait_s=deadline(20))
-    summary = evaluator.summary()
-    print(json.dumps({k: v for k, v in summary.items() if k != "recoveries"}))
-    assert node.alive(), node.tail()
+    node, sim, played, _, summary = replayed_to_node(spawn, tmp_path, ros_context, "fluoro", sets=2)
     images = sum(1 for m in played if m.topic.endswith("image_raw"))
     assert images >= 2 * int(2 * sim.hold_s * sim.fluoro_hz)  # bursts, not single shots
     assert summary["node_images"] >= images // 2, summary  # the node saw the burst (sensor QoS may drop a few)

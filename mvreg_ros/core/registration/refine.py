@@ -34,6 +34,9 @@ from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM, Volume
 from mvreg_ros.core.registration.similarity import image_similarity
 from mvreg_ros.core.rendering.renderer import BACKENDS, Renderer
 
+CURVATURE_STEP_RAD = 5e-3  # finite-difference steps of the loss curvature (0.3 deg, 0.5 mm)
+CURVATURE_STEP_MM = 0.5
+
 
 @dataclasses.dataclass(frozen=True)
 class RefineConfig:
@@ -57,6 +60,9 @@ class RefineConfig:
     newton_steps: int = 2  # second-order polish at the finest level (curvature by finite differences)
     newton_max_rot_deg: float = 1.0  # trust region of one Newton step
     newton_max_trans_mm: float = 2.0
+    curvature_fallback_scale: float = 2.0  # a curvature that is not positive definite at the default finite-
+    # difference steps (0.3 deg, 0.5 mm; the loss's small-scale roughness can make it so at a good optimum) is
+    # measured once more with steps this many times larger (<= 1: not); still not positive definite: a failure
     voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy
     pool_volume: bool = True  # False: render the full-resolution volume at every level
     full_resolution_max_voxels: int = 2**26  # a CT with more voxels than this once cropped to the body (a big CT,
@@ -94,6 +100,10 @@ class RefineConfig:
             raise ValueError(f"mask_truncated must be 'complete', 'footprint' or 'off', got {self.mask_truncated!r}")
         if not 0 <= self.target_weight <= 1:
             raise ValueError(f"target_weight must be in [0, 1], got {self.target_weight}")
+        if not (math.isfinite(self.curvature_fallback_scale) and self.curvature_fallback_scale >= 0):
+            raise ValueError(
+                f"curvature_fallback_scale must be a finite number >= 0, got {self.curvature_fallback_scale}"
+            )
         if self.render_backend not in BACKENDS:
             raise ValueError(f"render_backend must be one of {BACKENDS}, got {self.render_backend!r}")
         if isinstance(self.full_resolution_max_voxels, bool) or not isinstance(self.full_resolution_max_voxels, int):
@@ -666,6 +676,9 @@ class Registrar:
             # no curvature yet, or (fresh_curvature) measured before the last accepted Newton step
             if H_at is None or (H_at is not T0 and schedule.fresh_curvature):
                 _, H, _ = newton.grad_hessian(T0)
+            if H is None and cfg.curvature_fallback_scale > 1:
+                f = cfg.curvature_fallback_scale
+                _, H, _ = newton.grad_hessian(T0, h_rad=f * CURVATURE_STEP_RAD, h_mm=f * CURVATURE_STEP_MM)
             if H is None:
                 reason = "loss curvature is not positive definite: the pose is not constrained by the views"
             else:
@@ -745,7 +758,9 @@ class Objective:
         (g,) = torch.autograd.grad(L, x)
         return g.detach().cpu(), float(L.detach())
 
-    def grad_hessian(self, T0: Tensor, h_rad: float = 5e-3, h_mm: float = 0.5) -> tuple[Tensor, Tensor | None, float]:
+    def grad_hessian(
+        self, T0: Tensor, h_rad: float = CURVATURE_STEP_RAD, h_mm: float = CURVATURE_STEP_MM
+    ) -> tuple[Tensor, Tensor | None, float]:
         """Gradient, and Hessian by central differences of the gradient (None unless positive definite).
         The steps (0.3 deg, 0.5 mm) measure the curvature at the scale of the registration error,
         above the small-scale roughness of a sampled, interpolated loss."""

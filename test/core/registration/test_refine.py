@@ -164,6 +164,45 @@ def test_failure_is_a_result_not_an_exception(ct, scene_views):
     assert res.iterations == 0
 
 
+def test_curvature_measured_again_at_larger_steps_when_not_positive_definite(ct, scene_views, monkeypatch):
+    """A curvature that is indefinite at the default finite-difference steps (a rough loss at small
+    scale) is measured once more with steps ``curvature_fallback_scale`` times larger; the result
+    fails only when that one is not positive definite either."""
+    from mvreg_ros.core.registration import refine as refine_module
+
+    scene, views = scene_views
+    real = refine_module.Objective.grad_hessian
+    steps = []
+
+    def scripted(self, T0, h_rad=refine_module.CURVATURE_STEP_RAD, h_mm=refine_module.CURVATURE_STEP_MM):
+        steps.append((h_rad, h_mm))
+        g, H, L = real(self, T0, h_rad=h_rad, h_mm=h_mm)
+        small = h_rad <= refine_module.CURVATURE_STEP_RAD
+        return g, (None if small else H), L  # indefinite at the default steps only
+
+    monkeypatch.setattr(refine_module.Objective, "grad_hessian", scripted)
+    cfg = RefineConfig(**ONE_LEVEL, iterations=(10,))
+    res = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)
+    assert res.success, res.reason
+    assert steps[-1] == pytest.approx((2 * refine_module.CURVATURE_STEP_RAD, 2 * refine_module.CURVATURE_STEP_MM))
+    assert res.covariance is not None and math.isfinite(res.uncertainty_mm)
+
+    steps.clear()
+    off = Registrar(ct, dataclasses.replace(cfg, curvature_fallback_scale=0.0)).refine(views, scene.T_ref_from_ct)
+    assert not off.success and "positive definite" in off.reason
+    assert all(h == pytest.approx((refine_module.CURVATURE_STEP_RAD, refine_module.CURVATURE_STEP_MM)) for h in steps)
+
+    def never(self, T0, h_rad=refine_module.CURVATURE_STEP_RAD, h_mm=refine_module.CURVATURE_STEP_MM):
+        g, _, L = real(self, T0, h_rad=h_rad, h_mm=h_mm)
+        return g, None, L
+
+    monkeypatch.setattr(refine_module.Objective, "grad_hessian", never)
+    res = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)
+    assert not res.success and "positive definite" in res.reason
+    with pytest.raises(ValueError, match="curvature_fallback_scale"):
+        RefineConfig(curvature_fallback_scale=float("nan"))
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="iterations"):
         RefineConfig(sizes=(32, 64), iterations=(10,), n_samples=(32, 32), patches=(8, 8))
