@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 # benchmark.SECTIONS, spelled out so that building the parser imports no torch (a test keeps them equal)
-SECTION_NAMES = ("renderer", "refine", "reference", "pipeline", "tracking", "profile", "coarse", "big_ct")
+SECTION_NAMES = ("renderer", "refine", "reference", "pipeline", "tracking", "profile", "coarse", "big_ct", "train")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,6 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "folder) and warm the engine up on it: ready time and resident memory (about a minute, 1-3 GB)",
     )
     p.add_argument(
+        "--train-minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="also train a coarse network on the shipped CT for M minutes (into a temporary folder) and report "
+        "its held-out error against training minutes (train_curve)",
+    )
+    p.add_argument(
         "--only",
         default=None,
         metavar="SECTION[,SECTION]",
@@ -49,15 +57,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _sections(args) -> tuple[str, ...]:
     from mvreg_ros.core.evaluation.benchmark import DEFAULT_SECTIONS, SECTIONS
 
+    train_minutes = getattr(args, "train_minutes", None)
+    extra = (("big_ct",) if args.big_ct else ()) + (("train",) if train_minutes is not None else ())
     if args.only is None:
-        return DEFAULT_SECTIONS + (("big_ct",) if args.big_ct else ())
+        return DEFAULT_SECTIONS + extra
     chosen = tuple(dict.fromkeys(s.strip().replace("-", "_") for s in args.only.split(",") if s.strip()))
     bad = [s for s in chosen if s not in SECTIONS]
     if bad or not chosen:
         raise ValueError(f"--only must name sections from {', '.join(SECTIONS)}, got {args.only!r}")
     if "reference" in chosen and "refine" not in chosen:
         raise ValueError(f"--only {args.only!r}: 'reference' is compared against 'refine': give both")
-    return chosen + (("big_ct",) if args.big_ct and "big_ct" not in chosen else ())
+    if "train" in chosen and train_minutes is None:
+        raise ValueError(f"--only {args.only!r}: the 'train' section needs --train-minutes")
+    return chosen + tuple(s for s in extra if s not in chosen)
 
 
 def run(args) -> int:
@@ -66,7 +78,10 @@ def run(args) -> int:
     from mvreg_ros.cli.options import options_ok
 
     if not options_ok(
-        "bench", args, at_least={"cases": 1, "reference_cases": 1, "reference_iterations": 1, "tracking_cases": 0}
+        "bench",
+        args,
+        at_least={"cases": 1, "reference_cases": 1, "reference_iterations": 1, "tracking_cases": 0},
+        above={"train_minutes": 0},
     ):
         return 2
     try:
@@ -90,6 +105,7 @@ def run(args) -> int:
         device=args.device,
         seed=args.seed,
         refine=RefineConfig(render_backend=args.backend),
+        **({"train_minutes": args.train_minutes} if args.train_minutes is not None else {}),
         sections=sections,
     )
     r = bench(load_example_ct(), cfg)
@@ -180,6 +196,13 @@ def run(args) -> int:
             f"the engine keeps {'x'.join(str(n) for n in b['engine_volume_shape_ijk'])} voxels (pooled by "
             f"{b['base_factor']}, {b['engine_volume_mb']:.0f} MB with its renderers); warm refinement "
             f"{b['warm_refine_s']:.2f} s, mTRE {b['warm_refine_mtre_mm']:.3f} mm"
+        )
+    if "train_curve" in r:
+        t = r["train_curve"]
+        points = ", ".join(f"{q['minutes']:.1f} min {q['val_median_mtre_mm']:.1f} mm" for q in t["points"])
+        print(
+            f"coarse network trained {t['minutes']:g} min ({t['steps']} steps): held-out median mTRE of the network "
+            f"alone on {t['val_sets']} sets: {points}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -180,17 +180,19 @@ class RegisterNode(LifecycleNode):
         cfg = build_config(self._values)
         log = self.get_logger()
         t0 = time.perf_counter()
-        self.volume = load_ct(cfg.volume_path)
-        self.registrar = Registrar(self.volume, cfg.refine)
+        # the loaded CT lives only in this method: the registrar keeps what the engine needs (for a big
+        # CT a pooled copy only), the network is checked against it and the marker made from it here
+        volume = load_ct(cfg.volume_path)
+        self.registrar = Registrar(volume, cfg.refine)
         log.info(
-            f"CT {cfg.volume_path!r}: {tuple(self.volume.data.shape)} voxels, spacing "
-            f"{[round(float(s), 3) for s in self.volume.spacing]} mm, loaded in {time.perf_counter() - t0:.1f} s; "
+            f"CT {cfg.volume_path!r}: {tuple(volume.data.shape)} voxels, spacing "
+            f"{[round(float(s), 3) for s in volume.spacing]} mm, loaded in {time.perf_counter() - t0:.1f} s; "
             f"engine on {cfg.refine.device}"
         )
         self.model = None
         if cfg.model_path:  # the patient-specific coarse network, made for this CT
             t0 = time.perf_counter()
-            self.model = load_coarse_model(cfg.model_path, self.volume, device=cfg.refine.device)
+            self.model = load_coarse_model(cfg.model_path, volume, device=cfg.refine.device)
             log.info(
                 f"coarse network {cfg.model_path!r}: {self.model.arch.size} px views, loaded in "
                 f"{time.perf_counter() - t0:.2f} s; the last accepted pose is a start for "
@@ -234,7 +236,8 @@ class RegisterNode(LifecycleNode):
             self.create_publisher(Image, "~/overlay", QoSProfile(depth=1)) if cfg.publish_overlay else None
         )
         self.worker = LatestJobWorker(self._register, on_error=self._on_worker_error)
-        self._make_marker(cfg)
+        self._make_marker(cfg, volume)
+        del volume
         values = {}
         if cfg.warmup:
             try:
@@ -254,7 +257,7 @@ class RegisterNode(LifecycleNode):
         )
         self._status(OK, "configured", "configured" + (f", warm-up {values['warmup_s']} s" if values else ""), values)
 
-    def _make_marker(self, cfg) -> None:
+    def _make_marker(self, cfg, volume) -> None:
         """The bone surface for ~/anatomy_marker (published on activate: a lifecycle node's
         publishers are not active before). A failure only costs the picture."""
         self.marker = self.marker_pub = None
@@ -263,7 +266,7 @@ class RegisterNode(LifecycleNode):
         t0 = time.perf_counter()
         try:
             vertices, triangles = bone_surface(
-                self.volume, threshold_hu=cfg.marker_threshold_hu, max_triangles=cfg.marker_max_triangles
+                volume, threshold_hu=cfg.marker_threshold_hu, max_triangles=cfg.marker_max_triangles
             )
             self.marker = marker_msg(vertices, triangles, frame_id=cfg.anatomy_frame)
         except Exception as e:
@@ -389,7 +392,7 @@ class RegisterNode(LifecycleNode):
             if self.held is not None:
                 self.held.forget()
             self.tf = self.worker = self.held = self.cfg = self.marker = None
-            self.volume = self.registrar = self.model = self.pipeline = self.pipeline_full = None
+            self.registrar = self.model = self.pipeline = self.pipeline_full = None
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._teardown()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import platform
 import resource
 import tempfile
@@ -31,8 +32,9 @@ from mvreg_ros.core.rendering.reference import ReferenceRenderer
 from mvreg_ros.core.rendering.renderer import Renderer
 
 BYTES_PER_TRILINEAR_SAMPLE = 8 * 4  # eight float32 neighbours read per sample (no cache reuse assumed)
-SECTIONS = ("renderer", "refine", "reference", "pipeline", "tracking", "profile", "coarse", "big_ct")
-DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "big_ct")  # the big CT takes a minute and 1-3 GB: asked for
+SECTIONS = ("renderer", "refine", "reference", "pipeline", "tracking", "profile", "coarse", "big_ct", "train")
+# asked for only: the big CT takes a minute and 1-3 GB; training takes train_minutes
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("big_ct", "train"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,7 @@ class BenchConfig:
     tracking_trans_mm: float = 2.0
     tracking_compare: bool = True  # ... and the same sets without the fast path (local refinement + acceptance test)
     big_ct_shape: tuple[int, int, int] = (512, 512, 1000)  # (i, j, k) voxels of the big CT written as NIfTI
+    train_minutes: float = 10.0  # the "train" section: a coarse network trained this long, its held-out curve
     seed: int = 0
     device: str = "cpu"
     model_path: str | None = None
@@ -70,6 +73,8 @@ class BenchConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if len(self.big_ct_shape) != 3 or min(self.big_ct_shape) < 2:
             raise ValueError(f"big_ct_shape must be 3 sizes >= 2, got {self.big_ct_shape}")
+        if not (math.isfinite(self.train_minutes) and self.train_minutes > 0):
+            raise ValueError(f"train_minutes must be a positive number, got {self.train_minutes}")
 
 
 def _sync(device) -> None:
@@ -557,4 +562,38 @@ def run(volume: Volume, cfg: BenchConfig, log=print) -> dict:
     result["peak_memory_mb"] = peak_memory_mb(cfg.device)  # before the big CT: the rest of the benchmark
     if "big_ct" in sections:
         result["big_ct"] = big_ct_run(cfg, log)
+    if "train" in sections:
+        log(f"training a coarse network for {cfg.train_minutes:g} minutes ...")
+        result["train_curve"] = train_curve(volume, cfg, log)
     return result
+
+
+def train_curve(volume: Volume, cfg: BenchConfig, log=print, *, base=None) -> dict:
+    """Train a coarse network on ``volume`` for ``cfg.train_minutes`` (into a temporary folder,
+    ``base`` or the defaults of ``TrainConfig``) and return its held-out error against training
+    time: the training's validation sets (drawn over the whole default range with a seed the
+    training never draws from; the network alone, no refinement) at each validation."""
+    from mvreg_ros.core.learning.train_config import TrainConfig
+    from mvreg_ros.core.learning.training import train
+
+    # about ten points on the curve, at most every two minutes
+    config = dataclasses.replace(
+        base or TrainConfig(), minutes=cfg.train_minutes, seed=cfg.seed, val_every_s=min(120.0, 6.0 * cfg.train_minutes)
+    )
+    with tempfile.TemporaryDirectory() as d:
+        r = train(volume, config, Path(d) / "bench_coarse.safetensors", device=cfg.device, progress=False, log=log)
+    return {
+        "minutes": cfg.train_minutes,
+        "steps": r.steps,
+        "views_rendered": r.views_rendered,
+        "val_sets": config.val_sets,
+        "points": [
+            {
+                "minutes": h["time_s"] / 60.0,
+                "step": h["step"],
+                "val_median_mtre_mm": h["median_mtre_mm"],
+                "val_under_10mm": h["under_10mm"],
+            }
+            for h in r.history
+        ],
+    }

@@ -313,3 +313,32 @@ def test_bench_cli_sections_and_options(capsys):
     assert "--only must name sections" in capsys.readouterr().err
     assert main(["bench", "--tracking-cases", "-1"]) == 2
     assert "--tracking-cases" in capsys.readouterr().err
+    # training: asked for with --train-minutes (positive), which --only train needs
+    assert bench_cli._sections(ns(only=None, big_ct=False, train_minutes=5.0))[-1] == "train"
+    assert "train" not in bench_cli._sections(ns(only=None, big_ct=False, train_minutes=None))
+    with pytest.raises(ValueError, match="needs --train-minutes"):
+        bench_cli._sections(ns(only="train", big_ct=False, train_minutes=None))
+    assert main(["bench", "--train-minutes", "0"]) == 2
+    assert "--train-minutes" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="train_minutes"):
+        BenchConfig(train_minutes=float("nan"))
+
+
+def test_train_curve_is_the_held_out_error_over_training_time(tiny_ct):
+    """A tiny training (3 s): the curve's points are the training's validations, in time order,
+    ending at the budget; the step count is the training's."""
+    from mvreg_ros.core.learning.train_config import TrainConfig
+
+    tiny = TrainConfig(
+        size=32, image_size=16, width=8, fc=32, n_samples=32, voxel_mm=5.0, pool_sets=64, initial_sets=16,
+        refresh_sets=2, batch_sets=8, image_sets=4, image_samples=24, val_sets=4, threads=1, detector_px=128,
+        pixel_mm=2.328,
+    )  # fmt: skip
+    t = benchmark.train_curve(tiny_ct, BenchConfig(train_minutes=0.05), log=lambda *_: None, base=tiny)
+    points = t["points"]
+    assert t["minutes"] == 0.05 and t["val_sets"] == 4 and t["steps"] > 0 and t["views_rendered"] > 0
+    assert len(points) >= 2  # validations every 0.3 s of a 3 s budget, and the final one
+    minutes = [q["minutes"] for q in points]
+    assert minutes == sorted(minutes) and minutes[-1] >= 0.05 and minutes[-1] < 0.05 + 0.5
+    assert points[-1]["step"] == t["steps"]
+    assert all(q["val_median_mtre_mm"] > 0 and 0 <= q["val_under_10mm"] <= 1 for q in points)
