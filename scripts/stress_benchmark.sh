@@ -5,7 +5,7 @@
 # pipeline (global stage, refinement, acceptance test): the first 6 consecutive view pairs of each of
 # report seeds 0 and 1 (12 sets x 5 offsets = 60 cases per profile); the acceptance test
 # was calibrated on seed 100 (docs/acceptance.md). Writes out/stress/report_<profile>.{json,png}.
-# About 10 minutes of simulation and 30 to 60 minutes of registration on 2 CPU cores.
+# About 8 minutes of simulation and 10 of registration on 2 idle CPU cores (this edition; far longer when shared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MVREG=${MVREG:-.venv/bin/mvreg}
