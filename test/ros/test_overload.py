@@ -29,7 +29,8 @@ RATE_HZ = 30.0
 OVERLOAD_S = float(os.environ.get("MVREG_OVERLOAD_S", "40"))
 QUEUE = 10  # sync_queue_size of config/biplane.yaml
 # MVREG_OVERLOAD_BUDGET=default: the engine's default refinement budget (two levels, 32 and 64 px)
-# instead of the tests' quick one, so that each registration takes seconds (a measurement, not CI)
+# instead of the tests' quick one (a measurement, not CI; docs/node.md: its tracking updates still
+# take well under a second)
 BUDGETS = {
     "quick": {},
     "default": {

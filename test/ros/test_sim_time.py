@@ -14,13 +14,13 @@ pytest.importorskip("tf2_msgs.msg")
 pytest.importorskip("rosgraph_msgs.msg")
 
 from node_harness import register_good_set, start_node
-from ros_harness import wait_until
+from ros_harness import deadline, wait_until
 from ros_scenario import mtre_mm
 from rosgraph_msgs.msg import Clock
 
 from mvreg_ros.ros.conversions import ns_to_stamp
 
-HOLD_S = 3.0
+HOLD_S = deadline(5.0)  # pose_hold_s, scaled with the load like every deadline (MVREG_TEST_TIMEOUT_SCALE)
 SIM_START_NS = 1_000_000_000_000  # 1000 s: far from the wall clock, so a wall stamp cannot pass for it
 
 
@@ -74,7 +74,6 @@ def test_sim_time_clock_stop_and_restart(ros_env, ros_context, tmp_path):
     try:
         h.now_ns = clock.now_ns  # this process's stamps (joints, images) follow the sim clock too
         stamp, _ = register_good_set(h)
-        assert abs(stamp - SIM_START_NS) < 3_600_000_000_000  # a sim-time stamp
         with h.lock:
             T = [T for s, T in h.tfs if s == stamp][0]
         assert mtre_mm(T, h.scenario.truth) < 2.0
@@ -85,12 +84,12 @@ def test_sim_time_clock_stop_and_restart(ros_env, ros_context, tmp_path):
         assert copies == sorted(copies) and len(set(copies)) == len(copies)
         assert all(s - SIM_START_NS < 3_600_000_000_000 for s in copies)  # sim time, not the wall clock
 
-        # /clock stops (a paused bag): no stamp is sent twice, and the hold ends on steady time
+        # /clock stops (a paused bag): no stamp is sent twice, and the hold ends on steady time (the
+        # ROS age of the pose no longer grows, so only the steady time since acceptance can end it)
         h.streaming = False  # joint stamps would stop too
         clock.stop()
-        stopped = time.monotonic()
+        assert h.valid() is True, "the hold ended before /clock stopped: raise HOLD_S"
         wait_until(lambda: h.valid() is False, HOLD_S + 30, what="pose_valid false with /clock stopped")
-        assert time.monotonic() - stopped < HOLD_S + 30
         stamps = tf_stamps(h)
         assert len(set(stamps)) == len(stamps), "one stamp sent twice while /clock was stopped"
         n_tf = len(stamps)

@@ -576,7 +576,7 @@ def train_curve(volume: Volume, cfg: BenchConfig, log=print, *, base=None) -> di
     from mvreg_ros.core.learning.train_config import TrainConfig
     from mvreg_ros.core.learning.training import train
 
-    # about ten points on the curve, at most every two minutes
+    # a validation every 6 M seconds (ten for M <= 20 min), at most every two minutes
     config = dataclasses.replace(
         base or TrainConfig(), minutes=cfg.train_minutes, seed=cfg.seed, val_every_s=min(120.0, 6.0 * cfg.train_minutes)
     )
