@@ -127,6 +127,20 @@ class RosProcess:
         return "\n".join(self.output().splitlines()[-n:])
 
 
+def publisher_args(spec: Path, data: Path) -> list[str]:
+    """Command line of the simulated C-arm (helpers/sim_carm_publisher.py) playing ``spec``/``data``
+    (ros_scenario.write_publisher_inputs), waiting up to 120 s (scaled) for the node to subscribe."""
+    return [
+        str(HELPERS / "sim_carm_publisher.py"),
+        "--spec",
+        str(spec),
+        "--data",
+        str(data),
+        "--match-timeout",
+        str(deadline(120)),
+    ]
+
+
 def node_args(*params_files: Path, overrides: dict | None = None) -> list[str]:
     """Command line of the node: ``python -m mvreg_ros.ros.node --ros-args --params-file ... -p k:=v``."""
     args = ["-m", "mvreg_ros.ros.node", "--ros-args"]

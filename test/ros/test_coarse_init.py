@@ -4,7 +4,7 @@ never on TF. The initialiser chain itself: test/core/registration/test_initialis
 
 import pytest
 import torch
-from ros_harness import HELPERS, deadline, node_args, wait_until
+from ros_harness import deadline, node_args, publisher_args, wait_until
 from ros_scenario import CONFIG, QUICK, make_scenario, volume, write_params, write_publisher_inputs
 
 from mvreg_ros.core.geometry.pose_sampling import canonical_rotation
@@ -129,15 +129,7 @@ def test_a_network_estimate_failing_the_gates_is_never_published(spawn, ros_cont
         assert any("coarse network" in line and "loaded in" in line for line in node.output().splitlines()), node.tail()
         spawn(
             "publisher",
-            [
-                str(HELPERS / "sim_carm_publisher.py"),
-                "--spec",
-                str(spec),
-                "--data",
-                str(data),
-                "--match-timeout",
-                str(deadline(120)),
-            ],
+            publisher_args(spec, data),
         )
 
         def registrations():

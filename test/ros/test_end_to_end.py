@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("rclpy")
 pytest.importorskip("tf2_msgs.msg")
 
-from ros_harness import HELPERS, deadline, node_args, wait_until
+from ros_harness import HELPERS, deadline, node_args, publisher_args, wait_until
 from ros_scenario import CONFIG, T_from_tf_json, make_scenario, mtre_mm, write_params, write_publisher_inputs
 
 
@@ -23,15 +23,7 @@ def run_end_to_end(spawn, tmp_path, scenario, config_name, shots, *, rounds, sta
     wait_until(lambda: any(e.get("event") == "listening" for e in controller.json_lines()), 60, what="the controller")
     publisher = spawn(
         "publisher",
-        [
-            str(HELPERS / "sim_carm_publisher.py"),
-            "--spec",
-            str(spec),
-            "--data",
-            str(data),
-            "--match-timeout",
-            str(deadline(120)),
-        ],
+        publisher_args(spec, data),
     )
 
     def registered():

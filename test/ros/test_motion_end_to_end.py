@@ -26,7 +26,7 @@ pytest.importorskip("tf2_msgs.msg")
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from ros_harness import HELPERS, deadline, node_args, wait_until
+from ros_harness import deadline, node_args, publisher_args, wait_until
 from ros_scenario import CONFIG, make_scenario, mtre_mm, volume, write_params
 from std_msgs.msg import Bool
 from tf2_msgs.msg import TFMessage
@@ -124,15 +124,7 @@ def test_anatomy_moving_between_shots(spawn, tmp_path, ros_context):
         node = spawn("node", node_args(CONFIG / "mobile_carm.yaml", overrides))
         publisher = spawn(
             "publisher",
-            [
-                str(HELPERS / "sim_carm_publisher.py"),
-                "--spec",
-                str(spec),
-                "--data",
-                str(data),
-                "--match-timeout",
-                str(deadline(120)),
-            ],
+            publisher_args(spec, data),
         )
 
         def done():
