@@ -6,7 +6,8 @@ refinement only, acceptance test as usual) and prints where the optimum lies (mT
 similarity reached. A correct similarity model keeps the truth (mTRE well under 2 mm).
 
     .venv/bin/python scripts/mismatch_ablation.py [VARIANT ...]     (default: all; about 3 min each on 2 cores)
-    variants: full, no_slab, no_deform, no_tools, ii_detector, fp_no_shutter_no_gain, full_complete, full_off
+    variants: full, no_slab, no_deform, no_tools, ii_detector, fp_no_shutter_no_gain, full_complete, full_off,
+              full_cut, full_64, full_cut_64
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ VARIANTS = {  # name: (profile changes, RefineConfig changes, file reused)
     "fp_no_shutter_no_gain": ({"shutter_sides": (0, 0), "column_gain_std": 0.0}, {}, None),
     "full_complete": ({}, {"mask_truncated": "complete"}, "full"),
     "full_off": ({}, {"mask_truncated": "off"}, "full"),
+    "full_cut": ({}, {"truncation_extend_mm": 0.0}, "full"),  # the CT rendered as cut, not continued
+    "full_64": ({}, {"sizes": (32, 64), "patches": (8, 8)}, "full"),  # the previous finest level
+    "full_cut_64": ({}, {"truncation_extend_mm": 0.0, "sizes": (32, 64), "patches": (8, 8)}, "full"),
 }
 
 

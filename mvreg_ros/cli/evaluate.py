@@ -67,6 +67,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "X-rays see) or 'off' (default: %(default)s)",
     )
     p.add_argument(
+        "--truncation-extend-mm",
+        type=float,
+        default=150.0,  # RefineConfig.truncation_extend_mm (test_evaluate checks they agree)
+        metavar="MM",
+        help="render a CT that is cut through the body continued this far beyond each cut (its end "
+        "slices repeated: the patient goes on beyond the CT); 0: render it as cut (default: %(default)s)",
+    )
+    p.add_argument(
         "--no-global",
         action="store_true",
         help="local refinement only, no global stage (the acceptance test still runs)",
@@ -90,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             "perturb_trans_mm": 0,
             "geometry_noise_deg": 0,
             "geometry_noise_mm": 0,
+            "truncation_extend_mm": 0,
         },
         above={"success_mm": 0},
     ):
@@ -103,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    refine = RefineConfig(device=args.device, mask_truncated=args.mask_truncated)
+    truncation = dict(mask_truncated=args.mask_truncated, truncation_extend_mm=args.truncation_extend_mm)
+    refine = RefineConfig(device=args.device, **truncation)
     if args.quick:
         refine = RefineConfig(
             sizes=(32,),
@@ -111,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             n_samples=(48,),
             patches=(8,),
             device=args.device,
-            mask_truncated=args.mask_truncated,
+            **truncation,
         )
     try:
         config = evaluation.EvalConfig(

@@ -111,6 +111,10 @@ def test_eval_end_to_end(sim_file, tmp_path, capsys):
         assert c["success"]
     assert data["summary"]["n"] == 2 and set(data["summary"]["mtre_mm"]) == {"mean", "median", "p95"}
     assert data["config"]["seed"] == 3 and data["config"]["refine"]["sizes"] == [32]
+    # the CLI's default continuation of a cut CT is the engine's
+    from mvreg_ros.core.registration.refine import RefineConfig
+
+    assert data["config"]["refine"]["truncation_extend_mm"] == RefineConfig().truncation_extend_mm
 
 
 def test_eval_errors_are_reported(sim_file, tmp_path, capsys):
@@ -124,3 +128,5 @@ def test_eval_errors_are_reported(sim_file, tmp_path, capsys):
     assert "has no projection [9]" in capsys.readouterr().err
     assert main(["eval", str(sim_file), "--specimen", "nope", "--quick"]) == 2
     assert "no specimen 'nope'" in capsys.readouterr().err
+    assert main(["eval", str(sim_file), "--truncation-extend-mm", "-5", "--quick"]) == 2
+    assert "--truncation-extend-mm" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import typing
 import warnings
 from pathlib import Path
@@ -187,6 +188,25 @@ class Volume:
         if self.mask is not None:
             mask = pooled(self.mask, lambda m, f: F.max_pool3d(m.float(), f)).to(self.mask.dtype)
         return Volume(data=data, T_ct_from_index=self.T_ct_from_index @ S, mask=mask)
+
+    def extended(self, faces: tuple[bool, ...], mm: float) -> "Volume":
+        """The CT continued by ``mm`` beyond each face flagged in ``faces`` (i-, i+, j-, j+, k-,
+        k+) by repeating that face's voxels: a CT cut through the body stands for a patient who
+        goes on beyond the cut. The label map (if any) is padded with 0 (nothing is labelled
+        there); the affine keeps every original voxel where it was."""
+        if len(faces) != 6:
+            raise ValueError(f"faces needs 6 flags (i-, i+, j-, j+, k-, k+), got {len(faces)}")
+        if not (math.isfinite(mm) and mm >= 0):
+            raise ValueError(f"mm must be a finite number >= 0, got {mm}")
+        spacing = [float(s) for s in self.spacing]
+        pad = [math.ceil(mm / spacing[axis // 2] - 1e-9) if flag else 0 for axis, flag in enumerate(faces)]
+        if not any(pad):
+            return self
+        data = F.pad(self.data[None, None], pad, mode="replicate")[0, 0]
+        mask = None if self.mask is None else F.pad(self.mask, pad, value=0)
+        shift = torch.eye(4, dtype=self.T_ct_from_index.dtype, device=self.T_ct_from_index.device)
+        shift[:3, 3] = -torch.tensor([pad[0], pad[2], pad[4]], dtype=shift.dtype)
+        return Volume(data=data, T_ct_from_index=self.T_ct_from_index @ shift, mask=mask)
 
     def cropped_to(self, threshold: float, margin_vox: int = 2, *, copy: bool = True) -> "Volume":
         """Smallest box holding every voxel above ``threshold`` (plus a margin). ``copy=False``:

@@ -39,14 +39,38 @@ def check_image(image: Tensor, name: str = "image") -> Tensor:
     return image
 
 
+def _span_fill(lit: Tensor, min_lit_fraction: float) -> Tensor:
+    """``lit`` with every pixel that lies between two lit pixels of its row or of its column
+    added; rows/columns with fewer than ``min_lit_fraction`` lit pixels add nothing."""
+
+    def spans(x: Tensor) -> Tensor:  # along the last axis
+        n = x.shape[-1]
+        idx = torch.arange(n, device=x.device)
+        first = torch.where(x, idx, n).amin(-1, keepdim=True)
+        last = torch.where(x, idx, -1).amax(-1, keepdim=True)
+        enough = x.float().mean(-1, keepdim=True) >= min_lit_fraction
+        return (idx >= first) & (idx <= last) & enough
+
+    return lit | spans(lit) | spans(lit.T).T
+
+
 def detect_fov(
-    raw: Float[Tensor, "H W"], *, rel_threshold: float = 0.03, margin_px: float = 5.0
+    raw: Float[Tensor, "H W"],
+    *,
+    rel_threshold: float = 0.03,
+    margin_px: float = 5.0,
+    min_lit_fraction: float = 0.02,
 ) -> Float[Tensor, "H W"]:
     """Mask of the detector's field of view in a raw (intensity) image.
 
-    Pixels without signal (below ``rel_threshold`` of the 99th percentile) are outside. If
-    they exist and the lit region is round (an image intensifier), the mask is the fitted
-    circle shrunk by ``margin_px``; otherwise it is the lit region itself."""
+    Pixels without signal (below ``rel_threshold`` of the 99th percentile) are outside the
+    field of view only where they are not enclosed by signal: thick anatomy (a lateral spine,
+    the mediastinum, metal) on a flat panel that also sees the direct beam can be darker than
+    that and is still inside. So the lit region is filled along rows and columns (every pixel
+    between two lit pixels of its row or column; collimator shutters and the corners outside an
+    image intensifier's circle stay out). If some pixels are out and the filled region is round
+    (an image intensifier), the mask is the fitted circle shrunk by ``margin_px``; otherwise it
+    is the filled region itself."""
     raw = raw.float()
     H, W = raw.shape
     hi = torch.quantile(raw.reshape(-1)[:: max(1, raw.numel() // 65536)], 0.99)
@@ -54,7 +78,8 @@ def detect_fov(
     frac = float(lit.float().mean())
     if frac < 0.05:
         raise ValueError(f"empty field of view: only {frac:.1%} of the image has signal")
-    if frac > 0.98:
+    lit = _span_fill(lit, min_lit_fraction)
+    if float(lit.float().mean()) > 0.98:
         return torch.ones_like(raw)
     v, u = torch.meshgrid(
         torch.arange(H, dtype=torch.float32, device=raw.device),
@@ -63,10 +88,13 @@ def detect_fov(
     )
     cu, cv = u[lit].mean(), v[lit].mean()
     radius = math.sqrt(float(lit.sum()) / math.pi)
-    circle = ((u - cu) ** 2 + (v - cv) ** 2) <= (radius - margin_px) ** 2
-    # trust the circle only where it explains the lit region
+    r2 = (u - cu) ** 2 + (v - cv) ** 2
+    circle = r2 <= (radius - margin_px) ** 2
+    # trust the circle only where it explains the lit region: the circle is lit, and hardly any
+    # lit pixel lies outside it (a collimated rectangle holds a circle too, but has corners)
     agree = float((circle & lit).sum()) / max(float(circle.sum()), 1.0)
-    mask = circle if agree > 0.97 else lit
+    beyond = float((lit & (r2 > (radius + 1.5) ** 2)).sum()) / max(float(lit.sum()), 1.0)
+    mask = circle if agree > 0.97 and beyond < 0.03 else lit
     return mask.float()
 
 

@@ -42,10 +42,10 @@ CURVATURE_STEP_MM = 0.5
 class RefineConfig:
     """Refinement settings; one entry per pyramid level, coarse to fine."""
 
-    sizes: tuple[int, ...] = (32, 64)  # working image size (longer side, px)
+    sizes: tuple[int, ...] = (32, 96)  # working image size (longer side, px)
     iterations: tuple[int, ...] = (60, 40)  # at most, per level
     n_samples: tuple[int, ...] = (64, 64)  # samples along each ray
-    patches: tuple[int, ...] = (8, 8)  # NCC patch size (px) per level
+    patches: tuple[int, ...] = (8, 10)  # NCC patch size (px) per level
     grad_weight: float = 0.5  # weight of gradient NCC against intensity NCC
     lr_rot_deg: float = 1.5  # first step sizes (Adam)
     lr_trans_mm: float = 3.0
@@ -72,6 +72,9 @@ class RefineConfig:
     render_backend: str = "auto"  # "auto", "native" (C++ CPU kernel), "compiled" (torch.compile) or "grid_sample"
     mask_truncated: str = "footprint"  # a CT cut short through the body: "complete" keeps only the rays that
     # cross it entirely, "footprint" those that cross it at all, "off" every ray in the field of view
+    truncation_extend_mm: float = 150.0  # a CT cut through the body is rendered continued this far beyond each cut
+    # face (its end slices repeated: the patient goes on beyond the CT), so rays that cross a cut face are not
+    # short of the tissue the X-ray saw; the similarity mask still follows the CT's own box (mask_truncated)
     target_labels: tuple[int, ...] = ()  # the rigid target in the CT's label map (empty: the whole CT)
     target_weight: float = 0.5  # similarity = (1 - w) * whole image + w * target's footprint
     target_dilate_mm: float = 10.0  # the target's footprint grown by this (at the anatomy)
@@ -100,6 +103,8 @@ class RefineConfig:
             raise ValueError(f"mask_truncated must be 'complete', 'footprint' or 'off', got {self.mask_truncated!r}")
         if not 0 <= self.target_weight <= 1:
             raise ValueError(f"target_weight must be in [0, 1], got {self.target_weight}")
+        if not (math.isfinite(self.truncation_extend_mm) and self.truncation_extend_mm >= 0):
+            raise ValueError(f"truncation_extend_mm must be a finite number >= 0, got {self.truncation_extend_mm}")
         if not (math.isfinite(self.curvature_fallback_scale) and self.curvature_fallback_scale >= 0):
             raise ValueError(
                 f"curvature_fallback_scale must be a finite number >= 0, got {self.curvature_fallback_scale}"
@@ -377,6 +382,11 @@ class Registrar:
         else:
             self.volume = dataclasses.replace(crop, data=crop.data.contiguous())
         del crop
+        self.box = self.volume  # the CT's own extent (its geometry only), for the similarity masks
+        if config.truncation_extend_mm > 0 and any(self.truncated_faces):
+            self.volume = self.volume.extended(self.truncated_faces, config.truncation_extend_mm)
+            empty = torch.zeros((), dtype=self.box.data.dtype, device=self.box.data.device)
+            self.box = Volume(data=empty.expand(self.box.data.shape), T_ct_from_index=self.box.T_ct_from_index)
         self._renderer_cls = renderer_cls
         self._renderers: dict[int, Renderer] = {}
         self._target = None
@@ -429,7 +439,7 @@ class Registrar:
         masks = v.masks.repeat(n, 1, 1)
         if any(self.truncated_faces):
             complete = complete_rays(
-                self.volume,
+                self.box,
                 T_cam_from_ct,
                 K,
                 v.height,
@@ -758,21 +768,32 @@ class Objective:
         (g,) = torch.autograd.grad(L, x)
         return g.detach().cpu(), float(L.detach())
 
+    def grads(self, T0: Tensor, X: Float[Tensor, "K 6"]) -> tuple[Float[Tensor, "K 6"], Float[Tensor, "K"]]:  # noqa: F821
+        """The gradient and loss at K twists about ``T0`` at once (one batched render): the same
+        values as K calls of :meth:`grad`."""
+        X = X.detach().to(self.device, torch.float64).clone().requires_grad_(True)
+        T = pose_about(T0.to(self.device)[None], self.c, X[:, :3], X[:, 3:])
+        L = 1 - self.similarity(T).mean(-1)  # (K,): each loss depends on its own twist only
+        (G,) = torch.autograd.grad(L.sum(), X)
+        return G.detach().cpu(), L.detach().cpu()
+
     def grad_hessian(
-        self, T0: Tensor, h_rad: float = CURVATURE_STEP_RAD, h_mm: float = CURVATURE_STEP_MM
+        self, T0: Tensor, h_rad: float = CURVATURE_STEP_RAD, h_mm: float = CURVATURE_STEP_MM, *, batched: bool = True
     ) -> tuple[Tensor, Tensor | None, float]:
         """Gradient, and Hessian by central differences of the gradient (None unless positive definite).
         The steps (0.3 deg, 0.5 mm) measure the curvature at the scale of the registration error,
-        above the small-scale roughness of a sampled, interpolated loss."""
-        x0 = torch.zeros(6, dtype=torch.float64, device=self.device)
-        g0, L0 = self.grad(T0, x0)
-        h = [h_rad] * 3 + [h_mm] * 3
-        cols = []
-        for k in range(6):
-            e = torch.zeros(6, dtype=torch.float64, device=self.device)
-            e[k] = h[k]
-            cols.append((self.grad(T0, x0 + e)[0] - self.grad(T0, x0 - e)[0]) / (2 * h[k]))
-        H = torch.stack(cols, 1)
+        above the small-scale roughness of a sampled, interpolated loss. The 13 gradients are
+        evaluated in one batched render (``batched=False``: one by one, the reference path)."""
+        h = torch.tensor([h_rad] * 3 + [h_mm] * 3, dtype=torch.float64)
+        E = torch.diag(h)
+        X = torch.cat([torch.zeros(1, 6, dtype=torch.float64), E, -E])  # 0, +e_k, -e_k
+        if batched:
+            G, L = self.grads(T0, X)
+        else:
+            pairs = [self.grad(T0, x.to(self.device)) for x in X]
+            G, L = torch.stack([g for g, _ in pairs]), torch.tensor([loss for _, loss in pairs])
+        g0, L0 = G[0], float(L[0])
+        H = ((G[1:7] - G[7:13]) / (2 * h[:, None])).T  # column k: d grad / d x_k
         H = 0.5 * (H + H.T)
         if float(torch.linalg.eigvalsh(H).min()) <= 0:
             return g0, None, L0

@@ -194,6 +194,28 @@ def test_cropped_to_keeps_physical_positions():
         vol.cropped_to(100.0)
 
 
+def test_extended_repeats_the_cut_faces_and_keeps_every_voxel_in_place():
+    A = _affine(spacing=(1.5, 0.8, 2.5))
+    vol = _ramp_volume((4, 5, 6), A)
+    vol = Volume(data=vol.data, T_ct_from_index=A, mask=torch.ones(4, 5, 6, dtype=torch.int32))
+    ext = vol.extended((False, True, False, False, True, False), 5.0)  # i+ by 4 voxels, k- by 2
+    assert ext.data.shape == (6, 5, 10)
+    # the original voxels: same values at the same physical positions
+    torch.testing.assert_close(ext.data[2:, :, :6], vol.data)
+    for i, j, k in [(0, 0, 0), (5, 4, 3), (2, 1, 2)]:
+        torch.testing.assert_close(_phys(ext.T_ct_from_index, [i, j, k + 2]), _phys(A, [i, j, k]))
+    # beyond the cut: the face repeated; the label map says nothing is there
+    torch.testing.assert_close(ext.data[:2, :, :6], torch.cat([vol.data[:1]] * 2))
+    torch.testing.assert_close(ext.data[2:, :, 6:], vol.data[:, :, 5:6].expand(4, 5, 4))
+    assert int(ext.mask[2:, :, :6].sum()) == vol.mask.numel() and int(ext.mask.sum()) == vol.mask.numel()
+    # nothing to extend: the same volume
+    assert vol.extended((False,) * 6, 50.0) is vol and vol.extended((True,) * 6, 0.0) is vol
+    with pytest.raises(ValueError, match="6 flags"):
+        vol.extended((True,), 5.0)
+    with pytest.raises(ValueError, match="mm must be"):
+        vol.extended((True,) * 6, float("nan"))
+
+
 # ---------------------------------------------------------------------------------------
 # Loaders
 # ---------------------------------------------------------------------------------------

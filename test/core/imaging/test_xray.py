@@ -84,6 +84,33 @@ def test_detect_fov_non_round_region_falls_back_to_lit_pixels():
     assert torch.equal(mask, (raw > 100).float())
 
 
+def test_detect_fov_keeps_thick_anatomy_inside_a_collimated_flat_panel():
+    """Thick anatomy (a spine, metal) can be darker than the 'no signal' threshold on a flat
+    panel that also sees the direct beam; enclosed by signal, it is still in the field of view.
+    The collimator shutters (whole rows or columns without signal) stay out, and a rectangle is
+    not mistaken for an image intensifier's circle."""
+    H, W = 96, 128
+    raw = 20000.0 * torch.exp(-_textured(H, W))
+    raw[:, 50:70] = 200.0  # a spine: 1 % of the direct beam, from the top edge to the bottom
+    raw[30:40, 90:100] = 50.0  # a metal tool
+    raw[:12, :] = 100.0  # shutter at the top
+    raw[:, 115:] = 100.0  # shutter at the right
+    mask = detect_fov(raw)
+    inside = torch.zeros(H, W, dtype=torch.bool)
+    inside[12:, :115] = True
+    assert torch.equal(mask, inside.float())
+
+
+def test_detect_fov_circle_with_dark_anatomy_is_still_the_circle():
+    H, W = 128, 128
+    lit = _disc(H, W, 64.0, 64.0, 55.0)
+    raw = torch.where(lit, 20000.0 * torch.exp(-_textured(H, W)), torch.full((H, W), 30.0))
+    raw[40:90, 58:70] = torch.where(lit[40:90, 58:70], 300.0, 30.0)  # dark spine inside the circle
+    mask = detect_fov(raw, margin_px=2.0)
+    assert float((mask * (~lit).float()).sum()) == 0.0
+    assert bool((mask[_disc(H, W, 64.0, 64.0, 50.0)] == 1).all())  # the spine included
+
+
 def test_check_image_messages():
     good = _textured(16, 16)
     assert check_image(good) is good

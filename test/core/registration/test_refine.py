@@ -235,6 +235,72 @@ def test_fast_backends_match_reference_backend(ct, scene_views):
         assert rot < 0.05 and trans < 0.1, (backend, rot, trans)
 
 
+def test_batched_curvature_matches_one_gradient_at_a_time(ct, scene_views):
+    """The fast path (13 gradients in one batched render) against the reference (one by one):
+    the same gradient, loss and curvature."""
+    scene, views = scene_views
+    T = scene.T_ref_from_ct.to(torch.float64)
+    objective = Registrar(ct, QUICK).objective(views, 48, T, n_samples=48, patch=8)
+    g_fast, H_fast, L_fast = objective.grad_hessian(T, batched=True)
+    g_ref, H_ref, L_ref = objective.grad_hessian(T, batched=False)
+    assert H_ref is not None  # positive definite at the truth
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(H_fast, H_ref, rtol=1e-4, atol=1e-5)
+    assert L_fast == pytest.approx(L_ref, rel=1e-6)
+    X = torch.tensor([[0.01, -0.02, 0.0, 1.0, 0.0, -2.0], [0.0, 0.0, 0.03, 0.0, 3.0, 0.0]], dtype=torch.float64)
+    G, L = objective.grads(T, X)
+    for k in range(2):
+        g, loss = objective.grad(T, X[k])
+        torch.testing.assert_close(G[k], g, rtol=1e-5, atol=1e-7)
+        assert float(L[k]) == pytest.approx(loss, rel=1e-6)
+
+
+def test_a_truncated_ct_is_rendered_continued_beyond_its_cut_faces(ct):
+    """The shipped chest CT is cut through the body at both ends (k faces). Rendered continued
+    beyond them (its end slices repeated), a ray that crosses a cut face collects more tissue;
+    a ray that stays inside the CT's box is rendered exactly as before, and the similarity's
+    mask still follows the CT's own box."""
+    # a wide detector, tilted along the body axis: some rays cross the CT's ends
+    scene = make_scene(ct.bone_centre_ct(), [(0.0, 30.0)], detector=DetectorConfig(height=64, width=64, pixel_mm=7.0))
+    raw = acquire(
+        Renderer(ct, backend="grid_sample"),
+        scene.T_cam_from_ct,
+        scene.K,
+        scene.height,
+        scene.width,
+        config=AcquisitionConfig(n_samples=64),
+        generator=torch.Generator().manual_seed(3),
+    )
+    views = ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+    cut = Registrar(ct, dataclasses.replace(QUICK, truncation_extend_mm=0.0))
+    ext = Registrar(ct, QUICK)  # the default continuation (150 mm)
+    assert ext.truncated_faces == cut.truncated_faces == (False, False, False, False, True, True)
+    assert cut.volume is cut.box
+    extra = 2 * math.ceil(150.0 / float(cut.box.spacing[2]) - 1e-9)
+    assert ext.volume.data.shape == (cut.box.data.shape[0] + extra, *cut.box.data.shape[1:])
+    assert ext.box.data.shape == cut.box.data.shape and torch.equal(ext.box.T_ct_from_index, cut.box.T_ct_from_index)
+    assert ext.box.data.stride() == (0, 0, 0)  # geometry only: no second copy of the CT
+    T = scene.T_ref_from_ct.to(torch.float64)
+    oc, oe = (r.objective(views, 64, T, n_samples=64, patch=8) for r in (cut, ext))
+    assert torch.equal(oc.masks, oe.masks)  # footprint of the CT's own box
+    T_cam = (oc.T_cam_from_ref @ T.to(oc.T_cam_from_ref)[None]).reshape(-1, 4, 4)
+    from mvreg_ros.core.imaging.footprint import complete_rays
+
+    inside = complete_rays(cut.box, T_cam, oc.v.K, oc.v.height, oc.v.width, faces=cut.truncated_faces) > 0
+    drr_cut = Renderer(cut.volume, backend="grid_sample")(T_cam, oc.v.K, oc.v.height, oc.v.width, n_samples=128)
+    drr_ext = Renderer(ext.volume, backend="grid_sample")(T_cam, oc.v.K, oc.v.height, oc.v.width, n_samples=128)
+    crossing = (oc.masks > 0) & ~inside
+    assert bool(inside.any()) and bool(crossing.any())
+    # rays inside the box: the same chord, the same samples (up to float rounding of the longer box)
+    torch.testing.assert_close(drr_ext[inside], drr_cut[inside], rtol=1e-4, atol=1e-4)
+    # rays through a cut face: never less tissue, and a lot more where the body goes on beyond it
+    gain = (drr_ext - drr_cut)[crossing]
+    assert float(gain.min()) > -0.01 * float(drr_cut.max())  # sampling of a longer chord
+    assert float(gain.max()) > 0.3 * float(drr_cut[crossing].mean())
+    with pytest.raises(ValueError, match="truncation_extend_mm"):
+        RefineConfig(truncation_extend_mm=-1.0)
+
+
 def _errors(T_a, T_b, centre):
     D = T_a @ geometry.invert(T_b)
     c = centre.to(T_a)[None]

@@ -1,0 +1,38 @@
+#!/usr/bin/env python3
+"""The acceptance test's ROC on recorded cases (docs/acceptance.md).
+
+Reads the JSON written by scripts/calibrate_acceptance.py (every signal recorded, thresholds off)
+and prints, for each threshold of AcceptanceConfig swept alone (the others at their defaults),
+how many correct results are accepted (true acceptance) and how many wrong ones (false
+acceptances). Usage:
+
+    .venv/bin/python scripts/acceptance_roc.py CALIB.json [CALIB.json ...]
+"""
+
+import json
+import sys
+
+from mvreg_ros.core.evaluation.roc import markdown, sweep
+
+GRID = {
+    "min_view_similarity": (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7),
+    "max_uncertainty_mm": (0.5, 0.7, 0.9, 1.1, 1.5, 2.0, 3.0),
+    "max_view_shift_mm": (0.25, 0.5, 1.0, 1.5, 3.0),
+    "max_view_gain": (0.0025, 0.005, 0.0085, 0.01, 0.02),
+}
+
+
+def main(paths: list[str]) -> int:
+    cases = [c for p in paths for c in json.loads(open(p).read())["cases"]]
+    print(
+        f"{len(cases)} cases: {sum(c['success'] for c in cases)} correct, {sum(not c['success'] for c in cases)} wrong\n"
+    )
+    for name, grid in GRID.items():
+        print(markdown(name, sweep(cases, name, grid)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    sys.exit(main(sys.argv[1:]))

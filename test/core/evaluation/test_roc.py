@@ -1,0 +1,44 @@
+"""The acceptance test's ROC on recorded cases: the same rules as acceptance_test, one threshold swept."""
+
+import pytest
+
+from mvreg_ros.core.evaluation.roc import accepts, markdown, sweep
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig
+
+
+def _case(success, sims=(0.8, 0.7), unc=0.5, shifts=(0.1, 0.2), gains=(0.0, 0.001), ok=True):
+    return {
+        "success": success,
+        "registration_success": ok,
+        "similarity": sum(sims) / len(sims),
+        "view_similarity": list(sims),
+        "uncertainty_mm": unc,
+        "view_shift_mm": list(shifts),
+        "view_gain": list(gains),
+    }
+
+
+def test_accepts_follows_each_check():
+    cfg = AcceptanceConfig()
+    assert accepts(_case(True), cfg)
+    assert not accepts(_case(True, ok=False), cfg)  # the refinement failed (curvature)
+    assert not accepts(_case(True, sims=(0.8,)), cfg)  # one view
+    assert not accepts(_case(True, sims=(0.8, 0.45)), cfg)
+    assert not accepts(_case(True, unc=2.5), cfg)
+    assert not accepts(_case(True, shifts=(0.1, 2.0), gains=(0.0, 0.02)), cfg)  # both exceeded
+    assert accepts(_case(True, shifts=(0.1, 2.0), gains=(0.0, 0.005)), cfg)  # shift alone is not enough
+    assert not accepts(_case(True, sims=(0.45, 0.5)), AcceptanceConfig(min_view_similarity=0.4))  # mean < 0.5
+    with pytest.raises(ValueError, match="per-view agreement"):
+        accepts(_case(True, shifts=()), cfg)
+
+
+def test_sweep_counts_true_and_false_acceptances():
+    cases = [_case(True, sims=(0.9, 0.6)), _case(True, sims=(0.9, 0.8)), _case(False, sims=(0.7, 0.65))]
+    points = sweep(cases, "min_view_similarity", (0.5, 0.62, 0.7))
+    assert [(p.accepted, p.false_acceptances) for p in points] == [(3, 1), (2, 1), (1, 0)]
+    assert [p.true_acceptance for p in points] == [1.0, 0.5, 0.5]
+    assert points[0].correct == 2 and points[0].wrong == 1
+    table = markdown("min_view_similarity", points)
+    assert "| 0.62 | 2 | 50.0 % | 1 |" in table
+    with pytest.raises(ValueError, match="can sweep"):
+        sweep(cases, "min_views", (1,))
