@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--truncation-extend-mm",
         type=float,
-        default=150.0,  # RefineConfig.truncation_extend_mm (test_evaluate checks they agree)
+        default=150.0,  # RefineConfig.truncation_extend_mm (test_eval_cli checks they agree)
         metavar="MM",
         help="render a CT that is cut through the body continued this far beyond each cut (its end "
         "slices repeated: the patient goes on beyond the CT); 0: render it as cut (default: %(default)s)",

@@ -28,7 +28,7 @@ from mvreg_ros.ros.soak import rss_kib
 RATE_HZ = 30.0
 OVERLOAD_S = float(os.environ.get("MVREG_OVERLOAD_S", "40"))
 QUEUE = 10  # sync_queue_size of config/biplane.yaml
-# MVREG_OVERLOAD_BUDGET=default: the engine's default refinement budget (two levels, 32 and 64 px)
+# MVREG_OVERLOAD_BUDGET=default: the engine's default refinement budget (two levels, 32 and 96 px)
 # instead of the tests' quick one (a measurement, not CI; docs/node.md: its tracking updates still
 # take well under a second)
 BUDGETS = {

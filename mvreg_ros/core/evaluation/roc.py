@@ -28,10 +28,15 @@ def accepts(case: dict, config: AcceptanceConfig, *, min_similarity: float = 0.5
     mean = case.get("similarity")
     if mean is None or not math.isfinite(mean) or mean < min_similarity:
         return False
+    if config.require_converged and not case.get("converged", False):
+        return False
     if any(s is None or not math.isfinite(s) for s in sims) or min(sims) < config.min_view_similarity:
         return False
     unc = case.get("uncertainty_mm")
     if unc is None or not math.isfinite(unc) or unc > config.max_uncertainty_mm:
+        return False
+    margin = case.get("margin")
+    if margin is not None and config.min_margin > 0 and margin < config.min_margin:
         return False
     if not config.view_agreement or len(sims) < 2:
         return True

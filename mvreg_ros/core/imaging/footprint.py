@@ -33,6 +33,18 @@ def truncated_faces(volume: Volume, *, min_body_fraction: float = 0.1) -> tuple[
     return tuple(bool(f.float().mean() > min_body_fraction) for f in faces)
 
 
+def continued(volume: Volume, mm: float) -> Volume:
+    """The CT cropped to the body and continued ``mm`` beyond each face that cuts through it
+    (:meth:`Volume.extended`): the patient goes on beyond a CT that is cut short, so DRRs of it
+    look like X-rays of the patient at the cut ends (training renders; the Registrar does the same
+    to the CT it keeps). A CT that nowhere cuts the body comes back cropped only."""
+    try:
+        crop = volume.cropped_to(BODY_MU)
+    except ValueError:  # nothing above air
+        return volume
+    return crop.extended(truncated_faces(crop), mm) if mm > 0 else crop
+
+
 def complete_rays(
     volume: Volume,
     T_cam_from_ct: Float[Tensor, "V 4 4"],

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import typing
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -54,12 +55,29 @@ def _span_fill(lit: Tensor, min_lit_fraction: float) -> Tensor:
     return lit | spans(lit) | spans(lit.T).T
 
 
+def _drop_specks(lit: Tensor, min_fraction: float) -> Tensor:
+    """``lit`` without its connected regions smaller than ``min_fraction`` of the image (burned-in
+    labels, markers); the largest region always stays."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(lit.cpu().numpy())
+    if n <= 1:
+        return lit
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = sizes >= min_fraction * lit.numel()
+    keep[int(sizes.argmax())] = True
+    keep[0] = False
+    return torch.from_numpy(keep[labels]).to(lit.device)
+
+
 def detect_fov(
     raw: Float[Tensor, "H W"],
     *,
     rel_threshold: float = 0.03,
     margin_px: float = 5.0,
     min_lit_fraction: float = 0.02,
+    min_speck_fraction: float = 0.03,
 ) -> Float[Tensor, "H W"]:
     """Mask of the detector's field of view in a raw (intensity) image.
 
@@ -70,32 +88,42 @@ def detect_fov(
     between two lit pixels of its row or column; collimator shutters and the corners outside an
     image intensifier's circle stay out). If some pixels are out and the filled region is round
     (an image intensifier), the mask is the fitted circle shrunk by ``margin_px``; otherwise it
-    is the filled region itself."""
+    is the filled region itself. A region that is not round is tried once more without its lit
+    specks smaller than ``min_speck_fraction`` of the image (burned-in labels, which the filling
+    would join to the corners). Thick anatomy that signal does not enclose (a lateral chest
+    beside a collimator shutter) is still left out: intensity alone cannot tell it from the
+    shutter."""
     raw = raw.float()
-    H, W = raw.shape
     hi = torch.quantile(raw.reshape(-1)[:: max(1, raw.numel() // 65536)], 0.99)
     lit = raw > rel_threshold * hi
     frac = float(lit.float().mean())
     if frac < 0.05:
         raise ValueError(f"empty field of view: only {frac:.1%} of the image has signal")
-    lit = _span_fill(lit, min_lit_fraction)
-    if float(lit.float().mean()) > 0.98:
+    filled = _span_fill(lit, min_lit_fraction)
+    if float(filled.float().mean()) > 0.98:
         return torch.ones_like(raw)
+    circle = _fitted_circle(filled, margin_px)
+    if circle is None:  # burned-in labels can join the corners to the field: try without small specks
+        circle = _fitted_circle(_span_fill(_drop_specks(lit, min_speck_fraction), min_lit_fraction), margin_px)
+    return (filled if circle is None else circle).float()
+
+
+def _fitted_circle(region: Tensor, margin_px: float) -> Tensor | None:
+    """The circle of ``region``'s area about its centroid, shrunk by ``margin_px``, if the region
+    is round: the circle lies inside it, and hardly any of it lies outside the circle (a collimated
+    rectangle holds a circle too, but has corners); else None."""
+    H, W = region.shape
     v, u = torch.meshgrid(
-        torch.arange(H, dtype=torch.float32, device=raw.device),
-        torch.arange(W, dtype=torch.float32, device=raw.device),
+        torch.arange(H, dtype=torch.float32, device=region.device),
+        torch.arange(W, dtype=torch.float32, device=region.device),
         indexing="ij",
     )
-    cu, cv = u[lit].mean(), v[lit].mean()
-    radius = math.sqrt(float(lit.sum()) / math.pi)
-    r2 = (u - cu) ** 2 + (v - cv) ** 2
+    r2 = (u - u[region].mean()) ** 2 + (v - v[region].mean()) ** 2
+    radius = math.sqrt(float(region.sum()) / math.pi)
     circle = r2 <= (radius - margin_px) ** 2
-    # trust the circle only where it explains the lit region: the circle is lit, and hardly any
-    # lit pixel lies outside it (a collimated rectangle holds a circle too, but has corners)
-    agree = float((circle & lit).sum()) / max(float(circle.sum()), 1.0)
-    beyond = float((lit & (r2 > (radius + 1.5) ** 2)).sum()) / max(float(lit.sum()), 1.0)
-    mask = circle if agree > 0.97 and beyond < 0.03 else lit
-    return mask.float()
+    agree = float((circle & region).sum()) / max(float(circle.sum()), 1.0)
+    beyond = float((region & (r2 > (radius + 1.5) ** 2)).sum()) / max(float(region.sum()), 1.0)
+    return circle if agree > 0.97 and beyond < 0.03 else None
 
 
 def log_linearize(

@@ -38,6 +38,8 @@ class TrainConfig:
     size: int = 64  # working image size
     n_samples: int = 48  # ray samples when rendering training views
     voxel_mm: float = 2.5  # CT pooled to about this voxel size for training renders
+    truncation_extend_mm: float = 150.0  # a CT cut through the body is rendered continued this far beyond each cut
+    # face (its end slices repeated), as the X-rays see a patient who goes on beyond the CT (RefineConfig's too)
     pool_sets: int = 6000  # view sets kept in the pool (3 views each)
     initial_sets: int = 192  # rendered before the first step
     refresh_sets: int = 4  # new sets rendered per step
@@ -84,7 +86,7 @@ class TrainConfig:
             )
         if self.size % 16 or self.image_size < 8 or self.size % self.image_size:
             raise ValueError(f"size ({self.size}) must be a multiple of 16 and of image_size ({self.image_size})")
-        for name in ("w_pose", "w_image", "w_cross_pose", "w_cross_image", "minutes"):
+        for name in ("w_pose", "w_image", "w_cross_pose", "w_cross_image", "minutes", "truncation_extend_mm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.w_pose + self.w_image + self.w_cross_pose + self.w_cross_image <= 0:

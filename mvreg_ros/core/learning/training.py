@@ -24,6 +24,7 @@ from torch import Tensor
 from mvreg_ros.core.evaluation import stats
 from mvreg_ros.core.evaluation.landmarks import ct_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm
+from mvreg_ros.core.imaging.footprint import continued
 from mvreg_ros.core.imaging.volume import Volume
 from mvreg_ros.core.imaging.xray import downsample
 from mvreg_ros.core.learning.coarse import (
@@ -283,13 +284,16 @@ def _train(
     log(
         f"preparing: pooled volume for training renders, {config.val_sets} validation sets, {config.initial_sets} training sets"
     )
-    val = validation_sets(volume, config, geometry, n_sets=config.val_sets, seed=10_000 + config.seed, device=device)
-    pool = ViewPool(volume, config, centre_ct=torch.tensor(geometry.centre_ct), generator=g, device=device)
+    # what the training views are rendered from: the CT continued beyond any cut through the body
+    seen = continued(volume, config.truncation_extend_mm)
+    val = validation_sets(seen, config, geometry, n_sets=config.val_sets, seed=10_000 + config.seed, device=device)
+    pool = ViewPool(seen, config, centre_ct=torch.tensor(geometry.centre_ct), generator=g, device=device)
     from mvreg_ros.core.rendering.renderer import Renderer
 
     loss_renderer = Renderer(
-        volume.resampled(pool_factor(volume, 2 * config.voxel_mm)), n_samples=config.image_samples, device=device
+        seen.resampled(pool_factor(seen, 2 * config.voxel_mm)), n_samples=config.image_samples, device=device
     )
+    del seen
     scorer_fusion = FusionConfig()
     pool.add(config.initial_sets)
     start = time.perf_counter() - elapsed0

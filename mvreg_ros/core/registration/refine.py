@@ -345,6 +345,12 @@ def _uncertainty(cov: Tensor, radius_mm: float = 50.0) -> float:
     return math.sqrt(max(float(cov[3:, 3:].trace() + (2 / 3) * radius_mm**2 * cov[:3, :3].trace()), 0.0))
 
 
+def _pad_before(extended: Volume, base: Volume) -> tuple[int, int, int]:
+    """Where ``base``'s first voxel sits in ``extended`` (i, j, k index offsets)."""
+    offset = torch.linalg.solve(extended.T_ct_from_index, base.T_ct_from_index[:, 3].to(extended.T_ct_from_index))
+    return tuple(int(round(float(x))) for x in offset[:3])
+
+
 class Registrar:
     """Multi-view refinement for one CT; builds and caches the pooled volumes once.
 
@@ -371,22 +377,30 @@ class Registrar:
             crop = volume.cropped_to(0.2 * MU_WATER_PER_MM, copy=False)  # views until kept below
         except ValueError:  # nothing above air
             crop = volume
-        self.truncated_faces = truncated_faces(crop) if config.mask_truncated != "off" else (False,) * 6
-        # a big CT: pooled once, so neither the full-resolution array nor a copy of it stays alive here
-        # (the levels pool from this base; self.volume is what every renderer and mask sees)
-        self.base_factor = self._base_factor(crop)
+        cut = truncated_faces(crop)  # faces that cut through the body
+        self.truncated_faces = cut if config.mask_truncated != "off" else (False,) * 6  # for the masks
+        extend = config.truncation_extend_mm if any(cut) else 0.0
+        # a big CT (counted with its continuation): pooled once, so neither the full-resolution array nor
+        # a copy of it stays alive here (the levels pool from this base; self.volume is what every
+        # renderer sees)
+        self.base_factor = self._base_factor(crop, extend_faces=cut, extend_mm=extend)
         if self.base_factor > 1:
-            self.volume = crop.resampled(self.base_factor)
+            base = crop.resampled(self.base_factor)
         elif crop is volume:
-            self.volume = volume
+            base = volume
         else:
-            self.volume = dataclasses.replace(crop, data=crop.data.contiguous())
+            base = dataclasses.replace(crop, data=crop.data.contiguous())
         del crop
-        self.box = self.volume  # the CT's own extent (its geometry only), for the similarity masks
-        if config.truncation_extend_mm > 0 and any(self.truncated_faces):
-            self.volume = self.volume.extended(self.truncated_faces, config.truncation_extend_mm)
-            empty = torch.zeros((), dtype=self.box.data.dtype, device=self.box.data.device)
-            self.box = Volume(data=empty.expand(self.box.data.shape), T_ct_from_index=self.box.T_ct_from_index)
+        if extend > 0:
+            self.volume = base.extended(cut, extend)
+            # the CT's own voxels: a view into the continued volume (no copy), at their own place
+            (i0, j0, k0), (W, H, D) = _pad_before(self.volume, base), base.shape_ijk
+            self.box = Volume(
+                data=self.volume.data[k0 : k0 + D, j0 : j0 + H, i0 : i0 + W], T_ct_from_index=base.T_ct_from_index
+            )
+        else:
+            self.volume = self.box = base
+        del base
         self._renderer_cls = renderer_cls
         self._renderers: dict[int, Renderer] = {}
         self._target = None
@@ -394,11 +408,19 @@ class Registrar:
             self._target = target_volume(volume, config.target_labels).resampled(self.base_factor)
         self._target_renderers: dict[int, Renderer] = {}
 
-    def _base_factor(self, crop: Volume) -> int:
-        """1 (keep the cropped CT) unless it has more than ``full_resolution_max_voxels`` voxels;
-        then the coarsest integer factor whose smallest voxel side is at most ``base_voxel_mm``."""
+    def _base_factor(
+        self, crop: Volume, *, extend_faces: tuple[bool, ...] = (False,) * 6, extend_mm: float = 0.0
+    ) -> int:
+        """1 (keep the cropped CT) unless it has more than ``full_resolution_max_voxels`` voxels,
+        counted with its continuation beyond the cut faces; then the coarsest integer factor whose
+        smallest voxel side is at most ``base_voxel_mm``."""
         cfg = self.config
-        if cfg.base_voxel_mm <= 0 or crop.data.numel() <= cfg.full_resolution_max_voxels:
+        spacing = [float(x) for x in crop.spacing]
+        n = 1
+        for axis, size in enumerate(crop.shape_ijk):
+            extra = sum(math.ceil(extend_mm / spacing[axis] - 1e-9) for side in (0, 1) if extend_faces[2 * axis + side])
+            n *= size + (extra if extend_mm > 0 else 0)
+        if cfg.base_voxel_mm <= 0 or n <= cfg.full_resolution_max_voxels:
             return 1
         return max(1, int(cfg.base_voxel_mm / float(crop.spacing.min()) + 1e-9))
 

@@ -28,6 +28,9 @@ def test_accepts_follows_each_check():
     assert not accepts(_case(True, shifts=(0.1, 2.0), gains=(0.0, 0.02)), cfg)  # both exceeded
     assert accepts(_case(True, shifts=(0.1, 2.0), gains=(0.0, 0.005)), cfg)  # shift alone is not enough
     assert not accepts(_case(True, sims=(0.45, 0.5)), AcceptanceConfig(min_view_similarity=0.4))  # mean < 0.5
+    unconverged = {**_case(True), "converged": False, "margin": 0.01}
+    assert accepts(unconverged, cfg) and not accepts(unconverged, AcceptanceConfig(require_converged=True))
+    assert not accepts(unconverged, AcceptanceConfig(min_margin=0.02))
     with pytest.raises(ValueError, match="per-view agreement"):
         accepts(_case(True, shifts=()), cfg)
 

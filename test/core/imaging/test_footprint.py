@@ -6,6 +6,7 @@ import torch
 from mvreg_ros.core.geometry.transforms import intrinsics, make_T
 from mvreg_ros.core.imaging.footprint import (
     complete_rays,
+    continued,
     target_footprint,
     target_labels,
     target_volume,
@@ -45,6 +46,16 @@ def view(axis: str):
 def test_faces_that_cut_the_body_are_found():
     assert truncated_faces(slab()) == (False, False, False, False, True, True)
     assert truncated_faces(slab(fill_k=False)) == (False,) * 6
+
+
+def test_continued_ct_goes_on_beyond_the_cut_faces_only():
+    cut = continued(slab(), 10.0)  # cropped to the body (i, j: 24 + 2 margin voxels each side), k cut: +5 each side
+    assert cut.data.shape == (30, 28, 28)
+    assert torch.equal(cut.data[5:25], slab().cropped_to(0.2 * MU_WATER_PER_MM).data)
+    assert torch.equal(cut.data[0], cut.data[5]) and torch.equal(cut.data[-1], cut.data[-6])
+    whole = continued(slab(fill_k=False), 10.0)  # nowhere cut: cropped only
+    assert whole.data.shape == slab(fill_k=False).cropped_to(0.2 * MU_WATER_PER_MM).data.shape
+    assert continued(slab(), 0.0).data.shape == (20, 28, 28)
 
 
 def test_rays_through_a_truncated_face_are_incomplete_and_a_whole_ct_masks_nothing():

@@ -109,6 +109,11 @@ def test_detect_fov_circle_with_dark_anatomy_is_still_the_circle():
     mask = detect_fov(raw, margin_px=2.0)
     assert float((mask * (~lit).float()).sum()) == 0.0
     assert bool((mask[_disc(H, W, 64.0, 64.0, 50.0)] == 1).all())  # the spine included
+    assert float(mask[lit & ~_disc(H, W, 64.0, 64.0, 54.0)].sum()) == 0.0  # the circle, shrunk by the margin
+    # a burned-in label in a corner (outside the circle) does not make it a rectangle
+    raw[2:8, 2:40] = 20000.0
+    labelled = detect_fov(raw, margin_px=2.0)
+    assert float(labelled[:12, :45].sum()) == 0.0 and bool((labelled[_disc(H, W, 64.0, 64.0, 50.0)] == 1).all())
 
 
 def test_check_image_messages():

@@ -278,8 +278,16 @@ def test_a_truncated_ct_is_rendered_continued_beyond_its_cut_faces(ct):
     assert cut.volume is cut.box
     extra = 2 * math.ceil(150.0 / float(cut.box.spacing[2]) - 1e-9)
     assert ext.volume.data.shape == (cut.box.data.shape[0] + extra, *cut.box.data.shape[1:])
-    assert ext.box.data.shape == cut.box.data.shape and torch.equal(ext.box.T_ct_from_index, cut.box.T_ct_from_index)
-    assert ext.box.data.stride() == (0, 0, 0)  # geometry only: no second copy of the CT
+    assert torch.equal(ext.box.data, cut.box.data) and torch.equal(ext.box.T_ct_from_index, cut.box.T_ct_from_index)
+    assert ext.box.data.untyped_storage().data_ptr() == ext.volume.data.untyped_storage().data_ptr()  # a view
+    # the continuation does not depend on the similarity mask's setting
+    off = Registrar(ct, dataclasses.replace(QUICK, mask_truncated="off"))
+    assert off.truncated_faces == (False,) * 6 and off.volume.data.shape == ext.volume.data.shape
+    # a CT that fits the full-resolution limit only without its continuation is pooled once, like a big CT
+    n = cut.box.data.numel()
+    limit = dataclasses.replace(QUICK, full_resolution_max_voxels=int(1.5 * n), base_voxel_mm=100.0)
+    assert Registrar(ct, limit).base_factor > 1
+    assert Registrar(ct, dataclasses.replace(limit, truncation_extend_mm=0.0)).base_factor == 1
     T = scene.T_ref_from_ct.to(torch.float64)
     oc, oe = (r.objective(views, 64, T, n_samples=64, patch=8) for r in (cut, ext))
     assert torch.equal(oc.masks, oe.masks)  # footprint of the CT's own box
