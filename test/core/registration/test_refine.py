@@ -28,19 +28,24 @@ def ct():
     return load_example_ct(downsample=4)
 
 
-@pytest.fixture(scope="module")
-def scene_views(ct):
-    scene = make_scene(ct.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0)], detector=DETECTOR)
+def _scene_views(ct, angles, detector, n_samples):
+    """A simulated acquisition of ``ct`` at the (orbital, angular) ``angles``, and its views."""
+    scene = make_scene(ct.bone_centre_ct(), angles, detector=detector)
     raw = acquire(
         Renderer(ct, backend="grid_sample"),
         scene.T_cam_from_ct,
         scene.K,
         scene.height,
         scene.width,
-        config=AcquisitionConfig(n_samples=128),
+        config=AcquisitionConfig(n_samples=n_samples),
         generator=torch.Generator().manual_seed(3),
     )
     return scene, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+
+
+@pytest.fixture(scope="module")
+def scene_views(ct):
+    return _scene_views(ct, [(0.0, 0.0), (90.0, 0.0)], DETECTOR, 128)
 
 
 def test_recovers_known_pose_two_views(ct, scene_views):
@@ -261,17 +266,7 @@ def test_a_truncated_ct_is_rendered_continued_beyond_its_cut_faces(ct):
     a ray that stays inside the CT's box is rendered exactly as before, and the similarity's
     mask still follows the CT's own box."""
     # a wide detector, tilted along the body axis: some rays cross the CT's ends
-    scene = make_scene(ct.bone_centre_ct(), [(0.0, 30.0)], detector=DetectorConfig(height=64, width=64, pixel_mm=7.0))
-    raw = acquire(
-        Renderer(ct, backend="grid_sample"),
-        scene.T_cam_from_ct,
-        scene.K,
-        scene.height,
-        scene.width,
-        config=AcquisitionConfig(n_samples=64),
-        generator=torch.Generator().manual_seed(3),
-    )
-    views = ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+    scene, views = _scene_views(ct, [(0.0, 30.0)], DetectorConfig(height=64, width=64, pixel_mm=7.0), 64)
     cut = Registrar(ct, dataclasses.replace(QUICK, truncation_extend_mm=0.0))
     ext = Registrar(ct, QUICK)  # the default continuation (150 mm)
     assert ext.truncated_faces == cut.truncated_faces == (False, False, False, False, True, True)
