@@ -189,17 +189,22 @@ class Volume:
             mask = pooled(self.mask, lambda m, f: F.max_pool3d(m.float(), f)).to(self.mask.dtype)
         return Volume(data=data, T_ct_from_index=self.T_ct_from_index @ S, mask=mask)
 
-    def extended(self, faces: tuple[bool, ...], mm: float) -> "Volume":
-        """The CT continued by ``mm`` beyond each face flagged in ``faces`` (i-, i+, j-, j+, k-,
-        k+) by repeating that face's voxels: a CT cut through the body stands for a patient who
-        goes on beyond the cut. The label map (if any) is padded with 0 (nothing is labelled
-        there); the affine keeps every original voxel where it was."""
+    def extension_pad(self, faces: tuple[bool, ...], mm: float) -> list[int]:
+        """Voxels added beyond each face by :meth:`extended` (i-, i+, j-, j+, k-, k+: the order of
+        ``F.pad`` for this ``[k, j, i]`` data)."""
         if len(faces) != 6:
             raise ValueError(f"faces needs 6 flags (i-, i+, j-, j+, k-, k+), got {len(faces)}")
         if not (math.isfinite(mm) and mm >= 0):
             raise ValueError(f"mm must be a finite number >= 0, got {mm}")
         spacing = [float(s) for s in self.spacing]
-        pad = [math.ceil(mm / spacing[axis // 2] - 1e-9) if flag else 0 for axis, flag in enumerate(faces)]
+        return [math.ceil(mm / spacing[axis // 2] - 1e-9) if flag else 0 for axis, flag in enumerate(faces)]
+
+    def extended(self, faces: tuple[bool, ...], mm: float) -> "Volume":
+        """The CT continued by ``mm`` beyond each face flagged in ``faces`` (i-, i+, j-, j+, k-,
+        k+) by repeating that face's voxels: a CT cut through the body stands for a patient who
+        goes on beyond the cut. The label map (if any) is padded with 0 (nothing is labelled
+        there); the affine keeps every original voxel where it was."""
+        pad = self.extension_pad(faces, mm)
         if not any(pad):
             return self
         data = F.pad(self.data[None, None], pad, mode="replicate")[0, 0]

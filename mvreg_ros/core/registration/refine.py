@@ -345,12 +345,6 @@ def _uncertainty(cov: Tensor, radius_mm: float = 50.0) -> float:
     return math.sqrt(max(float(cov[3:, 3:].trace() + (2 / 3) * radius_mm**2 * cov[:3, :3].trace()), 0.0))
 
 
-def _pad_before(extended: Volume, base: Volume) -> tuple[int, int, int]:
-    """Where ``base``'s first voxel sits in ``extended`` (i, j, k index offsets)."""
-    offset = torch.linalg.solve(extended.T_ct_from_index, base.T_ct_from_index[:, 3].to(extended.T_ct_from_index))
-    return tuple(int(round(float(x))) for x in offset[:3])
-
-
 class Registrar:
     """Multi-view refinement for one CT; builds and caches the pooled volumes once.
 
@@ -394,7 +388,8 @@ class Registrar:
         if extend > 0:
             self.volume = base.extended(cut, extend)
             # the CT's own voxels: a view into the continued volume (no copy), at their own place
-            (i0, j0, k0), (W, H, D) = _pad_before(self.volume, base), base.shape_ijk
+            i0, _, j0, _, k0, _ = base.extension_pad(cut, extend)
+            W, H, D = base.shape_ijk
             self.box = Volume(
                 data=self.volume.data[k0 : k0 + D, j0 : j0 + H, i0 : i0 + W], T_ct_from_index=base.T_ct_from_index
             )
@@ -415,11 +410,8 @@ class Registrar:
         counted with its continuation beyond the cut faces; then the coarsest integer factor whose
         smallest voxel side is at most ``base_voxel_mm``."""
         cfg = self.config
-        spacing = [float(x) for x in crop.spacing]
-        n = 1
-        for axis, size in enumerate(crop.shape_ijk):
-            extra = sum(math.ceil(extend_mm / spacing[axis] - 1e-9) for side in (0, 1) if extend_faces[2 * axis + side])
-            n *= size + (extra if extend_mm > 0 else 0)
+        pad = crop.extension_pad(extend_faces, extend_mm)
+        n = math.prod(size + pad[2 * axis] + pad[2 * axis + 1] for axis, size in enumerate(crop.shape_ijk))
         if cfg.base_voxel_mm <= 0 or n <= cfg.full_resolution_max_voxels:
             return 1
         return max(1, int(cfg.base_voxel_mm / float(crop.spacing.min()) + 1e-9))
