@@ -117,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     k = sub.add_parser(
         "soak",
-        help="start register_node (quick budget, sim time), drive N simulated view sets through it live and "
+        help="start register_node (one refinement level at the image size, sim time), drive N simulated view sets through it live and "
         "report memory, TF latency and counts",
     )
     k.add_argument("--sets", type=int, default=100, help="view sets to simulate and play (default: %(default)s)")

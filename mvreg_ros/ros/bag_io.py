@@ -170,17 +170,33 @@ def record(topic: str, msg, log_time_ns: int) -> BagMessage:
 # --------------------------------------------------------------------------- simulation
 
 
+SWEEP_SHOTS = 20  # the planes turn for this many shots, then back, and so on (a bounded swing)
+
+
+def sweep(shot: int, period: int = SWEEP_SHOTS) -> int:
+    """A triangle wave over shots: 0, 1, ..., ``period``, ``period - 1``, ..., 0, 1, ... (the
+    step count of a C-arm that swings back and forth instead of turning on for ever)."""
+    if shot < 0:
+        raise ValueError(f"shot must be >= 0, got {shot}")
+    k = shot % (2 * period)
+    return k if k <= period else 2 * period - k
+
+
 def shot_joints(cfg: NodeConfig, shot: int) -> dict[str, float]:
     """Joint values (rad, m) of shot ``shot``: synchronized, each plane near its own zero view
-    and turning a little from set to set; sequential, alternating between views about 55 deg apart."""
+    and turning a little from set to set (0.03 rad orbital, 0.01 rad angular per shot, back and
+    forth over :data:`SWEEP_SHOTS` shots: within 0.6 / 0.2 rad of the first shot's view, the range of
+    a C-arm's swing during a procedure); sequential, alternating between views about 55 deg apart,
+    swinging the same way."""
     q: dict[str, float] = {}
+    s = sweep(shot)
     for p, plane in enumerate(cfg.planes):
         if cfg.acquisition_mode == "sequential":
-            orbital = math.radians(55.0) * (shot % 2) + 0.02 * shot
-            angular = 0.12 * (shot % 2) - 0.01 * shot
+            orbital = math.radians(55.0) * (shot % 2) + 0.02 * s
+            angular = 0.12 * (shot % 2) - 0.01 * s
         else:
-            orbital = (0.15 if p % 2 == 0 else 0.05) + 0.03 * shot
-            angular = (-0.05 if p % 2 == 0 else 0.1) + 0.01 * shot
+            orbital = (0.15 if p % 2 == 0 else 0.05) + 0.03 * s
+            angular = (-0.05 if p % 2 == 0 else 0.1) + 0.01 * s
         q.setdefault(plane.orbital_joint, orbital)
         q.setdefault(plane.angular_joint, angular)
         for j in plane.prismatic_joints:

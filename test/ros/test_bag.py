@@ -82,6 +82,34 @@ def test_sequential_bag_has_one_extra_shot():
     assert list(joints[0].name) == list(cfg.joint_names)
 
 
+def test_sweep_is_a_bounded_triangle_wave():
+    period = bag_io.SWEEP_SHOTS
+    steps = [bag_io.sweep(k) for k in range(4 * period + 1)]
+    assert steps[: period + 1] == list(range(period + 1))  # the first swing: one step per shot
+    assert steps[period : 2 * period + 1] == list(range(period, -1, -1))  # and back
+    assert steps[2 * period :] == steps[: 2 * period + 1]  # periodic
+    with pytest.raises(ValueError, match="shot"):
+        bag_io.sweep(-1)
+
+
+@pytest.mark.parametrize("config_name", ["biplane.yaml", "mobile_carm.yaml"])
+def test_long_simulations_keep_the_planes_within_their_swing(config_name):
+    """A soak of 1000 sets must not turn the C-arm round and round (views along the body axis,
+    where the CT's cut faces dominate every ray): every joint stays within its first swing."""
+    cfg = build_config({**bag_io.read_node_params(CONFIG / config_name), **QUICK}, resolve=False)
+    first = [bag_io.shot_joints(cfg, k) for k in range(2 * bag_io.SWEEP_SHOTS)]
+    for k in (0, 7, 999, 1000, 12345):
+        q = bag_io.shot_joints(cfg, k)
+        for name, value in q.items():
+            lo, hi = min(f[name] for f in first), max(f[name] for f in first)
+            assert lo - 1e-12 <= value <= hi + 1e-12, (k, name, value)
+    # the biplane's frontal plane: 0.03 rad orbital per shot, at most 0.6 rad from its first view
+    if cfg.acquisition_mode == "synchronized":
+        orbital = cfg.planes[0].orbital_joint
+        assert bag_io.shot_joints(cfg, 1)[orbital] - bag_io.shot_joints(cfg, 0)[orbital] == pytest.approx(0.03)
+        assert max(bag_io.shot_joints(cfg, k)[orbital] for k in range(1000)) == pytest.approx(0.15 + 0.6)
+
+
 def test_evaluator_scores_tfs_at_ground_truth_stamps():
     from tf2_msgs.msg import TFMessage
 

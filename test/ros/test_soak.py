@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mvreg_ros.ros.soak import SoakRecord, rss_kib, soak_summary
+from mvreg_ros.ros.soak import SoakRecord, rss_kib, soak_budget, soak_summary
 
 
 def test_rss_of_this_process():
@@ -39,3 +39,12 @@ def test_report_counts_growth_latency_and_crashes():
     assert soak_summary(summary, [], rec, sets=4)["crashes"] == 3
     with pytest.raises(ValueError, match="sets"):
         soak_summary(summary, [], rec, sets=0)
+
+
+def test_soak_budget_is_one_level_at_the_image_size():
+    assert soak_budget(64)["refine_sizes"] == "[64]"
+    assert soak_budget(256)["refine_sizes"] == "[96]"  # the default pyramid's finest level at most
+    b = soak_budget(64)
+    assert b["refine_iterations"] == "[60]" and b["refine_samples"] == "[64]" and b["device"] == "cpu"
+    with pytest.raises(ValueError, match="size"):
+        soak_budget(4)

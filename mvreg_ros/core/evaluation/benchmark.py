@@ -311,8 +311,8 @@ def tracking_comparison(
             "refine_time_s": stats.median(x["refine"]),
             "median_mtre_mm": stats.median(errs),
             "max_mtre_mm": max(errs),
-            "fast": sum(s == "tracking" for s in stages),  # accepted by the fast path alone
-            "fallbacks": sum(s.startswith("tracking+") for s in stages),
+            "fast": sum(set(s.split("+")) == {"tracking"} for s in stages),  # the fast path's rounds alone
+            "fallbacks": sum(s.startswith("tracking") and set(s.split("+")) != {"tracking"} for s in stages),
             "accepted": sum(accepted),
             "false_acceptances": sum(a and not o for a, o in zip(accepted, ok)),
             "false_rejections": sum(o and not a for a, o in zip(accepted, ok)),

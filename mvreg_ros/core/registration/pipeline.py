@@ -10,8 +10,10 @@ acceptance test.
   candidate.
 
 Only a result that passes the acceptance test reaches the tracker (and so the node's TF).
-``Outcome.stages`` lists what ran: ``("tracking",)`` for a fast update, ``("tracking", "local")``
-or ``("tracking", "local", "global", "local")`` for a fallback.
+``Outcome.stages`` lists what ran: ``("tracking",)`` for a fast update (``("tracking", "tracking")``
+when its first round did not converge and a second, from where it ended, did:
+``TrackingConfig.rounds``), ``("tracking", "local")`` or ``("tracking", "local", "global", "local")``
+for a fallback.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ class Outcome:
     stamp_ns: int = 0
 
     @property
+    def fast(self) -> bool:
+        """Whether the fast tracking path alone gave this outcome (no fallback)."""
+        return bool(self.stages) and all(s == "tracking" for s in self.stages)
+
+    @property
     def init_source(self) -> str:
         return self.start.source if self.start is not None else ""
 
@@ -98,8 +105,14 @@ class RegistrationPipeline:
         tracking = self.config.tracking
         if start.tracking and tracking.enabled:
             schedule = tracking.schedule(self.registrar.config)
-            result = self.registrar.refine(views, start.T_ref_from_ct, schedule=schedule)
-            stages.append("tracking")
+            T = start.T_ref_from_ct
+            for _ in range(tracking.rounds):  # an unconverged round goes on from where it ended, in smaller steps
+                result = self.registrar.refine(views, T, schedule=schedule)
+                stages.append("tracking")
+                if result.converged or not torch.isfinite(result.T_ref_from_ct).all():
+                    break
+                T = result.T_ref_from_ct
+                schedule = dataclasses.replace(schedule, lr_scale=0.5 * schedule.lr_scale)
             if result.converged or not tracking.require_converged:
                 verdict = self._judge(views, result, None)
                 if verdict.accepted:

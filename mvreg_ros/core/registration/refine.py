@@ -154,9 +154,11 @@ class TrackingConfig:
     newton_steps: int = 1
     fresh_curvature: bool = False  # the covariance from the Newton step's curvature (True: measured again)
     require_converged: bool = True  # an unconverged fast result falls back without the acceptance test
+    rounds: int = 2  # an unconverged fast result is refined again from where it ended (step sizes halved),
+    # up to this many fast rounds in all, before the fallback to the full registration
 
     def __post_init__(self):
-        for name, low in (("levels", 1), ("iterations", 1), ("n_samples", 0), ("newton_steps", 0)):
+        for name, low in (("levels", 1), ("iterations", 1), ("n_samples", 0), ("newton_steps", 0), ("rounds", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"TrackingConfig.{name} must be an int, got {v!r}")

@@ -121,7 +121,7 @@ def test_a_converged_accepted_fast_result_is_the_update():
     ],
 )
 def test_a_fast_result_that_does_not_converge_or_is_rejected_falls_back(fast):
-    p, reg = _pipeline([fast, result(pose(3))])
+    p, reg = _pipeline([fast, result(pose(3))], tracking=TrackingConfig(rounds=1))
     o = p.register(views(), stamp_ns=5)
     assert o.accepted and o.stages == ("tracking", "local")
     (T_fast, s_fast), (T_local, s_local) = reg.calls
@@ -130,8 +130,36 @@ def test_a_fast_result_that_does_not_converge_or_is_rejected_falls_back(fast):
     torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(3))
 
 
+def test_an_unconverged_fast_round_goes_on_from_where_it_ended_in_smaller_steps():
+    p, reg = _pipeline([result(pose(2), converged=False), result(pose(3))])
+    o = p.register(views(), stamp_ns=5)
+    assert o.accepted and o.stages == ("tracking", "tracking") and o.fast
+    (T1, s1), (T2, s2) = reg.calls
+    torch.testing.assert_close(T1, pose(1))
+    torch.testing.assert_close(T2, pose(2))  # from the first round's end
+    assert s2.lr_scale == pytest.approx(0.5 * s1.lr_scale) and s2.levels == s1.levels
+    torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(3))
+
+
+def test_fast_rounds_that_never_converge_fall_back_to_the_full_registration():
+    p, reg = _pipeline([result(pose(2), converged=False), result(pose(3), converged=False), result(pose(4))])
+    o = p.register(views(), stamp_ns=5)
+    assert o.accepted and o.stages == ("tracking", "tracking", "local") and not o.fast
+    (_, s1), (_, s2), (T_local, s_local) = reg.calls
+    assert s1 is not None and s2 is not None and s_local is None
+    torch.testing.assert_close(T_local, pose(1))  # the full registration starts from the tracking start again
+    torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(4))
+
+
+def test_tracking_rounds_are_validated():
+    with pytest.raises(ValueError, match="rounds"):
+        TrackingConfig(rounds=0)
+    with pytest.raises(TypeError, match="rounds"):
+        TrackingConfig(rounds=1.5)
+
+
 def test_an_unconverged_fast_result_may_be_judged_when_asked():
-    p, _ = _pipeline([result(pose(2), converged=False)], tracking=TrackingConfig(require_converged=False))
+    p, _ = _pipeline([result(pose(2), converged=False)], tracking=TrackingConfig(require_converged=False, rounds=1))
     assert p.register(views(), stamp_ns=5).stages == ("tracking",)
 
 
@@ -224,12 +252,12 @@ def test_a_start_far_off_falls_back_to_the_full_registration(ct, registrar, bipl
     # 5 deg / 10 mm: beyond the fast budget; the normal local refinement recovers it
     pipe, tracker = _tracking_pipeline(registrar, _moved(T_true, registrar, 5.0, 10.0, seed=0))
     out = pipe.register(v, stamp_ns=5)
-    assert out.stages == ("tracking", "local") and out.accepted, (out.stages, out.reason)
+    assert out.stages[0] == "tracking" and out.accepted, (out.stages, out.reason)
     assert mtre_mm(out.result.T_ref_from_ct, T_true, lm) < 1.0
     # 30 deg / 30 mm, no global stage allowed: the fallback is rejected and the tracker keeps its pose
     T_far = _moved(T_true, registrar, 30.0, 30.0, seed=4)
     pipe, tracker = _tracking_pipeline(registrar, T_far, global_search=dataclasses.replace(GLOBAL, enabled=False))
     out = pipe.register(v, stamp_ns=9)
-    assert out.stages == ("tracking", "local") and not out.accepted and out.reason
+    assert out.stages[0] == "tracking" and out.stages[-1] == "local" and not out.accepted and out.reason
     torch.testing.assert_close(tracker.latest().T_ref_from_ct, T_far)
     assert tracker.latest().stamp_ns == 1
