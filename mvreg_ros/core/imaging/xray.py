@@ -78,6 +78,7 @@ def detect_fov(
     margin_px: float = 5.0,
     min_lit_fraction: float = 0.02,
     min_speck_fraction: float = 0.03,
+    shutter_factor: float = 2.0,
 ) -> Float[Tensor, "H W"]:
     """Mask of the detector's field of view in a raw (intensity) image.
 
@@ -90,9 +91,11 @@ def detect_fov(
     (an image intensifier), the mask is the fitted circle shrunk by ``margin_px``; otherwise it
     is the filled region itself. A region that is not round is tried once more without its lit
     specks smaller than ``min_speck_fraction`` of the image (burned-in labels, which the filling
-    would join to the corners). Thick anatomy that signal does not enclose (a lateral chest
-    beside a collimator shutter) is still left out: intensity alone cannot tell it from the
-    shutter."""
+    would join to the corners). On a flat panel whose edge rows or columns hold no signal
+    (collimator shutters), pixels more than ``shutter_factor`` times the shutters' own level (the
+    99th percentile of those edge lines) count as signal too, so thick anatomy beside a shutter,
+    which signal does not enclose (a lateral chest), stays in: it is dark against the direct beam
+    but not against the shutter."""
     raw = raw.float()
     hi = torch.quantile(raw.reshape(-1)[:: max(1, raw.numel() // 65536)], 0.99)
     lit = raw > rel_threshold * hi
@@ -105,7 +108,26 @@ def detect_fov(
     circle = _fitted_circle(filled, margin_px)
     if circle is None:  # burned-in labels can join the corners to the field: try without small specks
         circle = _fitted_circle(_span_fill(_drop_specks(lit, min_speck_fraction), min_lit_fraction), margin_px)
-    return (filled if circle is None else circle).float()
+    if circle is not None:
+        return circle.float()
+    floor = _shutter_level(raw, lit, min_lit_fraction)
+    if floor is None:
+        return filled.float()
+    # a flat panel with collimator shutters: signal is what rises above the shutters' own level (thick
+    # anatomy beside a shutter can be far below rel_threshold of the direct beam and still well above it)
+    faint = lit | _drop_specks(raw > shutter_factor * floor, min_speck_fraction)
+    return (filled | _span_fill(faint, min_lit_fraction)).float()
+
+
+def _shutter_level(raw: Tensor, lit: Tensor, min_lit_fraction: float) -> float | None:
+    """The no-signal level behind collimator shutters: the 99th percentile of the image's outermost
+    rows and columns that have (almost) no lit pixel; None when every edge has signal."""
+    edges = [(raw[0], lit[0]), (raw[-1], lit[-1]), (raw[:, 0], lit[:, 0]), (raw[:, -1], lit[:, -1])]
+    dark = [r for r, m in edges if float(m.float().mean()) < min_lit_fraction]
+    if not dark:
+        return None
+    d = torch.cat(dark)
+    return float(torch.quantile(d[:: max(1, d.numel() // 65536)], 0.99))
 
 
 def _fitted_circle(region: Tensor, margin_px: float) -> Tensor | None:

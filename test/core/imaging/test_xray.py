@@ -101,6 +101,25 @@ def test_detect_fov_keeps_thick_anatomy_inside_a_collimated_flat_panel():
     assert torch.equal(mask, inside.float())
 
 
+def test_detect_fov_keeps_thick_anatomy_beside_a_shutter_that_no_signal_encloses():
+    """A lateral chest on a flat panel: the thick part lies against the shutter and runs to the
+    image's bottom edge, so no lit pixel encloses it; at 1 % of the direct beam it is below the
+    'no signal' threshold, but 20 times the shutter's own level: it is in, the shutter is out."""
+    H, W = 96, 128
+    gen = torch.Generator().manual_seed(3)
+    raw = 20000.0 * torch.exp(-_textured(H, W))
+    raw[40:, 20:70] = 200.0 * (1 + 0.2 * torch.rand(H - 40, 50, generator=gen))  # thick anatomy: about 1 %
+    raw[:, :20] = 10.0 * (1 + torch.rand(H, 20, generator=gen))  # shutter on the left: about 0.05 %, noisy
+    mask = detect_fov(raw)
+    inside = torch.zeros(H, W, dtype=torch.bool)
+    inside[:, 20:] = True
+    assert torch.equal(mask, inside.float())
+    # without the shutter the same anatomy is enclosed by signal along its rows: the whole image
+    no_shutter = raw.clone()
+    no_shutter[:, :20] = 20000.0 * torch.exp(-_textured(H, W))[:, :20]
+    assert bool((detect_fov(no_shutter) == 1).all())
+
+
 def test_detect_fov_circle_with_dark_anatomy_is_still_the_circle():
     H, W = 128, 128
     lit = _disc(H, W, 64.0, 64.0, 55.0)
