@@ -39,7 +39,7 @@ from mvreg_ros.core.registration.refine import LevelSpec, Registrar, Registratio
 class AcceptanceConfig:
     min_views: int = 2  # fewer views are never accepted (1: accept single views, at the user's risk)
     min_view_similarity: float = 0.5
-    max_uncertainty_mm: float = 2.0  # 1-sigma RMS displacement of points on a 50 mm sphere around the anatomy centre
+    max_uncertainty_mm: float = 1.5  # 1-sigma RMS displacement of points on a 50 mm sphere around the anatomy centre
     view_agreement: bool = True
     agreement_iterations: int = 15  # single-view refinement from the joint result, at the finest level
     max_view_shift_mm: float = 1.5  # how far a view alone may move the anatomy in its image plane (at the anatomy)
