@@ -25,6 +25,7 @@ from pathlib import Path
 
 from mvreg_ros.core.evaluation import stats
 
+
 def soak_budget(size: int) -> dict[str, str]:
     """The node's refinement budget in the soak: one level at the image size (at most 96 px, the
     default pyramid's finest), 60 iterations, 64 samples, 8 px patches. Not the tests' quick 32 px
