@@ -30,15 +30,18 @@ OVERLOAD_S = float(os.environ.get("MVREG_OVERLOAD_S", "40"))
 QUEUE = 10  # sync_queue_size of config/biplane.yaml
 # MVREG_OVERLOAD_BUDGET=default: the engine's default refinement budget (two levels, 32 and 96 px)
 # instead of the tests' quick one (a measurement, not CI; docs/node.md: its tracking updates still
-# take well under a second)
+# take well under a second); =slow: the default pyramid with 1024 samples per ray, so that every
+# registration takes seconds (a measurement of the overload case the issue names)
+DEFAULT_BUDGET = {
+    "refine_sizes": list(RefineConfig.sizes),
+    "refine_iterations": list(RefineConfig.iterations),
+    "refine_samples": list(RefineConfig.n_samples),
+    "refine_patches": list(RefineConfig.patches),
+}
 BUDGETS = {
     "quick": {},
-    "default": {
-        "refine_sizes": list(RefineConfig.sizes),
-        "refine_iterations": list(RefineConfig.iterations),
-        "refine_samples": list(RefineConfig.n_samples),
-        "refine_patches": list(RefineConfig.patches),
-    },
+    "default": DEFAULT_BUDGET,
+    "slow": {**DEFAULT_BUDGET, "refine_samples": [1024] * len(RefineConfig.sizes)},
 }
 BUDGET = os.environ.get("MVREG_OVERLOAD_BUDGET", "quick")
 if BUDGET not in BUDGETS:
