@@ -66,6 +66,7 @@ class Harness:
         self.joint_pub = n.create_publisher(JointState, cfg.joint_states_topic, 10)
         self.lock = threading.Lock()
         self.statuses, self.tfs, self.poses, self.overlays = [], [], [], []
+        self.tf_arrivals: list[tuple[int, int]] = []  # (TF stamp, this node's clock when it arrived), ns
         self.joint_count = 0
         self.set_stamps = []  # the stamp of each published set (its newest image)
         self.closed = False
@@ -146,12 +147,11 @@ class Harness:
                 )
 
     def _on_tf(self, msg):
+        arrived = self.node.get_clock().now().nanoseconds
         with self.lock:
-            self.tfs += [
-                (stamp_to_ns(t.header.stamp), T_from_transform(t.transform))
-                for t in msg.transforms
-                if t.header.frame_id == "carm_base" and t.child_frame_id == "anatomy"
-            ]
+            mine = [t for t in msg.transforms if t.header.frame_id == "carm_base" and t.child_frame_id == "anatomy"]
+            self.tfs += [(stamp_to_ns(t.header.stamp), T_from_transform(t.transform)) for t in mine]
+            self.tf_arrivals += [(stamp_to_ns(t.header.stamp), arrived) for t in mine]
 
     def _on_pose(self, msg):
         with self.lock:
