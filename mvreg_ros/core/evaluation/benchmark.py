@@ -289,7 +289,7 @@ def tracking_comparison(
     if warm_up and sets:
         for pipeline in pipelines.values():
             pipeline.register_from(sets[0][1], start())
-    runs = {name: {"errs": [], "times": [], "refine": [], "accepted": [], "stages": []} for name in configs}
+    runs = {name: {"errs": [], "times": [], "refine": [], "accepted": [], "stages": [], "fast": []} for name in configs}
     for T_moved, views in sets:
         for name, pipeline in pipelines.items():
             t = time.perf_counter()
@@ -300,6 +300,7 @@ def tracking_comparison(
             runs[name]["errs"].append(mtre_mm(out.result.T_ref_from_ct, T_moved, landmarks))
             runs[name]["accepted"].append(bool(out.accepted))
             runs[name]["stages"].append("+".join(out.stages))
+            runs[name]["fast"].append(out.fast)
     results = {}
     for name, x in runs.items():
         errs, times, accepted, stages = x["errs"], x["times"], x["accepted"], x["stages"]
@@ -311,8 +312,8 @@ def tracking_comparison(
             "refine_time_s": stats.median(x["refine"]),
             "median_mtre_mm": stats.median(errs),
             "max_mtre_mm": max(errs),
-            "fast": sum(set(s.split("+")) == {"tracking"} for s in stages),  # the fast path's rounds alone
-            "fallbacks": sum(s.startswith("tracking") and set(s.split("+")) != {"tracking"} for s in stages),
+            "fast": sum(x["fast"]),  # the fast path's rounds alone (Outcome.fast)
+            "fallbacks": sum(s.startswith("tracking") and not f for s, f in zip(stages, x["fast"])),
             "accepted": sum(accepted),
             "false_acceptances": sum(a and not o for a, o in zip(accepted, ok)),
             "false_rejections": sum(o and not a for a, o in zip(accepted, ok)),

@@ -40,6 +40,13 @@ def check_image(image: Tensor, name: str = "image") -> Tensor:
     return image
 
 
+def _quantile(x: Tensor, q: float) -> Tensor:
+    """The ``q`` quantile of ``x``'s values, from at most about 65536 of them (evenly strided:
+    torch.quantile refuses very large inputs, and an image's quantiles need no more)."""
+    flat = x.reshape(-1)
+    return torch.quantile(flat[:: max(1, flat.numel() // 65536)], q)
+
+
 def _span_fill(lit: Tensor, min_lit_fraction: float) -> Tensor:
     """``lit`` with every pixel that lies between two lit pixels of its row or of its column
     added; rows/columns with fewer than ``min_lit_fraction`` lit pixels add nothing."""
@@ -97,7 +104,7 @@ def detect_fov(
     which signal does not enclose (a lateral chest), stays in: it is dark against the direct beam
     but not against the shutter."""
     raw = raw.float()
-    hi = torch.quantile(raw.reshape(-1)[:: max(1, raw.numel() // 65536)], 0.99)
+    hi = _quantile(raw, 0.99)
     lit = raw > rel_threshold * hi
     frac = float(lit.float().mean())
     if frac < 0.05:
@@ -126,8 +133,7 @@ def _shutter_level(raw: Tensor, lit: Tensor, min_lit_fraction: float) -> float |
     dark = [r for r, m in edges if float(m.float().mean()) < min_lit_fraction]
     if not dark:
         return None
-    d = torch.cat(dark)
-    return float(torch.quantile(d[:: max(1, d.numel() // 65536)], 0.99))
+    return float(_quantile(torch.cat(dark), 0.99))
 
 
 def _fitted_circle(region: Tensor, margin_px: float) -> Tensor | None:
@@ -156,7 +162,7 @@ def log_linearize(
     raw = raw.float()
     if i0 is None:
         inside = raw[mask > 0] if mask is not None else raw.reshape(-1)
-        i0 = float(torch.quantile(inside[:: max(1, inside.numel() // 65536)], 0.999))
+        i0 = float(_quantile(inside, 0.999))
     if i0 <= 0:
         raise ValueError(f"i0 must be positive, got {i0}")
     P = math.log(i0) - torch.log(raw.clamp_min(1.0))

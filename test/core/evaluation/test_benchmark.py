@@ -13,8 +13,8 @@ from mvreg_ros.core.evaluation.benchmark import BenchConfig, memory_bandwidth_gb
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.global_search import GlobalConfig
-from mvreg_ros.core.registration.pipeline import PipelineConfig
-from mvreg_ros.core.registration.refine import RefineConfig, TrackingConfig
+from mvreg_ros.core.registration.pipeline import Outcome, PipelineConfig
+from mvreg_ros.core.registration.refine import RefineConfig, RegistrationResult, TrackingConfig
 from mvreg_ros.core.rendering import native as render_native
 from mvreg_ros.core.rendering.reference import ReferenceRenderer
 
@@ -226,7 +226,7 @@ def test_tracking_figures_count_fast_updates_fallbacks_and_false_acceptances(tin
     # (error along a unit direction, accepted, stages)
     plan = [
         (0.3, True, ("tracking",)),
-        (0.5, True, ("tracking",)),
+        (0.5, True, ("tracking", "tracking")),  # two fast rounds: still the fast path alone
         (3.0, True, ("tracking", "local")),
         (1.0, False, ("tracking", "local", "global", "local")),
     ]
@@ -242,8 +242,16 @@ def test_tracking_figures_count_fast_updates_fallbacks_and_false_acceptances(tin
             err, accepted, stages = plan[self.calls % len(plan)]
             self.calls += 1
             shift = torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64) * err
-            result = types.SimpleNamespace(T_ref_from_ct=geometry.translation(shift) @ views)
-            return types.SimpleNamespace(result=result, accepted=accepted, stages=stages)
+            result = RegistrationResult(
+                T_ref_from_ct=geometry.translation(shift) @ views,
+                success=True,
+                converged=True,
+                similarity=0.9,
+                view_similarity=(0.9, 0.9),
+                iterations=1,
+                time_s=0.0,
+            )
+            return Outcome(accepted=accepted, reason="", result=result, stages=stages)
 
     class CpuRegistrar(benchmark.Registrar):
         def __init__(self):
@@ -258,7 +266,7 @@ def test_tracking_figures_count_fast_updates_fallbacks_and_false_acceptances(tin
     assert r["n"] == 4 and r["mtre_mm"] == pytest.approx([0.3, 0.5, 3.0, 1.0])
     assert r["fast"] == 2 and r["fallbacks"] == 2 and r["accepted"] == 3
     assert r["false_acceptances"] == 1 and r["false_rejections"] == 1
-    assert r["stages"] == ["tracking", "tracking", "tracking+local", "tracking+local+global+local"]
+    assert r["stages"] == ["tracking", "tracking+tracking", "tracking+local", "tracking+local+global+local"]
 
 
 def test_bench_config_checks_its_sections():
