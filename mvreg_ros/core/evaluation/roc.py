@@ -14,7 +14,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 
-from mvreg_ros.core.registration.acceptance import AcceptanceConfig
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig, disagreeing_views
 
 SWEEPS = ("min_view_similarity", "max_uncertainty_mm", "max_view_shift_mm", "max_view_gain")
 
@@ -46,7 +46,7 @@ def accepts(case: dict, config: AcceptanceConfig, *, min_similarity: float = 0.5
             f"case {case.get('specimen')} {case.get('views')} has no per-view agreement signals: "
             "record it with view_agreement on"
         )
-    return not any(s > config.max_view_shift_mm and g > config.max_view_gain for s, g in zip(shifts, gains))
+    return not disagreeing_views(shifts, gains, config)
 
 
 @dataclasses.dataclass(frozen=True)

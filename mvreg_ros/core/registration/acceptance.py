@@ -129,6 +129,14 @@ def view_agreement(
     return [p.shift_mm for p in probes], [p.gain for p in probes]
 
 
+def disagreeing_views(shifts: list[float], gains: list[float], config: AcceptanceConfig) -> tuple[int, ...]:
+    """The views that, refined alone, move the anatomy more than ``max_view_shift_mm`` and gain
+    more than ``max_view_gain`` (both), from their recorded shifts and gains."""
+    return tuple(
+        i for i, (s, g) in enumerate(zip(shifts, gains)) if s > config.max_view_shift_mm and g > config.max_view_gain
+    )
+
+
 def acceptance_test(
     result: RegistrationResult,
     *,
@@ -175,9 +183,7 @@ def acceptance_test(
     if registrar is None or views is None:
         raise ValueError("per-view agreement needs the registrar and the views (or view_agreement=False)")
     shifts, gains = view_agreement(registrar, views, result.T_ref_from_ct, iterations=config.agreement_iterations)
-    bad_views = tuple(
-        i for i, (s, g) in enumerate(zip(shifts, gains)) if s > config.max_view_shift_mm and g > config.max_view_gain
-    )
+    bad_views = disagreeing_views(shifts, gains, config)
     kw = dict(view_shift_mm=tuple(shifts), view_gain=tuple(gains), disagreeing_views=bad_views)
     if bad_views:
         i = bad_views[0]

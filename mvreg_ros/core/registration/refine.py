@@ -28,9 +28,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mvreg_ros.core.geometry.transforms import about_point, invert, make_T, skew, so3_exp, transform_points
-from mvreg_ros.core.imaging.footprint import complete_rays, target_footprint, target_volume, truncated_faces
+from mvreg_ros.core.imaging.footprint import BODY_MU, complete_rays, target_footprint, target_volume, truncated_faces
 from mvreg_ros.core.imaging.views import ViewSet
-from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM, Volume
+from mvreg_ros.core.imaging.volume import Volume
 from mvreg_ros.core.registration.similarity import image_similarity
 from mvreg_ros.core.rendering.renderer import BACKENDS, Renderer
 
@@ -370,7 +370,7 @@ class Registrar:
         self.centre_ct = (volume.bone_centre_ct() if centre_ct is None else centre_ct).to(torch.float64)
         # crop away the air around the body once: shorter chords, denser samples for the same cost
         try:
-            crop = volume.cropped_to(0.2 * MU_WATER_PER_MM, copy=False)  # views until kept below
+            crop = volume.cropped_to(BODY_MU, copy=False)  # views until kept below
         except ValueError:  # nothing above air
             crop = volume
         cut = truncated_faces(crop)  # faces that cut through the body
