@@ -932,6 +932,18 @@ class RegisterNode(LifecycleNode):
             self.diag_pub.publish(msg)
 
 
+def interrupted(*, ok=rclpy.ok, wait_s: float = 1.0) -> bool:
+    """Whether an error out of rclpy came from Ctrl-C: rclpy's signal thread shuts the context down
+    (within ``wait_s``), while the interrupt itself can surface inside a message take as a
+    ``RuntimeError`` ("Unable to convert call argument", ros/joint_state_publisher#117)."""
+    deadline = time.monotonic() + wait_s
+    while ok():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def main(args: list[str] | None = None) -> int:
     """Console script ``register_node`` (``ros2 run mvreg_ros register_node`` on a ROS install).
 
@@ -964,6 +976,9 @@ def main(args: list[str] | None = None) -> int:
             executor.spin_once(timeout_sec=0.2)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except RuntimeError:
+        if not interrupted():
+            raise
     finally:
         if code == 0:  # Ctrl-C shuts the context (and rosout) down while we get here: stderr only
             print(f"[INFO] [{node.get_name()}]: shutting down", file=sys.stderr, flush=True)

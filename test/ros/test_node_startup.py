@@ -5,6 +5,7 @@ import gzip
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,16 @@ def test_node_exits_with_a_clear_error(ros_env, tmp_path, case):
     assert "FATAL" in text and str(path) in text
     assert ("CT volume not found" if case == "missing" else "cannot read a CT volume") in text
     assert "Traceback" not in text
+
+
+def test_an_rclpy_error_during_ctrl_c_is_a_clean_shutdown():
+    """Ctrl-C inside a message take surfaces as a RuntimeError while rclpy's signal thread shuts
+    the context down: that is the interrupt (exit 0); the same error while the context stays up
+    is a real one (re-raised)."""
+    from mvreg_ros.ros.node import interrupted
+
+    answers = iter([True, True, False])  # the context goes down a moment later
+    assert interrupted(ok=lambda: next(answers), wait_s=5.0)
+    t = time.monotonic()
+    assert not interrupted(ok=lambda: True, wait_s=0.05)
+    assert 0.05 <= time.monotonic() - t < 1.0

@@ -403,7 +403,7 @@ def big_ct_run(cfg: BenchConfig, log=print) -> dict:
     """A big CT (``big_ct_shape``, written as NIfTI into a temporary folder) from file to a warm
     engine: load (HU to attenuation in place), the engine's crop and one-time pooling (the
     full-resolution array is dropped), then the warm-up: the first refinement (from ``rot_deg`` /
-    ``trans_mm``, compiling the renderer for the new volume) of a 2-view set rendered from the
+    ``trans_mm``, compiling the renderer where its image sizes are new) of a 2-view set rendered from the
     engine's CT. ``ready_s`` = load + crop and pool + warm-up (rendering the simulated X-rays,
     ``views_s``, is not counted: a C-arm sends them); ``rss_mb`` the resident memory once ready
     (``rss_before_mb`` before loading, ``peak_rss_mb`` the peak from loading on, where Linux can

@@ -149,6 +149,9 @@ class TrackingConfig:
     enabled: bool = True
     levels: int = 1  # the finest this many levels of RefineConfig's pyramid (at most all of them)
     iterations: int = 20  # at most, per level
+    step_scale: float = 0.25  # first step sizes as a fraction of RefineConfig's lr_rot_deg / lr_trans_mm (by default
+    # 0.375 deg, 0.75 mm: sized to small motion; larger first steps kick a start at the optimum away and often end the
+    # round unconverged); 0: the step sizes the full pyramid uses at those levels
     n_samples: int = 0  # samples along each ray (0: RefineConfig's; the same renders as the full path's finest level,
     # so nothing new to compile; 48 was no faster on the CPU)
     newton_steps: int = 1
@@ -164,10 +167,13 @@ class TrackingConfig:
                 raise TypeError(f"TrackingConfig.{name} must be an int, got {v!r}")
             if v < low:
                 raise ValueError(f"TrackingConfig.{name} must be >= {low}, got {v}")
+        v = self.step_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"TrackingConfig.step_scale must be a number in [0, 1], got {v!r}")
 
     def schedule(self, refine: RefineConfig) -> Schedule:
-        """The finest ``levels`` of ``refine``'s pyramid with this budget; their step sizes are
-        those the full pyramid uses at those levels."""
+        """The finest ``levels`` of ``refine``'s pyramid with this budget; first step sizes
+        ``step_scale`` times the refinement's (0: those the full pyramid uses at those levels)."""
         full = refine.levels()
         k = min(self.levels, len(full))
         levels = tuple(
@@ -176,7 +182,7 @@ class TrackingConfig:
         )
         return Schedule(
             levels=levels,
-            lr_scale=refine.level_lr_decay ** (len(full) - k),
+            lr_scale=float(self.step_scale) or refine.level_lr_decay ** (len(full) - k),
             newton_steps=self.newton_steps,
             fresh_curvature=self.fresh_curvature,
         )

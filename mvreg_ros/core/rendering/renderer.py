@@ -61,7 +61,8 @@ def make_rays(
     K: Float[Tensor, "V 3 3"],
     pixels: Float[Tensor, "V R 2"] | Float[Tensor, "R 2"],
 ) -> Rays:
-    """Rays from each view's source through ``pixels`` (u, v), clipped to the volume box."""
+    """Rays from each view's source through ``pixels`` (u, v), clipped to the volume box of
+    ``shape_ijk`` voxels (ints, or ``torch.compile``'s symbolic sizes: see :func:`render_native`)."""
     dtype = T_cam_from_ct.dtype
     if pixels.ndim == 2:
         pixels = pixels.expand(len(K), -1, -1)
@@ -73,11 +74,13 @@ def make_rays(
     T_index_from_cam = T_index_from_ct.to(dtype) @ invert(T_cam_from_ct)
     origin = T_index_from_cam[:, None, :3, 3]
     direction = (d_cam[..., None, :] * T_index_from_cam[:, None, :3, :3]).sum(-1)
-    lo = torch.full((3,), -0.5, dtype=dtype, device=origin.device)
-    hi = torch.tensor(shape_ijk, dtype=dtype, device=origin.device) - 0.5
-    safe = torch.where(direction.abs() < 1e-12, torch.full_like(direction, 1e-12), direction)
-    t0 = (lo - origin) / safe
-    t1 = (hi - origin) / safe
+    # clipped in unit coordinates, (index + 0.5) / size: the box is [0, 1] on every axis and the sizes enter as
+    # scalars (as a tensor, or in the far faces' offsets, they made the compiled backward up to 3x slower)
+    origin_u = torch.stack([(origin[..., k] + 0.5) / shape_ijk[k] for k in range(3)], -1)
+    direction_u = torch.stack([direction[..., k] / shape_ijk[k] for k in range(3)], -1)
+    safe = torch.where(direction_u.abs() < 1e-15, torch.full_like(direction_u, 1e-15), direction_u)
+    t0 = -origin_u / safe
+    t1 = (1 - origin_u) / safe
     t_near = torch.minimum(t0, t1).amax(-1).clamp_min(0)
     t_far = torch.maximum(t0, t1).amin(-1)
     t_far = torch.maximum(t_far, t_near)  # rays that miss the box get an empty chord
@@ -156,40 +159,51 @@ def integrate_native(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: i
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
+def _unpadded_ijk(padded: Tensor) -> tuple:
+    """(i, j, k) sizes of the volume that ``padded`` (D+2, H+2, W+2) holds."""
+    return (padded.shape[2] - 2, padded.shape[1] - 2, padded.shape[0] - 2)
+
+
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def render_native(
     T_index_from_ct: Tensor,
-    shape_ijk: tuple[int, int, int],
     T_cam_from_ct: Tensor,
     K: Tensor,
     pixels: Tensor,
     padded: Tensor,
     n_samples: int,
 ) -> Tensor:
-    """Ray set-up and the native integrator in one function, so ``torch.compile`` fuses the set-up."""
-    return integrate_native(padded, make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels), n_samples)
+    """Ray set-up and the native integrator in one function, so ``torch.compile`` fuses the set-up. The volume's size is
+    read from ``padded`` (:func:`pad_volume`), whose sizes the :class:`Renderer` marks dynamic."""
+    return integrate_native(
+        padded, make_rays(T_index_from_ct, _unpadded_ijk(padded), T_cam_from_ct, K, pixels), n_samples
+    )
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def render_gather(
     T_index_from_ct: Tensor,
-    shape_ijk: tuple[int, int, int],
     T_cam_from_ct: Tensor,
     K: Tensor,
     pixels: Tensor,
     padded: Tensor,
     n_samples: int,
 ) -> Tensor:
-    """Ray set-up and gather integration in one function, so ``torch.compile`` fuses both."""
-    return integrate_gather(padded, make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels), n_samples)
+    """Ray set-up and gather integration in one function, so ``torch.compile`` fuses both. The volume's size is
+    read from ``padded`` (:func:`pad_volume`), whose sizes the :class:`Renderer` marks dynamic."""
+    return integrate_gather(
+        padded, make_rays(T_index_from_ct, _unpadded_ijk(padded), T_cam_from_ct, K, pixels), n_samples
+    )
 
 
 _COMPILED = {}
-RECOMPILE_LIMIT = 64  # compiled shape variants per backend (image size x views x samples x volume)
+RECOMPILE_LIMIT = 64  # compiled shape variants per backend (image size x views x samples)
 
 
 def _compiled_render(backend: str):
     """The backend's render function under ``torch.compile`` with static shapes (the fastest
-    kernels; a new image size, view count, sample count or volume compiles once more).
+    kernels; a new image size, view count or sample count compiles once more) except the
+    volume's sizes, which the kernels take as scalars (a new CT compiles nothing).
     Dynamo's default recompile limit (8 per function) is below the variants one long-running
     process meets (pyramid levels, view counts, overlay and scorer renderers); past it Dynamo
     would run the function uncompiled, so the process-wide limit is raised to at least
@@ -226,6 +240,8 @@ class Renderer:
         self.volume = volume
         self.data = volume.data.to(device=device, dtype=dtype).contiguous()
         self.padded = pad_volume(self.data) if self.backend != "grid_sample" else None
+        if self.padded is not None:  # the compiled kernels serve volumes of every size: a new CT compiles nothing
+            torch._dynamo.mark_dynamic(self.padded, (0, 1, 2))
         self._compiled_ok = False
         self.T_index_from_ct = torch.linalg.inv(volume.T_ct_from_index.to(device=device, dtype=torch.float64))
         self.shape_ijk = volume.shape_ijk
@@ -264,7 +280,7 @@ class Renderer:
 
     def _render_compiled(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor | None:
         """The fused compiled path; None once it has failed to compile (then grid_sample is used)."""
-        args = (self.T_index_from_ct, self.shape_ijk, T, K, pixels, self.padded, n_samples)
+        args = (self.T_index_from_ct, T, K, pixels, self.padded, n_samples)
         if self._compiled_ok:
             return _compiled_render(self.backend)(*args)
         try:  # the first call compiles: only a failure there (no C++ compiler, no Triton) falls back

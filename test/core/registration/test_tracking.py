@@ -42,10 +42,12 @@ def test_tracking_schedule_skips_the_coarse_levels():
     assert fine.iterations == TrackingConfig().iterations < 40
     assert fine.n_samples == 96  # by default the level's own samples: the renders the full path compiled
     assert TrackingConfig(n_samples=48).schedule(refine).levels[0].n_samples == 48
-    assert s.lr_scale == pytest.approx(refine.level_lr_decay)  # the step sizes the full pyramid uses there
+    assert s.lr_scale == TrackingConfig().step_scale == 0.25  # steps sized to small motion
+    s0 = TrackingConfig(step_scale=0.0).schedule(refine)
+    assert s0.lr_scale == pytest.approx(refine.level_lr_decay)  # 0: the step sizes the full pyramid uses there
     assert s.newton_steps == 1 and not s.fresh_curvature
     # more levels than the pyramid has: all of them
-    s2 = TrackingConfig(levels=5, iterations=7).schedule(refine)
+    s2 = TrackingConfig(levels=5, iterations=7, step_scale=0.0).schedule(refine)
     assert [lv.size for lv in s2.levels] == [32, 64] and [lv.n_samples for lv in s2.levels] == [64, 96]
     assert s2.lr_scale == 1.0 and {lv.iterations for lv in s2.levels} == {7}
     # the full schedule is the configured pyramid
@@ -61,6 +63,8 @@ def test_tracking_schedule_skips_the_coarse_levels():
         (dict(n_samples=-1), ValueError, "n_samples must be >= 0"),
         (dict(newton_steps=-1), ValueError, "newton_steps"),
         (dict(iterations=2.5), TypeError, "iterations"),  # (beartype's check in the tests, ours elsewhere)
+        (dict(step_scale=-0.1), ValueError, r"step_scale must be a number in \[0, 1\], got -0.1"),
+        (dict(step_scale=1.5), ValueError, "step_scale"),
     ],
 )
 def test_tracking_config_rejects_bad_values(kwargs, error, match):

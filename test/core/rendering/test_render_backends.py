@@ -206,6 +206,26 @@ def test_more_shape_variants_than_dynamos_default_limit_all_compile():
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
 
 
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "compiled"])
+def test_a_volume_of_another_size_compiles_nothing(backend):
+    """The compiled kernels take the volume's size as data (a new patient's CT, a big CT pooled
+    differently): a second volume of another shape reuses the graph, and renders what the
+    grid_sample reference renders."""
+    from torch._dynamo.utils import counters
+
+    ct, K, T = _setup()
+    other = ct.resampled(2)
+    assert other.shape_ijk != ct.shape_ijk
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        Renderer(ct, backend=backend)(T, K, 7, 6, n_samples=5)
+        img = Renderer(other, backend=backend)(T, K, 7, 6, n_samples=5)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    ref = Renderer(other, backend="grid_sample")(T, K, 7, 6, n_samples=5)
+    torch.testing.assert_close(img, ref, rtol=1e-4, atol=1e-4)
+
+
 @needs_native
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
 @pytest.mark.parametrize("march,isa", [("x86-64-v3", "avx2"), ("x86-64", "scalar")])
