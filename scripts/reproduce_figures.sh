@@ -13,7 +13,8 @@
 #   --capture-range  the stress benchmark: clean, hard and mismatch files from seeds 0 and 1,
 #                    five starting offsets each (scripts/stress_benchmark.sh)     ~20 min
 #   --coarse         train the coarse network 30 minutes, then its held-out evaluation on
-#                    30 (seed 1234) and 100 (seed 4321) sets through the pipeline  ~35 min
+#                    30 (seed 1234) and 100 (seed 4321) sets through the pipeline; then a
+#                    10-minute network and its evaluation on the same 100 sets    ~50 min
 #   --plots          figures.md and the PNGs from whatever JSON exists            seconds
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,9 @@ if want --coarse; then
   cp "${MODEL%.safetensors}.json" "$R/coarse/main.json" 2>/dev/null || true
   "$MVREG" train example --out "$MODEL" --eval-only 30 --seed 1234 --json "$R/coarse/heldout_30.json"
   "$MVREG" train example --out "$MODEL" --eval-only 100 --seed 4321 --json "$R/coarse/heldout_100.json"
+  TEN="$R/coarse/ten.safetensors"
+  "$MVREG" train example --out "$TEN" --minutes 10 --quiet
+  "$MVREG" train example --out "$TEN" --eval-only 100 --seed 4321 --json "$R/coarse/ten_heldout_100.json"
 fi
 
 if want --accuracy; then

@@ -228,7 +228,7 @@ def write_plots(evaluator: GroundTruthEvaluator, stem: str | Path) -> list[Path]
     ax.set_ylabel("mTRE against the truth in effect (mm)")
     worst = max([e for _, e in copies] + [r for _, r in regs] + [0.0])
     ax.set_ylim(0.0, max(2.5 * evaluator.success_mm, 1.15 * worst))
-    ax.set_xlim(left=min(0.0, *((s - t0) * 1e-9 for s in evaluator.corrupt)) - 0.2)
+    ax.set_xlim(left=min([0.0, *((s - t0) * 1e-9 for s in evaluator.corrupt)]) - 0.2)  # (a bag without bad inputs too)
     ax.set_title("anatomy TF error over time")
     ax.legend(fontsize=8, loc="upper left", framealpha=0.8)
     fig.tight_layout()

@@ -138,6 +138,20 @@ def test_evaluator_reports_recovery_wrong_tfs_and_tfs_of_bad_inputs(tmp_path):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
+def test_plots_of_a_bag_without_bad_inputs(tmp_path):
+    """A static bag has no bad inputs to mark (the plots once failed on it at the end of a replay)."""
+    S = 1_000_000_000
+    a = torch.eye(4, dtype=torch.float64)
+    lm = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 50
+    ev = GroundTruthEvaluator({1 * S: a, 2 * S: a}, lm, parent="carm_base", child="anatomy")
+    for k in (1, 2):
+        ev.image_published(k * S, float(k))
+        ev.on_tf(_tf(a, k * S), k + 0.4)
+    assert not ev.corrupt and ev.summary()["n"] == 2
+    paths = write_plots(ev, tmp_path / "static")
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
 def replayed_to_node(spawn, tmp_path, ros_context, scenario: str, *, sets: int = 3):
     """A sequential mobile C-arm bag of ``scenario`` replayed (rate 1) to a node of its own (quick
     budget, sim time); the node process, the played messages, the evaluator and its summary. The
