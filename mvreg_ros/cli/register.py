@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
         chain, start_name = [ConfiguredPose(T_init)], f"--init-pose {args.init_pose}"
     elif args.model:
         try:
-            model = load_coarse_model(args.model, volume, device=args.device)
+            sids = {f"view {v.source}": v.sid_mm for v in views}
+            model = load_coarse_model(args.model, volume, device=args.device, sids_mm=sids)
         except ModelError as e:
             return _fail(str(e).replace("model_path", "--model"))
         chain, start_name = [CoarseNetworkPose(model), ConfiguredPose(default)], f"coarse network {args.model}"

@@ -18,6 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--specimen", metavar="NAME", help="specimen of a DeepFluoro-layout file (default: the first)")
     p.add_argument("--out", required=True, metavar="MODEL.safetensors", help="checkpoint to write (and resume)")
+    p.add_argument(
+        "--sid-mm",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="the C-arm's source-to-isocentre distance (the network's depth prior; default: the file's "
+        "proj-params/source-to-isocenter when it has one, else --config's sid_mm, 700 by default)",
+    )
     p.add_argument("--config", metavar="FILE", help="training settings (YAML, see config/train.yaml)")
     p.add_argument("--minutes", type=float, default=None, help="training budget in wall-clock minutes")
     p.add_argument("--steps", type=int, default=None, help="training budget in steps (overrides the time schedule)")
@@ -40,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_training_volume(source: str, specimen: str | None):
-    """Volume and detector overrides from a CT path, a DeepFluoro-layout file or 'example'."""
+    """Volume and detector overrides from a CT path, a DeepFluoro-layout file or 'example'
+    (a DeepFluoro-layout file's source-to-isocentre distance too, when it records one)."""
     from mvreg_ros.core.imaging.volume import load_example_ct, load_volume
 
     if source == "example":
@@ -62,14 +71,17 @@ def load_training_volume(source: str, specimen: str | None):
         pixel = float(pp["pixel_spacing_mm"][1])
         sdd = abs(float(pp["K_df"][0, 0])) * pixel
         # any detector shape: a rectangular one is letterboxed into the square working size
-        return volume, {"sdd_mm": sdd, "pixel_mm": pixel, "detector_px": int(cols), "detector_rows": int(rows)}
+        detector = {"sdd_mm": sdd, "pixel_mm": pixel, "detector_px": int(cols), "detector_rows": int(rows)}
+        if pp["sid_mm"] is not None:
+            detector["sid_mm"] = float(pp["sid_mm"])
+        return volume, detector
     return load_volume(path), {}
 
 
 def run(args: argparse.Namespace) -> int:
     from mvreg_ros.cli.options import options_ok
 
-    if not options_ok("train", args, at_least={"steps": 1, "eval_only": 1}, above={"minutes": 0}):
+    if not options_ok("train", args, at_least={"steps": 1, "eval_only": 1}, above={"minutes": 0, "sid_mm": 0}):
         return 2
     import torch
 
@@ -93,6 +105,14 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
             return 0
+        if args.sid_mm is not None:
+            detector["sid_mm"] = args.sid_mm
+        elif "sid_mm" not in detector and Path(args.ct).suffix.lower() in (".h5", ".hdf5"):
+            print(
+                f"mvreg train: {args.ct} records no source-to-isocentre distance: the network's depth prior is "
+                "--config's sid_mm (700 mm by default); give --sid-mm if the C-arm's differs",
+                file=sys.stderr,
+            )
         config = TrainConfig.from_yaml(args.config, minutes=args.minutes, max_steps=args.steps, **detector)
         training.train(volume, config, args.out, device=args.device, resume=args.resume, progress=not args.quiet)
     except (ValueError, FileNotFoundError, CheckpointError) as e:

@@ -192,7 +192,12 @@ class RegisterNode(LifecycleNode):
         self.model = None
         if cfg.model_path:  # the patient-specific coarse network, made for this CT
             t0 = time.perf_counter()
-            self.model = load_coarse_model(cfg.model_path, volume, device=cfg.refine.device)
+            self.model = load_coarse_model(
+                cfg.model_path,
+                volume,
+                device=cfg.refine.device,
+                sids_mm={f"plane {p.name!r}": p.sid_mm for p in cfg.planes},
+            )
             log.info(
                 f"coarse network {cfg.model_path!r}: {self.model.arch.size} px views, loaded in "
                 f"{time.perf_counter() - t0:.2f} s; the last accepted pose is a start for "

@@ -107,3 +107,45 @@ def test_train_on_a_rectangular_deepfluoro_file(ct_files, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "128x128" in err and "48x64" in err
+
+
+def test_the_network_depth_prior_is_the_files_source_to_isocentre_distance(ct_files, tmp_path, capsys):
+    """A file that records the C-arm's source-to-isocentre distance trains the network at that depth;
+    --sid-mm overrides it; a file without one is trained at the config's and the user is told."""
+    import h5py
+
+    from mvreg_ros.core.data.deepfluoro import DeepFluoroFile
+    from mvreg_ros.core.data.deepfluoro_write import write_simulated
+    from mvreg_ros.core.data.simulate import DetectorConfig
+    from mvreg_ros.core.imaging.volume import load_hu
+
+    (ct, _), cfg = ct_files
+    hu, T_ct_from_index = load_hu(ct)
+    h5 = tmp_path / "sid.h5"
+    detector = DetectorConfig(height=64, width=64, pixel_mm=5.0, sid_mm=780.0, sdd_mm=1100.0)
+    write_simulated(h5, hu, T_ct_from_index, angles_deg=[(0.0, 0.0)], detector=detector)
+    with DeepFluoroFile(h5) as f:
+        assert f.proj_params()["sid_mm"] == pytest.approx(780.0)
+
+    def trained_sid(*extra) -> float:
+        out = tmp_path / "m.safetensors"
+        for p in tmp_path.glob("m.*"):
+            p.unlink()
+        assert (
+            cli.main(["train", str(h5), "--out", str(out), "--config", str(cfg), "--steps", "1", "--quiet", *extra])
+            == 0
+        )
+        meta = json.loads(out.with_suffix(".json").read_text())
+        assert meta["config"]["sid_mm"] == meta["geometry"]["sid_mm"]
+        return meta["geometry"]["sid_mm"]
+
+    assert trained_sid() == pytest.approx(780.0)
+    assert "source-to-isocentre" not in capsys.readouterr().err
+    assert trained_sid("--sid-mm", "820") == pytest.approx(820.0)
+    with h5py.File(h5, "a") as f:  # as the real DeepFluoro file: no such entry
+        del f["proj-params/source-to-isocenter"]
+    with DeepFluoroFile(h5) as f:
+        assert f.proj_params()["sid_mm"] is None
+    assert trained_sid() == pytest.approx(700.0)
+    assert "records no source-to-isocentre distance" in capsys.readouterr().err
+    assert cli.main(["train", str(h5), "--out", str(tmp_path / "x.safetensors"), "--sid-mm", "-5"]) == 2

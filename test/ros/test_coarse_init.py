@@ -20,7 +20,7 @@ TURN_90 = torch.tensor([-1.0, 1.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0])
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def write_checkpoint(path, identity, *, bias=None):
+def write_checkpoint(path, identity, *, bias=None, sid_mm=785.0):
     """A never-trained network with a constant output (its last layer's weights are zero)."""
     net = PoseNet(ARCH)
     if bias is not None:
@@ -30,7 +30,7 @@ def write_checkpoint(path, identity, *, bias=None):
     geometry = PoseGeometry(
         centre_ct=tuple(float(x) for x in c),
         R0_cam_from_ct=tuple(tuple(float(x) for x in r) for r in canonical_rotation()),
-        sid_mm=785.0,
+        sid_mm=sid_mm,
     )
     return save_checkpoint(path, net, geometry=geometry, volume_identity=identity)
 
@@ -38,6 +38,11 @@ def write_checkpoint(path, identity, *, bias=None):
 def test_load_coarse_model(tmp_path):
     model = load_coarse_model(str(write_checkpoint(tmp_path / "ok.safetensors", volume().identity())), volume())
     assert model.arch == ARCH and callable(model.predict)
+    # a C-arm whose source-to-isocentre distance is not the network's is refused, naming both
+    ok = str(tmp_path / "ok.safetensors")
+    assert load_coarse_model(ok, volume(), sids_mm={"plane 'a'": 800.0}).geometry.sid_mm == 785.0  # within 25 mm
+    with pytest.raises(ModelError, match=r"785 mm, plane 'a' has 700 mm .*--sid-mm 700"):
+        load_coarse_model(ok, volume(), sids_mm={"plane 'b'": 785.0, "plane 'a'": 700.0})
     with pytest.raises(ModelError, match="not found"):
         load_coarse_model(str(tmp_path / "none.safetensors"), volume())
     other = write_checkpoint(tmp_path / "other.safetensors", volume().resampled(2).identity())
@@ -54,9 +59,11 @@ def test_node_refuses_a_missing_or_foreign_model(spawn, tmp_path):
     pytest.importorskip("rclpy")
     foreign = write_checkpoint(tmp_path / "other_ct.safetensors", volume().resampled(2).identity())
     missing = tmp_path / "missing.safetensors"
+    # the default config's C-arm has a source-to-isocentre distance of 700 mm
+    other_sid = write_checkpoint(tmp_path / "other_sid.safetensors", volume().identity(), sid_mm=785.0)
     procs = {
         case: spawn(case, node_args(overrides={"volume_path": "example:8", "device": "cpu", "model_path": str(p)}))
-        for case, p in (("foreign", foreign), ("missing", missing))
+        for case, p in (("foreign", foreign), ("missing", missing), ("other_sid", other_sid))
     }
     for case, proc in procs.items():
         try:
@@ -66,7 +73,11 @@ def test_node_refuses_a_missing_or_foreign_model(spawn, tmp_path):
         text = proc.output()
         assert rc == 2, text
         assert "FATAL" in text and "model_path" in text and "Traceback" not in text, text
-        path, reason = (foreign, "trained for another CT") if case == "foreign" else (missing, "not found")
+        path, reason = {
+            "foreign": (foreign, "trained for another CT"),
+            "missing": (missing, "not found"),
+            "other_sid": (other_sid, "source-to-isocentre distance of 785 mm"),
+        }[case]
         assert str(path) in text and reason in text, text
 
 

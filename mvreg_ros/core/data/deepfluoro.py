@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from mvreg_ros.core.imaging.volume import Volume, from_hu, from_itk_arrays
 from mvreg_ros.core.imaging.xray import check_image
 
 PROJ_PARAMS = "proj-params"
+SOURCE_TO_ISOCENTER = "source-to-isocenter"  # mm; this project's addition to proj-params (optional)
 
 
 class DeepFluoroFormatError(ValueError):
@@ -197,7 +199,8 @@ class DeepFluoroFile:
 
     def proj_params(self) -> dict:
         """``proj-params`` as read: ``K_df`` (3x3), ``extrinsic`` (4x4), ``num_rows``, ``num_cols``,
-        ``pixel_spacing_mm`` (row, column)."""
+        ``pixel_spacing_mm`` (row, column), ``sid_mm`` (source to isocentre, None unless the file records
+        it: this project's files do, the real DeepFluoro file does not)."""
         if self._params is None:
             K_df = self._array(f"{PROJ_PARAMS}/intrinsic", (3, 3))
             E = self._array(f"{PROJ_PARAMS}/extrinsic", (4, 4))
@@ -225,7 +228,13 @@ class DeepFluoroFile:
                 "num_rows": int(rows),
                 "num_cols": int(cols),
                 "pixel_spacing_mm": (sr, sc),
+                "sid_mm": None,
             }
+            if f"{PROJ_PARAMS}/{SOURCE_TO_ISOCENTER}" in self._f:  # this project's files only
+                sid = self._scalar(f"{PROJ_PARAMS}/{SOURCE_TO_ISOCENTER}")
+                if not (math.isfinite(sid) and sid > 0):
+                    raise DeepFluoroFormatError(f"{self.path}: source-to-isocenter must be positive, got {sid}")
+                self._params["sid_mm"] = sid
         return self._params
 
     @property

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mvreg_ros.core.data.deepfluoro import PROJ_PARAMS
+from mvreg_ros.core.data.deepfluoro import PROJ_PARAMS, SOURCE_TO_ISOCENTER
 from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
 from mvreg_ros.core.evaluation.landmarks import bone_octants, structure_centroids
 from mvreg_ros.core.geometry.transforms import (
@@ -175,6 +176,7 @@ def write_simulated(
         extrinsic=extrinsic,
         rot_180_for_up=rot_180_for_up,
         append=append,
+        sid_mm=detector.sid_mm,
     )
 
 
@@ -204,6 +206,7 @@ def write_specimen(
     extrinsic: Float[Tensor, "4 4"] | None = None,
     rot_180_for_up: bool = False,
     append: bool = False,
+    sid_mm: float | None = None,
 ) -> SimulatedSpecimen:
     """Write acquisitions made by the caller as specimen ``specimen`` of a DeepFluoro-layout file.
 
@@ -212,7 +215,9 @@ def write_specimen(
     (cam convention, one detector for all views) and pixels of ``pixel_mm`` (row, column) at
     the detector; the images may be rectangular (``num-rows`` = H, ``num-cols`` = W). The
     volume (HU), its ``mask`` and ``landmarks`` (LPS mm) are stored as given. With ``append``,
-    the specimen is added to an existing file whose ``proj-params`` must match."""
+    the specimen is added to an existing file whose ``proj-params`` must match. ``sid_mm``, the
+    C-arm's source-to-isocentre distance, goes to ``proj-params/source-to-isocenter`` (this
+    project's addition to the layout: the coarse network's depth prior, ``mvreg train``)."""
     import h5py
 
     path = Path(path)
@@ -230,6 +235,8 @@ def write_specimen(
     sr, sc = (float(pixel_mm), float(pixel_mm)) if isinstance(pixel_mm, (int, float)) else map(float, pixel_mm)
     if not (sr > 0 and sc > 0):
         raise ValueError(f"pixel_mm must be positive, got {pixel_mm}")
+    if sid_mm is not None and not (math.isfinite(sid_mm) and sid_mm > 0):
+        raise ValueError(f"sid_mm must be a positive number or None, got {sid_mm!r}")
     if not torch.isfinite(raw).all() or float(raw.min()) < 0 or float(raw.max()) > 65535:
         raise ValueError("raw_images must be finite detector intensities within 0..65535")
     if float((raw > 0).float().mean()) < 0.05:
@@ -261,6 +268,8 @@ def write_specimen(
             pp.create_dataset("num-cols", data=np.int64(W))
             pp.create_dataset("pixel-row-spacing", data=np.float64(sr))
             pp.create_dataset("pixel-col-spacing", data=np.float64(sc))
+            if sid_mm is not None:
+                pp.create_dataset(SOURCE_TO_ISOCENTER, data=np.float64(sid_mm))
         if specimen in f:
             raise ValueError(f"{path}: specimen '{specimen}' already exists")
         s = f.create_group(specimen)

@@ -1053,6 +1053,7 @@ def write_case(path: str | Path, case: StressCase, *, specimen: str = "sim-01", 
         mask=case.mask,
         label_names=case.label_names,
         append=append,
+        sid_mm=case.profile.sid_mm,
     )
     with h5py.File(path, "a") as f:
         attrs = f[specimen].attrs

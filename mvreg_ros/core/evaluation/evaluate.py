@@ -27,7 +27,7 @@ from mvreg_ros.core.evaluation.metrics import mpd_mm, mtre_mm, pose_errors
 from mvreg_ros.core.geometry.transforms import cam_to_pelvis_vol_from_T, perturb, transform_points
 from mvreg_ros.core.imaging.footprint import target_labels
 from mvreg_ros.core.imaging.volume import Volume
-from mvreg_ros.core.registration.initialisers import CoarseNetworkPose, Initialiser, PerturbedTruth
+from mvreg_ros.core.registration.initialisers import CoarseNetworkPose, Initialiser, PerturbedTruth, check_model_sid
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar
 
@@ -90,9 +90,10 @@ def parse_view_sets(text: str) -> tuple[tuple[int, ...], ...]:
     return tuple(sets)
 
 
-def make_initialiser(config: EvalConfig, volume: Volume) -> Initialiser:
+def make_initialiser(config: EvalConfig, volume: Volume, *, sid_mm: float | None = None) -> Initialiser:
     """The initialiser named by ``config.init`` for one specimen's CT (the engine's own
-    initialisers: :mod:`.registration.initialisers`)."""
+    initialisers: :mod:`.registration.initialisers`); ``sid_mm``, the file's source-to-isocentre
+    distance when it records one, is checked against the network's."""
     if config.init == "perturb":
         return PerturbedTruth(rot_deg=config.perturb_rot_deg, trans_mm=config.perturb_trans_mm, seed=config.seed)
     if config.init == "network":
@@ -102,8 +103,13 @@ def make_initialiser(config: EvalConfig, volume: Volume) -> Initialiser:
             raise FileNotFoundError(f"coarse model not found: {config.model}")
         from mvreg_ros.core.learning.coarse import CoarseModel
 
-        # refuses a checkpoint trained for another CT
-        return CoarseNetworkPose(CoarseModel.load(config.model, volume=volume, device=config.refine.device))
+        # refuses a checkpoint trained for another CT, or for another source-to-isocentre distance
+        model = CoarseModel.load(config.model, volume=volume, device=config.refine.device)
+        if sid_mm is not None:
+            check_model_sid(
+                model.geometry.sid_mm, {"the file's C-arm": sid_mm}, what=f"the coarse network {config.model}"
+            )
+        return CoarseNetworkPose(model)
     raise ValueError(f"unknown initialiser {config.init!r}")
 
 
@@ -305,7 +311,9 @@ def run(path: str | Path, config: EvalConfig = EvalConfig(), *, progress: Callab
                 refine = dataclasses.replace(refine, target_labels=labels)
             registrar = Registrar(volume, refine)
             pipeline = RegistrationPipeline(
-                registrar, initialisers=[make_initialiser(config, volume)], config=config.pipeline
+                registrar,
+                initialisers=[make_initialiser(config, volume, sid_mm=f.proj_params()["sid_mm"])],
+                config=config.pipeline,
             )
             noise_generator = torch.Generator().manual_seed(int(config.seed) + 1)
             for vs in sets:

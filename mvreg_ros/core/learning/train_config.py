@@ -10,6 +10,7 @@ from torch import Tensor
 
 from mvreg_ros.core.data.simulate import DetectorConfig
 from mvreg_ros.core.geometry.pose_sampling import PoseRange
+from mvreg_ros.core.learning.augment import AugmentConfig
 from mvreg_ros.core.learning.coarse import (
     working_geometry,
 )
@@ -48,8 +49,9 @@ class TrainConfig:
     energy_scale: tuple[float, float] = (0.85, 1.15)
     scatter_fraction: tuple[float, float] = (0.0, 0.3)
     photons_per_count: tuple[float, float] = (0.05, 1.0)  # log-uniform, per detector pixel
-    p_fov: float = 0.8  # probability of a circular field of view
+    p_fov: float = 0.6  # probability of a circular field of view
     fov_radius: tuple[float, float] = (0.40, 0.5)  # fraction of the width
+    augment: AugmentConfig = AugmentConfig()  # deformation, metal, shutters, column gain (learning/augment.py)
     # network
     width: int = 16
     fc: int = 256
@@ -147,6 +149,12 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         clean = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        if isinstance(clean.get("augment"), dict):
+            aug = clean["augment"]
+            known = {f.name for f in dataclasses.fields(AugmentConfig)}
+            if set(aug) - known:
+                raise ValueError(f"unknown training config keys: {sorted('augment.' + k for k in set(aug) - known)}")
+            clean["augment"] = AugmentConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in aug.items()})
         return cls(**clean)
 
     @classmethod

@@ -15,6 +15,7 @@ from mvreg_ros.core.geometry.pose_sampling import canonical_rotation, sample_vie
 from mvreg_ros.core.geometry.transforms import invert
 from mvreg_ros.core.imaging.volume import BONE_HU, Volume, hu_to_mu
 from mvreg_ros.core.imaging.xray import DEEPFLUORO_I0
+from mvreg_ros.core.learning.augment import column_gain, deform_soft_tissue, metal_tools, shutter_masks
 from mvreg_ros.core.learning.network import (
     PoseGeometry,
 )
@@ -56,7 +57,9 @@ def degrade(
     detector_px_per_pixel: float,
     detector_mask: Float[Tensor, "H W"] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Random contrast, scatter, noise and field of view, then the log and mask of ``xray``.
+    """Random contrast, scatter, noise and field of view, and the theatre's randomisations of
+    ``config.augment`` (soft-tissue deformation, metal, collimator shutters, column gain;
+    :mod:`mvreg_ros.core.learning.augment`), then the log and mask of ``xray``.
 
     Returns line-integral images and field-of-view masks ``(N, H, W)``; ``detector_mask``
     (the detector's area in a letterboxed input, :meth:`TrainConfig.working_geometry`) is
@@ -69,13 +72,17 @@ def degrade(
         lo, hi = lo_hi
         return lo + (hi - lo) * torch.rand(shape, generator=g)
 
+    aug = config.augment
+    ch = deform_soft_tissue(ch, config=aug, generator=g)
     P = u(config.energy_scale) * (ch[:, 0] + u(config.bone_scale) * ch[:, 1])
+    P = P + metal_tools(N, H, W, config=aug, generator=g)
     i0 = DEEPFLUORO_I0
     primary = i0 * torch.exp(-P)
     coarse = torch.rand(N, 1, 4, 4, generator=g)
     blob = F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=False)[:, 0].clamp_min(0)
     blob = blob / blob.mean((-2, -1), keepdim=True).clamp_min(1e-6)
     signal = primary + u(config.scatter_fraction) * primary.mean((-2, -1), keepdim=True) * blob
+    signal = signal * column_gain(N, W, config=aug, generator=g)
     lo, hi = config.photons_per_count
     ppc = torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand(N, 1, 1, generator=g))
     ppc = ppc * detector_px_per_pixel**2  # a working pixel averages this many detector pixels
@@ -89,6 +96,7 @@ def degrade(
     inside = torch.where(has_fov, torch.sigmoid((radius - r) / 0.5), torch.ones_like(r))
     noisy = noisy * inside
     mask = torch.where(has_fov, (r <= radius - 1.0).float(), torch.ones_like(r))
+    mask = mask * shutter_masks(N, H, W, config=aug, generator=g)
     if detector_mask is not None:
         if detector_mask.shape != (H, W):
             raise ValueError(f"detector_mask must be ({H}, {W}), got {tuple(detector_mask.shape)}")

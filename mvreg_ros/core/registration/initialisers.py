@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -190,21 +190,42 @@ class ModelError(ValueError):
     """The coarse network cannot be used (the message names the file and why)."""
 
 
-def load_coarse_model(path: str, volume: Volume, *, device: str = "cpu"):
+SID_TOLERANCE_MM = 25.0  # how far a C-arm's source-isocentre distance may be from the network's
+
+
+def check_model_sid(model_sid_mm: float, sids_mm: Mapping[str, float], *, what: str = "the coarse network") -> None:
+    """ModelError when a C-arm's source-to-isocentre distance (``sids_mm``: name -> mm) differs by
+    more than :data:`SID_TOLERANCE_MM` from the one the network was trained for: the network
+    places the anatomy at that depth, and its estimates would be off by about the difference."""
+    for name, sid in sids_mm.items():
+        if abs(float(sid) - model_sid_mm) > SID_TOLERANCE_MM:
+            raise ModelError(
+                f"model_path: {what} was trained for a source-to-isocentre distance of {model_sid_mm:g} mm, "
+                f"{name} has {float(sid):g} mm (more than {SID_TOLERANCE_MM:g} mm apart): its depth estimates "
+                f"would be off by about {abs(float(sid) - model_sid_mm):.0f} mm; train it for this C-arm "
+                f"(mvreg train ... --sid-mm {float(sid):g})"
+            )
+
+
+def load_coarse_model(path: str, volume: Volume, *, device: str = "cpu", sids_mm: Mapping[str, float] | None = None):
     """The ``mvreg train`` checkpoint at ``path`` as a ``CoarseModel`` for ``volume``; ModelError
-    for a missing file, a file that is not a checkpoint, or one made for another CT or architecture."""
+    for a missing file, a file that is not a checkpoint, one made for another CT or architecture,
+    or one trained for another source-to-isocentre distance than the C-arms' ``sids_mm``
+    (:func:`check_model_sid`)."""
     from mvreg_ros.core.learning.coarse import CoarseModel
     from mvreg_ros.core.learning.network import CheckpointError
 
     p = Path(path).expanduser()
     try:
-        return CoarseModel.load(p, volume=volume, device=device)
+        model = CoarseModel.load(p, volume=volume, device=device)
     except FileNotFoundError:
         raise ModelError(f"model_path: coarse network checkpoint not found: {p}") from None
     except CheckpointError as e:
         raise ModelError(f"model_path: cannot use the coarse network: {e}") from e  # e names the file
     except Exception as e:  # safetensors / JSON / torch errors of a damaged file
         raise ModelError(f"model_path: cannot load the coarse network {p}: {type(e).__name__}: {e}") from e
+    check_model_sid(model.geometry.sid_mm, sids_mm or {}, what=f"the coarse network {p}")
+    return model
 
 
 def supine_at_isocentre(plane: PlaneConfig, centre_ct: Float[Tensor, "3"]) -> Float[Tensor, "4 4"]:

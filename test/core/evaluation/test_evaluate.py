@@ -195,16 +195,27 @@ def test_network_initialisation_runs_both_stages(tiny_file, tmp_path):
     with df.DeepFluoroFile(tiny_file) as f:
         volume = f.volume(SPEC, with_mask=False)
     c = volume.bone_centre_ct()
-    model = save_checkpoint(
-        tmp_path / "tiny.safetensors",
-        PoseNet(ArchConfig(size=32, width=4, fc=8)),
-        geometry=PoseGeometry(
-            centre_ct=tuple(float(x) for x in c),
-            R0_cam_from_ct=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
-            sid_mm=700.0,
-        ),
-        volume_identity=volume.identity(),
-    )
+
+    def checkpoint(name: str, sid_mm: float):
+        return save_checkpoint(
+            tmp_path / name,
+            PoseNet(ArchConfig(size=32, width=4, fc=8)),
+            geometry=PoseGeometry(
+                centre_ct=tuple(float(x) for x in c),
+                R0_cam_from_ct=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+                sid_mm=sid_mm,
+            ),
+            volume_identity=volume.identity(),
+        )
+
+    # the file records its C-arm's source-to-isocentre distance (700 mm): a network trained for
+    # another one is refused before any case runs
+    with df.DeepFluoroFile(tiny_file) as f:
+        assert f.proj_params()["sid_mm"] == 700.0
+    far = checkpoint("far.safetensors", 785.0)
+    with pytest.raises(ValueError, match="source-to-isocentre distance of 785 mm, the file's C-arm has 700 mm"):
+        ev.run(tiny_file, ev.EvalConfig(init="network", model=str(far), view_sets=((0, 1),), refine=QUICK))
+    model = checkpoint("tiny.safetensors", 700.0)
     rep = ev.run(tiny_file, ev.EvalConfig(init="network", model=str(model), view_sets=((0, 1),), refine=QUICK))
     case = rep["cases"][0]
     assert len(case["pose_coarse"]) == 4 and case["coarse_mtre_mm"] == pytest.approx(case["init_mtre_mm"])

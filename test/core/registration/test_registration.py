@@ -120,6 +120,26 @@ def test_global_stage_recovers_a_start_30_degrees_off(ct, registrar, biplane):
     assert mtre_mm(local.T_ref_from_ct, T_true, lm) > 5  # beyond the local refinement's basin
     assert mtre_mm(refined.T_ref_from_ct, T_true, lm) < 2.0
     assert list(g.similarity) == sorted(g.similarity.tolist(), reverse=True)
+    # the candidates are ranked by their similarity at the finer rank_size, recomputed here
+    fine = registrar.objective(
+        views, GLOBAL.rank_size, g.T_ref_from_ct, n_samples=GLOBAL.rank_samples, patch=GLOBAL.rank_patch
+    )
+    with torch.no_grad():
+        assert torch.allclose(fine.similarity(g.T_ref_from_ct).mean(-1), g.similarity.to(torch.float32), atol=1e-5)
+
+
+def test_global_stage_ranks_at_the_global_size_when_asked(registrar, biplane):
+    T_true, views = biplane
+    cfg = dataclasses.replace(GLOBAL, candidates=8, keep=3, iterations=3, rank_size=0)
+    T_start = geometry.perturb(
+        T_true, rot_deg=10, trans_mm=10, centre_ct=registrar.centre_ct, generator=torch.Generator().manual_seed(1)
+    )
+    g = global_search(registrar, views, T_start, config=cfg)
+    coarse = registrar.objective(views, cfg.size, g.T_ref_from_ct, n_samples=cfg.n_samples, patch=cfg.patch)
+    with torch.no_grad():
+        assert torch.allclose(coarse.similarity(g.T_ref_from_ct).mean(-1), g.similarity.to(torch.float32), atol=1e-5)
+    with pytest.raises(ValueError, match="rank_size"):
+        GlobalConfig(rank_size=-1)
 
 
 def test_acceptance_accepts_the_truth_and_rejects_a_wrong_optimum(ct, registrar, biplane):
