@@ -110,8 +110,9 @@ def deform_soft_tissue(
 
 
 def metal_tools(n: int, h: int, w: int, *, config: AugmentConfig, generator: torch.Generator) -> Float[Tensor, "N H W"]:
-    """Line integrals of 0 to ``metal_tools`` straight cylindrical tools per view (chosen with
-    ``p_metal``): ``mu * chord`` across each tool's axis, added to the body's line integral."""
+    """Line integrals of straight cylindrical tools, ``metal_tools`` (min, max) of them in each view
+    chosen with ``p_metal`` (none in the others): ``mu * chord`` across each tool's axis, to be
+    added to the body's line integral."""
     g = generator
     out = torch.zeros(n, h, w)
     pick = _chosen(n, config.p_metal, g)
