@@ -200,7 +200,7 @@ def check_model_sid(model_sid_mm: float, sids_mm: Mapping[str, float], *, what: 
     for name, sid in sids_mm.items():
         if abs(float(sid) - model_sid_mm) > SID_TOLERANCE_MM:
             raise ModelError(
-                f"model_path: {what} was trained for a source-to-isocentre distance of {model_sid_mm:g} mm, "
+                f"{what} was trained for a source-to-isocentre distance of {model_sid_mm:g} mm, "
                 f"{name} has {float(sid):g} mm (more than {SID_TOLERANCE_MM:g} mm apart): its depth estimates "
                 f"would be off by about {abs(float(sid) - model_sid_mm):.0f} mm; train it for this C-arm "
                 f"(mvreg train ... --sid-mm {float(sid):g})"
@@ -224,7 +224,10 @@ def load_coarse_model(path: str, volume: Volume, *, device: str = "cpu", sids_mm
         raise ModelError(f"model_path: cannot use the coarse network: {e}") from e  # e names the file
     except Exception as e:  # safetensors / JSON / torch errors of a damaged file
         raise ModelError(f"model_path: cannot load the coarse network {p}: {type(e).__name__}: {e}") from e
-    check_model_sid(model.geometry.sid_mm, sids_mm or {}, what=f"the coarse network {p}")
+    try:
+        check_model_sid(model.geometry.sid_mm, sids_mm or {}, what=f"the coarse network {p}")
+    except ModelError as e:
+        raise ModelError(f"model_path: {e}") from None
     return model
 
 
