@@ -27,11 +27,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mvreg_ros.core.evaluation.metrics import pose_distance
 from mvreg_ros.core.geometry.transforms import about_point, invert, make_T, skew, so3_exp, transform_points
 from mvreg_ros.core.imaging.footprint import BODY_MU, complete_rays, target_footprint, target_volume, truncated_faces
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume
-from mvreg_ros.core.registration.similarity import image_similarity
+from mvreg_ros.core.registration.similarity import PreparedSimilarity
 from mvreg_ros.core.rendering.renderer import BACKENDS, Renderer
 
 CURVATURE_STEP_RAD = 5e-3  # finite-difference steps of the loss curvature (0.3 deg, 0.5 mm)
@@ -60,6 +61,9 @@ class RefineConfig:
     newton_steps: int = 2  # second-order polish at the finest level (curvature by finite differences)
     newton_max_rot_deg: float = 1.0  # trust region of one Newton step
     newton_max_trans_mm: float = 2.0
+    curvature_reuse: float = 0.25  # a curvature measured at a pose within this fraction of the finite-difference
+    # steps (0.07 deg and 0.125 mm by default) of the current one is used again (the Newton steps' and the
+    # covariance's) instead of being measured again: 13 gradients against 1 (0: always measured again)
     curvature_fallback_scale: float = 2.0  # a curvature that is not positive definite at the default finite-
     # difference steps (0.3 deg, 0.5 mm; the loss's small-scale roughness can make it so at a good optimum) is
     # measured once more with steps this many times larger (<= 1: not); still not positive definite: a failure
@@ -105,6 +109,8 @@ class RefineConfig:
             raise ValueError(f"target_weight must be in [0, 1], got {self.target_weight}")
         if not (math.isfinite(self.truncation_extend_mm) and self.truncation_extend_mm >= 0):
             raise ValueError(f"truncation_extend_mm must be a finite number >= 0, got {self.truncation_extend_mm}")
+        if not (math.isfinite(self.curvature_reuse) and self.curvature_reuse >= 0):
+            raise ValueError(f"curvature_reuse must be a finite number >= 0, got {self.curvature_reuse}")
         if not (math.isfinite(self.curvature_fallback_scale) and self.curvature_fallback_scale >= 0):
             raise ValueError(
                 f"curvature_fallback_scale must be a finite number >= 0, got {self.curvature_fallback_scale}"
@@ -666,6 +672,15 @@ class Registrar:
             step_deg < cfg.settled_factor * cfg.tol_rot_deg and step_mm < cfg.settled_factor * cfg.tol_trans_mm
         )
 
+    def _curvature_holds(self, T_measured: Tensor, T: Tensor) -> bool:
+        """Whether a curvature measured at ``T_measured`` serves at ``T``: the two poses are within
+        ``curvature_reuse`` times the finite-difference steps (in rotation and at the anatomy)."""
+        f = self.config.curvature_reuse
+        if f <= 0:
+            return False
+        deg, mm = pose_distance(T_measured[None], T[None], self.centre_ct)
+        return float(deg) < f * math.degrees(CURVATURE_STEP_RAD) and float(mm) < f * CURVATURE_STEP_MM
+
     def _polish(self, newton: "Objective", T0: Tensor, converged: bool, schedule: Schedule):
         """Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
         gives a second-order step that finishes what first-order steps approach only slowly. Then
@@ -674,8 +689,11 @@ class Registrar:
         c = self.centre_ct
         H, H_at = None, None  # curvature, and the pose it was measured at
         for _ in range(schedule.newton_steps):
-            g, H, L0 = newton.grad_hessian(T0)
-            H_at = T0
+            if H is not None and self._curvature_holds(H_at, T0):
+                g, L0 = newton.grad(T0, torch.zeros(6, dtype=torch.float64, device=self.device))
+            else:
+                g, H, L0 = newton.grad_hessian(T0)
+                H_at = T0
             if H is None:
                 break
             dx = -torch.linalg.solve(H, g)
@@ -706,7 +724,7 @@ class Registrar:
         reason = ""
         if cfg.uncertainty:
             # no curvature yet, or (fresh_curvature) measured before the last accepted Newton step
-            if H_at is None or (H_at is not T0 and schedule.fresh_curvature):
+            if H_at is None or (H_at is not T0 and schedule.fresh_curvature and not self._curvature_holds(H_at, T0)):
                 _, H, _ = newton.grad_hessian(T0)
             if H is None and cfg.curvature_fallback_scale > 1:
                 f = cfg.curvature_fallback_scale
@@ -744,9 +762,21 @@ class Objective:
         self.masks = v.masks if masks is None else masks
         self.target_masks = target_masks
         self.n_samples, self.patch = n_samples, patch
+        V = len(v)
+        if len(self.masks) % V:
+            raise ValueError(f"{len(self.masks)} similarity masks for {V} views")
+        reps = len(self.masks) // V  # masks per pose of a batch: the targets tiled to match
+        weightings = [(self.masks, 1 - self.target_weight)]
+        if self.target_weight > 0:
+            weightings.append((target_masks, self.target_weight))
+        self._similarity = PreparedSimilarity(
+            v.images.repeat(reps, 1, 1), weightings, patch=patch, grad_weight=self.grad_weight
+        )
 
     def similarity(self, T: Float[Tensor, "*K 4 4"]) -> Float[Tensor, "*K V"]:
-        """Per-view similarity at each of the poses ``T_ref_from_ct`` (one batched render)."""
+        """Per-view similarity at each of the poses ``T_ref_from_ct`` (one batched render):
+        ``(1 - target_weight)`` times :func:`image_similarity` under the field-of-view masks plus
+        ``target_weight`` times it under the target's footprint (:class:`PreparedSimilarity`)."""
         lead = T.shape[:-2]
         Tk = T.reshape(-1, 4, 4)
         n, V = len(Tk), len(self.v)
@@ -759,18 +789,8 @@ class Objective:
             drr = self.renderer(T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples)
         if timer is not None:
             timer.watch(drr)
-
-        def tiled(x: Tensor) -> Tensor:
-            return x if len(x) == n * V else x.repeat(n, 1, 1)
-
         with _stage(timer, "similarity_forward"):
-            images = tiled(self.v.images)
-            s = image_similarity(drr, images, tiled(self.masks), patch=self.patch, grad_weight=self.grad_weight)
-            if self.target_weight > 0:
-                s_target = image_similarity(
-                    drr, images, tiled(self.target_masks), patch=self.patch, grad_weight=self.grad_weight
-                )
-                s = (1 - self.target_weight) * s + self.target_weight * s_target
+            s = self._similarity(drr)
         return s.reshape(*lead, V)
 
     def value(self, T: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ All return one value per view in [-1, 1] (1 = identical up to an affine intensit
 from __future__ import annotations
 
 import typing
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,3 +104,103 @@ def image_similarity(drr: Tensor, target: Tensor, mask: Tensor, *, patch: int = 
 def multiscale_ncc(drr: Tensor, target: Tensor, mask: Tensor | None = None, *, patches: tuple = (None, 9)) -> Tensor:
     """Mean of NCCs at several patch sizes (None = global); the training image loss."""
     return torch.stack([ncc(drr, target, mask, patch=p) for p in patches]).mean(0)
+
+
+class PreparedSimilarity:
+    """:func:`image_similarity` against fixed targets, fast: the refinement compares many renders
+    with the same X-ray images under the same weights, so everything that depends only on the
+    target (its standardised intensity and gradients, their patch means and variances, the
+    eroded masks) is computed once here, and each call pools the render's moments for every
+    channel (intensity, horizontal and vertical gradient) and every weighting in one
+    ``avg_pool2d``. The same values as the weighted sum of :func:`image_similarity` over
+    ``weightings`` (the reference path; tests compare values and gradients).
+
+    ``weightings``: ``(mask, weight)`` pairs, each mask ``(N, H, W)``; the result is
+    ``sum(weight * image_similarity(drr, target, mask))``. A call with ``n * N`` renders compares
+    render ``k * N + i`` with target ``i`` (the targets tiled ``n`` times, as a batch of poses)."""
+
+    def __init__(
+        self,
+        target: Float[Tensor, "N H W"],
+        weightings: Sequence[tuple[Tensor, float]],
+        *,
+        patch: int,
+        grad_weight: float = 0.5,
+    ):
+        if not weightings:
+            raise ValueError("PreparedSimilarity needs at least one (mask, weight) pair")
+        if not isinstance(patch, int) or isinstance(patch, bool) or patch < 1:
+            raise ValueError(f"patch must be an int >= 1, got {patch!r}")
+        for m, _ in weightings:
+            if m.shape != target.shape:
+                raise ValueError(f"mask shape {tuple(m.shape)} differs from the target's {tuple(target.shape)}")
+        self.patch, self.grad_weight, self.shape = patch, float(grad_weight), tuple(target.shape)
+        channels = 3 if grad_weight > 0 else 1
+        # channel weights of the similarity: (1 - g) intensity, g / 2 each gradient, times the weighting's weight
+        cw = [1 - self.grad_weight] + [0.5 * self.grad_weight] * (channels - 1)
+        self._cw = torch.tensor([wt * c for _, wt in weightings for c in cw], dtype=target.dtype, device=target.device)
+        w = []
+        for m, _ in weightings:
+            m = m.to(target)
+            w.append(m[:, None])
+            if channels == 3:
+                e = erode(m, 2)[:, None]
+                w += [e, e]
+        self._w = torch.cat(w, 1)  # (N, C, H, W), C = channels per weighting x weightings
+        self._J = len(weightings)
+        y = self._channels(target)
+        self._sw_img = self._w.sum((-2, -1), keepdim=True).clamp_min(_EPS)
+        y = self._standardise(y)
+        sw, wy, wyy = self._pool(torch.cat([self._w, self._w * y, self._w * y * y], 1)).chunk(3, 1)
+        self._sw, self._swc = sw, sw.clamp_min(_EPS)
+        self._my = wy / self._swc
+        self._syy = (wyy / self._swc - self._my * self._my).clamp_min(0)
+        self._wy = self._w * y
+        informative = (self._syy > _VAR_FLOOR) & (sw >= 0.5 * patch * patch)
+        self._weight = sw * informative
+        self._norm = self._weight.sum((2, 3)).clamp_min(_EPS)  # (N, C)
+
+    def _channels(self, x: Tensor) -> Tensor:
+        """(N, H, W) -> (N, C, H, W): intensity and Sobel gradients, repeated for each weighting."""
+        if self.grad_weight > 0:
+            k = torch.stack([_SOBEL, _SOBEL.T])[:, None].to(x)
+            g = F.conv2d(F.pad(x[:, None], (1, 1, 1, 1), mode="replicate"), k)
+            x = torch.cat([x[:, None], g], 1)
+        else:
+            x = x[:, None]
+        return x.repeat(1, self._J, 1, 1)
+
+    def _standardise(self, x: Tensor) -> Tensor:
+        m = (self._w * x).sum((-2, -1), keepdim=True) / self._sw_img
+        var = (self._w * (x - m) ** 2).sum((-2, -1), keepdim=True) / self._sw_img
+        return (x - m) / torch.sqrt(var + 1e-12)
+
+    def _pool(self, t: Tensor) -> Tensor:
+        p = self.patch
+        return F.avg_pool2d(t, p, stride=p) * (p * p)
+
+    def _tile(self, t: Tensor, n: int) -> Tensor:
+        return t if n == 1 else t.repeat(n, 1, 1, 1)
+
+    def __call__(self, drr: Float[Tensor, "M H W"]) -> Float[Tensor, "M"]:  # noqa: F821
+        N = self.shape[0]
+        if drr.shape[1:] != self.shape[1:] or len(drr) % N:
+            raise ValueError(f"renders {tuple(drr.shape)} do not tile the targets {self.shape}")
+        n = len(drr) // N
+        w, sw_img = self._tile(self._w, n), self._tile(self._sw_img, n)
+        x = self._channels(drr)
+        m = (w * x).sum((-2, -1), keepdim=True) / sw_img
+        xc = x - m
+        var = (w * xc * xc).sum((-2, -1), keepdim=True) / sw_img
+        x = xc / torch.sqrt(var + 1e-12)
+        wx = w * x
+        C = x.shape[1]
+        pooled = self._pool(torch.cat([wx, wx * x, self._tile(self._wy, n) * x], 1))
+        wxs, wxx, wxy = pooled[:, :C], pooled[:, C : 2 * C], pooled[:, 2 * C :]
+        swc, my = self._tile(self._swc, n), self._tile(self._my, n)
+        mx = wxs / swc
+        sxx = (wxx / swc - mx * mx).clamp_min(0)
+        sxy = wxy / swc - mx * my
+        r = (sxy / torch.sqrt((sxx + 1e-6) * (self._tile(self._syy, n) + 1e-6))).clamp(-1, 1)
+        per_channel = (r * self._tile(self._weight, n)).sum((2, 3)) / self._norm.repeat(n, 1)  # (M, C)
+        return per_channel @ self._cw

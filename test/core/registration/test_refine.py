@@ -208,6 +208,55 @@ def test_curvature_measured_again_at_larger_steps_when_not_positive_definite(ct,
         RefineConfig(curvature_fallback_scale=float("nan"))
 
 
+def test_curvature_reused_within_a_fraction_of_its_steps(ct, scene_views, monkeypatch):
+    """A curvature measured at a pose within ``curvature_reuse`` times the finite-difference steps
+    of the current one serves the next Newton step and the covariance (one gradient instead of
+    13); 0 measures it again at every Newton step and at the final pose. The two agree."""
+    from mvreg_ros.core.registration import refine as refine_module
+
+    scene, views = scene_views
+    real = refine_module.Objective.grad_hessian
+    measured = []
+
+    def counted(self, T0, *a, **k):
+        measured.append(T0.clone())
+        return real(self, T0, *a, **k)
+
+    monkeypatch.setattr(refine_module.Objective, "grad_hessian", counted)
+    T_init = geometry.perturb(
+        scene.T_ref_from_ct, rot_deg=1, trans_mm=2, centre_ct=ct.centre_ct(), generator=torch.Generator().manual_seed(1)
+    )
+    cfg = RefineConfig(
+        **ONE_LEVEL, iterations=(25,), newton_steps=2, newton_max_rot_deg=0.025, newton_max_trans_mm=0.05
+    )
+    results = {}
+    for reuse in (0.0, 0.25, 100.0):
+        measured.clear()
+        results[reuse] = (
+            Registrar(ct, dataclasses.replace(cfg, curvature_reuse=reuse)).refine(views, T_init),
+            len(measured),
+        )
+    (always, n_always), (small, n_small), (huge, n_huge) = results[0.0], results[0.25], results[100.0]
+    assert always.success and small.success and huge.success
+    # two steps capped at 0.025 deg / 0.05 mm stay within 0.25 of the steps (0.072 deg, 0.125 mm) of where the
+    # curvature was measured: measured once
+    assert n_small == 1 and n_huge == 1
+    assert n_always >= 2  # at the start of every Newton step taken, and once more at the final pose
+    assert refine_module.pose_distance(small.T_ref_from_ct[None], always.T_ref_from_ct[None], ct.centre_ct())[1] < 0.05
+    assert small.uncertainty_mm == pytest.approx(always.uncertainty_mm, rel=0.1)
+    registrar = Registrar(ct, cfg)
+    T = scene.T_ref_from_ct
+    assert registrar._curvature_holds(T, T)  # the same pose, rotation zero
+    assert not Registrar(ct, dataclasses.replace(cfg, curvature_reuse=0.0))._curvature_holds(T, T)
+    moved = refine_module.pose_about(
+        T, ct.centre_ct(), torch.zeros(3, dtype=torch.float64), torch.tensor([0.2, 0, 0]).double()
+    )
+    assert not registrar._curvature_holds(T, moved)  # 0.2 mm > 0.25 * 0.5 mm
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="curvature_reuse"):
+            RefineConfig(curvature_reuse=bad)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="iterations"):
         RefineConfig(sizes=(32, 64), iterations=(10,), n_samples=(32, 32), patches=(8, 8))

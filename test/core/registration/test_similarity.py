@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvreg_ros.core.registration.similarity import erode, gradient_ncc, gradients, image_similarity, multiscale_ncc, ncc
+from mvreg_ros.core.registration.similarity import (
+    PreparedSimilarity,
+    erode,
+    gradient_ncc,
+    gradients,
+    image_similarity,
+    multiscale_ncc,
+    ncc,
+)
 
 
 def _smooth_images(V=2, H=48, W=48, seed=0, pad=0):
@@ -141,3 +149,56 @@ def test_ncc_is_differentiable():
     y = _smooth_images(V=1, seed=9)
     (1 - image_similarity(x, y, torch.ones_like(y), patch=8)).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+
+
+def _masks(V, H, W, seed):
+    """A field-of-view mask with a dark border and a smaller 'target footprint' inside it."""
+    g = torch.Generator().manual_seed(seed)
+    fov = torch.ones(V, H, W)
+    fov[:, :3], fov[:, :, -5:] = 0, 0
+    blobs = (torch.rand(V, 1, 8, 8, generator=g) > 0.4).float()
+    target = fov * F.interpolate(blobs, size=(H, W), mode="nearest")[:, 0]
+    return fov, target
+
+
+@pytest.mark.parametrize("grad_weight", [0.5, 0.0, 1.0])
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_prepared_similarity_equals_the_reference_in_values_and_gradients(grad_weight, tiles):
+    """The fast path of the refinement against image_similarity (the reference): one weighting and
+    two, targets tiled over a batch of poses, gradients with respect to the render."""
+    V, H, W, patch = 2, 48, 42, 10  # not a multiple of the patch: the remainder rows and columns drop out alike
+    y = _smooth_images(V, H, W, seed=2)
+    fov, target = _masks(V, H, W, seed=3)
+    drr = _smooth_images(V * tiles, H, W, seed=5) + 0.3 * y.repeat(tiles, 1, 1)
+    for weightings in ([(fov, 1.0)], [(fov, 0.4), (target, 0.6)]):
+        x_ref = drr.clone().requires_grad_()
+        ref = sum(
+            wt
+            * image_similarity(
+                x_ref, y.repeat(tiles, 1, 1), m.repeat(tiles, 1, 1), patch=patch, grad_weight=grad_weight
+            )
+            for m, wt in weightings
+        )
+        ref.sum().backward()
+        x_fast = drr.clone().requires_grad_()
+        fast = PreparedSimilarity(y, weightings, patch=patch, grad_weight=grad_weight)(x_fast)
+        fast.sum().backward()
+        assert fast.shape == (V * tiles,)
+        torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(x_fast.grad, x_ref.grad, atol=1e-7, rtol=1e-4)
+        assert x_fast.grad.abs().max() > 0
+
+
+def test_prepared_similarity_is_one_on_its_target_and_checks_inputs():
+    y = _smooth_images(2, 40, 40, seed=7)
+    fov, target = _masks(2, 40, 40, seed=8)
+    sim = PreparedSimilarity(y, [(fov, 0.5), (target, 0.5)], patch=8)
+    torch.testing.assert_close(sim(2.0 * y + 1.0), torch.ones(2), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="do not tile"):
+        sim(y[:1])
+    with pytest.raises(ValueError, match="mask shape"):
+        PreparedSimilarity(y, [(fov[:1], 1.0)], patch=8)
+    with pytest.raises(ValueError, match="at least one"):
+        PreparedSimilarity(y, [], patch=8)
+    with pytest.raises(ValueError, match="patch"):
+        PreparedSimilarity(y, [(fov, 1.0)], patch=0)
