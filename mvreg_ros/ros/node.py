@@ -48,6 +48,7 @@ from mvreg_ros.core.registration.initialisers import (
 from mvreg_ros.core.registration.pipeline import RegistrationPipeline
 from mvreg_ros.core.registration.refine import Registrar
 from mvreg_ros.ros.camera_info_pairing import CameraInfoPairing
+from mvreg_ros.ros.compute_threads import compute_thread, light_thread, run_in_compute_thread
 from mvreg_ros.ros.conversions import (
     camera_info_to_K,
     image_to_tensor,
@@ -158,8 +159,8 @@ class RegisterNode(LifecycleNode):
     # ----------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.configure_error = None
-        try:
-            self._configure()
+        try:  # in a thread of its own whose OpenMP pool ends with it (compute_threads.py)
+            run_in_compute_thread(self._configure, name="configure")
         except (ConfigError, VolumeError, ModelError) as e:
             return self._configure_failed(2, str(e))
         except Exception as e:  # anything else: one clear line, no traceback
@@ -240,7 +241,7 @@ class RegisterNode(LifecycleNode):
         self.overlay_pub = (
             self.create_publisher(Image, "~/overlay", QoSProfile(depth=1)) if cfg.publish_overlay else None
         )
-        self.worker = LatestJobWorker(self._register, on_error=self._on_worker_error)
+        self.worker = LatestJobWorker(self._register, on_error=self._on_worker_error, on_start=compute_thread)
         self._make_marker(cfg, volume)
         del volume
         values = {}
@@ -955,6 +956,7 @@ def main(args: list[str] | None = None) -> int:
     With ``autostart`` (default) the node configures and activates itself; a failed configure
     ends the process with a FATAL line and exit code 2 (a bad parameter, CT or network) or 1."""
     rclpy.init(args=args)
+    light_thread()  # the executor's thread converts and publishes; the node computes in its own threads
     logger = rclpy.logging.get_logger(NODE_NAME)
     try:
         node = RegisterNode()

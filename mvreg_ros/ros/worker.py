@@ -19,9 +19,11 @@ class LatestJobWorker:
         *,
         name: str = "registration",
         on_error: Callable[[BaseException], None] | None = None,
+        on_start: Callable[[], None] | None = None,
     ):
         self._handler = handler
         self._on_error = on_error
+        self._on_start = on_start  # run first in the thread (the node: compute_threads.compute_thread)
         self._cv = threading.Condition()
         self._pending: Any = None
         self._has_pending = False
@@ -71,6 +73,12 @@ class LatestJobWorker:
             return had
 
     def _run(self) -> None:
+        if self._on_start is not None:
+            try:
+                self._on_start()
+            except BaseException as e:  # reported like a failing job; the worker still runs
+                if self._on_error is not None:
+                    self._on_error(e)
         while True:
             with self._cv:
                 while not self._has_pending and not self._stop:
