@@ -29,7 +29,8 @@ def verdict(shifts, gains, cfg=GATES) -> Verdict:
 
 
 def test_agreeing_views_keep_the_engines_verdict():
-    v = verdict([0.4, 1.2], [0.001, 0.02])  # a shift without a gain, a gain without a shift: agreement
+    s = GATES.max_view_shift_mm
+    v = verdict([s + 2.0, 0.8 * s], [0.001, 0.02])  # a shift without a gain, a gain without a shift: agreement
     assert v.accepted and judge_set([1, 2], v.disagreeing_views) == SetDecision("accept")
 
 
