@@ -188,8 +188,9 @@ def test_native_build_failure_falls_back_to_compiled(monkeypatch):
 
 
 def test_more_shape_variants_than_dynamos_default_limit_all_compile():
-    """A long-running process renders many shape variants; past Dynamo's default recompile limit
-    (8) they would silently run uncompiled. Nine variants: nine compiled graphs, none left eager."""
+    """A long-running process renders many compiled variants (sample counts are static); past
+    Dynamo's default recompile limit (8) they would silently run uncompiled. Nine variants: nine
+    compiled graphs, none left eager."""
     from torch._dynamo.utils import counters
 
     from mvreg_ros.core.rendering.renderer import RECOMPILE_LIMIT
@@ -200,10 +201,30 @@ def test_more_shape_variants_than_dynamos_default_limit_all_compile():
     before = counters["stats"]["unique_graphs"]
     for n in range(9):
         with torch.no_grad():
-            img = r(T[:1], K[:1], 6 + n, 5, n_samples=4)
-        assert img.shape == (1, 6 + n, 5)
+            img = r(T[:1], K[:1], 6, 5, n_samples=4 + n)
+        assert img.shape == (1, 6, 5)
     assert counters["stats"]["unique_graphs"] - before == 9
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "compiled"])
+def test_image_sizes_and_view_counts_share_one_compiled_graph(backend):
+    """The view count and the ray count are sizes of the compiled kernels (mark_batch_dynamic):
+    every image size and view count above one renders through one graph, as the reference does."""
+    from torch._dynamo.utils import counters
+
+    ct, K, T = _setup()
+    T3, K3 = T.repeat(2, 1, 1)[:3], K.repeat(2, 1, 1)[:3]
+    torch._dynamo.reset()
+    r = Renderer(ct, backend=backend)
+    ref = Renderer(ct, backend="grid_sample")
+    before = counters["stats"]["unique_graphs"]
+    for views, (h, w) in ((2, (6, 5)), (3, (9, 7)), (2, (12, 4)), (3, (5, 11))):
+        with torch.no_grad():
+            img = r(T3[:views], K3[:views], h, w, n_samples=5)
+        assert img.shape == (views, h, w)
+        torch.testing.assert_close(img, ref(T3[:views], K3[:views], h, w, n_samples=5), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] - before == 1
 
 
 @pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "compiled"])
