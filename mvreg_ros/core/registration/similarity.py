@@ -148,9 +148,8 @@ class PreparedSimilarity:
                 w += [e, e]
         self._w = torch.cat(w, 1)  # (N, C, H, W), C = channels per weighting x weightings
         self._J = len(weightings)
-        y = self._channels(target)
         self._sw_img = self._w.sum((-2, -1), keepdim=True).clamp_min(_EPS)
-        y = self._standardise(y)
+        y = self._standardised(self._channels(target), self._w, self._sw_img)
         sw, wy, wyy = self._pool(torch.cat([self._w, self._w * y, self._w * y * y], 1)).chunk(3, 1)
         self._sw, self._swc = sw, sw.clamp_min(_EPS)
         self._my = wy / self._swc
@@ -170,10 +169,13 @@ class PreparedSimilarity:
             x = x[:, None]
         return x.repeat(1, self._J, 1, 1)
 
-    def _standardise(self, x: Tensor) -> Tensor:
-        m = (self._w * x).sum((-2, -1), keepdim=True) / self._sw_img
-        var = (self._w * (x - m) ** 2).sum((-2, -1), keepdim=True) / self._sw_img
-        return (x - m) / torch.sqrt(var + 1e-12)
+    @staticmethod
+    def _standardised(x: Tensor, w: Tensor, sw: Tensor) -> Tensor:
+        """:func:`_standardise` per channel, with the weights' sums ``sw`` given."""
+        m = (w * x).sum((-2, -1), keepdim=True) / sw
+        xc = x - m
+        var = (w * xc * xc).sum((-2, -1), keepdim=True) / sw
+        return xc / torch.sqrt(var + 1e-12)
 
     def _pool(self, t: Tensor) -> Tensor:
         p = self.patch
@@ -187,12 +189,8 @@ class PreparedSimilarity:
         if drr.shape[1:] != self.shape[1:] or len(drr) % N:
             raise ValueError(f"renders {tuple(drr.shape)} do not tile the targets {self.shape}")
         n = len(drr) // N
-        w, sw_img = self._tile(self._w, n), self._tile(self._sw_img, n)
-        x = self._channels(drr)
-        m = (w * x).sum((-2, -1), keepdim=True) / sw_img
-        xc = x - m
-        var = (w * xc * xc).sum((-2, -1), keepdim=True) / sw_img
-        x = xc / torch.sqrt(var + 1e-12)
+        w = self._tile(self._w, n)
+        x = self._standardised(self._channels(drr), w, self._tile(self._sw_img, n))
         wx = w * x
         C = x.shape[1]
         pooled = self._pool(torch.cat([wx, wx * x, self._tile(self._wy, n) * x], 1))
