@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.sid_mm is not None:
             detector["sid_mm"] = args.sid_mm
-        elif "sid_mm" not in detector and Path(args.ct).suffix.lower() in (".h5", ".hdf5"):
+        elif detector and "sid_mm" not in detector:  # a DeepFluoro-layout file without the distance
             print(
                 f"mvreg train: {args.ct} records no source-to-isocentre distance: the network's depth prior is "
                 "--config's sid_mm (700 mm by default); give --sid-mm if the C-arm's differs",
