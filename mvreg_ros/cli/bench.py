@@ -191,7 +191,9 @@ def run(args) -> int:
         print(
             f"big CT {'x'.join(str(n) for n in b['shape_ijk'])} ({b['file_mb']:.0f} MB NIfTI): ready in "
             f"{b['ready_s']:.1f} s (load {b['load_s']:.1f} s, crop + pool {b['prepare_s']:.1f} s, warm-up "
-            f"{b['warmup_s']:.1f} s; simulating the X-rays {b['views_s']:.1f} s not counted); resident {b['rss_mb']:.0f} MB ({b['rss_delta_mb']:+.0f} MB over the "
+            f"{b['warmup_s']:.1f} s, {b['warmup_graphs_compiled']} kernel graph(s) compiled and "
+            f"{b['warmup_graphs_loaded']} loaded from the compile cache; simulating the X-rays {b['views_s']:.1f} s "
+            f"not counted); resident {b['rss_mb']:.0f} MB ({b['rss_delta_mb']:+.0f} MB over the "
             f"{b['rss_before_mb']:.0f} MB before loading{peak}); the full-resolution CT is {b['full_resolution_mb']:.0f} MB, "
             f"the engine keeps {'x'.join(str(n) for n in b['engine_volume_shape_ijk'])} voxels (pooled by "
             f"{b['base_factor']}, {b['engine_volume_mb']:.0f} MB with its renderers); warm refinement "

@@ -15,6 +15,10 @@ COMMANDS = {
     "train": ("mvreg_ros.cli.train", "train the patient-specific coarse pose network"),
     "register": ("mvreg_ros.cli.register", "register a CT to X-ray views sent as DICOM (XA, XRF, Enhanced XA, DX/CR)"),
     "bag": ("mvreg_ros.cli.bag", "simulate rosbags of C-arm acquisitions and evaluate the node by replaying them"),
+    "precompile": (
+        "mvreg_ros.cli.precompile",
+        "compile the renderer's kernels once into the compile cache on disk (the set-up runs it)",
+    ),
 }
 
 

@@ -1,8 +1,10 @@
 """Warm-up at configure time (plain Python/PyTorch, no rclpy).
 
-The engine compiles its renderer kernels for each combination of working image size, view
-count and sample count the first time it meets it, and the coarse network pays a first-call cost
-too. :func:`warm_up` pays all of that before the node is activated: it renders synthetic views
+The engine compiles its renderer kernels (or loads them from the compile cache on disk that
+``mvreg precompile`` fills: ``core/registration/precompile.py``) for each sample count, with
+and without gradients, for one view and for several, the first time it meets them, and the
+coarse network pays a first-call cost too. :func:`warm_up` pays all of that before the node is
+activated: it renders synthetic views
 of the loaded CT with the configured view count and detector size (``warmup_image_size``) at the
 configured start pose, and runs on them what a real set runs: the coarse network, the global
 stage from its start (with its hypotheses) and from a plain start, the refinement at every
@@ -22,11 +24,9 @@ import torch.nn.functional as F
 
 from mvreg_ros.core.data.simulate import AcquisitionConfig, acquire
 from mvreg_ros.core.geometry.transforms import invert
-from mvreg_ros.core.imaging.overlay import fusion_rgb
 from mvreg_ros.core.imaging.views import ViewSet
-from mvreg_ros.core.registration.acceptance import view_agreement
 from mvreg_ros.core.registration.initialisers import CoarseNetworkPose, Start, StartRequest
-from mvreg_ros.core.registration.pipeline import RegistrationPipeline
+from mvreg_ros.core.registration.precompile import exercise
 from mvreg_ros.core.rendering.renderer import Renderer
 
 FIELD_MM = 250.0  # without warmup_focal_px: the field of view at the isocentre of the synthetic views
@@ -115,7 +115,6 @@ def warm_up(registrar, cfg, T_start, *, model=None, overlay: bool = False) -> Wa
     t = time.perf_counter()
     views = synthetic_views(registrar, cfg, T_start, height, width)
     parts["views"] = time.perf_counter() - t
-    pipeline = RegistrationPipeline(registrar, initialisers=[], config=cfg.pipeline, tracker=None)
     starts = [Start(T_ref_from_ct=torch.as_tensor(T_start, dtype=torch.float64).clone(), source="warmup")]
     if model is not None:
         t = time.perf_counter()
@@ -127,24 +126,6 @@ def warm_up(registrar, cfg, T_start, *, model=None, overlay: bool = False) -> Wa
             ) from e
         parts["network"] = time.perf_counter() - t
         starts.insert(0, start)  # its hypotheses widen the global stage's batch
-    t = time.perf_counter()
-    outcome = None
-    for start in starts:
-        outcome = pipeline.register_from(views, start)
-    parts["registration"] = time.perf_counter() - t
-    acc = cfg.pipeline.acceptance
-    if (
-        acc.view_agreement
-        and len(views) >= 2
-        and outcome.result is not None
-        and outcome.result.success
-        and (outcome.verdict is None or not outcome.verdict.view_shift_mm)
-    ):  # the acceptance test stopped before per-view agreement: run it too
-        t = time.perf_counter()
-        view_agreement(registrar, views, outcome.result.T_ref_from_ct, iterations=acc.agreement_iterations)
-        parts["agreement"] = time.perf_counter() - t
-    if overlay and outcome.result is not None:
-        t = time.perf_counter()
-        fusion_rgb(registrar, views, outcome.result.T_ref_from_ct)
-        parts["overlay"] = time.perf_counter() - t
+    _, run_parts = exercise(registrar, views, starts, cfg.pipeline, overlay=overlay)
+    parts.update(run_parts)
     return WarmupReport(time_s=time.perf_counter() - t0, image_size=(height, width), views=len(views), parts=parts)

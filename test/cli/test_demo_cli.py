@@ -29,7 +29,7 @@ def test_help_lists_every_command(capsys):
     except SystemExit as e:
         assert e.code == 0
     out = capsys.readouterr().out
-    for cmd in ("demo", "eval", "simulate", "bench", "train", "bag"):
+    for cmd in ("demo", "eval", "simulate", "bench", "train", "bag", "precompile"):
         assert cmd in out
 
 

@@ -21,8 +21,13 @@ mm), i.e. what ``log(I0 / I)`` of a detector measures.
 from __future__ import annotations
 
 import dataclasses
+import getpass
+import os
+import re
+import tempfile
 import typing
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -200,15 +205,57 @@ _COMPILED = {}
 RECOMPILE_LIMIT = 64  # compiled shape variants per backend (image size x views x samples)
 
 
+def _torch_default_cache_dir() -> str:
+    """torch's own default for ``TORCHINDUCTOR_CACHE_DIR`` (``torch._inductor.runtime.cache_dir_utils``,
+    written out here: importing it imports Dynamo, whose import sets the variable to that default)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+
+
+def compile_cache_dir() -> Path:
+    """Where torch keeps the compiled kernels between processes: ``TORCHINDUCTOR_CACHE_DIR`` when
+    set to a folder of the user's, else ``$XDG_CACHE_HOME/mvreg_ros/torchinductor`` (``~/.cache``
+    by default), set here before the first compile. torch's own default lies under the temporary
+    directory, which a reboot of the robot computer empties: every first registration would then
+    compile again (about 25 s on 2 CPU cores; ``mvreg precompile``). Importing Dynamo sets the
+    variable to torch's default, so that value counts as unset. Where the folder cannot be made,
+    torch's default stays."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    default = _torch_default_cache_dir()
+    if current and os.path.abspath(current) != os.path.abspath(default):
+        return Path(current)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = Path(base) / "mvreg_ros" / "torchinductor"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return Path(current or default)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+def compile_cache_counts() -> tuple[int, int]:
+    """Kernel graphs this process has compiled so far, and loaded from the compile cache instead
+    (Inductor's FX graph cache misses and hits)."""
+    compile_cache_dir()  # before Dynamo's import (which sets torch's default)
+    c = torch._dynamo.utils.counters["inductor"]
+    return int(c["fxgraph_cache_miss"]), int(c["fxgraph_cache_hit"])
+
+
 def _compiled_render(backend: str):
     """The backend's render function under ``torch.compile`` with static shapes (the fastest
-    kernels; a new image size, view count or sample count compiles once more) except the
-    volume's sizes, which the kernels take as scalars (a new CT compiles nothing).
+    kernels; a new sample count compiles once more) except the volume's sizes, the view count and
+    the ray count, which the kernels take as sizes (:func:`mark_batch_dynamic`: a new CT or image
+    size compiles nothing), kept between processes in :func:`compile_cache_dir`.
     Dynamo's default recompile limit (8 per function) is below the variants one long-running
     process meets (pyramid levels, view counts, overlay and scorer renderers); past it Dynamo
     would run the function uncompiled, so the process-wide limit is raised to at least
     ``RECOMPILE_LIMIT`` (a per-call ``config.patch`` would cost about 40 us per render)."""
     if backend not in _COMPILED:
+        compile_cache_dir()
         if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
         _COMPILED[backend] = torch.compile(render_native if backend == "native" else render_gather, dynamic=False)
@@ -254,6 +301,7 @@ class Renderer:
         self.data = volume.data.to(device=device, dtype=dtype).contiguous()
         self.padded = pad_volume(self.data) if self.backend != "grid_sample" else None
         if self.padded is not None:  # the compiled kernels serve volumes of every size: a new CT compiles nothing
+            compile_cache_dir()  # before Dynamo's import (which sets torch's default)
             torch._dynamo.mark_dynamic(self.padded, (0, 1, 2))
         self._compiled_ok = False
         self.T_index_from_ct = torch.linalg.inv(volume.T_ct_from_index.to(device=device, dtype=torch.float64))

@@ -304,6 +304,7 @@ def test_big_ct_section_on_a_small_big_ct(monkeypatch):
     )
     assert b["engine_volume_mb"] < b["full_resolution_mb"]
     assert all(s >= b["engine_spacing_mm"][0] / 10 for s in b["engine_spacing_mm"])
+    assert (b["warmup_graphs_compiled"], b["warmup_graphs_loaded"]) == (0, 0)  # grid_sample compiles nothing
 
 
 def test_bench_cli_sections_and_options(capsys):
