@@ -86,6 +86,7 @@ def _argv(command, tmp_path):
         "train": ["train", "example", "--out", str(tmp_path / "m.safetensors"), "--steps", "1"],
         "simulate": ["simulate", str(tmp_path / "sim.h5"), "--downsample", "8", "--size", "16"],
         "register": ["register", "example:8", str(tmp_path / "x.dcm")],
+        "precompile": ["precompile"],
     }[command]
 
 
