@@ -119,7 +119,8 @@ def precompile(
         raise ValueError(f"size must be an int >= 8, got {size!r}")
     t0 = time.perf_counter()
     misses0, hits0 = compile_cache_counts()
-    registrar = Registrar(phantom_volume(), refine)
+    # the target's footprint is rendered by grid_sample (nothing to compile) and the phantom has no labels
+    registrar = Registrar(phantom_volume(), dataclasses.replace(refine, target_labels=()))
     angles = [(180.0 * i / max(views, 2), 0.0) for i in range(views)]
     # the default detector's field of view (about 300 mm at 1020 mm) at ``size`` px
     full = DetectorConfig()
