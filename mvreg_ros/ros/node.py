@@ -242,7 +242,8 @@ class RegisterNode(LifecycleNode):
             self.create_publisher(Image, "~/overlay", QoSProfile(depth=1)) if cfg.publish_overlay else None
         )
         self.worker = LatestJobWorker(self._register, on_error=self._on_worker_error, on_start=compute_thread)
-        self._make_marker(cfg, volume)
+        # a big CT's surface from the engine's pooled copy of its voxels (bone_surface would pool the full array again)
+        self._make_marker(cfg, volume if self.registrar.full_resolution else self.registrar.box)
         del volume
         values = {}
         if cfg.warmup:
