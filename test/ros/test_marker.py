@@ -101,3 +101,19 @@ def test_viewer_configs_show_the_marker_transient_local():
     assert "/register_node/anatomy_marker" in panels["3D!anatomy"]["topics"]
     assert panels["RawMessages!status"]["topicPath"].startswith("/register_node/status")
     assert panels["Image!overlay"]["imageMode"]["imageTopic"] == "/register_node/overlay"
+
+
+def test_a_big_cts_surface_from_the_engines_pooled_voxels_sits_where_the_full_ones_does():
+    """The node makes a big CT's marker from ``Registrar.box`` (pooled once, no full-resolution copy):
+    the same bone, in the same place, to within the pooling."""
+    from mvreg_ros.core.registration.refine import RefineConfig, Registrar
+
+    ct = load_example_ct(downsample=4)
+    registrar = Registrar(ct, RefineConfig(full_resolution_max_voxels=1000, base_voxel_mm=6.0))
+    assert not registrar.full_resolution and registrar.base_factor > 1
+    v_full, _ = bone_surface(ct)
+    v_box, _ = bone_surface(registrar.box)
+    coarse_mm = float(registrar.box.spacing.max())
+    for q in (0.05, 0.5, 0.95):  # the surface's extent and middle, per axis
+        diff_mm = 1000 * np.abs(np.quantile(v_box, q, axis=0) - np.quantile(v_full, q, axis=0))
+        assert (diff_mm < 2 * coarse_mm).all(), (q, diff_mm, coarse_mm)
