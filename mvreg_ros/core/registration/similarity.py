@@ -171,7 +171,8 @@ class PreparedSimilarity:
 
     @staticmethod
     def _standardised(x: Tensor, w: Tensor, sw: Tensor) -> Tensor:
-        """:func:`_standardise` per channel, with the weights' sums ``sw`` given."""
+        """``x`` standardised per channel under the weights ``w`` (zero weighted mean, unit weighted
+        variance), with the weights' sums ``sw`` given."""
         m = (w * x).sum((-2, -1), keepdim=True) / sw
         xc = x - m
         var = (w * xc * xc).sum((-2, -1), keepdim=True) / sw
