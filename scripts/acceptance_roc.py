@@ -2,7 +2,8 @@
 """The acceptance test's ROC on recorded cases (docs/acceptance.md).
 
 Reads the JSON written by scripts/calibrate_acceptance.py (every signal recorded, thresholds off)
-and prints, for each threshold of AcceptanceConfig swept alone (the others at their defaults),
+and prints, for each threshold of AcceptanceConfig swept alone (the others at their defaults, the
+curvature judged as RefineConfig's default fallbacks would; the last table moves those),
 how many correct results are accepted (true acceptance) and how many wrong ones (false
 acceptances). Usage:
 
@@ -12,13 +13,14 @@ acceptances). Usage:
 import json
 import sys
 
-from mvreg_ros.core.evaluation.roc import markdown, sweep
+from mvreg_ros.core.evaluation.roc import default_curvature_scale, markdown, sweep
 
 GRID = {
     "min_view_similarity": (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7),
     "max_uncertainty_mm": (0.5, 0.7, 0.9, 1.1, 1.5, 2.0, 3.0),
     "max_view_shift_mm": (0.25, 0.5, 1.0, 1.5, 3.0),
     "max_view_gain": (0.0025, 0.005, 0.0085, 0.01, 0.02),
+    "max_curvature_scale": (1.0, 2.0, 4.0),  # 1, 2, 4: RefineConfig.curvature_fallback_tries 0, 1, 2
 }
 
 
@@ -27,8 +29,9 @@ def main(paths: list[str]) -> int:
     print(
         f"{len(cases)} cases: {sum(c['success'] for c in cases)} correct, {sum(not c['success'] for c in cases)} wrong\n"
     )
+    scale = default_curvature_scale()  # the engine's curvature fallbacks, for the other thresholds' sweeps
     for name, grid in GRID.items():
-        print(markdown(name, sweep(cases, name, grid)) + "\n")
+        print(markdown(name, sweep(cases, name, grid, max_curvature_scale=scale)) + "\n")
     return 0
 
 

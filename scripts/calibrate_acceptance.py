@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Calibration data for the acceptance test (docs/acceptance.md).
 
-Registers every consecutive view pair of the given DeepFluoro-layout files from 10/20, 15/30 and
-20/40 degrees / mm through the engine's pipeline with every acceptance check disabled except the
-curvature, so that each case records all the signals (per-view similarity, uncertainty, per-view
-shift and gain, margin), and prints, for the correct (mTRE <= 2 mm) and wrong cases, the ranges
-of those signals. Usage:
+Registers every consecutive view pair of the given DeepFluoro-layout files from 10/20, 15/30,
+20/40 and 30/60 degrees / mm (the last for more wrong results) through the engine's pipeline with
+every acceptance check disabled except the curvature (measured with up to two fallbacks, steps 2
+and 4 times the default; each case records the scale that was positive definite), so that each
+case records all the signals (per-view similarity, uncertainty, per-view shift and gain, margin),
+and prints, for the correct (mTRE <= 2 mm) and wrong cases, the ranges of those signals. Usage:
 
     .venv/bin/python scripts/calibrate_acceptance.py OUT.json FILE.h5 [FILE.h5 ...]
 """
@@ -17,7 +18,7 @@ from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.pipeline import PipelineConfig
 from mvreg_ros.core.registration.refine import RefineConfig
 
-OFFSETS = ((10, 20), (15, 30), (20, 40))
+OFFSETS = ((10, 20), (15, 30), (20, 40), (30, 60))
 
 
 def main(out: str, files: list[str]) -> None:
@@ -29,7 +30,8 @@ def main(out: str, files: list[str]) -> None:
                 perturb_rot_deg=rot,
                 perturb_trans_mm=trans,
                 seed=7,
-                refine=RefineConfig(min_similarity=-1.0),
+                # curvature measured up to steps 4 times the default, so that the ROC can judge each fallback
+                refine=RefineConfig(min_similarity=-1.0, curvature_fallback_tries=2),
                 pipeline=permissive,
             )
             for c in ev.run(path, cfg)["cases"]:

@@ -214,6 +214,7 @@ def evaluate_case(
         "similarity": _finite(result.similarity),
         "view_similarity": [_finite(s) for s in result.view_similarity],
         "uncertainty_mm": _finite(result.uncertainty_mm),
+        "curvature_scale": float(result.curvature_scale),
         "view_shift_mm": [_finite(s) for s in verdict.view_shift_mm],
         "view_gain": [_finite(s) for s in verdict.view_gain],
         "margin": None if verdict.margin is None else _finite(verdict.margin),

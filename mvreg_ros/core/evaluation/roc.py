@@ -15,15 +15,22 @@ import math
 from collections.abc import Iterable, Sequence
 
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig, disagreeing_views
+from mvreg_ros.core.registration.refine import RefineConfig
 
-SWEEPS = ("min_view_similarity", "max_uncertainty_mm", "max_view_shift_mm", "max_view_gain")
+SWEEPS = ("min_view_similarity", "max_uncertainty_mm", "max_view_shift_mm", "max_view_gain", "max_curvature_scale")
 
 
-def accepts(case: dict, config: AcceptanceConfig, *, min_similarity: float = 0.5) -> bool:
+def accepts(
+    case: dict, config: AcceptanceConfig, *, min_similarity: float = 0.5, max_curvature_scale: float = math.inf
+) -> bool:
     """Would ``config`` accept this recorded case? ``min_similarity``: the refinement's own floor
-    on the mean similarity (``RefineConfig.min_similarity``)."""
+    on the mean similarity (``RefineConfig.min_similarity``). ``max_curvature_scale``: a case whose
+    curvature was positive definite only with larger finite-difference steps than this (its
+    recorded ``curvature_scale``; ``RefineConfig.curvature_fallback_tries``) counts as failed."""
     sims = case.get("view_similarity") or []
     if len(sims) < config.min_views or not case.get("registration_success", False):
+        return False
+    if case.get("curvature_scale", 1.0) > max_curvature_scale:
         return False
     mean = case.get("similarity")
     if mean is None or not math.isfinite(mean) or mean < min_similarity:
@@ -59,19 +66,36 @@ class RocPoint:
     wrong: int
 
 
+def default_curvature_scale(refine: RefineConfig = RefineConfig()) -> float:
+    """The largest finite-difference scale at which ``refine`` measures the curvature (its fallbacks)."""
+    if refine.curvature_fallback_scale <= 1:
+        return 1.0
+    return float(refine.curvature_fallback_scale**refine.curvature_fallback_tries)
+
+
 def sweep(
-    cases: Sequence[dict], name: str, thresholds: Iterable[float], base: AcceptanceConfig = AcceptanceConfig()
+    cases: Sequence[dict],
+    name: str,
+    thresholds: Iterable[float],
+    base: AcceptanceConfig = AcceptanceConfig(),
+    *,
+    max_curvature_scale: float = math.inf,
 ) -> list[RocPoint]:
-    """One :class:`RocPoint` per value of the threshold ``name`` (the other checks as in ``base``)."""
+    """One :class:`RocPoint` per value of the threshold ``name`` (the other checks as in ``base``,
+    and the curvature judged up to ``max_curvature_scale``, see :func:`accepts`; sweeping
+    ``max_curvature_scale`` itself moves that one)."""
     if name not in SWEEPS:
         raise ValueError(f"can sweep one of {SWEEPS}, got {name!r}")
     correct = [c for c in cases if c["success"]]
     wrong = [c for c in cases if not c["success"]]
     points = []
     for t in thresholds:
-        cfg = dataclasses.replace(base, **{name: float(t)})
-        ok = sum(accepts(c, cfg) for c in correct)
-        fa = sum(accepts(c, cfg) for c in wrong)
+        if name == "max_curvature_scale":
+            cfg, kw = base, {"max_curvature_scale": float(t)}
+        else:
+            cfg, kw = dataclasses.replace(base, **{name: float(t)}), {"max_curvature_scale": max_curvature_scale}
+        ok = sum(accepts(c, cfg, **kw) for c in correct)
+        fa = sum(accepts(c, cfg, **kw) for c in wrong)
         points.append(
             RocPoint(
                 threshold=float(t),

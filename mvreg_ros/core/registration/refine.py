@@ -67,6 +67,8 @@ class RefineConfig:
     curvature_fallback_scale: float = 2.0  # a curvature that is not positive definite at the default finite-
     # difference steps (0.3 deg, 0.5 mm; the loss's small-scale roughness can make it so at a good optimum) is
     # measured once more with steps this many times larger (<= 1: not); still not positive definite: a failure
+    curvature_fallback_tries: int = 1  # how many such larger measurements at most, each with steps
+    # ``curvature_fallback_scale`` times the previous one's (2: steps 2 and then 4 times the default)
     voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy
     pool_volume: bool = True  # False: render the full-resolution volume at every level
     full_resolution_max_voxels: int = 2**26  # a CT with more voxels than this once cropped to the body (a big CT,
@@ -115,6 +117,11 @@ class RefineConfig:
             raise ValueError(
                 f"curvature_fallback_scale must be a finite number >= 0, got {self.curvature_fallback_scale}"
             )
+        v = self.curvature_fallback_tries
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"curvature_fallback_tries must be an int, got {v!r}")
+        if v < 0:
+            raise ValueError(f"curvature_fallback_tries must be >= 0, got {v}")
         if self.render_backend not in BACKENDS:
             raise ValueError(f"render_backend must be one of {BACKENDS}, got {self.render_backend!r}")
         if isinstance(self.full_resolution_max_voxels, bool) or not isinstance(self.full_resolution_max_voxels, int):
@@ -293,6 +300,8 @@ class RegistrationResult:
     uncertainty_mm: float = float("inf")  # RMS displacement of points on a 50 mm sphere around the centre (1 sigma)
     centre_ct: Tensor | None = None
     level_iterations: tuple[int, ...] = ()
+    curvature_scale: float = 0.0  # finite-difference steps of the curvature behind the covariance, as a multiple of
+    # the default 0.3 deg / 0.5 mm (> 1: a fallback measurement; 0: no positive definite curvature, or none measured)
 
     def covariance_ref(self) -> Tensor | None:
         """Covariance over (origin position mm, rotation vector rad) of the ``ct`` frame in the
@@ -643,7 +652,7 @@ class Registrar:
             converged = run.converged
             lr_scale *= cfg.level_lr_decay
         with _stage(self._timer, "newton_polish"):
-            T0, converged, per_view, cov, unc, reason = self._polish(objective, T0, converged, schedule)
+            T0, converged, per_view, cov, unc, reason, h_scale = self._polish(objective, T0, converged, schedule)
         sim = float(per_view.mean())
         if not reason and sim < cfg.min_similarity:
             reason = f"similarity {sim:.3f} below min_similarity {cfg.min_similarity}"
@@ -660,6 +669,7 @@ class Registrar:
             uncertainty_mm=unc,
             centre_ct=self.centre_ct,
             level_iterations=tuple(level_its),
+            curvature_scale=h_scale,
         )
 
     def _newton_settled(self, g: Tensor, dx: Tensor) -> bool:
@@ -722,19 +732,23 @@ class Registrar:
         per_view = newton.view_similarity(T0)
         cov, unc = None, float("inf")
         reason = ""
+        scale = 1.0  # of the finite-difference steps behind H
         if cfg.uncertainty:
             # no curvature yet, or (fresh_curvature) measured before the last accepted Newton step
             if H_at is None or (H_at is not T0 and schedule.fresh_curvature and not self._curvature_holds(H_at, T0)):
                 _, H, _ = newton.grad_hessian(T0)
-            if H is None and cfg.curvature_fallback_scale > 1:
-                f = cfg.curvature_fallback_scale
-                _, H, _ = newton.grad_hessian(T0, h_rad=f * CURVATURE_STEP_RAD, h_mm=f * CURVATURE_STEP_MM)
+            tries = cfg.curvature_fallback_tries if cfg.curvature_fallback_scale > 1 else 0
+            for _ in range(tries):
+                if H is not None:
+                    break
+                scale *= cfg.curvature_fallback_scale
+                _, H, _ = newton.grad_hessian(T0, h_rad=scale * CURVATURE_STEP_RAD, h_mm=scale * CURVATURE_STEP_MM)
             if H is None:
                 reason = "loss curvature is not positive definite: the pose is not constrained by the views"
             else:
                 cov = newton.covariance(H, T0)
                 unc = _uncertainty(cov)
-        return T0, converged, per_view, cov, unc, reason
+        return T0, converged, per_view, cov, unc, reason, (scale if cov is not None else 0.0)
 
 
 class Objective:

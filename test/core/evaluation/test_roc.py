@@ -45,3 +45,29 @@ def test_sweep_counts_true_and_false_acceptances():
     assert "| 0.62 | 2 | 50.0 % | 1 |" in table
     with pytest.raises(ValueError, match="can sweep"):
         sweep(cases, "min_views", (1,))
+
+
+def test_curvature_scale_sweep_rejects_cases_that_needed_larger_steps():
+    """A case records the finite-difference scale its curvature was positive definite at; a smaller
+    ``max_curvature_scale`` (fewer fallbacks) judges it failed, as the refinement would have."""
+    at = lambda scale, success: {**_case(success), "curvature_scale": scale}
+    cases = [at(1.0, True), at(2.0, True), at(4.0, True), at(4.0, False)]
+    assert accepts(at(4.0, True), AcceptanceConfig()) and not accepts(
+        at(4.0, True), AcceptanceConfig(), max_curvature_scale=2
+    )
+    assert accepts(_case(True), AcceptanceConfig(), max_curvature_scale=1)  # older records: measured at the default
+    points = sweep(cases, "max_curvature_scale", (1, 2, 4))
+    assert [(p.accepted, p.false_acceptances) for p in points] == [(1, 0), (2, 0), (4, 1)]
+
+
+def test_other_sweeps_judge_the_curvature_as_the_engine_default():
+    """The other thresholds' sweeps count a case measured beyond the engine's fallbacks as failed."""
+    from mvreg_ros.core.evaluation.roc import default_curvature_scale
+    from mvreg_ros.core.registration.refine import RefineConfig
+
+    assert default_curvature_scale() == 2.0  # one fallback, steps twice the default
+    assert default_curvature_scale(RefineConfig(curvature_fallback_tries=2)) == 4.0
+    assert default_curvature_scale(RefineConfig(curvature_fallback_scale=0.0)) == 1.0
+    cases = [{**_case(True), "curvature_scale": 4.0}, {**_case(True), "curvature_scale": 2.0}]
+    (point,) = sweep(cases, "min_view_similarity", (0.5,), max_curvature_scale=default_curvature_scale())
+    assert point.accepted == 1

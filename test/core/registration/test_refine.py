@@ -191,11 +191,13 @@ def test_curvature_measured_again_at_larger_steps_when_not_positive_definite(ct,
     assert res.success, res.reason
     assert steps[-1] == pytest.approx((2 * refine_module.CURVATURE_STEP_RAD, 2 * refine_module.CURVATURE_STEP_MM))
     assert res.covariance is not None and math.isfinite(res.uncertainty_mm)
+    assert res.curvature_scale == 2.0
 
     steps.clear()
     off = Registrar(ct, dataclasses.replace(cfg, curvature_fallback_scale=0.0)).refine(views, scene.T_ref_from_ct)
     assert not off.success and "positive definite" in off.reason
     assert all(h == pytest.approx((refine_module.CURVATURE_STEP_RAD, refine_module.CURVATURE_STEP_MM)) for h in steps)
+    assert off.curvature_scale == 0.0
 
     def never(self, T0, h_rad=refine_module.CURVATURE_STEP_RAD, h_mm=refine_module.CURVATURE_STEP_MM):
         g, _, L = real(self, T0, h_rad=h_rad, h_mm=h_mm)
@@ -206,6 +208,38 @@ def test_curvature_measured_again_at_larger_steps_when_not_positive_definite(ct,
     assert not res.success and "positive definite" in res.reason
     with pytest.raises(ValueError, match="curvature_fallback_scale"):
         RefineConfig(curvature_fallback_scale=float("nan"))
+
+
+def test_curvature_fallback_tries_grow_the_steps_each_time(ct, scene_views, monkeypatch):
+    """``curvature_fallback_tries`` = 2: steps 2 and then 4 times the default, stopping at the first
+    positive definite one, whose scale the result records; one try stops at 2 and fails."""
+    from mvreg_ros.core.registration import refine as refine_module
+
+    scene, views = scene_views
+    real = refine_module.Objective.grad_hessian
+    steps = []
+
+    def scripted(self, T0, h_rad=refine_module.CURVATURE_STEP_RAD, h_mm=refine_module.CURVATURE_STEP_MM):
+        steps.append(h_rad / refine_module.CURVATURE_STEP_RAD)
+        g, H, L = real(self, T0, h_rad=h_rad, h_mm=h_mm)
+        return g, (H if h_rad > 3 * refine_module.CURVATURE_STEP_RAD else None), L  # definite from 4x only
+
+    monkeypatch.setattr(refine_module.Objective, "grad_hessian", scripted)
+    cfg = RefineConfig(**ONE_LEVEL, iterations=(10,), curvature_fallback_tries=2)
+    res = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)
+    assert res.success, res.reason
+    assert res.curvature_scale == 4.0 and math.isfinite(res.uncertainty_mm)
+    assert steps[-2:] == pytest.approx([2.0, 4.0])
+
+    steps.clear()
+    one = Registrar(ct, dataclasses.replace(cfg, curvature_fallback_tries=1)).refine(views, scene.T_ref_from_ct)
+    assert not one.success and "positive definite" in one.reason and one.curvature_scale == 0.0
+    assert max(steps) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="curvature_fallback_tries"):
+        RefineConfig(curvature_fallback_tries=-1)
+    for bad in (1.5, True):
+        with pytest.raises(TypeError, match="curvature_fallback_tries"):
+            RefineConfig(curvature_fallback_tries=bad)
 
 
 def test_curvature_reused_within_a_fraction_of_its_steps(ct, scene_views, monkeypatch):
