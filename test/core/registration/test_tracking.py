@@ -146,7 +146,10 @@ def test_an_unconverged_fast_round_goes_on_from_where_it_ended_in_smaller_steps(
 
 
 def test_fast_rounds_that_never_converge_fall_back_to_the_full_registration():
-    p, reg = _pipeline([result(pose(2), converged=False), result(pose(3), converged=False), result(pose(4))])
+    p, reg = _pipeline(
+        [result(pose(2), converged=False), result(pose(3), converged=False), result(pose(4))],
+        tracking=TrackingConfig(rounds=2),
+    )
     o = p.register(views(), stamp_ns=5)
     assert o.accepted and o.stages == ("tracking", "tracking", "local") and not o.fast
     (_, s1), (_, s2), (T_local, s_local) = reg.calls
