@@ -43,6 +43,9 @@ def main(out: str, files: list[str]) -> None:
         group = [c for c in cases if c["success"] == ok]
         if not group:
             continue
+        scales = sorted({c.get("curvature_scale", 0.0) for c in group})
+        counts = ", ".join(f"{sum(c.get('curvature_scale', 0.0) == s for c in group)} at {s:g}" for s in scales)
+        print(f"{'correct' if ok else 'wrong'}: curvature positive definite at step scale {counts} (0: none)")
 
         def span(key, f):
             vals = [f(c) for c in group if f(c) is not None]

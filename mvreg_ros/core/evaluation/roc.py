@@ -3,7 +3,8 @@
 Works on evaluation records that hold every signal of the acceptance test (``mvreg eval`` JSON
 cases, e.g. from ``scripts/calibrate_acceptance.py``, which registers with the thresholds
 disabled). A case whose refinement failed (curvature not positive definite, similarity below the
-refinement's floor) is rejected at every threshold; the others are judged with
+refinement's floor) is rejected at every threshold, as is one whose curvature was positive definite
+only at larger finite-difference steps than the judged ``max_curvature_scale``; the others are judged with
 :class:`AcceptanceConfig` where only the swept threshold changes. The same order and rules as
 ``acceptance_test``, on the recorded signals (no registration is run again).
 """
@@ -26,11 +27,12 @@ def accepts(
     """Would ``config`` accept this recorded case? ``min_similarity``: the refinement's own floor
     on the mean similarity (``RefineConfig.min_similarity``). ``max_curvature_scale``: a case whose
     curvature was positive definite only with larger finite-difference steps than this (its
-    recorded ``curvature_scale``; ``RefineConfig.curvature_fallback_tries``) counts as failed."""
+    recorded ``curvature_scale``; ``RefineConfig.curvature_fallback_tries``) counts as failed. A record
+    without ``curvature_scale`` (made before it was recorded) is judged as its engine judged it."""
     sims = case.get("view_similarity") or []
     if len(sims) < config.min_views or not case.get("registration_success", False):
         return False
-    if case.get("curvature_scale", 1.0) > max_curvature_scale:
+    if case.get("curvature_scale", 0.0) > max_curvature_scale:
         return False
     mean = case.get("similarity")
     if mean is None or not math.isfinite(mean) or mean < min_similarity:
@@ -67,10 +69,8 @@ class RocPoint:
 
 
 def default_curvature_scale(refine: RefineConfig = RefineConfig()) -> float:
-    """The largest finite-difference scale at which ``refine`` measures the curvature (its fallbacks)."""
-    if refine.curvature_fallback_scale <= 1:
-        return 1.0
-    return float(refine.curvature_fallback_scale**refine.curvature_fallback_tries)
+    """The largest finite-difference scale at which ``refine`` measures the curvature (its last fallback)."""
+    return refine.curvature_scales()[-1]
 
 
 def sweep(
@@ -86,16 +86,21 @@ def sweep(
     ``max_curvature_scale`` itself moves that one)."""
     if name not in SWEEPS:
         raise ValueError(f"can sweep one of {SWEEPS}, got {name!r}")
+    if name == "max_curvature_scale":
+        unknown = [c for c in cases if c.get("registration_success") and "curvature_scale" not in c]
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} case(s) (e.g. {unknown[0].get('specimen')} {unknown[0].get('views')}) record no "
+                "curvature_scale: record them with this version to sweep max_curvature_scale"
+            )
     correct = [c for c in cases if c["success"]]
     wrong = [c for c in cases if not c["success"]]
     points = []
     for t in thresholds:
-        if name == "max_curvature_scale":
-            cfg, kw = base, {"max_curvature_scale": float(t)}
-        else:
-            cfg, kw = dataclasses.replace(base, **{name: float(t)}), {"max_curvature_scale": max_curvature_scale}
-        ok = sum(accepts(c, cfg, **kw) for c in correct)
-        fa = sum(accepts(c, cfg, **kw) for c in wrong)
+        cfg = base if name == "max_curvature_scale" else dataclasses.replace(base, **{name: float(t)})
+        limit = float(t) if name == "max_curvature_scale" else max_curvature_scale
+        ok = sum(accepts(c, cfg, max_curvature_scale=limit) for c in correct)
+        fa = sum(accepts(c, cfg, max_curvature_scale=limit) for c in wrong)
         points.append(
             RocPoint(
                 threshold=float(t),

@@ -11,9 +11,9 @@ acceptance test.
 
 Only a result that passes the acceptance test reaches the tracker (and so the node's TF).
 ``Outcome.stages`` lists what ran: ``("tracking",)`` for a fast update (``("tracking", "tracking")``
-when its first round did not converge and a second, from where it ended, did:
-``TrackingConfig.rounds``), ``("tracking", "local")`` or ``("tracking", "local", "global", "local")``
-for a fallback.
+when its first round did not converge and a second, from where it ended, did; up to
+``TrackingConfig.rounds`` of them, 3 by default, each with half the previous round's step sizes),
+``("tracking", "local")`` or ``("tracking", "local", "global", "local")`` for a fallback.
 """
 
 from __future__ import annotations

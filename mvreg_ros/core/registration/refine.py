@@ -66,7 +66,8 @@ class RefineConfig:
     # covariance's) instead of being measured again: 13 gradients against 1 (0: always measured again)
     curvature_fallback_scale: float = 2.0  # a curvature that is not positive definite at the default finite-
     # difference steps (0.3 deg, 0.5 mm; the loss's small-scale roughness can make it so at a good optimum) is
-    # measured once more with steps this many times larger (<= 1: not); still not positive definite: a failure
+    # measured again with steps this many times larger (<= 1: not), up to ``curvature_fallback_tries`` times;
+    # still not positive definite: a failure
     curvature_fallback_tries: int = 1  # how many such larger measurements at most, each with steps
     # ``curvature_fallback_scale`` times the previous one's (2: steps 2 and then 4 times the default)
     voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy
@@ -87,6 +88,15 @@ class RefineConfig:
     uncertainty: bool = True
     min_similarity: float = 0.5  # mean over views below this: reported as failed (a wrong optimum)
     device: str = "cpu"
+
+    def curvature_scales(self) -> tuple[float, ...]:
+        """The finite-difference step scales at which the curvature is measured, in turn, until one
+        is positive definite: 1 (the default 0.3 deg / 0.5 mm), then each fallback's."""
+        scales = [1.0]
+        if self.curvature_fallback_scale > 1:
+            for _ in range(self.curvature_fallback_tries):
+                scales.append(scales[-1] * self.curvature_fallback_scale)
+        return tuple(scales)
 
     def levels(self) -> tuple["LevelSpec", ...]:
         return tuple(
@@ -162,7 +172,7 @@ class TrackingConfig:
     enabled: bool = True
     levels: int = 1  # the finest this many levels of RefineConfig's pyramid (at most all of them)
     iterations: int = 10  # at most, per level and round (20 and 2 rounds until README *Speed* measured 10 and 3: the
-    # same accuracy, a quarter faster on 1 deg / 2 mm moves; the one Newton step finishes what the steps leave)
+    # same accuracy, a fifth less time on 1 deg / 2 mm moves; the one Newton step finishes what the steps leave)
     step_scale: float = 0.25  # first step sizes as a fraction of RefineConfig's lr_rot_deg / lr_trans_mm (by default
     # 0.375 deg, 0.75 mm: sized to small motion; larger first steps kick a start at the optimum away and often end the
     # round unconverged); 0: the step sizes the full pyramid uses at those levels
@@ -695,7 +705,8 @@ class Registrar:
     def _polish(self, newton: "Objective", T0: Tensor, converged: bool, schedule: Schedule):
         """Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
         gives a second-order step that finishes what first-order steps approach only slowly. Then
-        the per-view similarity and the Laplace covariance at the final pose."""
+        the per-view similarity and the Laplace covariance at the final pose. Returns (pose, converged,
+        per-view similarity, covariance, uncertainty, failure reason, the curvature's step scale)."""
         cfg = self.config
         c = self.centre_ct
         H, H_at = None, None  # curvature, and the pose it was measured at
@@ -733,23 +744,30 @@ class Registrar:
         per_view = newton.view_similarity(T0)
         cov, unc = None, float("inf")
         reason = ""
-        scale = 1.0  # of the finite-difference steps behind H
+        scale = 0.0  # of the finite-difference steps behind the covariance (0: none)
         if cfg.uncertainty:
             # no curvature yet, or (fresh_curvature) measured before the last accepted Newton step
             if H_at is None or (H_at is not T0 and schedule.fresh_curvature and not self._curvature_holds(H_at, T0)):
                 _, H, _ = newton.grad_hessian(T0)
-            tries = cfg.curvature_fallback_tries if cfg.curvature_fallback_scale > 1 else 0
-            for _ in range(tries):
-                if H is not None:
-                    break
-                scale *= cfg.curvature_fallback_scale
-                _, H, _ = newton.grad_hessian(T0, h_rad=scale * CURVATURE_STEP_RAD, h_mm=scale * CURVATURE_STEP_MM)
+            H, scale = self._fallback_curvature(newton, T0, H)
             if H is None:
                 reason = "loss curvature is not positive definite: the pose is not constrained by the views"
             else:
                 cov = newton.covariance(H, T0)
                 unc = _uncertainty(cov)
-        return T0, converged, per_view, cov, unc, reason, (scale if cov is not None else 0.0)
+        return T0, converged, per_view, cov, unc, reason, scale
+
+    def _fallback_curvature(self, newton: "Objective", T0: Tensor, H: Tensor | None) -> tuple[Tensor | None, float]:
+        """``H`` (measured at the default steps) when positive definite, else the first positive definite
+        curvature at the larger steps of :meth:`RefineConfig.curvature_scales`; with its scale (0: none)."""
+        scales = self.config.curvature_scales()
+        if H is not None:
+            return H, scales[0]
+        for scale in scales[1:]:
+            _, H, _ = newton.grad_hessian(T0, h_rad=scale * CURVATURE_STEP_RAD, h_mm=scale * CURVATURE_STEP_MM)
+            if H is not None:
+                return H, scale
+        return None, 0.0
 
 
 class Objective:

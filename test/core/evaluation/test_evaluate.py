@@ -73,9 +73,11 @@ def test_json_contract(report, tmp_path):
             "reason",
             "similarity",
             "uncertainty_mm",
+            "curvature_scale",
             "specimen",
         ):
             assert key in c, key
+        assert c["curvature_scale"] in (0.0, 1.0, 2.0)  # the default steps, the one fallback, or none
         assert np.asarray(c["pose_est"]).shape == (4, 4) and np.asarray(c["pose_init"]).shape == (4, 4)
         assert c["time_s"] > 0
     s = data["summary"]

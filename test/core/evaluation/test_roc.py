@@ -55,7 +55,9 @@ def test_curvature_scale_sweep_rejects_cases_that_needed_larger_steps():
     assert accepts(at(4.0, True), AcceptanceConfig()) and not accepts(
         at(4.0, True), AcceptanceConfig(), max_curvature_scale=2
     )
-    assert accepts(_case(True), AcceptanceConfig(), max_curvature_scale=1)  # older records: measured at the default
+    assert accepts(_case(True), AcceptanceConfig(), max_curvature_scale=1)  # older records: judged as their engine did
+    with pytest.raises(ValueError, match="curvature_scale"):  # ... but they cannot be swept on it
+        sweep([_case(True)], "max_curvature_scale", (1,))
     points = sweep(cases, "max_curvature_scale", (1, 2, 4))
     assert [(p.accepted, p.false_acceptances) for p in points] == [(1, 0), (2, 0), (4, 1)]
 

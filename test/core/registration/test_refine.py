@@ -235,6 +235,25 @@ def test_curvature_fallback_tries_grow_the_steps_each_time(ct, scene_views, monk
     one = Registrar(ct, dataclasses.replace(cfg, curvature_fallback_tries=1)).refine(views, scene.T_ref_from_ct)
     assert not one.success and "positive definite" in one.reason and one.curvature_scale == 0.0
     assert max(steps) == pytest.approx(2.0)
+
+    def from_twice(self, T0, h_rad=refine_module.CURVATURE_STEP_RAD, h_mm=refine_module.CURVATURE_STEP_MM):
+        steps.append(h_rad / refine_module.CURVATURE_STEP_RAD)
+        g, H, L = real(self, T0, h_rad=h_rad, h_mm=h_mm)
+        return g, (H if h_rad > 1.5 * refine_module.CURVATURE_STEP_RAD else None), L  # definite from 2x
+
+    monkeypatch.setattr(refine_module.Objective, "grad_hessian", from_twice)
+    steps.clear()
+    early = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)  # two tries allowed, the first suffices
+    assert early.success and early.curvature_scale == 2.0 and max(steps) == pytest.approx(2.0)
+
+    monkeypatch.setattr(refine_module.Objective, "grad_hessian", real)
+    plain = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)
+    assert plain.success and plain.curvature_scale == 1.0  # positive definite at the default steps
+    assert cfg.curvature_scales() == (1.0, 2.0, 4.0)
+    assert (
+        RefineConfig(curvature_fallback_scale=1.2, curvature_fallback_tries=3).curvature_scales()[-1] == 1.2 * 1.2 * 1.2
+    )
+    assert RefineConfig(curvature_fallback_scale=0.0, curvature_fallback_tries=3).curvature_scales() == (1.0,)
     with pytest.raises(ValueError, match="curvature_fallback_tries"):
         RefineConfig(curvature_fallback_tries=-1)
     for bad in (1.5, True):

@@ -145,6 +145,19 @@ def test_an_unconverged_fast_round_goes_on_from_where_it_ended_in_smaller_steps(
     torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(3))
 
 
+def test_default_budget_allows_a_third_round_in_smaller_steps_still():
+    """The default ``TrackingConfig`` (3 rounds): two unconverged rounds, then a third from where the
+    second ended, with half its step sizes; converged, it is a fast update."""
+    assert TrackingConfig().rounds == 3
+    p, reg = _pipeline([result(pose(2), converged=False), result(pose(3), converged=False), result(pose(4))])
+    o = p.register(views(), stamp_ns=5)
+    assert o.accepted and o.stages == ("tracking", "tracking", "tracking") and o.fast
+    (_, s1), (_, s2), (T3, s3) = reg.calls
+    torch.testing.assert_close(T3, pose(3))  # from the second round's end
+    assert s3.lr_scale == pytest.approx(0.5 * s2.lr_scale) and s2.lr_scale == pytest.approx(0.5 * s1.lr_scale)
+    torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(4))
+
+
 def test_fast_rounds_that_never_converge_fall_back_to_the_full_registration():
     p, reg = _pipeline(
         [result(pose(2), converged=False), result(pose(3), converged=False), result(pose(4))],
