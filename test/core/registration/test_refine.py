@@ -12,13 +12,14 @@ from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import load_example_ct
-from mvreg_ros.core.registration.refine import RefineConfig, Registrar, RegistrationResult
+from mvreg_ros.core.registration.refine import Objective, RefineConfig, Registrar, RegistrationResult
 from mvreg_ros.core.rendering import native as render_native
 from mvreg_ros.core.rendering.renderer import Renderer
 
 QUICK = RefineConfig(
     sizes=(32, 48), iterations=(40, 40), n_samples=(48, 64), patches=(8, 8), render_backend="grid_sample"
 )
+_REAL_GRAD_HESSIAN = Objective.grad_hessian  # before any test patches it
 ONE_LEVEL = dict(sizes=(32,), n_samples=(48,), patches=(8,), render_backend="grid_sample")
 DETECTOR = DetectorConfig(height=96, width=96, pixel_mm=3.1)
 
@@ -169,41 +170,45 @@ def test_failure_is_a_result_not_an_exception(ct, scene_views):
     assert res.iterations == 0
 
 
+def _curvature_definite_from(monkeypatch, min_scale: float) -> list[tuple[float, float]]:
+    """Patch ``Objective.grad_hessian``: the real curvature, reported as not positive definite at
+    finite-difference steps below ``min_scale`` times the default (inf: never). Returns the list
+    that records each call's steps as multiples of the default (rotation, translation)."""
+    from mvreg_ros.core.registration import refine as refine_module
+
+    real = _REAL_GRAD_HESSIAN
+    steps = []
+
+    def scripted(self, T0, h_rad=refine_module.CURVATURE_STEP_RAD, h_mm=refine_module.CURVATURE_STEP_MM):
+        scale = (h_rad / refine_module.CURVATURE_STEP_RAD, h_mm / refine_module.CURVATURE_STEP_MM)
+        steps.append(scale)
+        g, H, L = real(self, T0, h_rad=h_rad, h_mm=h_mm)
+        return g, (H if scale[0] >= min_scale * (1 - 1e-9) else None), L
+
+    monkeypatch.setattr(refine_module.Objective, "grad_hessian", scripted)
+    return steps
+
+
 def test_curvature_measured_again_at_larger_steps_when_not_positive_definite(ct, scene_views, monkeypatch):
     """A curvature that is indefinite at the default finite-difference steps (a rough loss at small
     scale) is measured once more with steps ``curvature_fallback_scale`` times larger; the result
     fails only when that one is not positive definite either."""
-    from mvreg_ros.core.registration import refine as refine_module
-
     scene, views = scene_views
-    real = refine_module.Objective.grad_hessian
-    steps = []
-
-    def scripted(self, T0, h_rad=refine_module.CURVATURE_STEP_RAD, h_mm=refine_module.CURVATURE_STEP_MM):
-        steps.append((h_rad, h_mm))
-        g, H, L = real(self, T0, h_rad=h_rad, h_mm=h_mm)
-        small = h_rad <= refine_module.CURVATURE_STEP_RAD
-        return g, (None if small else H), L  # indefinite at the default steps only
-
-    monkeypatch.setattr(refine_module.Objective, "grad_hessian", scripted)
+    steps = _curvature_definite_from(monkeypatch, 2.0)  # indefinite at the default steps only
     cfg = RefineConfig(**ONE_LEVEL, iterations=(10,))
     res = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)
     assert res.success, res.reason
-    assert steps[-1] == pytest.approx((2 * refine_module.CURVATURE_STEP_RAD, 2 * refine_module.CURVATURE_STEP_MM))
+    assert steps[-1] == pytest.approx((2.0, 2.0))
     assert res.covariance is not None and math.isfinite(res.uncertainty_mm)
     assert res.curvature_scale == 2.0
 
     steps.clear()
     off = Registrar(ct, dataclasses.replace(cfg, curvature_fallback_scale=0.0)).refine(views, scene.T_ref_from_ct)
     assert not off.success and "positive definite" in off.reason
-    assert all(h == pytest.approx((refine_module.CURVATURE_STEP_RAD, refine_module.CURVATURE_STEP_MM)) for h in steps)
+    assert all(h == pytest.approx((1.0, 1.0)) for h in steps)
     assert off.curvature_scale == 0.0
 
-    def never(self, T0, h_rad=refine_module.CURVATURE_STEP_RAD, h_mm=refine_module.CURVATURE_STEP_MM):
-        g, _, L = real(self, T0, h_rad=h_rad, h_mm=h_mm)
-        return g, None, L
-
-    monkeypatch.setattr(refine_module.Objective, "grad_hessian", never)
+    _curvature_definite_from(monkeypatch, math.inf)  # never positive definite
     res = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)
     assert not res.success and "positive definite" in res.reason
     with pytest.raises(ValueError, match="curvature_fallback_scale"):
@@ -213,40 +218,24 @@ def test_curvature_measured_again_at_larger_steps_when_not_positive_definite(ct,
 def test_curvature_fallback_tries_grow_the_steps_each_time(ct, scene_views, monkeypatch):
     """``curvature_fallback_tries`` = 2: steps 2 and then 4 times the default, stopping at the first
     positive definite one, whose scale the result records; one try stops at 2 and fails."""
-    from mvreg_ros.core.registration import refine as refine_module
-
     scene, views = scene_views
-    real = refine_module.Objective.grad_hessian
-    steps = []
-
-    def scripted(self, T0, h_rad=refine_module.CURVATURE_STEP_RAD, h_mm=refine_module.CURVATURE_STEP_MM):
-        steps.append(h_rad / refine_module.CURVATURE_STEP_RAD)
-        g, H, L = real(self, T0, h_rad=h_rad, h_mm=h_mm)
-        return g, (H if h_rad > 3 * refine_module.CURVATURE_STEP_RAD else None), L  # definite from 4x only
-
-    monkeypatch.setattr(refine_module.Objective, "grad_hessian", scripted)
+    steps = _curvature_definite_from(monkeypatch, 4.0)  # definite from 4x only
     cfg = RefineConfig(**ONE_LEVEL, iterations=(10,), curvature_fallback_tries=2)
     res = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)
     assert res.success, res.reason
     assert res.curvature_scale == 4.0 and math.isfinite(res.uncertainty_mm)
-    assert steps[-2:] == pytest.approx([2.0, 4.0])
+    assert [pytest.approx(h) for h in steps[-2:]] == [(2.0, 2.0), (4.0, 4.0)]
 
     steps.clear()
     one = Registrar(ct, dataclasses.replace(cfg, curvature_fallback_tries=1)).refine(views, scene.T_ref_from_ct)
     assert not one.success and "positive definite" in one.reason and one.curvature_scale == 0.0
-    assert max(steps) == pytest.approx(2.0)
+    assert max(r for r, _ in steps) == pytest.approx(2.0)
 
-    def from_twice(self, T0, h_rad=refine_module.CURVATURE_STEP_RAD, h_mm=refine_module.CURVATURE_STEP_MM):
-        steps.append(h_rad / refine_module.CURVATURE_STEP_RAD)
-        g, H, L = real(self, T0, h_rad=h_rad, h_mm=h_mm)
-        return g, (H if h_rad > 1.5 * refine_module.CURVATURE_STEP_RAD else None), L  # definite from 2x
-
-    monkeypatch.setattr(refine_module.Objective, "grad_hessian", from_twice)
-    steps.clear()
+    steps = _curvature_definite_from(monkeypatch, 2.0)  # definite from 2x
     early = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)  # two tries allowed, the first suffices
-    assert early.success and early.curvature_scale == 2.0 and max(steps) == pytest.approx(2.0)
+    assert early.success and early.curvature_scale == 2.0 and max(r for r, _ in steps) == pytest.approx(2.0)
 
-    monkeypatch.setattr(refine_module.Objective, "grad_hessian", real)
+    monkeypatch.setattr(Objective, "grad_hessian", _REAL_GRAD_HESSIAN)
     plain = Registrar(ct, cfg).refine(views, scene.T_ref_from_ct)
     assert plain.success and plain.curvature_scale == 1.0  # positive definite at the default steps
     assert cfg.curvature_scales() == (1.0, 2.0, 4.0)
