@@ -70,7 +70,11 @@ class RefineConfig:
     # still not positive definite: a failure
     curvature_fallback_tries: int = 1  # how many such larger measurements at most, each with steps
     # ``curvature_fallback_scale`` times the previous one's (2: steps 2 and then 4 times the default)
-    voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy
+    voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy: at
+    # the finest level by the nearest integer, at the coarser ones by the largest integer not above it
+    # (:func:`pooling_factor`; the finest level rounded down too until README *Speed* measured the shipped CT's
+    # pooled by 2 instead of 1 there: less time per update, the same successes and acceptances; docs/acceptance.md
+    # for why the coarse ones still round down)
     pool_volume: bool = True  # False: render the full-resolution volume at every level
     full_resolution_max_voxels: int = 2**26  # a CT with more voxels than this once cropped to the body (a big CT,
     # e.g. 512 x 512 x 1000) is pooled once to ``base_voxel_mm`` and only that is kept; smaller CTs as they are
@@ -329,6 +333,14 @@ class RegistrationResult:
         return J @ self.covariance.to(T) @ J.T
 
 
+def pooling_factor(ratio: float, *, nearest: bool) -> int:
+    """The integer pooling for ``ratio`` (wanted voxel size over the CT's voxel size), at least 1:
+    the nearest integer, or (``nearest=False``) the largest one not above it."""
+    if not math.isfinite(ratio):
+        raise ValueError(f"pooling ratio must be finite, got {ratio}")
+    return max(1, int(math.floor(ratio + 0.5)) if nearest else int(math.floor(ratio)))
+
+
 def pose_about(
     T0: Float[Tensor, "*#K 4 4"], c: Float[Tensor, "3"], w: Float[Tensor, "*#K 3"], t: Float[Tensor, "*#K 3"]
 ) -> Float[Tensor, "*#K 4 4"]:
@@ -556,7 +568,9 @@ class Registrar:
         depth = transform_points(T_cam_from_ref, c_ref[None].expand(len(v), 1, 3))[:, 0, 2].abs().mean()
         pixel_at_anatomy = float(depth / v.K[:, 0, 0].mean())
         vox = float(self.volume.spacing.min())
-        vfactor = max(1, int(self.config.voxel_per_pixel * pixel_at_anatomy / vox)) if self.config.pool_volume else 1
+        ratio = self.config.voxel_per_pixel * pixel_at_anatomy / vox
+        finest = size >= max(self.config.sizes)  # the finest level (tracking, Newton polish, probes): nearest
+        vfactor = pooling_factor(ratio, nearest=finest) if self.config.pool_volume else 1
         return v.to(self.device), self.renderer(vfactor), vfactor
 
     def objective(
@@ -795,6 +809,7 @@ class Objective:
         self.masks = v.masks if masks is None else masks
         self.target_masks = target_masks
         self.n_samples, self.patch = n_samples, patch
+        self._last: tuple[Tensor, Tensor] | None = None  # the last pose of view_similarity, and its values
         V = len(v)
         if len(self.masks) % V:
             raise ValueError(f"{len(self.masks)} similarity masks for {V} views")
@@ -829,13 +844,21 @@ class Objective:
     def value(self, T: Tensor) -> Tensor:
         return 1 - self.similarity(T).mean()
 
-    def view_similarity(self, T0: Tensor) -> Tensor:
+    def view_similarity(self, T0: Float[Tensor, "4 4"]) -> Float[Tensor, "V"]:  # noqa: F821
+        """Per-view similarity at one pose, without gradients. The last pose's values are kept: the
+        Newton polish asks for the loss, the per-view similarity and the covariance's loss at the same
+        final pose, which then costs one render instead of three."""
+        T = T0.detach().to(self.device)
+        if self._last is not None and self._last[0].dtype == T.dtype and torch.equal(self._last[0], T):
+            return self._last[1].clone()
         with torch.no_grad():
-            return self.similarity(T0.to(self.device)).cpu()
+            s = self.similarity(T).cpu()
+        self._last = (T.clone(), s)
+        return s.clone()
 
-    def loss(self, T0: Tensor) -> float:
-        with torch.no_grad():
-            return float(self.value(T0.to(self.device)))
+    def loss(self, T0: Float[Tensor, "4 4"]) -> float:
+        """1 - mean similarity at one pose (:meth:`view_similarity`'s values)."""
+        return float(1 - self.view_similarity(T0).mean())
 
     def grad(self, T0: Tensor, x: Tensor) -> tuple[Tensor, float]:
         x = x.clone().requires_grad_(True)

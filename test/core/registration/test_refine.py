@@ -12,7 +12,7 @@ from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import load_example_ct
-from mvreg_ros.core.registration.refine import Objective, RefineConfig, Registrar, RegistrationResult
+from mvreg_ros.core.registration.refine import Objective, RefineConfig, Registrar, RegistrationResult, pooling_factor
 from mvreg_ros.core.rendering import native as render_native
 from mvreg_ros.core.rendering.renderer import Renderer
 
@@ -401,3 +401,62 @@ def _errors(T_a, T_b, centre):
     return float(geometry.rotation_angle_deg(D[:3, :3])), float(
         (geometry.transform_points(T_a, c) - geometry.transform_points(T_b, c)).norm()
     )
+
+
+@pytest.mark.parametrize(
+    "ratio, nearest, floor",
+    [(0.2, 1, 1), (1.0, 1, 1), (1.49, 1, 1), (1.5, 2, 1), (1.86, 2, 1), (2.4, 2, 2), (2.5, 3, 2), (5.6, 6, 5)],
+)
+def test_pooling_factor_nearest_or_floor_at_least_one(ratio, nearest, floor):
+    assert pooling_factor(ratio, nearest=True) == nearest
+    assert pooling_factor(ratio, nearest=False) == floor
+
+
+def test_pooling_factor_rejects_a_non_finite_ratio():
+    with pytest.raises(ValueError, match="finite"):
+        pooling_factor(float("nan"), nearest=True)
+
+
+def _voxels_per_unit(ct, scene, views, size):
+    """The wanted voxel (in CT voxels) per unit of ``voxel_per_pixel`` at a level of ``size`` px."""
+    v = views.downsampled(max(1, math.ceil(max(views.height, views.width) / size)))
+    c_ref = geometry.transform_points(scene.T_ref_from_ct, ct.bone_centre_ct().to(torch.float64)[None])[0]
+    T_cam_from_ref = geometry.invert(v.T_ref_from_cam.to(torch.float64))
+    depth = geometry.transform_points(T_cam_from_ref, c_ref[None].expand(len(v), 1, 3))[:, 0, 2].abs().mean()
+    return float(depth / v.K[:, 0, 0].mean()) / float(ct.spacing.min())
+
+
+@pytest.mark.parametrize("wanted, finest, coarse", [(1.7, 2, 1), (1.3, 1, 1), (2.6, 3, 2)])
+def test_finest_level_pools_to_the_nearest_integer_coarser_levels_round_down(ct, scene_views, wanted, finest, coarse):
+    """voxel_per_pixel chosen so a level wants voxels ``wanted`` times the CT's."""
+    scene, views = scene_views
+    for size, expected in ((QUICK.sizes[-1], finest), (QUICK.sizes[0], coarse)):
+        reg = Registrar(
+            ct, dataclasses.replace(QUICK, voxel_per_pixel=wanted / _voxels_per_unit(ct, scene, views, size))
+        )
+        _, renderer, factor = reg.level_inputs(views, size, scene.T_ref_from_ct)
+        assert factor == expected
+        assert renderer is reg.renderer(expected)
+
+
+def test_loss_and_view_similarity_at_one_pose_render_once(ct, scene_views):
+    scene, views = scene_views
+    reg = Registrar(ct, QUICK)
+    T = scene.T_ref_from_ct.to(torch.float64)
+    obj = reg.objective(views, QUICK.sizes[-1], T, n_samples=QUICK.n_samples[-1], patch=QUICK.patches[-1])
+    with torch.no_grad():
+        expected = obj.similarity(T)
+    calls = []
+    render = obj.renderer
+    obj.renderer = lambda *a, **k: calls.append(1) or render(*a, **k)
+    assert obj.loss(T) == pytest.approx(float(1 - expected.mean()), abs=1e-7)
+    torch.testing.assert_close(obj.view_similarity(T), expected)
+    assert obj.loss(T.clone()) == obj.loss(T)
+    assert len(calls) == 1
+    moved = geometry.perturb(
+        T, rot_deg=1, trans_mm=1, centre_ct=ct.centre_ct(), generator=torch.Generator().manual_seed(1)
+    )
+    assert obj.loss(moved) != obj.loss(T)
+    assert len(calls) == 3  # the moved pose, then the first pose again (only the last pose is kept)
+    obj.view_similarity(T)[0] = -5.0  # a caller's change does not reach the kept values
+    torch.testing.assert_close(obj.view_similarity(T), expected)
