@@ -106,7 +106,7 @@ def probe_view(
     lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)
     T = T_ref_from_ct.to(torch.float64).cpu()
     pts = _sphere_points(registrar.centre_ct.to(torch.float64))
-    run = registrar.refine_level(view, T, level=level, lr_scale=lr_scale, early_stop=True)
+    run = registrar.refine_level(view, T, level=level, lr_scale=lr_scale, early_stop=True, finest=True)
     T_cam_from_ref = invert(view.T_ref_from_cam[0].to(torch.float64))
     K = view.K[0].to(torch.float64)
     uv0 = project(K, T_cam_from_ref @ T, pts)

@@ -71,7 +71,8 @@ class RefineConfig:
     curvature_fallback_tries: int = 1  # how many such larger measurements at most, each with steps
     # ``curvature_fallback_scale`` times the previous one's (2: steps 2 and then 4 times the default)
     voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy: at
-    # the finest level by the nearest integer, at the coarser ones by the largest integer not above it
+    # a refinement's finest level (its schedule's last: the tracking update, the Newton polish, the acceptance test's
+    # probes) by the nearest integer, at the coarser ones and in the global stage by the largest integer not above it
     # (:func:`pooling_factor`; the finest level rounded down too until README *Speed* measured the shipped CT's
     # pooled by 2 instead of 1 there: less time per update, the same successes and acceptances; docs/acceptance.md
     # for why the coarse ones still round down)
@@ -556,10 +557,11 @@ class Registrar:
                 centre_ct=self.centre_ct,
             )
 
-    def level_inputs(self, views: ViewSet, size: int, T: Float[Tensor, "4 4"]):
+    def level_inputs(self, views: ViewSet, size: int, T: Float[Tensor, "4 4"], *, finest: bool = False):
         """The views downsampled so their longer side is at most ``size`` px, on the engine's
         device, the renderer of the volume pooled to match a working pixel at the anatomy (seen
-        from the pose ``T``), and that pooling factor."""
+        from the pose ``T``; ``finest``: the finest level of a refinement, pooled by the nearest
+        integer, else rounded down, :func:`pooling_factor`), and that pooling factor."""
         factor = max(1, math.ceil(max(views.height, views.width) / size))
         v = views.downsampled(factor)
         # voxel size to match a working pixel at the anatomy centre
@@ -569,16 +571,23 @@ class Registrar:
         pixel_at_anatomy = float(depth / v.K[:, 0, 0].mean())
         vox = float(self.volume.spacing.min())
         ratio = self.config.voxel_per_pixel * pixel_at_anatomy / vox
-        finest = size >= max(self.config.sizes)  # the finest level (tracking, Newton polish, probes): nearest
         vfactor = pooling_factor(ratio, nearest=finest) if self.config.pool_volume else 1
         return v.to(self.device), self.renderer(vfactor), vfactor
 
     def objective(
-        self, views: ViewSet, size: int, T: Float[Tensor, "*K 4 4"], *, n_samples: int, patch: int
+        self,
+        views: ViewSet,
+        size: int,
+        T: Float[Tensor, "*K 4 4"],
+        *,
+        n_samples: int,
+        patch: int,
+        finest: bool = False,
     ) -> "Objective":
         """The loss at one pyramid level (views at ``size`` px), as a function of the pose; its
-        similarity weights are those at ``T`` (one pose, or one per pose of a batch)."""
-        v, renderer, factor = self.level_inputs(views, size, T.reshape(-1, 4, 4)[0])
+        similarity weights are those at ``T`` (one pose, or one per pose of a batch). ``finest``:
+        the finest level of a refinement (:meth:`level_inputs`)."""
+        v, renderer, factor = self.level_inputs(views, size, T.reshape(-1, 4, 4)[0], finest=finest)
         T_cam_from_ref = invert(v.T_ref_from_cam.to(torch.float64)).to(self.device)
         masks, target_masks = self.similarity_masks(v, T, factor)
         return Objective(self, v, renderer, T_cam_from_ref, n_samples, patch, masks=masks, target_masks=target_masks)
@@ -591,11 +600,13 @@ class Registrar:
         level: LevelSpec,
         lr_scale: float = 1.0,
         early_stop: bool = True,
+        finest: bool = False,
     ) -> LevelRun:
         """Adam with a cosine step decay at one pyramid level, from each of the K starting poses
         at once (one batched render per iteration; the poses do not interact). Keeps each
         pose's best iterate. ``early_stop``: stop once every pose moved less than the tolerances
-        over the last ``tol_window`` iterations."""
+        over the last ``tol_window`` iterations. ``finest``: the finest level of a refinement (the
+        volume's pooling, :meth:`level_inputs`)."""
         cfg = self.config
         timer = self._timer
         T0 = T0.to(torch.float64).cpu()
@@ -604,7 +615,7 @@ class Registrar:
         if T0.ndim != 3 or T0.shape[1:] != (4, 4):
             raise ValueError(f"starting poses must be (K, 4, 4), got {tuple(T0.shape)}")
         K = len(T0)
-        objective = self.objective(views, level.size, T0, n_samples=level.n_samples, patch=level.patch)
+        objective = self.objective(views, level.size, T0, n_samples=level.n_samples, patch=level.patch, finest=finest)
         T0_d, c_d = T0.to(self.device), self.centre_ct.to(self.device)
         w = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
         t = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
@@ -668,8 +679,9 @@ class Registrar:
         level_its = []
         converged = False
         lr_scale = schedule.lr_scale
-        for level in schedule.levels:
-            run = self.refine_level(views, T0, level=level, lr_scale=lr_scale)
+        for k, level in enumerate(schedule.levels):
+            finest = k == len(schedule.levels) - 1  # the schedule's last level: the Newton polish's too
+            run = self.refine_level(views, T0, level=level, lr_scale=lr_scale, finest=finest)
             T0 = run.T_ref_from_ct[0]
             objective = run.objective
             total_it += run.iterations

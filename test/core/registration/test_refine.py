@@ -434,9 +434,41 @@ def test_finest_level_pools_to_the_nearest_integer_coarser_levels_round_down(ct,
         reg = Registrar(
             ct, dataclasses.replace(QUICK, voxel_per_pixel=wanted / _voxels_per_unit(ct, scene, views, size))
         )
-        _, renderer, factor = reg.level_inputs(views, size, scene.T_ref_from_ct)
+        _, renderer, factor = reg.level_inputs(views, size, scene.T_ref_from_ct, finest=size == QUICK.sizes[-1])
         assert factor == expected
         assert renderer is reg.renderer(expected)
+
+
+def test_the_schedules_last_level_and_the_probes_pool_as_finest_the_global_stage_does_not(ct, scene_views, monkeypatch):
+    from mvreg_ros.core.registration.acceptance import probe_view
+    from mvreg_ros.core.registration.global_search import GlobalConfig, global_search
+    from mvreg_ros.core.registration.refine import TrackingConfig
+
+    scene, views = scene_views
+    calls = []
+    level_inputs = Registrar.level_inputs
+
+    def spy(self, views, size, T, *, finest=False):
+        calls.append((size, finest))
+        return level_inputs(self, views, size, T, finest=finest)
+
+    monkeypatch.setattr(Registrar, "level_inputs", spy)
+    quick = dataclasses.replace(QUICK, iterations=(2, 2), uncertainty=False, newton_steps=0)
+    reg = Registrar(ct, quick)
+    reg.refine(views, scene.T_ref_from_ct)
+    assert calls == [(32, False), (48, True)]
+    calls.clear()
+    reg.refine(views, scene.T_ref_from_ct, schedule=TrackingConfig(iterations=2, newton_steps=0).schedule(quick))
+    assert calls == [(48, True)]
+    calls.clear()
+    probe_view(reg, views.select([0]), scene.T_ref_from_ct, iterations=2)
+    assert calls == [(48, True)]
+    # one level only: the global stage's levels (here of that same size) still round down
+    calls.clear()
+    single = Registrar(ct, dataclasses.replace(quick, **ONE_LEVEL, iterations=(2,)))
+    g = GlobalConfig(size=32, candidates=4, keep=2, iterations=2, batch=4, rank_size=32)
+    global_search(single, views, scene.T_ref_from_ct, config=g)
+    assert calls and all(not finest for _, finest in calls)
 
 
 def test_loss_and_view_similarity_at_one_pose_render_once(ct, scene_views):
@@ -449,7 +481,7 @@ def test_loss_and_view_similarity_at_one_pose_render_once(ct, scene_views):
     calls = []
     render = obj.renderer
     obj.renderer = lambda *a, **k: calls.append(1) or render(*a, **k)
-    assert obj.loss(T) == pytest.approx(float(1 - expected.mean()), abs=1e-7)
+    assert obj.loss(T) == float(1 - expected.mean())
     torch.testing.assert_close(obj.view_similarity(T), expected)
     assert obj.loss(T.clone()) == obj.loss(T)
     assert len(calls) == 1
@@ -460,3 +492,7 @@ def test_loss_and_view_similarity_at_one_pose_render_once(ct, scene_views):
     assert len(calls) == 3  # the moved pose, then the first pose again (only the last pose is kept)
     obj.view_similarity(T)[0] = -5.0  # a caller's change does not reach the kept values
     torch.testing.assert_close(obj.view_similarity(T), expected)
+    T2 = moved.clone()
+    before = obj.loss(T2)
+    T2[:3, 3] += 5.0  # a pose changed in place after the call is a new pose
+    assert obj.loss(T2) != before
