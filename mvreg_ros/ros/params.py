@@ -731,6 +731,11 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
             raise ConfigError(f"parameter {key!r} needs one value per refine_sizes level ({levels}), got {len(v[key])}")
     if levels == 0:
         raise ConfigError("parameter 'refine_sizes' needs at least one level")
+    sizes = list(v["refine_sizes"])
+    if any(a >= b for a, b in zip(sizes, sizes[1:])):
+        raise ConfigError(
+            f"parameter 'refine_sizes' must ascend, coarse to fine (the last level is the finest), got {sizes}"
+        )
     device = resolve_device(v["device"]) if resolve else v["device"]
     pipeline = PipelineConfig(
         acceptance=dataclasses.replace(

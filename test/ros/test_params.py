@@ -247,6 +247,10 @@ def test_every_parameter_has_a_row_in_docs_node_md():
         ({"planes": ["p", "q"]}, "one plane per image topic"),
         ({"refine_sizes": [16, 32, 64, 128]}, "refine_iterations"),
         ({"refine_sizes": [4]}, "must lie in"),
+        (
+            {"refine_sizes": [96, 32], "refine_iterations": [5, 5], "refine_samples": [8, 8], "refine_patches": [8, 8]},
+            "must ascend",
+        ),
         ({"initial_T_ref_from_ct": [1.0, 2.0]}, "needs 0 or 7 or 16 values"),
         (
             {"initial_T_ref_from_ct": [2.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]},

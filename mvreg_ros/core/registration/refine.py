@@ -120,6 +120,8 @@ class RefineConfig:
                 raise ValueError(f"{name} needs one entry per level ({n}), got {getattr(self, name)}")
         if n == 0:
             raise ValueError("at least one pyramid level is needed")
+        if any(s < 1 for s in self.sizes) or any(a >= b for a, b in zip(self.sizes, self.sizes[1:])):
+            raise ValueError(f"sizes must be positive and ascending (coarse to fine), got {self.sizes}")
         if self.mask_truncated not in ("complete", "footprint", "off"):
             raise ValueError(f"mask_truncated must be 'complete', 'footprint' or 'off', got {self.mask_truncated!r}")
         if not 0 <= self.target_weight <= 1:

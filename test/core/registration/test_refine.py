@@ -304,6 +304,9 @@ def test_config_validation():
         RefineConfig(sizes=(32, 64), iterations=(10,), n_samples=(32, 32), patches=(8, 8))
     with pytest.raises(ValueError, match="render_backend"):
         RefineConfig(render_backend="gpu-please")
+    for sizes in ((96, 32), (32, 32), (0, 32)):  # the last level is the finest: coarse to fine, strictly
+        with pytest.raises(ValueError, match="ascending"):
+            RefineConfig(sizes=sizes, iterations=(1, 1), n_samples=(8, 8), patches=(8, 8))
 
 
 def test_fast_backends_match_reference_backend(ct, scene_views):
