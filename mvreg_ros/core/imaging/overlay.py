@@ -13,6 +13,7 @@ from torch import Tensor
 
 from mvreg_ros.core.geometry.transforms import invert, transform_points
 from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.registration.refine import pooling_factor
 from mvreg_ros.core.registration.similarity import gradients
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def fusion_rgb(
     # pool the volume so a voxel is about a pixel at the anatomy
     c_cam = transform_points(T_cam_from_ct, registrar.centre_ct.to(T_cam_from_ct)[None].expand(len(v), 1, 3))[:, 0]
     pixel_mm = float((c_cam[:, 2].abs() / v.K[:, 0, 0]).mean())
-    vfactor = max(1, int(pixel_mm / float(registrar.volume.spacing.min())))
+    vfactor = pooling_factor(pixel_mm / float(registrar.volume.spacing.min()), nearest=False)
     with torch.no_grad():
         drr = registrar.renderer(vfactor)(T_cam_from_ct, v.K, v.height, v.width).float().cpu()
     panels = []
