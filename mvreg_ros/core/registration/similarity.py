@@ -116,7 +116,9 @@ class PreparedSimilarity:
     eroded masks) is computed once here, and each call pools the render's moments for every
     channel (intensity, horizontal and vertical gradient) and every weighting in one
     ``avg_pool2d``. The same values as the weighted sum of :func:`image_similarity` over
-    ``weightings`` (the reference path; tests compare values and gradients).
+    ``weightings`` (the reference path; tests compare values and gradients). Calls through which
+    gradients flow run under ``torch.compile`` (:func:`_compiled_call`; ``compiled=False``: eagerly,
+    as the calls without gradients always do).
 
     ``weightings``: ``(mask, weight)`` pairs, each mask ``(N, H, W)``; the result is
     ``sum(weight * image_similarity(drr, target, mask))``. A call with ``n * N`` renders compares
@@ -139,7 +141,8 @@ class PreparedSimilarity:
             if m.shape != target.shape:
                 raise ValueError(f"mask shape {tuple(m.shape)} differs from the target's {tuple(target.shape)}")
         self.patch, self.grad_weight, self.shape = patch, float(grad_weight), tuple(target.shape)
-        self.compiled = bool(compiled)  # False: every call eager (the reference of the compiled path)
+        self.compiled = bool(compiled)  # False: every call eager (the reference of the compiled path); True: the calls
+        # with gradients compiled (those without run eagerly)
         channels = 3 if grad_weight > 0 else 1
         # channel weights of the similarity: (1 - g) intensity, g / 2 each gradient, times the weighting's weight
         cw = [1 - self.grad_weight] + [0.5 * self.grad_weight] * (channels - 1)
@@ -181,7 +184,10 @@ class PreparedSimilarity:
             self._cw,
         )
         kw = dict(patch=self.patch, weightings=self._J, gradient=self.grad_weight > 0)
-        if self.compiled:
+        # compiled where gradients flow (the optimisers' steps, the curvature's batches, the probes): each compiled
+        # variant costs about 0.8 s to load in every new process (README *Big CTs*), and the calls without gradients
+        # (the global stage's scoring, the final per-view similarity) gain less than that
+        if self.compiled and drr.requires_grad and torch.is_grad_enabled():
             out = _compiled_call(*args, **kw)
             if out is not None:
                 return out

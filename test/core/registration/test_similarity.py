@@ -218,11 +218,37 @@ def test_prepared_similarity_falls_back_to_eager_when_it_cannot_compile(monkeypa
     x = _smooth_images(2, 40, 40, seed=9)
     fast = PreparedSimilarity(y, [(fov, 1.0)], patch=8)
     with pytest.warns(RuntimeWarning, match="runs uncompiled"):
-        got = fast(x)
+        got = fast(x.clone().requires_grad_())
     assert not fast.compiled and sim._COMPILED_CALL["failed"]
     torch.testing.assert_close(got, image_similarity(x, y, fov, patch=8), atol=1e-6, rtol=1e-5)
     again = PreparedSimilarity(y, [(fov, 1.0)], patch=8)  # a later objective does not try again
-    torch.testing.assert_close(again(x), got)
+    torch.testing.assert_close(again(x.clone().requires_grad_()), got)
+
+
+def test_prepared_similarity_compiles_only_the_calls_with_gradients(monkeypatch):
+    """Each compiled variant costs load time in every new process, so the calls without gradients
+    (the global stage's scoring, the final per-view similarity) run eagerly: the same values."""
+    import mvreg_ros.core.registration.similarity as sim
+
+    calls = []
+    real = sim._compiled_call
+
+    def spy(*args, **kw):
+        calls.append(args[0].requires_grad)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sim, "_compiled_call", spy)
+    y = _smooth_images(2, 40, 40, seed=7)
+    fov, _ = _masks(2, 40, 40, seed=8)
+    x = _smooth_images(2, 40, 40, seed=9)
+    fast = PreparedSimilarity(y, [(fov, 1.0)], patch=8)
+    plain = fast(x)  # no gradient asked for
+    with torch.no_grad():
+        fast(x.clone().requires_grad_())  # gradients off
+    assert calls == []
+    with_grad = fast(x.clone().requires_grad_())
+    assert calls == [True]
+    torch.testing.assert_close(with_grad.detach(), plain, atol=1e-6, rtol=1e-5)
 
 
 def test_prepared_similarity_is_one_on_its_target_and_checks_inputs():
