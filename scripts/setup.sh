@@ -27,7 +27,7 @@ fi
 # ~/.cache/torch_extensions); without a C++ compiler the renderer falls back to torch.compile or grid_sample
 "$VENV/bin/python" -c "from mvreg_ros.core.rendering import native as n; m = n.load(); \
 print('[setup] native renderer kernel:', m.isa if m else 'not built (fallback backend in use)')"
-# the renderer's and the similarity's compiled kernels, into torch's compile cache under ~/.cache/mvreg_ros
-# (about 110 s on 2 cores the first time, 20 s once cached): the first registration of any CT then loads them
+# the renderer's compiled kernels, into torch's compile cache under ~/.cache/mvreg_ros (about 45 s on
+# 2 cores the first time, 10 to 25 s once cached): the first registration of any CT then loads them
 "$VENV/bin/mvreg" precompile || echo "[setup] mvreg precompile failed: the first registration compiles instead"
 echo "[setup] ready: $VENV"

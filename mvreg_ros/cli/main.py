@@ -17,7 +17,7 @@ COMMANDS = {
     "bag": ("mvreg_ros.cli.bag", "simulate rosbags of C-arm acquisitions and evaluate the node by replaying them"),
     "precompile": (
         "mvreg_ros.cli.precompile",
-        "compile the renderer's and the similarity's kernels once into the compile cache on disk (the set-up runs it)",
+        "compile the renderer's kernels once into the compile cache on disk (the set-up runs it)",
     ),
 }
 

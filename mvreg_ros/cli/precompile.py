@@ -1,4 +1,4 @@
-"""``mvreg precompile``: compile the renderer's and the similarity's kernels once, into torch's compile cache on disk,
+"""``mvreg precompile``: compile the renderer's kernels once, into torch's compile cache on disk,
 so that the first registration of any CT in a later process (the node's configure, ``mvreg
 eval``) loads them instead of compiling them. The set-up runs it with the engine's defaults
 (those of every shipped node configuration); ``--params-file`` compiles for a node parameter

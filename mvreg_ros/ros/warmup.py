@@ -1,6 +1,6 @@
 """Warm-up at configure time (plain Python/PyTorch, no rclpy).
 
-The engine compiles its renderer and similarity kernels (or loads them from the compile cache on disk that
+The engine compiles its renderer kernels (or loads them from the compile cache on disk that
 ``mvreg precompile`` fills: ``core/registration/precompile.py``) for each sample count, with
 and without gradients, for one view and for several, the first time it meets them, and the
 coarse network pays a first-call cost too. :func:`warm_up` pays all of that before the node is

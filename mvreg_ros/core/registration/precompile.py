@@ -1,4 +1,4 @@
-"""The renderer's and the similarity's compiled kernels, ahead of the first registration (plain PyTorch, no rclpy).
+"""The renderer's compiled kernels, ahead of the first registration (plain PyTorch, no rclpy).
 
 The renderer's kernels take the volume's sizes, the view count and the ray count as sizes
 (``renderer.mark_batch_dynamic``), so the variants a registration needs depend only on the
@@ -6,8 +6,7 @@ settings (sample counts, gradient on or off, one view or several), not on the CT
 process that has never compiled them spends about 25 s on its first registration on 2 CPU
 cores (Dynamo, Inductor and the C++ compiler). :func:`precompile` pays that once, on a small
 phantom CT, and torch keeps the result in its compile cache on disk (:func:`compile_cache_dir`),
-so a later process loads the kernels of any CT instead of compiling them (the similarity's kernels,
-:class:`~mvreg_ros.core.registration.similarity.PreparedSimilarity`, take every size as a size too): the set-up runs it
+so a later process loads the kernels of any CT instead of compiling them: the set-up runs it
 (``mvreg precompile``), the node's configure and the first registration of a new CT then only
 trace and load.
 
@@ -96,7 +95,7 @@ class PrecompileReport:
 
     def summary(self) -> str:
         return (
-            f"renderer and similarity kernels ready in {self.time_s:.1f} s: {self.compiled} graph(s) compiled, "
+            f"renderer kernels ready in {self.time_s:.1f} s: {self.compiled} graph(s) compiled, "
             f"{self.loaded} loaded from the cache {self.cache_dir}"
         )
 

@@ -6,15 +6,12 @@ All return one value per view in [-1, 1] (1 = identical up to an affine intensit
 from __future__ import annotations
 
 import typing
-import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
-
-from mvreg_ros.core.rendering.renderer import compile_cache_dir
 
 _EPS = 1e-8
 
@@ -116,9 +113,7 @@ class PreparedSimilarity:
     eroded masks) is computed once here, and each call pools the render's moments for every
     channel (intensity, horizontal and vertical gradient) and every weighting in one
     ``avg_pool2d``. The same values as the weighted sum of :func:`image_similarity` over
-    ``weightings`` (the reference path; tests compare values and gradients). Calls through which
-    gradients flow run under ``torch.compile`` (:func:`_compiled_call`; ``compiled=False``: eagerly,
-    as the calls without gradients always do).
+    ``weightings`` (the reference path; tests compare values and gradients).
 
     ``weightings``: ``(mask, weight)`` pairs, each mask ``(N, H, W)``; the result is
     ``sum(weight * image_similarity(drr, target, mask))``. A call with ``n * N`` renders compares
@@ -131,7 +126,6 @@ class PreparedSimilarity:
         *,
         patch: int,
         grad_weight: float = 0.5,
-        compiled: bool = True,
     ):
         if not weightings:
             raise ValueError("PreparedSimilarity needs at least one (mask, weight) pair")
@@ -141,8 +135,6 @@ class PreparedSimilarity:
             if m.shape != target.shape:
                 raise ValueError(f"mask shape {tuple(m.shape)} differs from the target's {tuple(target.shape)}")
         self.patch, self.grad_weight, self.shape = patch, float(grad_weight), tuple(target.shape)
-        self.compiled = bool(compiled)  # False: every call eager (the reference of the compiled path); True: the calls
-        # with gradients compiled (those without run eagerly)
         channels = 3 if grad_weight > 0 else 1
         # channel weights of the similarity: (1 - g) intensity, g / 2 each gradient, times the weighting's weight
         cw = [1 - self.grad_weight] + [0.5 * self.grad_weight] * (channels - 1)
@@ -157,8 +149,8 @@ class PreparedSimilarity:
         self._w = torch.cat(w, 1)  # (N, C, H, W), C = channels per weighting x weightings
         self._J = len(weightings)
         self._sw_img = self._w.sum((-2, -1), keepdim=True).clamp_min(_EPS)
-        y = _standardised(_channels(target, weightings=self._J, gradient=grad_weight > 0), self._w, self._sw_img)
-        sw, wy, wyy = _pool(torch.cat([self._w, self._w * y, self._w * y * y], 1), patch).chunk(3, 1)
+        y = self._standardised(self._channels(target), self._w, self._sw_img)
+        sw, wy, wyy = self._pool(torch.cat([self._w, self._w * y, self._w * y * y], 1)).chunk(3, 1)
         self._sw, self._swc = sw, sw.clamp_min(_EPS)
         self._my = wy / self._swc
         self._syy = (wyy / self._swc - self._my * self._my).clamp_min(0)
@@ -167,126 +159,47 @@ class PreparedSimilarity:
         self._weight = sw * informative
         self._norm = self._weight.sum((2, 3)).clamp_min(_EPS)  # (N, C)
 
+    def _channels(self, x: Tensor) -> Tensor:
+        """(N, H, W) -> (N, C, H, W): intensity and Sobel gradients, repeated for each weighting."""
+        if self.grad_weight > 0:
+            k = torch.stack([_SOBEL, _SOBEL.T])[:, None].to(x)
+            g = F.conv2d(F.pad(x[:, None], (1, 1, 1, 1), mode="replicate"), k)
+            x = torch.cat([x[:, None], g], 1)
+        else:
+            x = x[:, None]
+        return x.repeat(1, self._J, 1, 1)
+
+    @staticmethod
+    def _standardised(x: Tensor, w: Tensor, sw: Tensor) -> Tensor:
+        """``x`` standardised per channel under the weights ``w`` (zero weighted mean, unit weighted
+        variance), with the weights' sums ``sw`` given."""
+        m = (w * x).sum((-2, -1), keepdim=True) / sw
+        xc = x - m
+        var = (w * xc * xc).sum((-2, -1), keepdim=True) / sw
+        return xc / torch.sqrt(var + 1e-12)
+
+    def _pool(self, t: Tensor) -> Tensor:
+        p = self.patch
+        return F.avg_pool2d(t, p, stride=p) * (p * p)
+
+    def _tile(self, t: Tensor, n: int) -> Tensor:
+        return t if n == 1 else t.repeat(n, 1, 1, 1)
+
     def __call__(self, drr: Float[Tensor, "M H W"]) -> Float[Tensor, "M"]:  # noqa: F821
         N = self.shape[0]
         if drr.shape[1:] != self.shape[1:] or len(drr) % N:
             raise ValueError(f"renders {tuple(drr.shape)} do not tile the targets {self.shape}")
-        args = (
-            drr,
-            self._w,
-            self._sw_img,
-            self._wy,
-            self._swc,
-            self._my,
-            self._syy,
-            self._weight,
-            self._norm,
-            self._cw,
-        )
-        kw = dict(patch=self.patch, weightings=self._J, gradient=self.grad_weight > 0)
-        # compiled where gradients flow (the optimisers' steps, the curvature's batches, the probes): each compiled
-        # variant costs about 0.8 s to load in every new process (README *Big CTs*), and the calls without gradients
-        # (the global stage's scoring, the final per-view similarity) gain less than that
-        if self.compiled and drr.requires_grad and torch.is_grad_enabled():
-            out = _compiled_call(*args, **kw)
-            if out is not None:
-                return out
-            self.compiled = False
-        return _prepared_call(*args, **kw)
-
-
-@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def sobel(x: Float[Tensor, "N 1 H W"]) -> Float[Tensor, "N 2 H W"]:
-    """The horizontal and vertical Sobel gradients of :func:`gradients` (the same kernels, replicated
-    border) as shifted differences, which ``torch.compile`` fuses with the rest of the similarity
-    (a convolution stays a separate library call, forward and backward)."""
-    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    H, W = x.shape[-2], x.shape[-1]
-    top, mid, bot = p[..., 0:H, :], p[..., 1 : H + 1, :], p[..., 2 : H + 2, :]
-    rows = top + 2 * mid + bot  # vertical smoothing, then the horizontal difference
-    gx = (rows[..., 2 : W + 2] - rows[..., 0:W]) / 8
-    cols = p[..., 0:W] + 2 * p[..., 1 : W + 1] + p[..., 2 : W + 2]  # horizontal smoothing, then vertical
-    gy = (cols[..., 2 : H + 2, :] - cols[..., 0:H, :]) / 8
-    return torch.cat([gx, gy], 1)
-
-
-@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def _standardised(x: Tensor, w: Tensor, sw: Tensor) -> Tensor:
-    """``x`` standardised per channel under the weights ``w`` (zero weighted mean, unit weighted
-    variance), with the weights' sums ``sw`` given."""
-    m = (w * x).sum((-2, -1), keepdim=True) / sw
-    xc = x - m
-    var = (w * xc * xc).sum((-2, -1), keepdim=True) / sw
-    return xc / torch.sqrt(var + 1e-12)
-
-
-@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def _channels(x: Tensor, *, weightings: int, gradient: bool) -> Tensor:
-    """(N, H, W) -> (N, C, H, W): intensity and Sobel gradients, repeated for each weighting."""
-    x = x[:, None]
-    if gradient:
-        x = torch.cat([x, sobel(x)], 1)
-    return x.repeat(1, weightings, 1, 1)
-
-
-@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def _pool(t: Tensor, patch: int) -> Tensor:
-    return F.avg_pool2d(t, patch, stride=patch) * (patch * patch)
-
-
-@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def _tile(t: Tensor, n: int) -> Tensor:
-    return t.repeat(n, 1, 1, 1)  # also for n = 1: no branch on n, so one compiled variant serves every pose batch
-
-
-@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def _prepared_call(
-    drr, w0, sw_img, wy0, swc0, my0, syy0, weight0, norm0, cw, *, patch: int, weightings: int, gradient: bool
-):
-    """:meth:`PreparedSimilarity.__call__` on its prepared tensors (a plain function, so that
-    ``torch.compile`` sees every tensor as an input and one compiled variant serves every
-    objective)."""
-    n = drr.shape[0] // w0.shape[0]
-    w = _tile(w0, n)
-    x = _standardised(_channels(drr, weightings=weightings, gradient=gradient), w, _tile(sw_img, n))
-    wx = w * x
-    C = x.shape[1]
-    pooled = _pool(torch.cat([wx, wx * x, _tile(wy0, n) * x], 1), patch)
-    wxs, wxx, wxy = pooled[:, :C], pooled[:, C : 2 * C], pooled[:, 2 * C :]
-    swc, my = _tile(swc0, n), _tile(my0, n)
-    mx = wxs / swc
-    sxx = (wxx / swc - mx * mx).clamp_min(0)
-    sxy = wxy / swc - mx * my
-    r = (sxy / torch.sqrt((sxx + 1e-6) * (_tile(syy0, n) + 1e-6))).clamp(-1, 1)
-    per_channel = (r * _tile(weight0, n)).sum((2, 3)) / norm0.repeat(n, 1)  # (M, C)
-    return per_channel @ cw
-
-
-_COMPILED_CALL: dict = {}  # "fn": the compiled function; "failed": True once it could not compile
-
-
-def _compiled_call(*args, **kw) -> Tensor | None:
-    """:func:`_prepared_call` under ``torch.compile``, the tensors' sizes marked dynamic as the
-    renderer's are (``renderer.mark_batch_dynamic``): the variants depend on the patch size, the
-    weighting count, the gradient setting, one view or several and one pose or several, not on the
-    image size; kept in the compile cache on disk. None when it cannot compile here (then the caller
-    runs it eagerly, the same values)."""
-    if _COMPILED_CALL.get("failed"):
-        return None
-    if "fn" not in _COMPILED_CALL:
-        compile_cache_dir()  # before Dynamo's import (which sets torch's default)
-        _COMPILED_CALL["fn"] = torch.compile(_prepared_call, dynamic=False)
-    for t in args:  # sizes as sizes; the ints (patch, weighting count) stay constants, as a size 1 does
-        for dim, n in enumerate(t.shape):
-            if n > 1:
-                torch._dynamo.maybe_mark_dynamic(t, dim)
-    try:
-        return _COMPILED_CALL["fn"](*args, **kw)
-    except Exception as e:  # no C++ compiler (or Triton): the eager path computes the same values
-        _COMPILED_CALL["failed"] = True
-        warnings.warn(
-            f"torch.compile of the similarity failed ({type(e).__name__}: {e}); it runs uncompiled",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+        n = len(drr) // N
+        w = self._tile(self._w, n)
+        x = self._standardised(self._channels(drr), w, self._tile(self._sw_img, n))
+        wx = w * x
+        C = x.shape[1]
+        pooled = self._pool(torch.cat([wx, wx * x, self._tile(self._wy, n) * x], 1))
+        wxs, wxx, wxy = pooled[:, :C], pooled[:, C : 2 * C], pooled[:, 2 * C :]
+        swc, my = self._tile(self._swc, n), self._tile(self._my, n)
+        mx = wxs / swc
+        sxx = (wxx / swc - mx * mx).clamp_min(0)
+        sxy = wxy / swc - mx * my
+        r = (sxy / torch.sqrt((sxx + 1e-6) * (self._tile(self._syy, n) + 1e-6))).clamp(-1, 1)
+        per_channel = (r * self._tile(self._weight, n)).sum((2, 3)) / self._norm.repeat(n, 1)  # (M, C)
+        return per_channel @ self._cw
