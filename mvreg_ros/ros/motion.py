@@ -51,7 +51,7 @@ class MotionConfig:
     """Thresholds of the held-pose check (node parameters ``motion_*``, ros/params.py)."""
 
     similarity_drop: float = 0.2  # a new view this far below the held pose's accepted level contradicts it
-    min_similarity: float = 0.5  # ... as does one below the acceptance test's min_similarity
+    min_similarity: float = 0.35  # ... as does one below the acceptance test's min_similarity
     max_shift_mm: float = 3.0  # a new view alone moving the anatomy further than this in its image ...
     min_gain: float = 0.05  # ... while gaining more than this similarity contradicts the held pose
 

@@ -366,6 +366,15 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         into="refine",
     ),
     ParamSpec(
+        "refine_grad_weight",
+        "double",
+        _REFINE.grad_weight,
+        "Similarity: weight of the gradient NCC against the intensity NCC (0..1; lower for a CT with very thick "
+        "slices, whose DRRs' edges are steps).",
+        range=(0.0, 1.0),
+        into="refine",
+    ),
+    ParamSpec(
         "i0",
         "double",
         0.0,
@@ -758,6 +767,7 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
         iterations=tuple(v["refine_iterations"]),
         n_samples=tuple(v["refine_samples"]),
         patches=tuple(v["refine_patches"]),
+        grad_weight=v["refine_grad_weight"],
         min_similarity=v["min_similarity"],
         uncertainty=True,
         device=device,

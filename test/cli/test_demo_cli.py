@@ -8,7 +8,7 @@ from mvreg_ros.cli.main import main
 
 
 def test_demo_writes_overlays(tmp_path, capsys):
-    rc = main(["demo", "--downsample", "4", "--views", "2", "--out", str(tmp_path)])
+    rc = main(["demo", "--downsample", "2", "--views", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     # the demo scores its estimate against the simulation's truth: the start is far off, the estimate is not
@@ -16,8 +16,9 @@ def test_demo_writes_overlays(tmp_path, capsys):
     final = re.search(r"^stage 2 \(refinement\): mTRE ([0-9.]+) mm", out, re.M)
     assert start and final, out
     assert float(start.group(1)) > 15.0, out  # 10 deg / 20 mm from the truth
-    # the shipped CT pooled by 4 has 10 mm slices: 2.5 mm leaves room over the ~1.8 mm it reaches
-    assert float(final.group(1)) < 2.5, out
+    # the shipped CT pooled by 2 (5 mm slices) as fast as by 4: 0.51 mm at the 128 px finest level; pooled by 4
+    # (10 mm slices) the 128 px level is biased to 2.9 mm (85 px: 1.8 mm), docs/acceptance.md
+    assert float(final.group(1)) < 1.5, out
     for i in range(2):
         img = Image.open(tmp_path / f"overlay_view{i}.png")
         assert img.size == (3 * 256, 256) and img.mode == "RGB"

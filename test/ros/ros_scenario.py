@@ -29,6 +29,9 @@ QUICK = {
     "refine_iterations": [100],
     "refine_samples": [48],
     "refine_patches": [8],
+    # the tiny CT's 20 mm slices make its DRRs' edges steps: with the engine's gradient weight (0.75) the
+    # sequential mode's per-view check took the pre-motion views for moved anatomy (docs/acceptance.md)
+    "refine_grad_weight": 0.5,
     "device": "cpu",
     # the warm-up hints (warmup_image_size, warmup_focal_px) come from config/biplane.yaml and
     # config/mobile_carm.yaml, which are set to this simulated detector (DETECTOR below)

@@ -158,7 +158,7 @@ def test_anatomy_moving_between_shots(spawn, tmp_path, ros_context):
         f"\nmotion {moved_mm:.1f} mm (landmarks); pre-motion registrations {[round(e, 2) for _, e in before]} mm; "
         f"TFs at/after the first post-motion image: {len(after)}, worst {max((e for _, e in after), default=0):.2f} mm; "
         f"first correct TF at shot {stamps.index(good[0]) - PRE + 1 if good else None} after the motion; "
-        f"pose_valid false {(false_at[0] - first_post) * 1e-9 if false_at else None:.2f} s after the first "
+        f"pose_valid false {f'{(false_at[0] - first_post) * 1e-9:.2f} s' if false_at else 'never'} after the first "
         f"post-motion stamp; motion_detected: {[(m.get('view_shift_mm'), m.get('view_gain')) for m in motion]}"
     )
     assert moved_mm > 8.0

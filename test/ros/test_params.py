@@ -65,6 +65,7 @@ def test_register_yaml_holds_the_defaults():
         "refine_iterations",
         "refine_samples",
         "refine_patches",
+        "refine_grad_weight",
         "warmup_image_size",
     }
 
@@ -96,6 +97,20 @@ def test_defaults_validate():
 def test_render_backend_reaches_the_refine_config():
     assert build_config(dict(BASE), resolve=False).refine.render_backend == "auto"
     assert build_config({**BASE, "render_backend": "grid_sample"}, resolve=False).refine.render_backend == "grid_sample"
+
+
+def test_similarity_defaults_and_grad_weight_reach_the_refine_config():
+    from mvreg_ros.core.registration.acceptance import AcceptanceConfig
+    from mvreg_ros.core.registration.refine import RefineConfig
+
+    cfg = build_config(dict(BASE), resolve=False)
+    assert cfg.refine.grad_weight == RefineConfig().grad_weight == 0.75
+    # one node parameter sets the refinement's mean floor and the acceptance test's per-view floor: same defaults
+    assert cfg.refine.min_similarity == cfg.pipeline.acceptance.min_view_similarity == RefineConfig().min_similarity
+    assert AcceptanceConfig().min_view_similarity == RefineConfig().min_similarity
+    assert build_config({**BASE, "refine_grad_weight": 0.5}, resolve=False).refine.grad_weight == 0.5
+    with pytest.raises(ConfigError, match="refine_grad_weight"):
+        build_config({**BASE, "refine_grad_weight": 1.5}, resolve=False)
 
 
 BASE = {"volume_path": "example:8"}

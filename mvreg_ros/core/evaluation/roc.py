@@ -22,7 +22,11 @@ SWEEPS = ("min_view_similarity", "max_uncertainty_mm", "max_view_shift_mm", "max
 
 
 def accepts(
-    case: dict, config: AcceptanceConfig, *, min_similarity: float = 0.5, max_curvature_scale: float = math.inf
+    case: dict,
+    config: AcceptanceConfig,
+    *,
+    min_similarity: float = RefineConfig().min_similarity,
+    max_curvature_scale: float = math.inf,
 ) -> bool:
     """Would ``config`` accept this recorded case? ``min_similarity``: the refinement's own floor
     on the mean similarity (``RefineConfig.min_similarity``). ``max_curvature_scale``: a case whose

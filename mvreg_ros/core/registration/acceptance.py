@@ -38,14 +38,14 @@ from mvreg_ros.core.registration.refine import LevelSpec, Registrar, Registratio
 @dataclasses.dataclass(frozen=True)
 class AcceptanceConfig:
     min_views: int = 2  # fewer views are never accepted (1: accept single views, at the user's risk)
-    min_view_similarity: float = 0.5
+    min_view_similarity: float = 0.35  # 0.5 until the 128 px finest level, whose NCC runs lower (docs/acceptance.md)
     max_uncertainty_mm: float = 1.5  # 1-sigma RMS displacement of points on a 50 mm sphere around the anatomy centre
     view_agreement: bool = True
     agreement_iterations: int = 15  # single-view refinement from the joint result, at the finest level
     max_view_shift_mm: float = 1.0  # how far a view alone may move the anatomy in its image plane (at the anatomy;
     # 1.5 before the calibration of docs/acceptance.md "Calibration for the faster engine")
-    max_view_gain: float = 0.01  # ... and how much similarity it may gain by doing so (a view is rejected when both
-    # are exceeded)
+    max_view_gain: float = 0.0085  # ... and how much similarity it may gain by doing so (a view is rejected when both
+    # are exceeded; 0.01 before the 128 px finest level)
     min_margin: float = 0.0  # winner's similarity minus a distinct runner-up's at the global level (0: off)
     require_converged: bool = False
 

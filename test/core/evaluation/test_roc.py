@@ -23,11 +23,15 @@ def test_accepts_follows_each_check():
     assert accepts(_case(True), cfg)
     assert not accepts(_case(True, ok=False), cfg)  # the refinement failed (curvature)
     assert not accepts(_case(True, sims=(0.8,)), cfg)  # one view
-    assert not accepts(_case(True, sims=(0.8, 0.45)), cfg)
+    low = cfg.min_view_similarity
+    assert not accepts(_case(True, sims=(0.8, low - 0.01)), cfg)
+    assert accepts(_case(True, sims=(0.8, low)), cfg)
     assert not accepts(_case(True, unc=2.5), cfg)
     assert not accepts(_case(True, shifts=(0.1, 2.0), gains=(0.0, 0.02)), cfg)  # both exceeded
     assert accepts(_case(True, shifts=(0.1, 2.0), gains=(0.0, 0.005)), cfg)  # shift alone is not enough
-    assert not accepts(_case(True, sims=(0.45, 0.5)), AcceptanceConfig(min_view_similarity=0.4))  # mean < 0.5
+    # the mean below the refinement's floor (RefineConfig.min_similarity), each view above the acceptance test's
+    assert not accepts(_case(True, sims=(0.4, 0.45)), AcceptanceConfig(min_view_similarity=0.4), min_similarity=0.45)
+    assert accepts(_case(True, sims=(0.4, 0.5)), AcceptanceConfig(min_view_similarity=0.4), min_similarity=0.45)
     unconverged = {**_case(True), "converged": False, "margin": 0.01}
     assert accepts(unconverged, cfg) and not accepts(unconverged, AcceptanceConfig(require_converged=True))
     assert not accepts(unconverged, AcceptanceConfig(min_margin=0.02))
@@ -67,9 +71,11 @@ def test_other_sweeps_judge_the_curvature_as_the_engine_default():
     from mvreg_ros.core.evaluation.roc import default_curvature_scale
     from mvreg_ros.core.registration.refine import RefineConfig
 
-    assert default_curvature_scale() == 2.0  # one fallback, steps twice the default
+    assert default_curvature_scale() == 4.0  # two fallbacks, steps twice and four times the default
+    assert default_curvature_scale(RefineConfig(curvature_fallback_tries=1)) == 2.0
     assert default_curvature_scale(RefineConfig(curvature_fallback_tries=2)) == 4.0
     assert default_curvature_scale(RefineConfig(curvature_fallback_scale=0.0)) == 1.0
     cases = [{**_case(True), "curvature_scale": 4.0}, {**_case(True), "curvature_scale": 2.0}]
-    (point,) = sweep(cases, "min_view_similarity", (0.5,), max_curvature_scale=default_curvature_scale())
+    one_fallback = default_curvature_scale(RefineConfig(curvature_fallback_tries=1))
+    (point,) = sweep(cases, "min_view_similarity", (0.5,), max_curvature_scale=one_fallback)
     assert point.accepted == 1
