@@ -29,6 +29,8 @@ import threading
 import typing
 from collections.abc import Sequence
 
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig
+
 
 def _number(value, name: str, *, low: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -51,7 +53,7 @@ class MotionConfig:
     """Thresholds of the held-pose check (node parameters ``motion_*``, ros/params.py)."""
 
     similarity_drop: float = 0.2  # a new view this far below the held pose's accepted level contradicts it
-    min_similarity: float = 0.35  # ... as does one below the acceptance test's min_similarity
+    min_similarity: float = AcceptanceConfig().min_view_similarity  # ... as does one below the acceptance test's
     max_shift_mm: float = 3.0  # a new view alone moving the anatomy further than this in its image ...
     min_gain: float = 0.05  # ... while gaining more than this similarity contradicts the held pose
 
