@@ -32,13 +32,14 @@ from torch import Tensor
 
 from mvreg_ros.core.geometry.transforms import invert, project, transform_points
 from mvreg_ros.core.imaging.views import ViewSet
-from mvreg_ros.core.registration.refine import LevelSpec, Registrar, RegistrationResult
+from mvreg_ros.core.registration.refine import LevelSpec, RefineConfig, Registrar, RegistrationResult
 
 
 @dataclasses.dataclass(frozen=True)
 class AcceptanceConfig:
     min_views: int = 2  # fewer views are never accepted (1: accept single views, at the user's risk)
-    min_view_similarity: float = 0.35  # 0.5 until the 128 px finest level, whose NCC runs lower (docs/acceptance.md)
+    min_view_similarity: float = RefineConfig().min_similarity  # calibrated together with the refinement's floor on
+    # the mean (0.35; 0.5 until the 128 px finest level, whose NCC runs lower; docs/acceptance.md)
     max_uncertainty_mm: float = 1.5  # 1-sigma RMS displacement of points on a 50 mm sphere around the anatomy centre
     view_agreement: bool = True
     agreement_iterations: int = 15  # single-view refinement from the joint result, at the finest level

@@ -94,8 +94,8 @@ class RefineConfig:
     target_weight: float = 0.5  # similarity = (1 - w) * whole image + w * target's footprint
     target_dilate_mm: float = 10.0  # the target's footprint grown by this (at the anatomy)
     uncertainty: bool = True
-    min_similarity: float = 0.35  # mean over views below this: reported as failed (a wrong optimum; the same
-    # value as AcceptanceConfig.min_view_similarity, calibrated with it in docs/acceptance.md; 0.5 before the
+    min_similarity: float = 0.35  # mean over views below this: reported as failed (a wrong optimum; also the
+    # default of AcceptanceConfig.min_view_similarity, calibrated with it in docs/acceptance.md; 0.5 before the
     # 128 px finest level)
     device: str = "cpu"
 
