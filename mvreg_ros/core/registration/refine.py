@@ -35,6 +35,7 @@ from mvreg_ros.core.imaging.volume import Volume
 from mvreg_ros.core.registration.similarity import PreparedSimilarity
 from mvreg_ros.core.rendering.renderer import BACKENDS, Renderer
 
+VOLUME_STORAGE = {"float16": torch.float16, "float32": torch.float32}  # RefineConfig.volume_storage
 CURVATURE_STEP_RAD = 5e-3  # finite-difference steps of the loss curvature (0.3 deg, 0.5 mm)
 CURVATURE_STEP_MM = 0.5
 
@@ -85,6 +86,8 @@ class RefineConfig:
     base_voxel_mm: float = 1.0  # ... the coarsest integer pooling whose smallest voxel side stays at most this
     # (0: never; finer than any pyramid level of the default schedule needs)
     render_backend: str = "auto"  # "auto", "native" (C++ CPU kernel), "compiled" (torch.compile) or "grid_sample"
+    volume_storage: str = "float16"  # how the native kernel holds the pooled volumes: "float16" (values rounded to
+    # float16 once, about 5e-4 relative, float32 arithmetic; half the bytes per read, README *Speed*) or "float32"
     mask_truncated: str = "footprint"  # a CT cut short through the body: "complete" keeps only the rays that
     # cross it entirely, "footprint" those that cross it at all, "off" every ray in the field of view
     truncation_extend_mm: float = 150.0  # a CT cut through the body is rendered continued this far beyond each cut
@@ -144,6 +147,8 @@ class RefineConfig:
             raise TypeError(f"curvature_fallback_tries must be an int, got {v!r}")
         if v < 0:
             raise ValueError(f"curvature_fallback_tries must be >= 0, got {v}")
+        if self.volume_storage not in VOLUME_STORAGE:
+            raise ValueError(f"volume_storage must be one of {tuple(VOLUME_STORAGE)}, got {self.volume_storage!r}")
         if self.render_backend not in BACKENDS:
             raise ValueError(f"render_backend must be one of {BACKENDS}, got {self.render_backend!r}")
         if isinstance(self.full_resolution_max_voxels, bool) or not isinstance(self.full_resolution_max_voxels, int):
@@ -488,7 +493,11 @@ class Registrar:
 
     def renderer(self, factor: int):
         if factor not in self._renderers:
-            kwargs = {"backend": self.config.render_backend} if self._renderer_cls is Renderer else {}
+            kwargs = (
+                {"backend": self.config.render_backend, "storage": VOLUME_STORAGE[self.config.volume_storage]}
+                if self._renderer_cls is Renderer
+                else {}
+            )
             self._renderers[factor] = self._renderer_cls(self.volume.resampled(factor), device=self.device, **kwargs)
         return self._renderers[factor]
 

@@ -146,13 +146,13 @@ def _module():
 @torch.library.custom_op("mvreg::trilinear_sums", mutates_args=())
 @typing.no_type_check  # no jaxtyping/beartype wrapper: custom_op infers its schema from the signature
 def _sums(padded: Tensor, p0: Tensor, q: Tensor, n_samples: int) -> Tensor:
-    return _module().sample_sums(padded, p0.contiguous(), q.contiguous(), n_samples, False)[0]
+    return _module().sample_sums(padded, p0, q, n_samples, False)[0]
 
 
 @torch.library.custom_op("mvreg::trilinear_sums_with_grad", mutates_args=())
 @typing.no_type_check  # no jaxtyping/beartype wrapper: custom_op infers its schema from the signature
 def _sums_with_grad(padded: Tensor, p0: Tensor, q: Tensor, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
-    f, g, h = _module().sample_sums(padded, p0.contiguous(), q.contiguous(), n_samples, True)
+    f, g, h = _module().sample_sums(padded, p0, q, n_samples, True)  # p0, q: contiguous or planar
     return f, g, h
 
 
@@ -161,9 +161,15 @@ def _(padded, p0, q, n_samples):
     return p0.new_empty(p0.shape[:-1])
 
 
+def planar_empty(like: Tensor) -> Tensor:
+    """An empty tensor of ``like``'s shape ``(..., 3)`` stored planar: the 3 coordinates of all rays in
+    turn (``movedim(0, -1)`` of a contiguous ``(3, ...)``), the layout of the kernel's G and H."""
+    return like.new_empty((3, *like.shape[:-1])).movedim(0, -1)
+
+
 @_sums_with_grad.register_fake
-def _(padded, p0, q, n_samples):  # the kernel returns contiguous tensors
-    return p0.new_empty(p0.shape[:-1]), p0.new_empty(p0.shape), p0.new_empty(p0.shape)
+def _(padded, p0, q, n_samples):  # the kernel returns F contiguous, G and H planar
+    return p0.new_empty(p0.shape[:-1]), planar_empty(p0), planar_empty(p0)
 
 
 def _setup_context(ctx, inputs, output):

@@ -10,9 +10,12 @@ views and all rays in one call. Backends, all computing the same integral:
   (:func:`integrate_gather`);
 - ``grid_sample`` (:func:`integrate`): plain PyTorch, the reference of the two above.
 
-The ray set-up is compiled together with the ``native`` and ``compiled`` integrators. The reference path
-(:mod:`mvreg_ros.core.rendering.reference`) integrates the same rays with DiffDRR's exact
-Siddon ray tracer; tests check that they agree in values and gradients.
+The ray set-up (:func:`ray_samples`, pointwise in the rays; :func:`make_rays` is its reference) is
+compiled together with the ``native`` and ``compiled`` integrators. The ``native`` backend may hold
+the volume as float16 (``Renderer(storage=torch.float16)``, the refinement's default: half the bytes
+per read, float32 arithmetic). The reference path (:mod:`mvreg_ros.core.rendering.reference`)
+integrates the same rays with DiffDRR's exact Siddon ray tracer; tests check that they agree in
+values and gradients.
 
 Pixel values are dimensionless line integrals ``sum(mu * length)`` (mu in 1/mm, length in
 mm), i.e. what ``log(I0 / I)`` of a detector measures.
@@ -159,7 +162,8 @@ def integrate_gather(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: i
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
 def integrate_native(padded: Float[Tensor, "D2 H2 W2"], rays: Rays, n_samples: int) -> Float[Tensor, "V R"]:
     """Same integral as :func:`integrate_gather` with the C++ kernel of
-    :mod:`mvreg_ros.core.rendering.native` (the ``native`` backend; CPU, float32)."""
+    :mod:`mvreg_ros.core.rendering.native` (the ``native`` backend; CPU, float32 arithmetic on a float32 or
+    float16 volume)."""
     return _integrate_sums(native.sample_sums, padded, rays, n_samples)
 
 
@@ -169,36 +173,90 @@ def _unpadded_ijk(padded: Tensor) -> tuple:
     return (padded.shape[2] - 2, padded.shape[1] - 2, padded.shape[0] - 2)
 
 
-@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def render_native(
-    T_index_from_ct: Tensor,
-    T_cam_from_ct: Tensor,
-    K: Tensor,
-    pixels: Tensor,
-    padded: Tensor,
-    n_samples: int,
-) -> Tensor:
-    """Ray set-up and the native integrator in one function, so ``torch.compile`` fuses the set-up. The volume's size is
-    read from ``padded`` (:func:`pad_volume`), whose sizes the :class:`Renderer` marks dynamic."""
-    return integrate_native(
-        padded, make_rays(T_index_from_ct, _unpadded_ijk(padded), T_cam_from_ct, K, pixels), n_samples
-    )
+def ray_transforms(
+    T_index_from_ct: Float[Tensor, "4 4"], T_cam_from_ct: Float[Tensor, "V 4 4"], n_rays: int
+) -> Float[Tensor, "V R 3 4"]:
+    """``T_index_from_cam`` (its first three rows) of each view, repeated for each of its ``n_rays``
+    rays (an expanded view, no copy): the input of the compiled set-up (:func:`ray_samples`). Done
+    outside the compiled graph, so that the backward's sum over the rays is ATen's (parallel and
+    vectorised) rather than a reduction inside the compiled kernel (which ``torch.compile`` ran on one
+    thread for a handful of views: the set-up's backward took longer than the renderer's gathers)."""
+    T = T_index_from_ct.to(T_cam_from_ct.dtype) @ invert(T_cam_from_ct)
+    return T[:, None, :3, :].expand(-1, n_rays, -1, -1)
+
+
+def ray_directions(
+    K: Float[Tensor, "V 3 3"], pixels: Float[Tensor, "V R 2"] | Float[Tensor, "R 2"]
+) -> Float[Tensor, "3 V R"]:
+    """Unit direction of each pixel's ray in camera axes, ``K^-1 (u, v, 1)`` normalised, one
+    coordinate after the other (as :func:`make_rays`; independent of the pose, so the
+    :class:`Renderer` keeps them while the views stay the same)."""
+    dtype = K.dtype
+    if pixels.ndim == 2:
+        pixels = pixels.expand(len(K), -1, -1)
+    K_inv = _inverse_3x3(K)
+    u, v = pixels[..., 0].to(dtype), pixels[..., 1].to(dtype)  # (V, R)
+    d = torch.stack([u * K_inv[:, c, 0, None] + v * K_inv[:, c, 1, None] + K_inv[:, c, 2, None] for c in range(3)])
+    return (d / torch.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])).contiguous()
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def render_gather(
-    T_index_from_ct: Tensor,
-    T_cam_from_ct: Tensor,
-    K: Tensor,
-    pixels: Tensor,
-    padded: Tensor,
-    n_samples: int,
-) -> Tensor:
-    """Ray set-up and gather integration in one function, so ``torch.compile`` fuses both. The volume's size is
-    read from ``padded`` (:func:`pad_volume`), whose sizes the :class:`Renderer` marks dynamic."""
-    return integrate_gather(
-        padded, make_rays(T_index_from_ct, _unpadded_ijk(padded), T_cam_from_ct, K, pixels), n_samples
-    )
+def ray_samples(
+    T_rays: Float[Tensor, "V R 3 4"], d_cam: Float[Tensor, "3 V R"], shape_ijk: tuple[int, int, int], n_samples: int
+) -> tuple[Float[Tensor, "V R 3"], Float[Tensor, "V R 3"], Float[Tensor, "V R"]]:
+    """What the gather integrators need of :func:`make_rays`' rays: each ray's first sample ``p0``
+    and sample step ``q`` (coordinates of the volume padded by one voxel, :func:`pad_volume`) and the
+    sample spacing ``h`` (mm), so that ``h * sum_k f(p0 + k q)`` is :func:`integrate`'s midpoint rule.
+    ``T_rays``: ``T_index_from_cam`` for each ray (:func:`ray_transforms`); ``d_cam``: the rays'
+    directions (:func:`ray_directions`). The same arithmetic as :func:`make_rays` followed by
+    :func:`_integrate_sums`' set-up (the reference path; tests check that they agree in values and
+    gradients), written one coordinate at a time and pointwise in the rays: ``torch.compile`` then
+    runs it and its backward as flat, vectorised loops over all rays, where the ``(V, R, 3)`` layout's
+    innermost axis of 3 and the sums over rays made its kernels slower than the gathers (README *Speed*)."""
+    d = d_cam.to(T_rays.dtype)
+    origin = [T_rays[..., c, 3] for c in range(3)]  # (V, R)
+    direction = [d[0] * T_rays[..., c, 0] + d[1] * T_rays[..., c, 1] + d[2] * T_rays[..., c, 2] for c in range(3)]
+    near, far = [], []
+    for k in range(3):  # the box [0, 1] in unit coordinates (index + 0.5) / size, as make_rays
+        origin_u = (origin[k] + 0.5) / shape_ijk[k]
+        direction_u = direction[k] / shape_ijk[k]
+        safe = torch.where(direction_u.abs() < 1e-15, torch.full_like(direction_u, 1e-15), direction_u)
+        t0, t1 = -origin_u / safe, (1 - origin_u) / safe
+        near.append(torch.minimum(t0, t1))
+        far.append(torch.maximum(t0, t1))
+    t_near = torch.maximum(torch.maximum(near[0], near[1]), near[2]).clamp_min(0)
+    t_far = torch.minimum(torch.minimum(far[0], far[1]), far[2])
+    t_far = torch.maximum(t_far, t_near)  # rays that miss the box get an empty chord
+    h = (t_far - t_near) / max(n_samples, 1)
+    t_first = t_near + 0.5 * h
+    # planar (..., 3): each coordinate of all rays in turn, as computed (and as the native kernel returns its
+    # gradient sums), so the compiled kernels never interleave coordinates
+    p0 = torch.stack([origin[c] + t_first * direction[c] + 1 for c in range(3)], 0).movedim(0, -1)  # +1: padding
+    q = torch.stack([h * direction[c] for c in range(3)], 0).movedim(0, -1)
+    return p0, q, h
+
+
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
+def _render_sums(sample_sums, T_rays: Tensor, d_cam: Tensor, padded: Tensor, n_samples: int) -> Tensor:
+    p0, q, h = ray_samples(T_rays, d_cam, _unpadded_ijk(padded), n_samples)
+    dtype = torch.float32 if padded.dtype == torch.float16 else padded.dtype  # a float16 volume: float32 arithmetic
+    f = sample_sums(padded, p0.to(dtype), q.to(dtype), n_samples)
+    return f * h.to(f.dtype)
+
+
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
+def render_native(T_rays: Tensor, d_cam: Tensor, padded: Tensor, n_samples: int) -> Tensor:
+    """Ray set-up (:func:`ray_samples`) and the native integrator in one function, so ``torch.compile`` fuses the
+    set-up. The volume's size is read from ``padded`` (:func:`pad_volume`), whose sizes the :class:`Renderer` marks
+    dynamic."""
+    return _render_sums(native.sample_sums, T_rays, d_cam, padded, n_samples)
+
+
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
+def render_gather(T_rays: Tensor, d_cam: Tensor, padded: Tensor, n_samples: int) -> Tensor:
+    """Ray set-up (:func:`ray_samples`) and gather integration in one function, so ``torch.compile`` fuses both. The
+    volume's size is read from ``padded`` (:func:`pad_volume`), whose sizes the :class:`Renderer` marks dynamic."""
+    return _render_sums(gather.sample_sums, T_rays, d_cam, padded, n_samples)
 
 
 _COMPILED = {}
@@ -262,7 +320,7 @@ def _compiled_render(backend: str):
     return _COMPILED[backend]
 
 
-def mark_batch_dynamic(T: Tensor, K: Tensor, pixels: Tensor) -> None:
+def mark_batch_dynamic(T_rays: Float[Tensor, "V R 3 4"], d_cam: Float[Tensor, "3 V R"]) -> None:
     """Let the compiled kernels take the view count and the ray count as sizes too, like the
     volume's: one compiled variant then serves every image size and view count (the pyramid's
     levels, the global stage's and the curvature's batches, another detector), so a process
@@ -270,7 +328,7 @@ def mark_batch_dynamic(T: Tensor, K: Tensor, pixels: Tensor) -> None:
     28.4 s against 33.8 s; the big CT's warm-up in ``mvreg bench --only big_ct`` less), and the
     kernels run as fast (2-view refinement 0.74 against 0.77 s). A size of 1 (one view, one ray)
     stays static: Dynamo specialises it anyway."""
-    for t, dim in ((T, 0), (K, 0), (pixels, pixels.ndim - 2)):
+    for t, dim in ((T_rays, 0), (T_rays, 1), (d_cam, 1), (d_cam, 2)):
         if t.shape[dim] > 1:
             torch._dynamo.mark_dynamic(t, dim)
 
@@ -293,17 +351,33 @@ class Renderer:
     """Fast DRR renderer for one volume. Build once; render many poses and views."""
 
     def __init__(
-        self, volume: Volume, *, n_samples: int = 128, device=None, dtype=torch.float32, backend: str = "auto"
+        self,
+        volume: Volume,
+        *,
+        n_samples: int = 128,
+        device=None,
+        dtype=torch.float32,
+        backend: str = "auto",
+        storage: torch.dtype | None = None,
     ):
+        """``storage``: the dtype in which the ``native`` backend reads the volume (``torch.float16``:
+        half the bytes per read, the values rounded to float16 once, float32 arithmetic; None or another
+        backend: ``dtype``)."""
         device = volume.data.device if device is None else torch.device(device)
         self.backend = resolve_backend(backend, device, dtype)
+        if storage not in (None, dtype, torch.float16):
+            raise ValueError(f"storage must be None, {dtype} or torch.float16, got {storage!r}")
         self.volume = volume
         self.data = volume.data.to(device=device, dtype=dtype).contiguous()
         self.padded = pad_volume(self.data) if self.backend != "grid_sample" else None
+        self.storage = storage if self.backend == "native" and storage is not None else dtype
+        if self.padded is not None and self.storage != dtype:
+            self.padded = self.padded.to(self.storage)
         if self.padded is not None:  # the compiled kernels serve volumes of every size: a new CT compiles nothing
             compile_cache_dir()  # before Dynamo's import (which sets torch's default)
             torch._dynamo.mark_dynamic(self.padded, (0, 1, 2))
         self._compiled_ok = False
+        self._last_directions: tuple[Tensor, Tensor, Tensor] | None = None
         self.T_index_from_ct = torch.linalg.inv(volume.T_ct_from_index.to(device=device, dtype=torch.float64))
         self.shape_ijk = volume.shape_ijk
         self.n_samples = int(n_samples)
@@ -339,10 +413,28 @@ class Renderer:
             out = integrate(self.data, make_rays(self.T_index_from_ct, self.shape_ijk, T, K, pixels), n)
         return out.reshape(len(T), height, width) if full else out
 
+    def _directions(self, K: Tensor, pixels: Tensor) -> Tensor:
+        """:func:`ray_directions`, kept while the intrinsics and pixels stay the same (a refinement
+        renders the same views at every iteration; the last set is kept)."""
+        last = self._last_directions
+        if (
+            last is not None
+            and last[0].shape == K.shape
+            and last[1].shape == pixels.shape
+            and torch.equal(last[0], K)
+            and torch.equal(last[1], pixels)
+        ):
+            return last[2]
+        d = ray_directions(K, pixels)
+        self._last_directions = (K.clone(), pixels.clone(), d)
+        return d
+
     def _render_compiled(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor | None:
         """The fused compiled path; None once it has failed to compile (then grid_sample is used)."""
-        mark_batch_dynamic(T, K, pixels)
-        args = (self.T_index_from_ct, T, K, pixels, self.padded, n_samples)
+        T_rays = ray_transforms(self.T_index_from_ct, T, pixels.shape[-2])
+        d_cam = self._directions(K, pixels)
+        mark_batch_dynamic(T_rays, d_cam)
+        args = (T_rays, d_cam, self.padded, n_samples)
         if self._compiled_ok:
             return _compiled_render(self.backend)(*args)
         try:  # the first call compiles: only a failure there (no C++ compiler, no Triton) falls back
@@ -355,5 +447,5 @@ class Renderer:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            self.backend, self.padded = "grid_sample", None
+            self.backend, self.padded, self.storage = "grid_sample", None, self.data.dtype
             return None

@@ -304,6 +304,8 @@ def test_config_validation():
         RefineConfig(sizes=(32, 64), iterations=(10,), n_samples=(32, 32), patches=(8, 8))
     with pytest.raises(ValueError, match="render_backend"):
         RefineConfig(render_backend="gpu-please")
+    with pytest.raises(ValueError, match="volume_storage"):
+        RefineConfig(volume_storage="bfloat16")
     for sizes in ((96, 32), (32, 32), (0, 32)):  # the last level is the finest: coarse to fine, strictly
         with pytest.raises(ValueError, match="ascending"):
             RefineConfig(sizes=sizes, iterations=(1, 1), n_samples=(8, 8), patches=(8, 8))
@@ -330,6 +332,10 @@ def test_fast_backends_match_reference_backend(ct, scene_views):
         registrar = Registrar(ct, RefineConfig(**cfg, render_backend=backend))
         b = registrar.refine(views, T_init)
         assert {r.backend for r in registrar._renderers.values()} == {backend}  # no silent fallback
+        # the native kernel reads the pooled volumes as float16 (RefineConfig.volume_storage), the others float32
+        assert {r.padded.dtype for r in registrar._renderers.values()} == {
+            torch.float16 if backend == "native" else torch.float32
+        }
         rot, trans = _errors(a.T_ref_from_ct, b.T_ref_from_ct, ct.centre_ct())
         assert rot < 0.05 and trans < 0.1, (backend, rot, trans)
 

@@ -1,6 +1,7 @@
 """The fast renderer backends (native C++ kernel, compiled gather kernel) against grid_sample,
 their reference: values and gradients, at the integrator level and through ``Renderer``."""
 
+import dataclasses
 import platform
 
 import pytest
@@ -19,6 +20,9 @@ from mvreg_ros.core.rendering.renderer import (
     make_rays,
     pad_volume,
     pixel_grid,
+    ray_directions,
+    ray_samples,
+    ray_transforms,
     resolve_backend,
 )
 
@@ -143,12 +147,41 @@ def test_sums_refuse_volume_gradients_and_second_derivatives(sums):
         torch.autograd.grad(g.sum(), p0)
 
 
+def _planar(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., 3) stored coordinate after coordinate, as the renderer's set-up makes it."""
+    return x.movedim(-1, 0).contiguous().movedim(0, -1)
+
+
 @needs_native
-def test_native_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("layout", ["contiguous", "planar"])
+def test_native_custom_ops_pass_opcheck(layout):
     vol = torch.rand(5, 6, 7)
     p0, q = torch.rand(2, 4, 3) * 4, torch.rand(2, 4, 3) * 0.1
+    if layout == "planar":
+        p0, q = _planar(p0), _planar(q)
     torch.library.opcheck(torch.ops.mvreg.trilinear_sums.default, (vol, p0, q, 5))
     torch.library.opcheck(torch.ops.mvreg.trilinear_sums_with_grad.default, (vol, p0.requires_grad_(), q, 5))
+
+
+@needs_native
+def test_native_sums_are_the_same_for_every_input_layout():
+    """Contiguous, planar and strided rays give the same sums and gradient sums; G and H come back
+    planar (coordinate after coordinate), the layout the compiled set-up's backward reads."""
+    gen = torch.Generator().manual_seed(5)
+    vol = torch.rand(9, 10, 11, generator=gen)
+    p0 = torch.rand(2, 37, 3, generator=gen) * 9  # 37 rays per view: a partial SIMD block
+    q = torch.randn(2, 37, 3, generator=gen) * 0.2
+    kernel = render_native.load().sample_sums
+    want = kernel(vol, p0, q, 19, True)
+    wide = torch.zeros(2, 74, 3)
+    wide[:, ::2] = p0
+    for a, b in ((_planar(p0), _planar(q)), (wide[:, ::2], q)):
+        got = kernel(vol, a, b, 19, True)
+        for x, y in zip(want, got):
+            assert torch.equal(x, y)
+    f, g, h = want
+    assert f.shape == (2, 37) and g.shape == h.shape == (2, 37, 3)
+    assert g.stride() == h.stride() == (37, 1, 74)  # planar
 
 
 @needs_native
@@ -264,9 +297,26 @@ def test_every_instruction_set_build_gives_the_same_sums(march, isa):
     q = (torch.randn(50, 3, generator=gen) * 0.2).contiguous()
     for n in (1, 19, 64):
         want = render_native.load().sample_sums(vol, p0, q, n, True)
-        got = other.sample_sums(vol, p0, q, n, True)
-        for a, b in zip(want, got):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        for v in (vol, vol.half()):  # a float16 volume: the same sums as float32 of its values, in every build
+            got = other.sample_sums(v, p0, q, n, True)
+            for a, b in zip(want if v is vol else render_native.load().sample_sums(v.float(), p0, q, n, True), got):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_native_float16_volume_gives_the_sums_of_its_float32_values():
+    """A float16 volume is read as the float32 of its values: the same sums and gradient sums, bit
+    for bit, as the float32 copy of the rounded volume."""
+    gen = torch.Generator().manual_seed(7)
+    half = (torch.rand(12, 15, 17, generator=gen) * 0.05).half()
+    p0 = torch.rand(2, 45, 3, generator=gen) * torch.tensor([17.0, 15.0, 12.0]) - 1
+    q = torch.randn(2, 45, 3, generator=gen) * 0.3
+    kernel = render_native.load().sample_sums
+    for grad in (False, True):
+        for a, b in zip(kernel(half.float(), p0, q, 23, grad), kernel(half, p0, q, 23, grad)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        kernel(half.double(), p0, q, 23, False)
 
 
 @pytest.mark.parametrize("integrator", [integrate_gather, pytest.param(integrate_native, marks=needs_native)])
@@ -276,3 +326,82 @@ def test_integrators_reject_no_samples(integrator):
     rays = make_rays(r.T_index_from_ct, r.shape_ijk, T, K, pixel_grid(4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="n_samples"):
         integrator(pad_volume(r.data), rays, 0)
+
+
+def _ray_set_up_reference(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels, n_samples):
+    """The first sample, step and spacing by :func:`make_rays` and :func:`_integrate_sums`' formulas."""
+    rays = make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels)
+    h = (rays.t_far - rays.t_near) / n_samples
+    p0 = rays.origin + (rays.t_near + 0.5 * h)[..., None] * rays.direction + 1
+    return p0, h[..., None] * rays.direction, h
+
+
+@pytest.mark.parametrize("pose", ["oblique", "axis_aligned"])
+def test_ray_samples_equal_the_make_rays_reference_in_values_and_gradients(pose):
+    """The compiled set-up (:func:`ray_samples`, one coordinate at a time, pointwise in the rays) and
+    its reference (:func:`make_rays`): the same first samples, steps and spacings, and the same
+    gradients with respect to the pose, for rays through the box, rays that miss it, and rays
+    parallel to the volume's axes (the division guard of the clipping)."""
+    ct, K, T = _setup()
+    r = Renderer(ct, backend="grid_sample")
+    if pose == "axis_aligned":  # the principal rays along the volume's axes: direction components exactly 0
+        T = geometry.translation(torch.tensor([0.0, 0.0, 700.0], dtype=torch.float64)) @ geometry.translation(
+            -ct.centre_ct()
+        )
+        T = T.expand(2, 4, 4)
+    K = K.clone()
+    K[1, 0, 2] += 400.0  # the second view looks past the volume: some rays miss the box
+    pixels = pixel_grid(24, 20, dtype=torch.float64)
+    x = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
+    T_x = geometry.se3_exp(x) @ T
+    want = _ray_set_up_reference(r.T_index_from_ct, r.shape_ijk, T_x, K, pixels, 17)
+    got = ray_samples(ray_transforms(r.T_index_from_ct, T_x, len(pixels)), ray_directions(K, pixels), r.shape_ijk, 17)
+    assert bool((want[2] == 0).any()) and bool((want[2] > 0).any())  # some rays miss, some cross
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-9)
+    w = [torch.randn(a.shape, generator=torch.Generator().manual_seed(i), dtype=a.dtype) for i, a in enumerate(want)]
+    (ga,) = torch.autograd.grad(sum((a * wi).sum() for a, wi in zip(want, w)), x, retain_graph=True)
+    (gb,) = torch.autograd.grad(sum((b * wi).sum() for b, wi in zip(got, w)), x)
+    torch.testing.assert_close(gb, ga, rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["compiled", pytest.param("native", marks=needs_native)])
+def test_renderer_follows_new_intrinsics_and_pixels(backend):
+    """The renderer keeps the rays' directions while the intrinsics and pixels stay the same: a
+    render with other intrinsics or other pixels after it is that of a fresh renderer."""
+    ct, K, T = _setup()
+    renderer = Renderer(ct, backend=backend)
+    K2 = K.clone()
+    K2[:, 0, 0] *= 1.1
+    px = pixel_grid(24, 20, dtype=torch.float64)[::7]
+    renderer(T, K, 24, 20, n_samples=16)
+    for kw in ({"K": K2}, {"K": K, "pixels": px}, {"K": K2, "pixels": px}):
+        got = renderer(T, kw["K"], 24, 20, pixels=kw.get("pixels"), n_samples=16)
+        want = Renderer(ct, backend=backend)(T, kw["K"], 24, 20, pixels=kw.get("pixels"), n_samples=16)
+        assert torch.equal(got, want)
+
+
+@needs_native
+def test_renderer_with_float16_storage_renders_the_rounded_volume():
+    """``storage=torch.float16`` (the refinement's default, ``RefineConfig.volume_storage``): the
+    native backend renders the volume rounded to float16 once, with float32 arithmetic; the same
+    images and gradients as a float32 renderer of the rounded volume, and close to the float32
+    volume's (the rounding is about 5e-4 relative)."""
+    ct, K, T = _setup()
+    rounded = dataclasses.replace(ct, data=ct.data.half().float())
+    x = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    imgs, grads = [], []
+    for volume, storage in ((ct, torch.float16), (rounded, None), (ct, None)):
+        r = Renderer(volume, backend="native", storage=storage)
+        assert r.padded.dtype == (storage or torch.float32)
+        img = r(geometry.se3_exp(x) @ T, K, 24, 20, n_samples=32)
+        (g,) = torch.autograd.grad(img.pow(2).sum(), x)
+        imgs.append(img.detach())
+        grads.append(g)
+    assert torch.equal(imgs[0], imgs[1]) and torch.equal(grads[0], grads[1])
+    torch.testing.assert_close(imgs[0], imgs[2], rtol=2e-3, atol=1e-4)
+    assert not torch.equal(imgs[0], imgs[2])  # the rounding is there
+    # other backends keep float32 (the storage applies to the native kernel only)
+    assert Renderer(ct, backend="compiled", storage=torch.float16).padded.dtype == torch.float32
+    with pytest.raises(ValueError, match="storage"):
+        Renderer(ct, backend="native", storage=torch.bfloat16)

@@ -9,15 +9,24 @@
 // Positions are clamped to [0, N - 1] per axis (the padded volume replicates its border, so this
 // is grid_sample's "border" padding; NaN goes to 0); a clamped coordinate has zero gradient. The
 // cell index is at most N - 2, so every neighbour read lies inside the volume.
-// The lanes of one SIMD vector are consecutive samples of one ray; volume reads are hardware
-// gathers (AVX-512: one 64-bit load per pair of x-neighbours; AVX2), with a scalar build for other CPUs. Rays run in parallel on
-// ATen's intra-op threads (torch.set_num_threads applies).
+// The lanes of one SIMD vector are consecutive rays (neighbouring pixels), which step through their
+// samples together: at each step the lanes read neighbouring voxels, so one block's gathers share cache
+// lines (the volume of a full-resolution CT is far larger than the caches; with the lanes on consecutive
+// samples of one ray, each lane read its own lines, and the kernel waited on memory). Each lane's sums
+// are its ray's: no horizontal reduction. Volume reads are hardware gathers (AVX-512: one 64-bit load
+// per pair of x-neighbours; AVX2 with F16C), with a scalar build for other CPUs. The volume may be float32
+// or float16 (IEEE half; one 32-bit load per pair of x-neighbours, converted to float32 for the
+// arithmetic, which is float32 either way: half the bytes of a volume far larger than the caches).
+// Blocks of rays run in parallel on ATen's intra-op threads (torch.set_num_threads applies).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <c10/util/Half.h>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
 #endif
 
@@ -49,13 +58,19 @@ inline void gather_pair(const float* base, I idx, F& lo, F& hi) {
   lo = _mm512_permutex2var_ps(a, even, b);
   hi = _mm512_permutex2var_ps(a, odd, b);
 }
+// the same from a float16 volume: one 32-bit load per lane holds both neighbours
+inline void gather_pair(const uint16_t* base, I idx, F& lo, F& hi) {
+  const I v = _mm512_i32gather_epi32(idx, base, 2);
+  lo = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+  hi = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+}
 inline F inside(F x, F lo, F hi) {  // 1 where lo <= x <= hi, else 0
   const __mmask16 m = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(x, hi, _CMP_LE_OQ);
   return _mm512_maskz_mov_ps(m, set1(1.0f));
 }
-inline F ramp() { return _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
-inline float total(F x) { return _mm512_reduce_add_ps(x); }
-#elif defined(__AVX2__) && defined(__FMA__)
+inline F load(const float* p) { return _mm512_load_ps(p); }
+inline void store(float* p, F x) { _mm512_store_ps(p, x); }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 constexpr int kWidth = 8;
 constexpr const char* kIsa = "avx2";
 using F = __m256;
@@ -76,16 +91,21 @@ inline void gather_pair(const float* base, I idx, F& lo, F& hi) {
   lo = _mm256_i32gather_ps(base, idx, 4);
   hi = _mm256_i32gather_ps(base + 1, idx, 4);
 }
+inline void gather_pair(const uint16_t* base, I idx, F& lo, F& hi) {
+  const I v = _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 2);
+  // the low and the high half of each lane, packed into 8 halves each (within 128-bit lanes, then across)
+  const I pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,  //
+                                  0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  const I w = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, pick), 0xD8);  // (lo0, lo1, hi0, hi1)
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(w));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(w, 1));
+}
 inline F inside(F x, F lo, F hi) {
   const F m = _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), _mm256_cmp_ps(x, hi, _CMP_LE_OQ));
   return _mm256_and_ps(m, set1(1.0f));
 }
-inline F ramp() { return _mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0); }
-inline float total(F x) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
+inline F load(const float* p) { return _mm256_load_ps(p); }
+inline void store(float* p, F x) { _mm256_store_ps(p, x); }
 #else
 constexpr int kWidth = 1;
 constexpr const char* kIsa = "scalar";
@@ -107,9 +127,13 @@ inline void gather_pair(const float* base, I idx, F& lo, F& hi) {
   lo = base[idx];
   hi = base[idx + 1];
 }
+inline void gather_pair(const uint16_t* base, I idx, F& lo, F& hi) {
+  lo = c10::detail::fp16_ieee_to_fp32_value(base[idx]);
+  hi = c10::detail::fp16_ieee_to_fp32_value(base[idx + 1]);
+}
 inline F inside(F x, F lo, F hi) { return (x >= lo && x <= hi) ? 1.0f : 0.0f; }
-inline F ramp() { return 0.0f; }
-inline float total(F x) { return x; }
+inline F load(const float* p) { return *p; }
+inline void store(float* p, F x) { *p = x; }
 #endif
 }  // namespace simd
 
@@ -119,25 +143,39 @@ using namespace simd;
 
 inline F lerp(F a, F b, F t) { return madd(sub(b, a), t, a); }
 
+template <typename T>  // float, or uint16_t: the bits of float16 values
 struct Volume {
-  const float* data;
+  const T* data;
   int stride_y, stride_z;
   float max_x, max_y, max_z;  // largest coordinate: N - 1
   int cell_x, cell_y, cell_z;  // largest cell index: N - 2
 };
 
-template <bool kGrad>
-void ray_sums(const Volume& vol, const float* p0, const float* q, int S, float* out_f, float* out_g, float* out_h) {
-  const F zero = set1(0.0f), last = set1(static_cast<float>(S - 1));
+// kWidth consecutive rays (n <= kWidth of them; the other lanes compute on zeros and are not stored), one
+// per lane, all their samples in turn: at each step the lanes read neighbouring voxels (neighbouring
+// pixels' rays), so the gathers of a block share cache lines; each lane's sums are its ray's.
+struct Strides {  // of a (rays, 3) array: between rays, between coordinates
+  int64_t ray, coord;
+};
+
+template <bool kGrad, typename T>
+void ray_block(const Volume<T>& vol, const float* p0, Strides sp, const float* q, Strides sq, int n, int S,
+               float* out_f, float* out_g, float* out_h, int64_t out_coord) {
+  alignas(64) float buf[6][kWidth];  // p0 and q of the block's rays, one array per coordinate
+  for (int c = 0; c < 6; ++c) {
+    const float* src = c < 3 ? p0 + c * sp.coord : q + (c - 3) * sq.coord;
+    const int64_t step = c < 3 ? sp.ray : sq.ray;
+    for (int l = 0; l < kWidth; ++l) buf[c][l] = l < n ? src[l * step] : 0.0f;
+  }
+  const F zero = set1(0.0f);
   const F max_x = set1(vol.max_x), max_y = set1(vol.max_y), max_z = set1(vol.max_z);
   const I sy = set1i(vol.stride_y), sz = set1i(vol.stride_z);
   const I cell_x = set1i(vol.cell_x), cell_y = set1i(vol.cell_y), cell_z = set1i(vol.cell_z);
-  const F ox = set1(p0[0]), oy = set1(p0[1]), oz = set1(p0[2]);
-  const F qx = set1(q[0]), qy = set1(q[1]), qz = set1(q[2]);
+  const F ox = load(buf[0]), oy = load(buf[1]), oz = load(buf[2]);
+  const F qx = load(buf[3]), qy = load(buf[4]), qz = load(buf[5]);
   F acc = zero, gx = zero, gy = zero, gz = zero, hx = zero, hy = zero, hz = zero;
-  for (int s = 0; s < S; s += kWidth) {
-    const F k = add(ramp(), set1(static_cast<float>(s)));
-    const F w = inside(k, zero, last);  // tail lanes beyond the last sample weigh nothing
+  for (int s = 0; s < S; ++s) {
+    const F k = set1(static_cast<float>(s));
     const F rx = madd(k, qx, ox), ry = madd(k, qy, oy), rz = madd(k, qz, oz);
     const F x = clamp(rx, zero, max_x), y = clamp(ry, zero, max_y), z = clamp(rz, zero, max_z);
     // floor (coordinates are >= 0), at most the last cell: at x = N - 1, fx = 1
@@ -153,36 +191,40 @@ void ray_sums(const Volume& vol, const float* p0, const float* q, int S, float* 
     const F e00 = lerp(a000, a001, fx), e01 = lerp(a010, a011, fx);  // along x, at (z, y) = (0,0), (0,1)
     const F e10 = lerp(a100, a101, fx), e11 = lerp(a110, a111, fx);
     const F c0 = lerp(e00, e01, fy), c1 = lerp(e10, e11, fy);
-    acc = madd(lerp(c0, c1, fz), w, acc);
+    acc = add(acc, lerp(c0, c1, fz));
     if constexpr (kGrad) {
       const F dx0 = lerp(sub(a001, a000), sub(a011, a010), fy), dx1 = lerp(sub(a101, a100), sub(a111, a110), fy);
-      const F dfx = mul(mul(lerp(dx0, dx1, fz), inside(rx, zero, max_x)), w);
-      const F dfy = mul(mul(lerp(sub(e01, e00), sub(e11, e10), fz), inside(ry, zero, max_y)), w);
-      const F dfz = mul(mul(sub(c1, c0), inside(rz, zero, max_z)), w);
+      const F dfx = mul(lerp(dx0, dx1, fz), inside(rx, zero, max_x));
+      const F dfy = mul(lerp(sub(e01, e00), sub(e11, e10), fz), inside(ry, zero, max_y));
+      const F dfz = mul(sub(c1, c0), inside(rz, zero, max_z));
       gx = add(gx, dfx), gy = add(gy, dfy), gz = add(gz, dfz);
       hx = madd(dfx, k, hx), hy = madd(dfy, k, hy), hz = madd(dfz, k, hz);
     }
   }
-  *out_f = total(acc);
+  alignas(64) float res[7][kWidth];
+  store(res[0], acc);
+  for (int l = 0; l < n; ++l) out_f[l] = res[0][l];
   if constexpr (kGrad) {
-    out_g[0] = total(gx), out_g[1] = total(gy), out_g[2] = total(gz);
-    out_h[0] = total(hx), out_h[1] = total(hy), out_h[2] = total(hz);
+    store(res[1], gx), store(res[2], gy), store(res[3], gz), store(res[4], hx), store(res[5], hy), store(res[6], hz);
+    for (int c = 0; c < 3; ++c) {  // planar: coordinate c of ray l at c * out_coord + l
+      for (int l = 0; l < n; ++l) out_g[c * out_coord + l] = res[1 + c][l], out_h[c * out_coord + l] = res[4 + c][l];
+    }
   }
 }
 
 void check_inputs(const torch::Tensor& padded, const torch::Tensor& p0, const torch::Tensor& q, int64_t S) {
-  TORCH_CHECK_VALUE(padded.dim() == 3 && padded.scalar_type() == torch::kFloat32 && padded.is_contiguous() &&
-                        padded.device().is_cpu(),
-                    "padded must be a contiguous float32 CPU tensor (D, H, W), got ", padded.sizes(), " ",
+  TORCH_CHECK_VALUE(padded.dim() == 3 &&
+                        (padded.scalar_type() == torch::kFloat32 || padded.scalar_type() == torch::kHalf) &&
+                        padded.is_contiguous() && padded.device().is_cpu(),
+                    "padded must be a contiguous float32 or float16 CPU tensor (D, H, W), got ", padded.sizes(), " ",
                     padded.scalar_type());
   TORCH_CHECK_VALUE(padded.size(0) >= 2 && padded.size(1) >= 2 && padded.size(2) >= 2,
                     "padded must be at least 2 voxels along every axis, got ", padded.sizes());
   TORCH_CHECK_VALUE(padded.numel() < (int64_t(1) << 31), "volume too large for 32-bit indices: ", padded.sizes());
   for (const auto* t : {&p0, &q}) {
-    TORCH_CHECK_VALUE(t->size(-1) == 3 && t->scalar_type() == torch::kFloat32 && t->is_contiguous() &&
+    TORCH_CHECK_VALUE(t->dim() >= 1 && t->size(-1) == 3 && t->scalar_type() == torch::kFloat32 &&
                           t->device().is_cpu(),
-                      "p0 and q must be contiguous float32 CPU tensors (..., 3), got ", t->sizes(), " ",
-                      t->scalar_type());
+                      "p0 and q must be float32 CPU tensors (..., 3), got ", t->sizes(), " ", t->scalar_type());
   }
   TORCH_CHECK_VALUE(p0.sizes() == q.sizes(), "p0 and q must have the same shape, got ", p0.sizes(), " and ", q.sizes());
   TORCH_CHECK_VALUE(S >= 1 && S < (int64_t(1) << 24), "n_samples must be in [1, 2^24), got ", S);
@@ -190,37 +232,58 @@ void check_inputs(const torch::Tensor& padded, const torch::Tensor& p0, const to
 
 }  // namespace
 
-// Returns [F] or, with with_grad, [F, G, H]; F has p0's shape without its last axis.
+// (rays, 3) with the rays' leading axes flattened: a view where the strides allow (contiguous, or planar
+// as the renderer's set-up makes them: the coordinates of all rays in turn), else a copy
+torch::Tensor rays_by_coord(const torch::Tensor& t) { return t.reshape({-1, 3}); }
+
+// Returns [F] or, with with_grad, [F, G, H]; F has p0's shape without its last axis. p0 and q may be
+// contiguous or planar (``x.movedim(0, -1)`` of a contiguous (3, ...)); G and H are planar.
 std::vector<torch::Tensor> sample_sums(torch::Tensor padded, torch::Tensor p0, torch::Tensor q, int64_t n_samples,
                                        bool with_grad) {
   check_inputs(padded, p0, q, n_samples);
   const auto batch = p0.sizes().slice(0, p0.dim() - 1);
-  const int64_t n = p0.numel() / 3;
+  const torch::Tensor p = rays_by_coord(p0), d = rays_by_coord(q);
+  const int64_t n = p.size(0);
+  const Strides sp{p.stride(0), p.stride(1)}, sq{d.stride(0), d.stride(1)};
   auto f = torch::empty(batch, p0.options());
   torch::Tensor g, h;
   if (with_grad) {
-    g = torch::empty_like(p0);
-    h = torch::empty_like(p0);
+    std::vector<int64_t> planar{3};
+    planar.insert(planar.end(), batch.begin(), batch.end());
+    g = torch::empty(planar, p0.options()).movedim(0, -1);
+    h = torch::empty(planar, p0.options()).movedim(0, -1);
   }
-  const int D = static_cast<int>(padded.size(0)), H = static_cast<int>(padded.size(1)),
-            W = static_cast<int>(padded.size(2));
-  const Volume vol{padded.data_ptr<float>(), W, W * H, static_cast<float>(W - 1), static_cast<float>(H - 1),
-                   static_cast<float>(D - 1), W - 2, H - 2, D - 2};
-  const float* pp = p0.data_ptr<float>();
-  const float* qq = q.data_ptr<float>();
+  const float* pp = p.data_ptr<float>();
+  const float* qq = d.data_ptr<float>();
   float* ff = f.data_ptr<float>();
   float* gg = with_grad ? g.data_ptr<float>() : nullptr;
   float* hh = with_grad ? h.data_ptr<float>() : nullptr;
   const int S = static_cast<int>(n_samples);
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      if (with_grad) {
-        ray_sums<true>(vol, pp + 3 * r, qq + 3 * r, S, ff + r, gg + 3 * r, hh + 3 * r);
-      } else {
-        ray_sums<false>(vol, pp + 3 * r, qq + 3 * r, S, ff + r, nullptr, nullptr);
+  const int64_t blocks = (n + kWidth - 1) / kWidth;
+  auto run = [&](const auto& vol) {
+    at::parallel_for(0, blocks, (64 + kWidth - 1) / kWidth, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r = b * kWidth;
+        const int m = static_cast<int>(std::min<int64_t>(kWidth, n - r));
+        const float* pr = pp + r * sp.ray;
+        const float* qr = qq + r * sq.ray;
+        if (with_grad) {
+          ray_block<true>(vol, pr, sp, qr, sq, m, S, ff + r, gg + r, hh + r, n);
+        } else {
+          ray_block<false>(vol, pr, sp, qr, sq, m, S, ff + r, nullptr, nullptr, n);
+        }
       }
-    }
-  });
+    });
+  };
+  const int D = static_cast<int>(padded.size(0)), H = static_cast<int>(padded.size(1)),
+            W = static_cast<int>(padded.size(2));
+  const float max_x = static_cast<float>(W - 1), max_y = static_cast<float>(H - 1), max_z = static_cast<float>(D - 1);
+  if (padded.scalar_type() == torch::kHalf) {  // half the bytes per read: a big volume waits less on memory
+    const auto* bits = reinterpret_cast<const uint16_t*>(padded.data_ptr<at::Half>());
+    run(Volume<uint16_t>{bits, W, W * H, max_x, max_y, max_z, W - 2, H - 2, D - 2});
+  } else {
+    run(Volume<float>{padded.data_ptr<float>(), W, W * H, max_x, max_y, max_z, W - 2, H - 2, D - 2});
+  }
   if (with_grad) return {f, g, h};
   return {f};
 }
