@@ -142,12 +142,19 @@ def pad_volume(data: Float[Tensor, "D H W"]) -> Float[Tensor, "D2 H2 W2"]:
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def _integrate_sums(sample_sums, padded: Tensor, rays: Rays, n_samples: int) -> Tensor:
-    """The midpoint rule of :func:`integrate` as ``h * sum_k f(p0 + k q)``, k = 0..n-1, in the
-    coordinates of the padded volume (:func:`pad_volume`), h the sample spacing (mm)."""
+def rays_to_samples(rays: Rays, n_samples: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each ray's first sample ``p0`` and sample step ``q`` (coordinates of the volume padded by one
+    voxel, :func:`pad_volume`) and the sample spacing ``h`` (mm) of :func:`integrate`'s midpoint rule,
+    ``h * sum_k f(p0 + k q)``, k = 0..n-1 (the reference of :func:`ray_samples`)."""
     h = (rays.t_far - rays.t_near) / max(n_samples, 1)  # sample_sums rejects n_samples < 1
     p0 = rays.origin + (rays.t_near + 0.5 * h)[..., None] * rays.direction + 1  # +1: the padding voxel
-    q = h[..., None] * rays.direction
+    return p0, h[..., None] * rays.direction, h
+
+
+@typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
+def _integrate_sums(sample_sums, padded: Tensor, rays: Rays, n_samples: int) -> Tensor:
+    """The midpoint rule of :func:`integrate` as ``h * sum_k f(p0 + k q)`` (:func:`rays_to_samples`)."""
+    p0, q, h = rays_to_samples(rays, n_samples)
     f = sample_sums(padded, p0.to(padded.dtype), q.to(padded.dtype), n_samples)
     return f * h.to(f.dtype)
 
@@ -209,7 +216,7 @@ def ray_samples(
     sample spacing ``h`` (mm), so that ``h * sum_k f(p0 + k q)`` is :func:`integrate`'s midpoint rule.
     ``T_rays``: ``T_index_from_cam`` for each ray (:func:`ray_transforms`); ``d_cam``: the rays'
     directions (:func:`ray_directions`). The same arithmetic as :func:`make_rays` followed by
-    :func:`_integrate_sums`' set-up (the reference path; tests check that they agree in values and
+    :func:`rays_to_samples` (the reference path; tests check that they agree in values and
     gradients), written one coordinate at a time and pointwise in the rays: ``torch.compile`` then
     runs it and its backward as flat, vectorised loops over all rays, where the ``(V, R, 3)`` layout's
     innermost axis of 3 and the sums over rays made its kernels slower than the gathers (README *Speed*)."""

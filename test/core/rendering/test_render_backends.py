@@ -23,6 +23,7 @@ from mvreg_ros.core.rendering.renderer import (
     ray_directions,
     ray_samples,
     ray_transforms,
+    rays_to_samples,
     resolve_backend,
 )
 
@@ -328,14 +329,6 @@ def test_integrators_reject_no_samples(integrator):
         integrator(pad_volume(r.data), rays, 0)
 
 
-def _ray_set_up_reference(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels, n_samples):
-    """The first sample, step and spacing by :func:`make_rays` and :func:`_integrate_sums`' formulas."""
-    rays = make_rays(T_index_from_ct, shape_ijk, T_cam_from_ct, K, pixels)
-    h = (rays.t_far - rays.t_near) / n_samples
-    p0 = rays.origin + (rays.t_near + 0.5 * h)[..., None] * rays.direction + 1
-    return p0, h[..., None] * rays.direction, h
-
-
 @pytest.mark.parametrize("pose", ["oblique", "axis_aligned"])
 def test_ray_samples_equal_the_make_rays_reference_in_values_and_gradients(pose):
     """The compiled set-up (:func:`ray_samples`, one coordinate at a time, pointwise in the rays) and
@@ -354,7 +347,7 @@ def test_ray_samples_equal_the_make_rays_reference_in_values_and_gradients(pose)
     pixels = pixel_grid(24, 20, dtype=torch.float64)
     x = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
     T_x = geometry.se3_exp(x) @ T
-    want = _ray_set_up_reference(r.T_index_from_ct, r.shape_ijk, T_x, K, pixels, 17)
+    want = rays_to_samples(make_rays(r.T_index_from_ct, r.shape_ijk, T_x, K, pixels), 17)
     got = ray_samples(ray_transforms(r.T_index_from_ct, T_x, len(pixels)), ray_directions(K, pixels), r.shape_ijk, 17)
     assert bool((want[2] == 0).any()) and bool((want[2] > 0).any())  # some rays miss, some cross
     for a, b in zip(want, got):
