@@ -56,18 +56,12 @@ class MotionConfig:
     min_similarity: float = AcceptanceConfig().min_view_similarity  # ... as does one below the acceptance test's
     max_shift_mm: float = 3.0  # a new view alone moving the anatomy further than this in its image ...
     min_gain: float = 0.05  # ... while gaining more than this similarity contradicts the held pose
-    probe_iterations: int = 15  # steps of that single-view refinement (the acceptance test's probes took 15 when
-    # these thresholds were set, docs/node.md; they take 8 since docs/acceptance.md *Shorter probes*, this does not)
 
     def __post_init__(self):
         _number(self.similarity_drop, "similarity_drop", low=0.0)
         _number(self.min_similarity, "min_similarity")
         _number(self.max_shift_mm, "max_shift_mm", low=0.0)
         _number(self.min_gain, "min_gain", low=0.0)
-        if isinstance(self.probe_iterations, bool) or not isinstance(self.probe_iterations, int):
-            raise TypeError(f"probe_iterations must be an int, got {self.probe_iterations!r}")
-        if self.probe_iterations < 1:
-            raise ValueError(f"probe_iterations must be >= 1, got {self.probe_iterations}")
 
 
 @typing.no_type_check  # validates its own inputs (tests check its errors)

@@ -42,9 +42,7 @@ class AcceptanceConfig:
     # the mean (0.35; 0.5 until the 128 px finest level, whose NCC runs lower; docs/acceptance.md)
     max_uncertainty_mm: float = 1.5  # 1-sigma RMS displacement of points on a 50 mm sphere around the anatomy centre
     view_agreement: bool = True
-    agreement_iterations: int = 8  # single-view refinement from the joint result, at the finest level (15 until
-    # docs/acceptance.md *Shorter probes* measured 8 on the calibration files' results: the same false acceptances,
-    # more true ones, half the time)
+    agreement_iterations: int = 15  # single-view refinement from the joint result, at the finest level
     agreement_lr_scale: float = 0.5  # its first step sizes, as a fraction of RefineConfig's lr_rot_deg / lr_trans_mm
     # (0.75 deg, 1.5 mm: the finest level's of the two-level pyramid the thresholds below were calibrated with; a
     # fixed setting since the three-level pyramid, so the probe does not follow the pyramid's depth)
