@@ -659,7 +659,6 @@ class RegisterNode(LifecycleNode):
                     newest,
                     pose.T_ref_from_ct,
                     iterations=self.cfg.pipeline.acceptance.agreement_iterations,
-                    lr_scale=self.cfg.pipeline.acceptance.agreement_lr_scale,
                     i0=self.cfg.i0,
                     raw_is_line_integral=self.cfg.images_are_line_integrals,
                 )

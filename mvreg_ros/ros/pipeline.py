@@ -91,7 +91,6 @@ def probe_view(
     T_ref_from_ct: Tensor,
     *,
     iterations: int,
-    lr_scale: float,
     i0: float | None = None,
     raw_is_line_integral: bool = False,
 ) -> ViewProbe:
@@ -99,4 +98,4 @@ def probe_view(
     (:func:`mvreg_ros.core.registration.acceptance.probe_view`). ValueError when the frame cannot
     form a view."""
     views = views_from_frames([frame], i0=i0, raw_is_line_integral=raw_is_line_integral)
-    return engine_probe_view(registrar, views, T_ref_from_ct, iterations=iterations, lr_scale=lr_scale)
+    return engine_probe_view(registrar, views, T_ref_from_ct, iterations=iterations)

@@ -43,9 +43,6 @@ class AcceptanceConfig:
     max_uncertainty_mm: float = 1.5  # 1-sigma RMS displacement of points on a 50 mm sphere around the anatomy centre
     view_agreement: bool = True
     agreement_iterations: int = 15  # single-view refinement from the joint result, at the finest level
-    agreement_lr_scale: float = 0.5  # its first step sizes, as a fraction of RefineConfig's lr_rot_deg / lr_trans_mm
-    # (0.75 deg, 1.5 mm: the finest level's of the two-level pyramid the thresholds below were calibrated with; a
-    # fixed setting since the three-level pyramid, so the probe does not follow the pyramid's depth)
     max_view_shift_mm: float = 1.0  # how far a view alone may move the anatomy in its image plane (at the anatomy;
     # 1.5 before the calibration of docs/acceptance.md "Calibration for the faster engine")
     max_view_gain: float = 0.0085  # ... and how much similarity it may gain by doing so (a view is rejected when both
@@ -62,8 +59,6 @@ class AcceptanceConfig:
             raise ValueError(f"max_uncertainty_mm must be positive, got {self.max_uncertainty_mm}")
         if self.agreement_iterations < 1:
             raise ValueError(f"agreement_iterations must be >= 1, got {self.agreement_iterations}")
-        if not (math.isfinite(self.agreement_lr_scale) and self.agreement_lr_scale > 0):
-            raise ValueError(f"agreement_lr_scale must be a finite number > 0, got {self.agreement_lr_scale}")
         for name in ("max_view_shift_mm", "max_view_gain", "min_margin"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -100,16 +95,16 @@ class ViewProbe:
 
 
 def probe_view(
-    registrar: Registrar, view: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int, lr_scale: float
+    registrar: Registrar, view: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int
 ) -> ViewProbe:
     """Refine the single view ``view`` alone from ``T_ref_from_ct`` at the finest level for
-    ``iterations`` steps, first step sizes ``lr_scale`` times the refinement's (the per-view
-    agreement's measurement, :class:`AcceptanceConfig`; the node's motion check uses it too)."""
+    ``iterations`` steps (the per-view agreement's measurement; the node's motion check uses it too)."""
     if len(view) != 1:
         raise ValueError(f"probe_view needs exactly one view, got {len(view)}")
     cfg = registrar.config
     fine = cfg.levels()[-1]
     level = LevelSpec(size=fine.size, iterations=iterations, n_samples=fine.n_samples, patch=fine.patch)
+    lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)
     T = T_ref_from_ct.to(torch.float64).cpu()
     pts = _sphere_points(registrar.centre_ct.to(torch.float64))
     run = registrar.refine_level(view, T, level=level, lr_scale=lr_scale, early_stop=True, finest=True)
@@ -127,15 +122,12 @@ def probe_view(
 
 
 def view_agreement(
-    registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int, lr_scale: float
+    registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int
 ) -> tuple[list[float], list[float]]:
     """Per view (:func:`probe_view`): how far its anatomy points move in its own image when it is
     refined alone from ``T_ref_from_ct`` (mm at the anatomy centre's depth) and how much
     similarity it gains."""
-    probes = [
-        probe_view(registrar, views.select([i]), T_ref_from_ct, iterations=iterations, lr_scale=lr_scale)
-        for i in range(len(views))
-    ]
+    probes = [probe_view(registrar, views.select([i]), T_ref_from_ct, iterations=iterations) for i in range(len(views))]
     return [p.shift_mm for p in probes], [p.gain for p in probes]
 
 
@@ -192,13 +184,7 @@ def acceptance_test(
         return verdict("")  # a single view cannot disagree with itself
     if registrar is None or views is None:
         raise ValueError("per-view agreement needs the registrar and the views (or view_agreement=False)")
-    shifts, gains = view_agreement(
-        registrar,
-        views,
-        result.T_ref_from_ct,
-        iterations=config.agreement_iterations,
-        lr_scale=config.agreement_lr_scale,
-    )
+    shifts, gains = view_agreement(registrar, views, result.T_ref_from_ct, iterations=config.agreement_iterations)
     bad_views = disagreeing_views(shifts, gains, config)
     kw = dict(view_shift_mm=tuple(shifts), view_gain=tuple(gains), disagreeing_views=bad_views)
     if bad_views:

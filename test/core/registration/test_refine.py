@@ -470,7 +470,7 @@ def test_the_schedules_last_level_and_the_probes_pool_as_finest_the_global_stage
     reg.refine(views, scene.T_ref_from_ct, schedule=TrackingConfig(iterations=2, newton_steps=0).schedule(quick))
     assert calls == [(48, True)]
     calls.clear()
-    probe_view(reg, views.select([0]), scene.T_ref_from_ct, iterations=2, lr_scale=0.5)
+    probe_view(reg, views.select([0]), scene.T_ref_from_ct, iterations=2)
     assert calls == [(48, True)]
     # one level only: the global stage's levels (here of that same size) still round down
     calls.clear()
