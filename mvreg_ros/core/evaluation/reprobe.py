@@ -1,0 +1,70 @@
+"""The acceptance test's per-view agreement probes, recomputed at recorded final poses.
+
+A probe (:func:`mvreg_ros.core.registration.acceptance.view_agreement`) depends only on a
+registration's final pose and its views. So a change to the probes alone (their length) can be
+judged on recorded ``mvreg eval`` cases, e.g. those of ``scripts/calibrate_acceptance.py``,
+without registering again. Each case's views are rebuilt from its DeepFluoro-layout file as
+``mvreg eval`` builds them (no geometry noise), and its final pose comes from its ``pose_est``.
+``scripts/reprobe_acceptance.py`` is the command; docs/acceptance.md (*Shorter probes*) uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mvreg_ros.core.data.deepfluoro import DeepFluoroFile, views_from_projections
+from mvreg_ros.core.geometry.transforms import T_cam_from_ct_deepfluoro
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig, disagreeing_views, view_agreement
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar
+
+REQUIRED = ("file", "specimen", "views", "pose_est", "registration_success")
+
+
+def _check(case: dict) -> None:
+    missing = [k for k in REQUIRED if k not in case]
+    if missing:
+        raise ValueError(f"case {case.get('specimen')} {case.get('views')} lacks {missing}: not an `mvreg eval` record")
+
+
+def reprobe(
+    cases: Sequence[dict], *, iterations: int, refine: RefineConfig = RefineConfig(), i0: float | None = None
+) -> list[dict]:
+    """Copies of ``cases`` with ``view_shift_mm`` and ``view_gain`` recomputed by probes of
+    ``iterations`` steps at each case's recorded final pose (``pose_est``), with a registrar built
+    from ``refine`` (the settings the cases were registered with). A case without probes (its
+    refinement failed, so none ran) is copied unchanged. ``i0``: as ``mvreg eval --i0``."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+    for case in cases:
+        _check(case)
+    out = [dict(c) for c in cases]
+    order: dict[tuple[str, str], list[int]] = {}
+    for i, c in enumerate(cases):
+        if c["registration_success"] and c.get("view_shift_mm"):
+            order.setdefault((str(c["file"]), str(c["specimen"])), []).append(i)
+    for (path, specimen), indices in order.items():
+        with DeepFluoroFile(path) as f:
+            registrar = Registrar(f.volume(specimen, with_mask=False), refine)  # as `mvreg eval` loads it
+            for i in indices:
+                c = cases[i]
+                views, _ = views_from_projections([f.projection(specimen, k) for k in c["views"]], i0=i0)
+                T_ref_from_ct = T_cam_from_ct_deepfluoro(f.extrinsic, torch.tensor(c["pose_est"], dtype=torch.float64))
+                shifts, gains = view_agreement(registrar, views, T_ref_from_ct, iterations=iterations)
+                out[i]["view_shift_mm"], out[i]["view_gain"] = shifts, gains
+    return out
+
+
+def agreement_flags(cases: Sequence[dict], config: AcceptanceConfig = AcceptanceConfig()) -> dict:
+    """How many of the cases with probes the per-view agreement flags by itself (a view beyond both
+    ``max_view_shift_mm`` and ``max_view_gain``), among the wrong and the correct results: the
+    check's own power, which the final verdicts hide when another check rejects the same cases."""
+    counts = {"wrong": 0, "wrong_flagged": 0, "correct": 0, "correct_flagged": 0}
+    for c in cases:
+        if not c.get("view_shift_mm"):
+            continue
+        key = "correct" if c["success"] else "wrong"
+        counts[key] += 1
+        counts[f"{key}_flagged"] += bool(disagreeing_views(c["view_shift_mm"], c["view_gain"], config))
+    return counts
