@@ -1,21 +1,25 @@
-"""The acceptance test's per-view agreement probes, recomputed at recorded final poses.
+"""Checks of the acceptance test computed again at recorded final poses.
 
-A probe (:func:`mvreg_ros.core.registration.acceptance.view_agreement`) depends only on a
-registration's final pose and its views. So a change to the probes alone (their length) can be
-judged on recorded ``mvreg eval`` cases, e.g. those of ``scripts/calibrate_acceptance.py``,
-without registering again. Each case's views are rebuilt from its DeepFluoro-layout file as
-``mvreg eval`` builds them (no geometry noise), and its final pose comes from its ``pose_est``.
-``scripts/reprobe_acceptance.py`` is the command; docs/acceptance.md (*Shorter probes*) uses it.
+A check computed from a registration's result (the per-view agreement's probes,
+:func:`mvreg_ros.core.registration.acceptance.view_agreement`; restarts around the result; a probe
+with another similarity) depends only on the final pose and the views. So such a check can be
+judged on recorded ``mvreg eval`` cases, e.g. those of ``scripts/calibrate_acceptance.py``, without
+registering again: each case's views are rebuilt from its DeepFluoro-layout file as ``mvreg eval``
+builds them (no geometry noise), and its final pose comes from its ``pose_est``.
+``scripts/reprobe_acceptance.py`` and ``scripts/acceptance_alternatives.py`` are the commands;
+docs/acceptance.md (*Shorter probes*, *Restarts*) uses them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch import Tensor
 
 from mvreg_ros.core.data.deepfluoro import DeepFluoroFile, views_from_projections
 from mvreg_ros.core.geometry.transforms import T_cam_from_ct_deepfluoro
+from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig, disagreeing_views, view_agreement
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar
 
@@ -28,6 +32,37 @@ def _check(case: dict) -> None:
         raise ValueError(f"case {case.get('specimen')} {case.get('views')} lacks {missing}: not an `mvreg eval` record")
 
 
+def default_registrar(refine: RefineConfig) -> Callable[[DeepFluoroFile, str], Registrar]:
+    """A registrar of the specimen's CT loaded as ``mvreg eval`` loads it, with ``refine``."""
+    return lambda f, specimen: Registrar(f.volume(specimen, with_mask=False), refine)
+
+
+def at_recorded_poses(
+    cases: Sequence[dict],
+    *,
+    make_registrar: Callable[[DeepFluoroFile, str], Registrar],
+    i0: float | None = None,
+    select: Callable[[dict], bool] = lambda c: True,
+) -> Iterator[tuple[int, Registrar, ViewSet, Tensor]]:
+    """For each selected case (in file and specimen groups, one registrar per specimen from
+    ``make_registrar``): its index in ``cases``, the registrar, its views as ``mvreg eval`` built
+    them (``i0`` as ``mvreg eval --i0``) and its recorded final ``T_ref_from_ct`` (mm)."""
+    for case in cases:
+        _check(case)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, c in enumerate(cases):
+        if select(c):
+            groups.setdefault((str(c["file"]), str(c["specimen"])), []).append(i)
+    for (path, specimen), indices in groups.items():
+        with DeepFluoroFile(path) as f:
+            registrar = make_registrar(f, specimen)
+            for i in indices:
+                c = cases[i]
+                views, _ = views_from_projections([f.projection(specimen, k) for k in c["views"]], i0=i0)
+                T_ref_from_ct = T_cam_from_ct_deepfluoro(f.extrinsic, torch.tensor(c["pose_est"], dtype=torch.float64))
+                yield i, registrar, views, T_ref_from_ct
+
+
 def reprobe(
     cases: Sequence[dict], *, iterations: int, refine: RefineConfig = RefineConfig(), i0: float | None = None
 ) -> list[dict]:
@@ -37,22 +72,17 @@ def reprobe(
     refinement failed, so none ran) is copied unchanged. ``i0``: as ``mvreg eval --i0``."""
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
-    for case in cases:
-        _check(case)
     out = [dict(c) for c in cases]
-    order: dict[tuple[str, str], list[int]] = {}
-    for i, c in enumerate(cases):
-        if c["registration_success"] and c.get("view_shift_mm"):
-            order.setdefault((str(c["file"]), str(c["specimen"])), []).append(i)
-    for (path, specimen), indices in order.items():
-        with DeepFluoroFile(path) as f:
-            registrar = Registrar(f.volume(specimen, with_mask=False), refine)  # as `mvreg eval` loads it
-            for i in indices:
-                c = cases[i]
-                views, _ = views_from_projections([f.projection(specimen, k) for k in c["views"]], i0=i0)
-                T_ref_from_ct = T_cam_from_ct_deepfluoro(f.extrinsic, torch.tensor(c["pose_est"], dtype=torch.float64))
-                shifts, gains = view_agreement(registrar, views, T_ref_from_ct, iterations=iterations)
-                out[i]["view_shift_mm"], out[i]["view_gain"] = shifts, gains
+    probed = at_recorded_poses(
+        cases,
+        make_registrar=default_registrar(refine),
+        i0=i0,
+        select=lambda c: bool(c["registration_success"] and c.get("view_shift_mm")),
+    )
+    for i, registrar, views, T_ref_from_ct in probed:
+        out[i]["view_shift_mm"], out[i]["view_gain"] = view_agreement(
+            registrar, views, T_ref_from_ct, iterations=iterations
+        )
     return out
 
 
