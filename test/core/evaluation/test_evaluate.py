@@ -8,34 +8,13 @@ import pytest
 import torch
 
 from mvreg_ros.core.data import deepfluoro as df
-from mvreg_ros.core.data import deepfluoro_write as dfw
-from mvreg_ros.core.data.simulate import DetectorConfig
 from mvreg_ros.core.evaluation import evaluate as ev
 from mvreg_ros.core.geometry.transforms import invert, make_T, rotation_angle_deg, transform_points
-from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM
 from mvreg_ros.core.registration.refine import RefineConfig
 from mvreg_ros.core.rendering.renderer import resolve_backend
 
-SPEC = "sim-01"
+SPEC = "sim-01"  # the specimen of the tiny_file fixture (conftest.py)
 QUICK = RefineConfig(sizes=(32,), iterations=(60,), n_samples=(48,), patches=(8,))
-
-
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory, tiny_ct):
-    path = tmp_path_factory.mktemp("ev") / "tiny.h5"
-    hu = tiny_ct.data / MU_WATER_PER_MM * 1000 - 1000
-    dfw.write_simulated(
-        path,
-        hu,
-        tiny_ct.T_ct_from_index,
-        specimen=SPEC,
-        angles_deg=[(0.0, 0.0), (40.0, 10.0), (5.0, -12.0)],
-        detector=DetectorConfig(height=64, width=64, pixel_mm=1.164 * 4),
-        mask=tiny_ct.mask,
-        label_names={32: "vertebrae_T12", 36: "vertebrae_T8", 116: "sternum", 71: "scapula_left", 72: "scapula_right"},
-        seed=4,
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,8 @@
 
 import pytest
 
-from mvreg_ros.core.data import deepfluoro_write as dfw
-from mvreg_ros.core.data.simulate import DetectorConfig
 from mvreg_ros.core.evaluation import evaluate as ev
 from mvreg_ros.core.evaluation.reprobe import agreement_flags, reprobe
-from mvreg_ros.core.imaging.volume import MU_WATER_PER_MM
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.refine import RefineConfig
 
@@ -14,21 +11,10 @@ QUICK = RefineConfig(sizes=(32,), iterations=(40,), n_samples=(48,), patches=(8,
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory, tiny_ct):
-    path = tmp_path_factory.mktemp("reprobe") / "tiny.h5"
-    hu = tiny_ct.data / MU_WATER_PER_MM * 1000 - 1000
-    dfw.write_simulated(
-        path,
-        hu,
-        tiny_ct.T_ct_from_index,
-        specimen="sim-01",
-        angles_deg=[(0.0, 0.0), (40.0, 10.0), (5.0, -12.0)],
-        detector=DetectorConfig(height=64, width=64, pixel_mm=1.164 * 4),
-        seed=4,
-    )
-    report = ev.run(path, ev.EvalConfig(refine=QUICK, perturb_rot_deg=5.0, perturb_trans_mm=10.0, seed=1))
+def recorded(tiny_file):
+    report = ev.run(tiny_file, ev.EvalConfig(refine=QUICK, perturb_rot_deg=5.0, perturb_trans_mm=10.0, seed=1))
     for c in report["cases"]:  # mvreg eval records no file per case; scripts/calibrate_acceptance.py adds it
-        c["file"] = str(path)
+        c["file"] = str(tiny_file)
     return report["cases"]
 
 
