@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).parent / "csrc" / "trilinear_sums.cpp"
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
+LOCK_POLL_S = 0.5  # how often a build waiting for another's lock looks again
 
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -86,16 +87,26 @@ def build_directory(name: str) -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
 
 
-def _clear_stale_lock(directory: Path) -> None:
-    """torch waits without limit for another build's lock: one left by a killed build (a node
-    stopped during its first start) would block every later start."""
+def _clear_stale_lock(directory: Path, *, stale_s: float = STALE_LOCK_S, poll_s: float = LOCK_POLL_S) -> None:
+    """torch waits without limit for another build's lock, and its lock file names no owner. Wait
+    here instead while the lock is younger than ``stale_s`` (another process building: seconds),
+    and remove it once it is older: one left by a killed build (a node stopped during its first
+    start and started again at once, or a killed set-up) would otherwise block every later start
+    for good, not only those that come ``stale_s`` after it."""
     lock = directory / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink()
-            warnings.warn(f"removed a stale build lock {lock}", RuntimeWarning, stacklevel=2)
-    except FileNotFoundError:
-        pass
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > stale_s:
+            try:
+                lock.unlink()
+            except FileNotFoundError:
+                return
+            warnings.warn(f"removed a stale build lock {lock} ({age:.0f} s old)", RuntimeWarning, stacklevel=2)
+            return
+        time.sleep(poll_s)
 
 
 def build(name: str, march: str = "native"):
