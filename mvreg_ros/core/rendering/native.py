@@ -88,11 +88,11 @@ def build_directory(name: str) -> Path:
 
 
 def _clear_stale_lock(directory: Path, *, stale_s: float = STALE_LOCK_S, poll_s: float = LOCK_POLL_S) -> None:
-    """torch waits without limit for another build's lock, and its lock file names no owner. Wait
-    here instead while the lock is younger than ``stale_s`` (another process building: seconds),
-    and remove it once it is older: one left by a killed build (a node stopped during its first
-    start and started again at once, or a killed set-up) would otherwise block every later start
-    for good, not only those that come ``stale_s`` after it."""
+    """torch waits without limit for another build's lock, and its lock file names no owner. So
+    wait here instead while the lock is younger than ``stale_s`` (another process building takes
+    seconds), and remove it once it is older: it was left by a killed build (a node stopped during
+    its first start, a killed set-up). Looking only once, as before, let a start that came within
+    ``stale_s`` of such a kill wait for good."""
     lock = directory / "lock"
     while True:
         try:
