@@ -26,26 +26,18 @@ from mvreg_ros.core.evaluation.reprobe import at_recorded_poses, default_registr
 from mvreg_ros.core.evaluation.roc import accepts, default_curvature_scale
 from mvreg_ros.core.geometry.transforms import perturb
 from mvreg_ros.core.imaging.footprint import target_labels
-from mvreg_ros.core.registration.acceptance import AcceptanceConfig
-from mvreg_ros.core.registration.refine import LevelSpec, RefineConfig, Registrar
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig, refine_at_finest
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar
 
 STEPS = 15
 
 
 def finest_run(registrar: Registrar, views, starts: torch.Tensor):
-    """``STEPS`` steps at the finest level from each start (one batched render per step), with the
-    finest level's first step; the end poses' distances from the first start (deg, mm)."""
-    cfg = registrar.config
-    fine = cfg.levels()[-1]
-    run = registrar.refine_level(
-        views,
-        starts,
-        level=LevelSpec(fine.size, STEPS, fine.n_samples, fine.patch),
-        lr_scale=cfg.level_lr_decay ** (len(cfg.sizes) - 1),
-        finest=True,
-    )
-    deg, mm = pose_distance(starts[:1].expand(len(starts), 4, 4), run.T_ref_from_ct, registrar.centre_ct)
-    return run, deg.tolist(), mm.tolist()
+    """``STEPS`` steps at the finest level from each start, as the probes take them; the end poses'
+    distances from the first start (mm at the anatomy centre)."""
+    run = refine_at_finest(registrar, views, starts, iterations=STEPS)
+    _, mm = pose_distance(starts[:1].expand(len(starts), 4, 4), run.T_ref_from_ct, registrar.centre_ct)
+    return run, mm.tolist()
 
 
 def restarts(cases: list[dict]) -> list[dict]:
@@ -53,7 +45,7 @@ def restarts(cases: list[dict]) -> list[dict]:
     for i, registrar, views, T in at_recorded_poses(cases, make_registrar=default_registrar(RefineConfig())):
         g = torch.Generator().manual_seed(cases[i]["_index"])
         moved = [perturb(T, rot_deg=1.5, trans_mm=3.0, centre_ct=registrar.centre_ct, generator=g) for _ in range(2)]
-        run, _, mm = finest_run(registrar, views, torch.stack([T, *moved]))
+        run, mm = finest_run(registrar, views, torch.stack([T, *moved]))
         rows.append({"case": cases[i], "sim": run.similarity.tolist(), "mm": mm})
     return rows
 
@@ -89,7 +81,7 @@ def target(cases: list[dict]) -> list[dict]:
     for i, registrar, views, T in at_recorded_poses(cases, make_registrar=target_registrar):
         row = {"case": cases[i]}
         for name, reg in (("whole", whole["current"]), ("target", registrar)):
-            run, _, mm = finest_run(reg, views, T[None])
+            run, mm = finest_run(reg, views, T[None])
             row[name] = {"mm": mm[0], "gain": float(run.similarity[0] - run.start_similarity[0])}
         rows.append(row)
     return rows

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from mvreg_ros.core.geometry.transforms import invert, project, transform_points
 from mvreg_ros.core.imaging.views import ViewSet
-from mvreg_ros.core.registration.refine import LevelSpec, RefineConfig, Registrar, RegistrationResult
+from mvreg_ros.core.registration.refine import LevelRun, LevelSpec, RefineConfig, Registrar, RegistrationResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +94,16 @@ class ViewProbe:
     gain: float
 
 
+def refine_at_finest(registrar: Registrar, views: ViewSet, T0: Float[Tensor, "*K 4 4"], *, iterations: int) -> LevelRun:
+    """``iterations`` steps at the refinement's finest level from each of the K starting poses at once,
+    with the first step the full pyramid takes there (early stop as configured): the probes' refinement."""
+    cfg = registrar.config
+    fine = cfg.levels()[-1]
+    level = LevelSpec(size=fine.size, iterations=iterations, n_samples=fine.n_samples, patch=fine.patch)
+    lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)
+    return registrar.refine_level(views, T0, level=level, lr_scale=lr_scale, early_stop=True, finest=True)
+
+
 def probe_view(
     registrar: Registrar, view: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int
 ) -> ViewProbe:
@@ -101,13 +111,9 @@ def probe_view(
     ``iterations`` steps (the per-view agreement's measurement; the node's motion check uses it too)."""
     if len(view) != 1:
         raise ValueError(f"probe_view needs exactly one view, got {len(view)}")
-    cfg = registrar.config
-    fine = cfg.levels()[-1]
-    level = LevelSpec(size=fine.size, iterations=iterations, n_samples=fine.n_samples, patch=fine.patch)
-    lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)
     T = T_ref_from_ct.to(torch.float64).cpu()
     pts = _sphere_points(registrar.centre_ct.to(torch.float64))
-    run = registrar.refine_level(view, T, level=level, lr_scale=lr_scale, early_stop=True, finest=True)
+    run = refine_at_finest(registrar, view, T, iterations=iterations)
     T_cam_from_ref = invert(view.T_ref_from_cam[0].to(torch.float64))
     K = view.K[0].to(torch.float64)
     uv0 = project(K, T_cam_from_ref @ T, pts)
