@@ -32,7 +32,7 @@ from mvreg_ros.core.geometry.transforms import about_point, invert, make_T, skew
 from mvreg_ros.core.imaging.footprint import BODY_MU, complete_rays, target_footprint, target_volume, truncated_faces
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume
-from mvreg_ros.core.registration.similarity import PreparedSimilarity
+from mvreg_ros.core.registration.similarity import SIMILARITY_BACKENDS, PreparedSimilarity
 from mvreg_ros.core.rendering.renderer import BACKENDS, Renderer
 
 VOLUME_STORAGE = {"float16": torch.float16, "float32": torch.float32}  # RefineConfig.volume_storage
@@ -86,6 +86,8 @@ class RefineConfig:
     base_voxel_mm: float = 1.0  # ... the coarsest integer pooling whose smallest voxel side stays at most this
     # (0: never; finer than any pyramid level of the default schedule needs)
     render_backend: str = "auto"  # "auto", "native" (C++ CPU kernel), "compiled" (torch.compile) or "grid_sample"
+    similarity_backend: str = "auto"  # PreparedSimilarity's: "native" (the fused C++ kernel, README *Speed*), "torch"
+    # (ATen ops, any device; the reference) or "auto" (native on the CPU when the extension is built)
     volume_storage: str = "float16"  # how the native kernel holds the pooled volumes: "float16" (values rounded to
     # float16 once, about 5e-4 relative, float32 arithmetic; half the bytes per read, README *Speed*) or "float32"
     mask_truncated: str = "footprint"  # a CT cut short through the body: "complete" keeps only the rays that
@@ -149,6 +151,10 @@ class RefineConfig:
             raise ValueError(f"curvature_fallback_tries must be >= 0, got {v}")
         if self.volume_storage not in VOLUME_STORAGE:
             raise ValueError(f"volume_storage must be one of {tuple(VOLUME_STORAGE)}, got {self.volume_storage!r}")
+        if self.similarity_backend not in SIMILARITY_BACKENDS:
+            raise ValueError(
+                f"similarity_backend must be one of {SIMILARITY_BACKENDS}, got {self.similarity_backend!r}"
+            )
         if self.render_backend not in BACKENDS:
             raise ValueError(f"render_backend must be one of {BACKENDS}, got {self.render_backend!r}")
         if isinstance(self.full_resolution_max_voxels, bool) or not isinstance(self.full_resolution_max_voxels, int):
@@ -846,7 +852,11 @@ class Objective:
         if self.target_weight > 0:
             weightings.append((target_masks, self.target_weight))
         self._similarity = PreparedSimilarity(
-            v.images.repeat(reps, 1, 1), weightings, patch=patch, grad_weight=self.grad_weight
+            v.images.repeat(reps, 1, 1),
+            weightings,
+            patch=patch,
+            grad_weight=self.grad_weight,
+            backend=registrar.config.similarity_backend,
         )
 
     def similarity(self, T: Float[Tensor, "*K 4 4"]) -> Float[Tensor, "*K V"]:

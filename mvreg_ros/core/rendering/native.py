@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).parent / "csrc" / "trilinear_sums.cpp"
+SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "patch_ncc.cpp")  # one extension; SOURCE holds its module
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
 LOCK_POLL_S = 0.5  # how often a build waiting for another's lock looks again
 
@@ -56,7 +57,7 @@ def extension_name() -> str:
             torch.__version__,
             platform.python_version(),
             str(SOURCE.resolve()),
-            hashlib.sha1(SOURCE.read_bytes()).hexdigest(),
+            *(hashlib.sha1(s.read_bytes()).hexdigest() for s in SOURCES),
         ]
     )
     return f"mvreg_trilinear_sums_{platform.machine().lower()}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
@@ -126,7 +127,7 @@ def build(name: str, march: str = "native"):
         )
     return cpp_extension.load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(s) for s in SOURCES],
         extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),

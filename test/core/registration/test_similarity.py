@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mvreg_ros.core.registration.similarity import (
+    SIMILARITY_BACKENDS,
     PreparedSimilarity,
     erode,
     gradient_ncc,
@@ -13,6 +14,15 @@ from mvreg_ros.core.registration.similarity import (
     multiscale_ncc,
     ncc,
 )
+from mvreg_ros.core.rendering import native as render_native
+
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(render_native.load() is None, reason="the native kernel cannot be built here"),
+    ),
+]
 
 
 def _smooth_images(V=2, H=48, W=48, seed=0, pad=0):
@@ -161,11 +171,13 @@ def _masks(V, H, W, seed):
     return fov, target
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grad_weight", [0.5, 0.0, 1.0])
 @pytest.mark.parametrize("tiles", [1, 3])
-def test_prepared_similarity_equals_the_reference_in_values_and_gradients(grad_weight, tiles):
-    """The fast path of the refinement against image_similarity (the reference): one weighting and
-    two, targets tiled over a batch of poses, gradients with respect to the render."""
+def test_prepared_similarity_equals_the_reference_in_values_and_gradients(grad_weight, tiles, backend):
+    """The fast path of the refinement (ATen ops, and the fused native kernel) against
+    image_similarity (the reference): one weighting and two, targets tiled over a batch of poses,
+    gradients with respect to the render."""
     V, H, W, patch = 2, 48, 42, 10  # not a multiple of the patch: the remainder rows and columns drop out alike
     y = _smooth_images(V, H, W, seed=2)
     fov, target = _masks(V, H, W, seed=3)
@@ -181,7 +193,9 @@ def test_prepared_similarity_equals_the_reference_in_values_and_gradients(grad_w
         )
         ref.sum().backward()
         x_fast = drr.clone().requires_grad_()
-        fast = PreparedSimilarity(y, weightings, patch=patch, grad_weight=grad_weight)(x_fast)
+        prepared = PreparedSimilarity(y, weightings, patch=patch, grad_weight=grad_weight, backend=backend)
+        assert prepared.backend == backend
+        fast = prepared(x_fast)
         fast.sum().backward()
         assert fast.shape == (V * tiles,)
         torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
@@ -189,10 +203,57 @@ def test_prepared_similarity_equals_the_reference_in_values_and_gradients(grad_w
         assert x_fast.grad.abs().max() > 0
 
 
-def test_prepared_similarity_is_one_on_its_target_and_checks_inputs():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_fused_similarity_matches_the_aten_path_where_the_formulas_have_corners(backend, dtype):
+    """The fused kernel against the ATen path on renders with the cases the formulas treat apart:
+    flat patches (the render's patch variance clamped at 0; float64 only, where both paths round
+    alike), patches flat in the target (not
+    informative), patches outside the masks, a border not covered by whole patches, correlations
+    near +-1 (clamped), no gradient asked; float32 and float64 renders."""
+    V, H, W, patch = 3, 37, 45, 6
+    y = _smooth_images(V, H, W, seed=11).to(dtype)
+    y[0, :12, :12] = 0.5  # flat in the target: not informative
+    fov, target = _masks(V, H, W, seed=12)
+    fov[1, :, :9] = 0  # a strip outside the field of view
+    drr = (_smooth_images(2 * V, H, W, seed=13) + 0.5 * y.repeat(2, 1, 1)).to(dtype)
+    if dtype == torch.float64:  # in float32 a flat patch's variance is rounding noise, and so is its gradient
+        drr[1, 6:18, 6:24] = 2.0  # flat in the render: its variance clamped at 0 (or not) by rounding alike
+    drr[2] = 3.0 * y[2] - 1.0  # correlation 1 up to rounding everywhere
+    drr[5] = -y[2]  # ... and -1
+    weightings = [(fov, 0.3), (target, 0.7)]
+    ref = PreparedSimilarity(y, weightings, patch=patch, grad_weight=0.75, backend="torch")
+    fused = PreparedSimilarity(y, weightings, patch=patch, grad_weight=0.75, backend=backend)
+    x_ref, x_fused = drr.clone().requires_grad_(), drr.clone().requires_grad_()
+    a, b = ref(x_ref), fused(x_fused)
+    assert b.dtype == dtype and b.shape == (2 * V,)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-11, "rtol": 1e-9}
+    torch.testing.assert_close(b, a, **tol)
+    (a * torch.arange(1.0, 2 * V + 1, dtype=dtype)).sum().backward()  # a different weight per render
+    (b * torch.arange(1.0, 2 * V + 1, dtype=dtype)).sum().backward()
+    gtol = {"atol": 1e-7, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-8}
+    torch.testing.assert_close(x_fused.grad, x_ref.grad, **gtol)
+    assert x_fused.grad[1].abs().max() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(fused(drr), a.detach(), **tol)
+
+
+def test_prepared_similarity_backends_are_checked():
+    y = _smooth_images(2, 24, 24, seed=1)
+    fov, _ = _masks(2, 24, 24, seed=2)
+    with pytest.raises(ValueError, match="backend"):
+        PreparedSimilarity(y, [(fov, 1.0)], patch=8, backend="fast")
+    assert set(SIMILARITY_BACKENDS) == {"auto", "native", "torch"}
+    assert PreparedSimilarity(y, [(fov, 1.0)], patch=8, backend="torch").backend == "torch"
+    expected = "torch" if render_native.load() is None else "native"
+    assert PreparedSimilarity(y, [(fov, 1.0)], patch=8).backend == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepared_similarity_is_one_on_its_target_and_checks_inputs(backend):
     y = _smooth_images(2, 40, 40, seed=7)
     fov, target = _masks(2, 40, 40, seed=8)
-    sim = PreparedSimilarity(y, [(fov, 0.5), (target, 0.5)], patch=8)
+    sim = PreparedSimilarity(y, [(fov, 0.5), (target, 0.5)], patch=8, backend=backend)
     torch.testing.assert_close(sim(2.0 * y + 1.0), torch.ones(2), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="do not tile"):
         sim(y[:1])

@@ -288,8 +288,14 @@ std::vector<torch::Tensor> sample_sums(torch::Tensor padded, torch::Tensor p0, t
   return {f};
 }
 
+// patch_ncc.cpp: the refinement's similarity, fused (built into the same extension)
+std::vector<torch::Tensor> patch_ncc(torch::Tensor drr, torch::Tensor w, torch::Tensor wy, torch::Tensor swi,
+                                     torch::Tensor swc, torch::Tensor my, torch::Tensor syy, torch::Tensor coef,
+                                     int64_t image_channels, int64_t patch, bool with_grad);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_sums", &sample_sums, "Sums of trilinear samples along rays (and their gradients)");
+  m.def("patch_ncc", &patch_ncc, "PreparedSimilarity's value per render (and its gradient), fused");
   m.attr("isa") = simd::kIsa;
   m.attr("width") = simd::kWidth;
 }
