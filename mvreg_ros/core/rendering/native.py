@@ -29,7 +29,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).parent / "csrc" / "trilinear_sums.cpp"
-SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "patch_ncc.cpp")  # one extension; SOURCE holds its module
+SOURCES = tuple(  # one extension; SOURCE holds its module definition
+    [SOURCE] + [Path(__file__).parent / "csrc" / name for name in ("ray_setup.cpp", "patch_ncc.cpp")]
+)
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
 LOCK_POLL_S = 0.5  # how often a build waiting for another's lock looks again
 
@@ -220,3 +222,37 @@ def sample_sums(
     if torch.is_grad_enabled() and (p0.requires_grad or q.requires_grad):
         return _sums_with_grad(padded, p0, q, int(n_samples))[0]
     return _sums(padded, p0, q, int(n_samples))
+
+
+class _RenderRays(torch.autograd.Function):
+    """The native backend's render: the ray set-up (``csrc/ray_setup.cpp``, :func:`renderer.ray_samples`'
+    arithmetic) and the kernel's sums in one call; the backward reduces each view's gradient in C++."""
+
+    @staticmethod
+    def forward(ctx, T_index_from_cam: Tensor, d_cam: Tensor, padded: Tensor, n_samples: int) -> Tensor:
+        out, f, G, H = _module().render_rays(T_index_from_cam, d_cam, padded, n_samples, True)
+        ctx.save_for_backward(T_index_from_cam, d_cam, padded, f, G, H)
+        ctx.n_samples = n_samples
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        T, d_cam, padded, f, G, H = ctx.saved_tensors
+        dT = _module().render_rays_backward(grad_out.contiguous(), T, d_cam, padded, f, G, H, ctx.n_samples)
+        return dT, None, None, None
+
+
+@typing.no_type_check  # validates its own inputs (the kernel checks them); no jaxtyping/beartype wrapper
+def render_rays(
+    T_index_from_cam: Float[Tensor, "V 3 4"], d_cam: Float[Tensor, "3 V R"], padded: Tensor, n_samples: int
+) -> Float[Tensor, "V R"]:
+    """Line integrals ``h * sum_k f(p0 + k q)`` of each view's rays (the native backend's render): the
+    rays of :func:`renderer.ray_samples` for ``T_index_from_cam`` (float64, the first three rows) and
+    the unit directions ``d_cam`` (float64, camera axes), summed by the kernel; differentiable once in
+    ``T_index_from_cam``. Requires :func:`load` to have succeeded."""
+    check_sums_inputs(padded, n_samples)
+    T, d = T_index_from_cam.contiguous(), d_cam.contiguous()
+    if torch.is_grad_enabled() and T.requires_grad:
+        return _RenderRays.apply(T, d, padded, int(n_samples))
+    return _module().render_rays(T, d, padded, int(n_samples), False)[0]

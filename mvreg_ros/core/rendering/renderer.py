@@ -188,8 +188,14 @@ def ray_transforms(
     outside the compiled graph, so that the backward's sum over the rays is ATen's (parallel and
     vectorised) rather than a reduction inside the compiled kernel (which ``torch.compile`` ran on one
     thread for a handful of views: the set-up's backward took longer than the renderer's gathers)."""
-    T = T_index_from_ct.to(T_cam_from_ct.dtype) @ invert(T_cam_from_ct)
-    return T[:, None, :3, :].expand(-1, n_rays, -1, -1)
+    return index_from_cam(T_index_from_ct, T_cam_from_ct)[:, None].expand(-1, n_rays, -1, -1)
+
+
+def index_from_cam(
+    T_index_from_ct: Float[Tensor, "4 4"], T_cam_from_ct: Float[Tensor, "V 4 4"]
+) -> Float[Tensor, "V 3 4"]:
+    """``T_index_from_cam`` of each view, its first three rows (what the ray set-up reads)."""
+    return (T_index_from_ct.to(T_cam_from_ct.dtype) @ invert(T_cam_from_ct))[:, :3, :]
 
 
 def ray_directions(
@@ -415,7 +421,10 @@ class Renderer:
         n = self.n_samples if n_samples is None else n_samples
         if n < 1:
             raise ValueError(f"n_samples must be >= 1, got {n}")
-        out = self._render_compiled(T, K, pixels, n) if self.backend != "grid_sample" else None
+        if self.backend == "native":
+            out = self._render_native(T, K, pixels, n)
+        else:
+            out = self._render_compiled(T, K, pixels, n) if self.backend != "grid_sample" else None
         if out is None:
             out = integrate(self.data, make_rays(self.T_index_from_ct, self.shape_ijk, T, K, pixels), n)
         return out.reshape(len(T), height, width) if full else out
@@ -435,6 +444,12 @@ class Renderer:
         d = ray_directions(K, pixels)
         self._last_directions = (K.clone(), pixels.clone(), d)
         return d
+
+    def _render_native(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor:
+        """The native backend: the ray set-up and the sums in C++ (:func:`native.render_rays`; nothing to
+        compile), with the same arithmetic as the compiled :func:`render_native` (its reference)."""
+        d_cam = self._directions(K, pixels)
+        return native.render_rays(index_from_cam(self.T_index_from_ct, T), d_cam, self.padded, n_samples)
 
     def _render_compiled(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor | None:
         """The fused compiled path; None once it has failed to compile (then grid_sample is used)."""

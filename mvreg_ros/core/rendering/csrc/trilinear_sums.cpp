@@ -293,7 +293,15 @@ std::vector<torch::Tensor> patch_ncc(torch::Tensor drr, torch::Tensor w, torch::
                                      torch::Tensor swc, torch::Tensor my, torch::Tensor syy, torch::Tensor coef,
                                      int64_t image_channels, int64_t patch, bool with_grad);
 
+// ray_setup.cpp: the native backend's ray set-up and its backward
+std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded, int64_t n_samples,
+                                       bool with_grad);
+torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded,
+                                   torch::Tensor f, torch::Tensor G, torch::Tensor H, int64_t n_samples);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("render_rays", &render_rays, "Ray set-up and sums: the native backend's render of (V, R) rays");
+  m.def("render_rays_backward", &render_rays_backward, "d loss / d T_index_from_cam of render_rays");
   m.def("sample_sums", &sample_sums, "Sums of trilinear samples along rays (and their gradients)");
   m.def("patch_ncc", &patch_ncc, "PreparedSimilarity's value per render (and its gradient), fused");
   m.attr("isa") = simd::kIsa;
