@@ -23,7 +23,7 @@ fi
 if ! "$VENV/bin/python" -c "import mvreg_ros" 2>/dev/null || [[ ! -x "$VENV/bin/mvreg" || ! -x "$VENV/bin/dicom_bridge" ]]; then
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 fi
-# the native CPU renderer kernel: compiled for this CPU once (about 15 s, cached by torch under
+# the native CPU kernels (renderer, similarity): compiled for this CPU once (about 30 s, cached by torch under
 # ~/.cache/torch_extensions); without a C++ compiler the renderer falls back to torch.compile or grid_sample
 "$VENV/bin/python" -c "from mvreg_ros.core.rendering import native as n; m = n.load(); \
 print('[setup] native renderer kernel:', m.isa if m else 'not built (fallback backend in use)')"

@@ -1,13 +1,17 @@
-"""The CPU renderer backend "native": a C++ kernel (``csrc/trilinear_sums.cpp``) that sums trilinear
+"""The CPU renderer backend "native": a C++ extension whose kernel (``csrc/trilinear_sums.cpp``) sums trilinear
 samples along rays with hardware gathers (AVX-512 or AVX2, scalar elsewhere) and returns, in the
-same pass, the sums' gradients with respect to each ray's first sample and sample step. The
-backward pass is then a few multiplications per ray, with no per-sample memory.
+same pass, the sums' gradients with respect to each ray's first sample and sample step, so the
+backward pass needs no per-sample memory. ``csrc/ray_setup.cpp`` computes the rays of each view
+from its pose (:func:`renderer.ray_samples`' arithmetic) and, in the backward, the pose's gradient
+reduced over the view's rays (:func:`render_rays`); nothing is compiled at run time. The same
+extension holds the refinement's fused similarity (``csrc/patch_ncc.cpp``,
+:class:`~mvreg_ros.core.registration.similarity.PreparedSimilarity`).
 
-The kernel is compiled for this CPU on first use with ``torch.utils.cpp_extension`` (a C++
-compiler and ninja are needed; about 15 s once, then cached under ``TORCH_EXTENSIONS_DIR``, by
+The extension is compiled for this CPU on first use with ``torch.utils.cpp_extension`` (a C++
+compiler and ninja are needed; about 30 s once, then cached under ``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``, one build per CPU model, torch and Python version).
 :func:`load` returns None when it cannot be built, and the renderer then falls back to its
-compiled (Inductor) backend.
+compiled (Inductor) backend, the similarity to ATen ops.
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ def build(name: str, march: str = "native"):
     _clear_stale_lock(directory)
     if not any(directory.glob("*.so")):
         print(
-            f"mvreg_ros: compiling the native renderer kernel for this CPU (once, about 15 s) in {directory}",
+            f"mvreg_ros: compiling the native renderer kernel for this CPU (once, about 30 s) in {directory}",
             file=sys.stderr,
             flush=True,
         )

@@ -391,6 +391,7 @@ class Renderer:
             torch._dynamo.mark_dynamic(self.padded, (0, 1, 2))
         self._compiled_ok = False
         self._last_directions: tuple[Tensor, Tensor, Tensor] | None = None
+        self._grid: tuple[int, int, Tensor] | None = None  # the last full image's pixel grid
         self.T_index_from_ct = torch.linalg.inv(volume.T_ct_from_index.to(device=device, dtype=torch.float64))
         self.shape_ijk = volume.shape_ijk
         self.n_samples = int(n_samples)
@@ -415,7 +416,7 @@ class Renderer:
         T = T_cam_from_ct.to(self.device, torch.float64)
         full = pixels is None
         if full:
-            pixels = pixel_grid(height, width, dtype=torch.float64, device=self.device)
+            pixels = self._pixel_grid(height, width)
         K = K.to(self.device, torch.float64)
         pixels = pixels.to(self.device)
         n = self.n_samples if n_samples is None else n_samples
@@ -429,6 +430,13 @@ class Renderer:
             out = integrate(self.data, make_rays(self.T_index_from_ct, self.shape_ijk, T, K, pixels), n)
         return out.reshape(len(T), height, width) if full else out
 
+    def _pixel_grid(self, height: int, width: int) -> Tensor:
+        """:func:`pixel_grid` of a full image (float64), kept while the image size stays the same (the
+        same tensor each time, so :meth:`_directions` recognises it without comparing its values)."""
+        if self._grid is None or self._grid[:2] != (height, width):
+            self._grid = (height, width, pixel_grid(height, width, dtype=torch.float64, device=self.device))
+        return self._grid[2]
+
     def _directions(self, K: Tensor, pixels: Tensor) -> Tensor:
         """:func:`ray_directions`, kept while the intrinsics and pixels stay the same (a refinement
         renders the same views at every iteration; the last set is kept)."""
@@ -438,11 +446,16 @@ class Renderer:
             and last[0].shape == K.shape
             and last[1].shape == pixels.shape
             and torch.equal(last[0], K)
-            and torch.equal(last[1], pixels)
+            and (last[1] is pixels or torch.equal(last[1], pixels))
         ):
             return last[2]
         d = ray_directions(K, pixels)
-        self._last_directions = (K.clone(), pixels.clone(), d)
+        # the kept grid itself (never written to), else a copy: a caller may change its own pixels in place
+        self._last_directions = (
+            K.clone(),
+            pixels if self._grid is not None and pixels is self._grid[2] else pixels.clone(),
+            d,
+        )
         return d
 
     def _render_native(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor:
