@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from mvreg_ros.core.rendering import native
+
 _EPS = 1e-8
 SIMILARITY_BACKENDS = ("auto", "native", "torch")
 
@@ -178,8 +180,6 @@ class PreparedSimilarity:
             if backend == "native":
                 raise ValueError(f"backend 'native' needs targets on the CPU, got {self._w.device}")
             return None
-        from mvreg_ros.core.rendering import native
-
         if native.load() is None:
             if backend == "native":
                 raise RuntimeError("backend 'native': the native extension is not available (see its build warning)")
@@ -259,8 +259,6 @@ class _FusedPatchNcc(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, drr: Tensor, inputs: tuple) -> Tensor:
-        from mvreg_ros.core.rendering import native
-
         value, grad = native.load().patch_ncc(drr, *inputs, True)
         ctx.save_for_backward(grad)
         return value
@@ -275,6 +273,4 @@ class _FusedPatchNcc(torch.autograd.Function):
 def _fused_similarity(drr: Tensor, inputs: tuple) -> Tensor:
     if torch.is_grad_enabled() and drr.requires_grad:
         return _FusedPatchNcc.apply(drr, inputs)
-    from mvreg_ros.core.rendering import native
-
     return native.load().patch_ncc(drr, *inputs, False)[0]

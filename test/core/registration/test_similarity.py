@@ -263,3 +263,15 @@ def test_prepared_similarity_is_one_on_its_target_and_checks_inputs(backend):
         PreparedSimilarity(y, [], patch=8)
     with pytest.raises(ValueError, match="patch"):
         PreparedSimilarity(y, [(fov, 1.0)], patch=0)
+
+
+def test_similarity_without_the_native_extension_uses_aten(monkeypatch):
+    """Where the extension cannot be built, "auto" takes the ATen path and "native" says why it cannot."""
+    y = _smooth_images(2, 24, 24, seed=4)
+    fov, _ = _masks(2, 24, 24, seed=5)
+    monkeypatch.setitem(render_native._STATE, "module", None)
+    sim = PreparedSimilarity(y, [(fov, 1.0)], patch=8)
+    assert sim.backend == "torch"
+    torch.testing.assert_close(sim(2.0 * y + 1.0), torch.ones(2), atol=1e-4, rtol=0)
+    with pytest.raises(RuntimeError, match="not available"):
+        PreparedSimilarity(y, [(fov, 1.0)], patch=8, backend="native")
