@@ -395,7 +395,7 @@ def test_native_set_up_in_cpp_equals_the_compiled_set_up_in_values_and_gradients
 
 @needs_native
 def test_native_render_rejects_bad_inputs():
-    ct, K, T = _setup()
+    ct, K, _ = _setup()
     r = Renderer(ct, backend="native")
     d = ray_directions(K, pixel_grid(4, 3, dtype=torch.float64))
     Ti = r.T_index_from_ct.expand(2, 4, 4)[:, :3].contiguous()
