@@ -84,9 +84,9 @@ void channels_backward(const double* dch, int H, int W, int K, double* dx) {
   }
 }
 
-// one render: returns its similarity; with grad, adds d similarity / d render to dx (H x W)
+// one render: returns its similarity; with grad (dch), adds d similarity / d channel to dch (K x H x W)
 double one_render(const double* ch, const Target& tg, int t, int C, int K, int H, int W, int p, double* dch,
-                  std::vector<double>& dpatch) {
+                  std::vector<double>& dpatch, std::vector<double>& dz) {
   const int64_t HW = int64_t(H) * W;
   const int ph = H / p, pw = W / p;
   double out = 0;
@@ -144,7 +144,7 @@ double one_render(const double* ch, const Target& tg, int t, int C, int K, int H
     if (!any) continue;
     // dz per pixel, then back through the standardisation: z = (x - mean) / s
     double g_xc = 0;  // sum_i dz_i (x_i - mean)
-    std::vector<double> dz(HW, 0.0);
+    std::fill(dz.begin(), dz.end(), 0.0);
     for (int P = 0; P < ph * pw; ++P) {
       const double* dp = dpatch.data() + 3 * P;
       if (dp[0] == 0 && dp[1] == 0 && dp[2] == 0) continue;
@@ -218,12 +218,14 @@ std::vector<torch::Tensor> patch_ncc(torch::Tensor drr, torch::Tensor w, torch::
   AT_DISPATCH_FLOATING_TYPES(drr.scalar_type(), "patch_ncc", [&] {
     const scalar_t* xx = x.data_ptr<scalar_t>();
     at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> ch(K * HW), dch(with_grad ? K * HW : 0), dpatch(3 * (H / p) * (W / p));
+      // per-thread scratch: the channels, their gradients, the patches' and the pixels' (dz) gradients
+      std::vector<double> ch(K * HW), dch(with_grad ? K * HW : 0), dpatch(3 * (H / p) * (W / p)),
+          dz(with_grad ? HW : 0);
       for (int64_t m = begin; m < end; ++m) {
         channels(xx + m * HW, H, W, K, ch.data());
         if (with_grad) std::fill(dch.begin(), dch.end(), 0.0);
         oo[m] = one_render(ch.data(), tg, static_cast<int>(m % N), static_cast<int>(C), K, H, W, p,
-                           with_grad ? dch.data() : nullptr, dpatch);
+                           with_grad ? dch.data() : nullptr, dpatch, dz);
         if (with_grad) {
           double* g = gg + m * HW;
           std::fill(g, g + HW, 0.0);
