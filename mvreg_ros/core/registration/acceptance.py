@@ -94,46 +94,73 @@ class ViewProbe:
     gain: float
 
 
-def refine_at_finest(registrar: Registrar, views: ViewSet, T0: Float[Tensor, "*K 4 4"], *, iterations: int) -> LevelRun:
-    """``iterations`` steps at the refinement's finest level from each of the K starting poses at once,
-    with the first step the full pyramid takes there (early stop as configured): the probes' refinement."""
+def finest_probe_level(registrar: Registrar, *, iterations: int) -> tuple[LevelSpec, float]:
+    """The probes' level: the refinement's finest, ``iterations`` steps, and the step-size scale
+    the full pyramid has reached there."""
     cfg = registrar.config
     fine = cfg.levels()[-1]
     level = LevelSpec(size=fine.size, iterations=iterations, n_samples=fine.n_samples, patch=fine.patch)
-    lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)
+    return level, cfg.level_lr_decay ** (len(cfg.sizes) - 1)
+
+
+def refine_at_finest(registrar: Registrar, views: ViewSet, T0: Float[Tensor, "*K 4 4"], *, iterations: int) -> LevelRun:
+    """``iterations`` steps at the refinement's finest level from each of the K starting poses at once,
+    with the first step the full pyramid takes there (early stop as configured)."""
+    level, lr_scale = finest_probe_level(registrar, iterations=iterations)
     return registrar.refine_level(views, T0, level=level, lr_scale=lr_scale, early_stop=True, finest=True)
+
+
+def probe_views(
+    registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int
+) -> list[ViewProbe]:
+    """Each view refined alone from ``T_ref_from_ct`` at the finest level for ``iterations`` steps
+    (early stop as configured; the per-view agreement's measurement, the node's motion check's too):
+    its similarity there, how far its anatomy points moved in its own image (mm at the anatomy
+    centre's depth) and the similarity it gained. The views run side by side in one batched render
+    per step (:meth:`Registrar.paired_objectives`; views that pool the volume differently in
+    separate runs), each with the values it has alone (a test checks them against one view at a time)."""
+    T = T_ref_from_ct.to(torch.float64).cpu()
+    if T.shape != (4, 4):
+        raise ValueError(f"probe_views needs one pose (4, 4), got {tuple(T.shape)}")
+    level, lr_scale = finest_probe_level(registrar, iterations=iterations)
+    pts = _sphere_points(registrar.centre_ct.to(torch.float64))
+    T_each = T[None].expand(len(views), 4, 4).clone()
+    probes: list[ViewProbe | None] = [None] * len(views)
+    for idx, objective in registrar.paired_objectives(views, T_each, level=level):
+        run = registrar.refine_level(
+            views.select(idx), T_each[idx], level=level, lr_scale=lr_scale, early_stop=True, objective=objective
+        )
+        for j, i in enumerate(idx):
+            T_cam_from_ref = invert(views.T_ref_from_cam[i].to(torch.float64))
+            K = views.K[i].to(torch.float64)
+            uv0 = project(K, T_cam_from_ref @ T, pts)
+            uv1 = project(K, T_cam_from_ref @ run.T_ref_from_ct[j], pts)
+            depth = float(transform_points(T_cam_from_ref @ T, pts[:1])[0, 2])
+            start = float(run.start_similarity[j])
+            probes[i] = ViewProbe(
+                similarity=start,
+                shift_mm=float((uv1 - uv0).norm(dim=-1).mean()) * abs(depth) / float(K[0, 0]),
+                gain=float(run.similarity[j]) - start,
+            )
+    return probes  # type: ignore[return-value]
 
 
 def probe_view(
     registrar: Registrar, view: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int
 ) -> ViewProbe:
-    """Refine the single view ``view`` alone from ``T_ref_from_ct`` at the finest level for
-    ``iterations`` steps (the per-view agreement's measurement; the node's motion check uses it too)."""
+    """:func:`probe_views` of the single view ``view``."""
     if len(view) != 1:
         raise ValueError(f"probe_view needs exactly one view, got {len(view)}")
-    T = T_ref_from_ct.to(torch.float64).cpu()
-    pts = _sphere_points(registrar.centre_ct.to(torch.float64))
-    run = refine_at_finest(registrar, view, T, iterations=iterations)
-    T_cam_from_ref = invert(view.T_ref_from_cam[0].to(torch.float64))
-    K = view.K[0].to(torch.float64)
-    uv0 = project(K, T_cam_from_ref @ T, pts)
-    uv1 = project(K, T_cam_from_ref @ run.T_ref_from_ct[0], pts)
-    depth = float(transform_points(T_cam_from_ref @ T, pts[:1])[0, 2])
-    start = float(run.start_similarity[0])
-    return ViewProbe(
-        similarity=start,
-        shift_mm=float((uv1 - uv0).norm(dim=-1).mean()) * abs(depth) / float(K[0, 0]),
-        gain=float(run.similarity[0]) - start,
-    )
+    return probe_views(registrar, view, T_ref_from_ct, iterations=iterations)[0]
 
 
 def view_agreement(
     registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"], *, iterations: int
 ) -> tuple[list[float], list[float]]:
-    """Per view (:func:`probe_view`): how far its anatomy points move in its own image when it is
+    """Per view (:func:`probe_views`): how far its anatomy points move in its own image when it is
     refined alone from ``T_ref_from_ct`` (mm at the anatomy centre's depth) and how much
     similarity it gains."""
-    probes = [probe_view(registrar, views.select([i]), T_ref_from_ct, iterations=iterations) for i in range(len(views))]
+    probes = probe_views(registrar, views, T_ref_from_ct, iterations=iterations)
     return [p.shift_mm for p in probes], [p.gain for p in probes]
 
 

@@ -389,11 +389,11 @@ class LevelRun:
     objective: "Objective"
 
 
-def _moved(history: list[tuple[Tensor, Tensor]], window: int) -> tuple[float, float]:
-    """How far the poses moved over the last ``window`` iterations (degrees, mm; the largest
-    over a batch of poses)."""
+def _moved_each(history: list[tuple[Tensor, Tensor]], window: int) -> tuple[Tensor, Tensor]:
+    """How far each pose of a batch moved over the last ``window`` iterations (degrees, mm; CPU)."""
     (w_old, t_old), (w_new, t_new) = history[-1 - window], history[-1]
-    return (math.degrees(float((w_new - w_old).norm(dim=-1).max())), float((t_new - t_old).norm(dim=-1).max()))
+    # x * (180 / pi) is math.degrees' own arithmetic
+    return (w_new - w_old).norm(dim=-1).cpu() * (180.0 / math.pi), (t_new - t_old).norm(dim=-1).cpu()
 
 
 def _settled(history: list[tuple[Tensor, Tensor]], cfg: RefineConfig) -> bool:
@@ -584,17 +584,61 @@ class Registrar:
         device, the renderer of the volume pooled to match a working pixel at the anatomy (seen
         from the pose ``T``; ``finest``: the finest level of a refinement, pooled by the nearest
         integer, else rounded down, :func:`pooling_factor`), and that pooling factor."""
-        factor = max(1, math.ceil(max(views.height, views.width) / size))
-        v = views.downsampled(factor)
-        # voxel size to match a working pixel at the anatomy centre
+        v = self._level_views(views, size)
+        vfactor = self._volume_factor(v, T, finest=finest)
+        return v.to(self.device), self.renderer(vfactor), vfactor
+
+    @staticmethod
+    def _level_views(views: ViewSet, size: int) -> ViewSet:
+        """The views downsampled so their longer side is at most ``size`` px."""
+        return views.downsampled(max(1, math.ceil(max(views.height, views.width) / size)))
+
+    def _volume_factor(self, v: ViewSet, T: Float[Tensor, "4 4"], *, finest: bool) -> int:
+        """The volume's pooling for the (downsampled) views ``v`` seen from the pose ``T``: a voxel
+        to match a working pixel at the anatomy centre (the mean over the views)."""
         c_ref = transform_points(T, self.centre_ct[None])[0]
         T_cam_from_ref = invert(v.T_ref_from_cam)
         depth = transform_points(T_cam_from_ref, c_ref[None].expand(len(v), 1, 3))[:, 0, 2].abs().mean()
         pixel_at_anatomy = float(depth / v.K[:, 0, 0].mean())
         vox = float(self.volume.spacing.min())
         ratio = self.config.voxel_per_pixel * pixel_at_anatomy / vox
-        vfactor = pooling_factor(ratio, nearest=finest) if self.config.pool_volume else 1
-        return v.to(self.device), self.renderer(vfactor), vfactor
+        return pooling_factor(ratio, nearest=finest) if self.config.pool_volume else 1
+
+    def paired_objectives(
+        self, views: ViewSet, T: Float[Tensor, "V 4 4"], *, level: "LevelSpec"
+    ) -> list[tuple[list[int], "Objective"]]:
+        """Objectives at the finest ``level`` in which pose ``T[i]`` sees view ``i`` alone (each
+        view's own single-view problem, several in one batched render): one per group of views
+        whose volume pooling at their pose is the same, with the views' indices. Each view's
+        values are those of the single-view objective of :meth:`objective` at ``T[i]``."""
+        T = T.to(torch.float64).cpu()
+        if T.shape != (len(views), 4, 4):
+            raise ValueError(f"paired objectives need one pose per view ({len(views)}, 4, 4), got {tuple(T.shape)}")
+        v = self._level_views(views, level.size)
+        groups: dict[int, list[int]] = {}
+        for i in range(len(v)):
+            groups.setdefault(self._volume_factor(v.select([i]), T[i], finest=True), []).append(i)
+        v = v.to(self.device)
+        out = []
+        for factor, idx in groups.items():
+            g = v.select(idx)
+            per_view = [self.similarity_masks(g.select([j]), T[i], factor) for j, i in enumerate(idx)]
+            masks = torch.cat([m for m, _ in per_view])
+            target = None if per_view[0][1] is None else torch.cat([t for _, t in per_view])
+            T_cam_from_ref = invert(g.T_ref_from_cam.to(torch.float64)).to(self.device)
+            objective = Objective(
+                self,
+                g,
+                self.renderer(factor),
+                T_cam_from_ref,
+                level.n_samples,
+                level.patch,
+                masks=masks,
+                target_masks=target,
+                paired=True,
+            )
+            out.append((idx, objective))
+        return out
 
     def objective(
         self,
@@ -623,12 +667,15 @@ class Registrar:
         lr_scale: float = 1.0,
         early_stop: bool = True,
         finest: bool = False,
+        objective: "Objective | None" = None,
     ) -> LevelRun:
         """Adam with a cosine step decay at one pyramid level, from each of the K starting poses
         at once (one batched render per iteration; the poses do not interact). Keeps each
-        pose's best iterate. ``early_stop``: stop once every pose moved less than the tolerances
-        over the last ``tol_window`` iterations. ``finest``: the finest level of a refinement (the
-        volume's pooling, :meth:`level_inputs`)."""
+        pose's best iterate. ``early_stop``: each pose stops (stays where it is, its best iterate
+        kept) once it moved less than the tolerances over the last ``tol_window`` iterations; the
+        level ends when every pose has. ``finest``: the finest level of a refinement (the volume's
+        pooling, :meth:`level_inputs`). ``objective``: a prepared one instead of that of ``views``
+        at this level (:meth:`paired_objectives`: pose ``i`` sees view ``i`` alone)."""
         cfg = self.config
         timer = self._timer
         T0 = T0.to(torch.float64).cpu()
@@ -637,7 +684,10 @@ class Registrar:
         if T0.ndim != 3 or T0.shape[1:] != (4, 4):
             raise ValueError(f"starting poses must be (K, 4, 4), got {tuple(T0.shape)}")
         K = len(T0)
-        objective = self.objective(views, level.size, T0, n_samples=level.n_samples, patch=level.patch, finest=finest)
+        if objective is None:
+            objective = self.objective(
+                views, level.size, T0, n_samples=level.n_samples, patch=level.patch, finest=finest
+            )
         T0_d, c_d = T0.to(self.device), self.centre_ct.to(self.device)
         w = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
         t = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
@@ -647,6 +697,7 @@ class Registrar:
         best_w, best_t = w.detach().clone(), t.detach().clone()
         start_similarity = best.clone()  # set at the first iteration (the starting poses)
         history: list[tuple[Tensor, Tensor]] = []
+        active = torch.ones(K, dtype=torch.bool)  # the poses still moving (early stop, pose by pose)
         it = 0
         converged = False
         max_it = level.iterations
@@ -668,16 +719,22 @@ class Registrar:
             s = s.detach().cpu()
             if it == 1:
                 start_similarity = s.clone()
-            better = s > best
+            better = (s > best) & active
             best = torch.where(better, s, best)
             best_w[better.to(self.device)] = w.detach()[better.to(self.device)]
             best_t[better.to(self.device)] = t.detach()[better.to(self.device)]
             with _stage(timer, "optimiser_step"):
                 opt.step()
+                if not bool(active.all()):  # stopped poses stay where they stopped
+                    stopped = ~active.to(self.device)
+                    with torch.no_grad():
+                        w[stopped] = history[-1][0][stopped]
+                        t[stopped] = history[-1][1][stopped]
             history.append((w.detach().clone(), t.detach().clone()))
             if early_stop and len(history) > cfg.tol_window:
-                moved_deg, moved_mm = _moved(history, cfg.tol_window)
-                if moved_deg < cfg.tol_rot_deg and moved_mm < cfg.tol_trans_mm:
+                moved_deg, moved_mm = _moved_each(history, cfg.tol_window)
+                active &= ~((moved_deg < cfg.tol_rot_deg) & (moved_mm < cfg.tol_trans_mm))
+                if not bool(active.any()):
                     converged = True
                     break
         if not converged and len(history) > cfg.tol_window:
@@ -820,7 +877,9 @@ class Registrar:
 
 class Objective:
     """L(x) = 1 - mean similarity at one pyramid level, as a function of the twist about the
-    centre; :meth:`similarity` takes a batch of K poses at once."""
+    centre; :meth:`similarity` takes a batch of K poses at once. ``paired``: one pose per view,
+    pose ``i`` rendering view ``i`` alone (each view's single-view problem, all in one render;
+    :meth:`Registrar.paired_objectives`)."""
 
     def __init__(
         self,
@@ -833,7 +892,9 @@ class Objective:
         *,
         masks: Tensor | None = None,
         target_masks: Tensor | None = None,
+        paired: bool = False,
     ):
+        self.paired = paired
         self.c = registrar.centre_ct.to(registrar.device)
         self.device = registrar.device
         self._registrar = registrar
@@ -860,16 +921,24 @@ class Objective:
         )
 
     def similarity(self, T: Float[Tensor, "*K 4 4"]) -> Float[Tensor, "*K V"]:
-        """Per-view similarity at each of the poses ``T_ref_from_ct`` (one batched render):
+        """Per-view similarity at each of the poses ``T_ref_from_ct`` (one batched render; paired:
+        ``(V, 1)``, view ``i`` at pose ``i``):
         ``(1 - target_weight)`` times :func:`image_similarity` under the field-of-view masks plus
         ``target_weight`` times it under the target's footprint (:class:`PreparedSimilarity`)."""
-        lead = T.shape[:-2]
-        Tk = T.reshape(-1, 4, 4)
-        n, V = len(Tk), len(self.v)
-        T_cam_from_ct = (self.T_cam_from_ref[None] @ Tk[:, None]).reshape(n * V, 4, 4)
-        K = self.v.K if n == 1 else self.v.K.repeat(n, 1, 1)
-        if len(self.masks) not in (V, n * V):
-            raise ValueError(f"weights for {len(self.masks) // V} poses, asked for {n}")
+        V = len(self.v)
+        if self.paired:  # pose i, view i: (V, 1), each view's similarity at its own pose
+            if T.shape != (V, 4, 4):
+                raise ValueError(f"a paired objective takes one pose per view ({V}, 4, 4), got {tuple(T.shape)}")
+            lead, T_cam_from_ct, K = (V,), self.T_cam_from_ref @ T, self.v.K
+            V = 1
+        else:
+            lead = T.shape[:-2]
+            Tk = T.reshape(-1, 4, 4)
+            n = len(Tk)
+            T_cam_from_ct = (self.T_cam_from_ref[None] @ Tk[:, None]).reshape(n * V, 4, 4)
+            K = self.v.K if n == 1 else self.v.K.repeat(n, 1, 1)
+            if len(self.masks) not in (V, n * V):
+                raise ValueError(f"weights for {len(self.masks) // V} poses, asked for {n}")
         timer = getattr(self._registrar, "_timer", None)
         with _stage(timer, "render_forward"):
             drr = self.renderer(T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples)

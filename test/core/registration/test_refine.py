@@ -449,19 +449,19 @@ def test_finest_level_pools_to_the_nearest_integer_coarser_levels_round_down(ct,
 
 
 def test_the_schedules_last_level_and_the_probes_pool_as_finest_the_global_stage_does_not(ct, scene_views, monkeypatch):
-    from mvreg_ros.core.registration.acceptance import probe_view
+    from mvreg_ros.core.registration.acceptance import probe_view, probe_views
     from mvreg_ros.core.registration.global_search import GlobalConfig, global_search
     from mvreg_ros.core.registration.refine import TrackingConfig
 
     scene, views = scene_views
-    calls = []
-    level_inputs = Registrar.level_inputs
+    calls = []  # (the level's image size, finest) of each pooling decision
+    volume_factor = Registrar._volume_factor
 
-    def spy(self, views, size, T, *, finest=False):
-        calls.append((size, finest))
-        return level_inputs(self, views, size, T, finest=finest)
+    def spy(self, v, T, *, finest):
+        calls.append((max(v.height, v.width), finest))
+        return volume_factor(self, v, T, finest=finest)
 
-    monkeypatch.setattr(Registrar, "level_inputs", spy)
+    monkeypatch.setattr(Registrar, "_volume_factor", spy)
     quick = dataclasses.replace(QUICK, iterations=(2, 2), uncertainty=False, newton_steps=0)
     reg = Registrar(ct, quick)
     reg.refine(views, scene.T_ref_from_ct)
@@ -472,6 +472,9 @@ def test_the_schedules_last_level_and_the_probes_pool_as_finest_the_global_stage
     calls.clear()
     probe_view(reg, views.select([0]), scene.T_ref_from_ct, iterations=2)
     assert calls == [(48, True)]
+    calls.clear()
+    probe_views(reg, views, scene.T_ref_from_ct, iterations=2)  # each view's own pooling
+    assert calls == [(48, True), (48, True)]
     # one level only: the global stage's levels (here of that same size) still round down
     calls.clear()
     single = Registrar(ct, dataclasses.replace(quick, **ONE_LEVEL, iterations=(2,)))

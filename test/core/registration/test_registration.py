@@ -11,7 +11,13 @@ from mvreg_ros.core.evaluation.metrics import mtre_mm, pose_distance, pose_error
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import load_example_ct
-from mvreg_ros.core.registration.acceptance import AcceptanceConfig, acceptance_test
+from mvreg_ros.core.registration.acceptance import (
+    AcceptanceConfig,
+    acceptance_test,
+    probe_view,
+    probe_views,
+    refine_at_finest,
+)
 from mvreg_ros.core.registration.global_search import GlobalConfig, global_search, random_poses
 from mvreg_ros.core.registration.initialisers import (
     AcceptedPose,
@@ -100,6 +106,69 @@ def test_batched_level_matches_single_pose_runs(registrar, biplane):
         alone = registrar.refine_level(views, starts[k], level=level, early_stop=False)
         torch.testing.assert_close(together.T_ref_from_ct[k], alone.T_ref_from_ct[0], atol=1e-3, rtol=0)
         assert float(together.similarity[k]) == pytest.approx(float(alone.similarity[0]), abs=1e-4)
+
+
+def test_batched_level_stops_each_pose_on_its_own(ct, biplane):
+    """With early stop, a pose that settles stays where it settled while the others go on: each
+    start still gets its own result (and the level ends when every pose has stopped)."""
+    T_true, views = biplane
+    tolerant = Registrar(ct, dataclasses.replace(REFINE, tol_rot_deg=0.3, tol_trans_mm=0.6, tol_window=3))
+    c = tolerant.centre_ct
+    near = geometry.perturb(T_true, rot_deg=0.5, trans_mm=1, centre_ct=c, generator=torch.Generator().manual_seed(2))
+    far = geometry.perturb(T_true, rot_deg=6, trans_mm=12, centre_ct=c, generator=torch.Generator().manual_seed(3))
+    starts = torch.stack([near, far])
+    level = LevelSpec(size=32, iterations=25, n_samples=48, patch=8)
+    alone = [tolerant.refine_level(views, s, level=level, lr_scale=0.3) for s in starts]
+    assert min(a.iterations for a in alone) < max(a.iterations for a in alone)  # one stopped before the other
+    together = tolerant.refine_level(views, starts, level=level, lr_scale=0.3)
+    assert together.iterations == max(a.iterations for a in alone)
+    for k in range(2):
+        torch.testing.assert_close(together.T_ref_from_ct[k], alone[k].T_ref_from_ct[0], atol=1e-6, rtol=0)
+        assert float(together.similarity[k]) == pytest.approx(float(alone[k].similarity[0]), abs=1e-9)
+
+
+def _probe_alone(registrar, view, T, *, iterations):
+    """The single-view probe the way it ran before the views were batched: the ordinary objective of
+    one view at the finest level (the reference of probe_views)."""
+    run = refine_at_finest(registrar, view, T, iterations=iterations)
+    T_cam_from_ref = geometry.invert(view.T_ref_from_cam[0].to(torch.float64))
+    K = view.K[0].to(torch.float64)
+    c = registrar.centre_ct.to(torch.float64)
+    pts = torch.cat([c[None], c + 30 * torch.eye(3, dtype=torch.float64), c - 30 * torch.eye(3, dtype=torch.float64)])
+    uv0 = geometry.project(K, T_cam_from_ref @ T, pts)
+    uv1 = geometry.project(K, T_cam_from_ref @ run.T_ref_from_ct[0], pts)
+    depth = float(geometry.transform_points(T_cam_from_ref @ T, pts[:1])[0, 2])
+    start = float(run.start_similarity[0])
+    shift = float((uv1 - uv0).norm(dim=-1).mean()) * abs(depth) / float(K[0, 0])
+    return start, shift, float(run.similarity[0]) - start
+
+
+@pytest.mark.parametrize("wide_view", [False, True])
+def test_probes_of_all_views_at_once_give_each_views_own_values(registrar, biplane, wide_view):
+    """probe_views runs the per-view probes side by side (one render per step, pose i seeing view i
+    alone); each view gets the values it gets alone. A view whose pixels are far larger at the
+    anatomy (wide_view: a third of the focal length) pools the volume differently and runs apart."""
+    T_true, views = biplane
+    if wide_view:
+        K = views.K.clone()
+        K[1, :2, :2] /= 3
+        views = ViewSet(images=views.images, masks=views.masks, K=K, T_ref_from_cam=views.T_ref_from_cam)
+    T = geometry.perturb(
+        T_true, rot_deg=2, trans_mm=4, centre_ct=registrar.centre_ct, generator=torch.Generator().manual_seed(5)
+    )
+    groups = registrar.paired_objectives(views, T[None].expand(2, 4, 4), level=REFINE.levels()[-1])
+    assert [idx for idx, _ in groups] == ([[0], [1]] if wide_view else [[0, 1]])
+    probes = probe_views(registrar, views, T, iterations=6)
+    for i, p in enumerate(probes):
+        similarity, shift, gain = _probe_alone(registrar, views.select([i]), T, iterations=6)
+        assert p.similarity == pytest.approx(similarity, abs=1e-9)
+        assert p.shift_mm == pytest.approx(shift, abs=1e-6) and p.shift_mm > 0.05  # the probe moved
+        assert p.gain == pytest.approx(gain, abs=1e-9)
+    assert probe_view(registrar, views.select([1]), T, iterations=6) == probes[1]
+    with pytest.raises(ValueError, match="one pose per view"):
+        registrar.paired_objectives(views, T[None], level=REFINE.levels()[-1])
+    with pytest.raises(ValueError, match="exactly one view"):
+        probe_view(registrar, views, T, iterations=6)
 
 
 def test_global_stage_recovers_a_start_30_degrees_off(ct, registrar, biplane):
