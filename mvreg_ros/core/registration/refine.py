@@ -176,6 +176,8 @@ class Schedule:
     lr_scale: float = 1.0
     newton_steps: int = 2
     fresh_curvature: bool = True
+    chord: bool = False  # the Newton steps after the first reuse its curvature (a chord method: one gradient each,
+    # not 13), and so does the covariance while the result lies within one step's trust region of where it was measured
 
     def __post_init__(self):
         if not self.levels:
@@ -188,21 +190,23 @@ class Schedule:
 class TrackingConfig:
     """The fast refinement of a tracking start (the last accepted pose; small motion expected):
     the coarse levels of :class:`RefineConfig`'s pyramid skipped, fewer iterations (and samples, if asked),
-    early stop as configured there, one Newton step. ``RegistrationPipeline`` falls back to the
-    full registration when this result did not converge (``require_converged``) or fails the
-    acceptance test."""
+    early stop as configured there, Newton steps on one measured curvature. ``RegistrationPipeline``
+    falls back to the full registration when this result did not converge (``require_converged``)
+    or fails the acceptance test."""
 
     enabled: bool = True
     levels: int = 1  # the finest this many levels of RefineConfig's pyramid (at most all of them)
-    iterations: int = 10  # at most, per level and round (20 and 2 rounds until README *Speed* measured 10 and 3: the
-    # same accuracy, a fifth less time on 1 deg / 2 mm moves; the one Newton step finishes what the steps leave)
-    step_scale: float = 0.25  # first step sizes as a fraction of RefineConfig's lr_rot_deg / lr_trans_mm (by default
-    # 0.375 deg, 0.75 mm: sized to small motion; larger first steps kick a start at the optimum away and often end the
-    # round unconverged); 0: the step sizes the full pyramid uses at those levels
+    iterations: int = 6  # at most, per level and round (10 with one Newton step until README *Speed* measured 6 with
+    # three chord steps: the same accuracy, fewer second rounds; 20 and 2 rounds before that)
+    step_scale: float = 0.35  # first step sizes as a fraction of RefineConfig's lr_rot_deg / lr_trans_mm (by default
+    # 0.525 deg, 1.05 mm: sized to small motion; larger first steps kick a start at the optimum away and often end the
+    # round unconverged; 0.25 with 10 steps); 0: the step sizes the full pyramid uses at those levels
     n_samples: int = 0  # samples along each ray (0: RefineConfig's; the same renders as the full path's finest level,
     # so nothing new to compile; 48 was no faster on the CPU)
-    newton_steps: int = 1
-    fresh_curvature: bool = False  # the covariance from the Newton step's curvature (True: measured again)
+    newton_steps: int = 3  # at most (each ends the round early once within the tolerances)
+    chord: bool = True  # Newton steps after the first reuse its curvature (Schedule.chord: one gradient each, not 13)
+    fresh_curvature: bool = False  # the covariance from the Newton steps' curvature (measured again only when the
+    # result lies beyond one Newton step's trust region from where it was measured; True: always measured again)
     require_converged: bool = True  # an unconverged fast result falls back without the acceptance test
     rounds: int = 3  # an unconverged fast result is refined again from where it ended (step sizes halved),
     # up to this many fast rounds in all, before the fallback to the full registration
@@ -232,6 +236,7 @@ class TrackingConfig:
             lr_scale=float(self.step_scale) or refine.level_lr_decay ** (len(full) - k),
             newton_steps=self.newton_steps,
             fresh_curvature=self.fresh_curvature,
+            chord=self.chord,
         )
 
 
@@ -807,6 +812,12 @@ class Registrar:
         deg, mm = pose_distance(T_measured[None], T[None], self.centre_ct)
         return float(deg) < f * math.degrees(CURVATURE_STEP_RAD) and float(mm) < f * CURVATURE_STEP_MM
 
+    def _within_trust_region(self, T_measured: Tensor, T: Tensor) -> bool:
+        """Whether ``T`` lies within one Newton step's trust region of ``T_measured``."""
+        cfg = self.config
+        deg, mm = pose_distance(T_measured[None], T[None], self.centre_ct)
+        return float(deg) <= cfg.newton_max_rot_deg and float(mm) <= cfg.newton_max_trans_mm
+
     def _polish(self, newton: "Objective", T0: Tensor, converged: bool, schedule: Schedule):
         """Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
         gives a second-order step that finishes what first-order steps approach only slowly. Then
@@ -816,7 +827,7 @@ class Registrar:
         c = self.centre_ct
         H, H_at = None, None  # curvature, and the pose it was measured at
         for _ in range(schedule.newton_steps):
-            if H is not None and self._curvature_holds(H_at, T0):
+            if H is not None and (schedule.chord or self._curvature_holds(H_at, T0)):
                 g, L0 = newton.grad(T0, torch.zeros(6, dtype=torch.float64, device=self.device))
             else:
                 g, H, L0 = newton.grad_hessian(T0)
@@ -851,8 +862,16 @@ class Registrar:
         reason = ""
         scale = 0.0  # of the finite-difference steps behind the covariance (0: none)
         if cfg.uncertainty:
-            # no curvature yet, or (fresh_curvature) measured before the last accepted Newton step
-            if H_at is None or (H_at is not T0 and schedule.fresh_curvature and not self._curvature_holds(H_at, T0)):
+            # no curvature yet, or measured before the last accepted Newton step and (fresh_curvature) not within
+            # curvature_reuse of the result, or (chord steps) beyond one step's trust region from it
+            stale = H_at is not None and H_at is not T0
+            if H_at is None or (
+                stale
+                and (
+                    (schedule.fresh_curvature and not self._curvature_holds(H_at, T0))
+                    or (schedule.chord and not self._within_trust_region(H_at, T0))
+                )
+            ):
                 _, H, _ = newton.grad_hessian(T0)
             H, scale = self._fallback_curvature(newton, T0, H)
             if H is None:

@@ -1,5 +1,5 @@
 """The tracking update: a tracking start (the last accepted pose) is refined with the fast budget
-(TrackingConfig: the finest level only, fewer iterations and samples, one Newton step), judged by
+(TrackingConfig: the finest level only, fewer iterations, Newton steps on one curvature), judged by
 the same acceptance test, and falls back to the full registration when it does not converge or
 is rejected. Scripted tests check the policy; tests on the shipped CT pooled by 4 check that a
 small motion is recovered by the fast path, that it agrees with the normal refinement, and that
@@ -20,7 +20,7 @@ from mvreg_ros.core.imaging.volume import load_example_ct
 from mvreg_ros.core.registration.global_search import GlobalConfig
 from mvreg_ros.core.registration.initialisers import AcceptedPose, LastAcceptedPose, PoseTracker, Start
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
-from mvreg_ros.core.registration.refine import RefineConfig, Registrar, Schedule, TrackingConfig
+from mvreg_ros.core.registration.refine import Objective, RefineConfig, Registrar, Schedule, TrackingConfig
 from mvreg_ros.core.rendering.renderer import Renderer
 
 REFINE = RefineConfig(sizes=(32, 48), iterations=(40, 30), n_samples=(48, 64), patches=(8, 8))
@@ -42,10 +42,11 @@ def test_tracking_schedule_skips_the_coarse_levels():
     assert fine.iterations == TrackingConfig().iterations < 40
     assert fine.n_samples == 96  # by default the level's own samples: the renders the full path compiled
     assert TrackingConfig(n_samples=48).schedule(refine).levels[0].n_samples == 48
-    assert s.lr_scale == TrackingConfig().step_scale == 0.25  # steps sized to small motion
+    assert s.lr_scale == TrackingConfig().step_scale == 0.35  # steps sized to small motion
     s0 = TrackingConfig(step_scale=0.0).schedule(refine)
     assert s0.lr_scale == pytest.approx(refine.level_lr_decay)  # 0: the step sizes the full pyramid uses there
-    assert s.newton_steps == 1 and not s.fresh_curvature
+    assert s.newton_steps == 3 and s.chord and not s.fresh_curvature
+    assert not refine.schedule().chord  # the full refinement measures the curvature at each Newton step
     # more levels than the pyramid has: all of them
     s2 = TrackingConfig(levels=5, iterations=7, step_scale=0.0).schedule(refine)
     assert [lv.size for lv in s2.levels] == [32, 64] and [lv.n_samples for lv in s2.levels] == [64, 96]
@@ -264,6 +265,67 @@ def test_the_fast_path_agrees_with_the_normal_refinement(ct, registrar, biplane)
     assert mtre_mm(fast.T_ref_from_ct, full.T_ref_from_ct, lm) < 0.4
     assert fast.uncertainty_mm == pytest.approx(full.uncertainty_mm, rel=0.3)
     assert fast.iterations < full.iterations
+
+
+def _count_curvatures(monkeypatch) -> list[int]:
+    calls = []
+    grad_hessian = Objective.grad_hessian
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return grad_hessian(self, *args, **kwargs)
+
+    monkeypatch.setattr(Objective, "grad_hessian", counted)
+    return calls
+
+
+def test_chord_steps_measure_the_curvature_once_and_end_where_newton_steps_do(ct, registrar, biplane, monkeypatch):
+    """Chord steps (Schedule.chord) reuse the first Newton step's curvature: one measurement (13
+    gradients) instead of one per step, and the same optimum as Newton steps that measure it each time."""
+    T_true, v = biplane
+    lm = ct_landmarks(ct).points_ct
+    T_start = _moved(T_true, registrar, 1.0, 2.0, seed=2)
+    fine = REFINE.levels()[-1]
+    chord = Schedule(
+        levels=(dataclasses.replace(fine, iterations=3),),
+        lr_scale=0.35,
+        newton_steps=3,
+        fresh_curvature=False,
+        chord=True,
+    )
+    calls = _count_curvatures(monkeypatch)
+    a = registrar.refine(v, T_start, schedule=chord)
+    assert len(calls) == 1 and a.success
+    calls.clear()
+    b = registrar.refine(v, T_start, schedule=dataclasses.replace(chord, chord=False))
+    assert len(calls) >= 2 and b.success  # a new curvature for each step beyond curvature_reuse
+    assert mtre_mm(a.T_ref_from_ct, T_true, lm) < 1.0
+    assert mtre_mm(a.T_ref_from_ct, b.T_ref_from_ct, lm) < 0.3
+    assert a.uncertainty_mm == pytest.approx(b.uncertainty_mm, rel=0.3)
+
+
+def test_chord_steps_measure_the_curvature_again_beyond_the_trust_region(ct, registrar, biplane, monkeypatch):
+    """The covariance reuses the chord steps' curvature only while the result lies within one Newton
+    step's trust region of where it was measured; beyond it the curvature is measured at the result."""
+    T_true, v = biplane
+    T_start = _moved(T_true, registrar, 1.0, 2.0, seed=2)
+    fine = REFINE.levels()[-1]
+    chord = Schedule(
+        levels=(dataclasses.replace(fine, iterations=3),),
+        lr_scale=0.35,
+        newton_steps=3,
+        fresh_curvature=False,
+        chord=True,
+    )
+    calls = _count_curvatures(monkeypatch)
+    monkeypatch.setattr(Registrar, "_within_trust_region", lambda self, T_measured, T: False)
+    res = registrar.refine(v, T_start, schedule=chord)
+    assert len(calls) == 2 and res.success and res.covariance is not None
+    c = registrar.centre_ct
+    near = geometry.perturb(T_true, rot_deg=0.9, trans_mm=1.9, centre_ct=c, generator=torch.Generator().manual_seed(0))
+    far = geometry.perturb(T_true, rot_deg=1.1, trans_mm=0.5, centre_ct=c, generator=torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert registrar._within_trust_region(T_true, near) and not registrar._within_trust_region(T_true, far)
 
 
 def test_a_start_far_off_falls_back_to_the_full_registration(ct, registrar, biplane):
