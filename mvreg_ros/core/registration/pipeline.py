@@ -2,7 +2,7 @@
 acceptance test.
 
 - a tracking start (the last accepted pose) is refined with the fast tracking budget first
-  (:class:`TrackingConfig`: the finest pyramid level only, fewer iterations, one Newton step); when
+  (:class:`TrackingConfig`: the finest pyramid level only, fewer iterations, chord Newton steps); when
   that does not converge or fails the acceptance test, the full registration follows: the normal
   local refinement from the same start, then the global stage only when that fails too;
 - any other start (configured, coarse network, perturbed truth) goes through the global stage

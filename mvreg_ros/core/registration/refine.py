@@ -8,8 +8,9 @@ patch NCC + gradient NCC similarity with Adam under a cosine step decay, and sto
 the pose no longer moves. At the end, the loss curvature gives a Laplace covariance of ``x``.
 
 A tracking start (the last accepted pose, small motion expected) may use a smaller budget,
-:class:`TrackingConfig`: only the finest level(s), fewer iterations (optionally fewer samples), one Newton
-step. Both run the same code (:meth:`Registrar.refine` with a :class:`Schedule`).
+:class:`TrackingConfig`: only the finest level(s), fewer iterations (optionally fewer samples), Newton
+steps on one measured curvature (chord steps). Both run the same code (:meth:`Registrar.refine` with a
+:class:`Schedule`).
 
 ``Registrar.profiled()`` times the parts of a refinement (renderer forward and backward,
 similarity forward and backward, optimiser step, Newton polish) with plain timers; when it is

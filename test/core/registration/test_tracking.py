@@ -267,6 +267,16 @@ def test_the_fast_path_agrees_with_the_normal_refinement(ct, registrar, biplane)
     assert fast.iterations < full.iterations
 
 
+# three Adam steps at the finest level, then up to three Newton steps on one curvature
+CHORD = Schedule(
+    levels=(dataclasses.replace(REFINE.levels()[-1], iterations=3),),
+    lr_scale=0.35,
+    newton_steps=3,
+    fresh_curvature=False,
+    chord=True,
+)
+
+
 def _count_curvatures(monkeypatch) -> list[int]:
     calls = []
     grad_hessian = Objective.grad_hessian
@@ -285,19 +295,11 @@ def test_chord_steps_measure_the_curvature_once_and_end_where_newton_steps_do(ct
     T_true, v = biplane
     lm = ct_landmarks(ct).points_ct
     T_start = _moved(T_true, registrar, 1.0, 2.0, seed=2)
-    fine = REFINE.levels()[-1]
-    chord = Schedule(
-        levels=(dataclasses.replace(fine, iterations=3),),
-        lr_scale=0.35,
-        newton_steps=3,
-        fresh_curvature=False,
-        chord=True,
-    )
     calls = _count_curvatures(monkeypatch)
-    a = registrar.refine(v, T_start, schedule=chord)
+    a = registrar.refine(v, T_start, schedule=CHORD)
     assert len(calls) == 1 and a.success
     calls.clear()
-    b = registrar.refine(v, T_start, schedule=dataclasses.replace(chord, chord=False))
+    b = registrar.refine(v, T_start, schedule=dataclasses.replace(CHORD, chord=False))
     assert len(calls) >= 2 and b.success  # a new curvature for each step beyond curvature_reuse
     assert mtre_mm(a.T_ref_from_ct, T_true, lm) < 1.0
     assert mtre_mm(a.T_ref_from_ct, b.T_ref_from_ct, lm) < 0.3
@@ -309,17 +311,9 @@ def test_chord_steps_measure_the_curvature_again_beyond_the_trust_region(ct, reg
     step's trust region of where it was measured; beyond it the curvature is measured at the result."""
     T_true, v = biplane
     T_start = _moved(T_true, registrar, 1.0, 2.0, seed=2)
-    fine = REFINE.levels()[-1]
-    chord = Schedule(
-        levels=(dataclasses.replace(fine, iterations=3),),
-        lr_scale=0.35,
-        newton_steps=3,
-        fresh_curvature=False,
-        chord=True,
-    )
     calls = _count_curvatures(monkeypatch)
     monkeypatch.setattr(Registrar, "_within_trust_region", lambda self, T_measured, T: False)
-    res = registrar.refine(v, T_start, schedule=chord)
+    res = registrar.refine(v, T_start, schedule=CHORD)
     assert len(calls) == 2 and res.success and res.covariance is not None
     c = registrar.centre_ct
     near = geometry.perturb(T_true, rot_deg=0.9, trans_mm=1.9, centre_ct=c, generator=torch.Generator().manual_seed(0))
