@@ -185,6 +185,9 @@ class Schedule:
             raise ValueError("a schedule needs at least one pyramid level")
         if self.newton_steps < 0:
             raise ValueError(f"newton_steps must be >= 0, got {self.newton_steps}")
+        for name in ("fresh_curvature", "chord"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Schedule.{name} must be a bool, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +222,9 @@ class TrackingConfig:
                 raise TypeError(f"TrackingConfig.{name} must be an int, got {v!r}")
             if v < low:
                 raise ValueError(f"TrackingConfig.{name} must be >= {low}, got {v}")
+        for name in ("enabled", "chord", "fresh_curvature", "require_converged"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"TrackingConfig.{name} must be a bool, got {getattr(self, name)!r}")
         v = self.step_scale
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise ValueError(f"TrackingConfig.step_scale must be a number in [0, 1], got {v!r}")

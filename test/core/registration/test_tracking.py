@@ -66,11 +66,17 @@ def test_tracking_schedule_skips_the_coarse_levels():
         (dict(iterations=2.5), TypeError, "iterations"),  # (beartype's check in the tests, ours elsewhere)
         (dict(step_scale=-0.1), ValueError, r"step_scale must be a number in \[0, 1\], got -0.1"),
         (dict(step_scale=1.5), ValueError, "step_scale"),
+        (dict(chord=1), TypeError, "chord"),
     ],
 )
 def test_tracking_config_rejects_bad_values(kwargs, error, match):
     with pytest.raises(error, match=match):
         TrackingConfig(**kwargs)
+
+
+def test_schedule_rejects_a_chord_that_is_not_a_bool():
+    with pytest.raises(TypeError, match="chord"):
+        Schedule(levels=REFINE.levels(), chord="yes")
 
 
 def test_refine_rejects_a_schedule_of_the_wrong_type():
