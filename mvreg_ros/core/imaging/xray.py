@@ -42,7 +42,26 @@ def check_image(image: Tensor, name: str = "image") -> Tensor:
 
 def _quantile(x: Tensor, q: float) -> Tensor:
     """The ``q`` quantile of ``x``'s values, from at most about 65536 of them (evenly strided:
-    torch.quantile refuses very large inputs, and an image's quantiles need no more)."""
+    torch.quantile refuses very large inputs, and an image's quantiles need no more): the values
+    of :func:`quantile_reference` (``torch.quantile``'s linear interpolation), bit for bit, from two
+    selections instead of a sort (0.4 against 4.5 ms for 65536 values on the CPU; a node preparing
+    a biplane set takes several)."""
+    flat = x.reshape(-1)
+    flat = flat[:: max(1, flat.numel() // 65536)]
+    if not 0 <= q <= 1:
+        raise ValueError(f"quantile q must be in [0, 1], got {q}")
+    if flat.numel() == 0 or flat.dtype not in (torch.float32, torch.float64) or bool(torch.isnan(flat).any()):
+        return torch.quantile(flat, q)  # its errors and its NaN
+    # as torch.quantile: rank q (n - 1) in the values' dtype, the values either side of it, lerp
+    rank = torch.tensor(q, dtype=flat.dtype, device=flat.device) * (flat.numel() - 1)
+    below, above = int(rank), int(torch.ceil(rank))
+    lo = torch.kthvalue(flat, below + 1).values
+    hi = lo if above == below else torch.kthvalue(flat, above + 1).values
+    return torch.lerp(lo, hi, rank - below)
+
+
+def quantile_reference(x: Tensor, q: float) -> Tensor:
+    """:func:`_quantile` by ``torch.quantile`` (a sort): the tested reference."""
     flat = x.reshape(-1)
     return torch.quantile(flat[:: max(1, flat.numel() // 65536)], q)
 

@@ -833,12 +833,20 @@ class Registrar:
         cfg = self.config
         c = self.centre_ct
         H, H_at = None, None  # curvature, and the pose it was measured at
-        for _ in range(schedule.newton_steps):
+        known: tuple[Tensor, Tensor, float] | None = None  # a pose whose gradient and loss are known
+
+        def gradient_at(T: Tensor) -> tuple[Tensor, float]:
+            if known is not None and known[0] is T:
+                return known[1], known[2]
+            return newton.grad(T, torch.zeros(6, dtype=torch.float64, device=self.device))
+
+        for k in range(schedule.newton_steps):
             if H is not None and (schedule.chord or self._curvature_holds(H_at, T0)):
-                g, L0 = newton.grad(T0, torch.zeros(6, dtype=torch.float64, device=self.device))
+                g, L0 = gradient_at(T0)
             else:
                 g, H, L0 = newton.grad_hessian(T0)
                 H_at = T0
+            known = (T0, g, L0)
             if H is None:
                 break
             dx = -torch.linalg.solve(H, g)
@@ -849,9 +857,19 @@ class Registrar:
             )
             step_deg, step_mm = math.degrees(float(dx[:3].norm())), float(dx[3:].norm())
             converged = converged or self._newton_settled(g, dx)
+            last = k + 1 == schedule.newton_steps or (step_deg < cfg.tol_rot_deg and step_mm < cfg.tol_trans_mm)
             for fraction in (1.0, 0.5):  # Newton step, then half of it
                 T_new = pose_about(T0, c, fraction * dx[:3], fraction * dx[3:])
-                if newton.loss(T_new) < L0:
+                # the new pose's loss; with its gradient (the same render, the same loss bit for bit) when
+                # the next step reuses this curvature there, or the check after the last step needs it
+                if (not last and (schedule.chord or self._curvature_holds(H_at, T_new))) or (
+                    last and not converged and not schedule.fresh_curvature
+                ):
+                    g_new, L_new = newton.grad_here(T_new)
+                    known = (T_new, g_new, L_new)
+                else:
+                    L_new = newton.loss(T_new)
+                if L_new < L0:
                     break
             else:
                 break  # no improvement along the Newton direction: at the optimum within the loss's noise
@@ -862,7 +880,7 @@ class Registrar:
         if not converged and H is not None and H_at is not T0 and not schedule.fresh_curvature:
             # the curvature is not measured again at the final pose: one gradient there says whether
             # the quadratic model still puts the optimum further than a few tolerances away
-            g, _ = newton.grad(T0, torch.zeros(6, dtype=torch.float64, device=self.device))
+            g, _ = gradient_at(T0)
             converged = self._newton_settled(g, -torch.linalg.solve(H, g))
         per_view = newton.view_similarity(T0)
         cov, unc = None, float("inf")
@@ -997,6 +1015,18 @@ class Objective:
         x = x.clone().requires_grad_(True)
         L = self.value(pose_about(T0.to(self.device), self.c, x[:3], x[3:]))
         (g,) = torch.autograd.grad(L, x)
+        return g.detach().cpu(), float(L.detach())
+
+    def grad_here(self, T0: Float[Tensor, "4 4"]) -> tuple[Tensor, float]:
+        """:meth:`grad` at ``T0`` itself (twist zero), keeping its per-view similarity as
+        :meth:`view_similarity` keeps it (the same values, bit for bit: a test checks), so that one
+        render with gradients gives a Newton step's loss at a new pose, the next step's gradient
+        there, and the per-view similarity if it stays the final pose."""
+        x = torch.zeros(6, dtype=torch.float64, device=self.device, requires_grad=True)
+        s = self.similarity(pose_about(T0.to(self.device), self.c, x[:3], x[3:]))  # (V,)
+        L = 1 - s.mean()
+        (g,) = torch.autograd.grad(L, x)
+        self._last = (T0.detach().to(self.device).clone(), s.detach().cpu())
         return g.detach().cpu(), float(L.detach())
 
     def grads(self, T0: Tensor, X: Float[Tensor, "K 6"]) -> tuple[Float[Tensor, "K 6"], Float[Tensor, "K"]]:  # noqa: F821

@@ -8,11 +8,13 @@ import torch
 from mvreg_ros.core.geometry.transforms import intrinsics, project
 from mvreg_ros.core.imaging.xray import (
     DEEPFLUORO_I0,
+    _quantile,
     check_image,
     detect_fov,
     downsample,
     log_linearize,
     prepare,
+    quantile_reference,
     resize_to,
 )
 
@@ -211,3 +213,31 @@ def test_prepare_raw_and_line_integral():
     assert torch.equal(li.mask, torch.ones(H, W)) and torch.equal(li.image, P)
     with pytest.raises(ValueError, match="NaN"):
         prepare(torch.full((H, W), float("nan")), K)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 1000, 65536, 65537, 3 * 256 * 256])
+@pytest.mark.parametrize("kind", ["uniform", "ties", "constant"])
+def test_quantile_by_selection_is_torch_quantile_bit_for_bit(size, kind):
+    g = torch.Generator().manual_seed(size)
+    if kind == "uniform":
+        x = torch.rand(size, generator=g) * 1000
+    elif kind == "ties":  # many equal values: the two selections straddle runs of ties
+        x = torch.randint(0, 50, (size,), generator=g).float()
+    else:
+        x = torch.full((size,), 3.0)
+    for dtype in (torch.float32, F64):
+        for q in (0.0, 0.001, 0.25, 0.5, 0.99, 0.999, 1.0):
+            fast, ref = _quantile(x.to(dtype), q), quantile_reference(x.to(dtype), q)
+            assert fast.dtype == ref.dtype and fast.shape == ref.shape
+            assert torch.equal(fast, ref), (size, kind, dtype, q, fast, ref)
+
+
+def test_quantile_edge_cases():
+    x = torch.rand(100)
+    assert float(_quantile(x, 0.0)) == float(x.min()) and float(_quantile(x, 1.0)) == float(x.max())
+    x[5] = float("nan")  # torch.quantile's answer: NaN
+    assert torch.isnan(_quantile(x, 0.5)) and torch.isnan(quantile_reference(x, 0.5))
+    with pytest.raises(ValueError, match="q must be in"):
+        _quantile(torch.rand(10), 1.5)
+    with pytest.raises(RuntimeError):  # as torch.quantile: float or double only
+        _quantile(torch.arange(10), 0.5)

@@ -328,6 +328,44 @@ def test_chord_steps_measure_the_curvature_again_beyond_the_trust_region(ct, reg
     assert registrar._within_trust_region(T_true, near) and not registrar._within_trust_region(T_true, far)
 
 
+def test_grad_here_is_grad_and_view_similarity_in_one_render(ct, registrar, biplane):
+    """A Newton step's new pose is evaluated once with gradients: its loss, gradient and per-view
+    similarity are those of grad() and view_similarity() apart, bit for bit."""
+    T_true, v = biplane
+    level = REFINE.levels()[-1]
+    for seed in range(3):
+        T = _moved(T_true, registrar, 1.0, 2.0, seed=seed)
+        a = registrar.objective(v, level.size, T[None], n_samples=level.n_samples, patch=level.patch, finest=True)
+        b = registrar.objective(v, level.size, T[None], n_samples=level.n_samples, patch=level.patch, finest=True)
+        g, L = a.grad_here(T)
+        g_ref, L_ref = b.grad(T, torch.zeros(6, dtype=torch.float64))
+        assert L == L_ref == b.loss(T) and torch.equal(g, g_ref)
+        assert torch.equal(a.view_similarity(T), b.view_similarity(T))  # a's from the kept values
+
+
+@pytest.mark.parametrize("schedule", ["chord", "full"])
+def test_newton_steps_that_reuse_a_new_poses_render_end_as_the_unfused_ones(
+    ct, registrar, biplane, monkeypatch, schedule
+):
+    """The reference path of the Newton polish: each new pose's loss by a render without gradients,
+    each gradient by a render of its own. Same poses, similarities and covariance, bit for bit."""
+    T_true, v = biplane
+    sched = CHORD if schedule == "chord" else registrar.config.schedule()
+    for seed in (2, 3):
+        T_start = _moved(T_true, registrar, 2.0, 4.0, seed=seed)
+        fused = registrar.refine(v, T_start, schedule=sched)
+        with monkeypatch.context() as m:
+            m.setattr(
+                Objective,
+                "grad_here",
+                lambda self, T: (self.view_similarity(T), self.grad(T, torch.zeros(6, dtype=torch.float64)))[1],
+            )
+            ref = registrar.refine(v, T_start, schedule=sched)
+        assert torch.equal(fused.T_ref_from_ct, ref.T_ref_from_ct)
+        assert fused.view_similarity == ref.view_similarity and fused.converged == ref.converged
+        assert torch.equal(fused.covariance, ref.covariance)
+
+
 def test_a_start_far_off_falls_back_to_the_full_registration(ct, registrar, biplane):
     T_true, v = biplane
     lm = ct_landmarks(ct).points_ct
