@@ -970,6 +970,7 @@ class Objective:
         ``(1 - target_weight)`` times :func:`image_similarity` under the field-of-view masks plus
         ``target_weight`` times it under the target's footprint (:class:`PreparedSimilarity`)."""
         V = len(self.v)
+        poses = 1  # the renders' (poses, views) layout, for the native kernel's block order (same values)
         if self.paired:  # pose i, view i: (V, 1), each view's similarity at its own pose
             if T.shape != (V, 4, 4):
                 raise ValueError(f"a paired objective takes one pose per view ({V}, 4, 4), got {tuple(T.shape)}")
@@ -983,9 +984,10 @@ class Objective:
             K = self.v.K if n == 1 else self.v.K.repeat(n, 1, 1)
             if len(self.masks) not in (V, n * V):
                 raise ValueError(f"weights for {len(self.masks) // V} poses, asked for {n}")
+            poses = n
         timer = getattr(self._registrar, "_timer", None)
         with _stage(timer, "render_forward"):
-            drr = self.renderer(T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples)
+            drr = self.renderer(T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples, poses=poses)
         if timer is not None:
             timer.watch(drr)
         with _stage(timer, "similarity_forward"):

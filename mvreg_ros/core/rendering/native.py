@@ -233,8 +233,8 @@ class _RenderRays(torch.autograd.Function):
     arithmetic) and the kernel's sums in one call; the backward reduces each view's gradient in C++."""
 
     @staticmethod
-    def forward(ctx, T_index_from_cam: Tensor, d_cam: Tensor, padded: Tensor, n_samples: int) -> Tensor:
-        out, f, G, H = _module().render_rays(T_index_from_cam, d_cam, padded, n_samples, True)
+    def forward(ctx, T_index_from_cam: Tensor, d_cam: Tensor, padded: Tensor, n_samples: int, poses: int) -> Tensor:
+        out, f, G, H = _module().render_rays(T_index_from_cam, d_cam, padded, n_samples, True, poses)
         ctx.save_for_backward(T_index_from_cam, d_cam, padded, f, G, H)
         ctx.n_samples = n_samples
         return out
@@ -244,19 +244,29 @@ class _RenderRays(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         T, d_cam, padded, f, G, H = ctx.saved_tensors
         dT = _module().render_rays_backward(grad_out.contiguous(), T, d_cam, padded, f, G, H, ctx.n_samples)
-        return dT, None, None, None
+        return dT, None, None, None, None
 
 
 @typing.no_type_check  # validates its own inputs (the kernel checks them); no jaxtyping/beartype wrapper
 def render_rays(
-    T_index_from_cam: Float[Tensor, "V 3 4"], d_cam: Float[Tensor, "3 V R"], padded: Tensor, n_samples: int
+    T_index_from_cam: Float[Tensor, "V 3 4"],
+    d_cam: Float[Tensor, "3 V R"],
+    padded: Tensor,
+    n_samples: int,
+    *,
+    poses: int = 1,
 ) -> Float[Tensor, "V R"]:
     """Line integrals ``h * sum_k f(p0 + k q)`` of each view's rays (the native backend's render): the
     rays of :func:`renderer.ray_samples` for ``T_index_from_cam`` (float64, the first three rows) and
     the unit directions ``d_cam`` (float64, camera axes), summed by the kernel; differentiable once in
-    ``T_index_from_cam``. Requires :func:`load` to have succeeded."""
+    ``T_index_from_cam``. ``poses``: the V renders are (poses, V / poses) flattened, the poses close
+    together (a curvature's finite differences): the kernel then takes a block of rays of every pose in
+    turn, which read the same voxels (the same values; 64 to 76 against 42 ms for the 13 poses of a
+    2-view curvature at 128 px of the shipped CT). Requires :func:`load` to have succeeded."""
     check_sums_inputs(padded, n_samples)
+    if isinstance(poses, bool) or not isinstance(poses, int) or poses < 1 or len(T_index_from_cam) % poses:
+        raise ValueError(f"poses must be an int >= 1 that divides the {len(T_index_from_cam)} renders, got {poses!r}")
     T, d = T_index_from_cam.contiguous(), d_cam.contiguous()
     if torch.is_grad_enabled() and T.requires_grad:
-        return _RenderRays.apply(T, d, padded, int(n_samples))
-    return _module().render_rays(T, d, padded, int(n_samples), False)[0]
+        return _RenderRays.apply(T, d, padded, int(n_samples), poses)
+    return _module().render_rays(T, d, padded, int(n_samples), False, poses)[0]

@@ -40,7 +40,10 @@ class ReferenceRenderer:
         *,
         pixels: Tensor | None = None,
         n_samples: int | None = None,
+        poses: int = 1,
     ) -> Tensor:
+        """As :class:`~mvreg_ros.core.rendering.renderer.Renderer`; ``poses`` (its hint on the renders'
+        layout, for the native kernel's order of work) changes nothing here."""
         T = T_cam_from_ct.to(self.device, torch.float64)
         full = pixels is None
         if full:

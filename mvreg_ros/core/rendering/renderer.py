@@ -407,8 +407,11 @@ class Renderer:
         *,
         pixels: Tensor | None = None,
         n_samples: int | None = None,
+        poses: int = 1,
     ) -> Tensor:
-        """DRRs ``(V, height, width)``, or ``(V, R)`` for explicit ``pixels`` (u, v)."""
+        """DRRs ``(V, height, width)``, or ``(V, R)`` for explicit ``pixels`` (u, v). ``poses``: the V
+        renders are (poses, V / poses) flattened, from poses close together; the native backend then
+        reads the volume once for all of them (:func:`native.render_rays`; the same values)."""
         if T_cam_from_ct.ndim != 3 or T_cam_from_ct.shape[-2:] != (4, 4):
             raise ValueError(f"T_cam_from_ct must be (V, 4, 4), got {tuple(T_cam_from_ct.shape)}")
         if K.shape != (len(T_cam_from_ct), 3, 3):
@@ -422,8 +425,10 @@ class Renderer:
         n = self.n_samples if n_samples is None else n_samples
         if n < 1:
             raise ValueError(f"n_samples must be >= 1, got {n}")
+        if isinstance(poses, bool) or not isinstance(poses, int) or poses < 1 or len(T) % poses:
+            raise ValueError(f"poses must be an int >= 1 that divides the {len(T)} renders, got {poses!r}")
         if self.backend == "native":
-            out = self._render_native(T, K, pixels, n)
+            out = self._render_native(T, K, pixels, n, poses)
         else:
             out = self._render_compiled(T, K, pixels, n) if self.backend != "grid_sample" else None
         if out is None:
@@ -458,11 +463,11 @@ class Renderer:
         )
         return d
 
-    def _render_native(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor:
+    def _render_native(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int, poses: int = 1) -> Tensor:
         """The native backend: the ray set-up and the sums in C++ (:func:`native.render_rays`; nothing to
         compile), with the same arithmetic as the compiled :func:`render_native` (its reference)."""
         d_cam = self._directions(K, pixels)
-        return native.render_rays(index_from_cam(self.T_index_from_ct, T), d_cam, self.padded, n_samples)
+        return native.render_rays(index_from_cam(self.T_index_from_ct, T), d_cam, self.padded, n_samples, poses=poses)
 
     def _render_compiled(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor | None:
         """The fused compiled path; None once it has failed to compile (then grid_sample is used)."""

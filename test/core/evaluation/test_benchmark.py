@@ -109,7 +109,7 @@ def _fake_renderer(clock, forward_s, forward_backward_s, backend="grid_sample"):
         def __init__(self, volume, **_):
             self.backend = backend
 
-        def __call__(self, T, K, height, width, n_samples=None):
+        def __call__(self, T, K, height, width, n_samples=None, poses=1):
             clock.now += forward_backward_s if torch.is_grad_enabled() else forward_s
             return T.sum() * torch.zeros(len(T), height, width, dtype=T.dtype)  # on the pose's graph
 

@@ -394,6 +394,38 @@ def test_native_set_up_in_cpp_equals_the_compiled_set_up_in_values_and_gradients
 
 
 @needs_native
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16])
+def test_native_render_of_close_poses_block_by_block_is_the_same_bit_for_bit(storage):
+    """Renders of poses close together (a curvature's finite differences) given as (poses, views):
+    the kernel runs each block of rays for every pose in turn (the same voxels, read once), and each
+    image and each pose's gradient is the same, bit for bit, as in the plain order; also for an
+    image whose rays do not fill whole SIMD blocks (23 x 19 px) and for any grouping that divides
+    the renders."""
+    ct, K, T = _setup()
+    H, W = 23, 19
+    K = geometry.intrinsics(sdd_mm=1000, pixel_spacing_mm=6.0, height=H, width=W).expand(2, 3, 3)
+    r = Renderer(ct, backend="native", storage=storage)
+    steps = torch.tensor([[0.0] * 6, [0.005, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0.5, 0]], dtype=torch.float64)
+    x = steps.clone().requires_grad_(True)  # 3 poses, one twist each
+    T_x = (geometry.se3_exp(x)[:, None] @ T[None]).reshape(6, 4, 4)  # (poses, views) flattened
+    w = torch.randn(6, H, W, generator=torch.Generator().manual_seed(1), dtype=torch.float32)
+    plain = r(T_x, K.repeat(3, 1, 1), H, W, n_samples=29)
+    (g_plain,) = torch.autograd.grad((plain * w).sum(), x, retain_graph=True)
+    assert bool((plain > 0).any()) and g_plain.abs().max() > 0
+    for poses in (3, 2, 6):
+        got = r(T_x, K.repeat(3, 1, 1), H, W, n_samples=29, poses=poses)
+        (g,) = torch.autograd.grad((got * w).sum(), x, retain_graph=True)
+        assert torch.equal(got, plain) and torch.equal(g, g_plain), poses
+    for bad in (4, 0, True, 1.0):
+        with pytest.raises(ValueError, match="poses"):
+            r(T_x, K.repeat(3, 1, 1), H, W, poses=bad)
+    Ti = r.T_index_from_ct.expand(6, 4, 4)[:, :3].contiguous()
+    d = ray_directions(K.repeat(3, 1, 1), pixel_grid(H, W, dtype=torch.float64))
+    with pytest.raises(ValueError, match="poses"):  # the kernel's own check
+        render_native.load().render_rays(Ti, d, r.padded, 5, False, 4)
+
+
+@needs_native
 def test_native_render_rejects_bad_inputs():
     ct, K, _ = _setup()
     r = Renderer(ct, backend="native")

@@ -20,8 +20,8 @@
 #include <cmath>
 #include <vector>
 
-std::vector<torch::Tensor> sample_sums(torch::Tensor padded, torch::Tensor p0, torch::Tensor q, int64_t n_samples,
-                                       bool with_grad);
+std::vector<torch::Tensor> sample_sums_ordered(torch::Tensor padded, torch::Tensor p0, torch::Tensor q,
+                                               int64_t n_samples, bool with_grad, int64_t poses);
 
 namespace {
 
@@ -97,11 +97,15 @@ constexpr int64_t kChunk = 2048;  // rays per partial sum of the backward (fixed
 }  // namespace
 
 // Returns [out (V, R) float32] or, with with_grad, [out, f, G, H]: the sums f and their gradients (planar),
-// which render_rays_backward takes.
+// which render_rays_backward takes. poses > 1: the V renders are (poses, V / poses) flattened, from poses
+// close together; the kernel runs one block of rays of every pose in turn (the same values, fewer reads
+// from memory: trilinear_sums.cpp, sample_sums_ordered).
 std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded, int64_t n_samples,
-                                       bool with_grad) {
+                                       bool with_grad, int64_t poses) {
   check_setup(T, d_cam, padded);
   TORCH_CHECK_VALUE(n_samples >= 1, "n_samples must be >= 1, got ", n_samples);
+  TORCH_CHECK_VALUE(poses >= 1 && T.size(0) % poses == 0, "poses must be >= 1 and divide the ", T.size(0),
+                    " renders, got ", poses);
   const int64_t V = T.size(0), R = d_cam.size(2), N = V * R;
   double n[3];
   unpadded_ijk(padded, n);
@@ -123,7 +127,7 @@ std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, tor
       hh[i] = static_cast<float>(r.h);
     }
   });
-  auto sums = sample_sums(padded, p0.movedim(0, -1), q.movedim(0, -1), n_samples, with_grad);
+  auto sums = sample_sums_ordered(padded, p0.movedim(0, -1), q.movedim(0, -1), n_samples, with_grad, poses);
   auto out = sums[0] * h;
   if (!with_grad) return {out};
   return {out, sums[0], sums[1], sums[2]};

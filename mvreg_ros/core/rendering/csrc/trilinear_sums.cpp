@@ -238,9 +238,18 @@ torch::Tensor rays_by_coord(const torch::Tensor& t) { return t.reshape({-1, 3});
 
 // Returns [F] or, with with_grad, [F, G, H]; F has p0's shape without its last axis. p0 and q may be
 // contiguous or planar (``x.movedim(0, -1)`` of a contiguous (3, ...)); G and H are planar.
-std::vector<torch::Tensor> sample_sums(torch::Tensor padded, torch::Tensor p0, torch::Tensor q, int64_t n_samples,
-                                       bool with_grad) {
+// poses > 1: p0 is (poses * views, R, 3), render k * views + v being view v seen from pose k, and the
+// poses lie close together (a curvature's finite differences): the blocks of rays go in the order (view,
+// block of R, pose), so that one block's rays from every pose run in turn and share the cache lines they
+// read (a volume far larger than the caches is read from memory about once instead of once per pose). Each
+// lane's sums are its own ray's, so the order changes no value.
+std::vector<torch::Tensor> sample_sums_ordered(torch::Tensor padded, torch::Tensor p0, torch::Tensor q,
+                                               int64_t n_samples, bool with_grad, int64_t poses) {
   check_inputs(padded, p0, q, n_samples);
+  TORCH_CHECK_VALUE(poses >= 1, "poses must be >= 1, got ", poses);
+  TORCH_CHECK_VALUE(poses == 1 || (p0.dim() == 3 && p0.size(0) % poses == 0),
+                    "poses > 1 needs p0 of shape (poses * views, R, 3), got ", p0.sizes(), " for ", poses,
+                    " poses");
   const auto batch = p0.sizes().slice(0, p0.dim() - 1);
   const torch::Tensor p = rays_by_coord(p0), d = rays_by_coord(q);
   const int64_t n = p.size(0);
@@ -259,12 +268,22 @@ std::vector<torch::Tensor> sample_sums(torch::Tensor padded, torch::Tensor p0, t
   float* gg = with_grad ? g.data_ptr<float>() : nullptr;
   float* hh = with_grad ? h.data_ptr<float>() : nullptr;
   const int S = static_cast<int>(n_samples);
-  const int64_t blocks = (n + kWidth - 1) / kWidth;
+  // poses == 1: blocks of kWidth consecutive rays of all of them; else of one render's rays, in the
+  // order (view, block, pose)
+  const int64_t R = poses == 1 ? n : p0.size(1), per_render = (R + kWidth - 1) / kWidth;
+  const int64_t views = poses == 1 ? 1 : p0.size(0) / poses;
+  const int64_t blocks = poses == 1 ? (n + kWidth - 1) / kWidth : views * per_render * poses;
   auto run = [&](const auto& vol) {
     at::parallel_for(0, blocks, (64 + kWidth - 1) / kWidth, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t r = b * kWidth;
-        const int m = static_cast<int>(std::min<int64_t>(kWidth, n - r));
+        int64_t r, left;  // the block's first ray, and the rays from there to the end of its render
+        if (poses == 1) {
+          r = b * kWidth, left = n - r;
+        } else {
+          const int64_t k = b % poses, j = (b / poses) % per_render, v = b / (poses * per_render);
+          r = (k * views + v) * R + j * kWidth, left = R - j * kWidth;
+        }
+        const int m = static_cast<int>(std::min<int64_t>(kWidth, left));
         const float* pr = pp + r * sp.ray;
         const float* qr = qq + r * sq.ray;
         if (with_grad) {
@@ -288,6 +307,11 @@ std::vector<torch::Tensor> sample_sums(torch::Tensor padded, torch::Tensor p0, t
   return {f};
 }
 
+std::vector<torch::Tensor> sample_sums(torch::Tensor padded, torch::Tensor p0, torch::Tensor q, int64_t n_samples,
+                                       bool with_grad) {
+  return sample_sums_ordered(padded, p0, q, n_samples, with_grad, 1);
+}
+
 // patch_ncc.cpp: the refinement's similarity, fused (built into the same extension)
 std::vector<torch::Tensor> patch_ncc(torch::Tensor drr, torch::Tensor w, torch::Tensor wy, torch::Tensor swi,
                                      torch::Tensor swc, torch::Tensor my, torch::Tensor syy, torch::Tensor coef,
@@ -295,12 +319,14 @@ std::vector<torch::Tensor> patch_ncc(torch::Tensor drr, torch::Tensor w, torch::
 
 // ray_setup.cpp: the native backend's ray set-up and its backward
 std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded, int64_t n_samples,
-                                       bool with_grad);
+                                       bool with_grad, int64_t poses);
 torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded,
                                    torch::Tensor f, torch::Tensor G, torch::Tensor H, int64_t n_samples);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("render_rays", &render_rays, "Ray set-up and sums: the native backend's render of (V, R) rays");
+  m.def("render_rays", &render_rays, "Ray set-up and sums: the native backend's render of (V, R) rays",
+        py::arg("T"), py::arg("d_cam"), py::arg("padded"), py::arg("n_samples"), py::arg("with_grad"),
+        py::arg("poses") = 1);
   m.def("render_rays_backward", &render_rays_backward, "d loss / d T_index_from_cam of render_rays");
   m.def("sample_sums", &sample_sums, "Sums of trilinear samples along rays (and their gradients)");
   m.def("patch_ncc", &patch_ncc, "PreparedSimilarity's value per render (and its gradient), fused");
