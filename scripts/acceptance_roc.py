@@ -14,6 +14,7 @@ import json
 import sys
 
 from mvreg_ros.core.evaluation.roc import default_curvature_scale, markdown, sweep
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 
 GRID = {
     "min_view_similarity": (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7),
@@ -21,6 +22,9 @@ GRID = {
     "max_view_shift_mm": (0.25, 0.5, 1.0, 1.5, 3.0),
     "max_view_gain": (0.0025, 0.005, 0.0085, 0.01, 0.02),
     "max_curvature_scale": (1.0, 2.0, 4.0),  # 1, 2, 4: RefineConfig.curvature_fallback_tries 0, 1, 2
+    # check 6, on cases that record it (scripts/second_pass_acceptance.py merge)
+    "max_confirm_shift_mm": (0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
+    "max_confirm_gain": (0.001, 0.002, 0.004, 0.006, 0.01),
 }
 
 
@@ -31,8 +35,9 @@ def main(paths: list[str]) -> int:
     )
     scale = default_curvature_scale()  # the engine's curvature fallbacks, for the other thresholds' sweeps
     for name, grid in GRID.items():
+        base = AcceptanceConfig(confirm=name.startswith("max_confirm"))  # check 6 (off by default) for its own sweeps
         try:
-            print(markdown(name, sweep(cases, name, grid, max_curvature_scale=scale)) + "\n")
+            print(markdown(name, sweep(cases, name, grid, base, max_curvature_scale=scale)) + "\n")
         except ValueError as e:  # records made before the curvature's scale was recorded
             print(f"no `{name}` table: {e}\n")
     return 0

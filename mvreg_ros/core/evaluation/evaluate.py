@@ -218,6 +218,8 @@ def evaluate_case(
         "view_shift_mm": [_finite(s) for s in verdict.view_shift_mm],
         "view_gain": [_finite(s) for s in verdict.view_gain],
         "margin": None if verdict.margin is None else _finite(verdict.margin),
+        "confirm_shift_mm": None if verdict.confirm_shift_mm is None else _finite(verdict.confirm_shift_mm),
+        "confirm_gain": None if verdict.confirm_gain is None else _finite(verdict.confirm_gain),
         "iterations": int(result.iterations),
     }
     if outcome.global_result is not None:

@@ -18,7 +18,15 @@ from collections.abc import Iterable, Sequence
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig, disagreeing_views
 from mvreg_ros.core.registration.refine import RefineConfig
 
-SWEEPS = ("min_view_similarity", "max_uncertainty_mm", "max_view_shift_mm", "max_view_gain", "max_curvature_scale")
+SWEEPS = (
+    "min_view_similarity",
+    "max_uncertainty_mm",
+    "max_view_shift_mm",
+    "max_view_gain",
+    "max_curvature_scale",
+    "max_confirm_shift_mm",
+    "max_confirm_gain",
+)
 
 
 def accepts(
@@ -51,15 +59,22 @@ def accepts(
     margin = case.get("margin")
     if margin is not None and config.min_margin > 0 and margin < config.min_margin:
         return False
-    if not config.view_agreement or len(sims) < 2:
+    if config.view_agreement and len(sims) >= 2:
+        shifts, gains = case.get("view_shift_mm") or [], case.get("view_gain") or []
+        if len(shifts) != len(sims) or len(gains) != len(sims):
+            raise ValueError(
+                f"case {case.get('specimen')} {case.get('views')} has no per-view agreement signals: "
+                "record it with view_agreement on"
+            )
+        if disagreeing_views(shifts, gains, config):
+            return False
+    # check 6, where the case records it (the global stage's path; records made before it existed: as judged)
+    shift, gain = case.get("confirm_shift_mm"), case.get("confirm_gain")
+    if not config.confirm or shift is None or gain is None:
         return True
-    shifts, gains = case.get("view_shift_mm") or [], case.get("view_gain") or []
-    if len(shifts) != len(sims) or len(gains) != len(sims):
-        raise ValueError(
-            f"case {case.get('specimen')} {case.get('views')} has no per-view agreement signals: "
-            "record it with view_agreement on"
-        )
-    return not disagreeing_views(shifts, gains, config)
+    if not (math.isfinite(shift) and math.isfinite(gain)):
+        return False
+    return not (shift > config.max_confirm_shift_mm and gain > config.max_confirm_gain)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,19 @@ def test_accepts_follows_each_check():
         accepts(_case(True, shifts=()), cfg)
 
 
+def test_accepts_judges_check_6_where_the_case_records_it():
+    cfg = AcceptanceConfig(confirm=True)
+    rec = lambda shift, gain: {**_case(True), "confirm_shift_mm": shift, "confirm_gain": gain}
+    assert accepts(_case(True), cfg)  # recorded without it (a tracking update, an older record)
+    assert not accepts(rec(1.5, 0.01), cfg)  # moved and gained: an unstable optimum
+    assert accepts(rec(1.5, 0.001), cfg) and accepts(rec(0.5, 0.01), cfg)  # one of the two is not enough
+    assert not accepts(rec(float("nan"), 0.0), cfg)
+    assert accepts(rec(1.5, 0.01), AcceptanceConfig())  # off by default
+    assert accepts(rec(1.5, 0.01), AcceptanceConfig(confirm=True, max_confirm_shift_mm=2.0))
+    points = sweep([rec(1.5, 0.01), rec(0.2, 0.0)], "max_confirm_gain", (0.005, 0.02), cfg)
+    assert [p.accepted for p in points] == [1, 2]
+
+
 def test_sweep_counts_true_and_false_acceptances():
     cases = [_case(True, sims=(0.9, 0.6)), _case(True, sims=(0.9, 0.8)), _case(False, sims=(0.7, 0.65))]
     points = sweep(cases, "min_view_similarity", (0.5, 0.62, 0.7))

@@ -11,12 +11,15 @@ from mvreg_ros.core.evaluation.metrics import mtre_mm, pose_distance, pose_error
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.registration import acceptance as acceptance_module
 from mvreg_ros.core.registration.acceptance import (
     AcceptanceConfig,
+    SecondPass,
     acceptance_test,
     probe_view,
     probe_views,
     refine_at_finest,
+    second_pass,
 )
 from mvreg_ros.core.registration.global_search import GlobalConfig, global_search, random_poses
 from mvreg_ros.core.registration.initialisers import (
@@ -267,6 +270,12 @@ def test_acceptance_config_rejects_bad_values():
         AcceptanceConfig(min_view_similarity=2)
     with pytest.raises(ValueError, match="max_view_shift_mm"):
         AcceptanceConfig(max_view_shift_mm=-1)
+    with pytest.raises(ValueError, match="max_confirm_shift_mm"):
+        AcceptanceConfig(max_confirm_shift_mm=float("nan"))
+    with pytest.raises(ValueError, match="max_confirm_gain"):
+        AcceptanceConfig(max_confirm_gain=-0.1)
+    with pytest.raises(TypeError, match="confirm"):
+        AcceptanceConfig(confirm=1)
     with pytest.raises(ValueError, match="candidates"):
         GlobalConfig(candidates=-1)
 
@@ -323,3 +332,79 @@ def test_perturbed_truth_gives_the_exact_error(ct):
     torch.testing.assert_close(again.T_ref_from_ct, a.T_ref_from_ct)  # reproducible
     with pytest.raises(RuntimeError, match="perturb"):
         first_start([init], StartRequest(views=None))  # no truth: defers, and nothing follows
+
+
+# ---------------------------------------------------------------------------------------
+# Check 6: a stable optimum (a second pass of the local pyramid from the result)
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_second_pass_from_the_optimum_stays_and_from_beside_it_moves_back(ct, registrar, biplane):
+    """The second pass from a converged result stays within a fraction of a millimetre and gains
+    nothing worth the name; from a pose 3 mm beside it, it moves back and gains similarity, and the
+    acceptance test rejects that pose as an unstable optimum, although every other check passes."""
+    T_true, views = biplane
+    lm = ct_landmarks(ct).points_ct
+    good = registrar.refine(views, T_true)
+    p = second_pass(registrar, views, good.T_ref_from_ct)
+    assert p.shift_mm < 0.5 and abs(p.gain) < 0.004 and mtre_mm(p.T_ref_from_ct, T_true, lm) < 1.0
+    on = AcceptanceConfig(confirm=True)  # check 6 is off by default
+    assert acceptance_test(good, registrar=registrar, views=views, confirm=True).confirm_shift_mm is None
+    ok = acceptance_test(good, registrar=registrar, views=views, confirm=True, config=on)
+    assert ok.accepted, ok
+    assert ok.confirm_shift_mm == pytest.approx(p.shift_mm) and ok.confirm_gain == pytest.approx(p.gain)
+    # the same result moved 3 mm, everything else about it kept; without the per-view agreement (which
+    # sees this one too) the other checks take it for sound, the second pass does not
+    shift = geometry.translation(torch.tensor([2.0, -1.5, 1.5], dtype=torch.float64))
+    beside = dataclasses.replace(good, T_ref_from_ct=shift @ good.T_ref_from_ct)
+    alone = AcceptanceConfig(view_agreement=False, confirm=True)
+    assert acceptance_test(beside, registrar=registrar, views=views, config=alone).accepted  # not asked for check 6
+    bad = acceptance_test(beside, registrar=registrar, views=views, confirm=True, config=alone)
+    assert not bad.accepted and "unstable optimum" in bad.reason
+    assert bad.confirm_shift_mm > 2.0 and bad.confirm_gain > 0.004
+    assert mtre_mm(second_pass(registrar, views, beside.T_ref_from_ct).T_ref_from_ct, T_true, lm) < 1.0
+    # switched off in the configuration, the caller's request does nothing
+    off = acceptance_test(
+        beside, registrar=registrar, views=views, confirm=True, config=dataclasses.replace(alone, confirm=False)
+    )
+    assert off.accepted and off.confirm_shift_mm is None
+
+
+@pytest.mark.parametrize(
+    "shift_mm, gain, accepted",
+    [(2.0, 0.01, False), (2.0, 0.001, True), (0.5, 0.01, True), (float("nan"), 0.0, False)],
+)
+def test_an_unstable_optimum_needs_both_a_move_and_a_gain(
+    ct, registrar, biplane, monkeypatch, shift_mm, gain, accepted
+):
+    T_true, views = biplane
+    good = registrar.refine(views, T_true)
+    monkeypatch.setattr(
+        acceptance_module, "second_pass", lambda *a, **k: SecondPass(shift_mm=shift_mm, gain=gain, T_ref_from_ct=T_true)
+    )
+    v = acceptance_test(good, registrar=registrar, views=views, confirm=True, config=AcceptanceConfig(confirm=True))
+    assert v.accepted == accepted, v
+
+
+def test_only_the_global_stages_path_runs_the_second_pass(ct, registrar, biplane, monkeypatch):
+    T_true, views = biplane
+    calls = []
+    real = acceptance_module.second_pass
+    monkeypatch.setattr(acceptance_module, "second_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tracker = PoseTracker()
+    T_held = geometry.perturb(
+        T_true, rot_deg=1, trans_mm=2, centre_ct=registrar.centre_ct, generator=torch.Generator().manual_seed(0)
+    )
+    tracker.accept(AcceptedPose(T_ref_from_ct=T_held, stamp_ns=1))
+    config = PipelineConfig(global_search=GLOBAL, acceptance=AcceptanceConfig(confirm=True))
+    out = RegistrationPipeline(
+        registrar, initialisers=[LastAcceptedPose(tracker)], config=config, tracker=tracker
+    ).register(views, stamp_ns=5)
+    assert out.accepted and out.stages == ("tracking",) and not calls and out.verdict.confirm_shift_mm is None
+    out2 = RegistrationPipeline(registrar, initialisers=[ConfiguredPose(T_true)], config=config).register(views)
+    assert out2.stages == ("global", "local") and out2.accepted and len(calls) == 1
+    assert out2.verdict.confirm_shift_mm is not None and out2.verdict.confirm_shift_mm < 1.0
+    default = RegistrationPipeline(
+        registrar, initialisers=[ConfiguredPose(T_true)], config=PipelineConfig(global_search=GLOBAL)
+    )
+    assert default.register(views).verdict.confirm_shift_mm is None and len(calls) == 1  # off by default
