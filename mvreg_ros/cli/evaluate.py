@@ -80,6 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="local refinement only, no global stage (the acceptance test still runs)",
     )
     p.add_argument(
+        "--confirm",
+        action="store_true",
+        help="acceptance check 6 (off by default): after the global stage, run the local refinement again from the "
+        "result and reject an unstable optimum (docs/acceptance.md, 'A second pass')",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="one short 32 px refinement level (smoke tests; not for reported figures)"
     )
     p.add_argument("--device", default="cpu", help="torch device for refinement (default: %(default)s)")
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mvreg_ros.core.evaluation import evaluate as evaluation
+    from mvreg_ros.core.registration.acceptance import AcceptanceConfig
     from mvreg_ros.core.registration.global_search import GlobalConfig
     from mvreg_ros.core.registration.pipeline import PipelineConfig
     from mvreg_ros.core.registration.refine import RefineConfig
@@ -137,7 +144,10 @@ def run(args: argparse.Namespace) -> int:
             geometry_noise_mm=args.geometry_noise_mm,
             success_mm=args.success_mm,
             refine=refine,
-            pipeline=PipelineConfig(global_search=GlobalConfig(enabled=not args.no_global)),
+            pipeline=PipelineConfig(
+                global_search=GlobalConfig(enabled=not args.no_global),
+                acceptance=AcceptanceConfig(confirm=args.confirm),
+            ),
             target=args.target,
         )
         if args.plot and not args.capture_range:
