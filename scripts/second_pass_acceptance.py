@@ -22,7 +22,7 @@ import time
 from mvreg_ros.core.evaluation.evaluate import write_json
 from mvreg_ros.core.evaluation.reprobe import at_recorded_poses, default_registrar
 from mvreg_ros.core.evaluation.roc import accepts, default_curvature_scale
-from mvreg_ros.core.registration.acceptance import AcceptanceConfig, second_pass
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig, second_pass, unstable_optimum
 from mvreg_ros.core.registration.refine import RefineConfig
 
 
@@ -46,7 +46,7 @@ def key(c: dict) -> tuple:
 
 def summary(rows: list[dict], config: AcceptanceConfig = AcceptanceConfig(confirm=True)) -> str:
     def flagged(r):
-        return r["shift_mm"] > config.max_confirm_shift_mm and r["gain"] > config.max_confirm_gain
+        return unstable_optimum(r["shift_mm"], r["gain"], config)
 
     ok = [r for r in rows if r["success"]]
     bad = [r for r in rows if not r["success"]]

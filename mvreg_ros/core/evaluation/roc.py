@@ -15,7 +15,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 
-from mvreg_ros.core.registration.acceptance import AcceptanceConfig, disagreeing_views
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig, disagreeing_views, unstable_optimum
 from mvreg_ros.core.registration.refine import RefineConfig
 
 SWEEPS = (
@@ -70,11 +70,7 @@ def accepts(
             return False
     # check 6, where the case records it (the global stage's path; records made before it existed: as judged)
     shift, gain = case.get("confirm_shift_mm"), case.get("confirm_gain")
-    if not config.confirm or shift is None or gain is None:
-        return True
-    if not (math.isfinite(shift) and math.isfinite(gain)):
-        return False
-    return not (shift > config.max_confirm_shift_mm and gain > config.max_confirm_gain)
+    return not config.confirm or shift is None or gain is None or not unstable_optimum(shift, gain, config)
 
 
 @dataclasses.dataclass(frozen=True)

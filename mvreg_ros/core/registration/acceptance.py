@@ -178,18 +178,21 @@ def second_pass(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tenso
     T0 = T_ref_from_ct.to(torch.float64).cpu()
     if T0.shape != (4, 4):
         raise ValueError(f"second_pass needs one pose (4, 4), got {tuple(T0.shape)}")
-    cfg = registrar.config
-    levels = cfg.levels()
-    T, lr_scale, run = T0, 1.0, None
-    for k, level in enumerate(levels):
-        run = registrar.refine_level(views, T, level=level, lr_scale=lr_scale, finest=k == len(levels) - 1)
-        T = run.T_ref_from_ct[0]
-        lr_scale *= cfg.level_lr_decay
+    run = registrar.run_levels(views, T0, registrar.config.schedule())[-1]
+    T = run.T_ref_from_ct[0]
     with torch.no_grad():
         s = run.objective.similarity(torch.stack([T0, T]).to(registrar.device)).mean(-1).cpu()
     pts = _sphere_points(registrar.centre_ct.to(torch.float64))
     shift = (transform_points(T, pts) - transform_points(T0, pts)).norm(dim=-1).mean()
     return SecondPass(shift_mm=float(shift), gain=float(s[1] - s[0]), T_ref_from_ct=T)
+
+
+def unstable_optimum(shift_mm: float, gain: float, config: AcceptanceConfig) -> bool:
+    """Check 6 from a second pass's shift and gain (recorded or just measured): both beyond their
+    thresholds, or either not finite."""
+    if not (math.isfinite(shift_mm) and math.isfinite(gain)):
+        return True
+    return shift_mm > config.max_confirm_shift_mm and gain > config.max_confirm_gain
 
 
 def probe_view(
@@ -286,11 +289,7 @@ def acceptance_test(
     except RuntimeError as e:  # a similarity that became non-finite: nothing confirms the result
         return verdict(f"unstable optimum: the refinement run again from the result failed: {e}", **kw)
     kw.update(confirm_shift_mm=p.shift_mm, confirm_gain=p.gain)
-    if not (math.isfinite(p.shift_mm) and math.isfinite(p.gain)):
-        return verdict(
-            f"unstable optimum: the refinement run again from the result gave {p.shift_mm} mm, {p.gain}", **kw
-        )
-    if p.shift_mm > config.max_confirm_shift_mm and p.gain > config.max_confirm_gain:
+    if unstable_optimum(p.shift_mm, p.gain, config):
         return verdict(
             f"unstable optimum: the refinement run again from the result moves the anatomy {p.shift_mm:.1f} mm "
             f"and gains {p.gain:.4f} similarity (a better optimum lies beside it)",

@@ -764,21 +764,24 @@ class Registrar:
             objective=objective,
         )
 
-    def _refine(self, views: ViewSet, T0: Tensor, start: float, schedule: Schedule) -> RegistrationResult:
-        cfg = self.config
-        total_it = 0
-        level_its = []
-        converged = False
+    def run_levels(self, views: ViewSet, T0: Float[Tensor, "4 4"], schedule: Schedule) -> list[LevelRun]:
+        """The levels of ``schedule`` in turn from ``T0`` (each from where the last one ended, its first
+        steps ``level_lr_decay`` times the last's), without the Newton polish: one run per level."""
+        runs = []
         lr_scale = schedule.lr_scale
         for k, level in enumerate(schedule.levels):
             finest = k == len(schedule.levels) - 1  # the schedule's last level: the Newton polish's too
-            run = self.refine_level(views, T0, level=level, lr_scale=lr_scale, finest=finest)
-            T0 = run.T_ref_from_ct[0]
-            objective = run.objective
-            total_it += run.iterations
-            level_its.append(run.iterations)
-            converged = run.converged
-            lr_scale *= cfg.level_lr_decay
+            runs.append(self.refine_level(views, T0, level=level, lr_scale=lr_scale, finest=finest))
+            T0 = runs[-1].T_ref_from_ct[0]
+            lr_scale *= self.config.level_lr_decay
+        return runs
+
+    def _refine(self, views: ViewSet, T0: Tensor, start: float, schedule: Schedule) -> RegistrationResult:
+        cfg = self.config
+        runs = self.run_levels(views, T0, schedule)
+        T0, objective, converged = runs[-1].T_ref_from_ct[0], runs[-1].objective, runs[-1].converged
+        level_its = [run.iterations for run in runs]
+        total_it = sum(level_its)
         with _stage(self._timer, "newton_polish"):
             T0, converged, per_view, cov, unc, reason, h_scale = self._polish(objective, T0, converged, schedule)
         sim = float(per_view.mean())
