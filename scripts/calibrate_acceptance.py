@@ -5,7 +5,8 @@ Registers every consecutive view pair of the given DeepFluoro-layout files from 
 20/40 and 30/60 degrees / mm (the last for more wrong results) through the engine's pipeline with
 every acceptance check disabled except the curvature (measured with up to two fallbacks, steps 2
 and 4 times the default; each case records the scale that was positive definite), so that each
-case records all the signals (per-view similarity, uncertainty, per-view shift and gain, margin),
+case records all the signals (per-view similarity, uncertainty, per-view shift and gain, margin; check 6's
+shift and gain where the other checks pass, as the acceptance test runs it last),
 and prints, for the correct (mTRE <= 2 mm) and wrong cases, the ranges of those signals. Usage:
 
     .venv/bin/python scripts/calibrate_acceptance.py OUT.json FILE.h5 [FILE.h5 ...]

@@ -81,9 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--confirm",
-        action="store_true",
-        help="acceptance check 6 (off by default): after the global stage, run the local refinement again from the "
-        "result and reject an unstable optimum (docs/acceptance.md, 'A second pass')",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="acceptance check 6: after the global stage, run the local refinement again from the result and reject "
+        "an unstable optimum (docs/acceptance.md, 'A second pass'; default: the engine's, on; --no-confirm: without it)",
     )
     p.add_argument(
         "--quick", action="store_true", help="one short 32 px refinement level (smoke tests; not for reported figures)"
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             refine=refine,
             pipeline=PipelineConfig(
                 global_search=GlobalConfig(enabled=not args.no_global),
-                acceptance=AcceptanceConfig(confirm=args.confirm),
+                acceptance=AcceptanceConfig() if args.confirm is None else AcceptanceConfig(confirm=args.confirm),
             ),
             target=args.target,
         )

@@ -46,7 +46,8 @@ def test_accepts_judges_check_6_where_the_case_records_it():
     assert not accepts(rec(1.5, 0.01), cfg)  # moved and gained: an unstable optimum
     assert accepts(rec(1.5, 0.001), cfg) and accepts(rec(0.5, 0.01), cfg)  # one of the two is not enough
     assert not accepts(rec(float("nan"), 0.0), cfg)
-    assert accepts(rec(1.5, 0.01), AcceptanceConfig())  # off by default
+    assert not accepts(rec(1.5, 0.003), AcceptanceConfig())  # on by default, a gain over 0.002 with the move
+    assert accepts(rec(1.5, 0.01), AcceptanceConfig(confirm=False))
     assert accepts(rec(1.5, 0.01), AcceptanceConfig(confirm=True, max_confirm_shift_mm=2.0))
     points = sweep([rec(1.5, 0.01), rec(0.2, 0.0)], "max_confirm_gain", (0.005, 0.02), cfg)
     assert [p.accepted for p in points] == [1, 2]

@@ -348,9 +348,9 @@ def test_a_second_pass_from_the_optimum_stays_and_from_beside_it_moves_back(ct, 
     good = registrar.refine(views, T_true)
     p = second_pass(registrar, views, good.T_ref_from_ct)
     assert p.shift_mm < 0.5 and abs(p.gain) < 0.004 and mtre_mm(p.T_ref_from_ct, T_true, lm) < 1.0
-    on = AcceptanceConfig(confirm=True)  # check 6 is off by default
-    assert acceptance_test(good, registrar=registrar, views=views, confirm=True).confirm_shift_mm is None
-    ok = acceptance_test(good, registrar=registrar, views=views, confirm=True, config=on)
+    assert AcceptanceConfig().confirm  # check 6 is on by default, where the caller asks for it
+    assert acceptance_test(good, registrar=registrar, views=views).confirm_shift_mm is None
+    ok = acceptance_test(good, registrar=registrar, views=views, confirm=True)
     assert ok.accepted, ok
     assert ok.confirm_shift_mm == pytest.approx(p.shift_mm) and ok.confirm_gain == pytest.approx(p.gain)
     # the same result moved 3 mm, everything else about it kept; without the per-view agreement (which
@@ -407,4 +407,7 @@ def test_only_the_global_stages_path_runs_the_second_pass(ct, registrar, biplane
     default = RegistrationPipeline(
         registrar, initialisers=[ConfiguredPose(T_true)], config=PipelineConfig(global_search=GLOBAL)
     )
-    assert default.register(views).verdict.confirm_shift_mm is None and len(calls) == 1  # off by default
+    assert default.register(views).verdict.confirm_shift_mm is not None and len(calls) == 2  # on by default
+    off = PipelineConfig(global_search=GLOBAL, acceptance=AcceptanceConfig(confirm=False))
+    out3 = RegistrationPipeline(registrar, initialisers=[ConfiguredPose(T_true)], config=off).register(views)
+    assert out3.accepted and out3.verdict.confirm_shift_mm is None and len(calls) == 2
