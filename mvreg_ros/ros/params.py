@@ -262,8 +262,9 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         "bool",
         _GATES.confirm,
         "Acceptance test, check 6: after the global stage, run the local refinement again from the result and "
-        "reject it when that moves the anatomy more than 1 mm while gaining more than 0.002 similarity (a local "
-        "optimum beside a better one); 0.3 to 0.5 s more per full registration, none on tracking updates.",
+        f"reject it when that moves the anatomy more than {_GATES.max_confirm_shift_mm:g} mm while gaining more than "
+        f"{_GATES.max_confirm_gain:g} similarity (a local optimum beside a better one); 0.2 to 0.5 s more per full "
+        "registration, none on tracking updates.",
         into="pipeline",
     ),
     ParamSpec(
