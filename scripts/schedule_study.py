@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Shorter refinement schedules against the default one (README *Speed*, *This edition: shorter schedules*).
+
+For each named schedule (SCHEDULES):
+1. the local 2-view refinement on the bench's cases, as `mvreg bench` times it (views of the shipped
+   CT rendered by the engine, starts 10 deg / 20 mm off): median time and mTRE;
+2. full registrations (global stage, refinement, the acceptance test at its defaults, check 6
+   included) of every consecutive view pair of the given DeepFluoro-layout files from 10/20, 15/30,
+   20/40 and 30/60 deg / mm (scripts/calibrate_acceptance.py's offsets and seed): correct results
+   (mTRE <= 2 mm), accepted ones, false acceptances, median mTRE of the correct ones, median time.
+
+The three-level schedules shrink the step by 1/sqrt(2) per level instead of 1/2, so that their finest
+level starts with the step of the default pyramid's finest level (half the first level's), and so
+do the acceptance test's per-view probes, which take that step: the test stays the one calibrated
+in docs/acceptance.md, and only the schedule differs. Usage:
+
+    .venv/bin/python scripts/schedule_study.py OUT.json FILE.h5 [FILE.h5 ...] [--only NAME,NAME] [--bench-cases N]
+"""
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+from mvreg_ros.core.evaluation import evaluate as ev
+from mvreg_ros.core.evaluation.benchmark import BenchConfig, _cases
+from mvreg_ros.core.evaluation.landmarks import ct_landmarks
+from mvreg_ros.core.evaluation.metrics import mtre_mm
+from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.registration.acceptance import finest_probe_level
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar
+
+OFFSETS = ((10, 20), (15, 30), (20, 40), (30, 60))
+THREE = dict(sizes=(32, 64, 128), n_samples=(64, 64, 64), patches=(8, 10, 13), level_lr_decay=0.5**0.5)
+SCHEDULES = {  # name: RefineConfig fields that differ from the defaults (32 and 128 px, 60 and 40 iterations)
+    "default": {},
+    "coarse-40": dict(iterations=(40, 40)),
+    "fine-20": dict(iterations=(40, 20)),
+    "mid64-fine-10": dict(iterations=(30, 25, 10), **THREE),
+    "mid64-fine-4": dict(iterations=(30, 25, 4), **THREE),
+    "mid64-newton-only": dict(iterations=(30, 20, 0), **THREE),  # 128 px for the Newton polish alone
+}
+
+
+def bench_cases(config: RefineConfig, n: int) -> dict:
+    volume = load_example_ct()
+    scene, views, inits = _cases(volume, 2, BenchConfig(), n + 1)
+    landmarks = ct_landmarks(volume).points_ct
+    registrar = Registrar(volume, config)
+    registrar.refine(views, inits[0])  # warm
+    times, errs = [], []
+    for T in inits[1:]:
+        t = time.perf_counter()
+        res = registrar.refine(views, T)
+        times.append(time.perf_counter() - t)
+        errs.append(mtre_mm(res.T_ref_from_ct, scene.T_ref_from_ct, landmarks))
+    return {"time_s": statistics.median(times), "median_mtre_mm": statistics.median(errs), "max_mtre_mm": max(errs)}
+
+
+def file_cases(config: RefineConfig, files: list[str]) -> dict:
+    cases = []
+    for path in files:
+        for rot, trans in OFFSETS:
+            cfg = ev.EvalConfig(perturb_rot_deg=rot, perturb_trans_mm=trans, seed=7, refine=config)
+            for c in ev.run(path, cfg)["cases"]:
+                cases.append(
+                    {
+                        "file": path,
+                        "offset": [rot, trans],
+                        **{k: c[k] for k in ("mtre_mm", "success", "accepted", "time_s")},
+                    }
+                )
+    ok = [c["success"] for c in cases]
+    acc = [bool(c["accepted"]) for c in cases]
+    return {
+        "n": len(cases),
+        "correct": sum(ok),
+        "accepted": sum(acc),
+        "true_acceptances": sum(a and o for a, o in zip(acc, ok)),
+        "false_acceptances": sum(a and not o for a, o in zip(acc, ok)),
+        "median_mtre_correct_mm": statistics.median(c["mtre_mm"] for c in cases if c["success"]),
+        "median_time_s": statistics.median(c["time_s"] for c in cases),
+        "cases": cases,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--only", default=None, help="comma-separated schedule names")
+    p.add_argument("--bench-cases", type=int, default=12)
+    args = p.parse_args()
+    names = list(SCHEDULES) if args.only is None else args.only.split(",")
+    bad = [n for n in names if n not in SCHEDULES]
+    if bad:
+        raise SystemExit(f"unknown schedules {bad}; choose from {list(SCHEDULES)}")
+    out = {"files": args.files, "offsets": OFFSETS, "schedules": {}}
+    for name in names:
+        config = RefineConfig(**SCHEDULES[name])
+        _, probe_step = finest_probe_level(SimpleNamespace(config=config), iterations=1)
+        row = {
+            "fields": SCHEDULES[name],
+            "probe_step_scale": probe_step,
+            "bench": bench_cases(config, args.bench_cases),
+            "files": file_cases(config, args.files),
+        }
+        out["schedules"][name] = row
+        b, f = row["bench"], row["files"]
+        print(
+            f"{name:18s} (probes' first step x{probe_step:.4f}) bench refine {b['time_s']:.3f} s, mTRE {b['median_mtre_mm']:.3f} mm | files: "
+            f"{f['correct']}/{f['n']} correct, {f['accepted']} accepted, {f['false_acceptances']} false acceptances, "
+            f"mTRE {f['median_mtre_correct_mm']:.3f} mm, {f['median_time_s']:.2f} s",
+            flush=True,
+        )
+        with open(args.out, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
