@@ -20,13 +20,11 @@ in docs/acceptance.md, and only the schedule differs. Usage:
 import argparse
 import json
 import statistics
-import time
 from types import SimpleNamespace
 
 from mvreg_ros.core.evaluation import evaluate as ev
-from mvreg_ros.core.evaluation.benchmark import BenchConfig, _cases
+from mvreg_ros.core.evaluation.benchmark import BenchConfig, _cases, refine_runs
 from mvreg_ros.core.evaluation.landmarks import ct_landmarks
-from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.imaging.volume import load_example_ct
 from mvreg_ros.core.registration.acceptance import finest_probe_level
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar
@@ -43,19 +41,12 @@ SCHEDULES = {  # name: RefineConfig fields that differ from the defaults (32 and
 }
 
 
-def bench_cases(config: RefineConfig, n: int) -> dict:
-    volume = load_example_ct()
+def bench_cases(volume, config: RefineConfig, n: int) -> dict:
+    """:func:`benchmark.refine_runs` on the bench's views after one warm-up refinement."""
     scene, views, inits = _cases(volume, 2, BenchConfig(), n + 1)
-    landmarks = ct_landmarks(volume).points_ct
     registrar = Registrar(volume, config)
     registrar.refine(views, inits[0])  # warm
-    times, errs = [], []
-    for T in inits[1:]:
-        t = time.perf_counter()
-        res = registrar.refine(views, T)
-        times.append(time.perf_counter() - t)
-        errs.append(mtre_mm(res.T_ref_from_ct, scene.T_ref_from_ct, landmarks))
-    return {"time_s": statistics.median(times), "median_mtre_mm": statistics.median(errs), "max_mtre_mm": max(errs)}
+    return refine_runs(registrar, scene, views, inits[1:], ct_landmarks(volume).points_ct)
 
 
 def file_cases(config: RefineConfig, files: list[str]) -> dict:
@@ -71,14 +62,10 @@ def file_cases(config: RefineConfig, files: list[str]) -> dict:
                         **{k: c[k] for k in ("mtre_mm", "success", "accepted", "time_s")},
                     }
                 )
-    ok = [c["success"] for c in cases]
-    acc = [bool(c["accepted"]) for c in cases]
     return {
         "n": len(cases),
-        "correct": sum(ok),
-        "accepted": sum(acc),
-        "true_acceptances": sum(a and o for a, o in zip(acc, ok)),
-        "false_acceptances": sum(a and not o for a, o in zip(acc, ok)),
+        "correct": sum(c["success"] for c in cases),
+        **ev.acceptance_counts(cases),
         "median_mtre_correct_mm": statistics.median(c["mtre_mm"] for c in cases if c["success"]),
         "median_time_s": statistics.median(c["time_s"] for c in cases),
         "cases": cases,
@@ -96,6 +83,7 @@ def main() -> None:
     bad = [n for n in names if n not in SCHEDULES]
     if bad:
         raise SystemExit(f"unknown schedules {bad}; choose from {list(SCHEDULES)}")
+    volume = load_example_ct()
     out = {"files": args.files, "offsets": OFFSETS, "schedules": {}}
     for name in names:
         config = RefineConfig(**SCHEDULES[name])
@@ -103,7 +91,7 @@ def main() -> None:
         row = {
             "fields": SCHEDULES[name],
             "probe_step_scale": probe_step,
-            "bench": bench_cases(config, args.bench_cases),
+            "bench": bench_cases(volume, config, args.bench_cases),
             "files": file_cases(config, args.files),
         }
         out["schedules"][name] = row
