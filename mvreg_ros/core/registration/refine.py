@@ -35,6 +35,7 @@ from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume
 from mvreg_ros.core.registration.similarity import SIMILARITY_BACKENDS, PreparedSimilarity
 from mvreg_ros.core.rendering.renderer import BACKENDS, Renderer
+from mvreg_ros.core.rendering.subset import RaySubset
 
 VOLUME_STORAGE = {"float16": torch.float16, "float32": torch.float32}  # RefineConfig.volume_storage
 CURVATURE_STEP_RAD = 5e-3  # finite-difference steps of the loss curvature (0.3 deg, 0.5 mm)
@@ -87,6 +88,9 @@ class RefineConfig:
     base_voxel_mm: float = 1.0  # ... the coarsest integer pooling whose smallest voxel side stays at most this
     # (0: never; finer than any pyramid level of the default schedule needs)
     render_backend: str = "auto"  # "auto", "native" (C++ CPU kernel), "compiled" (torch.compile) or "grid_sample"
+    render_read_only: bool = True  # trace only the rays of the pixels the similarity reads (RaySubset: a third of
+    # them are weighted zero, outside the field of view or the CT's footprint; with the native renderer the same
+    # values and gradients bit for bit, README *Speed*); False: every pixel
     similarity_backend: str = "auto"  # PreparedSimilarity's: "native" (the fused C++ kernel, README *Speed*), "torch"
     # (ATen ops, any device; the reference) or "auto" (native on the CPU when the extension is built)
     volume_storage: str = "float16"  # how the native kernel holds the pooled volumes: "float16" (values rounded to
@@ -966,6 +970,11 @@ class Objective:
             grad_weight=self.grad_weight,
             backend=registrar.config.similarity_backend,
         )
+        self._subset = None  # the rays traced: those of the pixels the similarity reads (None: all)
+        if registrar.config.render_read_only:
+            read = self._similarity.read_pixels().reshape(reps, V, v.height, v.width).any(0)
+            if bool(read.any()) and not bool(read.all()):
+                self._subset = RaySubset.from_support(read)
 
     def similarity(self, T: Float[Tensor, "*K 4 4"]) -> Float[Tensor, "*K V"]:
         """Per-view similarity at each of the poses ``T_ref_from_ct`` (one batched render; paired:
@@ -990,7 +999,12 @@ class Objective:
             poses = n
         timer = getattr(self._registrar, "_timer", None)
         with _stage(timer, "render_forward"):
-            drr = self.renderer(T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples, poses=poses)
+            if self._subset is None:
+                drr = self.renderer(
+                    T_cam_from_ct, K, self.v.height, self.v.width, n_samples=self.n_samples, poses=poses
+                )
+            else:
+                drr = self._subset.render(self.renderer, T_cam_from_ct, K, n_samples=self.n_samples, poses=poses)
         if timer is not None:
             timer.watch(drr)
         with _stage(timer, "similarity_forward"):

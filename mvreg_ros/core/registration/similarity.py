@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mvreg_ros.core.rendering import native
@@ -171,6 +171,19 @@ class PreparedSimilarity:
         self._weight = sw * informative
         self._norm = self._weight.sum((2, 3)).clamp_min(_EPS)  # (N, C)
         self._fused = self._fused_inputs(backend, channels)
+
+    def read_pixels(self) -> Bool[Tensor, "N H W"]:
+        """Where the value reads a render's pixels (bool, per target): where a weighting weights the
+        intensity, and the 3 x 3 Sobel neighbourhoods of where it weights the gradients. Elsewhere a
+        render's values change nothing, and their gradient is zero (:class:`~mvreg_ros.core.rendering.
+        subset.RaySubset` renders only these)."""
+        K = self._w.shape[1] // self._J  # image channels per weighting: intensity (and the two gradients)
+        w = self._w > 0
+        read = w[:, ::K].any(1)
+        if K == 3:
+            g = (w[:, 1::K] | w[:, 2::K]).any(1)
+            read = read | (F.max_pool2d(g[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0)
+        return read
 
     def _fused_inputs(self, backend: str, channels: int) -> tuple | None:
         """The fused kernel's inputs (float64, contiguous; each patch's coefficient of its correlation

@@ -233,18 +233,22 @@ class _RenderRays(torch.autograd.Function):
     arithmetic) and the kernel's sums in one call; the backward reduces each view's gradient in C++."""
 
     @staticmethod
-    def forward(ctx, T_index_from_cam: Tensor, d_cam: Tensor, padded: Tensor, n_samples: int, poses: int) -> Tensor:
+    def forward(
+        ctx, T_index_from_cam: Tensor, d_cam: Tensor, padded: Tensor, n_samples: int, poses: int, ray_index
+    ) -> Tensor:
         out, f, G, H = _module().render_rays(T_index_from_cam, d_cam, padded, n_samples, True, poses)
         ctx.save_for_backward(T_index_from_cam, d_cam, padded, f, G, H)
-        ctx.n_samples = n_samples
+        ctx.n_samples, ctx.ray_index = n_samples, ray_index
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         T, d_cam, padded, f, G, H = ctx.saved_tensors
-        dT = _module().render_rays_backward(grad_out.contiguous(), T, d_cam, padded, f, G, H, ctx.n_samples)
-        return dT, None, None, None, None
+        dT = _module().render_rays_backward(
+            grad_out.contiguous(), T, d_cam, padded, f, G, H, ctx.n_samples, ctx.ray_index
+        )
+        return dT, None, None, None, None, None
 
 
 @typing.no_type_check  # validates its own inputs (the kernel checks them); no jaxtyping/beartype wrapper
@@ -255,6 +259,7 @@ def render_rays(
     n_samples: int,
     *,
     poses: int = 1,
+    ray_index: Tensor | None = None,
 ) -> Float[Tensor, "V R"]:
     """Line integrals ``h * sum_k f(p0 + k q)`` of each view's rays (the native backend's render): the
     rays of :func:`renderer.ray_samples` for ``T_index_from_cam`` (float64, the first three rows) and
@@ -262,11 +267,22 @@ def render_rays(
     ``T_index_from_cam``. ``poses``: the V renders are (poses, V / poses) flattened, the poses close
     together (a curvature's finite differences): the kernel then takes a block of rays of every pose in
     turn, which read the same voxels (the same values; 64 to 76 against 42 ms for the 13 poses of a
-    2-view curvature at 128 px of the shipped CT). Requires :func:`load` to have succeeded."""
+    2-view curvature at 128 px of the shipped CT). ``ray_index``: the rays are a subset of each render's full
+    image (:class:`~mvreg_ros.core.rendering.subset.RaySubset`), these their pixels' indices there (ascending
+    in each render); the backward then sums the rays' gradients in the full image's order of work, so that it
+    gives the full render's gradient bit for bit when the pixels left out have none. Requires :func:`load`
+    to have succeeded."""
     check_sums_inputs(padded, n_samples)
     if isinstance(poses, bool) or not isinstance(poses, int) or poses < 1 or len(T_index_from_cam) % poses:
         raise ValueError(f"poses must be an int >= 1 that divides the {len(T_index_from_cam)} renders, got {poses!r}")
     T, d = T_index_from_cam.contiguous(), d_cam.contiguous()
+    if ray_index is not None:
+        if ray_index.dtype != torch.int64 or tuple(ray_index.shape) != tuple(d.shape[1:]):
+            raise ValueError(
+                f"ray_index must be int64 of the rays' shape {tuple(d.shape[1:])}, got "
+                f"{ray_index.dtype} {tuple(ray_index.shape)}"
+            )
+        ray_index = ray_index.contiguous()
     if torch.is_grad_enabled() and T.requires_grad:
-        return _RenderRays.apply(T, d, padded, int(n_samples), poses)
+        return _RenderRays.apply(T, d, padded, int(n_samples), poses, ray_index)
     return _module().render_rays(T, d, padded, int(n_samples), False, poses)[0]

@@ -41,9 +41,10 @@ class ReferenceRenderer:
         pixels: Tensor | None = None,
         n_samples: int | None = None,
         poses: int = 1,
+        ray_index: Tensor | None = None,
     ) -> Tensor:
-        """As :class:`~mvreg_ros.core.rendering.renderer.Renderer`; ``poses`` (its hint on the renders'
-        layout, for the native kernel's order of work) changes nothing here."""
+        """As :class:`~mvreg_ros.core.rendering.renderer.Renderer`; ``poses`` and ``ray_index`` (its hints
+        on the renders' layout, for the native kernel's order of work) change nothing here."""
         T = T_cam_from_ct.to(self.device, torch.float64)
         full = pixels is None
         if full:

@@ -408,10 +408,14 @@ class Renderer:
         pixels: Tensor | None = None,
         n_samples: int | None = None,
         poses: int = 1,
+        ray_index: Tensor | None = None,
     ) -> Tensor:
         """DRRs ``(V, height, width)``, or ``(V, R)`` for explicit ``pixels`` (u, v). ``poses``: the V
         renders are (poses, V / poses) flattened, from poses close together; the native backend then
-        reads the volume once for all of them (:func:`native.render_rays`; the same values)."""
+        reads the volume once for all of them (:func:`native.render_rays`; the same values). ``ray_index``
+        (with ``pixels`` of shape ``(V, R, 2)``): their indices in the full ``height x width`` image,
+        ascending in each render (:class:`~mvreg_ros.core.rendering.subset.RaySubset`); the native backend's
+        gradient is then the full image's bit for bit where the pixels left out have none."""
         if T_cam_from_ct.ndim != 3 or T_cam_from_ct.shape[-2:] != (4, 4):
             raise ValueError(f"T_cam_from_ct must be (V, 4, 4), got {tuple(T_cam_from_ct.shape)}")
         if K.shape != (len(T_cam_from_ct), 3, 3):
@@ -427,8 +431,13 @@ class Renderer:
             raise ValueError(f"n_samples must be >= 1, got {n}")
         if isinstance(poses, bool) or not isinstance(poses, int) or poses < 1 or len(T) % poses:
             raise ValueError(f"poses must be an int >= 1 that divides the {len(T)} renders, got {poses!r}")
+        if ray_index is not None and (full or pixels.shape[:-1] != ray_index.shape or len(ray_index) != len(T)):
+            raise ValueError(
+                f"ray_index needs pixels (V, R, 2) of its shape (V = {len(T)} renders), got ray_index "
+                f"{tuple(ray_index.shape)} and pixels {None if full else tuple(pixels.shape)}"
+            )
         if self.backend == "native":
-            out = self._render_native(T, K, pixels, n, poses)
+            out = self._render_native(T, K, pixels, n, poses, ray_index)
         else:
             out = self._render_compiled(T, K, pixels, n) if self.backend != "grid_sample" else None
         if out is None:
@@ -463,11 +472,14 @@ class Renderer:
         )
         return d
 
-    def _render_native(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int, poses: int = 1) -> Tensor:
+    def _render_native(
+        self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int, poses: int = 1, ray_index: Tensor | None = None
+    ) -> Tensor:
         """The native backend: the ray set-up and the sums in C++ (:func:`native.render_rays`; nothing to
         compile), with the same arithmetic as the compiled :func:`render_native` (its reference)."""
         d_cam = self._directions(K, pixels)
-        return native.render_rays(index_from_cam(self.T_index_from_ct, T), d_cam, self.padded, n_samples, poses=poses)
+        T_index_from_cam = index_from_cam(self.T_index_from_ct, T)
+        return native.render_rays(T_index_from_cam, d_cam, self.padded, n_samples, poses=poses, ray_index=ray_index)
 
     def _render_compiled(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor | None:
         """The fused compiled path; None once it has failed to compile (then grid_sample is used)."""

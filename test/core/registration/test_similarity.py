@@ -275,3 +275,30 @@ def test_similarity_without_the_native_extension_uses_aten(monkeypatch):
     torch.testing.assert_close(sim(2.0 * y + 1.0), torch.ones(2), atol=1e-4, rtol=0)
     with pytest.raises(RuntimeError, match="not available"):
         PreparedSimilarity(y, [(fov, 1.0)], patch=8, backend="native")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_weight", [0.5, 0.0])
+def test_prepared_similarity_reads_only_its_read_pixels(grad_weight, backend):
+    """read_pixels holds every pixel whose render value enters the similarity: a render changed
+    anywhere else gives the same value and gradient, bit for bit, and the gradient there is zero
+    (what lets the refinement trace only those rays, RaySubset). The intensity's mask and, with
+    gradient NCC, the Sobel neighbourhoods of the eroded mask; not the masks' zero border."""
+    V, H, W, patch = 2, 48, 42, 10
+    y = _smooth_images(V, H, W, seed=2)
+    fov, target = _masks(V, H, W, seed=3)
+    prepared = PreparedSimilarity(y, [(fov, 0.4), (target, 0.6)], patch=patch, grad_weight=grad_weight, backend=backend)
+    read = prepared.read_pixels()
+    assert read.dtype == torch.bool and read.shape == (V, H, W)
+    assert bool(read[fov > 0].all()) and not bool(read.all())
+    drr = _smooth_images(V, H, W, seed=5) + 0.3 * y
+    other = torch.where(read, drr, 5 * torch.randn(V, H, W, generator=torch.Generator().manual_seed(9)))
+    values, grads = [], []
+    for x in (drr, other):
+        x = x.clone().requires_grad_()
+        s = prepared(x)
+        s.sum().backward()
+        values.append(s.detach())
+        grads.append(x.grad)
+    assert torch.equal(values[0], values[1]) and torch.equal(grads[0], grads[1])
+    assert bool((grads[0][~read] == 0).all()) and grads[0][read].abs().max() > 0
