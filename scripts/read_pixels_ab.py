@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Every ray against the read pixels' rays only (RefineConfig.render_read_only; README *Speed*).
+
+Two engines on the shipped CT in one process, one tracing every pixel's ray and one only those of the
+pixels the similarity reads, run case by case in turn (the order alternating, so a load that changes
+during the run weighs on both alike) on the bench's cases (`mvreg bench`'s views and seeds):
+1. local 2-view refinements from 10 deg / 20 mm;
+2. tracking updates (sets moved 1 deg / 2 mm from the held pose, a tracking start; the acceptance test);
+3. full registrations (global stage, refinement, acceptance test) from 15 deg / 30 mm.
+Prints and writes the median times and whether every result (pose, covariance, verdict) is the same
+bit for bit (``torch.equal``). Usage:
+
+    .venv/bin/python scripts/read_pixels_ab.py OUT.json [--cases 6] [--tracking-cases 16]
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+from mvreg_ros.core.evaluation import benchmark, stats
+from mvreg_ros.core.geometry import transforms as geometry
+from mvreg_ros.core.imaging.volume import example_ct_path, load_volume
+from mvreg_ros.core.registration.initialisers import Start
+from mvreg_ros.core.registration.pipeline import RegistrationPipeline
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar
+
+ARMS = {"every_ray": False, "read_pixels_only": True}
+
+
+def _same(a, b) -> bool:
+    """The same pose, covariance and verdict, bit for bit."""
+    ra, rb = getattr(a, "result", a), getattr(b, "result", b)
+    cov_same = (ra.covariance is None and rb.covariance is None) or (
+        ra.covariance is not None and rb.covariance is not None and torch.equal(ra.covariance, rb.covariance)
+    )
+    return (
+        torch.equal(ra.T_ref_from_ct, rb.T_ref_from_ct)
+        and cov_same
+        and getattr(a, "accepted", None) == getattr(b, "accepted", None)
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="JSON to write")
+    ap.add_argument("--cases", type=int, default=6)
+    ap.add_argument("--tracking-cases", type=int, default=16)
+    args = ap.parse_args()
+    cfg = benchmark.BenchConfig(cases=args.cases, tracking_cases=args.tracking_cases)
+    volume = load_volume(example_ct_path())
+    scene, views, inits = benchmark._cases(volume, 2, cfg, args.cases)
+    sets = benchmark.tracking_sets(volume, scene, cfg, args.tracking_cases)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    far = [
+        geometry.perturb(
+            scene.T_ref_from_ct,
+            rot_deg=cfg.global_rot_deg,
+            trans_mm=cfg.global_trans_mm,
+            centre_ct=volume.centre_ct(),
+            generator=gen,
+        )
+        for _ in range(args.cases)
+    ]
+    engines = {arm: Registrar(volume, RefineConfig(render_read_only=flag)) for arm, flag in ARMS.items()}
+    pipelines = {arm: RegistrationPipeline(e, initialisers=[]) for arm, e in engines.items()}
+
+    def tracking_start() -> Start:
+        return Start(T_ref_from_ct=scene.T_ref_from_ct.clone(), source="last_accepted", tracking=True)
+
+    runs = {
+        "refine": (inits, lambda arm, T: engines[arm].refine(views, T)),
+        "tracking": (sets, lambda arm, s: pipelines[arm].register_from(s[1], tracking_start())),
+        "full": (far, lambda arm, T: pipelines[arm].register_from(views, Start(T_ref_from_ct=T, source="perturb"))),
+    }
+    for arm in ARMS:  # warm: the shapes of each kind compiled and cached
+        runs["refine"][1](arm, inits[0])
+        runs["tracking"][1](arm, sets[0])
+    out = {"times_s": {}, "median_s": {}, "identical": {}}
+    for kind, (cases, call) in runs.items():
+        times = {arm: [] for arm in ARMS}
+        identical = True
+        for i, case in enumerate(cases):
+            results = {}
+            for arm in list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]:
+                t = time.perf_counter()
+                results[arm] = call(arm, case)
+                times[arm].append(time.perf_counter() - t)
+            identical &= _same(*results.values())
+        out["times_s"][kind] = times
+        out["median_s"][kind] = {arm: stats.median(t) for arm, t in times.items()}
+        out["identical"][kind] = identical
+        print(kind, {arm: round(m, 3) for arm, m in out["median_s"][kind].items()}, "identical:", identical, flush=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
