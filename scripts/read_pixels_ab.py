@@ -20,7 +20,6 @@ import time
 import torch
 
 from mvreg_ros.core.evaluation import benchmark, stats
-from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.volume import example_ct_path, load_volume
 from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import RegistrationPipeline
@@ -52,17 +51,7 @@ def main() -> None:
     volume = load_volume(example_ct_path())
     scene, views, inits = benchmark._cases(volume, 2, cfg, args.cases)
     sets = benchmark.tracking_sets(volume, scene, cfg, args.tracking_cases)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    far = [
-        geometry.perturb(
-            scene.T_ref_from_ct,
-            rot_deg=cfg.global_rot_deg,
-            trans_mm=cfg.global_trans_mm,
-            centre_ct=volume.centre_ct(),
-            generator=gen,
-        )
-        for _ in range(args.cases)
-    ]
+    far = benchmark.far_starts(volume, scene, cfg, args.cases)
     engines = {arm: Registrar(volume, RefineConfig(render_read_only=flag)) for arm, flag in ARMS.items()}
     pipelines = {arm: RegistrationPipeline(e, initialisers=[]) for arm, e in engines.items()}
 

@@ -185,6 +185,21 @@ def _cases(volume, n_views: int, cfg: BenchConfig, n: int):
     return scene, views, inits
 
 
+def far_starts(volume: Volume, scene, cfg: BenchConfig, n: int) -> list[torch.Tensor]:
+    """The full registrations' ``n`` starts: the truth moved ``global_rot_deg`` / ``global_trans_mm``."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    return [
+        geometry.perturb(
+            scene.T_ref_from_ct,
+            rot_deg=cfg.global_rot_deg,
+            trans_mm=cfg.global_trans_mm,
+            centre_ct=volume.centre_ct(),
+            generator=gen,
+        )
+        for _ in range(n)
+    ]
+
+
 def refine_runs(registrar: Registrar, scene, views, inits, landmarks) -> dict:
     errs, times = [], []
     for T_init in inits:
@@ -538,18 +553,7 @@ def run(volume: Volume, cfg: BenchConfig, log=print) -> dict:
             f"full registration (global stage, refinement, acceptance test) from {cfg.global_rot_deg:g} deg / "
             f"{cfg.global_trans_mm:g} mm ..."
         )
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        far = [
-            geometry.perturb(
-                scene.T_ref_from_ct,
-                rot_deg=cfg.global_rot_deg,
-                trans_mm=cfg.global_trans_mm,
-                centre_ct=volume.centre_ct(),
-                generator=gen,
-            )
-            for _ in range(cfg.cases)
-        ]
-        result["pipeline"] = pipeline_runs(engine, scene, views, far, landmarks)
+        result["pipeline"] = pipeline_runs(engine, scene, views, far_starts(volume, scene, cfg, cfg.cases), landmarks)
     if "tracking" in sections and cfg.tracking_cases:
         log(
             f"tracking updates: sets moved {cfg.tracking_rot_deg:g} deg / {cfg.tracking_trans_mm:g} mm from the "
