@@ -360,6 +360,9 @@ def resolve_backend(backend: str, device, dtype) -> str:
     return backend
 
 
+KEPT_DIRECTIONS = 4  # ray direction sets a Renderer keeps (Renderer._directions)
+
+
 class Renderer:
     """Fast DRR renderer for one volume. Build once; render many poses and views."""
 
@@ -390,7 +393,7 @@ class Renderer:
             compile_cache_dir()  # before Dynamo's import (which sets torch's default)
             torch._dynamo.mark_dynamic(self.padded, (0, 1, 2))
         self._compiled_ok = False
-        self._last_directions: tuple[Tensor, Tensor, Tensor] | None = None
+        self._kept_directions: list[tuple[Tensor, Tensor, Tensor]] = []  # (K, pixels, directions), newest first
         self._grid: tuple[int, int, Tensor] | None = None  # the last full image's pixel grid
         self.T_index_from_ct = torch.linalg.inv(volume.T_ct_from_index.to(device=device, dtype=torch.float64))
         self.shape_ijk = volume.shape_ijk
@@ -415,7 +418,8 @@ class Renderer:
         reads the volume once for all of them (:func:`native.render_rays`; the same values). ``ray_index``
         (with ``pixels`` of shape ``(V, R, 2)``): their indices in the full ``height x width`` image,
         ascending in each render (:class:`~mvreg_ros.core.rendering.subset.RaySubset`); the native backend's
-        gradient is then the full image's bit for bit where the pixels left out have none."""
+        gradient is then the full image's bit for bit where the pixels left out have none. With ``ray_index``
+        the pixels are taken to be a RaySubset's, never changed in place (kept and recognised by identity)."""
         if T_cam_from_ct.ndim != 3 or T_cam_from_ct.shape[-2:] != (4, 4):
             raise ValueError(f"T_cam_from_ct must be (V, 4, 4), got {tuple(T_cam_from_ct.shape)}")
         if K.shape != (len(T_cam_from_ct), 3, 3):
@@ -439,7 +443,7 @@ class Renderer:
         if self.backend == "native":
             out = self._render_native(T, K, pixels, n, poses, ray_index)
         else:
-            out = self._render_compiled(T, K, pixels, n) if self.backend != "grid_sample" else None
+            out = self._render_compiled(T, K, pixels, n, ray_index) if self.backend != "grid_sample" else None
         if out is None:
             out = integrate(self.data, make_rays(self.T_index_from_ct, self.shape_ijk, T, K, pixels), n)
         return out.reshape(len(T), height, width) if full else out
@@ -451,25 +455,30 @@ class Renderer:
             self._grid = (height, width, pixel_grid(height, width, dtype=torch.float64, device=self.device))
         return self._grid[2]
 
-    def _directions(self, K: Tensor, pixels: Tensor) -> Tensor:
+    def _frozen(self, pixels: Tensor, ray_index: Tensor | None) -> bool:
+        """Whether ``pixels`` are never changed in place: the kept grid of a full image, or a RaySubset's
+        (``ray_index`` given)."""
+        return ray_index is not None or (self._grid is not None and pixels is self._grid[2])
+
+    def _directions(self, K: Tensor, pixels: Tensor, *, frozen: bool = False) -> Tensor:
         """:func:`ray_directions`, kept while the intrinsics and pixels stay the same (a refinement
-        renders the same views at every iteration; the last set is kept)."""
-        last = self._last_directions
-        if (
-            last is not None
-            and last[0].shape == K.shape
-            and last[1].shape == pixels.shape
-            and torch.equal(last[0], K)
-            and (last[1] is pixels or torch.equal(last[1], pixels))
-        ):
-            return last[2]
+        renders the same views at every iteration; the last ``KEPT_DIRECTIONS`` sets are kept, as a
+        refinement's level, its curvature's 13 poses and the acceptance test's probes take turns).
+        ``frozen``: ``pixels`` are never changed in place (the kept grid, a :class:`RaySubset`'s), so they
+        are recognised by identity, without comparing their values; other pixels are kept as a copy."""
+        for i, (K_kept, px_kept, d) in enumerate(self._kept_directions):
+            if (
+                K_kept.shape == K.shape
+                and px_kept.shape == pixels.shape
+                and (px_kept is pixels or (not frozen and torch.equal(px_kept, pixels)))
+                and torch.equal(K_kept, K)
+            ):
+                if i:
+                    self._kept_directions.insert(0, self._kept_directions.pop(i))
+                return d
         d = ray_directions(K, pixels)
-        # the kept grid itself (never written to), else a copy: a caller may change its own pixels in place
-        self._last_directions = (
-            K.clone(),
-            pixels if self._grid is not None and pixels is self._grid[2] else pixels.clone(),
-            d,
-        )
+        self._kept_directions.insert(0, (K.clone(), pixels if frozen else pixels.clone(), d))
+        del self._kept_directions[KEPT_DIRECTIONS:]
         return d
 
     def _render_native(
@@ -477,14 +486,16 @@ class Renderer:
     ) -> Tensor:
         """The native backend: the ray set-up and the sums in C++ (:func:`native.render_rays`; nothing to
         compile), with the same arithmetic as the compiled :func:`render_native` (its reference)."""
-        d_cam = self._directions(K, pixels)
+        d_cam = self._directions(K, pixels, frozen=self._frozen(pixels, ray_index))
         T_index_from_cam = index_from_cam(self.T_index_from_ct, T)
         return native.render_rays(T_index_from_cam, d_cam, self.padded, n_samples, poses=poses, ray_index=ray_index)
 
-    def _render_compiled(self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int) -> Tensor | None:
+    def _render_compiled(
+        self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int, ray_index: Tensor | None = None
+    ) -> Tensor | None:
         """The fused compiled path; None once it has failed to compile (then grid_sample is used)."""
         T_rays = ray_transforms(self.T_index_from_ct, T, pixels.shape[-2])
-        d_cam = self._directions(K, pixels)
+        d_cam = self._directions(K, pixels, frozen=self._frozen(pixels, ray_index))
         mark_batch_dynamic(T_rays, d_cam)
         args = (T_rays, d_cam, self.padded, n_samples)
         if self._compiled_ok:

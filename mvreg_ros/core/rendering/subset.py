@@ -29,6 +29,7 @@ class RaySubset:
     pixels: Float[Tensor, "V R 2"]  # (u, v) of each index (float64); the padding's: the image's last pixel
     height: int
     width: int
+    _tiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # (copies, device): tensors
 
     @classmethod
     def from_support(cls, support: Bool[Tensor, "V H W"]) -> "RaySubset":
@@ -65,6 +66,15 @@ class RaySubset:
         mask.scatter_(1, self.index, True)
         return mask[:, :HW].reshape(self.views, self.height, self.width)
 
+    def _copies(self, n: int, device) -> tuple[Tensor, Tensor]:
+        """The index and pixels of ``n`` copies of the views on ``device``, made once and kept (the same
+        tensors each time, never changed in place: the renderer recognises them by identity)."""
+        key = (n, str(device))
+        if key not in self._tiled:
+            index, pixels = self.index.to(device), self.pixels.to(device)
+            self._tiled[key] = (index.repeat(n, 1), pixels.repeat(n, 1, 1)) if n > 1 else (index, pixels)
+        return self._tiled[key]
+
     def render(
         self,
         renderer,
@@ -79,11 +89,7 @@ class RaySubset:
         M, V = len(T_cam_from_ct), self.views
         if M % V:
             raise ValueError(f"{M} renders do not tile the subset's {V} views")
-        n = M // V
-        device = getattr(renderer, "device", self.index.device)
-        index, pixels = self.index.to(device), self.pixels.to(device)
-        if n > 1:
-            index, pixels = index.repeat(n, 1), pixels.repeat(n, 1, 1)
+        index, pixels = self._copies(M // V, getattr(renderer, "device", self.index.device))
         H, W = self.height, self.width
         out = renderer(
             T_cam_from_ct, K, H, W, pixels=pixels, n_samples=n_samples, poses=poses, ray_index=index

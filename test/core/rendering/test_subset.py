@@ -102,3 +102,26 @@ def test_native_ray_index_is_checked():
     out = r(T_req, K, H, W, pixels=s.pixels, n_samples=5, ray_index=shuffled)
     with pytest.raises(ValueError, match="ascending"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["compiled", pytest.param("native", marks=needs_native)])
+def test_kept_ray_directions_serve_only_their_own_pixels_and_intrinsics(backend):
+    """The renderer keeps the last few sets of ray directions (a subset's pixels by identity, the full grid,
+    other pixels by value): renders taking turns between more sets than it keeps, and with other
+    intrinsics, are each a fresh renderer's, bit for bit."""
+    ct, K, T = _scene()
+    r = Renderer(ct, backend=backend)
+    s = RaySubset.from_support(_support())
+    K2 = K.clone()
+    K2[:, 0, 0] *= 1.1
+    calls = [
+        lambda r, K: s.render(r, T, K, n_samples=9),
+        lambda r, K: s.render(r, T.repeat(3, 1, 1), K.repeat(3, 1, 1), n_samples=9, poses=3),
+        lambda r, K: s.render(r, T.repeat(2, 1, 1), K.repeat(2, 1, 1), n_samples=9),
+        lambda r, K: r(T, K, H, W, n_samples=9),
+        lambda r, K: r(T, K, H, W, pixels=pixel_grid(H, W, dtype=torch.float64)[::7], n_samples=9),
+    ]
+    for round_ in range(2):
+        for i, call in enumerate(calls):
+            for k in (K, K2):
+                assert torch.equal(call(r, k), call(Renderer(ct, backend=backend), k)), (round_, i)
