@@ -533,6 +533,7 @@ def run(volume: Volume, cfg: BenchConfig, log=print) -> dict:
             n_samples=(0,),
             patches=(8,),
             grad_weight=0.5,  # the baseline of every edition (the engine's default moved to 0.75)
+            render_read_only=False,  # ... which traces every pixel's ray (the engine's default traces the read ones)
             pool_volume=False,
             tol_rot_deg=0.0,
             tol_trans_mm=0.0,

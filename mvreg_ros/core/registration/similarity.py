@@ -178,7 +178,7 @@ class PreparedSimilarity:
         render's values change nothing, and their gradient is zero (:class:`~mvreg_ros.core.rendering.
         subset.RaySubset` renders only these)."""
         K = self._w.shape[1] // self._J  # image channels per weighting: intensity (and the two gradients)
-        w = self._w > 0
+        w = self._w != 0  # any weight, not only positive ones
         read = w[:, ::K].any(1)
         if K == 3:
             g = (w[:, 1::K] | w[:, 2::K]).any(1)

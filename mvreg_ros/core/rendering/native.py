@@ -234,11 +234,18 @@ class _RenderRays(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, T_index_from_cam: Tensor, d_cam: Tensor, padded: Tensor, n_samples: int, poses: int, ray_index
+        ctx,
+        T_index_from_cam: Tensor,
+        d_cam: Tensor,
+        padded: Tensor,
+        n_samples: int,
+        poses: int,
+        ray_index,
+        image_pixels: int,
     ) -> Tensor:
         out, f, G, H = _module().render_rays(T_index_from_cam, d_cam, padded, n_samples, True, poses)
         ctx.save_for_backward(T_index_from_cam, d_cam, padded, f, G, H)
-        ctx.n_samples, ctx.ray_index = n_samples, ray_index
+        ctx.n_samples, ctx.ray_index, ctx.image_pixels = n_samples, ray_index, image_pixels
         return out
 
     @staticmethod
@@ -246,9 +253,9 @@ class _RenderRays(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         T, d_cam, padded, f, G, H = ctx.saved_tensors
         dT = _module().render_rays_backward(
-            grad_out.contiguous(), T, d_cam, padded, f, G, H, ctx.n_samples, ctx.ray_index
+            grad_out.contiguous(), T, d_cam, padded, f, G, H, ctx.n_samples, ctx.ray_index, ctx.image_pixels
         )
-        return dT, None, None, None, None, None
+        return dT, None, None, None, None, None, None
 
 
 @typing.no_type_check  # validates its own inputs (the kernel checks them); no jaxtyping/beartype wrapper
@@ -260,6 +267,7 @@ def render_rays(
     *,
     poses: int = 1,
     ray_index: Tensor | None = None,
+    image_pixels: int = 0,
 ) -> Float[Tensor, "V R"]:
     """Line integrals ``h * sum_k f(p0 + k q)`` of each view's rays (the native backend's render): the
     rays of :func:`renderer.ray_samples` for ``T_index_from_cam`` (float64, the first three rows) and
@@ -268,10 +276,11 @@ def render_rays(
     together (a curvature's finite differences): the kernel then takes a block of rays of every pose in
     turn, which read the same voxels (the same values; 64 to 76 against 42 ms for the 13 poses of a
     2-view curvature at 128 px of the shipped CT). ``ray_index``: the rays are a subset of each render's full
-    image (:class:`~mvreg_ros.core.rendering.subset.RaySubset`), these their pixels' indices there (ascending
-    in each render); the backward then sums the rays' gradients in the full image's order of work, so that it
-    gives the full render's gradient bit for bit when the pixels left out have none. Requires :func:`load`
-    to have succeeded."""
+    image (:class:`~mvreg_ros.core.rendering.subset.RaySubset`) of ``image_pixels`` pixels, these their
+    pixels' indices there (ascending in each render; ``image_pixels`` itself marks a padding ray, whose
+    gradient is left out); the backward then sums the rays' gradients in the full image's order of work, so
+    that it gives the full render's gradient bit for bit when the pixels left out have none. Requires
+    :func:`load` to have succeeded."""
     check_sums_inputs(padded, n_samples)
     if isinstance(poses, bool) or not isinstance(poses, int) or poses < 1 or len(T_index_from_cam) % poses:
         raise ValueError(f"poses must be an int >= 1 that divides the {len(T_index_from_cam)} renders, got {poses!r}")
@@ -282,7 +291,9 @@ def render_rays(
                 f"ray_index must be int64 of the rays' shape {tuple(d.shape[1:])}, got "
                 f"{ray_index.dtype} {tuple(ray_index.shape)}"
             )
+        if isinstance(image_pixels, bool) or not isinstance(image_pixels, int) or image_pixels < 1:
+            raise ValueError(f"ray_index needs image_pixels, the full image's pixel count (>= 1), got {image_pixels!r}")
         ray_index = ray_index.contiguous()
     if torch.is_grad_enabled() and T.requires_grad:
-        return _RenderRays.apply(T, d, padded, int(n_samples), poses, ray_index)
+        return _RenderRays.apply(T, d, padded, int(n_samples), poses, ray_index, image_pixels)
     return _module().render_rays(T, d, padded, int(n_samples), False, poses)[0]

@@ -393,7 +393,8 @@ class Renderer:
             compile_cache_dir()  # before Dynamo's import (which sets torch's default)
             torch._dynamo.mark_dynamic(self.padded, (0, 1, 2))
         self._compiled_ok = False
-        self._kept_directions: list[tuple[Tensor, Tensor, Tensor]] = []  # (K, pixels, directions), newest first
+        self._kept_directions: list[tuple[Tensor, Tensor, int, Tensor]] = []  # (K, pixels, their version,
+        # directions), newest first
         self._grid: tuple[int, int, Tensor] | None = None  # the last full image's pixel grid
         self.T_index_from_ct = torch.linalg.inv(volume.T_ct_from_index.to(device=device, dtype=torch.float64))
         self.shape_ijk = volume.shape_ijk
@@ -441,7 +442,7 @@ class Renderer:
                 f"{tuple(ray_index.shape)} and pixels {None if full else tuple(pixels.shape)}"
             )
         if self.backend == "native":
-            out = self._render_native(T, K, pixels, n, poses, ray_index)
+            out = self._render_native(T, K, pixels, n, poses, ray_index, height * width)
         else:
             out = self._render_compiled(T, K, pixels, n, ray_index) if self.backend != "grid_sample" else None
         if out is None:
@@ -465,30 +466,43 @@ class Renderer:
         renders the same views at every iteration; the last ``KEPT_DIRECTIONS`` sets are kept, as a
         refinement's level, its curvature's 13 poses and the acceptance test's probes take turns).
         ``frozen``: ``pixels`` are never changed in place (the kept grid, a :class:`RaySubset`'s), so they
-        are recognised by identity, without comparing their values; other pixels are kept as a copy."""
-        for i, (K_kept, px_kept, d) in enumerate(self._kept_directions):
+        are recognised by identity (and their version counter: one changed in place after all is not),
+        without comparing their values; other pixels are kept as a copy."""
+        for i, (K_kept, px_kept, version, d) in enumerate(self._kept_directions):
             if (
                 K_kept.shape == K.shape
                 and px_kept.shape == pixels.shape
-                and (px_kept is pixels or (not frozen and torch.equal(px_kept, pixels)))
+                and (
+                    (px_kept is pixels and version == pixels._version) or (not frozen and torch.equal(px_kept, pixels))
+                )
                 and torch.equal(K_kept, K)
             ):
                 if i:
                     self._kept_directions.insert(0, self._kept_directions.pop(i))
                 return d
         d = ray_directions(K, pixels)
-        self._kept_directions.insert(0, (K.clone(), pixels if frozen else pixels.clone(), d))
+        kept = pixels if frozen else pixels.clone()
+        self._kept_directions.insert(0, (K.clone(), kept, kept._version, d))
         del self._kept_directions[KEPT_DIRECTIONS:]
         return d
 
     def _render_native(
-        self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int, poses: int = 1, ray_index: Tensor | None = None
+        self,
+        T: Tensor,
+        K: Tensor,
+        pixels: Tensor,
+        n_samples: int,
+        poses: int = 1,
+        ray_index: Tensor | None = None,
+        image_pixels: int = 0,
     ) -> Tensor:
         """The native backend: the ray set-up and the sums in C++ (:func:`native.render_rays`; nothing to
         compile), with the same arithmetic as the compiled :func:`render_native` (its reference)."""
         d_cam = self._directions(K, pixels, frozen=self._frozen(pixels, ray_index))
         T_index_from_cam = index_from_cam(self.T_index_from_ct, T)
-        return native.render_rays(T_index_from_cam, d_cam, self.padded, n_samples, poses=poses, ray_index=ray_index)
+        return native.render_rays(
+            T_index_from_cam, d_cam, self.padded, n_samples, poses=poses, ray_index=ray_index, image_pixels=image_pixels
+        )
 
     def _render_compiled(
         self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int, ray_index: Tensor | None = None

@@ -6,7 +6,9 @@ result, nor does their gradient. A :class:`RaySubset` holds, for each view, the 
 :meth:`RaySubset.render` traces their rays only and returns full-size images with zeros elsewhere. With
 the native renderer the values and gradients are those of the full render bit for bit wherever the
 similarity reads them (``test/core/rendering/test_subset.py``): the rays are traced independently, and the
-backward sums their pose gradients in the full image's order of work (``ray_index``).
+backward sums their pose gradients in the full image's order of work (``ray_index``). (Where a render's
+unread values are finite, as the renderer's are for a finite volume and pose: a NaN left out of the full
+render's sums would otherwise have made them NaN.)
 """
 
 from __future__ import annotations

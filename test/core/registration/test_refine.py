@@ -12,7 +12,15 @@ from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import load_example_ct
-from mvreg_ros.core.registration.refine import Objective, RefineConfig, Registrar, RegistrationResult, pooling_factor
+from mvreg_ros.core.registration.refine import (
+    LevelSpec,
+    Objective,
+    RefineConfig,
+    Registrar,
+    RegistrationResult,
+    pooling_factor,
+    pose_about,
+)
 from mvreg_ros.core.rendering import native as render_native
 from mvreg_ros.core.rendering.renderer import Renderer
 
@@ -537,3 +545,30 @@ def test_rendering_only_the_read_pixels_changes_no_result(ct, backend):
     else:
         rot, trans = _errors(a.T_ref_from_ct, b.T_ref_from_ct, ct.centre_ct())
         assert rot < 1e-3 and trans < 1e-3, (rot, trans)
+
+
+@needs_native
+def test_read_pixels_only_for_batches_of_poses_and_paired_objectives(ct):
+    """The objectives the global stage (a batch of poses, each with its own weights) and the acceptance
+    test's probes (paired: pose i sees view i alone) use: the same similarity and gradients bit for bit."""
+    scene, views = _scene_views(ct, [(0.0, 0.0), (90.0, 20.0)], DETECTOR, 64)
+    gen = torch.Generator().manual_seed(6)
+    T = torch.stack(
+        [geometry.perturb(scene.T_ref_from_ct, rot_deg=4, trans_mm=8, centre_ct=ct.centre_ct(), generator=gen)]
+        + [scene.T_ref_from_ct] * 2
+    )
+    level = LevelSpec(size=48, iterations=1, n_samples=48, patch=8)
+    X = 0.01 * torch.randn(3, 6, dtype=torch.float64, generator=gen)
+    values = []
+    for read_only in (False, True):
+        registrar = Registrar(ct, RefineConfig(render_backend="native", render_read_only=read_only))
+        batch = registrar.objective(views, 48, T, n_samples=48, patch=8)
+        assert batch.masks.shape[0] == 3 * len(views) and (batch._subset is not None) == read_only
+        G, L = batch.grads(scene.T_ref_from_ct, X)
+        (_, paired), *_ = registrar.paired_objectives(views, T[:2], level=level)
+        x = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
+        s = paired.similarity(pose_about(T[:2], ct.centre_ct(), x[:, :3], x[:, 3:]))
+        (g,) = torch.autograd.grad(s.sum(), x)
+        values.append((G, L, s.detach(), g))
+    for a, b in zip(*values):
+        assert torch.equal(a, b)

@@ -15,15 +15,15 @@ needs_native = pytest.mark.skipif(render_native.load() is None, reason="the nati
 H, W = 48, 56  # 2688 pixels per view: more than one of the native backward's runs of 2048 rays
 
 
-def _scene():
+def _scene(h: int = H, w: int = W):
     ct = load_example_ct(downsample=8)
-    K = geometry.intrinsics(sdd_mm=1000, pixel_spacing_mm=3.0, height=H, width=W).expand(2, 3, 3)
+    K = geometry.intrinsics(sdd_mm=1000, pixel_spacing_mm=3.0, height=h, width=w).expand(2, 3, 3)
     R = geometry.so3_exp(torch.tensor([[0.2, -0.1, 0.3], [0.0, 1.4, 0.1]], dtype=torch.float64))
     T = geometry.make_T(R, torch.tensor([[5.0, -3.0, 650.0], [-8.0, 2.0, 700.0]], dtype=torch.float64))
     return ct, K, T @ geometry.translation(-ct.centre_ct())
 
 
-def _support() -> torch.Tensor:
+def _support(H: int = H, W: int = W) -> torch.Tensor:
     """A disc in view 0 and a ring with a hole and a stripe in view 1 (different counts: padding)."""
     v, u = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     r2 = (u - W / 2) ** 2 + (v - H / 2) ** 2
@@ -54,11 +54,12 @@ def test_from_support_round_trip_and_padding():
 
 @pytest.mark.parametrize("backend", ["grid_sample", "compiled", pytest.param("native", marks=needs_native)])
 @pytest.mark.parametrize("copies", [1, 3])  # one pose, or three poses close together (a curvature's batch)
-def test_subset_render_is_the_full_render_where_read(backend, copies):
-    ct, K, T = _scene()
+@pytest.mark.parametrize("H,W", [(H, W), (64, 64)])  # 64 x 64: whole runs of 2048 pixels, and padding rays
+def test_subset_render_is_the_full_render_where_read(backend, copies, H, W):
+    ct, K, T = _scene(H, W)
     r = Renderer(ct, backend=backend)
-    support = _support().repeat(copies, 1, 1)
-    s = RaySubset.from_support(_support())
+    support = _support(H, W).repeat(copies, 1, 1)
+    s = RaySubset.from_support(_support(H, W))
     steps = torch.tensor([[0.0] * 6, [0.005, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0.5, 0]], dtype=torch.float64)[:copies]
     x = steps.clone().requires_grad_(True)
     Kx = K.repeat(copies, 1, 1)
@@ -89,19 +90,30 @@ def test_native_ray_index_is_checked():
         r(T, K, H, W, pixels=s.pixels, ray_index=s.index[:, :-1])
     with pytest.raises(ValueError, match="ray_index"):  # no pixels given
         r(T, K, H, W, ray_index=s.index)
+    Ti, d = r.T_index_from_ct.expand(2, 4, 4)[:, :3].contiguous(), ray_directions(K, s.pixels)
     with pytest.raises(ValueError, match="int64"):
-        render_native.render_rays(
-            r.T_index_from_ct.expand(2, 4, 4)[:, :3].contiguous(),
-            ray_directions(K, s.pixels),
-            r.padded,
-            5,
-            ray_index=s.index.int(),
-        )
-    T_req = T.clone().requires_grad_(True)
-    shuffled = s.index.flip(1).contiguous()  # descending: the kernel's backward refuses it
-    out = r(T_req, K, H, W, pixels=s.pixels, n_samples=5, ray_index=shuffled)
-    with pytest.raises(ValueError, match="ascending"):
-        out.sum().backward()
+        render_native.render_rays(Ti, d, r.padded, 5, ray_index=s.index.int(), image_pixels=H * W)
+    with pytest.raises(ValueError, match="image_pixels"):  # the full image's size is needed with it
+        render_native.render_rays(Ti, d, r.padded, 5, ray_index=s.index)
+    for bad in (s.index.flip(1).contiguous(), s.index + 1):  # descending; beyond the image (not its padding)
+        out = r(T.clone().requires_grad_(True), K, H, W, pixels=s.pixels, n_samples=5, ray_index=bad)
+        with pytest.raises(ValueError, match="ascending"):  # the kernel's backward refuses it
+            out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["compiled", pytest.param("native", marks=needs_native)])
+def test_pixels_changed_in_place_are_not_served_kept_directions(backend):
+    """A subset's pixels are recognised by identity, and by their version counter: pixels changed in place
+    (against the RaySubset contract) are traced anew, as a fresh renderer would."""
+    ct, K, T = _scene()
+    r = Renderer(ct, backend=backend)
+    s = RaySubset.from_support(_support())
+    pixels = s.pixels.clone()
+    before = r(T, K, H, W, pixels=pixels, ray_index=s.index, n_samples=9)
+    pixels[..., 0] += 3.0
+    after = r(T, K, H, W, pixels=pixels, ray_index=s.index, n_samples=9)
+    fresh = Renderer(ct, backend=backend)(T, K, H, W, pixels=pixels, ray_index=s.index, n_samples=9)
+    assert torch.equal(after, fresh) and not torch.equal(after, before)
 
 
 @pytest.mark.parametrize("backend", ["compiled", pytest.param("native", marks=needs_native)])

@@ -135,12 +135,13 @@ std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, tor
 
 // d loss / d T (V, 3, 4) from the upstream gradient g (V, R) of render_rays' output, with its f, G and H.
 // Each view's rays are summed in partial sums of kChunk rays. ray_index (V, R) int64, when given: the rays are a
-// subset of each view's full image (RaySubset), ray_index its pixels' indices there, ascending in each view; the
-// partial sums are then those of the full image's runs of kChunk pixels, so that, where the rays left out have a
-// zero upstream gradient, the result is the full image's bit for bit.
+// subset of each view's full image of image_pixels pixels (RaySubset), ray_index their indices there, ascending in
+// each view (image_pixels itself: a padding ray, left out); the partial sums are then those of the full image's
+// runs of kChunk pixels, so that, where the rays left out have a zero upstream gradient, the result is the full
+// image's bit for bit.
 torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded,
                                    torch::Tensor f, torch::Tensor G, torch::Tensor H, int64_t n_samples,
-                                   c10::optional<torch::Tensor> ray_index) {
+                                   c10::optional<torch::Tensor> ray_index, int64_t image_pixels) {
   check_setup(T, d_cam, padded);
   const int64_t V = T.size(0), R = d_cam.size(2), N = V * R;
   TORCH_CHECK_VALUE(g.sizes() == f.sizes() && g.numel() == N, "g and f must be (V, R)");
@@ -151,15 +152,15 @@ torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tens
     TORCH_CHECK_VALUE(ri.device().is_cpu() && ri.scalar_type() == torch::kLong && ri.is_contiguous() &&
                           ri.dim() == 2 && ri.size(0) == V && ri.size(1) == R,
                       "ray_index must be a contiguous int64 CPU tensor (V, R) = (", V, ", ", R, "), got ", ri.sizes());
+    TORCH_CHECK_VALUE(image_pixels >= 1, "ray_index needs image_pixels >= 1, got ", image_pixels);
     index = ri.data_ptr<int64_t>();
-    span = 0;
+    span = image_pixels;
     for (int64_t v = 0; v < V; ++v) {
       const int64_t* row = index + v * R;
       for (int64_t r = 0; r < R; ++r) {
-        TORCH_CHECK_VALUE(row[r] >= 0 && (r == 0 || row[r] >= row[r - 1]),
-                          "ray_index must be >= 0 and ascending in each view");
+        TORCH_CHECK_VALUE(row[r] >= 0 && row[r] <= image_pixels && (r == 0 || row[r] >= row[r - 1]),
+                          "ray_index must be in [0, image_pixels] and ascending in each view");
       }
-      if (R > 0) span = std::max(span, row[R - 1] + 1);
     }
   }
   auto gc = g.to(torch::kFloat).contiguous();
@@ -182,9 +183,9 @@ torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tens
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t v = chunk / chunks_per_view;
       int64_t r0 = (chunk % chunks_per_view) * kChunk, r1 = std::min(R, r0 + kChunk);
-      if (index != nullptr) {  // the rays whose pixels lie in this run of the full image
+      if (index != nullptr) {  // the rays whose pixels lie in this run of the full image (not the padding)
         const int64_t* row = index + v * R;
-        r1 = std::lower_bound(row, row + R, r0 + kChunk) - row;
+        r1 = std::lower_bound(row, row + R, std::min(r0 + kChunk, span)) - row;
         r0 = std::lower_bound(row, row + R, r0) - row;
       }
       double* acc = partial.data() + chunk * 12;

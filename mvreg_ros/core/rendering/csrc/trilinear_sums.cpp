@@ -322,7 +322,7 @@ std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, tor
                                        bool with_grad, int64_t poses);
 torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded,
                                    torch::Tensor f, torch::Tensor G, torch::Tensor H, int64_t n_samples,
-                                   c10::optional<torch::Tensor> ray_index);
+                                   c10::optional<torch::Tensor> ray_index, int64_t image_pixels);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("render_rays", &render_rays, "Ray set-up and sums: the native backend's render of (V, R) rays",
@@ -330,7 +330,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("poses") = 1);
   m.def("render_rays_backward", &render_rays_backward, "d loss / d T_index_from_cam of render_rays", py::arg("g"),
         py::arg("T"), py::arg("d_cam"), py::arg("padded"), py::arg("f"), py::arg("G"), py::arg("H"),
-        py::arg("n_samples"), py::arg("ray_index") = py::none());
+        py::arg("n_samples"), py::arg("ray_index") = py::none(), py::arg("image_pixels") = 0);
   m.def("sample_sums", &sample_sums, "Sums of trilinear samples along rays (and their gradients)");
   m.def("patch_ncc", &patch_ncc, "PreparedSimilarity's value per render (and its gradient), fused");
   m.attr("isa") = simd::kIsa;
