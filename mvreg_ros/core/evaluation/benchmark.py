@@ -409,6 +409,7 @@ def _engine_volume_mb(registrar: Registrar) -> float:
     tensors = {registrar.volume.data.data_ptr(): registrar.volume.data.untyped_storage().nbytes()}
     for r in registrar._renderers.values():
         for t in (getattr(r, "data", None), getattr(r, "padded", None)):
+            t = t.data if isinstance(t, render_native.Bricked) else t  # a bricked volume's storage
             if isinstance(t, torch.Tensor):
                 tensors[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(tensors.values()) / 2**20

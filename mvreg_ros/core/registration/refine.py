@@ -34,7 +34,7 @@ from mvreg_ros.core.imaging.footprint import BODY_MU, complete_rays, target_foot
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume
 from mvreg_ros.core.registration.similarity import SIMILARITY_BACKENDS, PreparedSimilarity
-from mvreg_ros.core.rendering.renderer import BACKENDS, Renderer
+from mvreg_ros.core.rendering.renderer import BACKENDS, VOLUME_LAYOUTS, Renderer
 from mvreg_ros.core.rendering.subset import RaySubset
 
 VOLUME_STORAGE = {"float16": torch.float16, "float32": torch.float32}  # RefineConfig.volume_storage
@@ -95,6 +95,8 @@ class RefineConfig:
     # (ATen ops, any device; the reference) or "auto" (native on the CPU when the extension is built)
     volume_storage: str = "float16"  # how the native kernel holds the pooled volumes: "float16" (values rounded to
     # float16 once, about 5e-4 relative, float32 arithmetic; half the bytes per read, README *Speed*) or "float32"
+    volume_layout: str = "auto"  # the native kernel's float16 volumes: "bricked" (a trilinear sample's corners in half
+    # the cache lines, the same values; Renderer), "plain", or "auto" (bricked when larger than the caches)
     mask_truncated: str = "footprint"  # a CT cut short through the body: "complete" keeps only the rays that
     # cross it entirely, "footprint" those that cross it at all, "off" every ray in the field of view
     truncation_extend_mm: float = 150.0  # a CT cut through the body is rendered continued this far beyond each cut
@@ -154,6 +156,10 @@ class RefineConfig:
             raise TypeError(f"curvature_fallback_tries must be an int, got {v!r}")
         if v < 0:
             raise ValueError(f"curvature_fallback_tries must be >= 0, got {v}")
+        if self.volume_layout not in VOLUME_LAYOUTS:
+            raise ValueError(f"volume_layout must be one of {VOLUME_LAYOUTS}, got {self.volume_layout!r}")
+        if self.volume_layout == "bricked" and self.volume_storage != "float16":
+            raise ValueError(f"volume_layout 'bricked' needs volume_storage 'float16', got {self.volume_storage!r}")
         if self.volume_storage not in VOLUME_STORAGE:
             raise ValueError(f"volume_storage must be one of {tuple(VOLUME_STORAGE)}, got {self.volume_storage!r}")
         if self.similarity_backend not in SIMILARITY_BACKENDS:
@@ -516,7 +522,11 @@ class Registrar:
     def renderer(self, factor: int):
         if factor not in self._renderers:
             kwargs = (
-                {"backend": self.config.render_backend, "storage": VOLUME_STORAGE[self.config.volume_storage]}
+                {
+                    "backend": self.config.render_backend,
+                    "storage": VOLUME_STORAGE[self.config.volume_storage],
+                    "layout": self.config.volume_layout,
+                }
                 if self._renderer_cls is Renderer
                 else {}
             )

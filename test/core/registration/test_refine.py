@@ -316,6 +316,10 @@ def test_config_validation():
         RefineConfig(render_backend="gpu-please")
     with pytest.raises(ValueError, match="volume_storage"):
         RefineConfig(volume_storage="bfloat16")
+    with pytest.raises(ValueError, match="volume_layout"):
+        RefineConfig(volume_layout="tiled")
+    with pytest.raises(ValueError, match="volume_layout 'bricked' needs volume_storage 'float16'"):
+        RefineConfig(volume_layout="bricked", volume_storage="float32")
     for sizes in ((96, 32), (32, 32), (0, 32)):  # the last level is the finest: coarse to fine, strictly
         with pytest.raises(ValueError, match="ascending"):
             RefineConfig(sizes=sizes, iterations=(1, 1), n_samples=(8, 8), patches=(8, 8))
@@ -545,6 +549,26 @@ def test_rendering_only_the_read_pixels_changes_no_result(ct, backend):
     else:
         rot, trans = _errors(a.T_ref_from_ct, b.T_ref_from_ct, ct.centre_ct())
         assert rot < 1e-3 and trans < 1e-3, (rot, trans)
+
+
+@needs_native
+def test_bricked_volumes_change_no_result(ct, scene_views):
+    """RefineConfig.volume_layout "bricked" (every level's volume in native.Bricked; "auto" bricks only
+    volumes larger than the caches): the refinement, its Newton steps and its covariance bit for bit."""
+    scene, views = scene_views
+    T_init = geometry.perturb(
+        scene.T_ref_from_ct, rot_deg=3, trans_mm=5, centre_ct=ct.centre_ct(), generator=torch.Generator().manual_seed(9)
+    )
+    cfg = dict(sizes=(24, 48), iterations=(6, 6), n_samples=(32, 48), patches=(6, 8), render_backend="native")
+    results = []
+    for layout in ("plain", "bricked"):
+        registrar = Registrar(ct, RefineConfig(**cfg, volume_layout=layout))
+        results.append(registrar.refine(views, T_init))
+        kinds = {type(r.padded) for r in registrar._renderers.values()}
+        assert kinds == ({torch.Tensor} if layout == "plain" else {render_native.Bricked})
+    a, b = results
+    assert torch.equal(a.T_ref_from_ct, b.T_ref_from_ct) and torch.equal(a.covariance, b.covariance)
+    assert a.view_similarity == b.view_similarity and a.level_iterations == b.level_iterations
 
 
 @needs_native

@@ -17,11 +17,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
 std::vector<torch::Tensor> sample_sums_ordered(torch::Tensor padded, torch::Tensor p0, torch::Tensor q,
-                                               int64_t n_samples, bool with_grad, int64_t poses);
+                                               int64_t n_samples, bool with_grad, int64_t poses,
+                                               const std::vector<int64_t>& shape);
+std::array<int64_t, 3> volume_dims(const torch::Tensor& padded, const std::vector<int64_t>& shape);
 
 namespace {
 
@@ -74,7 +77,7 @@ inline void max_back(double a, double b, double g, double& ga, double& gb) {
 // torch.minimum's backward
 inline void min_back(double a, double b, double g, double& ga, double& gb) { max_back(-a, -b, g, ga, gb); }
 
-void check_setup(const torch::Tensor& T, const torch::Tensor& d_cam, const torch::Tensor& padded) {
+void check_setup(const torch::Tensor& T, const torch::Tensor& d_cam) {
   TORCH_CHECK_VALUE(T.device().is_cpu() && d_cam.device().is_cpu(), "T and d_cam must be on the CPU");
   TORCH_CHECK_VALUE(T.scalar_type() == torch::kDouble && d_cam.scalar_type() == torch::kDouble,
                     "T and d_cam must be float64");
@@ -82,14 +85,15 @@ void check_setup(const torch::Tensor& T, const torch::Tensor& d_cam, const torch
                     "T must be a contiguous (V, 3, 4)");
   TORCH_CHECK_VALUE(d_cam.dim() == 3 && d_cam.size(0) == 3 && d_cam.size(1) == T.size(0) && d_cam.is_contiguous(),
                     "d_cam must be a contiguous (3, V, R)");
-  TORCH_CHECK_VALUE(padded.dim() == 3 && padded.size(0) >= 3 && padded.size(1) >= 3 && padded.size(2) >= 3,
-                    "padded must be (D + 2, H + 2, W + 2) with at least one voxel per axis");
 }
 
-void unpadded_ijk(const torch::Tensor& padded, double n[3]) {
-  n[0] = static_cast<double>(padded.size(2) - 2);
-  n[1] = static_cast<double>(padded.size(1) - 2);
-  n[2] = static_cast<double>(padded.size(0) - 2);
+// the unpadded volume's voxels per index axis (i, j, k) = (x, y, z), from the padded (D + 2, H + 2, W + 2)
+void unpadded_ijk(const std::array<int64_t, 3>& dims, double n[3]) {
+  TORCH_CHECK_VALUE(dims[0] >= 3 && dims[1] >= 3 && dims[2] >= 3,
+                    "padded must be (D + 2, H + 2, W + 2) with at least one voxel per axis");
+  n[0] = static_cast<double>(dims[2] - 2);
+  n[1] = static_cast<double>(dims[1] - 2);
+  n[2] = static_cast<double>(dims[0] - 2);
 }
 
 constexpr int64_t kChunk = 2048;  // rays per partial sum of the backward (fixed: the sums do not depend on threads)
@@ -101,14 +105,15 @@ constexpr int64_t kChunk = 2048;  // rays per partial sum of the backward (fixed
 // close together; the kernel runs one block of rays of every pose in turn (the same values, fewer reads
 // from memory: trilinear_sums.cpp, sample_sums_ordered).
 std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded, int64_t n_samples,
-                                       bool with_grad, int64_t poses) {
-  check_setup(T, d_cam, padded);
+                                       bool with_grad, int64_t poses, std::vector<int64_t> shape) {
+  check_setup(T, d_cam);
+  const auto dims = volume_dims(padded, shape);
   TORCH_CHECK_VALUE(n_samples >= 1, "n_samples must be >= 1, got ", n_samples);
   TORCH_CHECK_VALUE(poses >= 1 && T.size(0) % poses == 0, "poses must be >= 1 and divide the ", T.size(0),
                     " renders, got ", poses);
   const int64_t V = T.size(0), R = d_cam.size(2), N = V * R;
   double n[3];
-  unpadded_ijk(padded, n);
+  unpadded_ijk(dims, n);
   const int S = static_cast<int>(n_samples);
   auto opts = torch::TensorOptions().dtype(torch::kFloat);
   auto p0 = torch::empty({3, V, R}, opts), q = torch::empty({3, V, R}, opts), h = torch::empty({V, R}, opts);
@@ -127,7 +132,7 @@ std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, tor
       hh[i] = static_cast<float>(r.h);
     }
   });
-  auto sums = sample_sums_ordered(padded, p0.movedim(0, -1), q.movedim(0, -1), n_samples, with_grad, poses);
+  auto sums = sample_sums_ordered(padded, p0.movedim(0, -1), q.movedim(0, -1), n_samples, with_grad, poses, shape);
   auto out = sums[0] * h;
   if (!with_grad) return {out};
   return {out, sums[0], sums[1], sums[2]};
@@ -141,8 +146,10 @@ std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, tor
 // image's bit for bit.
 torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded,
                                    torch::Tensor f, torch::Tensor G, torch::Tensor H, int64_t n_samples,
-                                   c10::optional<torch::Tensor> ray_index, int64_t image_pixels) {
-  check_setup(T, d_cam, padded);
+                                   c10::optional<torch::Tensor> ray_index, int64_t image_pixels,
+                                   std::vector<int64_t> shape) {
+  check_setup(T, d_cam);
+  const auto dims = volume_dims(padded, shape);
   const int64_t V = T.size(0), R = d_cam.size(2), N = V * R;
   TORCH_CHECK_VALUE(g.sizes() == f.sizes() && g.numel() == N, "g and f must be (V, R)");
   const int64_t* index = nullptr;
@@ -169,7 +176,7 @@ torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tens
   auto Gp = G.movedim(-1, 0).contiguous().reshape({3, N});
   auto Hp = H.movedim(-1, 0).contiguous().reshape({3, N});
   double n[3];
-  unpadded_ijk(padded, n);
+  unpadded_ijk(dims, n);
   const int S = static_cast<int>(n_samples);
   const int64_t chunks_per_view = (span + kChunk - 1) / kChunk;
   std::vector<double> partial(V * chunks_per_view * 12, 0.0);

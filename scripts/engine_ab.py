@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
-"""Every ray against the read pixels' rays only (RefineConfig.render_read_only; README *Speed*).
+"""Two settings of one RefineConfig field, engine against engine (README *Speed*).
 
-Two engines on the shipped CT in one process, one tracing every pixel's ray and one only those of the
-pixels the similarity reads, run case by case in turn (the order alternating, so a load that changes
-during the run weighs on both alike) on the bench's cases (`mvreg bench`'s views and seeds):
+Two engines on the shipped CT in one process, differing only in ``--field`` (``--values A B``), run
+case by case in turn (the order alternating, so a load that changes during the run weighs on both
+alike) on the bench's cases (`mvreg bench`'s views and seeds):
 1. local 2-view refinements from 10 deg / 20 mm;
 2. tracking updates (sets moved 1 deg / 2 mm from the held pose, a tracking start; the acceptance test);
 3. full registrations (global stage, refinement, acceptance test) from 15 deg / 30 mm.
 Prints and writes the median times and whether every result (pose, covariance, verdict) is the same
-bit for bit (``torch.equal``). Usage:
+bit for bit (``torch.equal``), as it must be for the settings that change only how the work is done:
 
-    .venv/bin/python scripts/read_pixels_ab.py OUT.json [--cases 6] [--tracking-cases 16]
+    # every ray against the read pixels' rays only (RefineConfig.render_read_only)
+    .venv/bin/python scripts/engine_ab.py OUT.json --field render_read_only --values false true
+    # the plain volume layout against bricks for volumes larger than the caches (RefineConfig.volume_layout)
+    .venv/bin/python scripts/engine_ab.py OUT.json --field volume_layout --values plain auto
+
+Options: ``--cases 6`` (refinements and full registrations), ``--tracking-cases 16``.
 """
 
 import argparse
@@ -25,7 +30,15 @@ from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import RegistrationPipeline
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar
 
-ARMS = {"every_ray": False, "read_pixels_only": True}
+
+def _value(field: str, text: str):
+    """``text`` as the type of RefineConfig's ``field`` (bool, int, float or str)."""
+    default = getattr(RefineConfig(), field)
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            raise SystemExit(f"{field} takes true or false, got {text!r}")
+        return text.lower() == "true"
+    return type(default)(text)
 
 
 def _same(a, b) -> bool:
@@ -44,15 +57,20 @@ def _same(a, b) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="JSON to write")
+    ap.add_argument("--field", required=True, help="a RefineConfig field")
+    ap.add_argument("--values", nargs=2, required=True, metavar=("A", "B"), help="its two settings")
     ap.add_argument("--cases", type=int, default=6)
     ap.add_argument("--tracking-cases", type=int, default=16)
     args = ap.parse_args()
+    if not hasattr(RefineConfig(), args.field):
+        raise SystemExit(f"RefineConfig has no field {args.field!r}")
+    ARMS = {f"{args.field}={v}": _value(args.field, v) for v in args.values}
     cfg = benchmark.BenchConfig(cases=args.cases, tracking_cases=args.tracking_cases)
     volume = load_volume(example_ct_path())
     scene, views, inits = benchmark._cases(volume, 2, cfg, args.cases)
     sets = benchmark.tracking_sets(volume, scene, cfg, args.tracking_cases)
     far = benchmark.far_starts(volume, scene, cfg, args.cases)
-    engines = {arm: Registrar(volume, RefineConfig(render_read_only=flag)) for arm, flag in ARMS.items()}
+    engines = {arm: Registrar(volume, RefineConfig(**{args.field: v})) for arm, v in ARMS.items()}
     pipelines = {arm: RegistrationPipeline(e, initialisers=[]) for arm, e in engines.items()}
 
     def tracking_start() -> Start:
@@ -66,7 +84,7 @@ def main() -> None:
     for arm in ARMS:  # warm: the shapes of each kind compiled and cached
         runs["refine"][1](arm, inits[0])
         runs["tracking"][1](arm, sets[0])
-    out = {"times_s": {}, "median_s": {}, "identical": {}}
+    out = {"field": args.field, "values": list(ARMS.values()), "times_s": {}, "median_s": {}, "identical": {}}
     for kind, (cases, call) in runs.items():
         times = {arm: [] for arm in ARMS}
         identical = True
