@@ -46,7 +46,7 @@ def bench_cases(volume, config: RefineConfig, n: int) -> dict:
     scene, views, inits = _cases(volume, 2, BenchConfig(), n + 1)
     registrar = Registrar(volume, config)
     registrar.refine(views, inits[0])  # warm
-    return refine_runs(registrar, scene, views, inits[1:], ct_landmarks(volume).points_ct)
+    return refine_runs(registrar, scene, views, inits[1:], ct_landmarks(volume).points_ct, warm_up=False)
 
 
 def file_cases(config: RefineConfig, files: list[str]) -> dict:

@@ -410,9 +410,8 @@ class Renderer:
             and self.padded.nbytes > BRICKED_MIN_BYTES
         ):
             self.padded = native.bricked(self.padded)
-        if isinstance(
-            self.padded, Tensor
-        ):  # the compiled kernels serve volumes of every size: a new CT compiles nothing
+        # the compiled kernels serve volumes of every size: a new CT compiles nothing
+        if isinstance(self.padded, Tensor):
             compile_cache_dir()  # before Dynamo's import (which sets torch's default)
             torch._dynamo.mark_dynamic(self.padded, (0, 1, 2))
         self._compiled_ok = False
