@@ -158,8 +158,11 @@ class RefineConfig:
             raise ValueError(f"curvature_fallback_tries must be >= 0, got {v}")
         if self.volume_layout not in VOLUME_LAYOUTS:
             raise ValueError(f"volume_layout must be one of {VOLUME_LAYOUTS}, got {self.volume_layout!r}")
-        if self.volume_layout == "bricked" and self.volume_storage != "float16":
-            raise ValueError(f"volume_layout 'bricked' needs volume_storage 'float16', got {self.volume_storage!r}")
+        if self.volume_layout == "bricked" and (self.volume_storage != "float16" or self.render_backend != "native"):
+            raise ValueError(
+                "volume_layout 'bricked' needs render_backend 'native' and volume_storage 'float16', got "
+                f"{self.render_backend!r} and {self.volume_storage!r} ('auto' bricks where it can)"
+            )
         if self.volume_storage not in VOLUME_STORAGE:
             raise ValueError(f"volume_storage must be one of {tuple(VOLUME_STORAGE)}, got {self.volume_storage!r}")
         if self.similarity_backend not in SIMILARITY_BACKENDS:

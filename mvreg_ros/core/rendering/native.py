@@ -212,8 +212,8 @@ def check_sums_inputs(padded: Tensor, n_samples: int) -> None:
     """The checks both backends' ``sample_sums`` share (the kernel checks the rest)."""
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    if isinstance(padded, Bricked):  # made by bricked() from a checked volume
-        return
+    if isinstance(padded, Bricked):
+        raise ValueError("sample_sums takes a plain volume (D, H, W); a Bricked volume is rendered by render_rays")
     if padded.ndim != 3 or min(padded.shape) < 2:
         raise ValueError(f"padded must be (D, H, W) with at least 2 voxels per axis, got {tuple(padded.shape)}")
     if padded.requires_grad:
@@ -235,6 +235,7 @@ def sample_sums(
 
 BRICK = (2, 4, 4)  # voxels per brick along (z, y, x): 32 float16 values, one 64-byte cache line
 BRICK_CELLS_X = 3  # the bricks overlap by one voxel along x: brick b holds x = 3b .. 3b + 3
+BRICKED_MAX_WIDTH = 49152  # the kernel's x / 3 as (x * 43691) >> 17 stays within 31 bits
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -269,13 +270,14 @@ def _bricks(shape: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def bricked(padded: Float[Tensor, "D H W"]) -> Bricked:
-    """``padded`` (float16, CPU, at least 2 voxels per axis, at most 65,536 along x) in overlapping bricks
+    """``padded`` (float16, CPU, at least 2 voxels per axis, at most 49,152 along x) in overlapping bricks
     (:class:`Bricked`; zeros beyond its edges, never read)."""
     if padded.ndim != 3 or padded.dtype != torch.float16 or padded.device.type != "cpu":
         raise ValueError(f"bricked needs a float16 CPU volume (D, H, W), got {padded.dtype} {tuple(padded.shape)}")
-    if min(padded.shape) < 2 or padded.shape[2] > 65536:
+    if not fits_bricks(tuple(padded.shape)):
         raise ValueError(
-            f"bricked needs 2 to 65,536 voxels along x and at least 2 along y, z, got {tuple(padded.shape)}"
+            f"bricked needs at least 2 voxels per axis, at most {BRICKED_MAX_WIDTH:,} along x and fewer than 2^31 "
+            f"values in its bricks, got {tuple(padded.shape)}"
         )
     D, H, W = (int(n) for n in padded.shape)
     nz, ny, nx = _bricks((D, H, W))
@@ -304,6 +306,23 @@ def unbricked(volume: Bricked) -> Float[Tensor, "D H W"]:
             blocks[:, :, b].permute(0, 2, 1, 3, 4).reshape(nz * bz, ny * by, bx)
         )
     return out[:D, :H, :W].contiguous()
+
+
+def fits_bricks(shape: tuple[int, int, int]) -> bool:
+    """Whether a padded volume of ``shape`` can be bricked: at most :data:`BRICKED_MAX_WIDTH` wide, and
+    its bricks addressable with 32-bit offsets as the kernel's."""
+    if min(shape) < 2 or shape[2] > BRICKED_MAX_WIDTH:
+        return False
+    nz, ny, nx = _bricks(shape)
+    return (nz * ny * nx + 1) * BRICK[0] * BRICK[1] * BRICK[2] < 2**31
+
+
+def unbricked_shape(padded: "Tensor | Bricked") -> Tensor:
+    """What :func:`check_sums_inputs` checks of a volume: a plain one itself, a bricked one as an
+    empty plain volume of its shape (its storage checked when it was made)."""
+    if isinstance(padded, Bricked):
+        return padded.data.new_empty(()).expand(padded.shape)
+    return padded
 
 
 def _volume_args(padded: "Tensor | Bricked") -> tuple[Tensor, list[int]]:
@@ -368,7 +387,7 @@ def render_rays(
     gradient is left out); the backward then sums the rays' gradients in the full image's order of work, so
     that it gives the full render's gradient bit for bit when the pixels left out have none. Requires
     :func:`load` to have succeeded."""
-    check_sums_inputs(padded, n_samples)
+    check_sums_inputs(unbricked_shape(padded), n_samples)
     if isinstance(poses, bool) or not isinstance(poses, int) or poses < 1 or len(T_index_from_cam) % poses:
         raise ValueError(f"poses must be an int >= 1 that divides the {len(T_index_from_cam)} renders, got {poses!r}")
     T, d = T_index_from_cam.contiguous(), d_cam.contiguous()

@@ -386,7 +386,7 @@ class Renderer:
         backend: ``dtype``). ``layout``: how the ``native`` backend holds a float16 volume: ``"bricked"``
         (:class:`native.Bricked`: a trilinear sample's corners in half the cache lines, the same values),
         ``"plain"``, or ``"auto"``: bricked when the volume is larger than :data:`BRICKED_MIN_BYTES` (one
-        that fits the caches renders a little faster plain)."""
+        that fits the caches renders a little faster plain) and fits the bricks (:func:`native.fits_bricks`)."""
         device = volume.data.device if device is None else torch.device(device)
         self.backend = resolve_backend(backend, device, dtype)
         if storage not in (None, dtype, torch.float16):
@@ -408,6 +408,7 @@ class Renderer:
             and self.backend == "native"
             and self.storage == torch.float16
             and self.padded.nbytes > BRICKED_MIN_BYTES
+            and native.fits_bricks(tuple(self.padded.shape))
         ):
             self.padded = native.bricked(self.padded)
         # the compiled kernels serve volumes of every size: a new CT compiles nothing

@@ -318,8 +318,9 @@ def test_config_validation():
         RefineConfig(volume_storage="bfloat16")
     with pytest.raises(ValueError, match="volume_layout"):
         RefineConfig(volume_layout="tiled")
-    with pytest.raises(ValueError, match="volume_layout 'bricked' needs volume_storage 'float16'"):
-        RefineConfig(volume_layout="bricked", volume_storage="float32")
+    for kw in ({"volume_storage": "float32", "render_backend": "native"}, {"render_backend": "auto"}):
+        with pytest.raises(ValueError, match="volume_layout 'bricked' needs render_backend 'native'"):
+            RefineConfig(volume_layout="bricked", **kw)
     for sizes in ((96, 32), (32, 32), (0, 32)):  # the last level is the finest: coarse to fine, strictly
         with pytest.raises(ValueError, match="ascending"):
             RefineConfig(sizes=sizes, iterations=(1, 1), n_samples=(8, 8), patches=(8, 8))

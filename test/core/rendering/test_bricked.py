@@ -1,6 +1,7 @@
 """The native kernel's bricked volume (native.Bricked): the layout round-trips, and a render from it is
 the plain volume's bit for bit, values and pose gradients, in every instruction-set build."""
 
+import dataclasses
 import platform
 
 import pytest
@@ -24,10 +25,26 @@ def _scene(h: int = 23, w: int = 19, spacing_mm: float = 6.0):
     return ct, K, T @ geometry.translation(-ct.centre_ct())
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (3, 5, 4), (5, 7, 11), (6, 8, 13), (9, 4, 16)])
+SHAPES = [(2, 2, 2), (2, 3, 3), (3, 5, 4), (5, 7, 11), (6, 8, 13), (9, 4, 12), (4, 9, 16)]  # (W - 1) % 3: 0, 1, 2
+
+
+def _layout_index(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (voxel, element) pair of the layout: for each brick along x and each of its 4 x-columns
+    (x = 3b .. 3b + 3, within the volume), the element offset and the plain volume's flat index."""
+    D, H, W = shape
+    ny, nx = -(-H // 4), -(-(W - 1) // 3)
+    z, y, b, c = torch.meshgrid(torch.arange(D), torch.arange(H), torch.arange(nx), torch.arange(4), indexing="ij")
+    x = 3 * b + c
+    keep = x < W
+    z, y, b, x, c = z[keep], y[keep], b[keep], x[keep], c[keep]
+    element = (((z // 2) * ny + y // 4) * nx + b) * 32 + (z % 2) * 16 + (y % 4) * 4 + c
+    return element, (z * H + y) * W + x
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_bricked_round_trip_and_layout(shape):
-    """Odd and whole numbers of bricks along each axis (x: (W - 1) / 3 whole or not). Brick b along x
-    holds x = 3b .. 3b + 3 (x fastest, then y, then z) in 32 consecutive values, one cache line."""
+    """Odd and whole numbers of bricks along each axis. Brick b along x holds x = 3b .. 3b + 3 (x fastest,
+    then y, then z) in 32 consecutive values, one cache line: every voxel where the layout puts it."""
     vol = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).half()
     b = render_native.bricked(vol)
     assert b.shape == shape and b.dtype == torch.float16 and b.data.ndim == 1
@@ -36,12 +53,34 @@ def test_bricked_round_trip_and_layout(shape):
     nz, ny, nx = -(-D // 2), -(-H // 4), -(-(W - 1) // 3)
     assert b.data.numel() == (nz * ny * nx + 1) * 32  # and one spare brick
     assert b.nbytes == b.data.numel() * 2
-    for z, y, x in ((0, 0, 0), (D - 1, H - 1, W - 1), (D // 2, H // 2, W // 2), (0, 1, min(3, W - 1))):
-        for bx in {max(0, (x - 1) // 3), min(x // 3, nx - 1)}:  # a voxel on a brick's edge lies in two
-            if not 3 * bx <= x <= 3 * bx + 3:
-                continue
-            i = (((z // 2) * ny + y // 4) * nx + bx) * 32 + (z % 2) * 16 + (y % 4) * 4 + (x - 3 * bx)
-            assert b.data[i] == vol[z, y, x], (z, y, x, bx)
+    element, voxel = _layout_index(shape)
+    assert torch.equal(b.data[element], vol.flatten()[voxel])
+    assert len(element.unique()) == len(element)  # no two voxels share an element
+
+
+@needs_native
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_sums_of_a_bricked_volume_are_the_plain_sums_bit_for_bit(shape):
+    """The kernel's sums and gradient sums on random volumes (no replicated border that would hide a
+    read of the wrong edge voxel) from positions anywhere in and beyond the box, every face clamped,
+    NaN coordinates, and rays along each axis."""
+    gen = torch.Generator().manual_seed(len(shape) + sum(shape))
+    vol = torch.randn(*shape, generator=gen).half()
+    b = render_native.bricked(vol)
+    D, H, W = shape
+    size = torch.tensor([W, H, D], dtype=torch.float32)
+    p0 = torch.rand(77, 3, generator=gen) * (size + 2) - 1.5
+    p0[0, 1] = float("nan")
+    p0[1] = size - 1  # the last corner exactly
+    q = torch.randn(77, 3, generator=gen) * 0.4
+    q[2:5] = torch.eye(3) * 0.7  # along x, y and z: through every cell of a line
+    kernel = render_native.load()
+    for n in (1, 19, 40):
+        for grad in (False, True):
+            want = kernel.sample_sums(vol, p0, q, n, grad)
+            got = kernel.sample_sums(b.data, p0, q, n, grad, list(b.shape))
+            for x, y in zip(want, got):
+                assert torch.equal(x, y), (shape, n, grad)
 
 
 def test_bricked_rejects_what_it_cannot_hold():
@@ -51,8 +90,14 @@ def test_bricked_rejects_what_it_cannot_hold():
         render_native.bricked(torch.zeros(4, 4).half())
     with pytest.raises(ValueError, match="at least 2"):
         render_native.bricked(torch.zeros(1, 4, 4).half())
-    with pytest.raises(ValueError, match="65,536"):
-        render_native.bricked(torch.zeros(2, 2, 65537).half())
+    with pytest.raises(ValueError, match="49,152"):
+        render_native.bricked(torch.zeros(2, 2, 49153).half())
+    assert render_native.fits_bricks((2, 2, 49152)) and not render_native.fits_bricks((2, 2, 49153))
+    assert not render_native.fits_bricks((4096, 4096, 1024))  # 2^31 values or more: not addressable in 32 bits
+    with pytest.raises(ValueError, match="plain volume"):  # the sums of a bricked volume: render_rays only
+        render_native.sample_sums(
+            render_native.bricked(torch.zeros(3, 3, 3).half()), torch.zeros(1, 3), torch.zeros(1, 3), 4
+        )
 
 
 @needs_native
@@ -103,6 +148,16 @@ def test_every_instruction_set_build_renders_a_bricked_volume_as_the_plain_one(m
     if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("this CPU has no AVX2")
     other = render_native.build(f"{render_native.extension_name()}_test_{isa}", march)
+    assert other.isa == isa
+    vol = torch.randn(6, 9, 13, generator=torch.Generator().manual_seed(2)).half()  # a random volume's bricks
+    p0 = torch.rand(50, 3, generator=torch.Generator().manual_seed(3)) * torch.tensor([15.0, 11.0, 8.0]) - 1
+    q = torch.randn(50, 3, generator=torch.Generator().manual_seed(4)) * 0.3
+    b = render_native.bricked(vol)
+    for grad in (False, True):
+        for x, y in zip(
+            other.sample_sums(vol, p0, q, 23, grad), other.sample_sums(b.data, p0, q, 23, grad, [6, 9, 13])
+        ):
+            assert torch.equal(x, y), isa
     ct, K, T = _scene()
     padded = pad_volume(ct.data).half()
     b = render_native.bricked(padded)
@@ -135,6 +190,9 @@ def test_kernel_checks_a_bricked_volume_and_its_shape():
         kernel.render_rays(Ti, d, b.data, 5, False, 1, [b.shape[0] + 4, *b.shape[1:]])
     with pytest.raises(ValueError, match="float16"):
         kernel.render_rays(Ti, d, b.data.float(), 5, False, 1, list(b.shape))
+    wide = torch.zeros((2 * 1 * 16384 + 1) * 32, dtype=torch.float16)  # bricks of a (4, 4, 49153) volume
+    with pytest.raises(ValueError, match="at most 49152"):  # the kernel's x / 3 would leave 31 bits
+        kernel.render_rays(Ti, d, wide, 5, False, 1, [4, 4, 49153])
     with pytest.raises(ValueError, match="plain volume"):  # a plain volume with another shape
         kernel.render_rays(Ti, d, padded, 5, False, 1, [1, 2, 3])
 
@@ -148,6 +206,10 @@ def test_renderer_layout_choice(monkeypatch):
     assert isinstance(Renderer(ct, backend="native", storage=torch.float16).padded, render_native.Bricked)
     assert isinstance(Renderer(ct, backend="native").padded, torch.Tensor)  # float32: never bricked
     assert isinstance(Renderer(ct, backend="native", storage=torch.float16, layout="plain").padded, torch.Tensor)
+    wide = dataclasses.replace(
+        ct, data=torch.zeros(2, 2, 49151), mask=None
+    )  # padded 49,153 wide: more than the bricks hold
+    assert isinstance(Renderer(wide, backend="native", storage=torch.float16).padded, torch.Tensor)
     with pytest.raises(ValueError, match="layout"):
         Renderer(ct, backend="native", storage=torch.float16, layout="tiled")
     with pytest.raises(ValueError, match="float16 storage"):

@@ -194,8 +194,9 @@ inline void corners(const Volume<T>& vol, I xi, I yi, I zi, F a[8]) {
 
 inline void corners(const BrickedVolume& vol, I xi, I yi, I zi, F a[8]) {
   const I three = set1i(3), one = set1i(1);
-  // each axis's part of an element's offset: x -> (x / 3) * 32 + x % 3 (x / 3 as (x * 43691) >> 17, exact
-  // for x < 2^16), y -> (y / 4) * brick_row + (y % 4) * 4, z -> (z / 2) * brick_slab + (z % 2) * 16
+  // each axis's part of an element's offset: x -> (x / 3) * 32 + x % 3 (x / 3 as (x * 43691) >> 17, exact for
+  // x < 2^17, and x * 43691 < 2^31 for x < 49152: volume_dims limits the width), y -> (y / 4) * brick_row +
+  // (y % 4) * 4, z -> (z / 2) * brick_slab + (z % 2) * 16
   const I bx = srli(muli(xi, set1i(43691)), 17);
   const I x0 = addi(slli(bx, 5), sub_i(xi, muli(bx, three)));
   const I y1i = addi(yi, one), z1i = addi(zi, one);
@@ -278,7 +279,8 @@ std::array<int64_t, 3> volume_dims(const torch::Tensor& padded, const std::vecto
                       "a bricked volume must be float16 with its shape (D, H, W), got ", padded.scalar_type(),
                       " and a shape of ", shape.size(), " numbers");
     dims = {shape[0], shape[1], shape[2]};
-    TORCH_CHECK_VALUE(shape[2] <= 65536, "a bricked volume is at most 65536 voxels wide, got ", shape[2]);
+    for (const int64_t n : dims) TORCH_CHECK_VALUE(n >= 2 && n < (int64_t(1) << 31), "bad bricked shape entry ", n);
+    TORCH_CHECK_VALUE(shape[2] <= 49152, "a bricked volume is at most 49152 voxels wide, got ", shape[2]);
     const int64_t bricks = ((dims[0] + 1) / 2) * ((dims[1] + 3) / 4) * ((dims[2] + 1) / 3);
     TORCH_CHECK_VALUE(padded.numel() >= bricks * 32 + 2, "a bricked volume of shape (", dims[0], ", ", dims[1], ", ",
                       dims[2], ") needs at least ", bricks * 32 + 2, " elements, got ", padded.numel());
@@ -393,8 +395,8 @@ std::vector<torch::Tensor> sample_sums_ordered(torch::Tensor padded, torch::Tens
 }
 
 std::vector<torch::Tensor> sample_sums(torch::Tensor padded, torch::Tensor p0, torch::Tensor q, int64_t n_samples,
-                                       bool with_grad) {
-  return sample_sums_ordered(padded, p0, q, n_samples, with_grad, 1, {});
+                                       bool with_grad, std::vector<int64_t> shape) {
+  return sample_sums_ordered(padded, p0, q, n_samples, with_grad, 1, shape);
 }
 
 // patch_ncc.cpp: the refinement's similarity, fused (built into the same extension)
@@ -418,7 +420,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("T"), py::arg("d_cam"), py::arg("padded"), py::arg("f"), py::arg("G"), py::arg("H"),
         py::arg("n_samples"), py::arg("ray_index") = py::none(), py::arg("image_pixels") = 0,
         py::arg("shape") = std::vector<int64_t>{});
-  m.def("sample_sums", &sample_sums, "Sums of trilinear samples along rays (and their gradients)");
+  m.def("sample_sums", &sample_sums, "Sums of trilinear samples along rays (and their gradients)", py::arg("padded"),
+        py::arg("p0"), py::arg("q"), py::arg("n_samples"), py::arg("with_grad"),
+        py::arg("shape") = std::vector<int64_t>{});
   m.def("patch_ncc", &patch_ncc, "PreparedSimilarity's value per render (and its gradient), fused");
   m.attr("isa") = simd::kIsa;
   m.attr("width") = simd::kWidth;
