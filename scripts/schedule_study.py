@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Shorter refinement schedules against the default one (README *Speed*, *This edition: shorter schedules*).
+"""Shorter refinement schedules against the default one (README *Speed*, *Two editions back: shorter
+schedules*), and a coarser finest-level volume (``pool-finest-2``).
 
 For each named schedule (SCHEDULES):
 1. the local 2-view refinement on the bench's cases, as `mvreg bench` times it (views of the shipped
@@ -38,6 +39,9 @@ SCHEDULES = {  # name: RefineConfig fields that differ from the defaults (32 and
     "mid64-fine-10": dict(iterations=(30, 25, 10), **THREE),
     "mid64-fine-4": dict(iterations=(30, 25, 4), **THREE),
     "mid64-newton-only": dict(iterations=(30, 20, 0), **THREE),  # 128 px for the Newton polish alone
+    # the default schedule with the finest level's CT pooled by 2 (a voxel per working pixel; the 32 px level's
+    # pooling grows too): fewer bytes per render of a CT far larger than the caches
+    "pool-finest-2": dict(voxel_per_pixel=1.0),
 }
 
 
