@@ -255,10 +255,6 @@ class Bricked:
         return self.data.dtype
 
     @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
     def nbytes(self) -> int:
         return self.data.nbytes
 
