@@ -208,11 +208,14 @@ _sums_with_grad.register_autograd(_backward, setup_context=_setup_context)
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
-def check_sums_inputs(padded: Tensor, n_samples: int) -> None:
-    """The checks both backends' ``sample_sums`` share (the kernel checks the rest)."""
+def check_sums_inputs(padded: Tensor, n_samples: int, *, bricked_ok: bool = False) -> None:
+    """The checks both backends' ``sample_sums`` share (the kernel checks the rest); ``bricked_ok``: a
+    :class:`Bricked` volume is taken too (:func:`render_rays`; its shape was checked when it was made)."""
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if isinstance(padded, Bricked):
+        if bricked_ok:
+            return
         raise ValueError("sample_sums takes a plain volume (D, H, W); a Bricked volume is rendered by render_rays")
     if padded.ndim != 3 or min(padded.shape) < 2:
         raise ValueError(f"padded must be (D, H, W) with at least 2 voxels per axis, got {tuple(padded.shape)}")
@@ -313,14 +316,6 @@ def fits_bricks(shape: tuple[int, int, int]) -> bool:
     return (nz * ny * nx + 1) * BRICK[0] * BRICK[1] * BRICK[2] < 2**31
 
 
-def unbricked_shape(padded: "Tensor | Bricked") -> Tensor:
-    """What :func:`check_sums_inputs` checks of a volume: a plain one itself, a bricked one as an
-    empty plain volume of its shape (its storage checked when it was made)."""
-    if isinstance(padded, Bricked):
-        return padded.data.new_empty(()).expand(padded.shape)
-    return padded
-
-
 def _volume_args(padded: "Tensor | Bricked") -> tuple[Tensor, list[int]]:
     """The kernel's volume and shape arguments: a plain volume with no shape, a bricked one's storage with
     its padded shape."""
@@ -383,7 +378,7 @@ def render_rays(
     gradient is left out); the backward then sums the rays' gradients in the full image's order of work, so
     that it gives the full render's gradient bit for bit when the pixels left out have none. Requires
     :func:`load` to have succeeded."""
-    check_sums_inputs(unbricked_shape(padded), n_samples)
+    check_sums_inputs(padded, n_samples, bricked_ok=True)
     if isinstance(poses, bool) or not isinstance(poses, int) or poses < 1 or len(T_index_from_cam) % poses:
         raise ValueError(f"poses must be an int >= 1 that divides the {len(T_index_from_cam)} renders, got {poses!r}")
     T, d = T_index_from_cam.contiguous(), d_cam.contiguous()
