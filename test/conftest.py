@@ -37,6 +37,15 @@ else:
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def cuda_device():
+    """The first CUDA device; without one (the CI machines) the test is skipped. These tests are the
+    GPU's path against the CPU's: run them on a GPU machine with ``pytest test/core -k cuda``."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")
+
+
 @pytest.fixture(scope="session")
 def tiny_ct():
     """The example chest CT average-pooled by 8 (64 x 64 x 17 voxels), loaded once per session."""

@@ -20,6 +20,7 @@ from mvreg_ros.core.learning.network import CheckpointError, PoseNet
 from mvreg_ros.core.learning.train_config import TrainConfig
 from mvreg_ros.core.learning.training import batch_loss, train
 from mvreg_ros.core.learning.training_data import ViewPool, degrade, make_geometry
+from mvreg_ros.core.rendering.renderer import Renderer
 
 TINY = dict(
     size=32,
@@ -216,7 +217,11 @@ def test_rectangular_detector_training_data(volume):
     assert bool(sq.working_geometry()[1].all())
 
 
-def test_tiny_training_run_lowers_the_loss_and_resumes(volume, tmp_path):
+@pytest.mark.parametrize("on", ["cpu", "cuda"])
+def test_tiny_training_run_lowers_the_loss_and_resumes(volume, tmp_path, on, request):
+    """On the CPU, and on a GPU (the evening before surgery; skipped without one): there the
+    checkpoint's network also gives the CPU's outputs."""
+    device = torch.device("cpu") if on == "cpu" else request.getfixturevalue("cuda_device")
     cfg = TrainConfig(
         **TINY, max_steps=80, lr=3e-3, warmup=0.0, w_image=0.2, w_cross_image=0.2, image_start=0.5, seed=3
     )
@@ -233,17 +238,57 @@ def test_tiny_training_run_lowers_the_loss_and_resumes(volume, tmp_path):
     with torch.no_grad():
         before, _ = batch_loss(PoseNet(cfg.arch).eval(), fixed, config=cfg, geometry=geom, image_terms=False)
     out = tmp_path / "tiny.safetensors"
-    result = train(volume, cfg, out, progress=False, log=lambda s: None)
+    result = train(volume, cfg, out, device=device, progress=False, log=lambda s: None)
     # training flushes denormals for speed, but restores IEEE behaviour for the rest of the process
     assert (torch.tensor(1e-300, dtype=torch.float64) * 1e-10).item() != 0.0
     assert result.steps == 80 and out.exists() and out.with_suffix(".json").exists()
     model = CoarseModel.load(out, volume)
     with torch.no_grad():
         after, _ = batch_loss(model.net, fixed, config=cfg, geometry=geom, image_terms=False)
-    assert float(after) < 0.85 * float(before), (float(before), float(after))
+    # on a GPU the steps differ by rounding (TF32 convolutions) and the trajectory with them: the
+    # loss falls less on this tiny run (measured 1.60 -> 1.44 on an H200 against 1.29 on CPUs);
+    # that the steps themselves agree is test_batch_loss_on_cuda_equals_the_cpus_in_values_and_gradients
+    assert float(after) < (0.85 if device.type == "cpu" else 0.95) * float(before), (float(before), float(after))
     # resume: continues the step count from the checkpoint
-    more = train(volume, cfg.replace(max_steps=85), out, progress=False, resume=True, log=lambda s: None)
+    more = train(volume, cfg.replace(max_steps=85), out, device=device, progress=False, resume=True, log=lambda s: None)
     assert more.steps == 85
     # a checkpoint of this CT is refused for another CT
     with pytest.raises(CheckpointError, match="another CT"):
         CoarseModel.load(out, load_example_ct(downsample=16))
+    images = torch.rand(3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(1))
+    masks = torch.ones(3, cfg.size, cfg.size)
+    with torch.no_grad():
+        want = CoarseModel.load(out, volume).net(images, masks)
+        got = CoarseModel.load(out, volume, device=device).net(images.to(device), masks.to(device))
+    assert got.device.type == device.type
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-4)
+
+
+def test_batch_loss_on_cuda_equals_the_cpus_in_values_and_gradients(volume, cuda_device, monkeypatch):
+    """One training step's loss (pose, image and both cross-view terms) and its gradients with
+    respect to every weight: the same on a GPU as on the CPU (TF32 off, so float32 is float32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        cfg = TrainConfig(**TINY, w_image=0.2, w_cross_image=0.2, seed=3)
+        geom = make_geometry(volume, cfg)
+        pool = ViewPool(volume, cfg, centre_ct=torch.tensor(geom.centre_ct), generator=torch.Generator().manual_seed(5))
+        pool.add(8)
+        batch = pool.batch(4, 2)
+        torch.manual_seed(0)
+        net = PoseNet(cfg.arch).train()
+        results = []
+        for device in (torch.device("cpu"), cuda_device):
+            net.to(device).zero_grad()
+            renderer = Renderer(volume.resampled(2), n_samples=cfg.image_samples, device=device)
+            total, terms = batch_loss(net, batch, config=cfg, geometry=geom, loss_renderer=renderer)
+            total.backward()
+            assert total.device.type == device.type and set(terms) == {"pose", "xpose", "image", "ximage"}
+            results.append((total.detach().cpu(), [p.grad.detach().cpu().clone() for p in net.parameters()]))
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    (loss_cpu, grads_cpu), (loss_gpu, grads_gpu) = results
+    torch.testing.assert_close(loss_gpu, loss_cpu, rtol=1e-4, atol=1e-6)
+    for g_gpu, g_cpu in zip(grads_gpu, grads_cpu):
+        torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-3, atol=1e-4 * float(g_cpu.abs().max()) + 1e-9)

@@ -59,6 +59,29 @@ def scene_views(ct):
     return _scene_views(ct, [(0.0, 0.0), (90.0, 0.0)], DETECTOR, 128)
 
 
+def test_recovers_known_pose_on_cuda_as_on_the_cpu(ct, scene_views, cuda_device):
+    """The refinement on a GPU (its default backend, ``compiled``) recovers the pose the CPU's
+    reference path recovers, and returns its results on the CPU like every result."""
+    scene, views = scene_views
+    lm = ct_landmarks(ct).points_ct
+    T_init = geometry.perturb(
+        scene.T_ref_from_ct,
+        rot_deg=6,
+        trans_mm=10,
+        centre_ct=ct.centre_ct(),
+        generator=torch.Generator().manual_seed(0),
+    )
+    on_cpu = Registrar(ct, QUICK).refine(views, T_init)
+    registrar = Registrar(ct, dataclasses.replace(QUICK, render_backend="auto", device=str(cuda_device)))
+    on_gpu = registrar.refine(views, T_init)
+    assert registrar.render_backends == ("compiled" if cuda_device.type == "cuda" else "native",)
+    assert on_gpu.success, on_gpu.reason
+    assert on_gpu.T_ref_from_ct.device.type == "cpu"
+    assert mtre_mm(on_gpu.T_ref_from_ct, scene.T_ref_from_ct, lm) < 1.5
+    assert mtre_mm(on_gpu.T_ref_from_ct, on_cpu.T_ref_from_ct, lm) < 0.3
+    assert math.isfinite(on_gpu.uncertainty_mm) and 0 < on_gpu.uncertainty_mm < 5
+
+
 def test_recovers_known_pose_two_views(ct, scene_views):
     scene, views = scene_views
     lm = ct_landmarks(ct).points_ct

@@ -231,6 +231,29 @@ def test_acceptance_accepts_the_truth_and_rejects_a_wrong_optimum(ct, registrar,
     assert not bad.accepted and bad.reason
 
 
+def test_pipeline_on_cuda_accepts_the_truth_and_rejects_a_wrong_optimum(ct, biplane, cuda_device):
+    """The whole pipeline (global stage, refinement, acceptance test) on a GPU: the same decisions as
+    on the CPU, from a start the global stage must correct and from a far one it cannot."""
+    T_true, views = biplane
+    lm = ct_landmarks(ct).points_ct
+    registrar = Registrar(ct, dataclasses.replace(REFINE, device=str(cuda_device)))
+    start = geometry.perturb(
+        T_true, rot_deg=15, trans_mm=20, centre_ct=registrar.centre_ct, generator=torch.Generator().manual_seed(1)
+    )
+    out = RegistrationPipeline(
+        registrar, initialisers=[ConfiguredPose(start)], config=PipelineConfig(global_search=GLOBAL)
+    ).register(views)
+    assert out.accepted, out.reason
+    assert out.stages == ("global", "local")
+    assert mtre_mm(out.result.T_ref_from_ct, T_true, lm) < 1.0
+    T_far = geometry.perturb(
+        T_true, rot_deg=30, trans_mm=30, centre_ct=registrar.centre_ct, generator=torch.Generator().manual_seed(4)
+    )
+    wrong = registrar.refine(views, T_far)
+    assert mtre_mm(wrong.T_ref_from_ct, T_true, lm) > 5
+    assert not acceptance_test(wrong, registrar=registrar, views=views).accepted
+
+
 def test_views_that_disagree_are_caught(ct, registrar):
     """The anatomy moved between two shots: each view alone wants a different pose; the joint
     result is a compromise that one view contradicts."""

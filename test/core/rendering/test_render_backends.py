@@ -75,6 +75,27 @@ def test_fast_renderer_equals_grid_sample_renderer(backend):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-3)
 
 
+def test_gpu_backends_on_cuda_equal_the_cpu_reference_in_values_and_gradients(cuda_device):
+    """The GPU's default path (``compiled`` on CUDA, the backend ``auto`` picks there) and the ATen
+    reference on CUDA render the images, and give the pose gradients, of the reference on the CPU."""
+    ct, K, T = _setup()
+    imgs, grads = [], []
+    for backend, device in (("grid_sample", torch.device("cpu")), ("auto", cuda_device), ("grid_sample", cuda_device)):
+        x = torch.zeros(6, dtype=torch.float64, device=device, requires_grad=True)
+        renderer = Renderer(ct, backend=backend, device=device)
+        img = renderer(geometry.se3_exp(x) @ T.to(device), K.to(device), 24, 20, n_samples=32)
+        assert img.device.type == device.type
+        auto = "compiled" if device.type == "cuda" else renderer.backend  # a CPU's auto: native where it builds
+        assert renderer.backend == (auto if backend == "auto" else backend)
+        (g,) = torch.autograd.grad(img.pow(2).sum(), x)
+        imgs.append(img.detach().cpu())
+        grads.append(g.cpu())
+    assert imgs[0].abs().max() > 0.5
+    for img, g in zip(imgs[1:], grads[1:]):
+        torch.testing.assert_close(img, imgs[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g, grads[0], rtol=1e-3, atol=1e-3)
+
+
 SUMS = [render_gather.sample_sums, pytest.param(sample_sums, marks=needs_native)]
 
 
