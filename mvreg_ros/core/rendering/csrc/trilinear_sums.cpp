@@ -78,6 +78,7 @@ inline I slli(I a, int n) { return _mm512_slli_epi32(a, n); }
 inline I sub_i(I a, I b) { return _mm512_sub_epi32(a, b); }
 inline F load(const float* p) { return _mm512_load_ps(p); }
 inline void store(float* p, F x) { _mm512_store_ps(p, x); }
+inline void storei(int* p, I x) { _mm512_storeu_si512(p, x); }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 constexpr int kWidth = 8;
 constexpr const char* kIsa = "avx2";
@@ -118,6 +119,7 @@ inline I slli(I a, int n) { return _mm256_slli_epi32(a, n); }
 inline I sub_i(I a, I b) { return _mm256_sub_epi32(a, b); }
 inline F load(const float* p) { return _mm256_load_ps(p); }
 inline void store(float* p, F x) { _mm256_store_ps(p, x); }
+inline void storei(int* p, I x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x); }
 #else
 constexpr int kWidth = 1;
 constexpr const char* kIsa = "scalar";
@@ -150,6 +152,7 @@ inline I sub_i(I a, I b) { return a - b; }
 inline F inside(F x, F lo, F hi) { return (x >= lo && x <= hi) ? 1.0f : 0.0f; }
 inline F load(const float* p) { return *p; }
 inline void store(float* p, F x) { *p = x; }
+inline void storei(int* p, I x) { *p = x; }
 #endif
 }  // namespace simd
 
@@ -192,23 +195,45 @@ inline void corners(const Volume<T>& vol, I xi, I yi, I zi, F a[8]) {
   gather_pair(vol.data, i110, a[6], a[7]);
 }
 
-inline void corners(const BrickedVolume& vol, I xi, I yi, I zi, F a[8]) {
-  const I three = set1i(3), one = set1i(1);
-  // each axis's part of an element's offset: x -> (x / 3) * 32 + x % 3 (x / 3 as (x * 43691) >> 17, exact for
-  // x < 2^17, and x * 43691 < 2^31 for x < 49152: volume_dims limits the width), y -> (y / 4) * brick_row +
-  // (y % 4) * 4, z -> (z / 2) * brick_slab + (z % 2) * 16
+// each axis's part of an element's offset in a BrickedVolume: x -> (x / 3) * 32 + x % 3 (x / 3 as
+// (x * 43691) >> 17, exact for x < 2^17, and x * 43691 < 2^31 for x < 49152: volume_dims limits the width),
+// y -> (y / 4) * brick_row + (y % 4) * 4, z -> (z / 2) * brick_slab + (z % 2) * 16
+inline I brick_x(I xi) {
   const I bx = srli(muli(xi, set1i(43691)), 17);
-  const I x0 = addi(slli(bx, 5), sub_i(xi, muli(bx, three)));
-  const I y1i = addi(yi, one), z1i = addi(zi, one);
-  const I by = set1i(vol.brick_row), bz = set1i(vol.brick_slab);
-  const I y0 = addi(muli(srli(yi, 2), by), slli(andi(yi, three), 2));
-  const I y1 = addi(muli(srli(y1i, 2), by), slli(andi(y1i, three), 2));
-  const I z0 = addi(muli(srli(zi, 1), bz), slli(andi(zi, one), 4));
-  const I z1 = addi(muli(srli(z1i, 1), bz), slli(andi(z1i, one), 4));
+  return addi(slli(bx, 5), sub_i(xi, muli(bx, set1i(3))));
+}
+inline I brick_y(const BrickedVolume& vol, I yi) {
+  return addi(muli(srli(yi, 2), set1i(vol.brick_row)), slli(andi(yi, set1i(3)), 2));
+}
+inline I brick_z(const BrickedVolume& vol, I zi) {
+  return addi(muli(srli(zi, 1), set1i(vol.brick_slab)), slli(andi(zi, set1i(1)), 4));
+}
+
+inline void corners(const BrickedVolume& vol, I xi, I yi, I zi, F a[8]) {
+  const I one = set1i(1), x0 = brick_x(xi);
+  const I y0 = brick_y(vol, yi), y1 = brick_y(vol, addi(yi, one));
+  const I z0 = brick_z(vol, zi), z1 = brick_z(vol, addi(zi, one));
   gather_pair(vol.data, addi(addi(z0, y0), x0), a[0], a[1]);
   gather_pair(vol.data, addi(addi(z0, y1), x0), a[2], a[3]);
   gather_pair(vol.data, addi(addi(z1, y0), x0), a[4], a[5]);
   gather_pair(vol.data, addi(addi(z1, y1), x0), a[6], a[7]);
+}
+
+// Software prefetch of the sample kPrefetchAhead steps ahead: the cache line of each lane's cell corner
+// (x0, y0, z0). In a bricked volume far larger than the caches (the finest level's unpooled CT) a sample's
+// lines come from memory, and the gathers would wait on them; the hardware prefetchers cannot guess a ray's
+// next line. A prefetch is a hint: it changes no value (the same sums bit for bit). Measured on a 2-core Zen 4
+// VM (README *Speed*): one 2-view render at 128 px 15 to 25 % faster; 1 to 3 steps ahead alike, the line of
+// the opposite corner as well no better. A plain volume (the pooled levels, cache-resident) is not prefetched.
+constexpr int kPrefetchAhead = 2;
+
+template <typename T>
+inline void prefetch_cell(const Volume<T>&, I, I, I) {}
+
+inline void prefetch_cell(const BrickedVolume& vol, I xi, I yi, I zi) {
+  alignas(64) int offset[kWidth];
+  storei(offset, addi(addi(brick_z(vol, zi), brick_y(vol, yi)), brick_x(xi)));
+  for (int l = 0; l < kWidth; ++l) __builtin_prefetch(vol.data + offset[l]);
 }
 
 // kWidth consecutive rays (n <= kWidth of them; the other lanes compute on zeros and are not stored), one
@@ -233,12 +258,18 @@ void ray_block(const Vol& vol, const float* p0, Strides sp, const float* q, Stri
   const F ox = load(buf[0]), oy = load(buf[1]), oz = load(buf[2]);
   const F qx = load(buf[3]), qy = load(buf[4]), qz = load(buf[5]);
   F acc = zero, gx = zero, gy = zero, gz = zero, hx = zero, hy = zero, hz = zero;
+  // floor (coordinates are >= 0), at most the last cell: at x = N - 1, fx = 1
+  auto cell = [](F x, I last) { return mini(to_index(x), last); };
   for (int s = 0; s < S; ++s) {
     const F k = set1(static_cast<float>(s));
+    if (s + kPrefetchAhead < S) {
+      const F kp = set1(static_cast<float>(s + kPrefetchAhead));
+      prefetch_cell(vol, cell(clamp(madd(kp, qx, ox), zero, max_x), cell_x),
+                    cell(clamp(madd(kp, qy, oy), zero, max_y), cell_y), cell(clamp(madd(kp, qz, oz), zero, max_z), cell_z));
+    }
     const F rx = madd(k, qx, ox), ry = madd(k, qy, oy), rz = madd(k, qz, oz);
     const F x = clamp(rx, zero, max_x), y = clamp(ry, zero, max_y), z = clamp(rz, zero, max_z);
-    // floor (coordinates are >= 0), at most the last cell: at x = N - 1, fx = 1
-    const I xi = mini(to_index(x), cell_x), yi = mini(to_index(y), cell_y), zi = mini(to_index(z), cell_z);
+    const I xi = cell(x, cell_x), yi = cell(y, cell_y), zi = cell(z, cell_z);
     const F fx = sub(x, to_float(xi)), fy = sub(y, to_float(yi)), fz = sub(z, to_float(zi));
     F a[8];  // a_zyx: the cell's corners
     corners(vol, xi, yi, zi, a);
