@@ -339,8 +339,9 @@ class _RenderRays(torch.autograd.Function):
         poses: int,
         ray_index,
         image_pixels: int,
+        prefetch: bool,
     ) -> Tensor:
-        out, f, G, H = _module().render_rays(T_index_from_cam, d_cam, data, n_samples, True, poses, shape)
+        out, f, G, H = _module().render_rays(T_index_from_cam, d_cam, data, n_samples, True, poses, shape, prefetch)
         ctx.save_for_backward(T_index_from_cam, d_cam, data, f, G, H)
         ctx.n_samples, ctx.ray_index, ctx.image_pixels, ctx.shape = n_samples, ray_index, image_pixels, shape
         return out
@@ -352,7 +353,7 @@ class _RenderRays(torch.autograd.Function):
         dT = _module().render_rays_backward(
             grad_out.contiguous(), T, d_cam, data, f, G, H, ctx.n_samples, ctx.ray_index, ctx.image_pixels, ctx.shape
         )
-        return dT, None, None, None, None, None, None, None
+        return dT, None, None, None, None, None, None, None, None
 
 
 @typing.no_type_check  # validates its own inputs (the kernel checks them); no jaxtyping/beartype wrapper
@@ -365,6 +366,7 @@ def render_rays(
     poses: int = 1,
     ray_index: Tensor | None = None,
     image_pixels: int = 0,
+    prefetch: bool = True,
 ) -> Float[Tensor, "V R"]:
     """Line integrals ``h * sum_k f(p0 + k q)`` of each view's rays (the native backend's render): the
     rays of :func:`renderer.ray_samples` for ``T_index_from_cam`` (float64, the first three rows) and
@@ -376,8 +378,9 @@ def render_rays(
     image (:class:`~mvreg_ros.core.rendering.subset.RaySubset`) of ``image_pixels`` pixels, these their
     pixels' indices there (ascending in each render; ``image_pixels`` itself marks a padding ray, whose
     gradient is left out); the backward then sums the rays' gradients in the full image's order of work, so
-    that it gives the full render's gradient bit for bit when the pixels left out have none. Requires
-    :func:`load` to have succeeded."""
+    that it gives the full render's gradient bit for bit when the pixels left out have none.
+    ``prefetch``: a :class:`Bricked` volume's cache lines are prefetched two samples ahead (the same values;
+    False: not, the reference and A/B timings' other side). Requires :func:`load` to have succeeded."""
     check_sums_inputs(padded, n_samples, bricked_ok=True)
     if isinstance(poses, bool) or not isinstance(poses, int) or poses < 1 or len(T_index_from_cam) % poses:
         raise ValueError(f"poses must be an int >= 1 that divides the {len(T_index_from_cam)} renders, got {poses!r}")
@@ -391,7 +394,9 @@ def render_rays(
         if isinstance(image_pixels, bool) or not isinstance(image_pixels, int) or image_pixels < 1:
             raise ValueError(f"ray_index needs image_pixels, the full image's pixel count (>= 1), got {image_pixels!r}")
         ray_index = ray_index.contiguous()
+    if not isinstance(prefetch, bool):
+        raise TypeError(f"prefetch must be a bool, got {prefetch!r}")
     data, shape = _volume_args(padded)
     if torch.is_grad_enabled() and T.requires_grad:
-        return _RenderRays.apply(T, d, data, shape, int(n_samples), poses, ray_index, image_pixels)
-    return _module().render_rays(T, d, data, int(n_samples), False, poses, shape)[0]
+        return _RenderRays.apply(T, d, data, shape, int(n_samples), poses, ray_index, image_pixels, prefetch)
+    return _module().render_rays(T, d, data, int(n_samples), False, poses, shape, prefetch)[0]

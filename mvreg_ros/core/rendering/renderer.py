@@ -419,6 +419,7 @@ class Renderer:
         self._kept_directions: list[tuple[Tensor, Tensor, int, Tensor]] = []  # (K, pixels, their version,
         # directions), newest first
         self._grid: tuple[int, int, Tensor] | None = None  # the last full image's pixel grid
+        self.prefetch = True  # the native kernel's prefetch in a bricked volume (False: A/B timings; the same values)
         self.T_index_from_ct = torch.linalg.inv(volume.T_ct_from_index.to(device=device, dtype=torch.float64))
         self.shape_ijk = volume.shape_ijk
         self.n_samples = int(n_samples)
@@ -524,7 +525,14 @@ class Renderer:
         d_cam = self._directions(K, pixels, frozen=self._frozen(pixels, ray_index))
         T_index_from_cam = index_from_cam(self.T_index_from_ct, T)
         return native.render_rays(
-            T_index_from_cam, d_cam, self.padded, n_samples, poses=poses, ray_index=ray_index, image_pixels=image_pixels
+            T_index_from_cam,
+            d_cam,
+            self.padded,
+            n_samples,
+            poses=poses,
+            ray_index=ray_index,
+            image_pixels=image_pixels,
+            prefetch=self.prefetch,
         )
 
     def _render_compiled(

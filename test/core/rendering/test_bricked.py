@@ -104,24 +104,27 @@ def test_bricked_rejects_what_it_cannot_hold():
 @pytest.mark.parametrize("poses", [1, 3])  # 3: close poses, a block of rays of every pose in turn
 def test_bricked_render_is_the_plain_render_bit_for_bit(poses):
     """Images and pose gradients, for rays that do not fill whole SIMD blocks (23 x 19 px), rays that
-    miss the volume, and every cell position in a brick."""
+    miss the volume, and every cell position in a brick; with the kernel's prefetch and without."""
     ct, K, T = _scene(spacing_mm=30.0)  # a field of view wider than the CT
     plain = Renderer(ct, backend="native", storage=torch.float16, layout="plain")
     bricked = Renderer(ct, backend="native", storage=torch.float16, layout="bricked")
+    unprefetched = Renderer(ct, backend="native", storage=torch.float16, layout="bricked")
+    unprefetched.prefetch = False
     assert isinstance(bricked.padded, render_native.Bricked) and isinstance(plain.padded, torch.Tensor)
     assert torch.equal(render_native.unbricked(bricked.padded), plain.padded)
     steps = torch.tensor([[0.0] * 6, [0.005, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0.5, 0]], dtype=torch.float64)
     w = torch.randn(6, 23, 19, generator=torch.Generator().manual_seed(1))
     out = []
-    for r in (plain, bricked):
+    for r in (plain, bricked, unprefetched):
         x = steps.clone().requires_grad_(True)
         T_x = (geometry.se3_exp(x)[:, None] @ T[None]).reshape(6, 4, 4)
         img = r(T_x, K.repeat(3, 1, 1), 23, 19, n_samples=29, poses=poses)
         (g,) = torch.autograd.grad((img * w).sum(), x)
         out.append((img.detach(), g))
-    (a, ga), (b, gb) = out
+    (a, ga), (b, gb), (c, gc) = out
     assert bool((a > 0).any()) and bool((a == 0).any()) and ga.abs().max() > 0  # rays in and out of the volume
     assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert torch.equal(a, c) and torch.equal(ga, gc)
 
 
 @needs_native
@@ -166,8 +169,9 @@ def test_every_instruction_set_build_renders_a_bricked_volume_as_the_plain_one(m
     for kernel in (other, render_native.load()):
         plain = kernel.render_rays(Ti, d, padded, 29, True)
         got = kernel.render_rays(Ti, d, b.data, 29, True, 1, list(b.shape))
-        for x, y in zip(plain, got):
-            assert torch.equal(x, y), isa
+        unprefetched = kernel.render_rays(Ti, d, b.data, 29, True, 1, list(b.shape), False)
+        for x, y, z in zip(plain, got, unprefetched):
+            assert torch.equal(x, y) and torch.equal(x, z), isa
         g = torch.randn_like(plain[0])
         assert torch.equal(
             kernel.render_rays_backward(g, Ti, d, padded, *plain[1:], 29),
@@ -195,6 +199,8 @@ def test_kernel_checks_a_bricked_volume_and_its_shape():
         kernel.render_rays(Ti, d, wide, 5, False, 1, [4, 4, 49153])
     with pytest.raises(ValueError, match="plain volume"):  # a plain volume with another shape
         kernel.render_rays(Ti, d, padded, 5, False, 1, [1, 2, 3])
+    with pytest.raises(TypeError, match="prefetch must be a bool"):
+        render_native.render_rays(Ti[:, :3], d, b, 5, prefetch=1)
 
 
 @needs_native

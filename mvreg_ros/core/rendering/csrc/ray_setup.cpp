@@ -23,7 +23,7 @@
 
 std::vector<torch::Tensor> sample_sums_ordered(torch::Tensor padded, torch::Tensor p0, torch::Tensor q,
                                                int64_t n_samples, bool with_grad, int64_t poses,
-                                               const std::vector<int64_t>& shape);
+                                               const std::vector<int64_t>& shape, bool prefetch);
 std::array<int64_t, 3> volume_dims(const torch::Tensor& padded, const std::vector<int64_t>& shape);
 
 namespace {
@@ -103,9 +103,10 @@ constexpr int64_t kChunk = 2048;  // rays per partial sum of the backward (fixed
 // Returns [out (V, R) float32] or, with with_grad, [out, f, G, H]: the sums f and their gradients (planar),
 // which render_rays_backward takes. poses > 1: the V renders are (poses, V / poses) flattened, from poses
 // close together; the kernel runs one block of rays of every pose in turn (the same values, fewer reads
-// from memory: trilinear_sums.cpp, sample_sums_ordered).
+// from memory: trilinear_sums.cpp, sample_sums_ordered). prefetch: trilinear_sums.cpp's software prefetch in
+// bricked volumes (the same values either way).
 std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded, int64_t n_samples,
-                                       bool with_grad, int64_t poses, std::vector<int64_t> shape) {
+                                       bool with_grad, int64_t poses, std::vector<int64_t> shape, bool prefetch) {
   check_setup(T, d_cam);
   const auto dims = volume_dims(padded, shape);
   TORCH_CHECK_VALUE(n_samples >= 1, "n_samples must be >= 1, got ", n_samples);
@@ -132,7 +133,8 @@ std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, tor
       hh[i] = static_cast<float>(r.h);
     }
   });
-  auto sums = sample_sums_ordered(padded, p0.movedim(0, -1), q.movedim(0, -1), n_samples, with_grad, poses, shape);
+  auto sums =
+      sample_sums_ordered(padded, p0.movedim(0, -1), q.movedim(0, -1), n_samples, with_grad, poses, shape, prefetch);
   auto out = sums[0] * h;
   if (!with_grad) return {out};
   return {out, sums[0], sums[1], sums[2]};

@@ -225,6 +225,7 @@ inline void corners(const BrickedVolume& vol, I xi, I yi, I zi, F a[8]) {
 // next line. A prefetch is a hint: it changes no value (the same sums bit for bit). Measured on a 2-core Zen 4
 // VM (README *Speed*): one 2-view render at 128 px 15 to 25 % faster; 1 to 3 steps ahead alike, the line of
 // the opposite corner as well no better. A plain volume (the pooled levels, cache-resident) is not prefetched.
+// render_rays(prefetch=false) leaves it out (the reference, and for A/B timings).
 constexpr int kPrefetchAhead = 2;
 
 template <typename T>
@@ -245,7 +246,7 @@ struct Strides {  // of a (rays, 3) array: between rays, between coordinates
 
 template <bool kGrad, typename Vol>
 void ray_block(const Vol& vol, const float* p0, Strides sp, const float* q, Strides sq, int n, int S,
-               float* out_f, float* out_g, float* out_h, int64_t out_coord) {
+               float* out_f, float* out_g, float* out_h, int64_t out_coord, bool prefetch) {
   alignas(64) float buf[6][kWidth];  // p0 and q of the block's rays, one array per coordinate
   for (int c = 0; c < 6; ++c) {
     const float* src = c < 3 ? p0 + c * sp.coord : q + (c - 3) * sq.coord;
@@ -262,7 +263,7 @@ void ray_block(const Vol& vol, const float* p0, Strides sp, const float* q, Stri
   auto cell = [](F x, I last) { return mini(to_index(x), last); };
   for (int s = 0; s < S; ++s) {
     const F k = set1(static_cast<float>(s));
-    if (s + kPrefetchAhead < S) {
+    if (prefetch && s + kPrefetchAhead < S) {
       const F kp = set1(static_cast<float>(s + kPrefetchAhead));
       prefetch_cell(vol, cell(clamp(madd(kp, qx, ox), zero, max_x), cell_x),
                     cell(clamp(madd(kp, qy, oy), zero, max_y), cell_y), cell(clamp(madd(kp, qz, oz), zero, max_z), cell_z));
@@ -358,7 +359,7 @@ torch::Tensor rays_by_coord(const torch::Tensor& t) { return t.reshape({-1, 3});
 // lane's sums are its own ray's, so the order changes no value.
 std::vector<torch::Tensor> sample_sums_ordered(torch::Tensor padded, torch::Tensor p0, torch::Tensor q,
                                                int64_t n_samples, bool with_grad, int64_t poses,
-                                               const std::vector<int64_t>& shape) {
+                                               const std::vector<int64_t>& shape, bool prefetch) {
   const auto dims = volume_dims(padded, shape);
   check_inputs(p0, q, n_samples);
   TORCH_CHECK_VALUE(poses >= 1, "poses must be >= 1, got ", poses);
@@ -402,9 +403,9 @@ std::vector<torch::Tensor> sample_sums_ordered(torch::Tensor padded, torch::Tens
         const float* pr = pp + r * sp.ray;
         const float* qr = qq + r * sq.ray;
         if (with_grad) {
-          ray_block<true>(vol, pr, sp, qr, sq, m, S, ff + r, gg + r, hh + r, n);
+          ray_block<true>(vol, pr, sp, qr, sq, m, S, ff + r, gg + r, hh + r, n, prefetch);
         } else {
-          ray_block<false>(vol, pr, sp, qr, sq, m, S, ff + r, nullptr, nullptr, n);
+          ray_block<false>(vol, pr, sp, qr, sq, m, S, ff + r, nullptr, nullptr, n, prefetch);
         }
       }
     });
@@ -427,7 +428,7 @@ std::vector<torch::Tensor> sample_sums_ordered(torch::Tensor padded, torch::Tens
 
 std::vector<torch::Tensor> sample_sums(torch::Tensor padded, torch::Tensor p0, torch::Tensor q, int64_t n_samples,
                                        bool with_grad, std::vector<int64_t> shape) {
-  return sample_sums_ordered(padded, p0, q, n_samples, with_grad, 1, shape);
+  return sample_sums_ordered(padded, p0, q, n_samples, with_grad, 1, shape, true);
 }
 
 // patch_ncc.cpp: the refinement's similarity, fused (built into the same extension)
@@ -437,7 +438,7 @@ std::vector<torch::Tensor> patch_ncc(torch::Tensor drr, torch::Tensor w, torch::
 
 // ray_setup.cpp: the native backend's ray set-up and its backward
 std::vector<torch::Tensor> render_rays(torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded, int64_t n_samples,
-                                       bool with_grad, int64_t poses, std::vector<int64_t> shape);
+                                       bool with_grad, int64_t poses, std::vector<int64_t> shape, bool prefetch);
 torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tensor d_cam, torch::Tensor padded,
                                    torch::Tensor f, torch::Tensor G, torch::Tensor H, int64_t n_samples,
                                    c10::optional<torch::Tensor> ray_index, int64_t image_pixels,
@@ -446,7 +447,7 @@ torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("render_rays", &render_rays, "Ray set-up and sums: the native backend's render of (V, R) rays",
         py::arg("T"), py::arg("d_cam"), py::arg("padded"), py::arg("n_samples"), py::arg("with_grad"),
-        py::arg("poses") = 1, py::arg("shape") = std::vector<int64_t>{});
+        py::arg("poses") = 1, py::arg("shape") = std::vector<int64_t>{}, py::arg("prefetch") = true);
   m.def("render_rays_backward", &render_rays_backward, "d loss / d T_index_from_cam of render_rays", py::arg("g"),
         py::arg("T"), py::arg("d_cam"), py::arg("padded"), py::arg("f"), py::arg("G"), py::arg("H"),
         py::arg("n_samples"), py::arg("ray_index") = py::none(), py::arg("image_pixels") = 0,
