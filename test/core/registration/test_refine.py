@@ -59,18 +59,23 @@ def scene_views(ct):
     return _scene_views(ct, [(0.0, 0.0), (90.0, 0.0)], DETECTOR, 128)
 
 
-def test_recovers_known_pose_on_cuda_as_on_the_cpu(ct, scene_views, cuda_device):
-    """The refinement on a GPU (its default backend, ``compiled``) recovers the pose the CPU's
-    reference path recovers, and returns its results on the CPU like every result."""
-    scene, views = scene_views
-    lm = ct_landmarks(ct).points_ct
-    T_init = geometry.perturb(
+def _start_6_deg_10_mm(ct, scene):
+    """The two-view tests' start: the truth moved 6 degrees and 10 mm (seed 0)."""
+    return geometry.perturb(
         scene.T_ref_from_ct,
         rot_deg=6,
         trans_mm=10,
         centre_ct=ct.centre_ct(),
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def test_recovers_known_pose_on_cuda_as_on_the_cpu(ct, scene_views, cuda_device):
+    """The refinement on a GPU (its default backend, ``compiled``) recovers the pose the CPU's
+    reference path recovers, and returns its results on the CPU like every result."""
+    scene, views = scene_views
+    lm = ct_landmarks(ct).points_ct
+    T_init = _start_6_deg_10_mm(ct, scene)
     on_cpu = Registrar(ct, QUICK).refine(views, T_init)
     registrar = Registrar(ct, dataclasses.replace(QUICK, render_backend="auto", device=str(cuda_device)))
     on_gpu = registrar.refine(views, T_init)
@@ -85,13 +90,7 @@ def test_recovers_known_pose_on_cuda_as_on_the_cpu(ct, scene_views, cuda_device)
 def test_recovers_known_pose_two_views(ct, scene_views):
     scene, views = scene_views
     lm = ct_landmarks(ct).points_ct
-    T_init = geometry.perturb(
-        scene.T_ref_from_ct,
-        rot_deg=6,
-        trans_mm=10,
-        centre_ct=ct.centre_ct(),
-        generator=torch.Generator().manual_seed(0),
-    )
+    T_init = _start_6_deg_10_mm(ct, scene)
     init_err = mtre_mm(T_init, scene.T_ref_from_ct, lm)
     res = Registrar(ct, QUICK).refine(views, T_init)
     err = mtre_mm(res.T_ref_from_ct, scene.T_ref_from_ct, lm)
