@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Two settings of one RefineConfig field, engine against engine (README *Speed*).
+"""Two settings of one RefineConfig field (or Renderer attribute), engine against engine (README *Speed*).
 
-Two engines on the shipped CT in one process, differing only in ``--field`` (``--values A B``), run
+Two engines on the shipped CT in one process, differing only in ``--field`` (``--values A B``): a
+``RefineConfig`` field, or ``renderer.NAME`` for an attribute of the engine's renderers. They run
 case by case in turn (the order alternating, so a load that changes during the run weighs on both
 alike) on the bench's cases (`mvreg bench`'s views and seeds):
 1. local 2-view refinements from 10 deg / 20 mm;
@@ -14,6 +15,8 @@ bit for bit (``torch.equal``), as it must be for the settings that change only h
     .venv/bin/python scripts/engine_ab.py OUT.json --field render_read_only --values false true
     # the plain volume layout against bricks for volumes larger than the caches (RefineConfig.volume_layout)
     .venv/bin/python scripts/engine_ab.py OUT.json --field volume_layout --values plain auto
+    # the native kernel without and with its prefetch in bricked volumes (Renderer.prefetch)
+    .venv/bin/python scripts/engine_ab.py OUT.json --field renderer.prefetch --values false true
 
 Options: ``--cases 6`` (refinements and full registrations), ``--tracking-cases 16``.
 """
@@ -29,16 +32,38 @@ from mvreg_ros.core.imaging.volume import example_ct_path, load_volume
 from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import RegistrationPipeline
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar
+from mvreg_ros.core.rendering.renderer import Renderer
+
+RENDERER = "renderer."  # --field renderer.NAME: an attribute of the engine's renderers
 
 
 def _value(field: str, text: str):
-    """``text`` as the type of RefineConfig's ``field`` (bool, int, float or str)."""
+    """``text`` as the type of RefineConfig's ``field`` (bool, int, float or str); a renderer attribute's
+    as a bool (true / false) or else a number."""
+    if field.startswith(RENDERER):
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        return float(text) if "." in text else int(text)
     default = getattr(RefineConfig(), field)
     if isinstance(default, bool):
         if text.lower() not in ("true", "false"):
             raise SystemExit(f"{field} takes true or false, got {text!r}")
         return text.lower() == "true"
     return type(default)(text)
+
+
+def _engine(volume, field: str, value) -> Registrar:
+    """A Registrar with RefineConfig's ``field`` set to ``value``, or with renderers whose attribute is."""
+    if not field.startswith(RENDERER):
+        return Registrar(volume, RefineConfig(**{field: value}))
+    name = field[len(RENDERER) :]
+
+    class Set(Renderer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            setattr(self, name, value)
+
+    return Registrar(volume, RefineConfig(), renderer_cls=Set)
 
 
 def _same(a, b) -> bool:
@@ -57,12 +82,12 @@ def _same(a, b) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="JSON to write")
-    ap.add_argument("--field", required=True, help="a RefineConfig field")
+    ap.add_argument("--field", required=True, help="a RefineConfig field, or renderer.NAME (a Renderer attribute)")
     ap.add_argument("--values", nargs=2, required=True, metavar=("A", "B"), help="its two settings")
     ap.add_argument("--cases", type=int, default=6)
     ap.add_argument("--tracking-cases", type=int, default=16)
     args = ap.parse_args()
-    if not hasattr(RefineConfig(), args.field):
+    if not (args.field.startswith(RENDERER) or hasattr(RefineConfig(), args.field)):
         raise SystemExit(f"RefineConfig has no field {args.field!r}")
     ARMS = {f"{args.field}={v}": _value(args.field, v) for v in args.values}
     cfg = benchmark.BenchConfig(cases=args.cases, tracking_cases=args.tracking_cases)
@@ -70,7 +95,7 @@ def main() -> None:
     scene, views, inits = benchmark._cases(volume, 2, cfg, args.cases)
     sets = benchmark.tracking_sets(volume, scene, cfg, args.tracking_cases)
     far = benchmark.far_starts(volume, scene, cfg, args.cases)
-    engines = {arm: Registrar(volume, RefineConfig(**{args.field: v})) for arm, v in ARMS.items()}
+    engines = {arm: _engine(volume, args.field, v) for arm, v in ARMS.items()}
     pipelines = {arm: RegistrationPipeline(e, initialisers=[]) for arm, e in engines.items()}
 
     def tracking_start() -> Start:

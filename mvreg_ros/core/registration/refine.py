@@ -530,8 +530,8 @@ class Registrar:
                     "storage": VOLUME_STORAGE[self.config.volume_storage],
                     "layout": self.config.volume_layout,
                 }
-                if self._renderer_cls is Renderer
-                else {}
+                if isinstance(self._renderer_cls, type) and issubclass(self._renderer_cls, Renderer)
+                else {}  # another renderer (the reference's) takes only the volume and the device
             )
             self._renderers[factor] = self._renderer_cls(self.volume.resampled(factor), device=self.device, **kwargs)
         return self._renderers[factor]

@@ -619,3 +619,17 @@ def test_read_pixels_only_for_batches_of_poses_and_paired_objectives(ct):
         values.append((G, L, s.detach(), g))
     for a, b in zip(*values):
         assert torch.equal(a, b)
+
+
+def test_a_renderer_subclass_is_built_with_the_configured_backend(ct):
+    """``renderer_cls`` a subclass of Renderer (scripts/engine_ab.py's, setting an attribute): built with the
+    RefineConfig's backend, storage and layout like Renderer itself."""
+
+    class Marked(Renderer):
+        pass
+
+    r = Registrar(ct, dataclasses.replace(QUICK, render_backend="grid_sample"), renderer_cls=Marked).renderer(2)
+    assert isinstance(r, Marked) and r.backend == "grid_sample"
+    if render_native.load() is not None:
+        config = dataclasses.replace(QUICK, render_backend="native", volume_storage="float16")
+        assert Registrar(ct, config, renderer_cls=Marked).renderer(2).storage == torch.float16
