@@ -245,9 +245,9 @@ def test_tiny_training_run_lowers_the_loss_and_resumes(volume, tmp_path, on, req
     model = CoarseModel.load(out, volume)
     with torch.no_grad():
         after, _ = batch_loss(model.net, fixed, config=cfg, geometry=geom, image_terms=False)
-    # on a GPU the steps differ by rounding (TF32 convolutions) and the trajectory with them: the
-    # loss falls less on this tiny run (measured 1.60 -> 1.44 on an H200 against 1.29 on CPUs);
-    # that the steps themselves agree is test_batch_loss_on_cuda_equals_the_cpus_in_values_and_gradients
+    # on a GPU the steps differ by rounding (another device's float32, TF32 convolutions by default) and the
+    # trajectory with them: the loss falls less on this tiny run (measured 1.60 -> 1.44 on an H200 against
+    # 1.29 on CPUs); that the steps themselves agree is test_batch_loss_on_cuda_equals_the_cpus_in_values_and_gradients
     assert float(after) < (0.85 if device.type == "cpu" else 0.95) * float(before), (float(before), float(after))
     # resume: continues the step count from the checkpoint
     more = train(volume, cfg.replace(max_steps=85), out, device=device, progress=False, resume=True, log=lambda s: None)

@@ -85,8 +85,7 @@ def test_gpu_backends_on_cuda_equal_the_cpu_reference_in_values_and_gradients(cu
         renderer = Renderer(ct, backend=backend, device=device)
         img = renderer(geometry.se3_exp(x) @ T.to(device), K.to(device), 24, 20, n_samples=32)
         assert img.device.type == device.type
-        auto = "compiled" if device.type == "cuda" else renderer.backend  # a CPU's auto: native where it builds
-        assert renderer.backend == (auto if backend == "auto" else backend)
+        assert renderer.backend == ("compiled" if backend == "auto" else backend)  # auto on CUDA: compiled
         (g,) = torch.autograd.grad(img.pow(2).sum(), x)
         imgs.append(img.detach().cpu())
         grads.append(g.cpu())
