@@ -189,13 +189,15 @@ def test_fluoro_bag_replayed_to_the_node(spawn, tmp_path, ros_context):
     far more than the node can register; it stays alive, drops the excess (counted), never
     publishes a TF at a rejected input's stamp, and its registrations stay within the quick
     budget's accuracy on the test CT (5.6 x 5.6 x 20 mm voxels, one 32 px level: accepted results
-    up to about 3.4 mm, docs/node.md, *Overload and soak*), far from a wrong pose."""
+    up to about 3.4 mm, docs/node.md, *Overload and soak*), far from a wrong pose. Which sets the
+    node registers depends on timing, and with two of them the median is their mean: its bound is
+    that p95 (3.4 mm), not the budget's 1.4 mm median (2.5 mm failed once in CI at 2.59 mm)."""
     node, sim, played, _, summary = replayed_to_node(spawn, tmp_path, ros_context, "fluoro", sets=2)
     images = sum(1 for m in played if m.topic.endswith("image_raw"))
     assert images >= 2 * int(2 * sim.hold_s * sim.fluoro_hz)  # bursts, not single shots
     assert summary["node_images"] >= images // 2, summary  # the node saw the burst (sensor QoS may drop a few)
     assert summary["n"] >= 2, (summary, node.tail())
-    assert summary["mtre_p95_mm"] <= 5.0 and summary["mtre_median_mm"] <= 2.5, summary
+    assert summary["mtre_p95_mm"] <= 5.0 and summary["mtre_median_mm"] <= 3.4, summary
     assert summary["node_sets_dropped_busy"] > 0  # newest wins, drops counted
     assert summary["tf_from_rejected_inputs"] == 0
     assert node.interrupt() == 0
