@@ -29,7 +29,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mvreg_ros.core.evaluation.metrics import pose_distance
-from mvreg_ros.core.geometry.transforms import about_point, invert, make_T, skew, so3_exp, transform_points
+from mvreg_ros.core.geometry.transforms import invert, skew, transform_points
+from mvreg_ros.core.geometry.twist import pose_about
 from mvreg_ros.core.imaging.footprint import BODY_MU, complete_rays, target_footprint, target_volume, truncated_faces
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume
@@ -383,14 +384,6 @@ def pooling_factor(ratio: float, *, nearest: bool) -> int:
     if not math.isfinite(ratio):
         raise ValueError(f"pooling ratio must be finite, got {ratio}")
     return max(1, int(math.floor(ratio + 0.5)) if nearest else int(math.floor(ratio)))
-
-
-def pose_about(
-    T0: Float[Tensor, "*#K 4 4"], c: Float[Tensor, "3"], w: Float[Tensor, "*#K 3"], t: Float[Tensor, "*#K 3"]
-) -> Float[Tensor, "*#K 4 4"]:
-    """The refinement's parametrisation: ``T0 @ Tc @ [exp(w) | t] @ Tc^-1`` (twist about the
-    anatomy centre ``c`` in CT axes; radians, mm)."""
-    return T0 @ about_point(make_T(so3_exp(w), t), c)
 
 
 @dataclasses.dataclass(frozen=True)
