@@ -61,6 +61,11 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
     return x.sum(expanded, keepdim=True) if expanded else x
 
 
+def _composed(T0: Tensor, c: Tensor, R: Tensor, t: Tensor) -> Tensor:
+    """``T0 @ Tc @ [R | t] @ Tc^-1``: the operations both paths compute forward."""
+    return T0 @ about_point(make_T(R, t), c)
+
+
 class _PoseAbout(torch.autograd.Function):
     """:func:`pose_about_reference`'s forward; the gradients of ``w`` and ``t`` written out (``T0`` and
     ``c`` constant: :func:`pose_about` sends those that need gradients to the reference)."""
@@ -68,7 +73,7 @@ class _PoseAbout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, T0: Tensor, c: Tensor, w: Tensor, t: Tensor) -> Tensor:
         R = so3_exp(w)
-        T = T0 @ about_point(make_T(R, t), c)  # pose_about_reference's operations, in its order
+        T = _composed(T0, c, R, t)  # pose_about_reference's operations, in its order
         ctx.save_for_backward(T0, c, w, R)
         ctx.t_shape = t.shape
         return T
@@ -89,7 +94,7 @@ def pose_about_reference(
 ) -> Float[Tensor, "*#K 4 4"]:
     """``T0 @ Tc @ [exp(w) | t] @ Tc^-1`` (twist about the anatomy centre ``c`` in CT axes; radians,
     mm), differentiated by autograd through its operations: the reference of :func:`pose_about`."""
-    return T0 @ about_point(make_T(so3_exp(w), t), c)
+    return _composed(T0, c, so3_exp(w), t)
 
 
 def pose_about(
