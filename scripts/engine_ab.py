@@ -17,6 +17,9 @@ bit for bit (``torch.equal``), as it must be for the settings that change only h
     .venv/bin/python scripts/engine_ab.py OUT.json --field volume_layout --values plain auto
     # the native kernel without and with its prefetch in bricked volumes (Renderer.prefetch)
     .venv/bin/python scripts/engine_ab.py OUT.json --field renderer.prefetch --values false true
+    # the twist's gradient by autograd through its operations against written out (geometry/twist.py);
+    # the gradients differ by rounding, so the results are not the same bit for bit: see same_verdicts
+    .venv/bin/python scripts/engine_ab.py OUT.json --field pose_about --values reference written
 
 Options: ``--cases 6`` (refinements and full registrations), ``--tracking-cases 16``.
 """
@@ -28,18 +31,25 @@ import time
 import torch
 
 from mvreg_ros.core.evaluation import benchmark, stats
+from mvreg_ros.core.geometry import twist
 from mvreg_ros.core.imaging.volume import example_ct_path, load_volume
+from mvreg_ros.core.registration import global_search, refine
 from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import RegistrationPipeline
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar
 from mvreg_ros.core.rendering.renderer import Renderer
 
 RENDERER = "renderer."  # --field renderer.NAME: an attribute of the engine's renderers
+POSE_ABOUT = {"reference": twist.pose_about_reference, "written": twist.pose_about}  # --field pose_about
 
 
 def _value(field: str, text: str):
     """``text`` as the type of RefineConfig's ``field`` (bool, int, float or str); a renderer attribute's
     as a bool (true / false) or else a number."""
+    if field == "pose_about":
+        if text not in POSE_ABOUT:
+            raise SystemExit(f"pose_about takes one of {sorted(POSE_ABOUT)}, got {text!r}")
+        return text
     if field.startswith(RENDERER):
         if text.lower() in ("true", "false"):
             return text.lower() == "true"
@@ -53,7 +63,10 @@ def _value(field: str, text: str):
 
 
 def _engine(volume, field: str, value) -> Registrar:
-    """A Registrar with RefineConfig's ``field`` set to ``value``, or with renderers whose attribute is."""
+    """A Registrar with RefineConfig's ``field`` set to ``value``, or with renderers whose attribute is
+    (``pose_about``: the default engine; :func:`_use` sets the parametrisation before each call)."""
+    if field == "pose_about":
+        return Registrar(volume, RefineConfig())
     if not field.startswith(RENDERER):
         return Registrar(volume, RefineConfig(**{field: value}))
     name = field[len(RENDERER) :]
@@ -64,6 +77,12 @@ def _engine(volume, field: str, value) -> Registrar:
             setattr(self, name, value)
 
     return Registrar(volume, RefineConfig(), renderer_cls=Set)
+
+
+def _use(field: str, value) -> None:
+    """``--field pose_about``: the engine's twist parametrisation (refinement and global stage) for the next call."""
+    if field == "pose_about":
+        refine.pose_about = global_search.pose_about = POSE_ABOUT[value]
 
 
 def _same(a, b) -> bool:
@@ -87,7 +106,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=6)
     ap.add_argument("--tracking-cases", type=int, default=16)
     args = ap.parse_args()
-    if not (args.field.startswith(RENDERER) or hasattr(RefineConfig(), args.field)):
+    if not (args.field == "pose_about" or args.field.startswith(RENDERER) or hasattr(RefineConfig(), args.field)):
         raise SystemExit(f"RefineConfig has no field {args.field!r}")
     ARMS = {f"{args.field}={v}": _value(args.field, v) for v in args.values}
     cfg = benchmark.BenchConfig(cases=args.cases, tracking_cases=args.tracking_cases)
@@ -101,29 +120,38 @@ def main() -> None:
     def tracking_start() -> Start:
         return Start(T_ref_from_ct=scene.T_ref_from_ct.clone(), source="last_accepted", tracking=True)
 
+    def full(arm, T):
+        return pipelines[arm].register_from(views, Start(T_ref_from_ct=T, source="perturb"))
+
     runs = {
         "refine": (inits, lambda arm, T: engines[arm].refine(views, T)),
         "tracking": (sets, lambda arm, s: pipelines[arm].register_from(s[1], tracking_start())),
-        "full": (far, lambda arm, T: pipelines[arm].register_from(views, Start(T_ref_from_ct=T, source="perturb"))),
+        "full": (far, full),
     }
     for arm in ARMS:  # warm: the shapes of each kind compiled and cached
+        _use(args.field, ARMS[arm])
         runs["refine"][1](arm, inits[0])
         runs["tracking"][1](arm, sets[0])
     out = {"field": args.field, "values": list(ARMS.values()), "times_s": {}, "median_s": {}, "identical": {}}
+    out["same_verdicts"] = {}
     for kind, (cases, call) in runs.items():
         times = {arm: [] for arm in ARMS}
-        identical = True
+        identical, verdicts = True, True
         for i, case in enumerate(cases):
             results = {}
             for arm in list(ARMS) if i % 2 == 0 else list(ARMS)[::-1]:
+                _use(args.field, ARMS[arm])
                 t = time.perf_counter()
                 results[arm] = call(arm, case)
                 times[arm].append(time.perf_counter() - t)
             identical &= _same(*results.values())
+            verdicts &= len({getattr(r, "accepted", None) for r in results.values()}) == 1
         out["times_s"][kind] = times
         out["median_s"][kind] = {arm: stats.median(t) for arm, t in times.items()}
         out["identical"][kind] = identical
-        print(kind, {arm: round(m, 3) for arm, m in out["median_s"][kind].items()}, "identical:", identical, flush=True)
+        out["same_verdicts"][kind] = verdicts
+        medians = {arm: round(m, 3) for arm, m in out["median_s"][kind].items()}
+        print(kind, medians, "identical:", identical, "same verdicts:", verdicts, flush=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
 
