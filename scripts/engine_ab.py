@@ -120,20 +120,17 @@ def main() -> None:
     def tracking_start() -> Start:
         return Start(T_ref_from_ct=scene.T_ref_from_ct.clone(), source="last_accepted", tracking=True)
 
-    def full(arm, T):
-        return pipelines[arm].register_from(views, Start(T_ref_from_ct=T, source="perturb"))
-
     runs = {
         "refine": (inits, lambda arm, T: engines[arm].refine(views, T)),
         "tracking": (sets, lambda arm, s: pipelines[arm].register_from(s[1], tracking_start())),
-        "full": (far, full),
+        "full": (far, lambda arm, T: pipelines[arm].register_from(views, Start(T_ref_from_ct=T, source="perturb"))),
     }
     for arm in ARMS:  # warm: the shapes of each kind compiled and cached
         _use(args.field, ARMS[arm])
         runs["refine"][1](arm, inits[0])
         runs["tracking"][1](arm, sets[0])
     out = {"field": args.field, "values": list(ARMS.values()), "times_s": {}, "median_s": {}, "identical": {}}
-    out["same_verdicts"] = {}
+    out["same_verdicts"] = {}  # the acceptance test's verdicts (tracking and full; a refinement has none)
     for kind, (cases, call) in runs.items():
         times = {arm: [] for arm in ARMS}
         identical, verdicts = True, True
