@@ -63,11 +63,17 @@ def so3_exp(w: Float[Tensor, "... 3"]) -> Float[Tensor, "... 3 3"]:
     return eye + a * W + b * (W @ W)
 
 
+def axial(M: Float[Tensor, "... 3 3"]) -> Float[Tensor, "... 3"]:
+    """``(M32 - M23, M13 - M31, M21 - M12)``: twice the vector of the skew part of ``M``
+    (``axial(skew(w)) == 2 w``), and ``<M, skew(a)> == a . axial(M)``."""
+    return torch.stack([M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0], M[..., 1, 0] - M[..., 0, 1]], -1)
+
+
 def so3_log(R: Float[Tensor, "... 3 3"]) -> Float[Tensor, "... 3"]:
     """Rotation vector of a rotation matrix; stable at 0 and at 180 degrees, differentiable at 0."""
     tr = R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2]
     cos = (tr - 1) / 2
-    vee = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
+    vee = axial(R)
     # |vee| = 2 sin(theta): atan2 is accurate over the whole range (arccos is not near 0 and pi)
     theta = torch.atan2(vee.norm(dim=-1) / 2, cos)
     sin = torch.sin(theta)

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mvreg_ros.core.geometry.transforms import about_point, make_T, so3_exp
+from mvreg_ros.core.geometry.transforms import about_point, axial, make_T, so3_exp
 
 # below this squared angle the left Jacobian's coefficients come from their series (three terms:
 # error under 1e-16 there; the closed forms lose digits to cancellation as the angle shrinks)
@@ -28,6 +28,8 @@ _SERIES_THETA2 = 1e-4
 
 
 def _cross(a: Tensor, b: Tensor) -> Tensor:
+    """``a x b`` broadcast (``torch.linalg.cross`` needs as many dimensions on both: one twist ``(3,)`` on a
+    batch of starts gives ``(K, 3)`` gradients)."""
     a, b = torch.broadcast_tensors(a, b)
     return torch.linalg.cross(a, b)
 
@@ -40,8 +42,7 @@ def so3_exp_vjp(
     ``I + b [w]x + c [w]x^2``, ``b = (1 - cos a) / a^2``, ``c = (a - sin a) / a^3``), the loss changes by
     ``m . J_l d``, where ``m`` is the axial vector of ``grad_R R^T``; so the gradient is ``J_l^T m =
     m - b (w x m) + c (w x (w x m))``. Exact at ``w = 0`` (``m``) and at 180 degrees."""
-    M = grad_R @ R.transpose(-1, -2)
-    m = torch.stack([M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0], M[..., 1, 0] - M[..., 0, 1]], -1)
+    m = axial(grad_R @ R.transpose(-1, -2))
     theta2 = (w * w).sum(-1, keepdim=True)
     series = theta2 < _SERIES_THETA2
     theta2_safe = torch.where(series, torch.ones_like(theta2), theta2)

@@ -12,6 +12,7 @@ from mvreg_ros.core.geometry.transforms import (
     T_cam_from_ct_deepfluoro,
     T_cam_from_dfcam,
     about_point,
+    axial,
     cam_to_pelvis_vol_from_T,
     flip_columns,
     intrinsics,
@@ -465,3 +466,11 @@ def test_axis_rotation_matches_right_hand_rule():
     )
     with pytest.raises(ValueError, match="axis"):
         axis_rotation(3, torch.tensor(0.0))
+
+
+def test_axial_inverts_skew_up_to_two_and_pairs_with_it():
+    g = torch.Generator().manual_seed(31)
+    w, a = torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, 3, generator=g, dtype=F64)
+    M = torch.randn(4, 3, 3, generator=g, dtype=F64)
+    torch.testing.assert_close(axial(skew(w)), 2 * w, rtol=0, atol=0)
+    torch.testing.assert_close((M * skew(a)).sum((-1, -2)), (a * axial(M)).sum(-1), rtol=1e-12, atol=1e-12)
