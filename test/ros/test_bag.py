@@ -165,8 +165,9 @@ def test_replay_to_node_end_to_end(spawn, tmp_path, ros_context):
     assert all(r.mtre_mm < 2.0 for r in evaluator.registrations), (evaluator.registrations, node.tail())
     assert summary["success_rate"] == 1.0
     # a registration takes time: a TF at once (within a few ms of the image) would be a republished pose
-    # passing for one; a fast tracking update of these 64 px images can take under 0.2 s (0.19 s measured)
-    assert all(r.latency_s is not None and r.latency_s > 0.05 for r in evaluator.registrations)
+    # passing for one; a fast tracking update of these 64 px images (the second set) takes 0.04 to 0.07 s
+    # image to TF on the 2-core VM (measured with the native pose chain, README *Speed*), the first about 0.6 s
+    assert all(r.latency_s is not None and r.latency_s > 0.02 for r in evaluator.registrations)
     assert start_error > 3.0  # the node had to register, not just echo its start pose
     assert node.interrupt() == 0
 

@@ -2,16 +2,18 @@
 
 ``pose_about(T0, c, w, t) = T0 @ Tc @ [exp(w) | t] @ Tc^-1`` with ``Tc`` the translation to the
 centre ``c`` (CT axes, mm): ``w`` (radians) turns the anatomy about ``c``, ``t`` (mm) moves it; both
-zero give ``T0``. Every iteration of a refinement differentiates it, so it has two paths:
+zero give ``T0``. Every iteration of a refinement differentiates it, so it has three paths:
 
 - :func:`pose_about_reference`: the composition of :mod:`transforms`' functions, differentiated by
   autograd through about twenty small operations;
-- :func:`pose_about`: the same forward operations (the same values, bit for bit) as one autograd
+- :func:`pose_about_written`: the same forward operations (the same values, bit for bit) as one autograd
   node whose backward is written out (:func:`so3_exp_vjp`, the translation's chain rule). Its
   gradients agree with the reference's to rounding (a test checks, including the series branch near
   zero and 180 degrees); forward and backward it takes about 40 % less time than the reference (0.59
-  against 0.97 ms per call for one pose on the 2-core VM), which at the coarse level's small renders is
-  a visible part of an iteration (README *Speed*).
+  against 0.97 ms per call for one pose on the 2-core VM). It is the path on a GPU;
+- :func:`pose_about`, on a CPU: the same arithmetic in the native extension (``rendering/csrc/pose_chain.cpp``),
+  one call forward and one backward (0.10 against 0.45 ms for :func:`pose_about_written`), values and
+  gradients the reference's to rounding, exactly ``T0`` at a zero twist (README *Speed*).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mvreg_ros.core.geometry.transforms import about_point, axial, make_T, so3_exp
+from mvreg_ros.core.rendering import pose_chain  # the native extension's pose chain (CPU)
 
 # below this squared angle the left Jacobian's coefficients come from their series (three terms:
 # error under 1e-16 there; the closed forms lose digits to cancellation as the angle shrinks)
@@ -98,12 +101,22 @@ def pose_about_reference(
     return _composed(T0, c, so3_exp(w), t)
 
 
-def pose_about(
+def pose_about_written(
     T0: Float[Tensor, "*#K 4 4"], c: Float[Tensor, "3"], w: Float[Tensor, "*#K 3"], t: Float[Tensor, "*#K 3"]
 ) -> Float[Tensor, "*#K 4 4"]:
-    """The refinement's parametrisation, :func:`pose_about_reference`'s values bit for bit, with the
-    gradients of ``w`` and ``t`` computed in one step (module docstring). When ``T0`` or ``c`` needs a
-    gradient, or none is needed, the reference computes it."""
+    """:func:`pose_about_reference`'s values bit for bit as ATen operations, with the gradients of ``w``
+    and ``t`` computed in one step (module docstring): any device. When ``T0`` or ``c`` needs a gradient,
+    or none is needed, the reference computes it."""
     if not torch.is_grad_enabled() or T0.requires_grad or c.requires_grad or not (w.requires_grad or t.requires_grad):
         return pose_about_reference(T0, c, w, t)
     return _PoseAbout.apply(T0, c, w, t)
+
+
+def pose_about(
+    T0: Float[Tensor, "*#K 4 4"], c: Float[Tensor, "3"], w: Float[Tensor, "*#K 3"], t: Float[Tensor, "*#K 3"]
+) -> Float[Tensor, "*#K 4 4"]:
+    """The refinement's parametrisation (module docstring): on a CPU in float64 the native extension's
+    (:mod:`mvreg_ros.core.rendering.pose_chain`: one call forward, one backward; the reference's values to
+    rounding, exactly at a zero twist), elsewhere :func:`pose_about_written`."""
+    T = pose_chain.pose_about(T0, c, w, t)
+    return pose_about_written(T0, c, w, t) if T is None else T

@@ -7,7 +7,8 @@ reduced over the view's rays (:func:`render_rays`); nothing is compiled at run t
 larger than the caches is rendered from bricks (:class:`Bricked`: a sample's corners in about half the
 cache lines; the same values). The same
 extension holds the refinement's fused similarity (``csrc/patch_ncc.cpp``,
-:class:`~mvreg_ros.core.registration.similarity.PreparedSimilarity`).
+:class:`~mvreg_ros.core.registration.similarity.PreparedSimilarity`) and its pose chain (``csrc/pose_chain.cpp``,
+:mod:`~mvreg_ros.core.rendering.pose_chain`).
 
 The extension is compiled for this CPU on first use with ``torch.utils.cpp_extension`` (a C++
 compiler and ninja are needed; about 30 s once, then cached under ``TORCH_EXTENSIONS_DIR``, by
@@ -37,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 SOURCE = Path(__file__).parent / "csrc" / "trilinear_sums.cpp"
 SOURCES = tuple(  # one extension; SOURCE holds its module definition
-    [SOURCE] + [Path(__file__).parent / "csrc" / name for name in ("ray_setup.cpp", "patch_ncc.cpp")]
+    [SOURCE] + [Path(__file__).parent / "csrc" / name for name in ("ray_setup.cpp", "patch_ncc.cpp", "pose_chain.cpp")]
 )
 STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
 LOCK_POLL_S = 0.5  # how often a build waiting for another's lock looks again

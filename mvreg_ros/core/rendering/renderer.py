@@ -39,7 +39,7 @@ from torch import Tensor
 
 from mvreg_ros.core.geometry.transforms import invert
 from mvreg_ros.core.imaging.volume import Volume
-from mvreg_ros.core.rendering import gather, native
+from mvreg_ros.core.rendering import gather, native, pose_chain
 
 
 @typing.no_type_check  # traced by torch.compile (the jaxtyping/beartype wrapper of the tests breaks tracing)
@@ -194,7 +194,18 @@ def ray_transforms(
 def index_from_cam(
     T_index_from_ct: Float[Tensor, "4 4"], T_cam_from_ct: Float[Tensor, "V 4 4"]
 ) -> Float[Tensor, "V 3 4"]:
-    """``T_index_from_cam`` of each view, its first three rows (what the ray set-up reads)."""
+    """``T_index_from_cam`` of each view, its first three rows (what the ray set-up reads): in the native
+    extension on a CPU in float64 (:mod:`pose_chain`; one call forward and one backward), else
+    :func:`index_from_cam_reference`."""
+    A = T_index_from_ct.to(T_cam_from_ct.dtype)
+    out = pose_chain.index_from_cam(A, T_cam_from_ct)
+    return index_from_cam_reference(A, T_cam_from_ct) if out is None else out
+
+
+def index_from_cam_reference(
+    T_index_from_ct: Float[Tensor, "4 4"], T_cam_from_ct: Float[Tensor, "V 4 4"]
+) -> Float[Tensor, "V 3 4"]:
+    """:func:`index_from_cam` as ATen operations (autograd through them): the reference, and the GPU's path."""
     return (T_index_from_ct.to(T_cam_from_ct.dtype) @ invert(T_cam_from_ct))[:, :3, :]
 
 

@@ -444,6 +444,13 @@ torch::Tensor render_rays_backward(torch::Tensor g, torch::Tensor T, torch::Tens
                                    c10::optional<torch::Tensor> ray_index, int64_t image_pixels,
                                    std::vector<int64_t> shape);
 
+// pose_chain.cpp: the refinement's pose chain (twist to pose, pose to T_index_from_cam) and its backward
+std::vector<torch::Tensor> pose_about_forward(torch::Tensor T0, torch::Tensor c, torch::Tensor w, torch::Tensor t);
+std::vector<torch::Tensor> pose_about_backward(torch::Tensor T0, torch::Tensor c, torch::Tensor w, torch::Tensor R,
+                                               torch::Tensor grad_T);
+torch::Tensor index_from_cam_forward(torch::Tensor T_index_from_ct, torch::Tensor T_cam_from_ct);
+torch::Tensor index_from_cam_backward(torch::Tensor T_index_from_ct, torch::Tensor T_cam_from_ct, torch::Tensor grad);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("render_rays", &render_rays, "Ray set-up and sums: the native backend's render of (V, R) rays",
         py::arg("T"), py::arg("d_cam"), py::arg("padded"), py::arg("n_samples"), py::arg("with_grad"),
@@ -456,6 +463,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("p0"), py::arg("q"), py::arg("n_samples"), py::arg("with_grad"),
         py::arg("shape") = std::vector<int64_t>{});
   m.def("patch_ncc", &patch_ncc, "PreparedSimilarity's value per render (and its gradient), fused");
+  m.def("pose_about_forward", &pose_about_forward, "twist.pose_about's pose and rotation (float64, CPU)");
+  m.def("pose_about_backward", &pose_about_backward, "twist.pose_about's gradients of w and t");
+  m.def("index_from_cam_forward", &index_from_cam_forward, "renderer.index_from_cam (float64, CPU)");
+  m.def("index_from_cam_backward", &index_from_cam_backward, "renderer.index_from_cam's gradient of T_cam_from_ct");
   m.attr("isa") = simd::kIsa;
   m.attr("width") = simd::kWidth;
 }

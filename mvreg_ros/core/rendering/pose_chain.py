@@ -1,0 +1,93 @@
+"""The refinement's pose chain in the native extension (``csrc/pose_chain.cpp``): the twist about the
+anatomy centre to the pose (:func:`mvreg_ros.core.geometry.twist.pose_about`), and the pose to what the
+native renderer reads (:func:`mvreg_ros.core.rendering.renderer.index_from_cam`), forward and backward
+in one call each. Every refinement iteration runs both; as ATen operations on tiny tensors they were
+about forty calls (0.8 ms per iteration forward and backward on the 2-core VM), here two each way.
+
+Used where it applies (a CPU, float64, the extension built, the shapes below); elsewhere (a GPU, other
+shapes, gradients with respect to the start pose or the centre) the callers compute the reference's
+operations. Values agree with the references to rounding (the same arithmetic in the same order; ATen's
+kernels may sum in another), exactly at a zero twist; tests compare values and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from mvreg_ros.core.rendering import native
+
+
+def _native_ready(*tensors: Tensor) -> bool:
+    """All on the CPU in float64, and the extension available (:func:`native.load`: built once, then
+    cached; None where it cannot be built, and the callers take the ATen path)."""
+    if any(x.device.type != "cpu" or x.dtype != torch.float64 for x in tensors):
+        return False
+    return native.load() is not None
+
+
+class _PoseAbout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, T0: Tensor, c: Tensor, w: Tensor, t: Tensor) -> Tensor:
+        T, R = native._module().pose_about_forward(T0, c, w, t)
+        ctx.save_for_backward(T0, c, w, R)
+        return T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_T: Tensor):
+        T0, c, w, R = ctx.saved_tensors
+        gw, gt = native._module().pose_about_backward(T0, c, w, R, grad_T.contiguous())
+        return None, None, gw, gt
+
+
+def pose_about(T0: Tensor, c: Tensor, w: Tensor, t: Tensor) -> Tensor | None:
+    """:func:`~mvreg_ros.core.geometry.twist.pose_about` in the extension, differentiable in ``w`` and
+    ``t``; None where it does not apply: ``T0`` ``(4, 4)`` or ``(B, 4, 4)``, ``w`` and ``t`` both ``(3,)``
+    or both ``(B, 3)`` (``B`` = ``T0``'s, or any with a ``T0`` of ``(4, 4)`` or ``(1, 4, 4)``), ``c`` ``(3,)``, no gradient
+    asked of ``T0`` or ``c``, float64 on the CPU."""
+    if not _native_ready(T0, c, w, t) or w.shape != t.shape or c.shape != (3,) or w.shape[-1:] != (3,):
+        return None
+    if T0.requires_grad or c.requires_grad:
+        return None
+    if w.ndim == 1 and T0.shape == (4, 4):
+        lead: tuple[int, ...] = ()
+    elif w.ndim == 2 and T0.shape in ((4, 4), (1, 4, 4), (len(w), 4, 4)):
+        lead = (len(w),)
+    else:
+        return None
+    args = (T0.reshape(-1, 4, 4).contiguous(), c.reshape(1, 3).contiguous())
+    w2, t2 = w.reshape(-1, 3), t.reshape(-1, 3)
+    if torch.is_grad_enabled() and (w.requires_grad or t.requires_grad):
+        T = _PoseAbout.apply(*args, w2.contiguous(), t2.contiguous())
+    else:
+        T = native._module().pose_about_forward(*args, w2.contiguous(), t2.contiguous())[0]
+    return T.reshape(*lead, 4, 4)
+
+
+class _IndexFromCam(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, T_index_from_ct: Tensor, T_cam_from_ct: Tensor) -> Tensor:
+        ctx.save_for_backward(T_index_from_ct, T_cam_from_ct)
+        return native._module().index_from_cam_forward(T_index_from_ct, T_cam_from_ct)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        T_index_from_ct, T_cam_from_ct = ctx.saved_tensors
+        return None, native._module().index_from_cam_backward(T_index_from_ct, T_cam_from_ct, grad.contiguous())
+
+
+def index_from_cam(T_index_from_ct: Tensor, T_cam_from_ct: Tensor) -> Tensor | None:
+    """:func:`~mvreg_ros.core.rendering.renderer.index_from_cam` in the extension, differentiable in
+    ``T_cam_from_ct`` ``(V, 4, 4)``; None where it does not apply (``T_index_from_ct`` needing a gradient,
+    other shapes, not float64 on the CPU)."""
+    if not _native_ready(T_index_from_ct, T_cam_from_ct) or T_index_from_ct.requires_grad:
+        return None
+    if T_index_from_ct.shape != (4, 4) or T_cam_from_ct.ndim != 3 or T_cam_from_ct.shape[1:] != (4, 4):
+        return None
+    A, T = T_index_from_ct.reshape(1, 4, 4).contiguous(), T_cam_from_ct.contiguous()
+    if torch.is_grad_enabled() and T.requires_grad:
+        return _IndexFromCam.apply(A, T)
+    return native._module().index_from_cam_forward(A, T)
