@@ -6,8 +6,9 @@ about forty calls (0.8 ms per iteration forward and backward on the 2-core VM), 
 
 Used where it applies (a CPU, float64, the extension built, the shapes below); elsewhere (a GPU, other
 shapes, gradients with respect to the start pose or the centre) the callers compute the reference's
-operations. Values agree with the references to rounding (the same arithmetic in the same order; ATen's
-kernels may sum in another), exactly at a zero twist; tests compare values and gradients.
+operations. Values agree with the references to rounding (the same formulas in the same order; the
+compiler may fuse multiply-adds and ATen may sum in another order), exactly at a zero twist; tests
+compare values and gradients.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _native_ready(*tensors: Tensor) -> bool:
     return native.load() is not None
 
 
-class _PoseAbout(torch.autograd.Function):
+class _NativePoseAbout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, T0: Tensor, c: Tensor, w: Tensor, t: Tensor) -> Tensor:
         T, R = native._module().pose_about_forward(T0, c, w, t)
@@ -60,13 +61,13 @@ def pose_about(T0: Tensor, c: Tensor, w: Tensor, t: Tensor) -> Tensor | None:
     args = (T0.reshape(-1, 4, 4).contiguous(), c.reshape(1, 3).contiguous())
     w2, t2 = w.reshape(-1, 3), t.reshape(-1, 3)
     if torch.is_grad_enabled() and (w.requires_grad or t.requires_grad):
-        T = _PoseAbout.apply(*args, w2.contiguous(), t2.contiguous())
+        T = _NativePoseAbout.apply(*args, w2.contiguous(), t2.contiguous())
     else:
         T = native._module().pose_about_forward(*args, w2.contiguous(), t2.contiguous())[0]
     return T.reshape(*lead, 4, 4)
 
 
-class _IndexFromCam(torch.autograd.Function):
+class _NativeIndexFromCam(torch.autograd.Function):
     @staticmethod
     def forward(ctx, T_index_from_ct: Tensor, T_cam_from_ct: Tensor) -> Tensor:
         ctx.save_for_backward(T_index_from_ct, T_cam_from_ct)
@@ -89,5 +90,5 @@ def index_from_cam(T_index_from_ct: Tensor, T_cam_from_ct: Tensor) -> Tensor | N
         return None
     A, T = T_index_from_ct.reshape(1, 4, 4).contiguous(), T_cam_from_ct.contiguous()
     if torch.is_grad_enabled() and T.requires_grad:
-        return _IndexFromCam.apply(A, T)
+        return _NativeIndexFromCam.apply(A, T)
     return native._module().index_from_cam_forward(A, T)

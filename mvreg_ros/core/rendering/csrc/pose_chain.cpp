@@ -3,9 +3,9 @@
 // about forty calls on tiny tensors (0.8 ms per iteration forward and backward on the 2-core VM, a
 // seventh of a refinement); here each direction is one call. The references are
 // geometry/twist.py's pose_about_reference and renderer.py's index_from_cam_reference (tests compare
-// values and gradients, including zero and 180 degrees); the arithmetic follows theirs in the same
-// order, so the values agree to rounding (ATen's own kernels may sum in another order), and exactly at
-// a zero twist (the start of every level, and every Newton step's gradient).
+// values and gradients, including zero and 180 degrees); the formulas are theirs in the same order,
+// so the values agree to rounding (the compiler may fuse multiply-adds, ATen may sum in another order),
+// and exactly at a zero twist (the start of every level, and every Newton step's gradient).
 //
 // pose_about:     T = T0 @ Tc @ [exp(w) | t] @ Tc^-1, Tc the translation to c (geometry/twist.py)
 // index_from_cam: (T_index_from_ct @ invert(T_cam_from_ct))[:3]  (renderer.py; invert as R^T, -R^T t)
@@ -29,7 +29,7 @@ void check_f64(const torch::Tensor& x, const char* name, std::vector<int64_t> ta
   }
 }
 
-// C = A @ B for 4 x 4 row-major matrices, each entry summed k = 0..3 in turn (ATen's small-matrix loop)
+// C = A @ B for 4 x 4 row-major matrices, each entry summed k = 0..3 in turn
 inline void matmul4(const double* A, const double* B, double* C) {
   for (int i = 0; i < 4; ++i) {
     for (int j = 0; j < 4; ++j) {
