@@ -58,12 +58,11 @@ def pose_about(T0: Tensor, c: Tensor, w: Tensor, t: Tensor) -> Tensor | None:
         lead = (len(w),)
     else:
         return None
-    args = (T0.reshape(-1, 4, 4).contiguous(), c.reshape(1, 3).contiguous())
-    w2, t2 = w.reshape(-1, 3), t.reshape(-1, 3)
+    args = [x.reshape(-1, *shape).contiguous() for x, shape in ((T0, (4, 4)), (c, (3,)), (w, (3,)), (t, (3,)))]
     if torch.is_grad_enabled() and (w.requires_grad or t.requires_grad):
-        T = _NativePoseAbout.apply(*args, w2.contiguous(), t2.contiguous())
+        T = _NativePoseAbout.apply(*args)
     else:
-        T = native._module().pose_about_forward(*args, w2.contiguous(), t2.contiguous())[0]
+        T = native._module().pose_about_forward(*args)[0]
     return T.reshape(*lead, 4, 4)
 
 
