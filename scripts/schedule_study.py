@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Shorter refinement schedules against the default one (README *Speed*, *Two editions back: shorter
-schedules*), and a coarser finest-level volume (``pool-finest-2``).
+schedules*), and the finest level's volume pooled otherwise (``pool-finest-2``: every axis by 2;
+``finest-smallest``: the rule before each axis was pooled on its own).
 
 For each named schedule (SCHEDULES):
 1. the local 2-view refinement on the bench's cases, as `mvreg bench` times it (views of the shipped
@@ -41,7 +42,10 @@ SCHEDULES = {  # name: RefineConfig fields that differ from the defaults (32 and
     "mid64-newton-only": dict(iterations=(30, 20, 0), **THREE),  # 128 px for the Newton polish alone
     # the default schedule with the finest level's CT pooled by 2 (a voxel per working pixel; the 32 px level's
     # pooling grows too): fewer bytes per render of a CT far larger than the caches
-    "pool-finest-2": dict(voxel_per_pixel=1.0),
+    "pool-finest-2": dict(voxel_per_pixel=1.0, finest_pooling="smallest"),
+    # the rule before the finest level pooled each axis on its own: every axis by the nearest integer to half a
+    # working pixel over the smallest voxel side (the shipped CT by (1, 1, 1) at 128 px, README *Speed*)
+    "finest-smallest": dict(finest_pooling="smallest"),
 }
 
 

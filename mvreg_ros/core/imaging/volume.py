@@ -69,6 +69,19 @@ def _all_finite(data: Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
+def pooling_axes(factor) -> tuple[int, int, int]:
+    """A pooling factor as one integer per axis ``(i, j, k)``: an int is the same on every axis."""
+    if isinstance(factor, int) and not isinstance(factor, bool):
+        factor = (factor,) * 3
+    if (
+        not isinstance(factor, tuple)
+        or len(factor) != 3
+        or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in factor)
+    ):
+        raise ValueError(f"factor must be a positive int or a tuple of 3 positive ints (i, j, k), got {factor!r}")
+    return factor
+
+
 @typing.no_type_check  # validates its own inputs (tests check its errors); no jaxtyping/beartype wrapper
 @dataclasses.dataclass(frozen=True)
 class Volume:
@@ -158,32 +171,34 @@ class Volume:
             "spacing_mm": [round(float(s), 6) for s in self.spacing],
         }
 
-    def resampled(self, factor: int) -> "Volume":
-        """Average-pool by an integer ``factor`` per axis (the affine follows the new centres).
+    def resampled(self, factor: "int | tuple[int, int, int]") -> "Volume":
+        """Average-pool by an integer ``factor``: one for every axis, or one per axis ``(i, j, k)``
+        (the order of :attr:`spacing`); the affine follows the new centres.
 
         Slab by slab along k (slabs of whole blocks): the same values as one pass, without a
         padded copy of the whole volume; ``self`` may be a view (:meth:`cropped_to` with
-        ``copy=False``), the result (``factor`` > 1) never shares its memory."""
-        if not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive int, got {factor!r}")
-        if factor == 1:
+        ``copy=False``), the result (any factor > 1) never shares its memory."""
+        fi, fj, fk = pooling_axes(factor)
+        if (fi, fj, fk) == (1, 1, 1):
             return self
         H, W = self.data.shape[1:]
-        step, starts = _slab_starts(self.data, factor)
+        step, starts = _slab_starts(self.data, fk)
+        kernel = (fk, fj, fi)  # the data's [k, j, i] order
 
         def pooled(x: Tensor, pool) -> Tensor:
             # zero-pad to whole blocks: a partial block keeps its mass and its extent
             parts = []
             for k in starts:
                 slab = x[k : k + step]
-                padded = F.pad(slab, (0, -W % factor, 0, -H % factor, 0, -len(slab) % factor))
-                parts.append(pool(padded[None, None], factor)[0, 0])
+                padded = F.pad(slab, (0, -W % fi, 0, -H % fj, 0, -len(slab) % fk))
+                parts.append(pool(padded[None, None], kernel)[0, 0])
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         data = pooled(self.data, F.avg_pool3d)
+        f = torch.tensor([fi, fj, fk], dtype=self.T_ct_from_index.dtype, device=self.T_ct_from_index.device)
         S = torch.eye(4, dtype=self.T_ct_from_index.dtype, device=self.T_ct_from_index.device)
-        S[:3, :3] *= factor
-        S[:3, 3] = (factor - 1) / 2
+        S[:3, :3] = torch.diag(f)
+        S[:3, 3] = (f - 1) / 2
         mask = None
         if self.mask is not None:
             mask = pooled(self.mask, lambda m, f: F.max_pool3d(m.float(), f)).to(self.mask.dtype)

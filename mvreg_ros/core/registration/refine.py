@@ -33,12 +33,13 @@ from mvreg_ros.core.geometry.transforms import invert, skew, transform_points
 from mvreg_ros.core.geometry.twist import pose_about
 from mvreg_ros.core.imaging.footprint import BODY_MU, complete_rays, target_footprint, target_volume, truncated_faces
 from mvreg_ros.core.imaging.views import ViewSet
-from mvreg_ros.core.imaging.volume import Volume
+from mvreg_ros.core.imaging.volume import Volume, pooling_axes
 from mvreg_ros.core.registration.similarity import SIMILARITY_BACKENDS, PreparedSimilarity
 from mvreg_ros.core.rendering.renderer import BACKENDS, VOLUME_LAYOUTS, Renderer
 from mvreg_ros.core.rendering.subset import RaySubset
 
 VOLUME_STORAGE = {"float16": torch.float16, "float32": torch.float32}  # RefineConfig.volume_storage
+FINEST_POOLING = ("each", "smallest")  # RefineConfig.finest_pooling
 CURVATURE_STEP_RAD = 5e-3  # finite-difference steps of the loss curvature (0.3 deg, 0.5 mm)
 CURVATURE_STEP_MM = 0.5
 
@@ -77,12 +78,16 @@ class RefineConfig:
     curvature_fallback_tries: int = 2  # how many such larger measurements at most, each with steps
     # ``curvature_fallback_scale`` times the previous one's (2: steps 2 and then 4 times the default; 1 before the
     # 128 px finest level, docs/acceptance.md)
-    voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy: at
-    # a refinement's finest level (its schedule's last: the tracking update, the Newton polish, the acceptance test's
-    # probes) by the nearest integer, at the coarser ones and in the global stage by the largest integer not above it
-    # (:func:`pooling_factor`; the finest level rounded down too until README *Speed* measured the shipped CT's
-    # pooled by 2 instead of 1 there: less time per update, the same successes and acceptances; docs/acceptance.md
-    # for why the coarse ones still round down)
+    voxel_per_pixel: float = 0.5  # volume pooled so a voxel spans about this many working pixels at the anatomy at
+    # a refinement's coarser levels and in the global stage: every axis by the largest integer not above this
+    # ratio of the smallest voxel side (:func:`pooling_factor`; docs/acceptance.md for why they round down)
+    finest_voxel_per_pixel: float = 0.75  # ... and at a refinement's finest level (its schedule's last: the
+    # tracking update, the Newton polish, the acceptance test's probes): each axis by the nearest integer to this
+    # many working pixels over that axis's own voxel side (``finest_pooling`` "each"). The shipped CT (0.70 x 0.70
+    # x 2.5 mm) is pooled by (2, 2, 1) there: the slices, already thicker than a working pixel, stay whole
+    # (README *Speed*: faster and more accurate than (1, 1, 1); the earlier (2, 2, 2) was less accurate)
+    finest_pooling: str = "each"  # "each" (above) or "smallest": every axis by the nearest integer to
+    # ``voxel_per_pixel`` working pixels over the smallest voxel side (the rule before, for comparison)
     pool_volume: bool = True  # False: render the full-resolution volume at every level
     full_resolution_max_voxels: int = 2**26  # a CT with more voxels than this once cropped to the body (a big CT,
     # e.g. 512 x 512 x 1000) is pooled once to ``base_voxel_mm`` and only that is kept; smaller CTs as they are
@@ -172,6 +177,11 @@ class RefineConfig:
             )
         if self.render_backend not in BACKENDS:
             raise ValueError(f"render_backend must be one of {BACKENDS}, got {self.render_backend!r}")
+        for name in ("voxel_per_pixel", "finest_voxel_per_pixel"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.finest_pooling not in FINEST_POOLING:
+            raise ValueError(f"finest_pooling must be one of {FINEST_POOLING}, got {self.finest_pooling!r}")
         if isinstance(self.full_resolution_max_voxels, bool) or not isinstance(self.full_resolution_max_voxels, int):
             raise TypeError(f"full_resolution_max_voxels must be an int, got {self.full_resolution_max_voxels!r}")
         if self.full_resolution_max_voxels < 0:
@@ -480,11 +490,11 @@ class Registrar:
             self.volume = self.box = base
         del base
         self._renderer_cls = renderer_cls
-        self._renderers: dict[int, Renderer] = {}
+        self._renderers: dict[tuple[int, int, int], Renderer] = {}
         self._target = None
         if config.target_labels:
             self._target = target_volume(volume, config.target_labels).resampled(self.base_factor)
-        self._target_renderers: dict[int, Renderer] = {}
+        self._target_renderers: dict[tuple[int, int, int], Renderer] = {}
 
     def _base_factor(
         self, crop: Volume, *, extend_faces: tuple[bool, ...] = (False,) * 6, extend_mm: float = 0.0
@@ -515,7 +525,10 @@ class Registrar:
         finally:
             self._timer = None
 
-    def renderer(self, factor: int):
+    def renderer(self, factor: int | tuple[int, int, int]):
+        """The renderer of :attr:`volume` pooled by ``factor`` (one for every axis, or ``(i, j, k)``),
+        built once."""
+        factor = pooling_axes(factor)
         if factor not in self._renderers:
             kwargs = (
                 {
@@ -530,7 +543,7 @@ class Registrar:
         return self._renderers[factor]
 
     def similarity_masks(
-        self, v: ViewSet, T_ref_from_ct: Float[Tensor, "*K 4 4"], factor: int
+        self, v: ViewSet, T_ref_from_ct: Float[Tensor, "*K 4 4"], factor: int | tuple[int, int, int]
     ) -> tuple[Tensor, Tensor | None]:
         """The weights of the similarity at each of the K poses, ``(K * V, H, W)``: the field of
         view less the pixels a truncated CT cannot explain, and that mask restricted to the
@@ -555,6 +568,7 @@ class Registrar:
             masks = masks * complete.to(masks)
         if self._target is None:
             return masks, None
+        factor = pooling_axes(factor)
         if factor not in self._target_renderers:
             self._target_renderers[factor] = Renderer(
                 self._target.resampled(factor), device=self.device, backend="grid_sample"
@@ -604,8 +618,8 @@ class Registrar:
     def level_inputs(self, views: ViewSet, size: int, T: Float[Tensor, "4 4"], *, finest: bool = False):
         """The views downsampled so their longer side is at most ``size`` px, on the engine's
         device, the renderer of the volume pooled to match a working pixel at the anatomy (seen
-        from the pose ``T``; ``finest``: the finest level of a refinement, pooled by the nearest
-        integer, else rounded down, :func:`pooling_factor`), and that pooling factor."""
+        from the pose ``T``; ``finest``: the finest level of a refinement, :meth:`pooling`), and
+        that pooling per axis ``(i, j, k)``."""
         v = self._level_views(views, size)
         vfactor = self._volume_factor(v, T, finest=finest)
         return v.to(self.device), self.renderer(vfactor), vfactor
@@ -615,16 +629,28 @@ class Registrar:
         """The views downsampled so their longer side is at most ``size`` px."""
         return views.downsampled(max(1, math.ceil(max(views.height, views.width) / size)))
 
-    def _volume_factor(self, v: ViewSet, T: Float[Tensor, "4 4"], *, finest: bool) -> int:
+    def _volume_factor(self, v: ViewSet, T: Float[Tensor, "4 4"], *, finest: bool) -> tuple[int, int, int]:
         """The volume's pooling for the (downsampled) views ``v`` seen from the pose ``T``: a voxel
         to match a working pixel at the anatomy centre (the mean over the views)."""
         c_ref = transform_points(T, self.centre_ct[None])[0]
         T_cam_from_ref = invert(v.T_ref_from_cam)
         depth = transform_points(T_cam_from_ref, c_ref[None].expand(len(v), 1, 3))[:, 0, 2].abs().mean()
-        pixel_at_anatomy = float(depth / v.K[:, 0, 0].mean())
-        vox = float(self.volume.spacing.min())
-        ratio = self.config.voxel_per_pixel * pixel_at_anatomy / vox
-        return pooling_factor(ratio, nearest=finest) if self.config.pool_volume else 1
+        return self.pooling(float(depth / v.K[:, 0, 0].mean()), finest=finest)
+
+    def pooling(self, pixel_mm: float, *, finest: bool) -> tuple[int, int, int]:
+        """The pooling per axis ``(i, j, k)`` of :attr:`volume` for a working pixel of ``pixel_mm``
+        at the anatomy: at the coarser levels (``finest`` False) every axis by the largest integer
+        not above ``voxel_per_pixel`` pixels over the smallest voxel side; at the finest level each
+        axis by the nearest integer to ``finest_voxel_per_pixel`` pixels over its own side
+        (``finest_pooling`` "each") or every axis by the nearest to ``voxel_per_pixel`` pixels over
+        the smallest ("smallest")."""
+        cfg = self.config
+        if not cfg.pool_volume:
+            return (1, 1, 1)
+        spacing = [float(s) for s in self.volume.spacing]
+        if finest and cfg.finest_pooling == "each":
+            return tuple(pooling_factor(cfg.finest_voxel_per_pixel * pixel_mm / s, nearest=True) for s in spacing)
+        return (pooling_factor(cfg.voxel_per_pixel * pixel_mm / min(spacing), nearest=finest),) * 3
 
     def paired_objectives(
         self, views: ViewSet, T: Float[Tensor, "V 4 4"], *, level: "LevelSpec"
@@ -637,7 +663,7 @@ class Registrar:
         if T.shape != (len(views), 4, 4):
             raise ValueError(f"paired objectives need one pose per view ({len(views)}, 4, 4), got {tuple(T.shape)}")
         v = self._level_views(views, level.size)
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int, int], list[int]] = {}
         for i in range(len(v)):
             groups.setdefault(self._volume_factor(v.select([i]), T[i], finest=True), []).append(i)
         v = v.to(self.device)

@@ -151,6 +151,49 @@ def test_resampled_ramp_keeps_physical_positions(factor):
         vol.resampled(2.0)
 
 
+@pytest.mark.parametrize("factor", [(2, 2, 1), (1, 3, 2), (3, 1, 1)])
+def test_resampled_per_axis_keeps_physical_positions(factor):
+    """A factor per axis (i, j, k): the k, j, i data pooled by (fk, fj, fi), each axis's
+    spacing times its own factor, the ramp evaluated at the new centres."""
+    fi, fj, fk = factor
+    A = _affine()
+    vol = _ramp_volume((4 * fk, 3 * fj, 5 * fi), A)
+    small = vol.resampled(factor)
+    assert small.data.shape == (4, 3, 5)
+    torch.testing.assert_close(small.centre_ct(), vol.centre_ct())
+    torch.testing.assert_close(small.corners_ct(), vol.corners_ct())
+    torch.testing.assert_close(small.spacing, vol.spacing * torch.tensor(factor, dtype=F64))
+    torch.testing.assert_close(small.data, _ramp_volume(small.data.shape, small.T_ct_from_index).data)
+    centre = [n * f + (f - 1) / 2 for n, f in zip((1, 2, 3), factor)]
+    torch.testing.assert_close(_phys(small.T_ct_from_index, [1, 2, 3]), _phys(A, centre))
+
+
+def test_resampled_same_factor_on_every_axis_equals_the_int():
+    vol = Volume(data=torch.rand(9, 7, 8, generator=torch.Generator().manual_seed(3)), T_ct_from_index=_affine())
+    a, b = vol.resampled(3), vol.resampled((3, 3, 3))
+    assert torch.equal(a.data, b.data) and torch.equal(a.T_ct_from_index, b.T_ct_from_index)
+    assert vol.resampled((1, 1, 1)) is vol
+
+
+@pytest.mark.parametrize("bad", [(2, 2), (2, 0, 1), (2.0, 1, 1), (True, 1, 1), [2, 2, 1], 0, -1, True])
+def test_resampled_rejects_a_bad_factor_naming_it(bad):
+    vol = Volume(data=torch.zeros(4, 4, 4), T_ct_from_index=torch.eye(4, dtype=F64))
+    with pytest.raises(ValueError, match="factor"):
+        vol.resampled(bad)
+
+
+def test_resampled_per_axis_conserves_mass_and_max_pools_the_mask_when_not_divisible():
+    A = _affine(spacing=(1.0, 1.0, 2.5))
+    data = torch.rand(17, 11, 13, generator=torch.Generator().manual_seed(1), dtype=F64)
+    mask = torch.zeros(17, 11, 13, dtype=torch.int16)
+    mask[16, 10, 12] = 5  # the last, partial block of every axis
+    small = Volume(data=data, T_ct_from_index=A, mask=mask).resampled((2, 3, 1))
+    assert small.data.shape == (17, 4, 7)
+    voxel = float(torch.linalg.det(A[:3, :3]))
+    assert math.isclose(float(small.data.sum()) * voxel * 6, float(data.sum()) * voxel, rel_tol=1e-6)
+    assert small.mask[16, 3, 6] == 5 and int(small.mask.sum()) == 5
+
+
 def test_resampled_mask_max_pooled():
     data = torch.zeros(4, 4, 4)
     mask = torch.zeros(4, 4, 4, dtype=torch.int16)

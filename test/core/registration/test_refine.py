@@ -473,16 +473,50 @@ def _voxels_per_unit(ct, scene, views, size):
 
 
 @pytest.mark.parametrize("wanted, finest, coarse", [(1.7, 2, 1), (1.3, 1, 1), (2.6, 3, 2)])
-def test_finest_level_pools_to_the_nearest_integer_coarser_levels_round_down(ct, scene_views, wanted, finest, coarse):
-    """voxel_per_pixel chosen so a level wants voxels ``wanted`` times the CT's."""
+def test_smallest_rule_finest_level_pools_to_the_nearest_integer_coarser_levels_round_down(
+    ct, scene_views, wanted, finest, coarse
+):
+    """voxel_per_pixel chosen so a level wants voxels ``wanted`` times the CT's smallest side: every
+    axis by the same factor (``finest_pooling`` "smallest"; the coarser levels always)."""
     scene, views = scene_views
     for size, expected in ((QUICK.sizes[-1], finest), (QUICK.sizes[0], coarse)):
-        reg = Registrar(
-            ct, dataclasses.replace(QUICK, voxel_per_pixel=wanted / _voxels_per_unit(ct, scene, views, size))
+        config = dataclasses.replace(
+            QUICK, voxel_per_pixel=wanted / _voxels_per_unit(ct, scene, views, size), finest_pooling="smallest"
         )
+        reg = Registrar(ct, config)
         _, renderer, factor = reg.level_inputs(views, size, scene.T_ref_from_ct, finest=size == QUICK.sizes[-1])
-        assert factor == expected
-        assert renderer is reg.renderer(expected)
+        assert factor == (expected,) * 3
+        assert renderer is reg.renderer(expected) is reg.renderer((expected,) * 3)
+
+
+@pytest.mark.parametrize("wanted, factor", [(1.7, (2, 2, 1)), (1.3, (1, 1, 1)), (2.6, (3, 3, 1)), (6.0, (6, 6, 2))])
+def test_finest_level_pools_each_axis_to_the_nearest_integer_of_its_own_side(ct, scene_views, wanted, factor):
+    """finest_voxel_per_pixel chosen so the finest level wants voxels ``wanted`` times the CT's
+    in-plane side: the in-plane axes by the nearest integer to that, the slice axis (10 mm, 3.56
+    times the in-plane 2.81 mm of this test CT) by the nearest to ``wanted`` / 3.56; the renderer's
+    volume has the pooled spacing."""
+    scene, views = scene_views
+    size = QUICK.sizes[-1]
+    assert ct.spacing[0] == ct.spacing[1] < ct.spacing[2]
+    per_unit = _voxels_per_unit(ct, scene, views, size)
+    reg = Registrar(ct, dataclasses.replace(QUICK, finest_voxel_per_pixel=wanted / per_unit))
+    _, renderer, got = reg.level_inputs(views, size, scene.T_ref_from_ct, finest=True)
+    assert got == factor
+    assert renderer is reg.renderer(factor)
+    torch.testing.assert_close(
+        reg.volume.resampled(factor).spacing, reg.volume.spacing * torch.tensor(factor, dtype=torch.float64)
+    )
+    # the coarser levels keep the smallest side's rule (voxel_per_pixel, rounded down, every axis)
+    _, _, coarse = reg.level_inputs(views, QUICK.sizes[0], scene.T_ref_from_ct, finest=False)
+    assert coarse[0] == coarse[1] == coarse[2]
+
+
+def test_pooling_rule_off_and_config_checks(ct):
+    reg = Registrar(ct, dataclasses.replace(QUICK, pool_volume=False))
+    assert reg.pooling(50.0, finest=True) == reg.pooling(50.0, finest=False) == (1, 1, 1)
+    for bad in (dict(finest_voxel_per_pixel=0.0), dict(voxel_per_pixel=float("nan")), dict(finest_pooling="min")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            dataclasses.replace(QUICK, **bad)
 
 
 def test_the_schedules_last_level_and_the_probes_pool_as_finest_the_global_stage_does_not(ct, scene_views, monkeypatch):
