@@ -427,6 +427,8 @@ class Renderer:
             compile_cache_dir()  # before Dynamo's import (which sets torch's default)
             torch._dynamo.mark_dynamic(self.padded, (0, 1, 2))
         self._compiled_ok = False
+        self._grid_directions: list[tuple[Tensor, tuple[int, int], Tensor]] = []  # (K, image size, the whole
+        # image's directions), newest first: what RaySubsets' directions are gathered from
         self._kept_directions: list[tuple[Tensor, Tensor, int, Tensor]] = []  # (K, pixels, their version,
         # directions), newest first
         self._grid: tuple[int, int, Tensor] | None = None  # the last full image's pixel grid
@@ -477,7 +479,7 @@ class Renderer:
                 f"{tuple(ray_index.shape)} and pixels {None if full else tuple(pixels.shape)}"
             )
         if self.backend == "native":
-            out = self._render_native(T, K, pixels, n, poses, ray_index, height * width)
+            out = self._render_native(T, K, pixels, n, poses, ray_index, (height, width))
         else:
             out = self._render_compiled(T, K, pixels, n, ray_index) if self.backend != "grid_sample" else None
         if out is None:
@@ -496,13 +498,39 @@ class Renderer:
         (``ray_index`` given)."""
         return ray_index is not None or (self._grid is not None and pixels is self._grid[2])
 
-    def _directions(self, K: Tensor, pixels: Tensor, *, frozen: bool = False) -> Tensor:
+    def _subset_directions(self, K: Tensor, pixels: Tensor, index: Tensor, height: int, width: int) -> Tensor | None:
+        """:func:`ray_directions` of ``pixels``, the pixels ``index`` of a ``height x width`` image (a
+        RaySubset's; the padding index ``height * width``: the last pixel), gathered from those of the whole
+        image, which are kept while the intrinsics and the image size stay the same (the same values: the
+        function is computed pixel by pixel; a tracking update's new subsets compute none). None when
+        ``pixels`` are not those pixels."""
+        HW = height * width
+        index = index.clamp_max(HW - 1)
+        if not torch.equal(pixels, self._pixel_grid(height, width)[index]):
+            return None
+        full = None
+        for i, (K_kept, size, d) in enumerate(self._grid_directions):
+            if size == (height, width) and K_kept.shape == K.shape and torch.equal(K_kept, K):
+                full = d
+                if i:
+                    self._grid_directions.insert(0, self._grid_directions.pop(i))
+                break
+        if full is None:
+            full = ray_directions(K, self._pixel_grid(height, width))
+            self._grid_directions.insert(0, (K.clone(), (height, width), full))
+            del self._grid_directions[KEPT_DIRECTIONS:]
+        return torch.gather(full, 2, index[None].expand(3, -1, -1))
+
+    def _directions(
+        self, K: Tensor, pixels: Tensor, *, frozen: bool = False, subset: tuple[Tensor, int, int] | None = None
+    ) -> Tensor:
         """:func:`ray_directions`, kept while the intrinsics and pixels stay the same (a refinement
         renders the same views at every iteration; the last ``KEPT_DIRECTIONS`` sets are kept, as a
         refinement's level, its curvature's 13 poses and the acceptance test's probes take turns).
         ``frozen``: ``pixels`` are never changed in place (the kept grid, a :class:`RaySubset`'s), so they
         are recognised by identity (and their version counter: one changed in place after all is not),
-        without comparing their values; other pixels are kept as a copy."""
+        without comparing their values; other pixels are kept as a copy. ``subset``: ``(ray_index, height,
+        width)`` of a RaySubset's pixels (:meth:`_subset_directions`)."""
         for i, (K_kept, px_kept, version, d) in enumerate(self._kept_directions):
             if (
                 K_kept.shape == K.shape
@@ -515,7 +543,8 @@ class Renderer:
                 if i:
                     self._kept_directions.insert(0, self._kept_directions.pop(i))
                 return d
-        d = ray_directions(K, pixels)
+        d = None if subset is None else self._subset_directions(K, pixels, *subset)
+        d = ray_directions(K, pixels) if d is None else d
         kept = pixels if frozen else pixels.clone()
         self._kept_directions.insert(0, (K.clone(), kept, kept._version, d))
         del self._kept_directions[KEPT_DIRECTIONS:]
@@ -529,11 +558,13 @@ class Renderer:
         n_samples: int,
         poses: int = 1,
         ray_index: Tensor | None = None,
-        image_pixels: int = 0,
+        size: tuple[int, int] = (0, 0),
     ) -> Tensor:
         """The native backend: the ray set-up and the sums in C++ (:func:`native.render_rays`; nothing to
         compile), with the same arithmetic as the compiled :func:`render_native` (its reference)."""
-        d_cam = self._directions(K, pixels, frozen=self._frozen(pixels, ray_index))
+        d_cam = self._directions(
+            K, pixels, frozen=self._frozen(pixels, ray_index), subset=None if ray_index is None else (ray_index, *size)
+        )
         T_index_from_cam = index_from_cam(self.T_index_from_ct, T)
         return native.render_rays(
             T_index_from_cam,
@@ -542,7 +573,7 @@ class Renderer:
             n_samples,
             poses=poses,
             ray_index=ray_index,
-            image_pixels=image_pixels,
+            image_pixels=size[0] * size[1],
             prefetch=self.prefetch,
         )
 

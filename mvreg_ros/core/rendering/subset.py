@@ -96,5 +96,5 @@ class RaySubset:
         out = renderer(
             T_cam_from_ct, K, H, W, pixels=pixels, n_samples=n_samples, poses=poses, ray_index=index
         )  # (M, R)
-        full = out.new_zeros(M, H * W + 1).scatter(1, index, out)  # the padding into the last column, dropped
+        full = out.new_zeros(M, H * W + 1).scatter_(1, index, out)  # the padding into the last column, dropped
         return full[:, : H * W].reshape(M, H, W)

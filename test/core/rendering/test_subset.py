@@ -137,3 +137,34 @@ def test_kept_ray_directions_serve_only_their_own_pixels_and_intrinsics(backend)
         for i, call in enumerate(calls):
             for k in (K, K2):
                 assert torch.equal(call(r, k), call(Renderer(ct, backend=backend), k)), (round_, i)
+
+
+@needs_native
+def test_subset_directions_are_gathered_from_the_whole_images_bit_for_bit():
+    """The native renderer takes a RaySubset's ray directions from those of the whole image (kept per
+    intrinsics and image size): the same values as computing them for its pixels, for every copy and
+    the padding rays; a new subset of the same views computes none, other intrinsics or another image
+    size do."""
+    ct, K, T = _scene()
+    r = Renderer(ct, backend="native")
+    s = RaySubset.from_support(_support())
+    index, pixels = s._copies(3, "cpu")
+    K3 = K.repeat(3, 1, 1)
+    got = r._subset_directions(K3, pixels, index, H, W)
+    assert torch.equal(got, ray_directions(K3, pixels))
+    assert len(r._grid_directions) == 1
+    other = RaySubset.from_support(_support().flip(-1))
+    assert torch.equal(
+        r._subset_directions(K3, other.pixels.repeat(3, 1, 1), other.index.repeat(3, 1), H, W),
+        ray_directions(K3, other.pixels.repeat(3, 1, 1)),
+    )
+    assert len(r._grid_directions) == 1  # kept: nothing computed for the new subset
+    K_other = K3.clone()
+    K_other[:, 0, 0] *= 1.01
+    assert torch.equal(r._subset_directions(K_other, pixels, index, H, W), ray_directions(K_other, pixels))
+    small = RaySubset.from_support(_support(H - 8, W))
+    assert torch.equal(
+        r._subset_directions(K[:2], small.pixels, small.index, H - 8, W), ray_directions(K[:2], small.pixels)
+    )
+    assert len(r._grid_directions) == 3
+    assert r._subset_directions(K3, pixels + 1.0, index, H, W) is None  # not the index's pixels: computed
