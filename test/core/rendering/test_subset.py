@@ -145,7 +145,7 @@ def test_subset_directions_are_gathered_from_the_whole_images_bit_for_bit():
     intrinsics and image size): the same values as computing them for its pixels, for every copy and
     the padding rays; a new subset of the same views computes none, other intrinsics or another image
     size do."""
-    ct, K, T = _scene()
+    ct, K, _ = _scene()
     r = Renderer(ct, backend="native")
     s = RaySubset.from_support(_support())
     index, pixels = s._copies(3, "cpu")
