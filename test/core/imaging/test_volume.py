@@ -128,44 +128,29 @@ def test_identity_tracks_data_and_geometry():
     assert a["spacing_mm"] == [1.5, 0.8, 2.5]
 
 
-@pytest.mark.parametrize("factor", [2, 3])
+@pytest.mark.parametrize("factor", [2, 3, (2, 2, 1), (1, 3, 2), (3, 1, 1)])
 def test_resampled_ramp_keeps_physical_positions(factor):
-    A = _affine()
-    vol = _ramp_volume((4 * factor, 3 * factor, 5 * factor), A)
-    small = vol.resampled(factor)
-    assert small.data.shape == (4, 3, 5)
-    torch.testing.assert_close(small.centre_ct(), vol.centre_ct())
-    torch.testing.assert_close(small.corners_ct(), vol.corners_ct())
-    torch.testing.assert_close(small.spacing, vol.spacing * factor)
-    # the pooled ramp equals the ramp evaluated at the new voxel centres
-    expected = _ramp_volume(small.data.shape, small.T_ct_from_index).data
-    torch.testing.assert_close(small.data, expected)
-    # a specific voxel: new index (1, 2, 3) is the centre of old block [f..2f-1, 2f..3f-1, 3f..4f-1]
-    torch.testing.assert_close(
-        _phys(small.T_ct_from_index, [1, 2, 3]), _phys(A, [f * factor + (factor - 1) / 2 for f in (1, 2, 3)])
-    )
-    assert vol.resampled(1) is vol
-    with pytest.raises(ValueError, match="factor"):
-        vol.resampled(0)
-    with pytest.raises(ValueError, match="factor"):
-        vol.resampled(2.0)
-
-
-@pytest.mark.parametrize("factor", [(2, 2, 1), (1, 3, 2), (3, 1, 1)])
-def test_resampled_per_axis_keeps_physical_positions(factor):
-    """A factor per axis (i, j, k): the k, j, i data pooled by (fk, fj, fi), each axis's
-    spacing times its own factor, the ramp evaluated at the new centres."""
-    fi, fj, fk = factor
+    """One factor for every axis, or one per axis (i, j, k): the k, j, i data pooled by (fk, fj, fi),
+    each axis's spacing times its own factor, the ramp evaluated at the new centres."""
+    fi, fj, fk = (factor,) * 3 if isinstance(factor, int) else factor
     A = _affine()
     vol = _ramp_volume((4 * fk, 3 * fj, 5 * fi), A)
     small = vol.resampled(factor)
     assert small.data.shape == (4, 3, 5)
     torch.testing.assert_close(small.centre_ct(), vol.centre_ct())
     torch.testing.assert_close(small.corners_ct(), vol.corners_ct())
-    torch.testing.assert_close(small.spacing, vol.spacing * torch.tensor(factor, dtype=F64))
-    torch.testing.assert_close(small.data, _ramp_volume(small.data.shape, small.T_ct_from_index).data)
-    centre = [n * f + (f - 1) / 2 for n, f in zip((1, 2, 3), factor)]
+    torch.testing.assert_close(small.spacing, vol.spacing * torch.tensor([fi, fj, fk], dtype=F64))
+    # the pooled ramp equals the ramp evaluated at the new voxel centres
+    expected = _ramp_volume(small.data.shape, small.T_ct_from_index).data
+    torch.testing.assert_close(small.data, expected)
+    # a specific voxel: new index (1, 2, 3) is the centre of old block [fi..2fi-1, 2fj..3fj-1, 3fk..4fk-1]
+    centre = [n * f + (f - 1) / 2 for n, f in zip((1, 2, 3), (fi, fj, fk))]
     torch.testing.assert_close(_phys(small.T_ct_from_index, [1, 2, 3]), _phys(A, centre))
+    assert vol.resampled(1) is vol
+    with pytest.raises(ValueError, match="factor"):
+        vol.resampled(0)
+    with pytest.raises(ValueError, match="factor"):
+        vol.resampled(2.0)
 
 
 def test_resampled_same_factor_on_every_axis_equals_the_int():
