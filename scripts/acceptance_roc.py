@@ -2,7 +2,7 @@
 """The acceptance test's ROC on recorded cases (docs/acceptance.md).
 
 Reads the JSON written by scripts/calibrate_acceptance.py (every signal recorded, thresholds off)
-and prints, for each threshold of AcceptanceConfig swept alone (the others at their defaults, the
+and prints each file's cases at the defaults, then, for each threshold of AcceptanceConfig swept alone (the others at their defaults, the
 curvature judged as RefineConfig's default fallbacks would; the last table moves those),
 how many correct results are accepted (true acceptance) and how many wrong ones (false
 acceptances). Usage:
@@ -11,9 +11,10 @@ acceptances). Usage:
 """
 
 import json
+import statistics
 import sys
 
-from mvreg_ros.core.evaluation.roc import default_curvature_scale, markdown, sweep
+from mvreg_ros.core.evaluation.roc import accepts, default_curvature_scale, markdown, sweep
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 
 GRID = {
@@ -28,12 +29,29 @@ GRID = {
 }
 
 
+def at_defaults(name: str, cases: list[dict], scale: float) -> str:
+    """One line: the cases, the correct ones (their median mTRE), the wrong ones, and what the
+    acceptance test at its defaults accepts of them."""
+    correct = [c["mtre_mm"] for c in cases if c["success"]]
+    accepted = [c for c in cases if accepts(c, AcceptanceConfig(), max_curvature_scale=scale)]
+    false = sorted(round(c["mtre_mm"], 2) for c in accepted if not c["success"])
+    median = f"{statistics.median(correct):.2f} mm" if correct else "-"
+    return (
+        f"{name}: {len(cases)} cases, {len(correct)} correct (median {median}), {len(cases) - len(correct)} wrong; "
+        f"at the defaults {len(accepted)} accepted, {len(accepted) - len(false)} of them correct, "
+        f"{len(false)} false acceptances {false if false else ''}".rstrip()
+    )
+
+
 def main(paths: list[str]) -> int:
     cases = [c for p in paths for c in json.loads(open(p).read())["cases"]]
     print(
         f"{len(cases)} cases: {sum(c['success'] for c in cases)} correct, {sum(not c['success'] for c in cases)} wrong\n"
     )
     scale = default_curvature_scale()  # the engine's curvature fallbacks, for the other thresholds' sweeps
+    for p in paths:  # each file's cases at the defaults (check 6 included where recorded)
+        print(at_defaults(p, json.loads(open(p).read())["cases"], scale))
+    print()
     for name, grid in GRID.items():
         base = AcceptanceConfig()  # the defaults, check 6 included where a case records it
         try:
