@@ -2,8 +2,8 @@
 """The acceptance test's ROC on recorded cases (docs/acceptance.md).
 
 Reads the JSON written by scripts/calibrate_acceptance.py (every signal recorded, thresholds off)
-and prints each file's cases at the defaults, then, for each threshold of AcceptanceConfig swept alone (the others at their defaults, the
-curvature judged as RefineConfig's default fallbacks would; the last table moves those),
+and prints each file's cases at the defaults, then, for each threshold of AcceptanceConfig swept
+alone (the others at their defaults, the curvature judged as RefineConfig's default fallbacks would; the last table moves those),
 how many correct results are accepted (true acceptance) and how many wrong ones (false
 acceptances). Usage:
 
@@ -44,13 +44,14 @@ def at_defaults(name: str, cases: list[dict], scale: float) -> str:
 
 
 def main(paths: list[str]) -> int:
-    cases = [c for p in paths for c in json.loads(open(p).read())["cases"]]
+    per_file = {p: json.loads(open(p).read())["cases"] for p in paths}
+    cases = [c for file_cases in per_file.values() for c in file_cases]
     print(
         f"{len(cases)} cases: {sum(c['success'] for c in cases)} correct, {sum(not c['success'] for c in cases)} wrong\n"
     )
     scale = default_curvature_scale()  # the engine's curvature fallbacks, for the other thresholds' sweeps
-    for p in paths:  # each file's cases at the defaults (check 6 included where recorded)
-        print(at_defaults(p, json.loads(open(p).read())["cases"], scale))
+    for p, file_cases in per_file.items():  # each file's cases at the defaults (check 6 included where recorded)
+        print(at_defaults(p, file_cases, scale))
     print()
     for name, grid in GRID.items():
         base = AcceptanceConfig()  # the defaults, check 6 included where a case records it

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Shorter refinement schedules against the default one (README *Speed*, *Two editions back: shorter
-schedules*), and the finest level's volume pooled otherwise (``pool-finest-2``: every axis by 2;
+"""Shorter refinement schedules against the default one (README *Speed*, *shorter schedules, measured
+and not kept*), and the finest level's volume pooled otherwise (``pool-finest-2``: every axis by 2;
 ``finest-smallest``: the rule before each axis was pooled on its own).
 
 For each named schedule (SCHEDULES):
