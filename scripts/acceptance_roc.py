@@ -3,9 +3,9 @@
 
 Reads the JSON written by scripts/calibrate_acceptance.py (every signal recorded, thresholds off)
 and prints each file's cases at the defaults, then, for each threshold of AcceptanceConfig swept
-alone (the others at their defaults, the curvature judged as RefineConfig's default fallbacks would; the last table moves those),
-how many correct results are accepted (true acceptance) and how many wrong ones (false
-acceptances). Usage:
+alone (the others at their defaults, the curvature judged as RefineConfig's default fallbacks
+would; the last table moves those), how many correct results are accepted (true acceptance) and
+how many wrong ones (false acceptances). Usage:
 
     .venv/bin/python scripts/acceptance_roc.py CALIB.json [CALIB.json ...]
 """
