@@ -169,7 +169,8 @@ def run(args) -> int:
                 f"tracking update, {what} ({cfg.tracking_rot_deg:g} deg / {cfg.tracking_trans_mm:g} mm moved, "
                 f"acceptance test included): median {t['time_s']:.2f} s (refinement {t['refine_time_s']:.2f} s), "
                 f"median mTRE {t['median_mtre_mm']:.3f} mm, "
-                f"fast {t['fast']}/{t['n']}, fallbacks {t['fallbacks']}, accepted {t['accepted']}/{t['n']}, "
+                f"fast {t['fast']}/{t['n']}, fallbacks {t['fallbacks']}, held curvature {t['held_curvature']}/{t['n']}, "
+                f"accepted {t['accepted']}/{t['n']}, "
                 f"false acceptances {t['false_acceptances']}, false rejections {t['false_rejections']}"
             )
     if "profile" in r.get("tracking", {}):

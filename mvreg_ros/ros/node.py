@@ -766,6 +766,7 @@ class RegisterNode(LifecycleNode):
             T_ref_from_ct=r.T_ref_from_ct.detach().to(torch.float64).cpu(),
             stamp_ns=outcome.stamp_ns,
             covariance_ref=r.covariance_ref(),
+            curvature=r.curvature,
         )
         with self._publish_lock:
             self._finish(job)  # this set is no longer pending: the copy below may follow

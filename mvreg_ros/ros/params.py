@@ -30,7 +30,7 @@ from mvreg_ros.core.geometry.transforms import make_T, matrix_from_quaternion
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.global_search import GlobalConfig
 from mvreg_ros.core.registration.pipeline import PipelineConfig
-from mvreg_ros.core.registration.refine import RefineConfig
+from mvreg_ros.core.registration.refine import RefineConfig, TrackingConfig
 from mvreg_ros.core.rendering.renderer import BACKENDS
 from mvreg_ros.ros.joint_buffer import MAX_GAP_S, TOLERANCE_S
 from mvreg_ros.ros.motion import MotionConfig
@@ -78,6 +78,7 @@ def _frame_name(name: str) -> str:
 _REFINE = RefineConfig()
 _GATES = AcceptanceConfig()  # the acceptance test's defaults live in the engine
 _GLOBAL = GlobalConfig()
+_TRACKING = TrackingConfig()
 _MOTION = MotionConfig()  # the motion check's defaults (ros/motion.py)
 
 NODE_PARAMETERS: tuple[ParamSpec, ...] = (
@@ -324,6 +325,16 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         _GLOBAL.trans_range_mm,
         "Global stage: largest translation of its candidate poses from the start, mm.",
         range=(0.0, 1000.0),
+        into="pipeline",
+    ),
+    ParamSpec(
+        "tracking_held_curvature",
+        "bool",
+        _TRACKING.held_curvature,
+        "Tracking updates: Newton steps on the loss curvature the held pose's registration measured, where it "
+        "serves (the same views, the start within "
+        f"{_TRACKING.held_max_rot_deg:g} deg / {_TRACKING.held_max_trans_mm:g} mm of where it was measured, at most "
+        f"{_TRACKING.held_max_age} updates old), instead of first-order steps and a curvature measured at each update.",
         into="pipeline",
     ),
     ParamSpec(
@@ -771,6 +782,7 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
             rot_range_deg=v["global_rot_range_deg"],
             trans_range_mm=v["global_trans_range_mm"],
         ),
+        tracking=dataclasses.replace(_TRACKING, held_curvature=v["tracking_held_curvature"]),
     )
     refine = dataclasses.replace(
         _REFINE,

@@ -24,6 +24,7 @@ from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume, example_ct_path, load_hu, load_volume
+from mvreg_ros.core.registration.curvature import HeldCurvature
 from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar
@@ -279,13 +280,22 @@ def tracking_runs(
     config: PipelineConfig = PipelineConfig(),
     success_mm: float = 2.0,
     warm_up: bool = True,
+    curvature: HeldCurvature | None = None,
 ) -> dict:
     """Tracking updates through the pipeline: each set registered from a tracking start at the held
-    pose (the fast path, falling back to the full registration). Time, error against the moved pose,
-    how many took the fast path and the acceptance counts. ``warm_up``: the first set once untimed
-    before (compiles the fast path's shapes)."""
+    pose (the fast path, falling back to the full registration), carrying ``curvature`` (the held
+    registration's, :class:`HeldCurvature`; None: none held). Time, error against the moved pose,
+    how many took the fast path, how many used the held curvature, and the acceptance counts.
+    ``warm_up``: the first set once untimed before (compiles the fast path's shapes)."""
     return tracking_comparison(
-        registrar, T_held_ref_from_ct, sets, landmarks, {"run": config}, success_mm=success_mm, warm_up=warm_up
+        registrar,
+        T_held_ref_from_ct,
+        sets,
+        landmarks,
+        {"run": config},
+        success_mm=success_mm,
+        warm_up=warm_up,
+        curvature=curvature,
     )["run"]
 
 
@@ -298,18 +308,24 @@ def tracking_comparison(
     *,
     success_mm: float = 2.0,
     warm_up: bool = True,
+    curvature: HeldCurvature | None = None,
 ) -> dict[str, dict]:
     """:func:`tracking_runs` for each pipeline configuration of ``configs``, set by set in turn (a
     load that changes during the run weighs on all of them alike)."""
     pipelines = {name: RegistrationPipeline(registrar, initialisers=[], config=c) for name, c in configs.items()}
 
     def start() -> Start:
-        return Start(T_ref_from_ct=T_held_ref_from_ct.clone(), source="last_accepted", tracking=True)
+        return Start(
+            T_ref_from_ct=T_held_ref_from_ct.clone(), source="last_accepted", tracking=True, curvature=curvature
+        )
 
     if warm_up and sets:
         for pipeline in pipelines.values():
             pipeline.register_from(sets[0][1], start())
-    runs = {name: {"errs": [], "times": [], "refine": [], "accepted": [], "stages": [], "fast": []} for name in configs}
+    runs = {
+        name: {"errs": [], "times": [], "refine": [], "accepted": [], "stages": [], "fast": [], "held": []}
+        for name in configs
+    }
     for T_moved, views in sets:
         for name, pipeline in pipelines.items():
             t = time.perf_counter()
@@ -321,6 +337,8 @@ def tracking_comparison(
             runs[name]["accepted"].append(bool(out.accepted))
             runs[name]["stages"].append("+".join(out.stages))
             runs[name]["fast"].append(out.fast)
+            held = getattr(out.result, "curvature", None)
+            runs[name]["held"].append(held is not None and held.age > 0)  # its covariance from the held curvature
     results = {}
     for name, x in runs.items():
         errs, times, accepted, stages = x["errs"], x["times"], x["accepted"], x["stages"]
@@ -334,6 +352,7 @@ def tracking_comparison(
             "max_mtre_mm": max(errs),
             "fast": sum(x["fast"]),  # the fast path's rounds alone (Outcome.fast)
             "fallbacks": sum(s.startswith("tracking") and not f for s, f in zip(stages, x["fast"])),
+            "held_curvature": sum(x["held"]),  # results whose covariance used the held registration's curvature
             "accepted": sum(accepted),
             "false_acceptances": sum(a and not o for a, o in zip(accepted, ok)),
             "false_rejections": sum(o and not a for a, o in zip(accepted, ok)),
@@ -344,12 +363,14 @@ def tracking_comparison(
     return results
 
 
-def refine_profile(registrar: Registrar, views: ViewSet, T_init: torch.Tensor, schedule=None) -> dict:
+def refine_profile(
+    registrar: Registrar, views: ViewSet, T_init: torch.Tensor, schedule=None, curvature: HeldCurvature | None = None
+) -> dict:
     """Seconds per part of one refinement from ``T_init`` (``Registrar.profiled``; the registrar
-    should be warm: compiled for these shapes); ``schedule``: as :meth:`Registrar.refine`."""
+    should be warm: compiled for these shapes); ``schedule``, ``curvature``: as :meth:`Registrar.refine`."""
     with registrar.profiled() as timer:
         t = timer.now()
-        res = registrar.refine(views, T_init, schedule=schedule)
+        res = registrar.refine(views, T_init, schedule=schedule, curvature=curvature)
         total = timer.now() - t
     out = timer.report(total)
     out["iterations"] = res.iterations
@@ -574,10 +595,16 @@ def run(volume: Volume, cfg: BenchConfig, log=print) -> dict:
         if cfg.tracking_compare:  # the same sets without the fast path (local refinement, acceptance test), in turn
             slow = dataclasses.replace(cfg.pipeline, tracking=dataclasses.replace(cfg.pipeline.tracking, enabled=False))
             configs["tracking_without_fast_path"] = slow
-        result.update(tracking_comparison(engine, scene.T_ref_from_ct, sets, landmarks, configs))
+        # the held pose's registration (its views, from the pose): the curvature a tracking start carries
+        held = engine.refine(views, scene.T_ref_from_ct).curvature if sets else None
+        result.update(tracking_comparison(engine, scene.T_ref_from_ct, sets, landmarks, configs, curvature=held))
         if "tracking" in result and "profile" in sections:  # one fast refinement, part by part
-            fast = cfg.pipeline.tracking.schedule(engine.config)
-            result["tracking"]["profile"] = refine_profile(engine, sets[0][1], scene.T_ref_from_ct, fast)
+            tracking = cfg.pipeline.tracking
+            held_here = tracking.held_curvature_for(held, sets[0][1], scene.T_ref_from_ct, engine)
+            fast = tracking.schedule(engine.config, held=held_here is not None)
+            result["tracking"]["profile"] = refine_profile(
+                engine, sets[0][1], scene.T_ref_from_ct, fast, curvature=held_here
+            )
         if "tracking" in result and "tracking_without_fast_path" in result:
             result["tracking_speedup"] = result["tracking_without_fast_path"]["time_s"] / result["tracking"]["time_s"]
     result["coarse_ms_per_set"] = None

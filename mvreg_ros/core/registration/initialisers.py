@@ -30,6 +30,7 @@ from mvreg_ros.core.geometry.kinematics import PlaneConfig
 from mvreg_ros.core.geometry.transforms import perturb
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume
+from mvreg_ros.core.registration.curvature import HeldCurvature
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -48,6 +49,7 @@ class Start:
     tracking: bool = False  # a tracking start: local refinement first, the global stage only if it fails
     T_coarse_ref_from_ct: Tensor | None = None  # a coarse estimate to report (the network's)
     values: dict = dataclasses.field(default_factory=dict)  # status values (e.g. coarse_ms)
+    curvature: HeldCurvature | None = None  # a tracking start's: the loss curvature its registration measured
 
 
 @runtime_checkable
@@ -62,6 +64,7 @@ class AcceptedPose:
     T_ref_from_ct: Float[Tensor, "4 4"]
     stamp_ns: int  # stamp of the newest image it was computed from
     covariance_ref: Tensor | None = None  # (x, y, z mm, rx, ry, rz rad), ROS ordering
+    curvature: HeldCurvature | None = None  # the loss curvature of its registration (RegistrationResult.curvature)
 
 
 class PoseTracker:
@@ -118,7 +121,9 @@ class LastAcceptedPose:
             return None
         if self.max_age_ns is not None and request.stamp_ns - pose.stamp_ns > self.max_age_ns:
             return None  # too old: the patient may have moved; defer to the next initialiser
-        return Start(T_ref_from_ct=pose.T_ref_from_ct.clone(), source=self.name, tracking=True)
+        return Start(
+            T_ref_from_ct=pose.T_ref_from_ct.clone(), source=self.name, tracking=True, curvature=pose.curvature
+        )
 
 
 @runtime_checkable

@@ -2,9 +2,13 @@
 acceptance test.
 
 - a tracking start (the last accepted pose) is refined with the fast tracking budget first
-  (:class:`TrackingConfig`: the finest pyramid level only, fewer iterations, chord Newton steps); when
-  that does not converge or fails the acceptance test, the full registration follows: the normal
-  local refinement from the same start, then the global stage only when that fails too;
+  (:class:`TrackingConfig`: the finest pyramid level only, fewer iterations, chord Newton steps; when the
+  start carries the curvature the last registration measured on the same views,
+  :class:`~mvreg_ros.core.registration.curvature.HeldCurvature`, Newton steps alone on it in the first
+  round); when that does not converge or fails the acceptance test, the full registration follows
+  (``TrackingConfig.fallback``): by default its own path, the global stage around the start, the
+  refinement and check 6, the path the acceptance test was calibrated on; "local": the local refinement
+  from the same start first, then the global stage only when that fails too (the rule before);
 - any other start (configured, coarse network, perturbed truth) goes through the global stage
   (around the start and the network's hypotheses), then the local refinement from its best
   candidate.
@@ -12,8 +16,10 @@ acceptance test.
 Only a result that passes the acceptance test reaches the tracker (and so the node's TF).
 ``Outcome.stages`` lists what ran: ``("tracking",)`` for a fast update (``("tracking", "tracking")``
 when its first round did not converge and a second, from where it ended, did; up to
-``TrackingConfig.rounds`` of them, 3 by default, each with half the previous round's step sizes),
-``("tracking", "local")`` or ``("tracking", "local", "global", "local")`` for a fallback.
+``TrackingConfig.rounds`` of them, 3 by default, each with half the previous round's step sizes; after a
+first round of Newton steps alone, first-order steps before them), ``("tracking", "global", "local")`` for a
+fallback (with ``fallback="local"``: ``("tracking", "local")`` or ``("tracking", "local", "global", "local")``). An accepted result's curvature goes to the
+tracker with its pose, for the next update.
 """
 
 from __future__ import annotations
@@ -106,20 +112,26 @@ class RegistrationPipeline:
         stages: list[str] = []
         tracking = self.config.tracking
         if start.tracking and tracking.enabled:
-            schedule = tracking.schedule(self.registrar.config)
             T = start.T_ref_from_ct
-            for _ in range(tracking.rounds):  # an unconverged round goes on from where it ended, in smaller steps
-                result = self.registrar.refine(views, T, schedule=schedule)
+            # the curvature the held pose's registration measured, where it serves (same views, near, young)
+            held = tracking.held_curvature_for(start.curvature, views, T, self.registrar)
+            for k in range(tracking.rounds):  # an unconverged round goes on from where it ended, in smaller steps
+                schedule = tracking.schedule(self.registrar.config, held=held is not None, round=k)
+                result = self.registrar.refine(views, T, schedule=schedule, curvature=held)
                 stages.append("tracking")
                 if result.converged or not torch.isfinite(result.T_ref_from_ct).all():
                     break
                 T = result.T_ref_from_ct
-                schedule = dataclasses.replace(schedule, lr_scale=0.5 * schedule.lr_scale)
+                if held is not None:  # the next round's Newton steps on the curvature this one ended with
+                    held = tracking.held_curvature_for(result.curvature, views, T, self.registrar)
             if result.converged or not tracking.require_converged:
                 verdict = self._judge(views, result, None)
                 if verdict.accepted:
                     return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns)
-        if start.tracking or not self.config.global_search.enabled:
+        # a tracking start is refined locally first, unless its fast path already ran and falls back to the full
+        # registration's own path (TrackingConfig.fallback "global": the global stage, then check 6)
+        local_first = start.tracking and not (tracking.enabled and tracking.fallback == "global")
+        if local_first or not self.config.global_search.enabled:
             result = self.registrar.refine(views, start.T_ref_from_ct)
             stages.append("local")
             verdict = self._judge(views, result, None)
@@ -144,6 +156,7 @@ class RegistrationPipeline:
                     T_ref_from_ct=result.T_ref_from_ct.detach().to(torch.float64).cpu(),
                     stamp_ns=stamp_ns,
                     covariance_ref=result.covariance_ref(),
+                    curvature=result.curvature,
                 )
             )
         return Outcome(

@@ -9,8 +9,9 @@ the pose no longer moves. At the end, the loss curvature gives a Laplace covaria
 
 A tracking start (the last accepted pose, small motion expected) may use a smaller budget,
 :class:`TrackingConfig`: only the finest level(s), fewer iterations (optionally fewer samples), Newton
-steps on one measured curvature (chord steps). Both run the same code (:meth:`Registrar.refine` with a
-:class:`Schedule`).
+steps on one measured curvature (chord steps); with the curvature the last registration measured on the
+same views (:class:`~mvreg_ros.core.registration.curvature.HeldCurvature`), Newton steps alone on it.
+Both run the same code (:meth:`Registrar.refine` with a :class:`Schedule`).
 
 ``Registrar.profiled()`` times the parts of a refinement (renderer forward and backward,
 similarity forward and backward, optimiser step, Newton polish) with plain timers; when it is
@@ -34,12 +35,14 @@ from mvreg_ros.core.geometry.twist import pose_about
 from mvreg_ros.core.imaging.footprint import BODY_MU, complete_rays, target_footprint, target_volume, truncated_faces
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume, pooling_axes
+from mvreg_ros.core.registration.curvature import HeldCurvature
 from mvreg_ros.core.registration.similarity import SIMILARITY_BACKENDS, PreparedSimilarity
 from mvreg_ros.core.rendering.renderer import BACKENDS, VOLUME_LAYOUTS, Renderer
 from mvreg_ros.core.rendering.subset import RaySubset
 
 VOLUME_STORAGE = {"float16": torch.float16, "float32": torch.float32}  # RefineConfig.volume_storage
 FINEST_POOLING = ("each", "smallest")  # RefineConfig.finest_pooling
+TRACKING_FALLBACKS = ("local", "global")  # TrackingConfig.fallback
 CURVATURE_STEP_RAD = 5e-3  # finite-difference steps of the loss curvature (0.3 deg, 0.5 mm)
 CURVATURE_STEP_MM = 0.5
 
@@ -68,6 +71,11 @@ class RefineConfig:
     newton_steps: int = 2  # second-order polish at the finest level (curvature by finite differences)
     newton_max_rot_deg: float = 1.0  # trust region of one Newton step
     newton_max_trans_mm: float = 2.0
+    stalled_converged: bool = True  # a Newton step that lowers the loss neither at full length nor at half ends the
+    # polish as converged: the pose sits at the optimum to within the loss's roughness at that scale. Before (False),
+    # such a tracking update ran its rounds in place and fell back to the full refinement: on the stress files'
+    # images (564 updates) half the `mismatch` updates did, at 2.4x the time, with no better accuracy and one more
+    # false acceptance (README *Speed*, scripts/tracking_study.py). Full registrations: the same poses and verdicts
     curvature_reuse: float = 0.25  # a curvature measured at a pose within this fraction of the finite-difference
     # steps (0.07 deg and 0.125 mm by default) of the current one is used again (the Newton steps' and the
     # covariance's) instead of being measured again: 13 gradients against 1 (0: always measured again)
@@ -188,6 +196,8 @@ class RefineConfig:
             raise ValueError(f"full_resolution_max_voxels must be >= 0, got {self.full_resolution_max_voxels}")
         if not (math.isfinite(self.base_voxel_mm) and self.base_voxel_mm >= 0):
             raise ValueError(f"base_voxel_mm must be a finite number >= 0, got {self.base_voxel_mm}")
+        if not isinstance(self.stalled_converged, bool):
+            raise TypeError(f"stalled_converged must be a bool, got {self.stalled_converged!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +213,8 @@ class Schedule:
     fresh_curvature: bool = True
     chord: bool = False  # the Newton steps after the first reuse its curvature (a chord method: one gradient each,
     # not 13), and so does the covariance while the result lies within one step's trust region of where it was measured
+    held_max_rot_deg: float = 0.0  # a held curvature (Registrar.refine's ``curvature``) serves the covariance while
+    held_max_trans_mm: float = 0.0  # the result lies within this of where it was measured (0: measured again there)
 
     def __post_init__(self):
         if not self.levels:
@@ -212,15 +224,23 @@ class Schedule:
         for name in ("fresh_curvature", "chord"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Schedule.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("held_max_rot_deg", "held_max_trans_mm"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"Schedule.{name} must be a finite number >= 0, got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrackingConfig:
     """The fast refinement of a tracking start (the last accepted pose; small motion expected):
     the coarse levels of :class:`RefineConfig`'s pyramid skipped, fewer iterations (and samples, if asked),
-    early stop as configured there, Newton steps on one measured curvature. ``RegistrationPipeline``
-    falls back to the full registration when this result did not converge (``require_converged``)
-    or fails the acceptance test."""
+    early stop as configured there, Newton steps on one measured curvature. When the start carries the
+    curvature the last registration measured on the same views (``held_curvature``; it
+    :meth:`~mvreg_ros.core.registration.curvature.HeldCurvature.serves`), the update takes
+    ``held_iterations`` first-order steps at the finest level and Newton steps on that curvature, and its
+    covariance uses it while the result lies within ``held_max_rot_deg`` / ``held_max_trans_mm`` of where it
+    was measured. ``RegistrationPipeline`` falls back to the full registration when this result did not
+    converge (``require_converged``) or fails the acceptance test."""
 
     enabled: bool = True
     levels: int = 1  # the finest this many levels of RefineConfig's pyramid (at most all of them)
@@ -238,36 +258,90 @@ class TrackingConfig:
     require_converged: bool = True  # an unconverged fast result falls back without the acceptance test
     rounds: int = 3  # an unconverged fast result is refined again from where it ended (step sizes halved),
     # up to this many fast rounds in all, before the fallback to the full registration
+    held_curvature: bool = True  # Newton steps on the held pose's curvature where it serves (README *Speed*: the 13
+    # gradients of a measurement were more than a third of an update); False: always measured again
+    held_iterations: int = 0  # first-order steps at the finest level before those Newton steps (0: Newton steps alone)
+    held_max_rot_deg: float = 2.0  # the start, and for the covariance the result, within this of where the held
+    held_max_trans_mm: float = 4.0  # curvature was measured (at the anatomy centre); beyond: measured again
+    held_max_age: int = 10  # a held curvature serves at most this many updates, then one measures it again
+    fallback: str = "global"  # a fast path without an accepted result falls back to the full registration's own
+    # path, the one the acceptance test was calibrated on (global stage, local refinement, check 6): on the stress
+    # images 0 false acceptances and 3 false rejections in 564 updates, against 1 and 0 for "local", the rule before
+    # (the local refinement from the same start, the global stage only if that is rejected too), 0.55 s slower per
+    # fallback (docs/acceptance.md, *Tracking updates on the stress images*)
+
+    def held_curvature_for(
+        self, curvature: HeldCurvature | None, views: ViewSet, T_ref_from_ct: Tensor, registrar: "Registrar"
+    ) -> HeldCurvature | None:
+        """``curvature`` when it may serve a tracking update of ``views`` from ``T_ref_from_ct`` with
+        ``registrar`` (:meth:`HeldCurvature.serves` at its finest level), else None."""
+        if curvature is None or not self.held_curvature:
+            return None
+        fine = registrar.config.levels()[-1]
+        n_samples = self.n_samples or fine.n_samples
+        ok = curvature.serves(
+            views,
+            T_ref_from_ct,
+            level=(fine.size, n_samples, fine.patch),
+            centre_ct=registrar.centre_ct,
+            max_rot_deg=self.held_max_rot_deg,
+            max_trans_mm=self.held_max_trans_mm,
+            max_age=self.held_max_age,
+        )
+        return curvature if ok else None
 
     def __post_init__(self):
-        for name, low in (("levels", 1), ("iterations", 1), ("n_samples", 0), ("newton_steps", 0), ("rounds", 1)):
+        for name, low in (
+            ("levels", 1),
+            ("iterations", 1),
+            ("n_samples", 0),
+            ("newton_steps", 0),
+            ("rounds", 1),
+            ("held_iterations", 0),
+            ("held_max_age", 0),
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"TrackingConfig.{name} must be an int, got {v!r}")
             if v < low:
                 raise ValueError(f"TrackingConfig.{name} must be >= {low}, got {v}")
-        for name in ("enabled", "chord", "fresh_curvature", "require_converged"):
+        for name in ("enabled", "chord", "fresh_curvature", "require_converged", "held_curvature"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TrackingConfig.{name} must be a bool, got {getattr(self, name)!r}")
         v = self.step_scale
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise ValueError(f"TrackingConfig.step_scale must be a number in [0, 1], got {v!r}")
+        for name in ("held_max_rot_deg", "held_max_trans_mm"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"TrackingConfig.{name} must be a finite number > 0, got {v!r}")
+        if self.fallback not in TRACKING_FALLBACKS:
+            raise ValueError(f"TrackingConfig.fallback must be one of {TRACKING_FALLBACKS}, got {self.fallback!r}")
 
-    def schedule(self, refine: RefineConfig) -> Schedule:
+    def schedule(self, refine: RefineConfig, *, held: bool = False, round: int = 0) -> Schedule:
         """The finest ``levels`` of ``refine``'s pyramid with this budget; first step sizes
-        ``step_scale`` times the refinement's (0: those the full pyramid uses at those levels)."""
+        ``step_scale`` times the refinement's (0: those the full pyramid uses at those levels), halved
+        at each later ``round`` (0: the first). ``held``: for a start with a held curvature
+        (:meth:`held_curvature_for`): the finest level only, ``held_iterations`` first-order steps there
+        in the first round (Newton steps alone by default) and ``iterations`` in the later ones (a
+        round whose Newton steps stalled on a rough loss would only repeat them), and the held
+        curvature's reach for the covariance."""
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise ValueError(f"round must be an int >= 0, got {round!r}")
         full = refine.levels()
-        k = min(self.levels, len(full))
+        k = 1 if held else min(self.levels, len(full))
+        iterations = self.held_iterations if held and round == 0 else self.iterations
         levels = tuple(
-            dataclasses.replace(lv, iterations=self.iterations, n_samples=self.n_samples or lv.n_samples)
-            for lv in full[-k:]
+            dataclasses.replace(lv, iterations=iterations, n_samples=self.n_samples or lv.n_samples) for lv in full[-k:]
         )
         return Schedule(
             levels=levels,
-            lr_scale=float(self.step_scale) or refine.level_lr_decay ** (len(full) - k),
+            lr_scale=(float(self.step_scale) or refine.level_lr_decay ** (len(full) - k)) * 0.5**round,
             newton_steps=self.newton_steps,
             fresh_curvature=self.fresh_curvature,
             chord=self.chord,
+            held_max_rot_deg=float(self.held_max_rot_deg) if held else 0.0,
+            held_max_trans_mm=float(self.held_max_trans_mm) if held else 0.0,
         )
 
 
@@ -372,6 +446,8 @@ class RegistrationResult:
     level_iterations: tuple[int, ...] = ()
     curvature_scale: float = 0.0  # finite-difference steps of the curvature behind the covariance, as a multiple of
     # the default 0.3 deg / 0.5 mm (> 1: a fallback measurement; 0: no positive definite curvature, or none measured)
+    curvature: HeldCurvature | None = None  # that curvature, where and on what it was measured (for the next
+    # tracking update; its age > 0: a held one that served this result)
 
     def covariance_ref(self) -> Tensor | None:
         """Covariance over (origin position mm, rotation vector rad) of the ``ct`` frame in the
@@ -431,6 +507,25 @@ def _settled(history: list[tuple[Tensor, Tensor]], cfg: RefineConfig) -> bool:
     net = (xs[-1] - xs[0]).norm(dim=-1)
     path = (xs[1:] - xs[:-1]).norm(dim=-1).sum(0)
     return bool(((net <= 1.0) | (net <= cfg.settled_ratio * path)).all())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Polished:
+    """What :meth:`Registrar._polish` ends with: the pose, whether it converged, the per-view similarity
+    there, the Laplace covariance and its uncertainty (mm), a failure reason ('' if none), the
+    finite-difference step scale behind the covariance (0: none), and the curvature ``H`` (None: none
+    positive definite) with the pose it was measured at; ``from_held``: ``H`` is the held curvature."""
+
+    T: Tensor
+    converged: bool
+    per_view: Tensor
+    cov: Tensor | None
+    uncertainty: float
+    reason: str
+    scale: float
+    H: Tensor | None
+    H_at: Tensor | None
+    from_held: bool
 
 
 def _uncertainty(cov: Tensor, radius_mm: float = 50.0) -> float:
@@ -591,17 +686,28 @@ class Registrar:
         return tuple(sorted({getattr(r, "backend", type(r).__name__) for r in self._renderers.values()}))
 
     def refine(
-        self, views: ViewSet, T_init_ref_from_ct: Float[Tensor, "4 4"], *, schedule: Schedule | None = None
+        self,
+        views: ViewSet,
+        T_init_ref_from_ct: Float[Tensor, "4 4"],
+        *,
+        schedule: Schedule | None = None,
+        curvature: HeldCurvature | None = None,
     ) -> RegistrationResult:
         """Refine from ``T_init_ref_from_ct`` with ``schedule`` (default: the configured pyramid,
-        :meth:`RefineConfig.schedule`; a tracking start: :meth:`TrackingConfig.schedule`)."""
+        :meth:`RefineConfig.schedule`; a tracking start: :meth:`TrackingConfig.schedule`).
+        ``curvature``: a held curvature of the finest level that serves this start
+        (:meth:`TrackingConfig.held_curvature_for`): the Newton steps begin with it instead of
+        measuring one, and the covariance uses it while the result lies within the schedule's
+        ``held_max_rot_deg`` / ``held_max_trans_mm`` of where it was measured."""
         start = time.perf_counter()
         if schedule is None:
             schedule = self.config.schedule()
         elif not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        if curvature is not None and not isinstance(curvature, HeldCurvature):
+            raise TypeError(f"curvature must be a HeldCurvature or None, got {type(curvature).__name__}")
         try:
-            return self._refine(views, T_init_ref_from_ct.to(torch.float64).cpu(), start, schedule)
+            return self._refine(views, T_init_ref_from_ct.to(torch.float64).cpu(), start, schedule, curvature)
         except (RuntimeError, ValueError) as e:  # failures are results, not exceptions
             return RegistrationResult(
                 T_ref_from_ct=T_init_ref_from_ct.detach().to(torch.float64).cpu(),
@@ -736,6 +842,16 @@ class Registrar:
             objective = self.objective(
                 views, level.size, T0, n_samples=level.n_samples, patch=level.patch, finest=finest
             )
+        if level.iterations == 0:  # no first-order step (a tracking update's Newton steps alone): the objective only
+            unknown = torch.full((K,), math.nan, dtype=torch.float64)
+            return LevelRun(
+                T_ref_from_ct=T0,
+                similarity=unknown,
+                start_similarity=unknown.clone(),
+                iterations=0,
+                converged=False,
+                objective=objective,
+            )
         T0_d, c_d = T0.to(self.device), self.centre_ct.to(self.device)
         w = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
         t = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
@@ -812,14 +928,25 @@ class Registrar:
             lr_scale *= self.config.level_lr_decay
         return runs
 
-    def _refine(self, views: ViewSet, T0: Tensor, start: float, schedule: Schedule) -> RegistrationResult:
+    def _refine(
+        self, views: ViewSet, T0: Tensor, start: float, schedule: Schedule, held: HeldCurvature | None = None
+    ) -> RegistrationResult:
         cfg = self.config
         runs = self.run_levels(views, T0, schedule)
         T0, objective, converged = runs[-1].T_ref_from_ct[0], runs[-1].objective, runs[-1].converged
         level_its = [run.iterations for run in runs]
         total_it = sum(level_its)
         with _stage(self._timer, "newton_polish"):
-            T0, converged, per_view, cov, unc, reason, h_scale = self._polish(objective, T0, converged, schedule)
+            p = self._polish(objective, T0, converged, schedule, held)
+        T0, converged, per_view, cov, unc, reason = p.T, p.converged, p.per_view, p.cov, p.uncertainty, p.reason
+        curvature = None
+        if p.H is not None:
+            fine = schedule.levels[-1]
+            if p.from_held:
+                curvature = held.older()
+            else:
+                level = (fine.size, fine.n_samples, fine.patch)
+                curvature = HeldCurvature.measured(p.H, p.H_at, views, level, scale=p.scale)
         sim = float(per_view.mean())
         if not reason and sim < cfg.min_similarity:
             reason = f"similarity {sim:.3f} below min_similarity {cfg.min_similarity}"
@@ -836,7 +963,8 @@ class Registrar:
             uncertainty_mm=unc,
             centre_ct=self.centre_ct,
             level_iterations=tuple(level_its),
-            curvature_scale=h_scale,
+            curvature_scale=p.scale,
+            curvature=curvature,
         )
 
     def _newton_settled(self, g: Tensor, dx: Tensor) -> bool:
@@ -864,14 +992,18 @@ class Registrar:
         deg, mm = pose_distance(T_measured[None], T[None], self.centre_ct)
         return float(deg) <= cfg.newton_max_rot_deg and float(mm) <= cfg.newton_max_trans_mm
 
-    def _polish(self, newton: "Objective", T0: Tensor, converged: bool, schedule: Schedule):
+    def _polish(
+        self, newton: "Objective", T0: Tensor, converged: bool, schedule: Schedule, held: HeldCurvature | None = None
+    ) -> "Polished":
         """Newton polish at the finest level: the loss curvature (needed for the covariance anyway)
         gives a second-order step that finishes what first-order steps approach only slowly. Then
-        the per-view similarity and the Laplace covariance at the final pose. Returns (pose, converged,
-        per-view similarity, covariance, uncertainty, failure reason, the curvature's step scale)."""
+        the per-view similarity and the Laplace covariance at the final pose. ``held``: a curvature
+        measured before (:class:`HeldCurvature`) to begin with instead of measuring one."""
         cfg = self.config
         c = self.centre_ct
         H, H_at = None, None  # curvature, and the pose it was measured at
+        if held is not None:
+            H, H_at = held.H.clone(), held.T_ref_from_ct
         known: tuple[Tensor, Tensor, float] | None = None  # a pose whose gradient and loss are known
 
         def gradient_at(T: Tensor) -> tuple[Tensor, float]:
@@ -884,7 +1016,7 @@ class Registrar:
                 g, L0 = gradient_at(T0)
             else:
                 g, H, L0 = newton.grad_hessian(T0)
-                H_at = T0
+                H_at, held = T0, None
             known = (T0, g, L0)
             if H is None:
                 break
@@ -910,8 +1042,9 @@ class Registrar:
                     L_new = newton.loss(T_new)
                 if L_new < L0:
                     break
-            else:
-                break  # no improvement along the Newton direction: at the optimum within the loss's noise
+            else:  # no improvement along the Newton direction: at the optimum within the loss's roughness
+                converged = converged or cfg.stalled_converged
+                break
             T0 = T_new
             if step_deg < cfg.tol_rot_deg and step_mm < cfg.tol_trans_mm:
                 break
@@ -927,23 +1060,52 @@ class Registrar:
         scale = 0.0  # of the finite-difference steps behind the covariance (0: none)
         if cfg.uncertainty:
             # no curvature yet, or measured before the last accepted Newton step and (fresh_curvature) not within
-            # curvature_reuse of the result, or (chord steps) beyond one step's trust region from it
+            # curvature_reuse of the result, or (chord steps) beyond one step's trust region from it, or (a held
+            # curvature) beyond the schedule's reach of where it was measured
             stale = H_at is not None and H_at is not T0
-            if H_at is None or (
-                stale
-                and (
-                    (schedule.fresh_curvature and not self._curvature_holds(H_at, T0))
-                    or (schedule.chord and not self._within_trust_region(H_at, T0))
-                )
-            ):
+            if H_at is None or (stale and self._measure_again(H_at, T0, schedule, held, newton.v.T_ref_from_cam)):
                 _, H, _ = newton.grad_hessian(T0)
-            H, scale = self._fallback_curvature(newton, T0, H)
+                H_at, held = T0, None
+            if held is not None:
+                scale = held.scale
+            else:
+                H, scale = self._fallback_curvature(newton, T0, H)
             if H is None:
                 reason = "loss curvature is not positive definite: the pose is not constrained by the views"
             else:
                 cov = newton.covariance(H, T0)
                 unc = _uncertainty(cov)
-        return T0, converged, per_view, cov, unc, reason, scale
+        return Polished(
+            T=T0,
+            converged=converged,
+            per_view=per_view,
+            cov=cov,
+            uncertainty=unc,
+            reason=reason,
+            scale=scale,
+            H=H,
+            H_at=H_at,
+            from_held=held is not None and H is not None,
+        )
+
+    def _measure_again(
+        self, H_at: Tensor, T: Tensor, schedule: Schedule, held: HeldCurvature | None, T_ref_from_cam: Tensor
+    ) -> bool:
+        """Whether the covariance at ``T`` needs the curvature measured again there rather than the one
+        measured at ``H_at``: a held one beyond the schedule's reach (the cameras ``T_ref_from_cam`` seeing
+        the anatomy at ``T``); with ``fresh_curvature``, one beyond ``curvature_reuse``; with chord steps,
+        one beyond a Newton step's trust region."""
+        if held is not None:
+            return not held.reaches(
+                T_ref_from_cam,
+                T,
+                self.centre_ct,
+                max_rot_deg=schedule.held_max_rot_deg,
+                max_trans_mm=schedule.held_max_trans_mm,
+            )
+        return (schedule.fresh_curvature and not self._curvature_holds(H_at, T)) or (
+            schedule.chord and not self._within_trust_region(H_at, T)
+        )
 
     def _fallback_curvature(self, newton: "Objective", T0: Tensor, H: Tensor | None) -> tuple[Tensor | None, float]:
         """``H`` (measured at the default steps) when positive definite, else the first positive definite

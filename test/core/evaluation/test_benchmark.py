@@ -12,6 +12,7 @@ from mvreg_ros.core.evaluation import benchmark
 from mvreg_ros.core.evaluation.benchmark import BenchConfig, memory_bandwidth_gbs, run
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
+from mvreg_ros.core.registration.curvature import HeldCurvature
 from mvreg_ros.core.registration.global_search import GlobalConfig
 from mvreg_ros.core.registration.pipeline import Outcome, PipelineConfig
 from mvreg_ros.core.registration.refine import RefineConfig, RegistrationResult, TrackingConfig
@@ -225,12 +226,20 @@ def test_tracking_figures_count_fast_updates_fallbacks_and_false_acceptances(tin
     """tracking_runs registers each moved set from a tracking start at the held pose and scores it
     against the moved pose; the stages say which updates the fast path made alone."""
     scene = make_scene(tiny_ct.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0)])
-    # (error along a unit direction, accepted, stages)
+    held = HeldCurvature(
+        H=torch.eye(6, dtype=torch.float64),
+        T_ref_from_ct=scene.T_ref_from_ct,
+        T_cam_from_ct=geometry.invert(scene.T_ref_from_cam) @ scene.T_ref_from_ct,
+        K=scene.K.to(torch.float64).expand(2, 3, 3),
+        image_size=(scene.height, scene.width),
+        level=(32, 8, 8),
+    )
+    # (error along a unit direction, accepted, stages, the result's curvature)
     plan = [
-        (0.3, True, ("tracking",)),
-        (0.5, True, ("tracking", "tracking")),  # two fast rounds: still the fast path alone
-        (3.0, True, ("tracking", "local")),
-        (1.0, False, ("tracking", "local", "global", "local")),
+        (0.3, True, ("tracking",), held.older()),  # the held curvature served it
+        (0.5, True, ("tracking", "tracking"), held),  # two fast rounds: still the fast path alone
+        (3.0, True, ("tracking", "local"), None),
+        (1.0, False, ("tracking", "local", "global", "local"), None),
     ]
     starts = []
 
@@ -241,7 +250,7 @@ def test_tracking_figures_count_fast_updates_fallbacks_and_false_acceptances(tin
 
         def register_from(self, views, start):
             starts.append(start)
-            err, accepted, stages = plan[self.calls % len(plan)]
+            err, accepted, stages, curvature = plan[self.calls % len(plan)]
             self.calls += 1
             shift = torch.tensor([0.0, 0.6, 0.8], dtype=torch.float64) * err
             result = RegistrationResult(
@@ -252,6 +261,7 @@ def test_tracking_figures_count_fast_updates_fallbacks_and_false_acceptances(tin
                 view_similarity=(0.9, 0.9),
                 iterations=1,
                 time_s=0.0,
+                curvature=curvature,
             )
             return Outcome(accepted=accepted, reason="", result=result, stages=stages)
 
@@ -263,8 +273,9 @@ def test_tracking_figures_count_fast_updates_fallbacks_and_false_acceptances(tin
     lm = torch.stack([tiny_ct.bone_centre_ct()]).to(torch.float64)
     T = scene.T_ref_from_ct
     sets = [(T, T)] * 4  # (moved pose, "views": the fake registers relative to it)
-    r = benchmark.tracking_runs(CpuRegistrar(), T, sets, lm, warm_up=False)
-    assert all(s.tracking and s.source == "last_accepted" for s in starts)
+    r = benchmark.tracking_runs(CpuRegistrar(), T, sets, lm, warm_up=False, curvature=held)
+    assert all(s.tracking and s.source == "last_accepted" and s.curvature is held for s in starts)
+    assert r["held_curvature"] == 1  # the results whose covariance used the held curvature
     assert r["n"] == 4 and r["mtre_mm"] == pytest.approx([0.3, 0.5, 3.0, 1.0])
     assert r["fast"] == 2 and r["fallbacks"] == 2 and r["accepted"] == 3
     assert r["false_acceptances"] == 1 and r["false_rejections"] == 1

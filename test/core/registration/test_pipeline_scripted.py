@@ -60,7 +60,7 @@ class ScriptedRegistrar(Registrar):  # the refine() of a Registrar, scripted (no
         self.centre_ct = torch.zeros(3, dtype=torch.float64)
         self.config = RefineConfig()
 
-    def refine(self, views, T_init, *, schedule=None):
+    def refine(self, views, T_init, *, schedule=None, curvature=None):
         self.starts.append(T_init.clone())
         self.schedules.append(schedule)
         return self.results.pop(0)

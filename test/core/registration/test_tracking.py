@@ -10,21 +10,16 @@ import dataclasses
 import pytest
 import torch
 from test_pipeline_scripted import gates, pose, result, views
+from tracking_fixtures import REFINE  # the pyramid of the fixtures ct, registrar and biplane
 
-from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
 from mvreg_ros.core.evaluation.landmarks import ct_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm, pose_distance
 from mvreg_ros.core.geometry import transforms as geometry
-from mvreg_ros.core.imaging.views import ViewSet
-from mvreg_ros.core.imaging.volume import load_example_ct
 from mvreg_ros.core.registration.global_search import GlobalConfig
 from mvreg_ros.core.registration.initialisers import AcceptedPose, LastAcceptedPose, PoseTracker, Start
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
 from mvreg_ros.core.registration.refine import Objective, RefineConfig, Registrar, Schedule, TrackingConfig
-from mvreg_ros.core.rendering.renderer import Renderer
 
-REFINE = RefineConfig(sizes=(32, 48), iterations=(40, 30), n_samples=(48, 64), patches=(8, 8))
-DETECTOR = DetectorConfig(height=96, width=96, pixel_mm=3.1)
 GLOBAL = GlobalConfig(candidates=64, keep=6, iterations=40)
 
 
@@ -97,11 +92,13 @@ class Scripted(Registrar):
     def __init__(self, results):
         self.results = list(results)
         self.calls = []
+        self.curvatures = []
         self.centre_ct = torch.zeros(3, dtype=torch.float64)
         self.config = REFINE
 
-    def refine(self, views, T_init, *, schedule=None):
+    def refine(self, views, T_init, *, schedule=None, curvature=None):
         self.calls.append((T_init.clone(), schedule))
+        self.curvatures.append(curvature)
         return self.results.pop(0)
 
 
@@ -178,6 +175,44 @@ def test_fast_rounds_that_never_converge_fall_back_to_the_full_registration():
     torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(4))
 
 
+@pytest.mark.parametrize(
+    "fallback, stages", [("local", ("tracking", "local")), ("global", ("tracking", "global", "local"))]
+)
+def test_a_fast_path_without_an_accepted_result_falls_back_as_configured(fallback, stages, monkeypatch):
+    """TrackingConfig.fallback: "local" refines from the same start first (the global stage only if that is
+    rejected too); "global" takes the full registration's own path at once (global stage, refinement, check 6)."""
+    from mvreg_ros.core.registration import pipeline as pipeline_module
+    from mvreg_ros.core.registration.global_search import GlobalResult
+
+    searched = []
+
+    def scripted_search(registrar, views, T, *, hypotheses, config):
+        searched.append(T.clone())
+        return GlobalResult(T_ref_from_ct=pose(4)[None], similarity=torch.ones(1), scored=1, time_s=0.0)
+
+    monkeypatch.setattr(pipeline_module, "global_search", scripted_search)
+    tracker = PoseTracker()
+    tracker.accept(AcceptedPose(T_ref_from_ct=pose(1), stamp_ns=1))
+    reg = Scripted([result(pose(2), converged=False), result(pose(3))])
+    config = PipelineConfig(acceptance=gates(confirm=False), tracking=TrackingConfig(rounds=1, fallback=fallback))
+    p = RegistrationPipeline(reg, initialisers=[LastAcceptedPose(tracker)], config=config, tracker=tracker)
+    o = p.register(views(), stamp_ns=5)
+    assert o.accepted and o.stages == stages
+    (_, s_fast), (T_fallback, s_fallback) = reg.calls
+    assert s_fast is not None and s_fallback is None
+    if fallback == "global":  # the global stage around the tracking start, the refinement from its best candidate
+        torch.testing.assert_close(searched[0], pose(1))
+        torch.testing.assert_close(T_fallback, pose(4))
+    else:
+        assert not searched
+        torch.testing.assert_close(T_fallback, pose(1))
+
+
+def test_tracking_fallback_is_validated():
+    with pytest.raises(ValueError, match="fallback must be one of"):
+        TrackingConfig(fallback="none")
+
+
 def test_tracking_rounds_are_validated():
     with pytest.raises(ValueError, match="rounds"):
         TrackingConfig(rounds=0)
@@ -203,29 +238,7 @@ def test_the_fast_path_only_serves_tracking_starts_and_can_be_switched_off():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ct():
-    return load_example_ct(downsample=4)
-
-
-@pytest.fixture(scope="module")
-def registrar(ct):
-    return Registrar(ct, REFINE)
-
-
-@pytest.fixture(scope="module")
-def biplane(ct):
-    scene = make_scene(ct.bone_centre_ct(), [(0.0, 0.0), (70.0, 10.0)], detector=DETECTOR)
-    raw = acquire(
-        Renderer(ct),
-        scene.T_cam_from_ct,
-        scene.K,
-        scene.height,
-        scene.width,
-        config=AcquisitionConfig(n_samples=128),
-        generator=torch.Generator().manual_seed(3),
-    )
-    return scene.T_ref_from_ct, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+# the fixtures ct, registrar (REFINE) and biplane: conftest.py
 
 
 def _moved(T, registrar, rot_deg, trans_mm, seed):

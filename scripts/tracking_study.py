@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Tracking updates on images the engine did not render, with and without the held curvature (README *Speed*).
+
+For every consecutive view pair of the given DeepFluoro-layout files (the stress files: DiffDRR's
+Siddon per material, a polychromatic beam, scatter, noise, a detector, and for ``mismatch`` a
+deformed patient and a CT slab; ``mvreg_ros/core/data/stress.py``):
+
+1. the held registration: the pipeline from the true pose (refinement and acceptance test; the
+   global stage if rejected). A pair whose result is not accepted holds nothing and is skipped;
+2. tracking updates from starts moved ``--motion`` (deg / mm, default 1/2, 1.5/3 and 3/6) from the truth
+   (the anatomy moved that much since the held pose), each through the pipeline once per arm (``--arms``),
+   in turn: ``held`` (the start carries the held registration's curvature,
+   ``TrackingConfig.held_curvature``; a stalled Newton step not taken as converged and the fallback to
+   the local refinement, the rules before), ``measured`` (the same start without it: first-order steps
+   and a curvature measured; the engine before), ``stalled`` (the held curvature, and a Newton step that
+   lowers the loss neither at full length nor at half taken as converged,
+   ``RefineConfig.stalled_converged``; the local fallback) and ``global`` (this edition's defaults: the
+   same, and a fast path without an accepted result falling back to the full registration's path,
+   ``TrackingConfig.fallback="global"``).
+
+Prints per arm and motion: the update's median time, the median mTRE, how many took the fast path,
+how many used the held curvature, accepted, false acceptances (mTRE > 2 mm accepted) and false
+rejections; writes every case to OUT.json. Usage:
+
+    .venv/bin/python scripts/tracking_study.py OUT.json FILE.h5 [FILE.h5 ...] [--motion 1/2 3/6] [--starts 2]
+        [--arms held measured stalled global]
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from mvreg_ros.core.data.deepfluoro import DeepFluoroFile, views_from_projections
+from mvreg_ros.core.evaluation import stats
+from mvreg_ros.core.evaluation.evaluate import default_view_sets
+from mvreg_ros.core.evaluation.landmarks import file_landmarks
+from mvreg_ros.core.evaluation.metrics import mtre_mm
+from mvreg_ros.core.geometry.transforms import perturb
+from mvreg_ros.core.registration.initialisers import Start
+from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar, TrackingConfig
+
+SUCCESS_MM = 2.0
+_BEFORE = dataclasses.replace(RefineConfig(), stalled_converged=False)  # a stalled Newton step not converged
+_LOCAL = dataclasses.replace(TrackingConfig(), fallback="local")  # the fallback before: the local refinement first
+# each arm: (engine, pipeline)
+ARMS = {
+    # the held curvature alone (the rules before for a stalled Newton step and for the fallback)
+    "held": (_BEFORE, PipelineConfig(tracking=_LOCAL)),
+    # the engine before: a curvature measured at each update, a stalled Newton step not converged, the local fallback
+    "measured": (_BEFORE, PipelineConfig(tracking=dataclasses.replace(_LOCAL, held_curvature=False))),
+    # the held curvature and a stalled Newton step converged, the local fallback
+    "stalled": (RefineConfig(), PipelineConfig(tracking=_LOCAL)),
+    # this edition's defaults: ... and a fast path without an accepted result falling back to the full
+    # registration's path (global stage, refinement, check 6)
+    "global": (RefineConfig(), PipelineConfig()),
+}
+
+
+def _motion(text: str) -> tuple[float, float]:
+    rot, trans = text.split("/")
+    return float(rot), float(trans)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--motion", nargs="+", type=_motion, default=[(1.0, 2.0), (1.5, 3.0), (3.0, 6.0)])
+    ap.add_argument("--starts", type=int, default=2, help="starts per pair and motion")
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument(
+        "--arms",
+        nargs="+",
+        choices=ARMS,
+        default=["held", "measured"],
+        help="which ways to register each start, in turn (default: held measured)",
+    )
+    args = ap.parse_args()
+    arms = {name: ARMS[name] for name in args.arms}
+    cases = []
+    gen = torch.Generator().manual_seed(args.seed)
+    for path in args.files:
+        with DeepFluoroFile(path) as f:
+            for specimen in f.specimens():
+                landmarks = file_landmarks(*f.landmarks(specimen)).points_ct
+                volume = f.volume(specimen)
+                # the held registration: always the "held" arm's engine and pipeline, so that every run of the
+                # script holds the same curvatures and skips the same pairs, whichever arms it registers
+                registrar = Registrar(volume, ARMS["held"][0])
+                reference = RegistrationPipeline(registrar, initialisers=[], config=ARMS["held"][1])
+                registrars = {name: Registrar(volume, engine) for name, (engine, _) in arms.items()}
+                del volume
+                pipelines = {
+                    name: RegistrationPipeline(registrars[name], initialisers=[], config=pipeline)
+                    for name, (_, pipeline) in arms.items()
+                }
+                for vs in default_view_sets(len(f.projection_indices(specimen))):
+                    views, T_true = views_from_projections([f.projection(specimen, i) for i in vs])
+                    held = reference.register_from(views, Start(T_ref_from_ct=T_true.clone(), source="truth"))
+                    if not held.accepted or held.result.curvature is None:
+                        print(f"{path} {specimen} {vs}: held registration not accepted ({held.reason}); skipped")
+                        continue
+                    for rot, trans in args.motion:
+                        for _ in range(args.starts):
+                            T_start = perturb(
+                                T_true, rot_deg=rot, trans_mm=trans, centre_ct=registrar.centre_ct, generator=gen
+                            )
+                            start = Start(
+                                T_ref_from_ct=T_start,
+                                source="last_accepted",
+                                tracking=True,
+                                curvature=held.result.curvature,
+                            )
+                            case = {"file": str(path), "specimen": specimen, "views": list(vs), "motion": [rot, trans]}
+                            for name, pipeline in pipelines.items():
+                                t = time.perf_counter()
+                                out = pipeline.register_from(views, start)
+                                elapsed = time.perf_counter() - t
+                                mtre = mtre_mm(out.result.T_ref_from_ct, T_true, landmarks)
+                                c = out.result.curvature
+                                case[name] = {
+                                    "time_s": elapsed,
+                                    "mtre_mm": mtre,
+                                    "accepted": bool(out.accepted),
+                                    "fast": bool(out.fast),
+                                    "stages": list(out.stages),
+                                    "held_curvature": c is not None and c.age > 0,
+                                    "uncertainty_mm": out.result.uncertainty_mm,
+                                    "reason": out.reason,
+                                }
+                            cases.append(case)
+                            print(
+                                f"{path} {vs} {rot:g}/{trans:g}: "
+                                + "  ".join(
+                                    f"{n} {case[n]['time_s']:.3f} s {case[n]['mtre_mm']:.2f} mm "
+                                    f"{'acc' if case[n]['accepted'] else 'rej'} {'+'.join(case[n]['stages'])}"
+                                    f"{' held' if case[n]['held_curvature'] else ''}"
+                                    for n in arms
+                                ),
+                                flush=True,
+                            )
+                with open(args.out, "w") as fh:
+                    json.dump({"cases": cases}, fh, indent=1)
+    print(f"{len(cases)} tracking updates")
+    for rot, trans in args.motion:
+        group = [c for c in cases if c["motion"] == [rot, trans]]
+        for name in arms:
+            x = [c[name] for c in group]
+            if not x:
+                continue
+            ok = [r["mtre_mm"] <= SUCCESS_MM for r in x]
+            acc = [r["accepted"] for r in x]
+            print(
+                f"{rot:g} deg / {trans:g} mm, {name}: median {stats.median([r['time_s'] for r in x]):.3f} s, "
+                f"median mTRE {stats.median([r['mtre_mm'] for r in x]):.3f} mm, fast {sum(r['fast'] for r in x)}/"
+                f"{len(x)}, held curvature {sum(r['held_curvature'] for r in x)}, accepted {sum(acc)}, correct "
+                f"{sum(ok)}, false acceptances {sum(a and not o for a, o in zip(acc, ok))}, false rejections "
+                f"{sum(o and not a for a, o in zip(acc, ok))}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Fixtures of the tracking tests (test_tracking.py, test_held_curvature.py; conftest.py offers them to the
+package): the shipped CT pooled by 4, a Registrar with a small pyramid (REFINE), and a biplane set of it.
+Modules that define their own ``ct`` or ``registrar`` use theirs."""
+
+import pytest
+import torch
+
+from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.imaging.volume import load_example_ct
+from mvreg_ros.core.registration.refine import RefineConfig, Registrar
+from mvreg_ros.core.rendering.renderer import Renderer
+
+REFINE = RefineConfig(sizes=(32, 48), iterations=(40, 30), n_samples=(48, 64), patches=(8, 8))
+DETECTOR = DetectorConfig(height=96, width=96, pixel_mm=3.1)
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return load_example_ct(downsample=4)
+
+
+@pytest.fixture(scope="module")
+def registrar(ct):
+    return Registrar(ct, REFINE)
+
+
+@pytest.fixture(scope="module")
+def biplane(ct):
+    scene = make_scene(ct.bone_centre_ct(), [(0.0, 0.0), (70.0, 10.0)], detector=DETECTOR)
+    raw = acquire(
+        Renderer(ct),
+        scene.T_cam_from_ct,
+        scene.K,
+        scene.height,
+        scene.width,
+        config=AcquisitionConfig(n_samples=128),
+        generator=torch.Generator().manual_seed(3),
+    )
+    return scene.T_ref_from_ct, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
