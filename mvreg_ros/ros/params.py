@@ -332,8 +332,8 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         "bool",
         _TRACKING.held_curvature,
         "Tracking updates: Newton steps on the loss curvature the held pose's registration measured, where it "
-        "serves (the same views, the start within "
-        f"{_TRACKING.held_max_rot_deg:g} deg / {_TRACKING.held_max_trans_mm:g} mm of where it was measured, at most "
+        "serves (the same detectors, each camera seeing the anatomy from within "
+        f"{_TRACKING.held_max_rot_deg:g} deg / {_TRACKING.held_max_trans_mm:g} mm of where it did then, fewer than "
         f"{_TRACKING.held_max_age} updates old), instead of first-order steps and a curvature measured at each update.",
         into="pipeline",
     ),

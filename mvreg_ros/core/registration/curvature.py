@@ -46,7 +46,7 @@ class HeldCurvature:
 
     H: Float[Tensor, "6 6"]
     T_ref_from_ct: Float[Tensor, "4 4"]  # where it was measured
-    T_cam_from_ct: Float[Tensor, "V 4 4"]  # each view's camera, seen from the anatomy, there
+    T_cam_from_ct: Float[Tensor, "V 4 4"]  # each view's T_cam_from_ct there: where its camera sees the anatomy from
     K: Float[Tensor, "V 3 3"]  # the views' (full-size) intrinsics
     image_size: tuple[int, int]  # (height, width) of those views
     level: tuple[int, int, int]  # the level's (size px, samples per ray, patch px)

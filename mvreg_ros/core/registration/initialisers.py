@@ -46,7 +46,8 @@ class Start:
     T_ref_from_ct: Float[Tensor, "4 4"]  # where refinement starts (mm)
     source: str = ""  # the initialiser's name
     hypotheses: Tensor | None = None  # (N, 4, 4) further candidates for the global stage
-    tracking: bool = False  # a tracking start: local refinement first, the global stage only if it fails
+    tracking: bool = False  # a tracking start: the fast tracking update first (TrackingConfig), then the full
+    # registration if that gives no accepted result
     T_coarse_ref_from_ct: Tensor | None = None  # a coarse estimate to report (the network's)
     values: dict = dataclasses.field(default_factory=dict)  # status values (e.g. coarse_ms)
     curvature: HeldCurvature | None = None  # a tracking start's: the loss curvature its registration measured

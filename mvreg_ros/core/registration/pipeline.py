@@ -17,9 +17,9 @@ Only a result that passes the acceptance test reaches the tracker (and so the no
 ``Outcome.stages`` lists what ran: ``("tracking",)`` for a fast update (``("tracking", "tracking")``
 when its first round did not converge and a second, from where it ended, did; up to
 ``TrackingConfig.rounds`` of them, 3 by default, each with half the previous round's step sizes; after a
-first round of Newton steps alone, first-order steps before them), ``("tracking", "global", "local")`` for a
-fallback (with ``fallback="local"``: ``("tracking", "local")`` or ``("tracking", "local", "global", "local")``). An accepted result's curvature goes to the
-tracker with its pose, for the next update.
+first round of Newton steps alone, first-order steps before them), ``("tracking", "global", "local")`` for
+a fallback (with ``fallback="local"``: ``("tracking", "local")`` or ``("tracking", "local", "global",
+"local")``). An accepted result's curvature goes to the tracker with its pose, for the next update.
 """
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
-"""The tracking tests' fixtures (tracking_fixtures.py) for this package's modules."""
+"""The shipped CT's fixtures (ct_fixtures.py) for this package's modules."""
 
-from tracking_fixtures import biplane, ct, registrar  # noqa: F401
+from ct_fixtures import biplane, ct, registrar  # noqa: F401

@@ -4,13 +4,13 @@ import dataclasses
 
 import pytest
 import torch
+from ct_fixtures import DETECTOR, REFINE
 
-from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.data.simulate import AcquisitionConfig, acquire, make_scene
 from mvreg_ros.core.evaluation.landmarks import ct_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm, pose_distance, pose_errors
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.views import ViewSet
-from mvreg_ros.core.imaging.volume import load_example_ct
 from mvreg_ros.core.registration import acceptance as acceptance_module
 from mvreg_ros.core.registration.acceptance import (
     AcceptanceConfig,
@@ -32,22 +32,11 @@ from mvreg_ros.core.registration.initialisers import (
     first_start,
 )
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
-from mvreg_ros.core.registration.refine import LevelSpec, RefineConfig, Registrar
+from mvreg_ros.core.registration.refine import LevelSpec, Registrar
 from mvreg_ros.core.rendering.renderer import Renderer
 
-REFINE = RefineConfig(sizes=(32, 48), iterations=(40, 30), n_samples=(48, 64), patches=(8, 8))
-DETECTOR = DetectorConfig(height=96, width=96, pixel_mm=3.1)
 GLOBAL = GlobalConfig(candidates=64, keep=6, iterations=40)
-
-
-@pytest.fixture(scope="module")
-def ct():
-    return load_example_ct(downsample=4)
-
-
-@pytest.fixture(scope="module")
-def registrar(ct):
-    return Registrar(ct, REFINE)
+# the fixtures ct (the shipped CT pooled by 4) and registrar (REFINE): ct_fixtures.py, through conftest.py
 
 
 def _views(ct, angles, seed=3, T_ref_from_ct=None):

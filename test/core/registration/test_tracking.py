@@ -9,8 +9,8 @@ import dataclasses
 
 import pytest
 import torch
+from ct_fixtures import REFINE  # the pyramid of the fixtures ct, registrar and biplane
 from test_pipeline_scripted import gates, pose, result, views
-from tracking_fixtures import REFINE  # the pyramid of the fixtures ct, registrar and biplane
 
 from mvreg_ros.core.evaluation.landmarks import ct_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm, pose_distance
@@ -238,7 +238,7 @@ def test_the_fast_path_only_serves_tracking_starts_and_can_be_switched_off():
 # ---------------------------------------------------------------------------------------
 
 
-# the fixtures ct, registrar (REFINE) and biplane: conftest.py
+# the fixtures ct, registrar (REFINE) and biplane: ct_fixtures.py, through conftest.py
 
 
 def _moved(T, registrar, rot_deg, trans_mm, seed):

@@ -1,6 +1,6 @@
-"""Fixtures of the tracking tests (test_tracking.py, test_held_curvature.py; conftest.py offers them to the
-package): the shipped CT pooled by 4, a Registrar with a small pyramid (REFINE), and a biplane set of it.
-Modules that define their own ``ct`` or ``registrar`` use theirs."""
+"""Fixtures of this package's tests on the shipped CT (conftest.py offers them to every module): the CT
+pooled by 4, a Registrar with a small pyramid (REFINE), and a biplane set of it (DETECTOR). Modules that
+define their own ``ct`` or ``registrar`` use theirs."""
 
 import pytest
 import torch
