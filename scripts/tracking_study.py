@@ -14,9 +14,10 @@ deformed patient and a CT slab; ``mvreg_ros/core/data/stress.py``):
    the local refinement, the rules before), ``measured`` (the same start without it: first-order steps
    and a curvature measured; the engine before), ``stalled`` (the held curvature, and a Newton step that
    lowers the loss neither at full length nor at half taken as converged,
-   ``RefineConfig.stalled_converged``; the local fallback) and ``global`` (this edition's defaults: the
-   same, and a fast path without an accepted result falling back to the full registration's path,
-   ``TrackingConfig.fallback="global"``).
+   ``RefineConfig.stalled_converged``; the local fallback), ``stalled_global`` (the same with the fallback
+   through the full registration's path, ``TrackingConfig.fallback="global"``) and ``global`` (this
+   edition's defaults: the held curvature, a stalled Newton step not converged, the fallback through the
+   full registration's path).
 
 Prints per arm and motion: the update's median time, the median mTRE, how many took the fast path,
 how many used the held curvature, accepted, false acceptances (mTRE > 2 mm accepted) and false
@@ -45,6 +46,7 @@ from mvreg_ros.core.registration.refine import RefineConfig, Registrar, Tracking
 
 SUCCESS_MM = 2.0
 _BEFORE = dataclasses.replace(RefineConfig(), stalled_converged=False)  # a stalled Newton step not converged
+_STALLED = dataclasses.replace(RefineConfig(), stalled_converged=True)  # a stalled Newton step converged
 _LOCAL = dataclasses.replace(TrackingConfig(), fallback="local")  # the fallback before: the local refinement first
 # each arm: (engine, pipeline)
 ARMS = {
@@ -53,9 +55,11 @@ ARMS = {
     # the engine before: a curvature measured at each update, a stalled Newton step not converged, the local fallback
     "measured": (_BEFORE, PipelineConfig(tracking=dataclasses.replace(_LOCAL, held_curvature=False))),
     # the held curvature and a stalled Newton step converged, the local fallback
-    "stalled": (RefineConfig(), PipelineConfig(tracking=_LOCAL)),
-    # this edition's defaults: ... and a fast path without an accepted result falling back to the full
-    # registration's path (global stage, refinement, check 6)
+    "stalled": (_STALLED, PipelineConfig(tracking=_LOCAL)),
+    # ... and the fallback through the full registration's path (global stage, refinement, check 6)
+    "stalled_global": (_STALLED, PipelineConfig()),
+    # this edition's defaults: the held curvature, a stalled Newton step not converged, the fallback through the
+    # full registration's path
     "global": (RefineConfig(), PipelineConfig()),
 }
 
