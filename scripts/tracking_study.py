@@ -40,6 +40,7 @@ from mvreg_ros.core.evaluation.evaluate import default_view_sets
 from mvreg_ros.core.evaluation.landmarks import file_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry.transforms import perturb
+from mvreg_ros.core.registration.acceptance import second_pass
 from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar, TrackingConfig
@@ -77,6 +78,12 @@ def main() -> None:
     ap.add_argument("--starts", type=int, default=2, help="starts per pair and motion")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument(
+        "--second-pass",
+        action="store_true",
+        help="also run check 6's second pass on every accepted fast update and record its shift and gain (the "
+        "verdict is not changed): what check 6 would say on the tracking path",
+    )
+    ap.add_argument(
         "--arms",
         nargs="+",
         choices=ARMS,
@@ -108,6 +115,7 @@ def main() -> None:
                     if not held.accepted or held.result.curvature is None:
                         print(f"{path} {specimen} {vs}: held registration not accepted ({held.reason}); skipped")
                         continue
+                    held_mtre = mtre_mm(held.result.T_ref_from_ct, T_true, landmarks)
                     for rot, trans in args.motion:
                         for _ in range(args.starts):
                             T_start = perturb(
@@ -126,6 +134,7 @@ def main() -> None:
                                 elapsed = time.perf_counter() - t
                                 mtre = mtre_mm(out.result.T_ref_from_ct, T_true, landmarks)
                                 c = out.result.curvature
+                                v = out.verdict
                                 case[name] = {
                                     "time_s": elapsed,
                                     "mtre_mm": mtre,
@@ -135,7 +144,22 @@ def main() -> None:
                                     "held_curvature": c is not None and c.age > 0,
                                     "uncertainty_mm": out.result.uncertainty_mm,
                                     "reason": out.reason,
+                                    "view_similarity": list(v.view_similarity),
+                                    "view_shift_mm": list(v.view_shift_mm),
+                                    "view_gain": list(v.view_gain),
+                                    "confirm_shift_mm": v.confirm_shift_mm,
+                                    "confirm_gain": v.confirm_gain,
+                                    "held_mtre_mm": held_mtre,
                                 }
+                                if args.second_pass and out.accepted and out.fast:
+                                    t = time.perf_counter()
+                                    p = second_pass(registrars[name], views, out.result.T_ref_from_ct)
+                                    case[name].update(
+                                        probe_confirm_shift_mm=p.shift_mm,
+                                        probe_confirm_gain=p.gain,
+                                        probe_time_s=time.perf_counter() - t,
+                                        probe_mtre_mm=mtre_mm(p.T_ref_from_ct, T_true, landmarks),
+                                    )
                             cases.append(case)
                             print(
                                 f"{path} {vs} {rot:g}/{trans:g}: "

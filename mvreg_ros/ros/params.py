@@ -265,7 +265,7 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         "Acceptance test, check 6: after the global stage, run the local refinement again from the result and "
         f"reject it when that moves the anatomy more than {_GATES.max_confirm_shift_mm:g} mm while gaining more than "
         f"{_GATES.max_confirm_gain:g} similarity (a local optimum beside a better one); 0.2 to 0.5 s more per full "
-        "registration, none on tracking updates.",
+        "registration (a tracking update's fallback included), none on a tracking update's fast path.",
         into="pipeline",
     ),
     ParamSpec(

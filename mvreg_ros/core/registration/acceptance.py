@@ -58,7 +58,9 @@ class AcceptanceConfig:
     confirm: bool = True  # check 6 (second_pass) where the caller asks for it: acceptance_test(confirm=True), which
     # the pipeline does on the global stage's path only (not on tracking updates); on by default since new
     # calibration seeds met the rule fixed before they were read (docs/acceptance.md, *Check 6 on new seeds*)
-    max_confirm_shift_mm: float = 1.0  # how far a second pass may move points near the anatomy (mean, 3D) ...
+    max_confirm_shift_mm: float = 0.75  # how far a second pass may move points near the anatomy (mean, 3D) ... (1.0
+    # until a tracking update's fallback accepted a mismatch near-miss, 2.51 mm, that moved 0.85 mm and gained 0.0197;
+    # docs/acceptance.md, *Tracking updates on the stress images*)
     max_confirm_gain: float = 0.002  # ... and how much similarity it may gain (rejected when both are exceeded; 0.004
     # until the new seeds: at 0.004 it let one of the two near-misses of the calibration files through)
 

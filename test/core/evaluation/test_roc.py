@@ -47,6 +47,10 @@ def test_accepts_judges_check_6_where_the_case_records_it():
     assert accepts(rec(1.5, 0.001), cfg) and accepts(rec(0.5, 0.01), cfg)  # one of the two is not enough
     assert not accepts(rec(float("nan"), 0.0), cfg)
     assert not accepts(rec(1.5, 0.003), AcceptanceConfig())  # on by default, a gain over 0.002 with the move
+    # the tracking fallback's near-miss (docs/acceptance.md): 2.51 mm off, moved 0.85 mm and gained 0.0197
+    assert not accepts(rec(0.85, 0.0197), AcceptanceConfig())
+    assert accepts(rec(0.85, 0.0197), AcceptanceConfig(max_confirm_shift_mm=1.0))  # the threshold before let it pass
+    assert accepts(rec(0.7, 0.0197), AcceptanceConfig())  # a small move alone is not enough
     assert accepts(rec(1.5, 0.01), AcceptanceConfig(confirm=False))
     assert accepts(rec(1.5, 0.01), AcceptanceConfig(confirm=True, max_confirm_shift_mm=2.0))
     points = sweep([rec(1.5, 0.01), rec(0.2, 0.0)], "max_confirm_gain", (0.005, 0.02), cfg)
