@@ -21,10 +21,12 @@ deformed patient and a CT slab; ``mvreg_ros/core/data/stress.py``):
 
 Prints per arm and motion: the update's median time, the median mTRE, how many took the fast path,
 how many used the held curvature, accepted, false acceptances (mTRE > 2 mm accepted) and false
-rejections; writes every case to OUT.json. Usage:
+rejections; writes every case to OUT.json with its verdict's signals (per-view similarity, shift and gain;
+check 6's shift and gain where it ran; with ``--second-pass`` check 6's on every accepted fast update, the
+verdict unchanged). Usage:
 
     .venv/bin/python scripts/tracking_study.py OUT.json FILE.h5 [FILE.h5 ...] [--motion 1/2 3/6] [--starts 2]
-        [--arms held measured stalled global]
+        [--arms held measured stalled global] [--seed 11] [--second-pass]
 """
 
 import argparse
