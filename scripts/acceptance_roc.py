@@ -26,6 +26,7 @@ GRID = {
     # check 6, on cases that record it (scripts/second_pass_acceptance.py merge)
     "max_confirm_shift_mm": (0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
     "max_confirm_gain": (0.001, 0.002, 0.004, 0.006, 0.01),
+    "max_confirm_gain_alone": (0.004, 0.006, 0.008, 0.01, 0.015, 0.02),
 }
 
 

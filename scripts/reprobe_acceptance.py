@@ -8,7 +8,10 @@ RefineConfig, as the calibration registers), writes the cases with the new `view
 `view_gain` to OUT.json (scripts/acceptance_roc.py reads it), and prints how many wrong and correct
 results the agreement flags by itself and how many the whole test accepts. Usage:
 
-    .venv/bin/python scripts/reprobe_acceptance.py OUT.json ITERATIONS CALIB.json [CALIB.json ...]
+    .venv/bin/python scripts/reprobe_acceptance.py OUT.json ITERATIONS CALIB.json [CALIB.json ...] [--step-scale S]
+
+``--step-scale``: the probes' first steps relative to the finest level's (``AcceptanceConfig.agreement_step_scale``;
+1 by default).
 """
 
 import json
@@ -34,17 +37,27 @@ def summary(tag: str, cases: list[dict]) -> str:
     )
 
 
-def main(out: str, iterations: str, paths: list[str]) -> int:
+def main(out: str, iterations: str, paths: list[str], step_scale: float = 1.0) -> int:
     cases = [c for p in paths for c in json.loads(open(p).read())["cases"]]
     print(summary("recorded", cases), flush=True)
-    again = reprobe(cases, iterations=int(iterations))
-    write_json({"cases": again, "probe_iterations": int(iterations), "from": paths}, out)
-    print(summary(f"{iterations} steps", again))
+    again = reprobe(cases, iterations=int(iterations), step_scale=step_scale)
+    write_json(
+        {"cases": again, "probe_iterations": int(iterations), "probe_step_scale": step_scale, "from": paths}, out
+    )
+    print(summary(f"{iterations} steps at step scale {step_scale:g}", again))
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 4:
+    args = sys.argv[1:]
+    scale = 1.0
+    if "--step-scale" in args:
+        k = args.index("--step-scale")
+        if k + 1 >= len(args):
+            sys.exit("--step-scale needs a value")
+        scale = float(args[k + 1])
+        del args[k : k + 2]
+    if len(args) < 3:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3:]))
+    sys.exit(main(args[0], args[1], args[2:], step_scale=scale))

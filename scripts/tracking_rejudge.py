@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
-"""Tracking updates re-judged at other check-6 shift thresholds, from the signals that
-scripts/tracking_study.py recorded (docs/acceptance.md, *The defaults on three seeds of starts*).
+"""Tracking updates re-judged at other check-6 shift thresholds, and their per-view agreement (check 4)
+at other probe step scales and thresholds, from the signals that scripts/tracking_study.py recorded
+(docs/acceptance.md, *The defaults on three seeds of starts*, *Probes of smaller steps*).
 
 Check 6 runs last, once every other check has passed, so a recorded update whose check 6 ran is
 accepted at another threshold exactly when :func:`unstable_optimum` says its recorded shift and gain are
 stable there; one without it (the fast path, or rejected earlier) keeps its verdict. Prints, per
-threshold, the updates accepted, false acceptances (mTRE > 2 mm accepted) and false rejections. Usage:
+threshold, the updates accepted, false acceptances (mTRE > 2 mm accepted) and false rejections.
+
+With ``--probe-scale S`` (a study run with ``--probe-scales`` including S): for each pair of
+``--view-shifts`` and ``--view-gains``, how many of the accepted updates' results check 4 would flag
+from the probes recorded at S, wrong (mTRE > 2 mm) and correct ones. A flagged result is not the update's
+final verdict (the pipeline would fall back to the full registration's path, which a new run measures);
+it says what the check tells apart. Usage:
 
     .venv/bin/python scripts/tracking_rejudge.py STUDY.json [STUDY.json ...] [--arm global]
-        [--shifts 0.5 0.75 1.0]
+        [--shifts 0.5 0.75 1.0] [--probe-scale 0.3 --view-shifts 0.5 1.0 --view-gains 0.004 0.0085]
 """
 
 import argparse
 import dataclasses
 import json
 
-from mvreg_ros.core.registration.acceptance import AcceptanceConfig, unstable_optimum
+from mvreg_ros.core.registration.acceptance import AcceptanceConfig, disagreeing_views, unstable_optimum
 
 SUCCESS_MM = 2.0
 
@@ -32,6 +39,9 @@ def main() -> None:
     ap.add_argument("studies", nargs="+")
     ap.add_argument("--arm", default="global")
     ap.add_argument("--shifts", nargs="+", type=float, default=[0.5, 0.75, 1.0])
+    ap.add_argument("--probe-scale", type=float, default=None)
+    ap.add_argument("--view-shifts", nargs="+", type=float, default=[AcceptanceConfig().max_view_shift_mm])
+    ap.add_argument("--view-gains", nargs="+", type=float, default=[AcceptanceConfig().max_view_gain])
     args = ap.parse_args()
     updates = [c[args.arm] for p in args.studies for c in json.load(open(p))["cases"] if args.arm in c]
     ok = [u["mtre_mm"] <= SUCCESS_MM for u in updates]
@@ -45,6 +55,34 @@ def main() -> None:
             f"check 6 at {s:g} mm: accepted {sum(acc)}, false acceptances {len(fa)}{f' {fa}' if fa else ''}, "
             f"false rejections {fr}"
         )
+    if args.probe_scale is not None:
+        agreement_rows(updates, ok, scale=args.probe_scale, shifts=args.view_shifts, gains=args.view_gains)
+
+
+def agreement_rows(updates: list[dict], ok: list[bool], *, scale: float, shifts: list[float], gains: list[float]):
+    """What check 4 flags among the accepted updates from their probes recorded at ``scale``."""
+    key = f"{scale:g}"
+    rows = [(u, o) for u, o in zip(updates, ok) if u["accepted"] and key in u.get("probes", {})]
+    if not rows:
+        raise SystemExit(f"no accepted update has probes recorded at step scale {key} (tracking_study --probe-scales)")
+    wrong = [u for u, o in rows if not o]
+    print(f"probes at step scale {key}: {len(rows)} accepted updates, {len(wrong)} of them wrong")
+    for u in wrong:
+        p = u["probes"][key]
+        print(f"  wrong {u['mtre_mm']:.2f} mm: " + ", ".join(f"{q['shift_mm']:.2f} mm / {q['gain']:.4f}" for q in p))
+    for shift in shifts:
+        for gain in gains:
+            config = dataclasses.replace(AcceptanceConfig(), max_view_shift_mm=shift, max_view_gain=gain)
+            flagged = [
+                bool(disagreeing_views([q["shift_mm"] for q in p], [q["gain"] for q in p], config))
+                for p in (u["probes"][key] for u, _ in rows)
+            ]
+            fw = sum(f and not o for f, (_, o) in zip(flagged, rows))
+            fc = sum(f and o for f, (_, o) in zip(flagged, rows))
+            print(
+                f"check 4 at {shift:g} mm / {gain:g}: flags {fw} of {len(wrong)} wrong and {fc} of "
+                f"{len(rows) - len(wrong)} correct accepted results"
+            )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ check 6's shift and gain where it ran; with ``--second-pass`` check 6's on every
 verdict unchanged). Usage:
 
     .venv/bin/python scripts/tracking_study.py OUT.json FILE.h5 [FILE.h5 ...] [--motion 1/2 3/6] [--starts 2]
-        [--arms held measured stalled global] [--seed 11] [--second-pass]
+        [--arms held measured stalled global] [--seed 11] [--second-pass] [--probe-scales 1 0.3 0.1]
 """
 
 import argparse
@@ -42,7 +42,7 @@ from mvreg_ros.core.evaluation.evaluate import default_view_sets
 from mvreg_ros.core.evaluation.landmarks import file_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry.transforms import perturb
-from mvreg_ros.core.registration.acceptance import second_pass
+from mvreg_ros.core.registration.acceptance import probe_views, second_pass
 from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar, TrackingConfig
@@ -84,6 +84,15 @@ def main() -> None:
         action="store_true",
         help="also run check 6's second pass on every accepted fast update and record its shift and gain (the "
         "verdict is not changed): what check 6 would say on the tracking path",
+    )
+    ap.add_argument(
+        "--probe-scales",
+        nargs="+",
+        type=float,
+        default=[],
+        help="also probe every view of each update's final pose with first steps these times the finest level's "
+        "(AcceptanceConfig.agreement_step_scale) and record each scale's per-view shifts and gains (the verdict is "
+        "not changed): what check 4 would measure with smaller probe steps",
     )
     ap.add_argument(
         "--arms",
@@ -153,6 +162,18 @@ def main() -> None:
                                     "confirm_gain": v.confirm_gain,
                                     "held_mtre_mm": held_mtre,
                                 }
+                                T_est = out.result.T_ref_from_ct
+                                if args.probe_scales and bool(torch.isfinite(T_est).all()):
+                                    iterations = pipeline.config.acceptance.agreement_iterations
+                                    case[name]["probes"] = {
+                                        f"{scale:g}": [
+                                            dataclasses.asdict(p)
+                                            for p in probe_views(
+                                                registrars[name], views, T_est, iterations=iterations, step_scale=scale
+                                            )
+                                        ]
+                                        for scale in args.probe_scales
+                                    }
                                 if args.second_pass and out.accepted and out.fast:
                                     t = time.perf_counter()
                                     p = second_pass(registrars[name], views, out.result.T_ref_from_ct)

@@ -654,7 +654,7 @@ class RegisterNode(LifecycleNode):
         level = self.motion.accepted_level
         if held.valid and pose is not None and level is not None and pose.stamp_ns < newest.stamp_ns:
             try:
-                p = probe_view(
+                p = probe_view(  # full first steps (not agreement_step_scale): motion of millimetres is sought
                     self.registrar,
                     newest,
                     pose.T_ref_from_ct,

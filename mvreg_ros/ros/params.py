@@ -264,7 +264,8 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         _GATES.confirm,
         "Acceptance test, check 6: after the global stage, run the local refinement again from the result and "
         f"reject it when that moves the anatomy more than {_GATES.max_confirm_shift_mm:g} mm while gaining more than "
-        f"{_GATES.max_confirm_gain:g} similarity (a local optimum beside a better one); 0.2 to 0.5 s more per full "
+        f"{_GATES.max_confirm_gain:g} similarity, or gains more than {_GATES.max_confirm_gain_alone:g} however little "
+        "it moves (a local optimum beside a better one); 0.2 to 0.5 s more per full "
         "registration (a tracking update's fallback included), none on a tracking update's fast path.",
         into="pipeline",
     ),

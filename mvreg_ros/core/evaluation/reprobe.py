@@ -64,12 +64,18 @@ def at_recorded_poses(
 
 
 def reprobe(
-    cases: Sequence[dict], *, iterations: int, refine: RefineConfig = RefineConfig(), i0: float | None = None
+    cases: Sequence[dict],
+    *,
+    iterations: int,
+    step_scale: float = 1.0,
+    refine: RefineConfig = RefineConfig(),
+    i0: float | None = None,
 ) -> list[dict]:
     """Copies of ``cases`` with ``view_shift_mm`` and ``view_gain`` recomputed by probes of
-    ``iterations`` steps at each case's recorded final pose (``pose_est``), with a registrar built
-    from ``refine`` (the settings the cases were registered with). A case without probes (its
-    refinement failed, so none ran) is copied unchanged. ``i0``: as ``mvreg eval --i0``."""
+    ``iterations`` steps (first steps ``step_scale`` times the finest level's, as
+    ``AcceptanceConfig.agreement_step_scale``) at each case's recorded final pose (``pose_est``), with a
+    registrar built from ``refine`` (the settings the cases were registered with). A case without probes
+    (its refinement failed, so none ran) is copied unchanged. ``i0``: as ``mvreg eval --i0``."""
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
     out = [dict(c) for c in cases]
@@ -81,7 +87,7 @@ def reprobe(
     )
     for i, registrar, views, T_ref_from_ct in probed:
         out[i]["view_shift_mm"], out[i]["view_gain"] = view_agreement(
-            registrar, views, T_ref_from_ct, iterations=iterations
+            registrar, views, T_ref_from_ct, iterations=iterations, step_scale=step_scale
         )
     return out
 

@@ -26,6 +26,7 @@ SWEEPS = (
     "max_curvature_scale",
     "max_confirm_shift_mm",
     "max_confirm_gain",
+    "max_confirm_gain_alone",
 )
 
 

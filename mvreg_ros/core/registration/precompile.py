@@ -76,7 +76,13 @@ def exercise(
     if config.acceptance.view_agreement and len(views) >= 2 and result is not None and not agreed:
         t = time.perf_counter()
         T = result.T_ref_from_ct if torch.isfinite(result.T_ref_from_ct).all() else starts[-1].T_ref_from_ct
-        view_agreement(registrar, views, T, iterations=config.acceptance.agreement_iterations)
+        view_agreement(
+            registrar,
+            views,
+            T,
+            iterations=config.acceptance.agreement_iterations,
+            step_scale=config.acceptance.agreement_step_scale,
+        )
         parts["agreement"] = time.perf_counter() - t
     if overlay and result is not None:
         t = time.perf_counter()

@@ -43,6 +43,21 @@ def test_another_length_changes_only_the_probes(recorded):
     assert recorded[0]["view_shift_mm"] is not again[0]["view_shift_mm"]  # copies, the input is kept
 
 
+def test_a_step_scale_reaches_the_probes(recorded):
+    """reprobe's step_scale is the probes' (AcceptanceConfig.agreement_step_scale): at a quarter of the
+    finest level's first steps the recomputed probes differ from the recorded ones (full steps), and
+    nothing else of a case changes."""
+    again = reprobe(recorded, iterations=AcceptanceConfig().agreement_iterations, step_scale=0.25, refine=QUICK)
+    probed = [(old, new) for old, new in zip(recorded, again) if old["view_shift_mm"]]
+    assert probed
+    assert any(new["view_shift_mm"] != pytest.approx(old["view_shift_mm"], abs=1e-6) for old, new in probed)
+    for old, new in zip(recorded, again):
+        assert all(g >= 0 for g in new["view_gain"])  # the best iterate is kept
+        assert {k: v for k, v in new.items() if not k.startswith("view_")} == {
+            k: v for k, v in old.items() if not k.startswith("view_")
+        }
+
+
 def test_cases_without_probes_are_copied_and_bad_records_refused(recorded):
     failed = dict(recorded[0], registration_success=False, view_shift_mm=[], view_gain=[], file="/nonexistent.h5")
     assert reprobe([failed], iterations=3) == [failed]  # nothing to probe: the file is not even opened

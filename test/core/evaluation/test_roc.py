@@ -1,5 +1,7 @@
 """The acceptance test's ROC on recorded cases: the same rules as acceptance_test, one threshold swept."""
 
+import dataclasses
+
 import pytest
 
 from mvreg_ros.core.evaluation.roc import accepts, markdown, sweep
@@ -49,8 +51,13 @@ def test_accepts_judges_check_6_where_the_case_records_it():
     assert not accepts(rec(1.5, 0.003), AcceptanceConfig())  # on by default, a gain over 0.002 with the move
     # the tracking fallback's near-miss (docs/acceptance.md): 2.51 mm off, moved 0.85 mm and gained 0.0197
     assert not accepts(rec(0.85, 0.0197), AcceptanceConfig())
-    assert accepts(rec(0.85, 0.0197), AcceptanceConfig(max_confirm_shift_mm=1.0))  # the threshold before let it pass
-    assert accepts(rec(0.7, 0.0197), AcceptanceConfig())  # a small move alone is not enough
+    before = AcceptanceConfig(max_confirm_shift_mm=1.0, max_confirm_gain_alone=2.0)  # 2: off (NCC gains <= 2)
+    assert accepts(rec(0.85, 0.0197), before)  # the thresholds before let it pass
+    # the next seed's near-miss, 2.43 mm off: moved 0.747 mm (under 0.75) and gained 0.0198: the gain alone rejects it
+    assert not accepts(rec(0.747, 0.0198), AcceptanceConfig())
+    assert accepts(rec(0.747, 0.0198), dataclasses.replace(AcceptanceConfig(), max_confirm_gain_alone=0.02))
+    assert accepts(rec(0.7, 0.0068), AcceptanceConfig())  # a small move and the largest gain of a correct result
+    assert accepts(rec(0.3, 0.01), AcceptanceConfig()) and not accepts(rec(0.3, 0.0101), AcceptanceConfig())
     assert accepts(rec(1.5, 0.01), AcceptanceConfig(confirm=False))
     assert accepts(rec(1.5, 0.01), AcceptanceConfig(confirm=True, max_confirm_shift_mm=2.0))
     points = sweep([rec(1.5, 0.01), rec(0.2, 0.0)], "max_confirm_gain", (0.005, 0.02), cfg)
