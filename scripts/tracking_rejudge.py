@@ -15,7 +15,7 @@ final verdict (the pipeline would fall back to the full registration's path, whi
 it says what the check tells apart. Usage:
 
     .venv/bin/python scripts/tracking_rejudge.py STUDY.json [STUDY.json ...] [--arm global]
-        [--shifts 0.5 0.75 1.0] [--probe-scale 0.3 --view-shifts 0.5 1.0 --view-gains 0.004 0.0085]
+        [--shifts 0.5 0.75 1.0] [--gains-alone 0.01 2] [--probe-scale 0.3 --view-shifts 0.5 1.0 --view-gains 0.004 0.0085]
 """
 
 import argparse
@@ -39,6 +39,13 @@ def main() -> None:
     ap.add_argument("studies", nargs="+")
     ap.add_argument("--arm", default="global")
     ap.add_argument("--shifts", nargs="+", type=float, default=[0.5, 0.75, 1.0])
+    ap.add_argument(
+        "--gains-alone",
+        nargs="+",
+        type=float,
+        default=[AcceptanceConfig().max_confirm_gain_alone],
+        help="check 6's max_confirm_gain_alone values to judge at (2: off, no NCC gain exceeds it)",
+    )
     ap.add_argument("--probe-scale", type=float, default=None)
     ap.add_argument("--view-shifts", nargs="+", type=float, default=[AcceptanceConfig().max_view_shift_mm])
     ap.add_argument("--view-gains", nargs="+", type=float, default=[AcceptanceConfig().max_view_gain])
@@ -47,14 +54,15 @@ def main() -> None:
     ok = [u["mtre_mm"] <= SUCCESS_MM for u in updates]
     print(f"{len(updates)} updates, {sum(ok)} correct")
     for s in args.shifts:
-        config = dataclasses.replace(AcceptanceConfig(), max_confirm_shift_mm=s)
-        acc = [accepted_at(u, config) for u in updates]
-        fa = sorted(round(u["mtre_mm"], 2) for u, a, o in zip(updates, acc, ok) if a and not o)
-        fr = sum(o and not a for a, o in zip(acc, ok))
-        print(
-            f"check 6 at {s:g} mm: accepted {sum(acc)}, false acceptances {len(fa)}{f' {fa}' if fa else ''}, "
-            f"false rejections {fr}"
-        )
+        for g in args.gains_alone:
+            config = dataclasses.replace(AcceptanceConfig(), max_confirm_shift_mm=s, max_confirm_gain_alone=g)
+            acc = [accepted_at(u, config) for u in updates]
+            fa = sorted(round(u["mtre_mm"], 2) for u, a, o in zip(updates, acc, ok) if a and not o)
+            fr = sum(o and not a for a, o in zip(acc, ok))
+            print(
+                f"check 6 at {s:g} mm (a gain alone over {g:g}): accepted {sum(acc)}, false acceptances {len(fa)}"
+                f"{f' {fa}' if fa else ''}, false rejections {fr}"
+            )
     if args.probe_scale is not None:
         agreement_rows(updates, ok, scale=args.probe_scale, shifts=args.view_shifts, gains=args.view_gains)
 
