@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mvreg_ros.core.data.simulate import acquire, make_scene
+from mvreg_ros.core.data.simulate import make_scene
 from mvreg_ros.core.evaluation import stats
 from mvreg_ros.core.evaluation.landmarks import ct_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm
@@ -265,9 +265,7 @@ def tracking_sets(volume: Volume, scene, cfg: BenchConfig, n: int) -> list[tuple
             centre_ct=volume.centre_ct(),
             generator=gen,
         )
-        T_cam_from_ct = geometry.invert(scene.T_ref_from_cam) @ T_moved
-        raw = acquire(renderer, T_cam_from_ct, scene.K, scene.height, scene.width, generator=gen)
-        sets.append((T_moved, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)))
+        sets.append((T_moved, dataclasses.replace(scene, T_ref_from_ct=T_moved).views(renderer, generator=gen)))
     return sets
 
 

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, make_scene
 from mvreg_ros.core.geometry import transforms as geometry
 from mvreg_ros.core.imaging.overlay import fusion_rgb, normalise_for_display, overlay_rgb
-from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import load_example_ct
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar
 from mvreg_ros.core.rendering.renderer import Renderer
@@ -19,16 +18,11 @@ def setup():
     scene = make_scene(
         ct.bone_centre_ct(), [(0.0, 0.0), (90.0, 0.0)], detector=DetectorConfig(height=48, width=40, pixel_mm=6.0)
     )
-    raw = acquire(
+    views = scene.views(
         Renderer(ct, backend="grid_sample"),
-        scene.T_cam_from_ct,
-        scene.K,
-        scene.height,
-        scene.width,
         config=AcquisitionConfig(n_samples=64),
         generator=torch.Generator().manual_seed(0),
     )
-    views = ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
     return ct, scene, views
 
 

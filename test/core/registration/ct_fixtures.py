@@ -5,8 +5,7 @@ define their own ``ct`` or ``registrar`` use theirs."""
 import pytest
 import torch
 
-from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
-from mvreg_ros.core.imaging.views import ViewSet
+from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, make_scene
 from mvreg_ros.core.imaging.volume import load_example_ct
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar
 from mvreg_ros.core.rendering.renderer import Renderer
@@ -28,13 +27,7 @@ def registrar(ct):
 @pytest.fixture(scope="module")
 def biplane(ct):
     scene = make_scene(ct.bone_centre_ct(), [(0.0, 0.0), (70.0, 10.0)], detector=DETECTOR)
-    raw = acquire(
-        Renderer(ct),
-        scene.T_cam_from_ct,
-        scene.K,
-        scene.height,
-        scene.width,
-        config=AcquisitionConfig(n_samples=128),
-        generator=torch.Generator().manual_seed(3),
+    views = scene.views(
+        Renderer(ct), config=AcquisitionConfig(n_samples=128), generator=torch.Generator().manual_seed(3)
     )
-    return scene.T_ref_from_ct, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+    return scene.T_ref_from_ct, views

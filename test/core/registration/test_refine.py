@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, acquire, make_scene
+from mvreg_ros.core.data.simulate import AcquisitionConfig, DetectorConfig, make_scene
 from mvreg_ros.core.evaluation.landmarks import ct_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry import transforms as geometry
@@ -42,16 +42,12 @@ def ct():
 def _scene_views(ct, angles, detector, n_samples):
     """A simulated acquisition of ``ct`` at the (orbital, angular) ``angles``, and its views."""
     scene = make_scene(ct.bone_centre_ct(), angles, detector=detector)
-    raw = acquire(
+    views = scene.views(
         Renderer(ct, backend="grid_sample"),
-        scene.T_cam_from_ct,
-        scene.K,
-        scene.height,
-        scene.width,
         config=AcquisitionConfig(n_samples=n_samples),
         generator=torch.Generator().manual_seed(3),
     )
-    return scene, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+    return scene, views
 
 
 @pytest.fixture(scope="module")

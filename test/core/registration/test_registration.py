@@ -42,18 +42,12 @@ GLOBAL = GlobalConfig(candidates=64, keep=6, iterations=40)
 
 def _views(ct, angles, seed=3, T_ref_from_ct=None):
     scene = make_scene(ct.bone_centre_ct(), angles, detector=DETECTOR)
-    T_truth = scene.T_ref_from_ct if T_ref_from_ct is None else T_ref_from_ct
-    T_cam_from_ct = geometry.invert(scene.T_ref_from_cam) @ T_truth
-    raw = acquire(
-        Renderer(ct),
-        T_cam_from_ct,
-        scene.K,
-        scene.height,
-        scene.width,
-        config=AcquisitionConfig(n_samples=128),
-        generator=torch.Generator().manual_seed(seed),
+    if T_ref_from_ct is not None:
+        scene = dataclasses.replace(scene, T_ref_from_ct=T_ref_from_ct)
+    views = scene.views(
+        Renderer(ct), config=AcquisitionConfig(n_samples=128), generator=torch.Generator().manual_seed(seed)
     )
-    return T_truth, ViewSet.from_raw(raw, scene.K, scene.T_ref_from_cam)
+    return scene.T_ref_from_ct, views
 
 
 @pytest.fixture(scope="module")
