@@ -69,7 +69,7 @@ class AcceptanceConfig:
     max_confirm_gain_alone: float = 0.01  # a second pass gaining more than this rejects however little it moved: the
     # result is not the optimum the refinement finds from there (both tracking near-misses that check 6 saw gained
     # 0.0197 / 0.0198 while moving 0.85 / 0.747 mm; correct results gained at most 0.0068; docs/acceptance.md,
-    # *A large gain alone*)
+    # *Probes of smaller steps, and a large gain alone at check 6*)
 
     def __post_init__(self):
         if not isinstance(self.min_views, int) or self.min_views < 1:
