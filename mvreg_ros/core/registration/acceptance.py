@@ -20,8 +20,8 @@ check passes:
 6. a stable optimum (``AcceptanceConfig.confirm``, on by default): on results of the global stage's
    path (the pipeline asks for it there: far starts), the local pyramid run again from the result must not
    move the anatomy more than ``max_confirm_shift_mm`` **and** gain more than ``max_confirm_gain``
-   similarity, nor gain more than ``max_confirm_gain_alone`` however little it moves. A refinement from far away can end in a local optimum of the finest level beside a
-   better one (on the deformed ``mismatch`` patient, 2.2 mm off where starts nearer end 0.9 mm off);
+   similarity, nor gain more than ``max_confirm_gain_alone`` however little it moves. A refinement
+   from far away can end in a local optimum of the finest level beside a better one (on the deformed ``mismatch`` patient, 2.2 mm off where starts nearer end 0.9 mm off);
    a second pass starts the coarse level from there and finds the better one.
 
 One implementation, used by the node, ``mvreg eval``, ``mvreg bench`` and ``mvreg register``.
@@ -68,7 +68,7 @@ class AcceptanceConfig:
     # until the new seeds: at 0.004 it let one of the two near-misses of the calibration files through)
     max_confirm_gain_alone: float = 0.01  # a second pass gaining more than this rejects however little it moved: the
     # result is not the optimum the refinement finds from there (both tracking near-misses that check 6 saw gained
-    # 0.0197 / 0.0198 while moving 0.85 / 0.747 mm; correct results gained at most 0.0068; docs/acceptance.md,
+    # 0.0197 / 0.0198 while moving 0.85 / 0.747 mm; correct results at most 0.0095; docs/acceptance.md,
     # *Probes of smaller steps, and a large gain alone at check 6*)
 
     def __post_init__(self):
