@@ -21,8 +21,9 @@ check passes:
    path (the pipeline asks for it there: far starts), the local pyramid run again from the result must not
    move the anatomy more than ``max_confirm_shift_mm`` **and** gain more than ``max_confirm_gain``
    similarity, nor gain more than ``max_confirm_gain_alone`` however little it moves. A refinement
-   from far away can end in a local optimum of the finest level beside a better one (on the deformed ``mismatch`` patient, 2.2 mm off where starts nearer end 0.9 mm off);
-   a second pass starts the coarse level from there and finds the better one.
+   from far away can end in a local optimum of the finest level beside a better one (on the deformed
+   ``mismatch`` patient, 2.2 mm off where starts nearer end 0.9 mm off); a second pass starts the
+   coarse level from there and finds the better one.
 
 One implementation, used by the node, ``mvreg eval``, ``mvreg bench`` and ``mvreg register``.
 """
