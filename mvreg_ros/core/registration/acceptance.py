@@ -138,11 +138,13 @@ def finest_probe_level(registrar: Registrar, *, iterations: int) -> tuple[LevelS
     return level, cfg.level_lr_decay ** (len(cfg.sizes) - 1)
 
 
-def refine_at_finest(registrar: Registrar, views: ViewSet, T0: Float[Tensor, "*K 4 4"], *, iterations: int) -> LevelRun:
+def refine_at_finest(
+    registrar: Registrar, views: ViewSet, T0: Float[Tensor, "*K 4 4"], *, iterations: int, step_scale: float = 1.0
+) -> LevelRun:
     """``iterations`` steps at the refinement's finest level from each of the K starting poses at once,
-    with the first step the full pyramid takes there (early stop as configured)."""
+    with ``step_scale`` times the first step the full pyramid takes there (early stop as configured)."""
     level, lr_scale = finest_probe_level(registrar, iterations=iterations)
-    return registrar.refine_level(views, T0, level=level, lr_scale=lr_scale, early_stop=True, finest=True)
+    return registrar.refine_level(views, T0, level=level, lr_scale=lr_scale * step_scale, early_stop=True, finest=True)
 
 
 def probe_views(

@@ -16,7 +16,6 @@ from mvreg_ros.core.registration.acceptance import (
     AcceptanceConfig,
     SecondPass,
     acceptance_test,
-    finest_probe_level,
     probe_view,
     probe_views,
     refine_at_finest,
@@ -118,11 +117,7 @@ def _probe_alone(registrar, view, T, *, iterations, step_scale=1.0):
     """The single-view probe the way it ran before the views were batched: the ordinary objective of
     one view at the finest level (the reference of probe_views), its first steps ``step_scale`` times
     the finest level's."""
-    if step_scale == 1.0:
-        run = refine_at_finest(registrar, view, T, iterations=iterations)
-    else:
-        level, lr_scale = finest_probe_level(registrar, iterations=iterations)
-        run = registrar.refine_level(view, T, level=level, lr_scale=lr_scale * step_scale, finest=True)
+    run = refine_at_finest(registrar, view, T, iterations=iterations, step_scale=step_scale)
     T_cam_from_ref = geometry.invert(view.T_ref_from_cam[0].to(torch.float64))
     K = view.K[0].to(torch.float64)
     c = registrar.centre_ct.to(torch.float64)
@@ -163,7 +158,7 @@ def test_probes_of_all_views_at_once_give_each_views_own_values(registrar, bipla
         probe_view(registrar, views, T, iterations=6)
 
 
-def test_smaller_probe_steps_give_the_reference_values_and_stay_nearer(registrar, biplane):
+def test_smaller_probe_steps_give_the_reference_values_and_measure_each_view(registrar, biplane):
     """agreement_step_scale: the batched probes at a smaller first step equal the single-view
     reference at that step; from the true pose of engine-rendered views, full steps leave every view
     unmoved and smaller ones measure each; non-positive or non-finite scales are refused by name."""
