@@ -176,7 +176,7 @@ def main() -> None:
                                     }
                                 if args.second_pass and out.accepted and out.fast:
                                     t = time.perf_counter()
-                                    p = second_pass(registrars[name], views, out.result.T_ref_from_ct)
+                                    p = second_pass(registrars[name], views, T_est)
                                     case[name].update(
                                         probe_confirm_shift_mm=p.shift_mm,
                                         probe_confirm_gain=p.gain,
