@@ -14,6 +14,7 @@ results the agreement flags by itself and how many the whole test accepts. Usage
 1 by default).
 """
 
+import argparse
 import json
 import sys
 
@@ -37,7 +38,7 @@ def summary(tag: str, cases: list[dict]) -> str:
     )
 
 
-def main(out: str, iterations: str, paths: list[str], step_scale: float = 1.0) -> int:
+def main(out: str, iterations: int, paths: list[str], step_scale: float = 1.0) -> int:
     cases = [c for p in paths for c in json.loads(open(p).read())["cases"]]
     print(summary("recorded", cases), flush=True)
     again = reprobe(cases, iterations=int(iterations), step_scale=step_scale)
@@ -49,15 +50,10 @@ def main(out: str, iterations: str, paths: list[str], step_scale: float = 1.0) -
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    scale = 1.0
-    if "--step-scale" in args:
-        k = args.index("--step-scale")
-        if k + 1 >= len(args):
-            sys.exit("--step-scale needs a value")
-        scale = float(args[k + 1])
-        del args[k : k + 2]
-    if len(args) < 3:
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main(args[0], args[1], args[2:], step_scale=scale))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("iterations", type=int)
+    ap.add_argument("calib", nargs="+")
+    ap.add_argument("--step-scale", type=float, default=1.0)
+    a = ap.parse_args()
+    sys.exit(main(a.out, a.iterations, a.calib, step_scale=a.step_scale))
