@@ -5,7 +5,11 @@ at other probe step scales and thresholds, from the signals that scripts/trackin
 
 Check 6 runs last, once every other check has passed, so a recorded update whose check 6 ran is
 accepted at another threshold exactly when :func:`unstable_optimum` says its recorded shift and gain are
-stable there; one without it (the fast path, or rejected earlier) keeps its verdict. Prints, per
+stable there; one without it (the fast path, or rejected earlier) keeps its verdict. Check 7 (on a
+fallback, the pyramid from the fast path's best round) runs after check 6, so an update recorded with it
+off and its measurement on every fallback (``tracking_study.py --cross-check``) is accepted at a
+``--cross-drops`` value when it is accepted without it and, where its drop exceeds that value, the recorded
+shift and gain pass check 6's thresholds. ``-v`` lists every such fallback. Prints, per
 threshold, the updates accepted, false acceptances (mTRE > 2 mm accepted) and false rejections.
 
 With ``--probe-scale S`` (a study run with ``--probe-scales`` including S): for each pair of
@@ -15,11 +19,12 @@ final verdict (the pipeline would fall back to the full registration's path, whi
 it says what the check tells apart. Usage:
 
     .venv/bin/python scripts/tracking_rejudge.py STUDY.json [STUDY.json ...] [--arm global]
-        [--shifts 0.5 0.75 1.0] [--gains-alone 0.01 2] [--probe-scale 0.3 --view-shifts 0.5 1.0 --view-gains 0.004 0.0085]
+        [--shifts 0.5 0.75 1.0] [--gains-alone 0.01 2] [--cross-drops -2 0 0.005] [-v] [--probe-scale 0.3 --view-shifts 0.5 1.0 --view-gains 0.004 0.0085]
 """
 
 import argparse
 import dataclasses
+import itertools
 import json
 
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig, disagreeing_views, unstable_optimum
@@ -30,8 +35,14 @@ SUCCESS_MM = 2.0
 def accepted_at(update: dict, config: AcceptanceConfig) -> bool:
     shift, gain = update["confirm_shift_mm"], update["confirm_gain"]
     if shift is None or gain is None:  # check 6 did not run: the verdict as recorded
-        return update["accepted"]
-    return not unstable_optimum(shift, gain, config)
+        accepted = update["accepted"]
+    else:
+        accepted = not unstable_optimum(shift, gain, config)
+    # check 7, from its measurement on every fallback (a study run with --cross-check, check 7 off)
+    drop, shift, gain = (update.get(k) for k in ("fallback_drop", "cross_shift_mm", "cross_gain"))
+    if accepted and config.cross_check and drop is not None and shift is not None and drop > config.cross_check_drop:
+        return not unstable_optimum(shift, gain, config)
+    return accepted
 
 
 def main() -> None:
@@ -46,6 +57,15 @@ def main() -> None:
         default=[AcceptanceConfig().max_confirm_gain_alone],
         help="check 6's max_confirm_gain_alone values to judge at (2: off, no NCC gain exceeds it)",
     )
+    ap.add_argument(
+        "--cross-drops",
+        nargs="+",
+        type=float,
+        default=[AcceptanceConfig().cross_check_drop],
+        help="check 7's cross_check_drop values to judge at (2: off, -2: on every fallback), from a study run with "
+        "--cross-check",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="list every fallback's check 7 measurement")
     ap.add_argument("--probe-scale", type=float, default=None)
     ap.add_argument("--view-shifts", nargs="+", type=float, default=[AcceptanceConfig().max_view_shift_mm])
     ap.add_argument("--view-gains", nargs="+", type=float, default=[AcceptanceConfig().max_view_gain])
@@ -53,15 +73,22 @@ def main() -> None:
     updates = [c[args.arm] for p in args.studies for c in json.load(open(p))["cases"] if args.arm in c]
     ok = [u["mtre_mm"] <= SUCCESS_MM for u in updates]
     print(f"{len(updates)} updates, {sum(ok)} correct")
-    for s in args.shifts:
-        for g in args.gains_alone:
-            config = dataclasses.replace(AcceptanceConfig(), max_confirm_shift_mm=s, max_confirm_gain_alone=g)
-            acc = [accepted_at(u, config) for u in updates]
-            fa = sorted(round(u["mtre_mm"], 2) for u, a, o in zip(updates, acc, ok) if a and not o)
-            fr = sum(o and not a for a, o in zip(acc, ok))
+    for s, g, d in itertools.product(args.shifts, args.gains_alone, args.cross_drops):
+        config = dataclasses.replace(
+            AcceptanceConfig(), max_confirm_shift_mm=s, max_confirm_gain_alone=g, cross_check_drop=d
+        )
+        acc = [accepted_at(u, config) for u in updates]
+        fa = sorted(round(u["mtre_mm"], 2) for u, a, o in zip(updates, acc, ok) if a and not o)
+        fr = sum(o and not a for a, o in zip(acc, ok))
+        print(
+            f"check 6 at {s:g} mm (a gain alone over {g:g}), check 7 at {d:g}: accepted {sum(acc)}, false "
+            f"acceptances {len(fa)}{f' {fa}' if fa else ''}, false rejections {fr}"
+        )
+    for u in updates if args.verbose else ():
+        if u.get("cross_shift_mm") is not None:
             print(
-                f"check 6 at {s:g} mm (a gain alone over {g:g}): accepted {sum(acc)}, false acceptances {len(fa)}"
-                f"{f' {fa}' if fa else ''}, false rejections {fr}"
+                f"  fallback {u['mtre_mm']:.2f} mm {'accepted' if u['accepted'] else 'rejected'} without check 7: "
+                f"drop {u['fallback_drop']:.4f}, check 7 {u['cross_shift_mm']:.2f} mm / {u['cross_gain']:.4f}"
             )
     if args.probe_scale is not None:
         agreement_rows(updates, ok, scale=args.probe_scale, shifts=args.view_shifts, gains=args.view_gains)

@@ -22,11 +22,13 @@ deformed patient and a CT slab; ``mvreg_ros/core/data/stress.py``):
 Prints per arm and motion: the update's median time, the median mTRE, how many took the fast path,
 how many used the held curvature, accepted, false acceptances (mTRE > 2 mm accepted) and false
 rejections; writes every case to OUT.json with its verdict's signals (per-view similarity, shift and gain;
-check 6's shift and gain where it ran; with ``--second-pass`` check 6's on every accepted fast update, the
-verdict unchanged). Usage:
+check 6's shift and gain where it ran, a fallback's drop below its fast path's best round and check 7's
+shift and gain where it ran; with ``--cross-check`` check 7 off and its measurement on every fallback; with
+``--second-pass`` check 6's on every accepted fast update, the verdict unchanged). Usage:
 
     .venv/bin/python scripts/tracking_study.py OUT.json FILE.h5 [FILE.h5 ...] [--motion 1/2 3/6] [--starts 2]
         [--arms held measured stalled global] [--seed 11] [--second-pass] [--probe-scales 1 0.3 0.1]
+        [--cross-check]
 """
 
 import argparse
@@ -101,8 +103,20 @@ def main() -> None:
         default=["held", "measured"],
         help="which ways to register each start, in turn (default: held measured)",
     )
+    ap.add_argument(
+        "--cross-check",
+        action="store_true",
+        help="judge every arm without check 7 (AcceptanceConfig.cross_check off) and record its measurement on every "
+        "fallback whose fast path reached a finite similarity: the local pyramid from the fast path's best round, how "
+        "far it ends from the result and what it gains there (for tracking_rejudge.py --cross-drops)",
+    )
     args = ap.parse_args()
     arms = {name: ARMS[name] for name in args.arms}
+    if args.cross_check:
+        arms = {
+            name: (engine, dataclasses.replace(p, acceptance=dataclasses.replace(p.acceptance, cross_check=False)))
+            for name, (engine, p) in arms.items()
+        }
     cases = []
     gen = torch.Generator().manual_seed(args.seed)
     for path in args.files:
@@ -160,6 +174,9 @@ def main() -> None:
                                     "view_gain": list(v.view_gain),
                                     "confirm_shift_mm": v.confirm_shift_mm,
                                     "confirm_gain": v.confirm_gain,
+                                    "fallback_drop": v.fallback_drop,
+                                    "cross_shift_mm": v.cross_shift_mm,
+                                    "cross_gain": v.cross_gain,
                                     "held_mtre_mm": held_mtre,
                                 }
                                 T_est = out.result.T_ref_from_ct
@@ -174,6 +191,23 @@ def main() -> None:
                                         ]
                                         for scale in args.probe_scales
                                     }
+                                fast = out.fast_result
+                                if (
+                                    args.cross_check
+                                    and not out.fast
+                                    and fast is not None
+                                    and torch.isfinite(T_est).all()
+                                ):
+                                    t = time.perf_counter()
+                                    p = second_pass(registrars[name], views, T_est, start=fast.T_ref_from_ct)
+                                    case[name].update(
+                                        cross_shift_mm=p.shift_mm,
+                                        cross_gain=p.gain,
+                                        cross_time_s=time.perf_counter() - t,
+                                        cross_mtre_mm=mtre_mm(p.T_ref_from_ct, T_true, landmarks),
+                                        fast_mtre_mm=mtre_mm(fast.T_ref_from_ct, T_true, landmarks),
+                                        fast_similarity=fast.similarity,
+                                    )
                                 if args.second_pass and out.accepted and out.fast:
                                     t = time.perf_counter()
                                     p = second_pass(registrars[name], views, T_est)

@@ -270,6 +270,17 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         into="pipeline",
     ),
     ParamSpec(
+        "cross_check",
+        "bool",
+        _GATES.cross_check,
+        "Acceptance test, check 7: when a tracking update falls back to the full registration and its result "
+        "scores below the fast path's best round, run the local refinement from that round's pose and reject the "
+        "result when that ends elsewhere with a better similarity (check 6's thresholds): on a deformed patient the "
+        "fallback can leave the optimum the fast path had found for one 2.4 mm off. About 0.4 s more on such "
+        "fallbacks, none elsewhere.",
+        into="pipeline",
+    ),
+    ParamSpec(
         "motion_check",
         "bool",
         True,
@@ -776,6 +787,7 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
             require_converged=v["require_converged"],
             view_agreement=v["view_agreement"],
             confirm=v["confirm_second_pass"],
+            cross_check=v["cross_check"],
         ),
         global_search=dataclasses.replace(
             _GLOBAL,

@@ -23,7 +23,14 @@ check passes:
    similarity, nor gain more than ``max_confirm_gain_alone`` however little it moves. A refinement
    from far away can end in a local optimum of the finest level beside a better one (on the deformed
    ``mismatch`` patient, 2.2 mm off where starts nearer end 0.9 mm off); a second pass starts the
-   coarse level from there and finds the better one.
+   coarse level from there and finds the better one;
+7. the fast path's optimum cross-checked (``cross_check``, on by default; a tracking update's fallback only,
+   when its result scores more than ``cross_check_drop`` below the best round of the fast path before it):
+   the local pyramid run from that round's pose must not end elsewhere with a better similarity, by check
+   6's thresholds. On the deformed ``mismatch`` patient the fast rounds can sit at the optimum (0.2 mm off)
+   without passing the convergence test, and the global fallback then end in an optimum 2.4 mm off that
+   every other check accepts: the pass from the fast path's pose ends back near the truth and gains 0.0185,
+   or ends in the same wrong optimum but moves 0.98 mm from the result and gains 0.0023.
 
 One implementation, used by the node, ``mvreg eval``, ``mvreg bench`` and ``mvreg register``.
 """
@@ -71,6 +78,10 @@ class AcceptanceConfig:
     # result is not the optimum the refinement finds from there (both tracking near-misses that check 6 saw gained
     # 0.0197 / 0.0198 while moving 0.85 / 0.747 mm; correct results at most 0.0095; docs/acceptance.md,
     # *Probes of smaller steps, and a large gain alone at check 6*)
+    cross_check: bool = True  # check 7, on a tracking update's fallback (acceptance_test(fast=...), by the pipeline)
+    cross_check_drop: float = 0.0  # ... when its result scores more than this below the fast path's best round (mean
+    # similarity over views at the finest level; negative: always): the local pyramid from that round's pose, judged
+    # by check 6's thresholds (max_confirm_shift_mm and max_confirm_gain, max_confirm_gain_alone)
 
     def __post_init__(self):
         if not isinstance(self.min_views, int) or self.min_views < 1:
@@ -83,8 +94,11 @@ class AcceptanceConfig:
             raise ValueError(f"agreement_iterations must be >= 1, got {self.agreement_iterations}")
         if not (math.isfinite(self.agreement_step_scale) and self.agreement_step_scale > 0):
             raise ValueError(f"agreement_step_scale must be a finite number > 0, got {self.agreement_step_scale}")
-        if not isinstance(self.confirm, bool):
-            raise TypeError(f"confirm must be a bool, got {self.confirm!r}")
+        for name in ("confirm", "cross_check"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not math.isfinite(self.cross_check_drop):
+            raise ValueError(f"cross_check_drop must be a finite number, got {self.cross_check_drop}")
         for name in (
             "max_view_shift_mm",
             "max_view_gain",
@@ -109,6 +123,9 @@ class Verdict:
     margin: float | None = None
     confirm_shift_mm: float | None = None  # the second pass's (check 6), when it ran
     confirm_gain: float | None = None
+    fallback_drop: float | None = None  # the fast path's best round's similarity minus the result's (a fallback)
+    cross_shift_mm: float | None = None  # check 7's pass from that round's pose, when it ran: its move from the
+    cross_gain: float | None = None  # result, and its gain over it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -202,14 +219,22 @@ class SecondPass:
     T_ref_from_ct: Tensor
 
 
-def second_pass(registrar: Registrar, views: ViewSet, T_ref_from_ct: Float[Tensor, "4 4"]) -> SecondPass:
-    """Every level of the refinement's pyramid again from ``T_ref_from_ct``, as the full refinement
-    runs them (first steps, step decay, early stop), without its Newton polish (check 6 of the
-    acceptance test)."""
+def second_pass(
+    registrar: Registrar,
+    views: ViewSet,
+    T_ref_from_ct: Float[Tensor, "4 4"],
+    *,
+    start: Float[Tensor, "4 4"] | None = None,
+) -> SecondPass:
+    """Every level of the refinement's pyramid again from ``T_ref_from_ct`` (or from ``start``: another
+    pose, compared with ``T_ref_from_ct`` all the same), as the full refinement runs them (first steps,
+    step decay, early stop), without its Newton polish (check 6 of the acceptance test)."""
     T0 = T_ref_from_ct.to(torch.float64).cpu()
-    if T0.shape != (4, 4):
-        raise ValueError(f"second_pass needs one pose (4, 4), got {tuple(T0.shape)}")
-    run = registrar.run_levels(views, T0, registrar.config.schedule())[-1]
+    T_start = T0 if start is None else start.to(torch.float64).cpu()
+    for name, T in (("T_ref_from_ct", T0), ("start", T_start)):
+        if T.shape != (4, 4):
+            raise ValueError(f"second_pass needs one pose (4, 4) as {name}, got {tuple(T.shape)}")
+    run = registrar.run_levels(views, T_start, registrar.config.schedule())[-1]
     T = run.T_ref_from_ct[0]
     with torch.no_grad():
         s = run.objective.similarity(torch.stack([T0, T]).to(registrar.device)).mean(-1).cpu()
@@ -273,15 +298,21 @@ def acceptance_test(
     config: AcceptanceConfig = AcceptanceConfig(),
     margin: float | None = None,
     confirm: bool = False,
+    fast: RegistrationResult | None = None,
 ) -> Verdict:
     """The verdict on ``result``. Per-view agreement needs the ``registrar`` and ``views`` it
     came from (with ``config.view_agreement``); ``margin`` is the global stage's similarity
     margin between the winner and a distinct runner-up, when there was one. ``confirm``: run check
-    6 (a second pass, with ``config.confirm``; last, once every other check has passed)."""
+    6 (a second pass, with ``config.confirm``; last, once every other check has passed).
+    ``fast``: for a tracking update's fallback, the best round of the fast path before it, on the same views
+    and finest level (check 7, with ``config.cross_check``; after check 6)."""
     sims = tuple(float(s) for s in result.view_similarity)
+    drop = None if fast is None else float(fast.similarity) - float(result.similarity)
 
     def verdict(reason: str, **kw) -> Verdict:
-        return Verdict(accepted=not reason, reason=reason, view_similarity=sims, margin=margin, **kw)
+        return Verdict(
+            accepted=not reason, reason=reason, view_similarity=sims, margin=margin, fallback_drop=drop, **kw
+        )
 
     if len(sims) < config.min_views:
         return verdict(
@@ -329,19 +360,32 @@ def acceptance_test(
                 f"{gains[i]:.3f} similarity (the anatomy may have moved between shots)",
                 **kw,
             )
-    if not confirm:
-        return verdict("", **kw)
-    if registrar is None or views is None:
-        raise ValueError("the second pass needs the registrar and the views (or confirm=False)")
-    try:
-        p = second_pass(registrar, views, result.T_ref_from_ct)
-    except RuntimeError as e:  # a similarity that became non-finite: nothing confirms the result
-        return verdict(f"unstable optimum: the refinement run again from the result failed: {e}", **kw)
-    kw.update(confirm_shift_mm=p.shift_mm, confirm_gain=p.gain)
-    if unstable_optimum(p.shift_mm, p.gain, config):
-        return verdict(
-            f"unstable optimum: the refinement run again from the result moves the anatomy {p.shift_mm:.2f} mm "
-            f"and gains {p.gain:.4f} similarity (a better optimum lies beside it)",
-            **kw,
-        )
+    cross = config.cross_check and drop is not None and not drop <= config.cross_check_drop  # NaN: checked
+    if (confirm or cross) and (registrar is None or views is None):
+        raise ValueError("checks 6 and 7 need the registrar and the views (or confirm=False, cross_check=False)")
+    if confirm:
+        try:
+            p = second_pass(registrar, views, result.T_ref_from_ct)
+        except RuntimeError as e:  # a similarity that became non-finite: nothing confirms the result
+            return verdict(f"unstable optimum: the refinement run again from the result failed: {e}", **kw)
+        kw.update(confirm_shift_mm=p.shift_mm, confirm_gain=p.gain)
+        if unstable_optimum(p.shift_mm, p.gain, config):
+            return verdict(
+                f"unstable optimum: the refinement run again from the result moves the anatomy {p.shift_mm:.2f} mm "
+                f"and gains {p.gain:.4f} similarity (a better optimum lies beside it)",
+                **kw,
+            )
+    if cross:
+        try:
+            p = second_pass(registrar, views, result.T_ref_from_ct, start=fast.T_ref_from_ct)
+        except RuntimeError as e:
+            return verdict(f"unstable optimum: the refinement from the fast path's best round failed: {e}", **kw)
+        kw.update(cross_shift_mm=p.shift_mm, cross_gain=p.gain)
+        if unstable_optimum(p.shift_mm, p.gain, config):
+            return verdict(
+                f"unstable optimum: the refinement from the fast tracking path's best round, {drop:.4f} above the "
+                f"result, ends {p.shift_mm:.2f} mm from it and gains {p.gain:.4f} similarity (a better optimum "
+                "lies beside it)",
+                **kw,
+            )
     return verdict("", **kw)

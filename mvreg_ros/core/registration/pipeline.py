@@ -8,7 +8,9 @@ acceptance test.
   round); when that does not converge or fails the acceptance test, the full registration follows
   (``TrackingConfig.fallback``): by default its own path, the global stage around the start, the
   refinement and check 6, the path the acceptance test was calibrated on; "local": the local refinement
-  from the same start first, then the global stage only when that fails too (the rule before);
+  from the same start first, then the global stage only when that fails too (the rule before); the
+  fallback's result is judged with the fast path's best round beside it (check 7: where the result
+  scores lower, the local pyramid from that round's pose must not end elsewhere, better);
 - any other start (configured, coarse network, perturbed truth) goes through the global stage
   (around the start and the network's hypotheses), then the local refinement from its best
   candidate.
@@ -25,6 +27,7 @@ a fallback (with ``fallback="local"``: ``("tracking", "local")`` or ``("tracking
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 
@@ -64,6 +67,7 @@ class Outcome:
     stages: tuple[str, ...] = ()  # what ran, in order: "tracking" (the fast update), "local", "global"
     time_s: float = 0.0
     stamp_ns: int = 0
+    fast_result: RegistrationResult | None = None  # the fast path's best round (highest similarity), where it ran
 
     @property
     def fast(self) -> bool:
@@ -86,6 +90,19 @@ def _margin(g: GlobalResult, centre_ct: Tensor, cfg: GlobalConfig) -> float | No
     return float(g.similarity[0] - g.similarity[1:][distinct].max())
 
 
+def _better(
+    best: RegistrationResult | None, result: RegistrationResult, tracking: TrackingConfig, registrar: Registrar
+) -> RegistrationResult | None:
+    """The fast round of the highest similarity so far, ``result`` or ``best`` (None while none is finite, or when
+    the fast path's finest level renders otherwise than the full registration's, whose results check 7 compares
+    it with)."""
+    if tracking.n_samples not in (0, registrar.config.levels()[-1].n_samples):
+        return None
+    if not (math.isfinite(result.similarity) and bool(torch.isfinite(result.T_ref_from_ct).all())):
+        return best
+    return result if best is None or result.similarity > best.similarity else best
+
+
 class RegistrationPipeline:
     def __init__(
         self,
@@ -101,16 +118,29 @@ class RegistrationPipeline:
         self.tracker = tracker
 
     def _judge(
-        self, views: ViewSet, result: RegistrationResult, margin: float | None, *, confirm: bool = False
+        self,
+        views: ViewSet,
+        result: RegistrationResult,
+        margin: float | None,
+        *,
+        confirm: bool = False,
+        fast: RegistrationResult | None = None,
     ) -> Verdict:
         return acceptance_test(
-            result, registrar=self.registrar, views=views, config=self.config.acceptance, margin=margin, confirm=confirm
+            result,
+            registrar=self.registrar,
+            views=views,
+            config=self.config.acceptance,
+            margin=margin,
+            confirm=confirm,
+            fast=fast,
         )
 
     def register_from(self, views: ViewSet, start: Start, *, stamp_ns: int = 0) -> Outcome:
         t0 = time.perf_counter()
         stages: list[str] = []
         tracking = self.config.tracking
+        fast: RegistrationResult | None = None  # the fast path's best round, for check 7 on its fallback
         if start.tracking and tracking.enabled:
             T = start.T_ref_from_ct
             # the curvature the held pose's registration measured, where it serves (same views, near, young)
@@ -119,6 +149,7 @@ class RegistrationPipeline:
                 schedule = tracking.schedule(self.registrar.config, held=held is not None, round=k)
                 result = self.registrar.refine(views, T, schedule=schedule, curvature=held)
                 stages.append("tracking")
+                fast = _better(fast, result, tracking, self.registrar)
                 if result.converged or not torch.isfinite(result.T_ref_from_ct).all():
                     break
                 T = result.T_ref_from_ct
@@ -127,16 +158,16 @@ class RegistrationPipeline:
             if result.converged or not tracking.require_converged:
                 verdict = self._judge(views, result, None)
                 if verdict.accepted:
-                    return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns)
+                    return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns, fast)
         # a tracking start is refined locally first, unless its fast path already ran and falls back to the full
         # registration's own path (TrackingConfig.fallback "global": the global stage, then check 6)
         local_first = start.tracking and not (tracking.enabled and tracking.fallback == "global")
         if local_first or not self.config.global_search.enabled:
             result = self.registrar.refine(views, start.T_ref_from_ct)
             stages.append("local")
-            verdict = self._judge(views, result, None)
+            verdict = self._judge(views, result, None, fast=fast)
             if verdict.accepted or not self.config.global_search.enabled:
-                return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns)
+                return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns, fast)
         g = global_search(
             self.registrar, views, start.T_ref_from_ct, hypotheses=start.hypotheses, config=self.config.global_search
         )
@@ -145,11 +176,15 @@ class RegistrationPipeline:
         stages.append("local")
         # the global stage's path: a far start, so the result must also be a stable optimum (check 6)
         verdict = self._judge(
-            views, result, _margin(g, self.registrar.centre_ct, self.config.global_search), confirm=True
+            views,
+            result,
+            _margin(g, self.registrar.centre_ct, self.config.global_search),
+            confirm=True,
+            fast=fast,
         )
-        return self._finish(views, start, result, verdict, g, stages, t0, stamp_ns)
+        return self._finish(views, start, result, verdict, g, stages, t0, stamp_ns, fast)
 
-    def _finish(self, views, start, result, verdict, g, stages, t0, stamp_ns) -> Outcome:
+    def _finish(self, views, start, result, verdict, g, stages, t0, stamp_ns, fast) -> Outcome:
         if verdict.accepted and self.tracker is not None:
             self.tracker.accept(
                 AcceptedPose(
@@ -169,6 +204,7 @@ class RegistrationPipeline:
             stages=tuple(stages),
             time_s=time.perf_counter() - t0,
             stamp_ns=stamp_ns,
+            fast_result=fast,
         )
 
     def register(self, views: ViewSet, *, stamp_ns: int = 0, T_true_ref_from_ct: Tensor | None = None) -> Outcome:

@@ -152,6 +152,57 @@ def test_acceptance_passes_and_validates():
     assert one.accepted and one.view_shift_mm == ()
 
 
+@pytest.mark.parametrize(
+    "fast_sims, shift_mm, gain, accepted, ran",
+    [
+        ((0.58, 0.58), 0.3, 0.0005, True, False),  # the fast path's best round scored lower: nothing to check
+        ((0.61, 0.61), 0.3, 0.0005, True, True),  # higher, and the pass from it ends near the result: accepted
+        ((0.61, 0.61), 0.9, 0.003, False, True),  # ... ends 0.9 mm away, better: a better optimum beside it
+        ((0.61, 0.61), 0.2, 0.015, False, True),  # ... gains more than check 6's gain alone: rejected too
+    ],
+)
+def test_check_7_runs_the_pyramid_from_the_fast_paths_best_round(fast_sims, shift_mm, gain, accepted, ran, monkeypatch):
+    """Check 7 on a tracking update's fallback: where its result (0.6) scores below the fast path's best round,
+    the local pyramid from that round's pose must not end elsewhere, better, by check 6's thresholds."""
+    from mvreg_ros.core.registration import acceptance as acceptance_module
+
+    calls = []
+
+    def scripted_pass(registrar, views, T, *, start=None):
+        calls.append((T, start))
+        return acceptance_module.SecondPass(shift_mm=shift_mm, gain=gain, T_ref_from_ct=T)
+
+    monkeypatch.setattr(acceptance_module, "second_pass", scripted_pass)
+    r, fast = result(pose(1), sims=(0.6, 0.6)), result(pose(2), sims=fast_sims, converged=False)
+    v = acceptance_test(r, registrar=ScriptedRegistrar([]), views=views(), config=gates(), fast=fast)
+    assert v.accepted == accepted and v.fallback_drop == pytest.approx(fast_sims[0] - 0.6)
+    assert bool(calls) == ran and (v.cross_shift_mm, v.cross_gain) == ((shift_mm, gain) if ran else (None, None))
+    if ran:  # from the fast path's pose, measured against the result
+        torch.testing.assert_close(calls[0][0], pose(1))
+        torch.testing.assert_close(calls[0][1], pose(2))
+    if not accepted:
+        assert "fast tracking path's best round" in v.reason
+    # not a fallback, or check 7 switched off: nothing runs
+    calls.clear()
+    assert acceptance_test(r, registrar=ScriptedRegistrar([]), views=views(), config=gates()).cross_shift_mm is None
+    off = gates(cross_check=False)
+    assert (
+        acceptance_test(r, registrar=ScriptedRegistrar([]), views=views(), config=off, fast=fast).accepted and not calls
+    )
+    if ran:
+        with pytest.raises(ValueError, match="checks 6 and 7 need the registrar"):
+            acceptance_test(r, config=gates(), fast=fast)
+
+
+def test_check_7_is_validated():
+    assert AcceptanceConfig().cross_check and AcceptanceConfig().cross_check_drop == 0.0
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cross_check_drop"):
+            AcceptanceConfig(cross_check_drop=bad)
+    with pytest.raises(TypeError, match="cross_check"):
+        AcceptanceConfig(cross_check="yes")
+
+
 def test_initialiser_chain_and_default_pose():
     tracker = PoseTracker()
     chain = default_initialisers(configured=pose(7), tracker=tracker)

@@ -403,6 +403,23 @@ def test_a_second_pass_from_the_optimum_stays_and_from_beside_it_moves_back(ct, 
     assert off.accepted and off.confirm_shift_mm is None
 
 
+def test_a_pass_from_another_start_is_measured_against_the_result(ct, registrar, biplane):
+    """second_pass(start=): the pyramid from another pose, its end compared with the given result (check 7's
+    measurement). From the optimum against a pose 3 mm beside it: it ends near the optimum, so it moves points
+    about 3 mm away from that pose and gains; from the pose beside against the optimum: back to the optimum,
+    little move, no gain; from the result itself: the plain second pass, the same values."""
+    T_true, views = biplane
+    lm = ct_landmarks(ct).points_ct
+    good = registrar.refine(views, T_true).T_ref_from_ct
+    beside = geometry.translation(torch.tensor([2.0, -1.5, 1.5], dtype=torch.float64)) @ good
+    away = second_pass(registrar, views, beside, start=good)
+    assert away.shift_mm > 2.0 and away.gain > 0.004 and mtre_mm(away.T_ref_from_ct, T_true, lm) < 1.0
+    back = second_pass(registrar, views, good, start=beside)
+    assert back.shift_mm < 0.5 and abs(back.gain) < 0.004
+    same, plain = second_pass(registrar, views, good, start=good), second_pass(registrar, views, good)
+    assert (same.shift_mm, same.gain) == (plain.shift_mm, plain.gain)
+
+
 @pytest.mark.parametrize(
     "shift_mm, gain, accepted",
     [(2.0, 0.01, False), (2.0, 0.001, True), (0.5, 0.01, True), (0.3, 0.02, False), (float("nan"), 0.0, False)],

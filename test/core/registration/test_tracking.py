@@ -208,6 +208,72 @@ def test_a_fast_path_without_an_accepted_result_falls_back_as_configured(fallbac
         torch.testing.assert_close(T_fallback, pose(1))
 
 
+@pytest.mark.parametrize("fallback", ["local", "global"])
+def test_a_fallback_is_judged_with_the_fast_paths_best_round(fallback, monkeypatch):
+    """Check 7's input: the fast round of the highest similarity (the second here, 0.695, not the last,
+    0.69), given to the fallback's acceptance test (either way of falling back), not to the fast path's own;
+    Outcome.fast_result keeps it."""
+    from mvreg_ros.core.registration import pipeline as pipeline_module
+    from mvreg_ros.core.registration.global_search import GlobalResult
+
+    monkeypatch.setattr(
+        pipeline_module,
+        "global_search",
+        lambda *a, **kw: GlobalResult(T_ref_from_ct=pose(4)[None], similarity=torch.ones(1), scored=1, time_s=0.0),
+    )
+    judged = []
+    real = pipeline_module.acceptance_test
+    monkeypatch.setattr(
+        pipeline_module, "acceptance_test", lambda result, **kw: judged.append(kw["fast"]) or real(result, **kw)
+    )
+    tracker = PoseTracker()
+    tracker.accept(AcceptedPose(T_ref_from_ct=pose(1), stamp_ns=1))
+    rounds = [result(pose(2), converged=False, sims=(s, s)) for s in (0.68, 0.695, 0.69)]
+    rounds[-1] = result(pose(3), sims=(0.69, 0.69), reason="", success=True, converged=True, unc=99.0)  # rejected
+    reg = Scripted(rounds + [result(pose(5), sims=(0.70, 0.70))])
+    config = PipelineConfig(acceptance=gates(confirm=False), tracking=TrackingConfig(rounds=3, fallback=fallback))
+    p = RegistrationPipeline(reg, initialisers=[LastAcceptedPose(tracker)], config=config, tracker=tracker)
+    o = p.register(views(), stamp_ns=5)
+    assert o.accepted and not reg.results
+    assert judged[0] is None  # the fast path's own verdict (its third round converged, rejected: uncertainty)
+    assert judged[1] is o.fast_result and o.fast_result.similarity == pytest.approx(0.695)
+    assert o.verdict.fallback_drop == pytest.approx(0.695 - 0.70)  # the result scored higher: check 7 not run
+    assert o.verdict.cross_shift_mm is None
+
+
+def test_check_7_has_no_fast_round_to_start_from_without_a_finite_one_at_the_same_level(monkeypatch):
+    """No fast path (a full registration), a fast path of other samples per ray than the finest level's
+    (its similarity is not comparable), or fast rounds that all ended non-finite: no best round. With one
+    that scored higher than the fallback's result, check 7 runs from its pose."""
+    from mvreg_ros.core.registration import acceptance as acceptance_module
+
+    starts = []
+
+    def stable_pass(registrar, views, T, *, start=None):
+        starts.append(start)
+        return acceptance_module.SecondPass(shift_mm=0.1, gain=0.0, T_ref_from_ct=T)
+
+    monkeypatch.setattr(acceptance_module, "second_pass", stable_pass)
+    fast = result(pose(2), converged=False, sims=(0.9, 0.9))
+    low = result(pose(3), sims=(0.5, 0.5))
+    p, _ = _pipeline([low])
+    o = p.register_from(views(), Start(T_ref_from_ct=pose(0), source="configured"))
+    assert o.fast_result is None and o.verdict.fallback_drop is None
+    other = TrackingConfig(rounds=1, n_samples=REFINE.levels()[-1].n_samples + 8)
+    p, _ = _pipeline([fast, low], tracking=other)
+    o = p.register(views(), stamp_ns=5)
+    assert o.accepted and o.fast_result is None
+    nan = result(torch.full((4, 4), float("nan"), dtype=torch.float64), converged=False, sims=(0.9, 0.9))
+    p, _ = _pipeline([nan, low], tracking=TrackingConfig(rounds=1))
+    o = p.register(views(), stamp_ns=5)
+    assert o.accepted and o.fast_result is None
+    p, _ = _pipeline([fast, low], tracking=TrackingConfig(rounds=1))
+    o = p.register(views(), stamp_ns=5)
+    assert o.accepted and o.fast_result is fast and o.verdict.fallback_drop == pytest.approx(0.4)
+    assert len(starts) == 1 and o.verdict.cross_shift_mm == 0.1
+    torch.testing.assert_close(starts[0], pose(2))
+
+
 def test_tracking_fallback_is_validated():
     with pytest.raises(ValueError, match="fallback must be one of"):
         TrackingConfig(fallback="none")
