@@ -158,7 +158,7 @@ class RegistrationPipeline:
             if result.converged or not tracking.require_converged:
                 verdict = self._judge(views, result, None)
                 if verdict.accepted:
-                    return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns, fast)
+                    return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns, fast=fast)
         # a tracking start is refined locally first, unless its fast path already ran and falls back to the full
         # registration's own path (TrackingConfig.fallback "global": the global stage, then check 6)
         local_first = start.tracking and not (tracking.enabled and tracking.fallback == "global")
@@ -167,7 +167,7 @@ class RegistrationPipeline:
             stages.append("local")
             verdict = self._judge(views, result, None, fast=fast)
             if verdict.accepted or not self.config.global_search.enabled:
-                return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns, fast)
+                return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns, fast=fast)
         g = global_search(
             self.registrar, views, start.T_ref_from_ct, hypotheses=start.hypotheses, config=self.config.global_search
         )
@@ -182,9 +182,9 @@ class RegistrationPipeline:
             confirm=True,
             fast=fast,
         )
-        return self._finish(views, start, result, verdict, g, stages, t0, stamp_ns, fast)
+        return self._finish(views, start, result, verdict, g, stages, t0, stamp_ns, fast=fast)
 
-    def _finish(self, views, start, result, verdict, g, stages, t0, stamp_ns, fast) -> Outcome:
+    def _finish(self, views, start, result, verdict, g, stages, t0, stamp_ns, *, fast) -> Outcome:
         if verdict.accepted and self.tracker is not None:
             self.tracker.accept(
                 AcceptedPose(
