@@ -24,11 +24,13 @@ how many used the held curvature, accepted, false acceptances (mTRE > 2 mm accep
 rejections; writes every case to OUT.json with its verdict's signals (per-view similarity, shift and gain;
 check 6's shift and gain where it ran, a fallback's drop below its fast path's best round and check 7's
 shift and gain where it ran; with ``--cross-check`` check 7 off and its measurement on every fallback; with
-``--second-pass`` check 6's on every accepted fast update, the verdict unchanged). Usage:
+``--second-pass`` check 6's on every accepted fast update; with ``--finest-from-fast`` the finest level alone
+from the fast path's best round where that scored higher, judged by the whole acceptance test; the verdict
+unchanged). Usage:
 
     .venv/bin/python scripts/tracking_study.py OUT.json FILE.h5 [FILE.h5 ...] [--motion 1/2 3/6] [--starts 2]
         [--arms held measured stalled global] [--seed 11] [--second-pass] [--probe-scales 1 0.3 0.1]
-        [--cross-check]
+        [--cross-check] [--finest-from-fast]
 """
 
 import argparse
@@ -44,7 +46,7 @@ from mvreg_ros.core.evaluation.evaluate import default_view_sets
 from mvreg_ros.core.evaluation.landmarks import file_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry.transforms import perturb
-from mvreg_ros.core.registration.acceptance import probe_views, second_pass
+from mvreg_ros.core.registration.acceptance import acceptance_test, probe_views, second_pass
 from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar, TrackingConfig
@@ -72,6 +74,24 @@ ARMS = {
 def _motion(text: str) -> tuple[float, float]:
     rot, trans = text.split("/")
     return float(rot), float(trans)
+
+
+def finest_from_fast(pipeline, registrar, views, fast, T_true, landmarks) -> dict:
+    """The finest level alone from the fast path's best round (the tracking schedule with 20 iterations, its
+    second round's step sizes), judged by the whole acceptance test with check 6: what a fallback that keeps
+    the finest level's optimum would have given."""
+    tracking = dataclasses.replace(pipeline.config.tracking, iterations=20)
+    t = time.perf_counter()
+    r = registrar.refine(views, fast.T_ref_from_ct, schedule=tracking.schedule(registrar.config, held=False, round=1))
+    v = acceptance_test(r, registrar=registrar, views=views, config=pipeline.config.acceptance, confirm=True)
+    return {
+        "finest_mtre_mm": mtre_mm(r.T_ref_from_ct, T_true, landmarks),
+        "finest_accepted": bool(v.accepted),
+        "finest_reason": v.reason,
+        "finest_similarity": r.similarity,
+        "finest_converged": bool(r.converged),
+        "finest_time_s": time.perf_counter() - t,
+    }
 
 
 def main() -> None:
@@ -102,6 +122,13 @@ def main() -> None:
         choices=ARMS,
         default=["held", "measured"],
         help="which ways to register each start, in turn (default: held measured)",
+    )
+    ap.add_argument(
+        "--finest-from-fast",
+        action="store_true",
+        help="on every fallback whose result scores below the fast path's best round, also refine the finest level "
+        "alone from that round (the tracking budget with 20 iterations) and judge it by the whole acceptance test, "
+        "check 6 included; record its mTRE and verdict (the update's verdict is not changed)",
     )
     ap.add_argument(
         "--cross-check",
@@ -207,6 +234,11 @@ def main() -> None:
                                         cross_mtre_mm=mtre_mm(p.T_ref_from_ct, T_true, landmarks),
                                         fast_mtre_mm=mtre_mm(fast.T_ref_from_ct, T_true, landmarks),
                                         fast_similarity=fast.similarity,
+                                    )
+                                drop = out.verdict.fallback_drop
+                                if args.finest_from_fast and not out.fast and fast is not None and (drop or 0) > 0:
+                                    case[name].update(
+                                        finest_from_fast(pipeline, registrars[name], views, fast, T_true, landmarks)
                                     )
                                 if args.second_pass and out.accepted and out.fast:
                                     t = time.perf_counter()
