@@ -39,9 +39,10 @@ def accepted_at(update: dict, config: AcceptanceConfig) -> bool:
     else:
         accepted = not unstable_optimum(shift, gain, config)
     # check 7, from its measurement on every fallback (a study run with --cross-check, check 7 off)
-    drop, shift, gain = (update.get(k) for k in ("fallback_drop", "cross_shift_mm", "cross_gain"))
-    if accepted and config.cross_check and drop is not None and shift is not None and drop > config.cross_check_drop:
-        return not unstable_optimum(shift, gain, config)
+    drop, cross_shift, cross_gain = (update.get(k) for k in ("fallback_drop", "cross_shift_mm", "cross_gain"))
+    measured = config.cross_check and drop is not None and cross_shift is not None
+    if accepted and measured and drop > config.cross_check_drop:
+        return not unstable_optimum(cross_shift, cross_gain, config)
     return accepted
 
 

@@ -228,8 +228,11 @@ def test_a_fallback_is_judged_with_the_fast_paths_best_round(fallback, monkeypat
     )
     tracker = PoseTracker()
     tracker.accept(AcceptedPose(T_ref_from_ct=pose(1), stamp_ns=1))
-    rounds = [result(pose(2), converged=False, sims=(s, s)) for s in (0.68, 0.695, 0.69)]
-    rounds[-1] = result(pose(3), sims=(0.69, 0.69), reason="", success=True, converged=True, unc=99.0)  # rejected
+    rounds = [
+        result(pose(2), converged=False, sims=(0.68, 0.68)),
+        result(pose(2), converged=False, sims=(0.695, 0.695)),
+        result(pose(3), sims=(0.69, 0.69), unc=99.0),  # converged, rejected
+    ]
     reg = Scripted(rounds + [result(pose(5), sims=(0.70, 0.70))])
     config = PipelineConfig(acceptance=gates(confirm=False), tracking=TrackingConfig(rounds=3, fallback=fallback))
     p = RegistrationPipeline(reg, initialisers=[LastAcceptedPose(tracker)], config=config, tracker=tracker)
