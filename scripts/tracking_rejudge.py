@@ -12,6 +12,12 @@ off and its measurement on every fallback (``tracking_study.py --cross-check``) 
 shift and gain pass check 6's thresholds. ``-v`` lists every such fallback. Prints, per
 threshold, the updates accepted, false acceptances (mTRE > 2 mm accepted) and false rejections.
 
+With ``--best-round`` (a study run with ``--cross-check --finest-from-fast``, the finest level's pass from the
+fast path's best round recorded on every fallback): the updates at the defaults beside ``TrackingConfig.best_round``
+"before" (the pass first: accepted, its result; rejected, the fallback's verdict) and "after" (where the
+fallback's result scores below that round, the pass's verdict and result replace it), with their false
+acceptances and rejections.
+
 With ``--probe-scale S`` (a study run with ``--probe-scales`` including S): for each pair of
 ``--view-shifts`` and ``--view-gains``, how many of the accepted updates' results check 4 would flag
 from the probes recorded at S, wrong (mTRE > 2 mm) and correct ones. A flagged result is not the update's
@@ -19,7 +25,7 @@ final verdict (the pipeline would fall back to the full registration's path, whi
 it says what the check tells apart. Usage:
 
     .venv/bin/python scripts/tracking_rejudge.py STUDY.json [STUDY.json ...] [--arm global]
-        [--shifts 0.5 0.75 1.0] [--gains-alone 0.01 2] [--cross-drops -2 0 0.005] [-v] [--probe-scale 0.3 --view-shifts 0.5 1.0 --view-gains 0.004 0.0085]
+        [--shifts 0.5 0.75 1.0] [--gains-alone 0.01 2] [--cross-drops -2 0 0.005] [-v] [--best-round] [--probe-scale 0.3 --view-shifts 0.5 1.0 --view-gains 0.004 0.0085]
 """
 
 import argparse
@@ -46,6 +52,34 @@ def accepted_at(update: dict, config: AcceptanceConfig) -> bool:
     return accepted
 
 
+def best_round_outcome(update: dict, mode: str, config: AcceptanceConfig) -> tuple[bool, float]:
+    """(accepted, mTRE) of a recorded update under ``TrackingConfig.best_round`` ``mode`` ("none", "before",
+    "after"), at the acceptance ``config``."""
+    base = accepted_at(update, config), update["mtre_mm"]
+    if mode == "none" or update["fast"] or "finest_accepted" not in update:
+        return base
+    finest = update["finest_accepted"], update["finest_mtre_mm"]
+    if mode == "before":
+        return finest if finest[0] else base
+    drop = update["fallback_drop"]
+    return finest if drop is not None and not drop <= 0 else base  # "after"; NaN: replaced
+
+
+def best_round_rows(updates: list[dict], ok: list[bool]) -> None:
+    config = AcceptanceConfig()
+    recorded = sum("finest_accepted" in u for u in updates)
+    print(f"best_round, {recorded} fallbacks with the pass recorded:")
+    for mode in ("none", "before", "after"):
+        out = [best_round_outcome(u, mode, config) for u in updates]
+        fa = sorted(round(m, 2) for a, m in out if a and m > SUCCESS_MM)
+        fr = sum(not a and m <= SUCCESS_MM for a, m in out)  # a correct result rejected (its own result's error)
+        lost = sum(o and not a for (a, _), o in zip(out, ok))  # correct as recorded, not accepted here
+        print(
+            f"  {mode}: accepted {sum(a for a, _ in out)}, false acceptances {len(fa)}{f' {fa}' if fa else ''}, "
+            f"false rejections {fr} (of the recorded correct results not accepted: {lost})"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("studies", nargs="+")
@@ -67,6 +101,11 @@ def main() -> None:
         "--cross-check",
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="list every fallback's check 7 measurement")
+    ap.add_argument(
+        "--best-round",
+        action="store_true",
+        help="also judge TrackingConfig.best_round none / before / after (a study run with --finest-from-fast)",
+    )
     ap.add_argument("--probe-scale", type=float, default=None)
     ap.add_argument("--view-shifts", nargs="+", type=float, default=[AcceptanceConfig().max_view_shift_mm])
     ap.add_argument("--view-gains", nargs="+", type=float, default=[AcceptanceConfig().max_view_gain])
@@ -91,6 +130,8 @@ def main() -> None:
                 f"  fallback {u['mtre_mm']:.2f} mm {'accepted' if u['accepted'] else 'rejected'} without check 7: "
                 f"drop {u['fallback_drop']:.4f}, check 7 {u['cross_shift_mm']:.2f} mm / {u['cross_gain']:.4f}"
             )
+    if args.best_round:
+        best_round_rows(updates, ok)
     if args.probe_scale is not None:
         agreement_rows(updates, ok, scale=args.probe_scale, shifts=args.view_shifts, gains=args.view_gains)
 

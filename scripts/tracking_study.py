@@ -25,7 +25,7 @@ rejections; writes every case to OUT.json with its verdict's signals (per-view s
 check 6's shift and gain where it ran, a fallback's drop below its fast path's best round and check 7's
 shift and gain where it ran; with ``--cross-check`` check 7 off and its measurement on every fallback; with
 ``--second-pass`` check 6's on every accepted fast update; with ``--finest-from-fast`` the finest level alone
-from the fast path's best round where that scored higher, judged by the whole acceptance test; the verdict
+from the fast path's best round on every fallback, judged by the whole acceptance test; the verdict
 unchanged). Usage:
 
     .venv/bin/python scripts/tracking_study.py OUT.json FILE.h5 [FILE.h5 ...] [--motion 1/2 3/6] [--starts 2]
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument(
         "--finest-from-fast",
         action="store_true",
-        help="on every fallback whose result scores below the fast path's best round, also refine the finest level "
+        help="on every fallback with a fast round, also refine the finest level "
         "alone from that round (the tracking budget with 20 iterations) and judge it by the whole acceptance test, "
         "check 6 included; record its mTRE and verdict (the update's verdict is not changed)",
     )
@@ -235,8 +235,7 @@ def main() -> None:
                                         fast_mtre_mm=mtre_mm(fast.T_ref_from_ct, T_true, landmarks),
                                         fast_similarity=fast.similarity,
                                     )
-                                drop = out.verdict.fallback_drop
-                                if args.finest_from_fast and not out.fast and fast is not None and (drop or 0) > 0:
+                                if args.finest_from_fast and not out.fast and fast is not None:
                                     case[name].update(
                                         finest_from_fast(pipeline, registrars[name], views, fast, T_true, landmarks)
                                     )

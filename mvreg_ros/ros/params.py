@@ -30,7 +30,7 @@ from mvreg_ros.core.geometry.transforms import make_T, matrix_from_quaternion
 from mvreg_ros.core.registration.acceptance import AcceptanceConfig
 from mvreg_ros.core.registration.global_search import GlobalConfig
 from mvreg_ros.core.registration.pipeline import PipelineConfig
-from mvreg_ros.core.registration.refine import RefineConfig, TrackingConfig
+from mvreg_ros.core.registration.refine import BEST_ROUND_PASSES, RefineConfig, TrackingConfig
 from mvreg_ros.core.rendering.renderer import BACKENDS
 from mvreg_ros.ros.joint_buffer import MAX_GAP_S, TOLERANCE_S
 from mvreg_ros.ros.motion import MotionConfig
@@ -347,6 +347,17 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         "serves (the same detectors, each camera seeing the anatomy from within "
         f"{_TRACKING.held_max_rot_deg:g} deg / {_TRACKING.held_max_trans_mm:g} mm of where it did then, fewer than "
         f"{_TRACKING.held_max_age} updates old), instead of first-order steps and a curvature measured at each update.",
+        into="pipeline",
+    ),
+    ParamSpec(
+        "tracking_best_round",
+        "string",
+        _TRACKING.best_round,
+        "Tracking updates that fall back: the finest pyramid level alone from the fast path's best round "
+        f"({_TRACKING.best_round_iterations} steps), judged by the whole acceptance test, check 6 included. 'before' "
+        "the full registration (accepted: the update, the full registration skipped), 'after' it (where the full "
+        "registration's result scores below that round, this pass replaces it), 'none': neither.",
+        choices=BEST_ROUND_PASSES,
         into="pipeline",
     ),
     ParamSpec(
@@ -795,7 +806,9 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
             rot_range_deg=v["global_rot_range_deg"],
             trans_range_mm=v["global_trans_range_mm"],
         ),
-        tracking=dataclasses.replace(_TRACKING, held_curvature=v["tracking_held_curvature"]),
+        tracking=dataclasses.replace(
+            _TRACKING, held_curvature=v["tracking_held_curvature"], best_round=v["tracking_best_round"]
+        ),
     )
     refine = dataclasses.replace(
         _REFINE,

@@ -11,6 +11,9 @@ acceptance test.
   from the same start first, then the global stage only when that fails too (the rule before); the
   fallback's result is judged with the fast path's best round beside it (check 7: where the result
   scores lower, the local pyramid from that round's pose must not end elsewhere, better);
+  ``TrackingConfig.best_round`` adds the finest level alone from that round, judged by the whole acceptance
+  test with check 6: "before" the full registration (accepted, it is the update) or "after" it (in place of
+  a result that scores below the round);
 - any other start (configured, coarse network, perturbed truth) goes through the global stage
   (around the start and the network's hypotheses), then the local refinement from its best
   candidate.
@@ -21,7 +24,8 @@ when its first round did not converge and a second, from where it ended, did; up
 ``TrackingConfig.rounds`` of them, 3 by default, each with half the previous round's step sizes; after a
 first round of Newton steps alone, first-order steps before them), ``("tracking", "global", "local")`` for
 a fallback (with ``fallback="local"``: ``("tracking", "local")`` or ``("tracking", "local", "global",
-"local")``). An accepted result's curvature goes to the tracker with its pose, for the next update.
+"local")``), with ``"best_round"`` where that pass ran (``("tracking", "best_round")`` when "before" it was
+accepted, ``("tracking", "global", "local", "best_round")`` when "after" it replaced the result). An accepted result's curvature goes to the tracker with its pose, for the next update.
 """
 
 from __future__ import annotations
@@ -159,14 +163,20 @@ class RegistrationPipeline:
                 verdict = self._judge(views, result, None)
                 if verdict.accepted:
                     return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns, fast=fast)
+        if fast is not None and tracking.best_round == "before":  # the finest level from the fast path's best round
+            result, verdict = self._best_round(views, fast, stages)
+            if verdict.accepted:
+                return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns, fast=fast)
         # a tracking start is refined locally first, unless its fast path already ran and falls back to the full
         # registration's own path (TrackingConfig.fallback "global": the global stage, then check 6)
         local_first = start.tracking and not (tracking.enabled and tracking.fallback == "global")
         if local_first or not self.config.global_search.enabled:
             result = self.registrar.refine(views, start.T_ref_from_ct)
             stages.append("local")
+            if not self.config.global_search.enabled:
+                return self._conclude(views, start, result, None, stages, t0, stamp_ns, fast=fast)
             verdict = self._judge(views, result, None, fast=fast)
-            if verdict.accepted or not self.config.global_search.enabled:
+            if verdict.accepted:
                 return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns, fast=fast)
         g = global_search(
             self.registrar, views, start.T_ref_from_ct, hypotheses=start.hypotheses, config=self.config.global_search
@@ -174,14 +184,27 @@ class RegistrationPipeline:
         stages.append("global")
         result = self.registrar.refine(views, g.best)
         stages.append("local")
-        # the global stage's path: a far start, so the result must also be a stable optimum (check 6)
-        verdict = self._judge(
-            views,
-            result,
-            _margin(g, self.registrar.centre_ct, self.config.global_search),
-            confirm=True,
-            fast=fast,
-        )
+        return self._conclude(views, start, result, g, stages, t0, stamp_ns, fast=fast)
+
+    def _best_round(
+        self, views: ViewSet, fast: RegistrationResult, stages: list[str]
+    ) -> tuple[RegistrationResult, Verdict]:
+        """The finest level alone from the fast path's best round (``TrackingConfig.best_round``), judged by the
+        whole acceptance test, check 6 included."""
+        schedule = self.config.tracking.best_round_schedule(self.registrar.config)
+        result = self.registrar.refine(views, fast.T_ref_from_ct, schedule=schedule)
+        stages.append("best_round")
+        return result, self._judge(views, result, None, confirm=True)
+
+    def _conclude(self, views, start, result, g, stages, t0, stamp_ns, *, fast) -> Outcome:
+        """The last result of a registration judged: after the global stage (``g``) a far start, so it must also
+        be a stable optimum (check 6); with ``TrackingConfig.best_round`` "after", a fallback's result that scores
+        below the fast path's best round (or not at all) gives way to the finest level's pass from that round."""
+        if fast is not None and self.config.tracking.best_round == "after" and not result.similarity >= fast.similarity:
+            result, verdict = self._best_round(views, fast, stages)
+        else:
+            margin = None if g is None else _margin(g, self.registrar.centre_ct, self.config.global_search)
+            verdict = self._judge(views, result, margin, confirm=g is not None, fast=fast)
         return self._finish(views, start, result, verdict, g, stages, t0, stamp_ns, fast=fast)
 
     def _finish(self, views, start, result, verdict, g, stages, t0, stamp_ns, *, fast) -> Outcome:

@@ -43,6 +43,7 @@ from mvreg_ros.core.rendering.subset import RaySubset
 VOLUME_STORAGE = {"float16": torch.float16, "float32": torch.float32}  # RefineConfig.volume_storage
 FINEST_POOLING = ("each", "smallest")  # RefineConfig.finest_pooling
 TRACKING_FALLBACKS = ("local", "global")  # TrackingConfig.fallback
+BEST_ROUND_PASSES = ("none", "before", "after")  # TrackingConfig.best_round
 CURVATURE_STEP_RAD = 5e-3  # finite-difference steps of the loss curvature (0.3 deg, 0.5 mm)
 CURVATURE_STEP_MM = 0.5
 
@@ -269,6 +270,12 @@ class TrackingConfig:
     # images 0 false acceptances and 3 false rejections in 564 updates, against 1 and 0 for "local", the rule before
     # (the local refinement from the same start, the global stage only if that is rejected too), 0.55 s slower per
     # fallback (docs/acceptance.md, *Tracking updates on the stress images*)
+    best_round: str = "none"  # on a fallback, the finest level alone from the fast path's best round (the highest
+    # similarity; best_round_schedule), judged by the whole acceptance test, check 6 included: "before" the full
+    # registration (accepted: the answer, the full registration skipped; rejected: the fallback as configured),
+    # "after" it (where the fallback's result scores below that round, this pass's result and verdict replace it;
+    # docs/acceptance.md, *The finest level from the fast path's best round*); "none": neither
+    best_round_iterations: int = 20  # that pass's first-order steps, at most
 
     def held_curvature_for(
         self, curvature: HeldCurvature | None, views: ViewSet, T_ref_from_ct: Tensor, registrar: "Registrar"
@@ -299,6 +306,7 @@ class TrackingConfig:
             ("rounds", 1),
             ("held_iterations", 0),
             ("held_max_age", 0),
+            ("best_round_iterations", 1),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -317,6 +325,8 @@ class TrackingConfig:
                 raise ValueError(f"TrackingConfig.{name} must be a finite number > 0, got {v!r}")
         if self.fallback not in TRACKING_FALLBACKS:
             raise ValueError(f"TrackingConfig.fallback must be one of {TRACKING_FALLBACKS}, got {self.fallback!r}")
+        if self.best_round not in BEST_ROUND_PASSES:
+            raise ValueError(f"TrackingConfig.best_round must be one of {BEST_ROUND_PASSES}, got {self.best_round!r}")
 
     def schedule(self, refine: RefineConfig, *, held: bool = False, round: int = 0) -> Schedule:
         """The finest ``levels`` of ``refine``'s pyramid with this budget; first step sizes
@@ -343,6 +353,11 @@ class TrackingConfig:
             held_max_rot_deg=float(self.held_max_rot_deg) if held else 0.0,
             held_max_trans_mm=float(self.held_max_trans_mm) if held else 0.0,
         )
+
+    def best_round_schedule(self, refine: RefineConfig) -> Schedule:
+        """The pass of ``best_round`` from the fast path's best round: the fast schedule's second round (first
+        step sizes halved) with ``best_round_iterations`` first-order steps and no held curvature."""
+        return dataclasses.replace(self, iterations=self.best_round_iterations).schedule(refine, held=False, round=1)
 
 
 STAGES = (

@@ -28,6 +28,16 @@ GLOBAL = GlobalConfig(candidates=64, keep=6, iterations=40)
 # ---------------------------------------------------------------------------------------
 
 
+def test_the_best_round_pass_is_the_fast_schedules_second_round_with_more_steps():
+    refine = RefineConfig(sizes=(32, 64), iterations=(60, 40), n_samples=(64, 96), patches=(8, 6))
+    t = TrackingConfig(best_round_iterations=13)
+    s = t.best_round_schedule(refine)
+    assert s == dataclasses.replace(t, iterations=13).schedule(refine, held=False, round=1)
+    assert [(lv.size, lv.iterations, lv.n_samples) for lv in s.levels] == [(64, 13, 96)]
+    assert s.lr_scale == pytest.approx(0.5 * t.step_scale) and s.held_max_rot_deg == 0.0
+    assert TrackingConfig().best_round_iterations == 20
+
+
 def test_tracking_schedule_skips_the_coarse_levels():
     refine = RefineConfig(sizes=(32, 64), iterations=(60, 40), n_samples=(64, 96), patches=(8, 6))
     s = TrackingConfig().schedule(refine)
@@ -62,6 +72,8 @@ def test_tracking_schedule_skips_the_coarse_levels():
         (dict(step_scale=-0.1), ValueError, r"step_scale must be a number in \[0, 1\], got -0.1"),
         (dict(step_scale=1.5), ValueError, "step_scale"),
         (dict(chord=1), TypeError, "chord"),
+        (dict(best_round="always"), ValueError, "best_round must be one of"),
+        (dict(best_round_iterations=0), ValueError, "best_round_iterations must be >= 1"),
     ],
 )
 def test_tracking_config_rejects_bad_values(kwargs, error, match):
@@ -277,6 +289,118 @@ def test_check_7_has_no_fast_round_to_start_from_without_a_finite_one_at_the_sam
     torch.testing.assert_close(starts[0], pose(2))
 
 
+def _stable_check_6(monkeypatch, shift_mm=0.1, gain=0.0):
+    """Check 6's second pass scripted: ``shift_mm`` / ``gain`` from wherever it is asked; records the poses."""
+    from mvreg_ros.core.registration import acceptance as acceptance_module
+
+    judged = []
+
+    def scripted_pass(registrar, views, T, *, start=None):
+        judged.append(T.clone())
+        return acceptance_module.SecondPass(shift_mm=shift_mm, gain=gain, T_ref_from_ct=T)
+
+    monkeypatch.setattr(acceptance_module, "second_pass", scripted_pass)
+    return judged
+
+
+@pytest.mark.parametrize("pass_unc, accepted", [(1.0, True), (99.0, False)])
+def test_best_round_before_refines_the_finest_level_from_the_best_fast_round_first(pass_unc, accepted, monkeypatch):
+    """TrackingConfig.best_round "before": on a fallback, the finest level alone from the fast round of the highest
+    similarity (the first here), with best_round_schedule, judged with check 6; accepted, it is the update (no
+    full registration); rejected, the fallback follows as configured and is judged with the fast round beside it."""
+    judged = _stable_check_6(monkeypatch)
+    rounds = [result(pose(2), converged=False, sims=(0.8, 0.8)), result(pose(3), converged=False, sims=(0.7, 0.7))]
+    tracking = TrackingConfig(rounds=2, best_round="before")
+    p, reg = _pipeline(rounds + [result(pose(4), unc=pass_unc), result(pose(5))], tracking=tracking)
+    o = p.register(views(), stamp_ns=5)
+    T_pass, s_pass = reg.calls[2]
+    torch.testing.assert_close(T_pass, pose(2))  # from the best round, not the last
+    assert s_pass == tracking.best_round_schedule(REFINE)
+    assert o.accepted and o.fast_result is rounds[0]
+    if accepted:
+        torch.testing.assert_close(judged[0], pose(4))  # check 6 on the pass's result
+        assert o.stages == ("tracking", "tracking", "best_round") and not o.fast and len(reg.calls) == 3
+        torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(4))
+    else:  # the local fallback (global stage off here) from the tracking start, judged beside the best round
+        assert o.stages == ("tracking", "tracking", "best_round", "local")
+        torch.testing.assert_close(reg.calls[3][0], pose(1))
+        torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(5))
+
+
+@pytest.mark.parametrize(
+    "fallback_sims, pass_unc, replaced",
+    [
+        ((0.75, 0.75), 1.0, True),
+        ((0.75, 0.75), 99.0, True),
+        ((float("nan"), 0.9), 1.0, True),
+        ((0.85, 0.85), 1.0, False),
+    ],
+)
+def test_best_round_after_replaces_a_fallback_that_scores_below_the_fast_round(
+    fallback_sims, pass_unc, replaced, monkeypatch
+):
+    """TrackingConfig.best_round "after": a fallback's result scoring below the fast path's best round (0.8), or
+    not at all, gives way to the finest level's pass from that round, whose verdict (check 6 included) is the
+    update's; one scoring higher is judged as before."""
+    judged = _stable_check_6(monkeypatch)
+    fast = result(pose(2), converged=False, sims=(0.8, 0.8))
+    tracking = TrackingConfig(rounds=1, best_round="after")
+    p, reg = _pipeline([fast, result(pose(3), sims=fallback_sims), result(pose(4), unc=pass_unc)], tracking=tracking)
+    o = p.register(views(), stamp_ns=5)
+    if not replaced:
+        assert o.stages == ("tracking", "local") and o.accepted and len(reg.calls) == 2
+        torch.testing.assert_close(o.result.T_ref_from_ct, pose(3))
+        return
+    assert o.stages == ("tracking", "local", "best_round")
+    T_pass, s_pass = reg.calls[2]
+    torch.testing.assert_close(T_pass, pose(2))
+    assert s_pass == tracking.best_round_schedule(REFINE)
+    torch.testing.assert_close(o.result.T_ref_from_ct, pose(4))
+    if pass_unc < 5:  # accepted, check 6 run on it
+        assert o.accepted and len(judged) == 1
+        torch.testing.assert_close(judged[0], pose(4))
+        torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(4))
+    else:  # the pass's verdict, not the fallback's (which the gates would have accepted)
+        assert not o.accepted and "uncertainty" in o.reason
+        torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(1))
+
+
+def test_best_round_after_follows_the_global_path_too(monkeypatch):
+    from mvreg_ros.core.registration import pipeline as pipeline_module
+    from mvreg_ros.core.registration.global_search import GlobalResult
+
+    monkeypatch.setattr(
+        pipeline_module,
+        "global_search",
+        lambda *a, **kw: GlobalResult(T_ref_from_ct=pose(4)[None], similarity=torch.ones(1), scored=1, time_s=0.0),
+    )
+    _stable_check_6(monkeypatch)
+    tracker = PoseTracker()
+    tracker.accept(AcceptedPose(T_ref_from_ct=pose(1), stamp_ns=1))
+    reg = Scripted([result(pose(2), converged=False), result(pose(3), sims=(0.5, 0.5)), result(pose(5))])
+    config = PipelineConfig(acceptance=gates(), tracking=TrackingConfig(rounds=1, best_round="after"))
+    o = RegistrationPipeline(reg, initialisers=[LastAcceptedPose(tracker)], config=config, tracker=tracker).register(
+        views(), stamp_ns=5
+    )
+    assert o.accepted and o.stages == ("tracking", "global", "local", "best_round") and o.global_result is not None
+    torch.testing.assert_close(reg.calls[2][0], pose(2))
+    torch.testing.assert_close(tracker.latest().T_ref_from_ct, pose(5))
+
+
+def test_no_best_round_pass_without_a_fast_round(monkeypatch):
+    """A full registration (no fast path), or fast rounds that all ended non-finite: nothing to start from."""
+    _stable_check_6(monkeypatch)
+    for mode in ("before", "after"):
+        tracking = TrackingConfig(rounds=1, best_round=mode)
+        p, _ = _pipeline([result(pose(3), sims=(0.5, 0.5))], tracking=tracking)
+        o = p.register_from(views(), Start(T_ref_from_ct=pose(0), source="configured"))
+        assert o.accepted and o.stages == ("local",)
+        nan = result(torch.full((4, 4), float("nan"), dtype=torch.float64), converged=False)
+        p, _ = _pipeline([nan, result(pose(3), sims=(0.5, 0.5))], tracking=tracking)
+        o = p.register(views(), stamp_ns=5)
+        assert o.accepted and o.stages == ("tracking", "local")
+
+
 def test_tracking_fallback_is_validated():
     with pytest.raises(ValueError, match="fallback must be one of"):
         TrackingConfig(fallback="none")
@@ -337,6 +461,23 @@ def test_a_small_motion_is_recovered_by_the_fast_path(ct, registrar, biplane):
     assert len(out.result.level_iterations) == 1  # the coarse level was skipped
     assert mtre_mm(out.result.T_ref_from_ct, T_true, lm) < 1.0
     assert tracker.latest().stamp_ns == 5
+
+
+def test_the_best_round_pass_recovers_what_a_too_short_fast_path_left(ct, registrar, biplane):
+    """best_round "before" on the shipped CT: a fast path of one step cannot converge from 1 deg / 2 mm; the finest
+    level from its round, judged by the whole acceptance test (check 6 included), is the update."""
+    T_true, v = biplane
+    lm = ct_landmarks(ct).points_ct
+    tracker = PoseTracker()
+    tracker.accept(AcceptedPose(T_ref_from_ct=_moved(T_true, registrar, 1.0, 2.0, seed=0), stamp_ns=1))
+    tracking = TrackingConfig(rounds=1, iterations=1, newton_steps=0, best_round="before")
+    config = PipelineConfig(global_search=GLOBAL, tracking=tracking)
+    pipe = RegistrationPipeline(registrar, initialisers=[LastAcceptedPose(tracker)], config=config, tracker=tracker)
+    out = pipe.register(v, stamp_ns=5)
+    assert out.stages == ("tracking", "best_round") and out.accepted, (out.stages, out.reason)
+    assert out.verdict.confirm_shift_mm is not None  # check 6 ran
+    assert mtre_mm(out.result.T_ref_from_ct, T_true, lm) < 1.0
+    assert mtre_mm(out.result.T_ref_from_ct, T_true, lm) < mtre_mm(out.fast_result.T_ref_from_ct, T_true, lm)
 
 
 def test_the_fast_path_agrees_with_the_normal_refinement(ct, registrar, biplane):
