@@ -77,12 +77,12 @@ def _motion(text: str) -> tuple[float, float]:
 
 
 def finest_from_fast(pipeline, registrar, views, fast, T_true, landmarks) -> dict:
-    """The finest level alone from the fast path's best round (the tracking schedule with 20 iterations, its
-    second round's step sizes), judged by the whole acceptance test with check 6: what a fallback that keeps
-    the finest level's optimum would have given."""
-    tracking = dataclasses.replace(pipeline.config.tracking, iterations=20)
+    """The finest level alone from the fast path's best round (``TrackingConfig.best_round_schedule``: the
+    tracking schedule with 20 iterations, its second round's step sizes), judged by the whole acceptance test with
+    check 6: what ``TrackingConfig.best_round`` would have given."""
+    schedule = pipeline.config.tracking.best_round_schedule(registrar.config)
     t = time.perf_counter()
-    r = registrar.refine(views, fast.T_ref_from_ct, schedule=tracking.schedule(registrar.config, held=False, round=1))
+    r = registrar.refine(views, fast.T_ref_from_ct, schedule=schedule)
     v = acceptance_test(r, registrar=registrar, views=views, config=pipeline.config.acceptance, confirm=True)
     return {
         "finest_mtre_mm": mtre_mm(r.T_ref_from_ct, T_true, landmarks),
