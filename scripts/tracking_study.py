@@ -126,8 +126,8 @@ def main() -> None:
     ap.add_argument(
         "--finest-from-fast",
         action="store_true",
-        help="on every fallback with a fast round, also refine the finest level "
-        "alone from that round (the tracking budget with 20 iterations) and judge it by the whole acceptance test, "
+        help="judge every arm without TrackingConfig.best_round and, on every fallback with a fast round, refine "
+        "the finest level alone from that round (the tracking budget with 20 iterations) and judge it by the whole acceptance test, "
         "check 6 included; record its mTRE and verdict (the update's verdict is not changed)",
     )
     ap.add_argument(
@@ -142,6 +142,11 @@ def main() -> None:
     if args.cross_check:
         arms = {
             name: (engine, dataclasses.replace(p, acceptance=dataclasses.replace(p.acceptance, cross_check=False)))
+            for name, (engine, p) in arms.items()
+        }
+    if args.finest_from_fast:  # the update without the pass (TrackingConfig.best_round "none"), the pass beside it
+        arms = {
+            name: (engine, dataclasses.replace(p, tracking=dataclasses.replace(p.tracking, best_round="none")))
             for name, (engine, p) in arms.items()
         }
     cases = []
