@@ -356,7 +356,8 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         "Tracking updates that fall back: the finest pyramid level alone from the fast path's best round "
         f"({_TRACKING.best_round_iterations} steps), judged by the whole acceptance test, check 6 included. 'before' "
         "the full registration (accepted: the update, the full registration skipped), 'after' it (where the full "
-        "registration's result scores below that round, this pass replaces it), 'none': neither.",
+        "registration's result scores below that round, this pass replaces it), 'none': neither. On a deformed "
+        "patient's stress images both rejected fewer correct updates and accepted more wrong ones than 'none'.",
         choices=BEST_ROUND_PASSES,
         into="pipeline",
     ),
