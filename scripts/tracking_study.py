@@ -127,8 +127,8 @@ def main() -> None:
         "--finest-from-fast",
         action="store_true",
         help="judge every arm without TrackingConfig.best_round and, on every fallback with a fast round, refine "
-        "the finest level alone from that round (the tracking budget with 20 iterations) and judge it by the whole acceptance test, "
-        "check 6 included; record its mTRE and verdict (the update's verdict is not changed)",
+        "the finest level alone from that round (best_round_schedule: the tracking budget with 20 iterations) and "
+        "judge it by the whole acceptance test, check 6 included; record its mTRE and verdict beside the update's",
     )
     ap.add_argument(
         "--cross-check",

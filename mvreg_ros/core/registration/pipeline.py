@@ -25,7 +25,8 @@ when its first round did not converge and a second, from where it ended, did; up
 first round of Newton steps alone, first-order steps before them), ``("tracking", "global", "local")`` for
 a fallback (with ``fallback="local"``: ``("tracking", "local")`` or ``("tracking", "local", "global",
 "local")``), with ``"best_round"`` where that pass ran (``("tracking", "best_round")`` when "before" it was
-accepted, ``("tracking", "global", "local", "best_round")`` when "after" it replaced the result). An accepted result's curvature goes to the tracker with its pose, for the next update.
+accepted, ``("tracking", "global", "local", "best_round")`` when "after" it replaced the result). An
+accepted result's curvature goes to the tracker with its pose, for the next update.
 """
 
 from __future__ import annotations

@@ -324,6 +324,7 @@ def test_best_round_before_refines_the_finest_level_from_the_best_fast_round_fir
     else:  # the local fallback (global stage off here) from the tracking start, judged beside the best round
         assert o.stages == ("tracking", "tracking", "best_round", "local")
         torch.testing.assert_close(reg.calls[3][0], pose(1))
+        assert o.verdict.fallback_drop == pytest.approx(0.8 - 0.85)
         torch.testing.assert_close(p.tracker.latest().T_ref_from_ct, pose(5))
 
 
