@@ -273,11 +273,10 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         "cross_check",
         "bool",
         _GATES.cross_check,
-        "Acceptance test, check 7: when a tracking update falls back to the full registration and its result "
-        "scores below the fast path's best round, run the local refinement from that round's pose and reject the "
-        "result when that ends elsewhere with a better similarity (check 6's thresholds): on a deformed patient the "
-        "fallback can leave the optimum the fast path had found for one 2.4 mm off. About 0.4 s more on such "
-        "fallbacks, none elsewhere.",
+        "Acceptance test, check 7: when a tracking update falls back to the full registration, run the local "
+        "refinement from the fast path's best round and reject the result when that ends elsewhere with a better "
+        "similarity (check 6's thresholds): on a deformed patient the fallback can leave the optimum the fast path "
+        "had found for one 2.4 mm off. About 0.4 to 1 s more per fallback, none on the fast path.",
         into="pipeline",
     ),
     ParamSpec(

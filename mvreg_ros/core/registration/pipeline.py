@@ -9,8 +9,8 @@ acceptance test.
   (``TrackingConfig.fallback``): by default its own path, the global stage around the start, the
   refinement and check 6, the path the acceptance test was calibrated on; "local": the local refinement
   from the same start first, then the global stage only when that fails too (the rule before); the
-  fallback's result is judged with the fast path's best round beside it (check 7: where the result
-  scores lower, the local pyramid from that round's pose must not end elsewhere, better);
+  fallback's result is judged with the fast path's best round beside it (check 7: the local pyramid from
+  that round's pose must not end elsewhere, better; by default on every fallback);
   ``TrackingConfig.best_round`` adds the finest level alone from that round, judged by the whole acceptance
   test with check 6: "before" the full registration (accepted, it is the update) or "after" it (in place of
   a result that scores below the round);

@@ -75,7 +75,8 @@ def views(n=2, size=(16, 16)) -> ViewSet:
 
 
 def gates(**kw) -> AcceptanceConfig:
-    return AcceptanceConfig(view_agreement=False, **kw)
+    """No per-view agreement; check 7 only below the fast round (the scripted tests say where it runs)."""
+    return AcceptanceConfig(**{"view_agreement": False, "cross_check_drop": 0.0, **kw})
 
 
 def make(results, acceptance=None, tracking=TrackingConfig(enabled=False)):
@@ -182,6 +183,12 @@ def test_check_7_runs_the_pyramid_from_the_fast_paths_best_round(fast_sims, shif
         torch.testing.assert_close(calls[0][1], pose(2))
     if not accepted:
         assert "fast tracking path's best round" in v.reason
+    # by default on every fallback, the result scoring above the round included
+    calls.clear()
+    every = AcceptanceConfig(view_agreement=False)
+    v = acceptance_test(r, registrar=ScriptedRegistrar([]), views=views(), config=every, fast=fast)
+    assert len(calls) == 1 and v.cross_shift_mm == shift_mm and v.accepted == ((shift_mm, gain) == (0.3, 0.0005))
+    torch.testing.assert_close(calls[0][1], pose(2))
     # not a fallback, or check 7 switched off: nothing runs
     calls.clear()
     assert acceptance_test(r, registrar=ScriptedRegistrar([]), views=views(), config=gates()).cross_shift_mm is None
@@ -195,7 +202,7 @@ def test_check_7_runs_the_pyramid_from_the_fast_paths_best_round(fast_sims, shif
 
 
 def test_check_7_is_validated():
-    assert AcceptanceConfig().cross_check and AcceptanceConfig().cross_check_drop == 0.0
+    assert AcceptanceConfig().cross_check and AcceptanceConfig().cross_check_drop == -2.0
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="cross_check_drop"):
             AcceptanceConfig(cross_check_drop=bad)
