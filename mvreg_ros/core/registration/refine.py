@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float
@@ -35,8 +36,10 @@ from mvreg_ros.core.geometry.twist import pose_about
 from mvreg_ros.core.imaging.footprint import BODY_MU, complete_rays, target_footprint, target_volume, truncated_faces
 from mvreg_ros.core.imaging.views import ViewSet
 from mvreg_ros.core.imaging.volume import Volume, pooling_axes
+from mvreg_ros.core.registration.adam import TwistAdam
 from mvreg_ros.core.registration.curvature import HeldCurvature
 from mvreg_ros.core.registration.similarity import SIMILARITY_BACKENDS, PreparedSimilarity
+from mvreg_ros.core.rendering import pose_chain
 from mvreg_ros.core.rendering.renderer import BACKENDS, VOLUME_LAYOUTS, Renderer
 from mvreg_ros.core.rendering.subset import RaySubset
 
@@ -872,8 +875,9 @@ class Registrar:
         T0_d, c_d = T0.to(self.device), self.centre_ct.to(self.device)
         w = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
         t = torch.zeros(K, 3, dtype=torch.float64, device=self.device, requires_grad=True)
-        lr0 = torch.tensor([math.radians(cfg.lr_rot_deg), cfg.lr_trans_mm]) * lr_scale
-        opt = torch.optim.Adam([{"params": [w], "lr": float(lr0[0])}, {"params": [t], "lr": float(lr0[1])}])
+        # first step sizes, rounded through float32 as in every edition (the same steps bit for bit)
+        lr0 = [float(x) for x in torch.tensor([math.radians(cfg.lr_rot_deg), cfg.lr_trans_mm]) * lr_scale]
+        opt = TwistAdam([w, t])  # torch.optim.Adam's arithmetic without its per-step machinery (adam.py)
         best = torch.full((K,), -math.inf, dtype=torch.float64)
         best_w, best_t = w.detach().clone(), t.detach().clone()
         start_similarity = best.clone()  # set at the first iteration (the starting poses)
@@ -887,25 +891,20 @@ class Registrar:
             decay = cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (
                 1 + math.cos(math.pi * (it - 1) / max(max_it - 1, 1))
             )
-            for group, lr in zip(opt.param_groups, lr0):
-                group["lr"] = float(lr) * decay
-            opt.zero_grad(set_to_none=True)
-            s = objective.similarity(pose_about(T0_d, c_d, w, t)).mean(-1)  # (K,)
+            lrs = (lr0[0] * decay, lr0[1] * decay)
+            s = objective.ascent(T0_d, w, t)  # (K,), and the gradients of w and t
             if not bool(torch.isfinite(s).all()):
                 raise RuntimeError(f"similarity became {s.tolist()} at level {level.size}px, iteration {it}")
-            if timer is None:
-                (-s.sum()).backward()
-            else:
-                timer.backward(-s.sum())
-            s = s.detach().cpu()
+            s = s.cpu()
             if it == 1:
                 start_similarity = s.clone()
             better = (s > best) & active
-            best = torch.where(better, s, best)
-            best_w[better.to(self.device)] = w.detach()[better.to(self.device)]
-            best_t[better.to(self.device)] = t.detach()[better.to(self.device)]
+            if bool(better.any()):
+                best = torch.where(better, s, best)
+                kept = better.to(self.device)[:, None]
+                best_w, best_t = torch.where(kept, w.detach(), best_w), torch.where(kept, t.detach(), best_t)
             with _stage(timer, "optimiser_step"):
-                opt.step()
+                opt.step(lrs)  # and the gradients cleared
                 if not bool(active.all()):  # stopped poses stay where they stopped
                     stopped = ~active.to(self.device)
                     with torch.no_grad():
@@ -1192,22 +1191,7 @@ class Objective:
         ``(V, 1)``, view ``i`` at pose ``i``):
         ``(1 - target_weight)`` times :func:`image_similarity` under the field-of-view masks plus
         ``target_weight`` times it under the target's footprint (:class:`PreparedSimilarity`)."""
-        V = len(self.v)
-        poses = 1  # the renders' (poses, views) layout, for the native kernel's block order (same values)
-        if self.paired:  # pose i, view i: (V, 1), each view's similarity at its own pose
-            if T.shape != (V, 4, 4):
-                raise ValueError(f"a paired objective takes one pose per view ({V}, 4, 4), got {tuple(T.shape)}")
-            lead, T_cam_from_ct, K = (V,), self.T_cam_from_ref @ T, self.v.K
-            V = 1
-        else:
-            lead = T.shape[:-2]
-            Tk = T.reshape(-1, 4, 4)
-            n = len(Tk)
-            T_cam_from_ct = (self.T_cam_from_ref[None] @ Tk[:, None]).reshape(n * V, 4, 4)
-            K = self.v.K if n == 1 else self.v.K.repeat(n, 1, 1)
-            if len(self.masks) not in (V, n * V):
-                raise ValueError(f"weights for {len(self.masks) // V} poses, asked for {n}")
-            poses = n
+        T_cam_from_ct, K, lead, V, poses = self._cameras(T)
         timer = getattr(self._registrar, "_timer", None)
         with _stage(timer, "render_forward"):
             if self._subset is None:
@@ -1221,6 +1205,87 @@ class Objective:
         with _stage(timer, "similarity_forward"):
             s = self._similarity(drr)
         return s.reshape(*lead, V)
+
+    def _cameras(self, T: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...], int, int]:
+        """What the renders of :meth:`similarity` at the poses ``T`` take: ``T_cam_from_ct`` and the
+        intrinsics of each render, the poses' leading shape, the views per pose, and the poses (the
+        renders' (poses, views) layout, for the native kernel's block order; the same values)."""
+        V = len(self.v)
+        if self.paired:  # pose i, view i: (V, 1), each view's similarity at its own pose
+            if T.shape != (V, 4, 4):
+                raise ValueError(f"a paired objective takes one pose per view ({V}, 4, 4), got {tuple(T.shape)}")
+            return self.T_cam_from_ref @ T, self.v.K, (V,), 1, 1
+        lead = T.shape[:-2]
+        Tk = T.reshape(-1, 4, 4)
+        n = len(Tk)
+        if len(self.masks) not in (V, n * V):
+            raise ValueError(f"weights for {len(self.masks) // V} poses, asked for {n}")
+        T_cam_from_ct = (self.T_cam_from_ref[None] @ Tk[:, None]).reshape(n * V, 4, 4)
+        return T_cam_from_ct, self.v.K if n == 1 else self.v.K.repeat(n, 1, 1), tuple(lead), V, n
+
+    def _cameras_pullback(self, grad: Float[Tensor, "M 4 4"], pose_shape: torch.Size) -> Tensor:
+        """The gradient of :meth:`_cameras`' ``T_cam_from_ct`` to that of the poses (of ``pose_shape``):
+        autograd's matmul backward, the same values bit for bit (a test checks)."""
+        A = self.T_cam_from_ref.transpose(-1, -2)
+        if self.paired:
+            return A @ grad
+        return (A[None] @ grad.reshape(-1, len(self.v), 4, 4)).sum(1).reshape(pose_shape)
+
+    def ascent(
+        self, T0: Float[Tensor, "K 4 4"], w: Float[Tensor, "K 3"], t: Float[Tensor, "K 3"]
+    ) -> Float[Tensor, "K"]:  # noqa: F821
+        """The mean over views of the similarity at each pose ``pose_about(T0, c, w, t)`` (``(K,)``, no
+        gradient), with the gradient of minus their sum put into ``w.grad`` and ``t.grad`` (None before): one
+        refinement iteration's render, similarity and backward. With the native renderer and similarity
+        the renders and their backward run as plain calls chained by hand (:meth:`Renderer.render_vjp`,
+        :meth:`PreparedSimilarity.value_vjp`), autograd only from the twist to the cameras: the same kernel
+        calls in the same order as autograd through :meth:`similarity`, so the same values and gradients
+        bit for bit (tests compare), without the autograd engine's work on every small step between them
+        (README *Speed*). Elsewhere, and while :meth:`Registrar.profiled` times the parts, autograd
+        through :meth:`similarity` (the reference)."""
+        timer = getattr(self._registrar, "_timer", None)
+        chain = pose_chain.pose_about_vjp(T0, self.c, w, t)  # None: autograd from the twist to the cameras
+        T = pose_about(T0, self.c, w, t) if chain is None else chain[0]
+        with _stage(timer, "render_forward"):
+            rendered = self._render_vjp(T)
+        scored = None
+        if rendered is not None:
+            with _stage(timer, "similarity_forward"):
+                scored = self._similarity.value_vjp(rendered[1])
+        if scored is None:  # the reference: autograd through similarity()
+            s = self.similarity(pose_about(T0, self.c, w, t)).mean(-1)
+            if timer is None:
+                (-s.sum()).backward()
+            else:
+                timer.backward(-s.sum())
+            return s.detach()
+        T_cam_from_ct, _, render_pullback = rendered
+        value, score_pullback = scored
+        s = value.reshape(*T.shape[:-2], -1)
+        # d(-sum of the means)/ds, as autograd's NegBackward, SumBackward and MeanBackward make it
+        seed = torch.full(s.shape[:-1], -1.0, dtype=s.dtype, device=s.device)[..., None].expand(s.shape) / s.shape[-1]
+        with _stage(timer, "similarity_backward"):
+            grad_drr = score_pullback(seed.reshape(-1))
+        with _stage(timer, "render_backward"):
+            grad_cam = render_pullback(grad_drr)
+            if chain is None:
+                T_cam_from_ct.backward(grad_cam)
+            else:
+                for x, g in zip((w, t), chain[1](self._cameras_pullback(grad_cam, T.shape))):
+                    x.grad = g if x.grad is None else x.grad + g
+        return s.mean(-1)
+
+    def _render_vjp(self, T: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]] | None:
+        """``(T_cam_from_ct, the renders, their pullback to T_cam_from_ct)`` at the poses ``T``, autograd
+        only up to the cameras; None where the renderer has no such path."""
+        T_cam_from_ct, K, _, _, poses = self._cameras(T)
+        cameras = T_cam_from_ct.detach()
+        v, n = self.v, self.n_samples
+        if self._subset is None:
+            rendered = self.renderer.render_vjp(cameras, K, v.height, v.width, n_samples=n, poses=poses)
+        else:
+            rendered = self._subset.render_vjp(self.renderer, cameras, K, n_samples=n, poses=poses)
+        return None if rendered is None else (T_cam_from_ct, *rendered)
 
     def value(self, T: Tensor) -> Tensor:
         return 1 - self.similarity(T).mean()

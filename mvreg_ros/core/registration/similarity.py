@@ -6,7 +6,7 @@ All return one value per view in [-1, 1] (1 = identical up to an affine intensit
 from __future__ import annotations
 
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -241,12 +241,24 @@ class PreparedSimilarity:
         return "torch" if self._fused is None else "native"
 
     def __call__(self, drr: Float[Tensor, "M H W"]) -> Float[Tensor, "M"]:  # noqa: F821
-        N = self.shape[0]
-        if drr.shape[1:] != self.shape[1:] or len(drr) % N:
-            raise ValueError(f"renders {tuple(drr.shape)} do not tile the targets {self.shape}")
+        self._check_tiles(drr)
         if self._fused is not None and drr.device.type == "cpu":
             return _fused_similarity(drr.contiguous(), self._fused)
         return self.reference(drr)
+
+    def _check_tiles(self, drr: Tensor) -> None:
+        if drr.shape[1:] != self.shape[1:] or len(drr) % self.shape[0]:
+            raise ValueError(f"renders {tuple(drr.shape)} do not tile the targets {self.shape}")
+
+    def value_vjp(self, drr: Float[Tensor, "M H W"]) -> tuple[Float[Tensor, "M"], Callable[[Tensor], Tensor]] | None:  # noqa: F821
+        """:meth:`__call__`'s value and its pullback (the gradient of the values to that of the renders)
+        without autograd, with the fused kernel: the same kernel call and product as autograd through
+        ``__call__``, the same values bit for bit. None where the torch path serves (then autograd)."""
+        self._check_tiles(drr)
+        if self._fused is None or drr.device.type != "cpu":
+            return None
+        value, grad = native.load().patch_ncc(drr.detach().contiguous(), *self._fused, True)
+        return value, lambda grad_value: grad_value[:, None, None] * grad  # _FusedPatchNcc.backward's product
 
     def reference(self, drr: Float[Tensor, "M H W"]) -> Float[Tensor, "M"]:  # noqa: F821
         """The value with ATen ops (the torch backend; the fused kernel's reference)."""

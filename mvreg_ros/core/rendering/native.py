@@ -29,6 +29,7 @@ import threading
 import time
 import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -382,6 +383,45 @@ def render_rays(
     that it gives the full render's gradient bit for bit when the pixels left out have none.
     ``prefetch``: a :class:`Bricked` volume's cache lines are prefetched two samples ahead (the same values;
     False: not, the reference and A/B timings' other side). Requires :func:`load` to have succeeded."""
+    T, d, data, shape, ray_index = _render_args(
+        T_index_from_cam, d_cam, padded, n_samples, poses, ray_index, image_pixels, prefetch
+    )
+    if torch.is_grad_enabled() and T.requires_grad:
+        return _RenderRays.apply(T, d, data, shape, int(n_samples), poses, ray_index, image_pixels, prefetch)
+    return _module().render_rays(T, d, data, int(n_samples), False, poses, shape, prefetch)[0]
+
+
+def render_rays_vjp(
+    T_index_from_cam: Float[Tensor, "V 3 4"],
+    d_cam: Float[Tensor, "3 V R"],
+    padded: "Tensor | Bricked",
+    n_samples: int,
+    *,
+    poses: int = 1,
+    ray_index: Tensor | None = None,
+    image_pixels: int = 0,
+    prefetch: bool = True,
+) -> tuple[Float[Tensor, "V R"], Callable[[Tensor], Tensor]]:
+    """:func:`render_rays`' renders and their pullback (the gradient of the renders to that of
+    ``T_index_from_cam``) without autograd: the same kernel calls as its forward and backward, so the same
+    values bit for bit (a test checks), for a caller that chains its own backward (the refinement's
+    iteration, :meth:`~mvreg_ros.core.registration.refine.Objective.ascent`)."""
+    T, d, data, shape, ray_index = _render_args(
+        T_index_from_cam, d_cam, padded, n_samples, poses, ray_index, image_pixels, prefetch
+    )
+    S = int(n_samples)
+    out, f, G, H = _module().render_rays(T, d, data, S, True, poses, shape, prefetch)
+
+    def pullback(grad_out: Tensor) -> Tensor:
+        return _module().render_rays_backward(
+            grad_out.contiguous(), T, d, data, f, G, H, S, ray_index, image_pixels, shape
+        )
+
+    return out, pullback
+
+
+def _render_args(T_index_from_cam, d_cam, padded, n_samples, poses, ray_index, image_pixels, prefetch):
+    """:func:`render_rays`' inputs checked and laid out for the kernel: ``(T, d, data, shape, ray_index)``."""
     check_sums_inputs(padded, n_samples, bricked_ok=True)
     if isinstance(poses, bool) or not isinstance(poses, int) or poses < 1 or len(T_index_from_cam) % poses:
         raise ValueError(f"poses must be an int >= 1 that divides the {len(T_index_from_cam)} renders, got {poses!r}")
@@ -398,6 +438,4 @@ def render_rays(
     if not isinstance(prefetch, bool):
         raise TypeError(f"prefetch must be a bool, got {prefetch!r}")
     data, shape = _volume_args(padded)
-    if torch.is_grad_enabled() and T.requires_grad:
-        return _RenderRays.apply(T, d, data, shape, int(n_samples), poses, ray_index, image_pixels, prefetch)
-    return _module().render_rays(T, d, data, int(n_samples), False, poses, shape, prefetch)[0]
+    return T, d, data, shape, ray_index

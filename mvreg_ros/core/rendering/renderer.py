@@ -30,6 +30,7 @@ import re
 import tempfile
 import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -458,6 +459,64 @@ class Renderer:
         ascending in each render (:class:`~mvreg_ros.core.rendering.subset.RaySubset`); the native backend's
         gradient is then the full image's bit for bit where the pixels left out have none. With ``ray_index``
         the pixels are taken to be a RaySubset's, never changed in place (kept and recognised by identity)."""
+        T, K, pixels, n, full = self._inputs(T_cam_from_ct, K, height, width, pixels, n_samples, poses, ray_index)
+        if self.backend == "native":
+            out = self._render_native(T, K, pixels, n, poses, ray_index, (height, width))
+        else:
+            out = self._render_compiled(T, K, pixels, n, ray_index) if self.backend != "grid_sample" else None
+        if out is None:
+            out = integrate(self.data, make_rays(self.T_index_from_ct, self.shape_ijk, T, K, pixels), n)
+        return out.reshape(len(T), height, width) if full else out
+
+    @typing.no_type_check  # validates its own inputs, as __call__
+    def render_vjp(
+        self,
+        T_cam_from_ct: Float[Tensor, "V 4 4"],
+        K: Float[Tensor, "V 3 3"],
+        height: int,
+        width: int,
+        *,
+        pixels: Tensor | None = None,
+        n_samples: int | None = None,
+        poses: int = 1,
+        ray_index: Tensor | None = None,
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
+        """:meth:`__call__`'s renders and their pullback (the gradient of the renders to that of
+        ``T_cam_from_ct``) without autograd, with the native backend on a CPU in float64: the same
+        kernel calls as ``__call__``'s forward and backward, the same values bit for bit (a test checks).
+        None where that path does not apply (another backend, another device or dtype): then ``__call__``
+        under autograd is the way."""
+        T, K, pixels, n, full = self._inputs(T_cam_from_ct, K, height, width, pixels, n_samples, poses, ray_index)
+        if self.backend != "native":
+            return None
+        chain = pose_chain.index_from_cam_vjp(self.T_index_from_ct.to(T.dtype), T)
+        if chain is None:
+            return None
+        T_index_from_cam, chain_pullback = chain
+        d_cam = self._directions(
+            K,
+            pixels,
+            frozen=self._frozen(pixels, ray_index),
+            subset=None if ray_index is None else (ray_index, height, width),
+        )
+        out, render_pullback = native.render_rays_vjp(
+            T_index_from_cam,
+            d_cam,
+            self.padded,
+            n,
+            poses=poses,
+            ray_index=ray_index,
+            image_pixels=height * width,
+            prefetch=self.prefetch,
+        )
+        if full:
+            return out.reshape(len(T), height, width), lambda grad: chain_pullback(
+                render_pullback(grad.reshape(out.shape))
+            )
+        return out, lambda grad: chain_pullback(render_pullback(grad))
+
+    def _inputs(self, T_cam_from_ct, K, height, width, pixels, n_samples, poses, ray_index):
+        """:meth:`__call__`'s inputs checked and on the renderer's device: ``(T, K, pixels, n_samples, full)``."""
         if T_cam_from_ct.ndim != 3 or T_cam_from_ct.shape[-2:] != (4, 4):
             raise ValueError(f"T_cam_from_ct must be (V, 4, 4), got {tuple(T_cam_from_ct.shape)}")
         if K.shape != (len(T_cam_from_ct), 3, 3):
@@ -478,13 +537,7 @@ class Renderer:
                 f"ray_index needs pixels (V, R, 2) of its shape (V = {len(T)} renders), got ray_index "
                 f"{tuple(ray_index.shape)} and pixels {None if full else tuple(pixels.shape)}"
             )
-        if self.backend == "native":
-            out = self._render_native(T, K, pixels, n, poses, ray_index, (height, width))
-        else:
-            out = self._render_compiled(T, K, pixels, n, ray_index) if self.backend != "grid_sample" else None
-        if out is None:
-            out = integrate(self.data, make_rays(self.T_index_from_ct, self.shape_ijk, T, K, pixels), n)
-        return out.reshape(len(T), height, width) if full else out
+        return T, K, pixels, n, full
 
     def _pixel_grid(self, height: int, width: int) -> Tensor:
         """:func:`pixel_grid` of a full image (float64), kept while the image size stays the same (the

@@ -14,6 +14,7 @@ render's sums would otherwise have made them NaN.)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Bool, Float, Int64
@@ -96,5 +97,40 @@ class RaySubset:
         out = renderer(
             T_cam_from_ct, K, H, W, pixels=pixels, n_samples=n_samples, poses=poses, ray_index=index
         )  # (M, R)
+        return self._scattered(out, index)
+
+    def render_vjp(
+        self,
+        renderer,
+        T_cam_from_ct: Float[Tensor, "M 4 4"],
+        K: Float[Tensor, "M 3 3"],
+        *,
+        n_samples: int,
+        poses: int = 1,
+    ) -> tuple[Float[Tensor, "M H W"], Callable[[Tensor], Tensor]] | None:
+        """:meth:`render`'s DRRs and their pullback (the gradient of the DRRs to that of ``T_cam_from_ct``)
+        without autograd (:meth:`Renderer.render_vjp`; the same values bit for bit as autograd through
+        :meth:`render`); None where the renderer has no such path."""
+        M, V = len(T_cam_from_ct), self.views
+        if M % V:
+            raise ValueError(f"{M} renders do not tile the subset's {V} views")
+        index, pixels = self._copies(M // V, getattr(renderer, "device", self.index.device))
+        H, W = self.height, self.width
+        rendered = renderer.render_vjp(
+            T_cam_from_ct, K, H, W, pixels=pixels, n_samples=n_samples, poses=poses, ray_index=index
+        )
+        if rendered is None:
+            return None
+        out, render_pullback = rendered
+
+        def pullback(grad: Tensor) -> Tensor:  # the scatter's: each ray's pixel, the padding's zero column
+            padded = torch.cat([grad.reshape(M, H * W), grad.new_zeros(M, 1)], 1)
+            return render_pullback(padded.gather(1, index))
+
+        return self._scattered(out, index), pullback
+
+    def _scattered(self, out: Tensor, index: Tensor) -> Tensor:
+        """The rays' values ``(M, R)`` in full images ``(M, H, W)``, zero elsewhere."""
+        M, H, W = len(out), self.height, self.width
         full = out.new_zeros(M, H * W + 1).scatter_(1, index, out)  # the padding into the last column, dropped
         return full[:, : H * W].reshape(M, H, W)

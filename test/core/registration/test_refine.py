@@ -663,3 +663,50 @@ def test_a_renderer_subclass_is_built_with_the_configured_backend(ct):
     if render_native.load() is not None:
         config = dataclasses.replace(QUICK, render_backend="native", volume_storage="float16")
         assert Registrar(ct, config, renderer_cls=Marked).renderer(2).storage == torch.float16
+
+
+def _reference_ascent(objective, T0, c, x):
+    """Objective.ascent's reference: autograd through similarity() from the twist."""
+    w, t = x[:, :3].clone().requires_grad_(True), x[:, 3:].clone().requires_grad_(True)
+    s = objective.similarity(pose_about(T0, c, w, t)).mean(-1)
+    (-s.sum()).backward()
+    return s.detach(), w.grad, t.grad
+
+
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "grid_sample"])
+@pytest.mark.parametrize("read_only", [False, True])
+@pytest.mark.parametrize("kind", ["one", "batch", "paired"])
+def test_ascent_is_autograd_through_the_similarity_bit_for_bit(ct, backend, read_only, kind):
+    """Objective.ascent (one refinement iteration: render, similarity and gradient, chained by hand with
+    the native renderer, else autograd) against autograd through similarity(): the same values and
+    gradients bit for bit, for one pose, a batch of poses with their own weights (the global stage) and a
+    paired objective (the acceptance test's probes), every pixel traced or only those read; and the same
+    while the parts are timed (Registrar.profiled)."""
+    scene, views = _scene_views(ct, [(0.0, 0.0), (90.0, 20.0)], DETECTOR, 64)
+    gen = torch.Generator().manual_seed(8)
+    moved = [
+        geometry.perturb(scene.T_ref_from_ct, rot_deg=4, trans_mm=8, centre_ct=ct.centre_ct(), generator=gen)
+        for _ in range(3)
+    ]
+    registrar = Registrar(ct, RefineConfig(render_backend=backend, render_read_only=read_only))
+    level = LevelSpec(size=48, iterations=1, n_samples=48, patch=8)
+    if kind == "paired":
+        (_, objective), *_ = registrar.paired_objectives(views, torch.stack(moved[:2]), level=level)
+        T0 = torch.stack(moved[:2])
+    else:
+        T0 = torch.stack(moved if kind == "batch" else moved[:1])
+        objective = registrar.objective(views, 48, T0, n_samples=48, patch=8)
+    assert (objective._subset is not None) == read_only
+    c = registrar.centre_ct  # the twist's centre, as refine_level's
+    x = 0.01 * torch.randn(len(T0), 6, dtype=torch.float64, generator=gen)
+    s_ref, gw_ref, gt_ref = _reference_ascent(objective, T0, c, x)
+    for timed in (False, True):
+        w, t = x[:, :3].clone().requires_grad_(True), x[:, 3:].clone().requires_grad_(True)
+        if timed:
+            with registrar.profiled() as timer:
+                s = objective.ascent(T0, w, t)
+            assert timer.seconds["render_forward"] > 0 and timer.seconds["render_backward"] > 0
+        else:
+            s = objective.ascent(T0, w, t)
+        assert s.shape == (len(T0),) and not s.requires_grad
+        assert torch.equal(s, s_ref) and torch.equal(w.grad, gw_ref) and torch.equal(t.grad, gt_ref)

@@ -302,3 +302,26 @@ def test_prepared_similarity_reads_only_its_read_pixels(grad_weight, backend):
         grads.append(x.grad)
     assert torch.equal(values[0], values[1]) and torch.equal(grads[0], grads[1])
     assert bool((grads[0][~read] == 0).all()) and grads[0][read].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_vjp_is_autograd_through_the_fused_similarity_bit_for_bit(backend):
+    """PreparedSimilarity.value_vjp (the refinement iteration's similarity without autograd): the fused
+    kernel's value and the gradient autograd gives through ``__call__``, bit for bit; None on the torch path."""
+    V, H, W = 2, 40, 44
+    y = _smooth_images(V, H, W, seed=21)
+    fov, target = _masks(V, H, W, seed=22)
+    sim = PreparedSimilarity(y, [(fov, 0.5), (target, 0.5)], patch=8, grad_weight=0.75, backend=backend)
+    drr = _smooth_images(3 * V, H, W, seed=23) + 0.4 * y.repeat(3, 1, 1)  # three poses' renders
+    got = sim.value_vjp(drr)
+    if backend == "torch":
+        assert got is None
+        return
+    x = drr.clone().requires_grad_()
+    ref = sim(x)
+    weights = -torch.arange(1.0, 3 * V + 1, dtype=ref.dtype) / 3  # a seed as the refinement's, -1/V per view
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), x)
+    value, pullback = got
+    assert torch.equal(value, ref.detach()) and torch.equal(pullback(weights), grad_ref)
+    with pytest.raises(ValueError, match="do not tile"):
+        sim.value_vjp(drr[:, :-1])
