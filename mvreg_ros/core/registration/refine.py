@@ -1235,14 +1235,16 @@ class Objective:
         self, T0: Float[Tensor, "K 4 4"], w: Float[Tensor, "K 3"], t: Float[Tensor, "K 3"]
     ) -> Float[Tensor, "K"]:  # noqa: F821
         """The mean over views of the similarity at each pose ``pose_about(T0, c, w, t)`` (``(K,)``, no
-        gradient), with the gradient of minus their sum put into ``w.grad`` and ``t.grad`` (None before): one
-        refinement iteration's render, similarity and backward. With the native renderer and similarity
-        the renders and their backward run as plain calls chained by hand (:meth:`Renderer.render_vjp`,
-        :meth:`PreparedSimilarity.value_vjp`), autograd only from the twist to the cameras: the same kernel
-        calls in the same order as autograd through :meth:`similarity`, so the same values and gradients
-        bit for bit (tests compare), without the autograd engine's work on every small step between them
-        (README *Speed*). Elsewhere, and while :meth:`Registrar.profiled` times the parts, autograd
-        through :meth:`similarity` (the reference)."""
+        gradient), with the gradient of minus their sum put into ``w.grad`` and ``t.grad`` (added where they
+        hold one): one refinement iteration's render, similarity and backward. With the native renderer,
+        similarity and pose chain these run as plain calls chained by hand, each layer's pullback
+        (:func:`~mvreg_ros.core.rendering.pose_chain.pose_about_vjp`, :meth:`_cameras_pullback`,
+        :meth:`Renderer.render_vjp`, :meth:`PreparedSimilarity.value_vjp`): the same kernel calls and ATen
+        operations as autograd through :meth:`similarity`, so the same values and gradients bit for bit
+        (tests compare), without the autograd engine's work on the many small steps between the kernels
+        (README *Speed*). :meth:`Registrar.profiled` times the same parts either way. Where a layer has no
+        pullback (another backend, a GPU, a renderer without ``render_vjp``), autograd through
+        :meth:`similarity` (the reference)."""
         timer = getattr(self._registrar, "_timer", None)
         chain = pose_chain.pose_about_vjp(T0, self.c, w, t)  # None: autograd from the twist to the cameras
         T = pose_about(T0, self.c, w, t) if chain is None else chain[0]
