@@ -24,7 +24,8 @@ how many used the held curvature, accepted, false acceptances (mTRE > 2 mm accep
 rejections; writes every case to OUT.json with its verdict's signals (per-view similarity, shift and gain;
 check 6's shift and gain where it ran, a fallback's drop below its fast path's best round and check 7's
 shift and gain where it ran; with ``--cross-check`` check 7 off and its measurement on every fallback; with
-``--second-pass`` check 6's on every accepted fast update; with ``--finest-from-fast`` the finest level alone
+``--second-pass`` check 6's on every accepted fast update; with ``--other-scale`` the other scale's probe on
+every accepted update; with ``--finest-from-fast`` the finest level alone
 from the fast path's best round on every fallback, judged by the whole acceptance test; the verdict
 unchanged). Usage:
 
@@ -46,7 +47,7 @@ from mvreg_ros.core.evaluation.evaluate import default_view_sets
 from mvreg_ros.core.evaluation.landmarks import file_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry.transforms import perturb
-from mvreg_ros.core.registration.acceptance import acceptance_test, probe_views, second_pass
+from mvreg_ros.core.registration.acceptance import acceptance_test, other_scale_probe, probe_views, second_pass
 from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import PipelineConfig, RegistrationPipeline
 from mvreg_ros.core.registration.refine import RefineConfig, Registrar, TrackingConfig
@@ -136,6 +137,13 @@ def main() -> None:
         help="judge every arm without check 7 (AcceptanceConfig.cross_check off) and record its measurement on every "
         "fallback whose fast path reached a finite similarity: the local pyramid from the fast path's best round, how "
         "far it ends from the result and what it gains there (for tracking_rejudge.py --cross-drops)",
+    )
+    ap.add_argument(
+        "--other-scale",
+        action="store_true",
+        help="also run the other scale's probe (acceptance.other_scale_probe: the finest image size, NCC patch 19 px, "
+        "96 samples, 30 steps) on every accepted update and record its shift, gain and mTRE (the verdict is not "
+        "changed): what a check on it would say",
     )
     args = ap.parse_args()
     arms = {name: ARMS[name] for name in args.arms}
@@ -243,6 +251,15 @@ def main() -> None:
                                 if args.finest_from_fast and not out.fast and fast is not None:
                                     case[name].update(
                                         finest_from_fast(pipeline, registrars[name], views, fast, T_true, landmarks)
+                                    )
+                                if args.other_scale and out.accepted:
+                                    t = time.perf_counter()
+                                    p = other_scale_probe(registrars[name], views, T_est)
+                                    case[name].update(
+                                        other_shift_mm=p.shift_mm,
+                                        other_gain=p.gain,
+                                        other_time_s=time.perf_counter() - t,
+                                        other_mtre_mm=mtre_mm(p.T_ref_from_ct, T_true, landmarks),
                                     )
                                 if args.second_pass and out.accepted and out.fast:
                                     t = time.perf_counter()

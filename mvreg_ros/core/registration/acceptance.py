@@ -246,6 +246,34 @@ def second_pass(
     return SecondPass(shift_mm=float(shift), gain=float(s[1] - s[0]), T_ref_from_ct=T)
 
 
+def other_scale_probe(
+    registrar: Registrar,
+    views: ViewSet,
+    T_ref_from_ct: Float[Tensor, "4 4"],
+    *,
+    n_samples: int = 96,
+    patch: int = 19,
+    iterations: int = 30,
+) -> SecondPass:
+    """First-order steps from a result at the refinement's finest image size under another scale of the
+    similarity (an NCC patch of ``patch`` px and ``n_samples`` samples per ray, against the finest level's 13
+    px and 64), with the first step sizes the full pyramid reaches there, the best iterate kept: how far it
+    moved points near the anatomy and how much that objective gained (0 and 0 where the result is that
+    objective's optimum too). A near-miss optimum of the patch-NCC at the refinement's own scale need not be
+    one at another (docs/acceptance.md, *Another scale of the similarity*)."""
+    T0 = T_ref_from_ct.to(torch.float64).cpu()
+    if T0.shape != (4, 4):
+        raise ValueError(f"other_scale_probe needs one pose (4, 4), got {tuple(T0.shape)}")
+    cfg = registrar.config
+    level = LevelSpec(size=cfg.sizes[-1], iterations=iterations, n_samples=n_samples, patch=patch)
+    lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)  # the finest level's first steps in the full pyramid
+    run = registrar.refine_level(views, T0, level=level, lr_scale=lr_scale, finest=True)
+    T = run.T_ref_from_ct[0]
+    pts = _sphere_points(registrar.centre_ct.to(torch.float64))
+    shift = (transform_points(T, pts) - transform_points(T0, pts)).norm(dim=-1).mean()
+    return SecondPass(shift_mm=float(shift), gain=float(run.similarity[0] - run.start_similarity[0]), T_ref_from_ct=T)
+
+
 def unstable_optimum(shift_mm: float, gain: float, config: AcceptanceConfig) -> bool:
     """Check 6 from a second pass's shift and gain (recorded or just measured): both beyond their
     thresholds, or a gain beyond ``max_confirm_gain_alone`` however small the shift, or either not finite."""
