@@ -18,6 +18,11 @@ fast path's best round recorded on every fallback): the updates at the defaults 
 fallback's result scores below that round, the pass's verdict and result replace it), with their false
 acceptances and rejections.
 
+With ``--other-scale-gains G [G ...]`` (a study run with ``--other-scale``, check 8's probe recorded on every
+accepted update): the updates at the defaults with check 8 on the fallbacks (the pipeline's rule) and, for
+comparison, on every update, each at the thresholds G, with their false acceptances and rejections; ``-v``
+lists every accepted update's probe gain over the smallest G.
+
 With ``--probe-scale S`` (a study run with ``--probe-scales`` including S): for each pair of
 ``--view-shifts`` and ``--view-gains``, how many of the accepted updates' results check 4 would flag
 from the probes recorded at S, wrong (mTRE > 2 mm) and correct ones. A flagged result is not the update's
@@ -25,7 +30,7 @@ final verdict (the pipeline would fall back to the full registration's path, whi
 it says what the check tells apart. Usage:
 
     .venv/bin/python scripts/tracking_rejudge.py STUDY.json [STUDY.json ...] [--arm global]
-        [--shifts 0.5 0.75 1.0] [--gains-alone 0.01 2] [--cross-drops -2 0 0.005] [-v] [--best-round] [--probe-scale 0.3 --view-shifts 0.5 1.0 --view-gains 0.004 0.0085]
+        [--shifts 0.5 0.75 1.0] [--gains-alone 0.01 2] [--cross-drops -2 0 0.005] [-v] [--best-round] [--other-scale-gains 0.007] [--probe-scale 0.3 --view-shifts 0.5 1.0 --view-gains 0.004 0.0085]
 """
 
 import argparse
@@ -80,6 +85,32 @@ def best_round_rows(updates: list[dict], ok: list[bool]) -> None:
         )
 
 
+def other_scale_rows(updates: list[dict], ok: list[bool], gains: list[float], verbose: bool) -> None:
+    """Check 8 re-judged from the recorded probe: an update accepted at the defaults stays accepted where it
+    does not apply (the fast path, for "fallbacks") or its recorded gain is at most the threshold."""
+    acc0 = [accepted_at(u, AcceptanceConfig()) for u in updates]
+    missing = sum(a and u.get("other_gain") is None for a, u in zip(acc0, updates))
+    print(f"check 8 (another scale), {sum(acc0)} accepted at the defaults ({missing} without a recorded probe):")
+    for scope, g in itertools.product(("fallbacks", "every update"), gains):
+        acc = [
+            a and (u.get("other_gain") is None or (scope == "fallbacks" and u["fast"]) or u["other_gain"] <= g)
+            for a, u in zip(acc0, updates)
+        ]
+        fa = sorted(round(u["mtre_mm"], 2) for u, a, o in zip(updates, acc, ok) if a and not o)
+        fr = sum(o and not a for a, o in zip(acc, ok))
+        newly = sum(a0 and not a and o for a0, a, o in zip(acc0, acc, ok))
+        print(
+            f"  on {scope} at {g:g}: accepted {sum(acc)}, false acceptances {len(fa)}{f' {fa}' if fa else ''}, "
+            f"false rejections {fr} ({newly} correct ones newly rejected by check 8)"
+        )
+    for u, a in zip(updates, acc0) if verbose else ():
+        if a and u.get("other_gain") is not None and u["other_gain"] > min(gains):
+            print(
+                f"  {'fast' if u['fast'] else 'fallback'} {u['mtre_mm']:.2f} mm: check 8 gain {u['other_gain']:.4f}, "
+                f"shift {u['other_shift_mm']:.2f} mm"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("studies", nargs="+")
@@ -105,6 +136,13 @@ def main() -> None:
         "--best-round",
         action="store_true",
         help="also judge TrackingConfig.best_round none / before / after (a study run with --finest-from-fast)",
+    )
+    ap.add_argument(
+        "--other-scale-gains",
+        nargs="+",
+        type=float,
+        default=[],
+        help="judge check 8 at these max_other_scale_gain values (a study run with --other-scale)",
     )
     ap.add_argument("--probe-scale", type=float, default=None)
     ap.add_argument("--view-shifts", nargs="+", type=float, default=[AcceptanceConfig().max_view_shift_mm])
@@ -132,6 +170,8 @@ def main() -> None:
             )
     if args.best_round:
         best_round_rows(updates, ok)
+    if args.other_scale_gains:
+        other_scale_rows(updates, ok, args.other_scale_gains, args.verbose)
     if args.probe_scale is not None:
         agreement_rows(updates, ok, scale=args.probe_scale, shifts=args.view_shifts, gains=args.view_gains)
 

@@ -33,6 +33,12 @@ check passes:
    every other check accepts: the pass from the fast path's pose ends back near the truth and gains 0.0185,
    or ends in the same wrong optimum but moves 0.98 mm from the result and gains 0.0023.
 
+8. another scale of the similarity (``other_scale``; a tracking update's fallback only, by the pipeline): first
+   steps from the result under an NCC patch of 19 px and 96 samples per ray (the finest level's: 13 px, 64) must
+   not gain more than ``max_other_scale_gain``. On the deformed ``mismatch`` patient, near-miss optima that every
+   other check passes gained 0.009 to 0.018 there, correct tracking updates at most 0.006 (docs/acceptance.md,
+   *Another scale of the similarity*).
+
 One implementation, used by the node, ``mvreg eval``, ``mvreg bench`` and ``mvreg register``.
 """
 
@@ -86,6 +92,13 @@ class AcceptanceConfig:
     # max_confirm_gain, max_confirm_gain_alone). 0 (only below the round) until seeds 23 and 24 met the rule fixed
     # before they were run (docs/acceptance.md, *Check 7 on every fallback*)
 
+    other_scale: bool = False  # check 8, on a tracking update's fallback (acceptance_test(fallback=True), by the
+    # pipeline): other_scale_probe from the result must not gain more than max_other_scale_gain
+    other_scale_patch: int = 19  # the probe's NCC patch (px) at the finest image size (the finest level's: 13)
+    other_scale_samples: int = 96  # ... its samples per ray (the finest level's: 64)
+    other_scale_iterations: int = 30  # ... and its first-order steps (the finest level's first step sizes)
+    max_other_scale_gain: float = 0.007  # near-misses gained 0.009 to 0.018 there, correct updates at most 0.006
+
     def __post_init__(self):
         if not isinstance(self.min_views, int) or self.min_views < 1:
             raise ValueError(f"min_views must be an int >= 1, got {self.min_views!r}")
@@ -97,7 +110,11 @@ class AcceptanceConfig:
             raise ValueError(f"agreement_iterations must be >= 1, got {self.agreement_iterations}")
         if not (math.isfinite(self.agreement_step_scale) and self.agreement_step_scale > 0):
             raise ValueError(f"agreement_step_scale must be a finite number > 0, got {self.agreement_step_scale}")
-        for name in ("confirm", "cross_check"):
+        for name in ("other_scale_patch", "other_scale_samples", "other_scale_iterations"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("confirm", "cross_check", "other_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not math.isfinite(self.cross_check_drop):
@@ -109,6 +126,7 @@ class AcceptanceConfig:
             "max_confirm_shift_mm",
             "max_confirm_gain",
             "max_confirm_gain_alone",
+            "max_other_scale_gain",
         ):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -127,6 +145,8 @@ class Verdict:
     confirm_shift_mm: float | None = None  # the second pass's (check 6), when it ran
     confirm_gain: float | None = None
     fallback_drop: float | None = None  # the fast path's best round's similarity minus the result's (a fallback)
+    other_shift_mm: float | None = None  # check 8's probe, when it ran: how far it moved the anatomy
+    other_gain: float | None = None  # ... and what it gained under the other scale
     cross_shift_mm: float | None = None  # check 7's pass from that round's pose, when it ran: its move from the
     cross_gain: float | None = None  # result, and its gain over it
 
@@ -330,13 +350,15 @@ def acceptance_test(
     margin: float | None = None,
     confirm: bool = False,
     fast: RegistrationResult | None = None,
+    fallback: bool = False,
 ) -> Verdict:
     """The verdict on ``result``. Per-view agreement needs the ``registrar`` and ``views`` it
     came from (with ``config.view_agreement``); ``margin`` is the global stage's similarity
     margin between the winner and a distinct runner-up, when there was one. ``confirm``: run check
     6 (a second pass, with ``config.confirm``; last, once every other check has passed).
     ``fast``: for a tracking update's fallback, the best round of the fast path before it, on the same views
-    and finest level (check 7, with ``config.cross_check``; after check 6)."""
+    and finest level (check 7, with ``config.cross_check``; after check 6). ``fallback``: the result is a tracking
+    update's fallback (check 8, with ``config.other_scale``; last)."""
     sims = tuple(float(s) for s in result.view_similarity)
     drop = None if fast is None else float(fast.similarity) - float(result.similarity)
 
@@ -392,8 +414,11 @@ def acceptance_test(
                 **kw,
             )
     cross = config.cross_check and drop is not None and not drop <= config.cross_check_drop  # NaN: checked
-    if (confirm or cross) and (registrar is None or views is None):
-        raise ValueError("checks 6 and 7 need the registrar and the views (or confirm=False, cross_check=False)")
+    other = fallback and config.other_scale
+    if (confirm or cross or other) and (registrar is None or views is None):
+        raise ValueError(
+            "checks 6 to 8 need the registrar and the views (or confirm=False, cross_check=False, other_scale=False)"
+        )
     if confirm:
         try:
             p = second_pass(registrar, views, result.T_ref_from_ct)
@@ -417,6 +442,26 @@ def acceptance_test(
                 f"unstable optimum: the refinement from the fast tracking path's best round, {drop:.4f} above the "
                 f"result, ends {p.shift_mm:.2f} mm from it and gains {p.gain:.4f} similarity (a better optimum "
                 "lies beside it)",
+                **kw,
+            )
+    if other:
+        try:
+            p = other_scale_probe(
+                registrar,
+                views,
+                result.T_ref_from_ct,
+                n_samples=config.other_scale_samples,
+                patch=config.other_scale_patch,
+                iterations=config.other_scale_iterations,
+            )
+        except RuntimeError as e:
+            return verdict(f"unstable optimum: the probe under another scale of the similarity failed: {e}", **kw)
+        kw.update(other_shift_mm=p.shift_mm, other_gain=p.gain)
+        if p.gain > config.max_other_scale_gain:
+            return verdict(
+                f"unstable optimum: under another scale of the similarity (patch {config.other_scale_patch} px) the "
+                f"result gains {p.gain:.4f} by moving the anatomy {p.shift_mm:.2f} mm (above max_other_scale_gain "
+                f"{config.max_other_scale_gain})",
                 **kw,
             )
     return verdict("", **kw)

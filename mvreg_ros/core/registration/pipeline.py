@@ -13,7 +13,8 @@ acceptance test.
   that round's pose must not end elsewhere, better; by default on every fallback);
   ``TrackingConfig.best_round`` adds the finest level alone from that round, judged by the whole acceptance
   test with check 6: "before" the full registration (accepted, it is the update) or "after" it (in place of
-  a result that scores below the round);
+  a result that scores below the round); with ``AcceptanceConfig.other_scale`` every fallback's result (and
+  that pass's) must also pass check 8, a probe under another scale of the similarity;
 - any other start (configured, coarse network, perturbed truth) goes through the global stage
   (around the start and the network's hypotheses), then the local refinement from its best
   candidate.
@@ -130,6 +131,7 @@ class RegistrationPipeline:
         *,
         confirm: bool = False,
         fast: RegistrationResult | None = None,
+        fallback: bool = False,
     ) -> Verdict:
         return acceptance_test(
             result,
@@ -139,6 +141,7 @@ class RegistrationPipeline:
             margin=margin,
             confirm=confirm,
             fast=fast,
+            fallback=fallback,
         )
 
     def register_from(self, views: ViewSet, start: Start, *, stamp_ns: int = 0) -> Outcome:
@@ -176,7 +179,7 @@ class RegistrationPipeline:
             stages.append("local")
             if not self.config.global_search.enabled:
                 return self._conclude(views, start, result, None, stages, t0, stamp_ns, fast=fast)
-            verdict = self._judge(views, result, None, fast=fast)
+            verdict = self._judge(views, result, None, fast=fast, fallback="tracking" in stages)
             if verdict.accepted:
                 return self._finish(views, start, result, verdict, None, stages, t0, stamp_ns, fast=fast)
         g = global_search(
@@ -195,7 +198,7 @@ class RegistrationPipeline:
         schedule = self.config.tracking.best_round_schedule(self.registrar.config)
         result = self.registrar.refine(views, fast.T_ref_from_ct, schedule=schedule)
         stages.append("best_round")
-        return result, self._judge(views, result, None, confirm=True)
+        return result, self._judge(views, result, None, confirm=True, fallback=True)
 
     def _conclude(self, views, start, result, g, stages, t0, stamp_ns, *, fast) -> Outcome:
         """The last result of a registration judged: after the global stage (``g``) a far start, so it must also
@@ -205,7 +208,9 @@ class RegistrationPipeline:
             result, verdict = self._best_round(views, fast, stages)
         else:
             margin = None if g is None else _margin(g, self.registrar.centre_ct, self.config.global_search)
-            verdict = self._judge(views, result, margin, confirm=g is not None, fast=fast)
+            verdict = self._judge(
+                views, result, margin, confirm=g is not None, fast=fast, fallback="tracking" in stages
+            )
         return self._finish(views, start, result, verdict, g, stages, t0, stamp_ns, fast=fast)
 
     def _finish(self, views, start, result, verdict, g, stages, t0, stamp_ns, *, fast) -> Outcome:

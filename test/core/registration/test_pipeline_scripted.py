@@ -197,7 +197,7 @@ def test_check_7_runs_the_pyramid_from_the_fast_paths_best_round(fast_sims, shif
         acceptance_test(r, registrar=ScriptedRegistrar([]), views=views(), config=off, fast=fast).accepted and not calls
     )
     if ran:
-        with pytest.raises(ValueError, match="checks 6 and 7 need the registrar"):
+        with pytest.raises(ValueError, match="checks 6 to 8 need the registrar"):
             acceptance_test(r, config=gates(), fast=fast)
 
 

@@ -605,3 +605,104 @@ def test_a_start_far_off_falls_back_to_the_full_registration(ct, registrar, bipl
     assert out.stages[0] == "tracking" and out.stages[-1] == "local" and not out.accepted and out.reason
     torch.testing.assert_close(tracker.latest().T_ref_from_ct, T_far)
     assert tracker.latest().stamp_ns == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Check 8: another scale of the similarity, on a fallback
+# ---------------------------------------------------------------------------------------
+
+
+def _scripted_probe(monkeypatch, gain):
+    """Check 8's probe scripted: gains ``gain`` from wherever it is asked; records the poses."""
+    from mvreg_ros.core.registration import acceptance as acceptance_module
+
+    asked = []
+
+    def probe(registrar, views, T, **kw):
+        asked.append((T.clone(), kw))
+        return acceptance_module.SecondPass(shift_mm=0.4, gain=gain, T_ref_from_ct=T)
+
+    monkeypatch.setattr(acceptance_module, "other_scale_probe", probe)
+    return asked
+
+
+@pytest.mark.parametrize("gain, accepted", [(0.001, True), (0.0071, False)])
+def test_check_8_judges_a_fallback_under_another_scale(gain, accepted, monkeypatch):
+    """With other_scale on, a fallback's result (here the local fallback: the global stage is off) passes only
+    if the probe under another scale gains at most max_other_scale_gain; the probe gets the configured patch,
+    samples and steps, and its figures go into the verdict; a rejected fallback leaves the held pose."""
+    asked = _scripted_probe(monkeypatch, gain)
+    tracker = PoseTracker()
+    tracker.accept(AcceptedPose(T_ref_from_ct=pose(1), stamp_ns=1))
+    acceptance = gates(other_scale=True, other_scale_patch=17, other_scale_samples=80, other_scale_iterations=9)
+    config = PipelineConfig(
+        global_search=GlobalConfig(enabled=False), acceptance=acceptance, tracking=TrackingConfig(rounds=1)
+    )
+    reg = Scripted([result(pose(2), converged=False, sims=(0.7, 0.7)), result(pose(3))])
+    p = RegistrationPipeline(reg, initialisers=[LastAcceptedPose(tracker)], config=config, tracker=tracker)
+    o = p.register(views(), stamp_ns=5)
+    assert o.stages == ("tracking", "local") and o.accepted == accepted
+    ((T, kw),) = asked
+    torch.testing.assert_close(T, pose(3))
+    assert kw == dict(n_samples=80, patch=17, iterations=9)
+    assert o.verdict.other_gain == gain and o.verdict.other_shift_mm == 0.4
+    if not accepted:
+        assert "another scale" in o.reason and "0.0071" in o.reason
+    torch.testing.assert_close(tracker.latest().T_ref_from_ct, pose(3) if accepted else pose(1))
+
+
+def test_check_8_runs_on_fallbacks_only_and_only_when_on(monkeypatch):
+    """Not on the fast path's own result, not on a full registration (no tracking start), not when off."""
+    asked = _scripted_probe(monkeypatch, 0.05)
+
+    def pipeline(results, other_scale=True, tracking=TrackingConfig(rounds=1)):
+        tracker = PoseTracker()
+        tracker.accept(AcceptedPose(T_ref_from_ct=pose(1), stamp_ns=1))
+        config = PipelineConfig(
+            global_search=GlobalConfig(enabled=False), acceptance=gates(other_scale=other_scale), tracking=tracking
+        )
+        return RegistrationPipeline(Scripted(results), initialisers=[LastAcceptedPose(tracker)], config=config)
+
+    o = pipeline([result(pose(2))]).register(views(), stamp_ns=5)  # the fast path
+    assert o.accepted and o.fast and not asked and o.verdict.other_gain is None
+    o = pipeline([result(pose(2), converged=False), result(pose(3))], other_scale=False).register(views(), stamp_ns=5)
+    assert o.accepted and not o.fast and not asked  # a fallback, check 8 off
+    p = pipeline([result(pose(3))], tracking=TrackingConfig(enabled=False))  # no fast path: not a fallback
+    o = p.register_from(views(), Start(T_ref_from_ct=pose(0), source="configured"))
+    assert o.accepted and not asked
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(other_scale_patch=0), "other_scale_patch must be an int >= 1"),
+        (dict(other_scale_samples=2.5), "other_scale_samples"),
+        (dict(other_scale_iterations=True), "other_scale_iterations"),
+        (dict(max_other_scale_gain=-0.1), "max_other_scale_gain"),
+        (dict(other_scale=1), "other_scale"),
+    ],
+)
+def test_check_8_settings_are_checked(kwargs, match):
+    from mvreg_ros.core.registration.acceptance import AcceptanceConfig
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        AcceptanceConfig(**kwargs)
+
+
+def test_the_other_scale_probe_stays_at_its_optimum_and_leaves_a_pose_beside_it(registrar, biplane):
+    """On the shipped CT: from a registered pose the probe under another scale (patch 11 px at the fixtures'
+    48 px finest level) gains little and moves the anatomy little; from a pose 3 deg / 6 mm beside it, it gains
+    and moves; a batch of poses is refused."""
+    from mvreg_ros.core.registration.acceptance import other_scale_probe
+
+    T_true, v = biplane
+    res = registrar.refine(v, T_true)
+    at = other_scale_probe(registrar, v, res.T_ref_from_ct, patch=11, n_samples=64, iterations=20)
+    assert 0.0 <= at.gain < 0.007 and at.shift_mm < 1.0
+    moved = geometry.perturb(
+        res.T_ref_from_ct, rot_deg=3.0, trans_mm=6.0, centre_ct=registrar.centre_ct, generator=torch.Generator()
+    )
+    beside = other_scale_probe(registrar, v, moved, patch=11, n_samples=64, iterations=20)
+    assert beside.gain > 0.007 and beside.shift_mm > 1.0
+    with pytest.raises((ValueError, TypeError)):  # TypeError: the tests' jaxtyping check comes first
+        other_scale_probe(registrar, v, moved[None].expand(2, 4, 4))
