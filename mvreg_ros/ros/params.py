@@ -280,6 +280,18 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         into="pipeline",
     ),
     ParamSpec(
+        "other_scale_check",
+        "bool",
+        _GATES.other_scale,
+        "Acceptance test, check 8: when a tracking update falls back to the full registration, run "
+        f"{_GATES.other_scale_iterations} first-order steps from its result under another scale of the similarity "
+        f"(an NCC patch of {_GATES.other_scale_patch} px and {_GATES.other_scale_samples} samples per ray at the "
+        f"finest image size) and reject it when that gains more than {_GATES.max_other_scale_gain:g}: a near-miss "
+        "optimum of a deformed patient need not be one at another scale. About 0.3 s more per fallback, none on the "
+        "fast path.",
+        into="pipeline",
+    ),
+    ParamSpec(
         "motion_check",
         "bool",
         True,
@@ -799,6 +811,7 @@ def build_config(values: Mapping[str, Any], *, resolve: bool = True) -> NodeConf
             view_agreement=v["view_agreement"],
             confirm=v["confirm_second_pass"],
             cross_check=v["cross_check"],
+            other_scale=v["other_scale_check"],
         ),
         global_search=dataclasses.replace(
             _GLOBAL,
