@@ -78,6 +78,12 @@ class RaySubset:
             self._tiled[key] = (index.repeat(n, 1), pixels.repeat(n, 1, 1)) if n > 1 else (index, pixels)
         return self._tiled[key]
 
+    def _rays_for(self, renderer, M: int) -> tuple[Tensor, Tensor]:
+        """The index and pixels of M renders (copies of the views) on ``renderer``'s device."""
+        if M % self.views:
+            raise ValueError(f"{M} renders do not tile the subset's {self.views} views")
+        return self._copies(M // self.views, getattr(renderer, "device", self.index.device))
+
     def render(
         self,
         renderer,
@@ -89,10 +95,7 @@ class RaySubset:
     ) -> Float[Tensor, "M H W"]:
         """``renderer``'s full-size DRRs with only these pixels traced (zero elsewhere); the M renders are
         n copies of the V views (render ``k * V + v`` is view ``v``), as :class:`Renderer` takes them."""
-        M, V = len(T_cam_from_ct), self.views
-        if M % V:
-            raise ValueError(f"{M} renders do not tile the subset's {V} views")
-        index, pixels = self._copies(M // V, getattr(renderer, "device", self.index.device))
+        index, pixels = self._rays_for(renderer, len(T_cam_from_ct))
         H, W = self.height, self.width
         out = renderer(
             T_cam_from_ct, K, H, W, pixels=pixels, n_samples=n_samples, poses=poses, ray_index=index
@@ -113,10 +116,8 @@ class RaySubset:
         :meth:`render`); None where the renderer has no such path (or no ``render_vjp`` at all)."""
         if not hasattr(renderer, "render_vjp"):
             return None
-        M, V = len(T_cam_from_ct), self.views
-        if M % V:
-            raise ValueError(f"{M} renders do not tile the subset's {V} views")
-        index, pixels = self._copies(M // V, getattr(renderer, "device", self.index.device))
+        M = len(T_cam_from_ct)
+        index, pixels = self._rays_for(renderer, M)
         H, W = self.height, self.width
         rendered = renderer.render_vjp(
             T_cam_from_ct, K, H, W, pixels=pixels, n_samples=n_samples, poses=poses, ray_index=index
