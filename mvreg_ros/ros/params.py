@@ -287,8 +287,9 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
         f"{_GATES.other_scale_iterations} first-order steps from its result under another scale of the similarity "
         f"(an NCC patch of {_GATES.other_scale_patch} px and {_GATES.other_scale_samples} samples per ray at the "
         f"finest image size) and reject it when that gains more than {_GATES.max_other_scale_gain:g}: a near-miss "
-        "optimum of a deformed patient need not be one at another scale. About 0.3 s more per fallback, none on the "
-        "fast path.",
+        "optimum of a deformed patient need not be one at another scale. Off by default: on a deformed patient's "
+        "stress images it rejected 1.3 % of the correct fallbacks' updates and caught no wrong one there. About 0.3 s "
+        "more per fallback, none on the fast path.",
         into="pipeline",
     ),
     ParamSpec(

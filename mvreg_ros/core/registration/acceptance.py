@@ -33,11 +33,12 @@ check passes:
    every other check accepts: the pass from the fast path's pose ends back near the truth and gains 0.0185,
    or ends in the same wrong optimum but moves 0.98 mm from the result and gains 0.0023.
 
-8. another scale of the similarity (``other_scale``; a tracking update's fallback only, by the pipeline): first
-   steps from the result under an NCC patch of 19 px and 96 samples per ray (the finest level's: 13 px, 64) must
-   not gain more than ``max_other_scale_gain``. On the deformed ``mismatch`` patient, near-miss optima that every
-   other check passes gained 0.009 to 0.018 there, correct tracking updates at most 0.006 (docs/acceptance.md,
-   *Another scale of the similarity*).
+8. another scale of the similarity (``other_scale``, **off by default**; a tracking update's fallback only, by the
+   pipeline): first steps from the result under an NCC patch of 19 px and 96 samples per ray (the finest level's:
+   13 px, 64) must not gain more than ``max_other_scale_gain``. On the deformed ``mismatch`` patient, near-miss
+   optima that every other check passes gained 0.009 to 0.018 there, 40 sampled correct updates at most 0.006; but
+   on two seeds never run before correct updates gained up to 0.013 too, and it rejected 1.3 % of them for no
+   wrong one caught, failing the rule fixed beforehand (docs/acceptance.md, *Another scale of the similarity*).
 
 One implementation, used by the node, ``mvreg eval``, ``mvreg bench`` and ``mvreg register``.
 """
@@ -97,7 +98,8 @@ class AcceptanceConfig:
     other_scale_patch: int = 19  # the probe's NCC patch (px) at the finest image size (the finest level's: 13)
     other_scale_samples: int = 96  # ... its samples per ray (the finest level's: 64)
     other_scale_iterations: int = 30  # ... and its first-order steps (the finest level's first step sizes)
-    max_other_scale_gain: float = 0.007  # near-misses gained 0.009 to 0.018 there, correct updates at most 0.006
+    max_other_scale_gain: float = 0.007  # near-misses gained 0.009 to 0.018 there, 40 sampled correct updates at
+    # most 0.006, but correct updates of two new seeds up to 0.013 (1.3 % rejected): why check 8 is off
 
     def __post_init__(self):
         if not isinstance(self.min_views, int) or self.min_views < 1:
