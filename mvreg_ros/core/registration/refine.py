@@ -1254,8 +1254,8 @@ class Objective:
         if rendered is not None:
             with _stage(timer, "similarity_forward"):
                 scored = self._similarity.value_vjp(rendered[1])
-        if scored is None:  # the reference: autograd through similarity()
-            s = self.similarity(pose_about(T0, self.c, w, t)).mean(-1)
+        if scored is None:  # the reference: autograd through similarity() (the pose with its graph)
+            s = self.similarity(T if chain is None else pose_about(T0, self.c, w, t)).mean(-1)
             if timer is None:
                 (-s.sum()).backward()
             else:

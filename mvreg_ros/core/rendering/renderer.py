@@ -493,12 +493,7 @@ class Renderer:
         if chain is None:
             return None
         T_index_from_cam, chain_pullback = chain
-        d_cam = self._directions(
-            K,
-            pixels,
-            frozen=self._frozen(pixels, ray_index),
-            subset=None if ray_index is None else (ray_index, height, width),
-        )
+        d_cam = self._native_directions(K, pixels, ray_index, (height, width))
         out, render_pullback = native.render_rays_vjp(
             T_index_from_cam,
             d_cam,
@@ -615,9 +610,7 @@ class Renderer:
     ) -> Tensor:
         """The native backend: the ray set-up and the sums in C++ (:func:`native.render_rays`; nothing to
         compile), with the same arithmetic as the compiled :func:`render_native` (its reference)."""
-        d_cam = self._directions(
-            K, pixels, frozen=self._frozen(pixels, ray_index), subset=None if ray_index is None else (ray_index, *size)
-        )
+        d_cam = self._native_directions(K, pixels, ray_index, size)
         T_index_from_cam = index_from_cam(self.T_index_from_ct, T)
         return native.render_rays(
             T_index_from_cam,
@@ -629,6 +622,12 @@ class Renderer:
             image_pixels=size[0] * size[1],
             prefetch=self.prefetch,
         )
+
+    def _native_directions(self, K: Tensor, pixels: Tensor, ray_index: Tensor | None, size: tuple[int, int]) -> Tensor:
+        """The native backend's ray directions of ``pixels`` (kept, or gathered from the whole image's for a
+        RaySubset's ``ray_index`` in an image of ``size``)."""
+        subset = None if ray_index is None else (ray_index, *size)
+        return self._directions(K, pixels, frozen=self._frozen(pixels, ray_index), subset=subset)
 
     def _render_compiled(
         self, T: Tensor, K: Tensor, pixels: Tensor, n_samples: int, ray_index: Tensor | None = None
