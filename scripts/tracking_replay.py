@@ -8,8 +8,9 @@ the recorded one: the engine gives the same values bit for bit, so they agree).
 
 The probe (what docs/acceptance.md, *A finer level's probe*, measured): from the update's pose, a refinement at
 a finer level than the refinement's finest (``--size`` px, ``--samples`` samples per ray, patch a tenth of the
-image): ``--probe newton``, 3 Newton steps alone on a curvature measured there, or ``adam``, 30 first-order steps
-with the finest level's first step sizes (the best iterate kept); its shift (mean displacement of points on a 50 mm
+image): ``--probe newton``, 3 Newton steps alone on a curvature measured there, or ``adam``, check 8's probe
+(``acceptance.other_scale_probe``: 30 first-order steps at the finest level's image size, which ``--size`` 192
+also gives on the 192 x 256 stress images, with its first step sizes, the best iterate kept); its shift (mean displacement of points on a 50 mm
 sphere about the anatomy centre, as check 6's) and the update's mTRE. Usage:
 
     .venv/bin/python scripts/tracking_replay.py OUT.json RECORD.json --seed 23 [--wrong] [--sample 20]
@@ -31,7 +32,7 @@ from mvreg_ros.core.data.deepfluoro import DeepFluoroFile, views_from_projection
 from mvreg_ros.core.evaluation.landmarks import file_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm
 from mvreg_ros.core.geometry.transforms import perturb, transform_points
-from mvreg_ros.core.registration.acceptance import _sphere_points
+from mvreg_ros.core.registration.acceptance import _sphere_points, other_scale_probe
 from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import RegistrationPipeline
 from mvreg_ros.core.registration.refine import LevelSpec, RefineConfig, Registrar, Schedule
@@ -50,22 +51,19 @@ def start_of(case_index: int, seed: int, T_true: torch.Tensor, motion: list[floa
 
 
 def finer_probe(registrar: Registrar, views, T: torch.Tensor, size: int, samples: int, kind: str) -> dict:
-    """``kind`` "newton": 3 Newton steps alone at the finer level; "adam": 30 first-order steps there with the
-    finest level's first step sizes (the best iterate kept: no shift where the pose is that level's optimum)."""
-    cfg = registrar.config
+    """``kind`` "newton": 3 Newton steps alone at the finer level; "adam": check 8's probe
+    (:func:`other_scale_probe`: 30 first-order steps at the finest level's image size with the finest level's first
+    step sizes, the best iterate kept: no shift where the pose is that level's optimum)."""
     patch = max(4, round(size / 10))
     t = time.perf_counter()
     if kind == "newton":
         level = LevelSpec(size=size, iterations=0, n_samples=samples, patch=patch)
         schedule = Schedule(levels=(level,), lr_scale=1.0, newton_steps=3, fresh_curvature=True)
         r = registrar.refine(views, T, schedule=schedule)
-        T_probe, converged, reason, gain = r.T_ref_from_ct, bool(r.converged), r.reason, None
-    else:
-        level = LevelSpec(size=size, iterations=30, n_samples=samples, patch=patch)
-        lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)
-        run = registrar.refine_level(views, T, level=level, lr_scale=lr_scale, finest=True)
-        T_probe, converged, reason = run.T_ref_from_ct[0], bool(run.converged), ""
-        gain = float(run.similarity[0] - run.start_similarity[0])
+        T_probe, gain, converged, reason = r.T_ref_from_ct, None, bool(r.converged), r.reason
+    else:  # check 8's probe (at the finest level's image size, which --size also gives on the stress images)
+        p = other_scale_probe(registrar, views, T, n_samples=samples, patch=patch, iterations=30)
+        T_probe, gain, converged, reason = p.T_ref_from_ct, p.gain, None, ""
     pts = _sphere_points(registrar.centre_ct.to(torch.float64))
     shift = (transform_points(T_probe, pts) - transform_points(T, pts)).norm(dim=-1).mean()
     return {
