@@ -31,8 +31,8 @@ import torch
 from mvreg_ros.core.data.deepfluoro import DeepFluoroFile, views_from_projections
 from mvreg_ros.core.evaluation.landmarks import file_landmarks
 from mvreg_ros.core.evaluation.metrics import mtre_mm
-from mvreg_ros.core.geometry.transforms import perturb, transform_points
-from mvreg_ros.core.registration.acceptance import _sphere_points, other_scale_probe
+from mvreg_ros.core.geometry.transforms import perturb
+from mvreg_ros.core.registration.acceptance import anatomy_shift_mm, other_scale_probe
 from mvreg_ros.core.registration.initialisers import Start
 from mvreg_ros.core.registration.pipeline import RegistrationPipeline
 from mvreg_ros.core.registration.refine import LevelSpec, RefineConfig, Registrar, Schedule
@@ -64,10 +64,8 @@ def finer_probe(registrar: Registrar, views, T: torch.Tensor, size: int, samples
     else:  # check 8's probe (at the finest level's image size, which --size also gives on the stress images)
         p = other_scale_probe(registrar, views, T, n_samples=samples, patch=patch, iterations=30)
         T_probe, gain, converged, reason = p.T_ref_from_ct, p.gain, None, ""
-    pts = _sphere_points(registrar.centre_ct.to(torch.float64))
-    shift = (transform_points(T_probe, pts) - transform_points(T, pts)).norm(dim=-1).mean()
     return {
-        "probe_shift_mm": float(shift),
+        "probe_shift_mm": anatomy_shift_mm(registrar, T, T_probe),
         "probe_gain": gain,
         "probe_converged": converged,
         "probe_reason": reason,

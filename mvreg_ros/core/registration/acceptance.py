@@ -233,6 +233,13 @@ def probe_views(
     return probes  # type: ignore[return-value]
 
 
+def anatomy_shift_mm(registrar: Registrar, T_a: Float[Tensor, "4 4"], T_b: Float[Tensor, "4 4"]) -> float:
+    """How far ``T_b`` moves points near the anatomy from where ``T_a`` puts them: the mean 3D displacement of
+    the anatomy centre and six points 30 mm from it (checks 6 to 8)."""
+    pts = _sphere_points(registrar.centre_ct.to(torch.float64))
+    return float((transform_points(T_b, pts) - transform_points(T_a, pts)).norm(dim=-1).mean())
+
+
 @dataclasses.dataclass(frozen=True)
 class SecondPass:
     """The local pyramid run again from a result: how far it moved points near the anatomy (the mean
@@ -263,9 +270,8 @@ def second_pass(
     T = run.T_ref_from_ct[0]
     with torch.no_grad():
         s = run.objective.similarity(torch.stack([T0, T]).to(registrar.device)).mean(-1).cpu()
-    pts = _sphere_points(registrar.centre_ct.to(torch.float64))
-    shift = (transform_points(T, pts) - transform_points(T0, pts)).norm(dim=-1).mean()
-    return SecondPass(shift_mm=float(shift), gain=float(s[1] - s[0]), T_ref_from_ct=T)
+    shift = anatomy_shift_mm(registrar, T0, T)
+    return SecondPass(shift_mm=shift, gain=float(s[1] - s[0]), T_ref_from_ct=T)
 
 
 def other_scale_probe(
@@ -291,9 +297,8 @@ def other_scale_probe(
     lr_scale = cfg.level_lr_decay ** (len(cfg.sizes) - 1)  # the finest level's first steps in the full pyramid
     run = registrar.refine_level(views, T0, level=level, lr_scale=lr_scale, finest=True)
     T = run.T_ref_from_ct[0]
-    pts = _sphere_points(registrar.centre_ct.to(torch.float64))
-    shift = (transform_points(T, pts) - transform_points(T0, pts)).norm(dim=-1).mean()
-    return SecondPass(shift_mm=float(shift), gain=float(run.similarity[0] - run.start_similarity[0]), T_ref_from_ct=T)
+    shift = anatomy_shift_mm(registrar, T0, T)
+    return SecondPass(shift_mm=shift, gain=float(run.similarity[0] - run.start_similarity[0]), T_ref_from_ct=T)
 
 
 def unstable_optimum(shift_mm: float, gain: float, config: AcceptanceConfig) -> bool:
